@@ -1,8 +1,13 @@
 //! cordon-sandbox: the only crate that talks to the kernel's isolation APIs.
 //!
 //! A sandbox is built in two steps: a pure plan ([`plan::SandboxPlan`]) made from the policy, and
-//! a single-threaded stage that applies it in a freshly cloned child and ends in `exec`.
+//! a single-threaded stage (`init`) that applies it in a freshly cloned child and ends in
+//! `exec`. `spawn` is the supervisor's side of that hand-over.
 
 pub mod cgroup;
 pub mod landlock;
+pub mod privs;
+pub mod probe;
+pub mod proto;
 pub mod seccomp;
+pub mod sys;

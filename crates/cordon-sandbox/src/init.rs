@@ -1,0 +1,334 @@
+//! The sandbox's init: pid 1 of the new pid namespace.
+//!
+//! Guarantees: user code runs only after every layer of the plan is applied, in this order:
+//! namespaces (already entered by `clone`) → cgroup namespace → mounts and `pivot_root` →
+//! hostname → network → (in the command's process) session, rlimits, capabilities dropped and
+//! `no_new_privs`, Landlock, fds closed, seccomp last → `exec`. If any required step fails, the
+//! command never runs and the supervisor gets a `SetupFailed` naming the layer. The init
+//! itself drops every capability, becomes non-dumpable and takes the same seccomp filter once
+//! the command is started; it reaps every orphan, forwards signals to the command's process
+//! group, and exits when the command does — at which point the kernel kills everything left in
+//! the pid namespace, double-forked daemons included.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+
+use crate::landlock;
+use crate::mounts::{self, Sources};
+use crate::plan::{NetworkPlan, SandboxPlan};
+use crate::privs;
+use crate::proto::{self, ExitStatus, ToInit, ToSupervisor};
+use crate::seccomp::{self, CompiledFilter};
+
+/// What the init needs besides the plan.
+pub struct InitContext<'a> {
+    pub plan: &'a SandboxPlan,
+    /// The init's end of the supervisor channel.
+    pub chan: OwnedFd,
+    /// The seccomp filter, compiled by the supervisor before `clone`.
+    pub filter: Option<&'a CompiledFilter>,
+}
+
+struct SetupError {
+    layer: &'static str,
+    message: String,
+}
+
+fn fail<E: std::fmt::Display>(layer: &'static str) -> impl FnOnce(E) -> SetupError {
+    move |e| SetupError {
+        layer,
+        message: e.to_string(),
+    }
+}
+
+/// Sends one message; errors are ignored (the supervisor may already be gone, and then the
+/// parent-death signal ends us anyway).
+fn send(chan: BorrowedFd<'_>, msg: &ToSupervisor) {
+    let bytes = proto::encode(msg);
+    // SAFETY: `bytes` is a valid buffer of the given length; MSG_NOSIGNAL avoids SIGPIPE.
+    unsafe {
+        libc::send(
+            chan.as_raw_fd(),
+            bytes.as_ptr() as *const libc::c_void,
+            bytes.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+}
+
+/// Runs the init and never returns.
+pub fn init_main(ctx: InitContext<'_>) -> ! {
+    let code = match run(&ctx) {
+        Ok(code) => code,
+        Err(e) => {
+            send(
+                ctx.chan.as_fd_borrowed(),
+                &ToSupervisor::SetupFailed {
+                    layer: e.layer.to_string(),
+                    message: e.message,
+                },
+            );
+            125
+        }
+    };
+    // SAFETY: _exit never returns and runs no atexit handlers (we are a clone of the supervisor).
+    unsafe { libc::_exit(code) }
+}
+
+trait AsFdBorrowed {
+    fn as_fd_borrowed(&self) -> BorrowedFd<'_>;
+}
+impl AsFdBorrowed for OwnedFd {
+    fn as_fd_borrowed(&self) -> BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(self)
+    }
+}
+
+fn wait_for_go(chan: BorrowedFd<'_>) -> Result<(), SetupError> {
+    let mut buf = [0u8; 64];
+    // SAFETY: `buf` is a valid writable buffer of the given length.
+    let n = unsafe {
+        libc::recv(
+            chan.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            0,
+        )
+    };
+    if n <= 0 {
+        return Err(SetupError {
+            layer: "supervisor",
+            message: "the supervisor went away before the sandbox was ready".into(),
+        });
+    }
+    match proto::decode::<ToInit>(&buf[..n as usize]) {
+        Some(ToInit::Go) => Ok(()),
+        None => Err(SetupError {
+            layer: "supervisor",
+            message: "unexpected message from the supervisor".into(),
+        }),
+    }
+}
+
+fn run(ctx: &InitContext<'_>) -> Result<i32, SetupError> {
+    let plan = ctx.plan;
+    let chan = ctx.chan.as_fd_borrowed();
+    // SAFETY: plain prctl; if the supervisor dies we die with it.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    wait_for_go(chan)?;
+
+    privs::become_sandbox_user(plan.ids.rootful).map_err(fail("user-namespace"))?;
+    // The supervisor has moved us into the session's cgroup: from now on that is our root.
+    // SAFETY: plain syscall with an integer argument.
+    if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } < 0 {
+        return Err(fail("cgroup-namespace")(io::Error::last_os_error()));
+    }
+
+    let sources = Sources::open(&plan.mounts, &plan.workspace).map_err(fail("mounts"))?;
+    mounts::apply(&plan.mounts, &sources).map_err(fail("mounts"))?;
+    drop(sources);
+    nix::unistd::sethostname(&plan.hostname).map_err(fail("hostname"))?;
+
+    match plan.network {
+        NetworkPlan::None => crate::netns::bring_up_loopback().map_err(fail("network"))?,
+        NetworkPlan::Gateway => {
+            return Err(SetupError {
+                layer: "network",
+                message: "network mode gateway is not available in this build".into(),
+            })
+        }
+    }
+
+    let all = block_all_signals();
+    // SAFETY: the init is single-threaded, so fork is safe; the child only runs our code until
+    // exec.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(fail("fork")(io::Error::last_os_error()));
+    }
+    if child == 0 {
+        command_main(ctx);
+    }
+
+    privs::drop_everything().map_err(fail("capabilities"))?;
+    privs::set_non_dumpable().map_err(fail("capabilities"))?;
+    if let Some(filter) = ctx.filter {
+        seccomp::install(filter).map_err(fail("seccomp"))?;
+    }
+    Ok(supervise(chan, child, &all))
+}
+
+fn block_all_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigfillset initialises it fully.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe {
+        libc::sigfillset(&mut set);
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    set
+}
+
+/// Reaps children and forwards signals until the command's main process exits.
+fn supervise(chan: BorrowedFd<'_>, child: libc::pid_t, set: &libc::sigset_t) -> i32 {
+    loop {
+        // SAFETY: siginfo_t is plain data that sigwaitinfo fills.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` and `info` are valid.
+        let sig = unsafe { libc::sigwaitinfo(set, &mut info) };
+        if sig < 0 {
+            continue;
+        }
+        if sig == libc::SIGCHLD {
+            loop {
+                let mut status = 0;
+                // SAFETY: `status` is a valid out-pointer.
+                let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+                if pid <= 0 {
+                    break;
+                }
+                if pid == child {
+                    let st = if libc::WIFSIGNALED(status) {
+                        ExitStatus::Signal(libc::WTERMSIG(status))
+                    } else {
+                        ExitStatus::Code(libc::WEXITSTATUS(status))
+                    };
+                    send(chan, &ToSupervisor::Exited { status: st });
+                    return 0;
+                }
+            }
+        } else {
+            // Forward to the command's process group (it leads its own session/group).
+            // SAFETY: plain syscall.
+            unsafe { libc::kill(-child, sig) };
+        }
+    }
+}
+
+/// The command's process: finishes the per-process layers and execs. Never returns.
+fn command_main(ctx: &InitContext<'_>) -> ! {
+    let chan = ctx.chan.as_fd_borrowed();
+    let (code, msg) = match prepare_command(ctx) {
+        Ok(()) => exec_command(ctx.plan),
+        Err(e) => (
+            125,
+            ToSupervisor::SetupFailed {
+                layer: e.layer.to_string(),
+                message: e.message,
+            },
+        ),
+    };
+    send(chan, &msg);
+    // SAFETY: _exit never returns.
+    unsafe { libc::_exit(code) }
+}
+
+fn prepare_command(ctx: &InitContext<'_>) -> Result<(), SetupError> {
+    let plan = ctx.plan;
+    // SAFETY: sigset_t is plain data; an empty mask unblocks everything the init blocked.
+    unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+    }
+    if plan.tty {
+        // Own process group, in the foreground of the caller's terminal, so that job control
+        // and Ctrl-C reach the command; TIOCSTI stays blocked by seccomp.
+        // SAFETY: plain syscalls on our own process.
+        unsafe {
+            libc::setpgid(0, 0);
+            libc::signal(libc::SIGTTOU, libc::SIG_IGN);
+            libc::tcsetpgrp(0, libc::getpid());
+            libc::signal(libc::SIGTTOU, libc::SIG_DFL);
+        }
+    } else if nix::unistd::setsid().is_err() {
+        return Err(fail("session")(io::Error::last_os_error()));
+    }
+    std::env::set_current_dir("/workspace").map_err(fail("workspace"))?;
+    privs::apply_rlimits(&plan.rlimits).map_err(fail("rlimits"))?;
+    privs::drop_everything().map_err(fail("capabilities"))?;
+
+    let status = match landlock::apply(&plan.landlock) {
+        Ok(s) => s,
+        Err(e) if plan.landlock_optional => {
+            let _ = e;
+            landlock::LandlockStatus::default()
+        }
+        Err(e) => return Err(fail("landlock")(e)),
+    };
+    // Every descriptor but 0, 1 and 2 closes at exec (the channel stays usable until then to
+    // report an exec failure).
+    // SAFETY: plain syscall with integer arguments.
+    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) }
+        < 0
+    {
+        return Err(fail("fds")(io::Error::last_os_error()));
+    }
+    if let Some(filter) = ctx.filter {
+        seccomp::install(filter).map_err(fail("seccomp"))?;
+    }
+    send(
+        ctx.chan.as_fd_borrowed(),
+        &ToSupervisor::Applied {
+            landlock_abi: status.abi,
+            landlock_enforced: status.fully_enforced,
+            seccomp: ctx.filter.is_some(),
+            no_new_privs: true,
+        },
+    );
+    Ok(())
+}
+
+/// Looks the command up in the sandbox's `PATH` and execs it. Returns only on failure, with
+/// the exit code (127 not found, 126 cannot execute) and the message for the supervisor.
+fn exec_command(plan: &SandboxPlan) -> (i32, ToSupervisor) {
+    let to_c = |s: &str| CString::new(s.as_bytes()).unwrap_or_default();
+    let argv: Vec<CString> = plan.argv.iter().map(|a| to_c(a)).collect();
+    let envp: Vec<CString> = plan
+        .env
+        .iter()
+        .map(|(k, v)| to_c(&format!("{k}={v}")))
+        .collect();
+    let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_p.push(std::ptr::null());
+    let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|a| a.as_ptr()).collect();
+    envp_p.push(std::ptr::null());
+
+    let name = plan.argv.first().map(String::as_str).unwrap_or("");
+    let path_var = plan
+        .env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or(crate::plan::SANDBOX_PATH);
+    let candidates: Vec<String> = if name.contains('/') {
+        vec![name.to_string()]
+    } else {
+        path_var
+            .split(':')
+            .filter(|d| !d.is_empty())
+            .map(|d| format!("{d}/{name}"))
+            .collect()
+    };
+    let mut errno = libc::ENOENT;
+    for cand in candidates {
+        let c = to_c(&cand);
+        // SAFETY: argv/envp are NUL-terminated arrays of valid C strings kept alive above.
+        unsafe { libc::execve(c.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr()) };
+        let e = io::Error::last_os_error().raw_os_error().unwrap_or(libc::ENOENT);
+        // Remember the most telling error, as execvp does: EACCES beats ENOENT.
+        if e != libc::ENOENT && e != libc::ENOTDIR {
+            errno = e;
+        }
+    }
+    let code = if errno == libc::ENOENT { 127 } else { 126 };
+    let message = if name.is_empty() {
+        "no command given".to_string()
+    } else if errno == libc::ENOENT {
+        format!("{name}: command not found in the sandbox")
+    } else {
+        format!("{name}: {}", io::Error::from_raw_os_error(errno))
+    };
+    (code, ToSupervisor::ExecFailed { errno, message })
+}

@@ -1,0 +1,65 @@
+//! Messages between the supervisor and the sandbox's init over their SOCK_SEQPACKET pair.
+//!
+//! Guarantees: one message per datagram, JSON-encoded, at most [`MAX_MESSAGE`] bytes; file
+//! descriptors travel only with [`ToSupervisor::GatewaySockets`]. The sandboxed command never
+//! holds this socket: it is close-on-exec and closed before `exec`.
+
+use serde::{Deserialize, Serialize};
+
+/// Upper bound on an encoded message.
+pub const MAX_MESSAGE: usize = 16 * 1024;
+
+/// From the supervisor to the init.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToInit {
+    /// The id maps and cgroup are in place: go on.
+    Go,
+}
+
+/// From the sandbox (init or the command's process before `exec`) to the supervisor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToSupervisor {
+    /// A set-up step failed; the sandbox is exiting with status 125.
+    SetupFailed { layer: String, message: String },
+    /// The layers applied to the command, sent just before `exec`.
+    Applied {
+        landlock_abi: u32,
+        landlock_enforced: bool,
+        seccomp: bool,
+        no_new_privs: bool,
+    },
+    /// `exec` of the command failed with this errno.
+    ExecFailed { errno: i32, message: String },
+    /// The gateway's listening sockets follow as SCM_RIGHTS, in the order named.
+    GatewaySockets { names: Vec<String> },
+    /// The command's process ended.
+    Exited { status: ExitStatus },
+}
+
+/// How the command's main process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The shell's convention: the code, or 128 + the signal.
+    pub fn as_shell_code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+/// Encodes a message; encoding our own plain enums cannot fail, but an error is reported rather
+/// than unwrapped.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    serde_json::to_vec(msg).unwrap_or_default()
+}
+
+/// Decodes a message.
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Option<T> {
+    serde_json::from_slice(bytes).ok()
+}
