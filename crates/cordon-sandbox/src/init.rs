@@ -116,6 +116,10 @@ fn run(ctx: &InitContext<'_>) -> Result<i32, SetupError> {
     let chan = ctx.chan.as_fd_borrowed();
     // SAFETY: plain prctl; if the supervisor dies we die with it.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    // Our own process group: the terminal's Ctrl-C reaches the supervisor, which forwards it
+    // once, instead of reaching both of us.
+    // SAFETY: plain syscall on our own process.
+    unsafe { libc::setpgid(0, 0) };
     wait_for_go(chan)?;
 
     privs::become_sandbox_user(plan.ids.rootful).map_err(fail("user-namespace"))?;
@@ -126,7 +130,7 @@ fn run(ctx: &InitContext<'_>) -> Result<i32, SetupError> {
     }
 
     let sources = Sources::open(&plan.mounts, &plan.workspace).map_err(fail("mounts"))?;
-    mounts::apply(&plan.mounts, &sources).map_err(fail("mounts"))?;
+    mounts::apply(&plan.mounts, &sources, plan.root_size).map_err(fail("mounts"))?;
     drop(sources);
     nix::unistd::sethostname(&plan.hostname).map_err(fail("hostname"))?;
 
@@ -194,7 +198,13 @@ fn supervise(chan: BorrowedFd<'_>, child: libc::pid_t, set: &libc::sigset_t) -> 
                     } else {
                         ExitStatus::Code(libc::WEXITSTATUS(status))
                     };
-                    send(chan, &ToSupervisor::Exited { status: st });
+                    send(
+                        chan,
+                        &ToSupervisor::Exited {
+                            status: st,
+                            full: full_mounts(),
+                        },
+                    );
                     return 0;
                 }
             }
@@ -204,6 +214,15 @@ fn supervise(chan: BorrowedFd<'_>, child: libc::pid_t, set: &libc::sigset_t) -> 
             unsafe { libc::kill(-child, sig) };
         }
     }
+}
+
+/// The writable mounts with no space left for an unprivileged writer.
+fn full_mounts() -> Vec<String> {
+    ["/workspace", "/tmp", "/dev/shm"]
+        .iter()
+        .filter(|m| matches!(nix::sys::statvfs::statvfs(**m), Ok(s) if s.blocks_available() == 0 && s.blocks() > 0))
+        .map(|m| m.to_string())
+        .collect()
 }
 
 /// The command's process: finishes the per-process layers and execs. Never returns.

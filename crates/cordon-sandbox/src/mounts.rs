@@ -70,7 +70,7 @@ impl Sources {
 
 /// Makes every mount private, assembles the plan under [`STAGING_ROOT`], pivots into it and
 /// makes the root read-only.
-pub fn apply(ops: &[MountOp], sources: &Sources) -> Result<(), MountError> {
+pub fn apply(ops: &[MountOp], sources: &Sources, root_size: u64) -> Result<(), MountError> {
     let root = Path::new(STAGING_ROOT);
     sys::mount(
         None,
@@ -85,7 +85,7 @@ pub fn apply(ops: &[MountOp], sources: &Sources) -> Result<(), MountError> {
         root,
         Some("tmpfs"),
         libc::MS_NOSUID | libc::MS_NODEV,
-        Some("size=4m,nr_inodes=4096,mode=755"),
+        Some(&format!("size={root_size},nr_inodes=4096,mode=755")),
     )
     .map_err(step("mount-root-tmpfs", root))?;
 
@@ -120,6 +120,16 @@ fn apply_op(root: &Path, op: &MountOp, sources: &Sources) -> Result<(), MountErr
             let p = root.join(path);
             std::fs::write(&p, contents).map_err(step("write", &p))?;
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode))
+                .map_err(step("chmod", &p))
+        }
+        MountOp::Code { path, bytes, .. } => {
+            use std::os::unix::fs::PermissionsExt;
+            let p = root.join(path);
+            if let Some(parent) = p.parent() {
+                sys::mkdir_all(parent, 0o755).map_err(step("mkdir", parent))?;
+            }
+            std::fs::write(&p, bytes).map_err(step("write", &p))?;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))
                 .map_err(step("chmod", &p))
         }
         MountOp::Tmpfs {

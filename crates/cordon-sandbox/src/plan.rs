@@ -121,6 +121,13 @@ pub enum MountOp {
         contents: String,
         mode: u32,
     },
+    /// The code given with `--code`, written read-only into the sandbox's root.
+    Code {
+        path: PathBuf,
+        #[serde(skip)]
+        bytes: Vec<u8>,
+        len: usize,
+    },
     /// Mount a fresh tmpfs.
     Tmpfs {
         path: PathBuf,
@@ -154,6 +161,18 @@ pub struct MountOptions {
     pub hostname: String,
     pub gateway_dns: bool,
     pub extra: Vec<ExtraBind>,
+    /// `(file name, bytes)` of the `--code` file, placed at `/.cordon/<name>`.
+    pub code: Option<(String, Vec<u8>)>,
+}
+
+/// Where the `--code` file is placed inside the sandbox.
+pub fn code_path(name: &str) -> PathBuf {
+    Path::new("/.cordon").join(name)
+}
+
+/// The root tmpfs size a plan needs: room for the skeleton plus the code file.
+pub fn root_size(opts: &MountOptions) -> u64 {
+    4 * 1024 * 1024 + opts.code.as_ref().map_or(0, |(_, b)| b.len() as u64)
 }
 
 /// An extra bind from the policy.
@@ -291,6 +310,13 @@ pub fn mount_plan(facts: &HostFacts, opts: &MountOptions) -> Vec<MountOp> {
         });
     }
 
+    if let Some((name, bytes)) = &opts.code {
+        ops.push(MountOp::Code {
+            path: rel(".cordon").join(name),
+            bytes: bytes.clone(),
+            len: bytes.len(),
+        });
+    }
     for extra in &opts.extra {
         ops.push(MountOp::Bind {
             source: BindSource::Host(extra.host.clone()),
@@ -388,6 +414,8 @@ pub struct SandboxPlan {
     /// The host path mounted at `/workspace`.
     pub workspace: PathBuf,
     pub mounts: Vec<MountOp>,
+    /// Size of the read-only root tmpfs (the skeleton, `/etc` files and the `--code` file).
+    pub root_size: u64,
     pub network: NetworkPlan,
     pub rlimits: Rlimits,
     pub landlock: LandlockPlan,

@@ -32,8 +32,12 @@ pub enum ToSupervisor {
     ExecFailed { errno: i32, message: String },
     /// The gateway's listening sockets follow as SCM_RIGHTS, in the order named.
     GatewaySockets { names: Vec<String> },
-    /// The command's process ended.
-    Exited { status: ExitStatus },
+    /// The command's process ended. `full` names the writable mounts that were out of space
+    /// when it did (`/workspace`, `/tmp`, `/dev/shm`).
+    Exited {
+        status: ExitStatus,
+        full: Vec<String>,
+    },
 }
 
 /// How the command's main process ended.

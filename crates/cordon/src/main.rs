@@ -1,1 +1,17 @@
-fn main() {}
+//! `cordon`: run untrusted code in a sandbox whose only way out is an audited egress gateway.
+
+mod cli;
+mod doctor;
+mod ids;
+mod result;
+mod session;
+mod workspace;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let code = cli::main();
+    let _ = std::io::stdout().flush();
+    ExitCode::from(code.clamp(0, 255) as u8)
+}

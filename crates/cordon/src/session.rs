@@ -1,0 +1,540 @@
+//! One `cordon run`: policy → sandbox (+ cgroup, workspace) → supervise → result.
+//!
+//! Guarantees: a layer that cannot be set up stops the run before any user code starts, unless
+//! the policy lists it in `sandbox.allow_missing`, in which case the result says so; when this
+//! function returns — normally, on timeout, or after SIGINT/SIGTERM/SIGHUP — every process of
+//! the sandbox is dead (the init is reaped, which the kernel allows only after every process in
+//! its pid namespace is gone) and the session's cgroup is removed.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cordon_policy::{Layer, Policy};
+use cordon_sandbox::cgroup::{self, CgroupLimits, SessionCgroup};
+use cordon_sandbox::plan::{self, MountOptions, SandboxPlan};
+use cordon_sandbox::proto::{self, ExitStatus, ToSupervisor};
+use cordon_sandbox::{landlock, probe, seccomp, spawn};
+
+use crate::result::{Layers, LimitHit, RunResult, SeccompInfo};
+use crate::workspace::Workspace;
+
+/// What to run.
+pub struct RunRequest {
+    pub policy: Policy,
+    pub argv: Vec<String>,
+    /// `(file name, bytes)` of `--code`.
+    pub code: Option<(String, Vec<u8>)>,
+    pub code_sha256: String,
+    pub user: String,
+    pub session_id: String,
+}
+
+/// A run that could not happen; `exit_code` is what cordon exits with.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct RunError {
+    pub exit_code: i32,
+    pub message: String,
+}
+
+impl RunError {
+    pub fn cordon(message: impl Into<String>) -> RunError {
+        RunError {
+            exit_code: 125,
+            message: message.into(),
+        }
+    }
+}
+
+/// How long a forwarded SIGTERM/SIGINT may take before the whole sandbox is killed.
+const GRACE: Duration = Duration::from_secs(2);
+
+fn lowered_or_fail(
+    policy: &Policy,
+    layer: Layer,
+    lowered: &mut Vec<String>,
+    err: String,
+    fix: &str,
+) -> Result<(), RunError> {
+    if policy.sandbox.allow_missing.contains(&layer) {
+        lowered.push(format!("{layer}: {err}"));
+        Ok(())
+    } else {
+        Err(RunError::cordon(format!(
+            "{layer} unavailable: {err}; {fix}, or allow it to be missing with sandbox.allow_missing = [\"{layer}\"] (--allow-missing {layer})"
+        )))
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no failure mode.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs a session to its end.
+pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
+    let started = Instant::now();
+    let policy = &req.policy;
+    let mut layers = Layers::default();
+    let rootful = is_root();
+    let (host_uid, host_gid) = if rootful {
+        (policy.sandbox.host_uid, policy.sandbox.host_gid)
+    } else {
+        // SAFETY: getuid/getgid have no failure mode.
+        unsafe { (libc::getuid(), libc::getgid()) }
+    };
+
+    // Landlock and seccomp: decided and compiled before anything is spawned.
+    let abi = landlock::probe_abi();
+    if abi == 0 {
+        lowered_or_fail(
+            policy,
+            Layer::Landlock,
+            &mut layers.lowered,
+            "the kernel has no Landlock (needs Linux 5.13+ with landlock in the lsm= list)".into(),
+            "enable Landlock (boot with lsm=landlock,...)",
+        )?;
+    }
+    let seccomp_plan = seccomp::default_plan();
+    let filter = match seccomp::compile(&seccomp_plan) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            lowered_or_fail(
+                policy,
+                Layer::Seccomp,
+                &mut layers.lowered,
+                e.to_string(),
+                "use a kernel with CONFIG_SECCOMP_FILTER",
+            )?;
+            None
+        }
+    };
+    if filter.is_some() {
+        layers.seccomp = Some(SeccompInfo {
+            rules: seccomp_plan.rules,
+            arch: seccomp_plan.arch.to_string(),
+            default_errno: "EPERM",
+        });
+    }
+
+    let workspace = Workspace::prepare(policy, &req.session_id, host_uid, host_gid, rootful)
+        .or_else(|e| match e {
+            crate::workspace::WorkspaceError::NoCap(reason) => {
+                lowered_or_fail(
+                    policy,
+                    Layer::WorkspaceCap,
+                    &mut layers.lowered,
+                    reason,
+                    "run cordon as root (the cap uses a loop-mounted volume)",
+                )?;
+                Workspace::prepare_uncapped(policy, &req.session_id, host_uid, host_gid, rootful)
+                    .map_err(|e| RunError::cordon(e.to_string()))
+            }
+            other => Err(RunError::cordon(other.to_string())),
+        })?;
+    layers.workspace_cap = workspace.cap_description();
+
+    // cgroup for memory, pids and cpu.
+    let limits = CgroupLimits {
+        memory_bytes: Some(policy.limits.memory.0),
+        pids: Some(policy.limits.pids),
+        cpu_cores: Some(policy.limits.cpu),
+    };
+    let cg: Option<Box<dyn SessionCgroup>> = match cgroup_for(&req.session_id, &limits) {
+        Ok(cg) => {
+            layers.cgroup = Some(format!("{:?}", cg.version()).to_lowercase());
+            Some(cg)
+        }
+        Err(e) => {
+            lowered_or_fail(
+                policy,
+                Layer::Cgroups,
+                &mut layers.lowered,
+                e,
+                "run as root or under a delegated cgroup v2 (systemd-run --user --scope -p Delegate=yes)",
+            )?;
+            None
+        }
+    };
+
+    let facts = probe::host_facts(std::path::Path::new("/"));
+    let extra: Vec<plan::ExtraBind> = policy
+        .sandbox
+        .mounts
+        .iter()
+        .map(|m| plan::ExtraBind {
+            host: m.host.clone(),
+            path: m.path.clone(),
+            writable: m.writable,
+            dir: m.host.is_dir(),
+        })
+        .collect();
+    let opts = MountOptions {
+        tmp_size: policy.limits.tmp.0,
+        shm_size: policy.limits.tmp.0,
+        hostname: policy.sandbox.hostname.clone(),
+        gateway_dns: false,
+        extra: extra.clone(),
+        code: req.code.clone(),
+    };
+    let host_env = |k: &str| std::env::var(k).ok();
+    let policy_env: Vec<(String, String)> = policy
+        .sandbox
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let sandbox_plan = SandboxPlan {
+        session_id: req.session_id.clone(),
+        argv: req.argv.clone(),
+        env: plan::environment(&host_env, &policy_env),
+        ids: plan::IdMap {
+            host_uid,
+            host_gid,
+            rootful,
+        },
+        hostname: policy.sandbox.hostname.clone(),
+        workspace: workspace.mount_source().to_path_buf(),
+        mounts: plan::mount_plan(&facts, &opts),
+        root_size: plan::root_size(&opts),
+        network: plan::NetworkPlan::None,
+        rlimits: plan::Rlimits {
+            nofile: policy.limits.nofile,
+            file_size: policy.limits.file_size.0,
+            core: 0,
+        },
+        landlock: plan::landlock_plan(&extra, false),
+        landlock_optional: policy.sandbox.allow_missing.contains(&Layer::Landlock),
+        seccomp: filter.is_some(),
+        tty: policy.sandbox.tty,
+    };
+    layers.uid_map = sandbox_plan.ids.uid_map().trim().to_string();
+    layers.namespaces = vec!["user", "pid", "mount", "network", "ipc", "uts", "cgroup"];
+    layers.network = "none".into();
+
+    let signals = SignalGuard::block()?;
+    let spawned = spawn::spawn(&sandbox_plan, filter.as_ref(), |pid| match &cg {
+        Some(cg) => cg.add_pid(pid).map_err(|e| format!("cgroups: {e}")),
+        None => Ok(()),
+    });
+    let sandbox = match spawned {
+        Ok(s) => s,
+        Err(e) => {
+            cleanup(cg, workspace);
+            return Err(RunError::cordon(e.to_string()));
+        }
+    };
+
+    let deadline = started + policy.sandbox.timeout;
+    let outcome = supervise(&sandbox, &signals, deadline, cg.as_deref());
+    // The init is reaped: everything in its pid namespace is gone. The cgroup may still hold
+    // nothing, but kill it anyway before removal in case the kernel is slower than we think.
+    let stats = cg.as_ref().map(|c| c.stats());
+    if let Some(c) = &cg {
+        let _ = c.kill_all();
+    }
+    let workspace_desc = workspace.describe();
+    cleanup(cg, workspace);
+    drop(signals);
+
+    let mut limits_hit = Vec::new();
+    if outcome.timed_out {
+        limits_hit.push(LimitHit::Timeout);
+    }
+    if let Some(s) = &stats {
+        if s.oom_killed {
+            limits_hit.push(LimitHit::Oom);
+        }
+        if s.pids_limit_hit {
+            limits_hit.push(LimitHit::Pids);
+        }
+    }
+    if !outcome.full.is_empty() {
+        limits_hit.push(LimitHit::Disk);
+    }
+    if let Some(a) = &outcome.applied {
+        layers.landlock_abi = a.0;
+        layers.landlock_enforced = a.1;
+        layers.no_new_privs = a.2;
+    }
+
+    if let Some(err) = outcome.setup_failed {
+        return Err(RunError::cordon(err));
+    }
+    let (exit_status, exit_code, signal) = match (&outcome.exec_failed, outcome.status) {
+        (Some((code, msg)), _) => {
+            return Err(RunError {
+                exit_code: *code,
+                message: msg.clone(),
+            })
+        }
+        (None, Some(ExitStatus::Code(c))) => (c, Some(c), None),
+        (None, Some(ExitStatus::Signal(s))) => (128 + s, None, Some(s)),
+        // Killed before it could report (timeout, interruption): SIGKILL.
+        (None, None) => (128 + libc::SIGKILL, None, Some(libc::SIGKILL)),
+    };
+    Ok(RunResult {
+        session_id: req.session_id,
+        user: req.user,
+        command: req.argv,
+        code_sha256: req.code_sha256,
+        exit_status,
+        exit_code,
+        signal,
+        limit: limits_hit.first().copied(),
+        limits_hit,
+        wall_ms: started.elapsed().as_millis() as u64,
+        cpu_ms: stats
+            .as_ref()
+            .and_then(|s| s.cpu_usage_ns)
+            .map(|ns| ns / 1_000_000)
+            .or_else(children_cpu_ms),
+        peak_memory_bytes: stats.as_ref().and_then(|s| s.peak_memory_bytes),
+        workspace: workspace_desc,
+        layers,
+    })
+}
+
+fn cgroup_for(
+    session_id: &str,
+    limits: &CgroupLimits,
+) -> Result<Box<dyn SessionCgroup>, String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+    let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+    let detected = cgroup::detect(std::path::Path::new("/"), &mountinfo, &own)
+        .map_err(|e| e.to_string())?;
+    cgroup::create(&detected, session_id, limits).map_err(|e| e.to_string())
+}
+
+fn cleanup(cg: Option<Box<dyn SessionCgroup>>, workspace: Workspace) {
+    if let Some(c) = cg {
+        if let Err(e) = c.remove() {
+            eprintln!("cordon: warning: removing the session cgroup: {e}");
+        }
+    }
+    if let Err(e) = workspace.finish() {
+        eprintln!("cordon: warning: workspace: {e}");
+    }
+}
+
+fn children_cpu_ms() -> Option<u64> {
+    // SAFETY: rusage is plain data that getrusage fills.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid out-pointer.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
+        return None;
+    }
+    let ms = |t: libc::timeval| t.tv_sec as u64 * 1000 + t.tv_usec as u64 / 1000;
+    Some(ms(ru.ru_utime) + ms(ru.ru_stime))
+}
+
+/// What the supervision loop saw.
+#[derive(Default)]
+struct Outcome {
+    status: Option<ExitStatus>,
+    full: Vec<String>,
+    timed_out: bool,
+    setup_failed: Option<String>,
+    exec_failed: Option<(i32, String)>,
+    applied: Option<(u32, bool, bool)>,
+}
+
+/// Blocks SIGINT, SIGTERM, SIGHUP and SIGQUIT and reads them from a signalfd, so an interrupted
+/// cordon tears the sandbox down instead of dying with it half set up.
+struct SignalGuard {
+    fd: std::os::fd::OwnedFd,
+    old: libc::sigset_t,
+}
+
+impl SignalGuard {
+    fn block() -> Result<SignalGuard, RunError> {
+        // SAFETY: sigset_t is plain data initialised by sigemptyset.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: valid sigset pointers.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+                libc::sigaddset(&mut set, s);
+            }
+            libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old);
+        }
+        // SAFETY: valid sigset pointer; returns a new fd or -1.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(RunError::cordon(format!(
+                "signalfd: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: signalfd returned a fresh descriptor that we own.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Ok(SignalGuard { fd, old })
+    }
+
+    fn read(&self) -> Option<i32> {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        // SAFETY: reading into a correctly sized buffer.
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                &mut info as *mut _ as *mut libc::c_void,
+                std::mem::size_of::<libc::signalfd_siginfo>(),
+            )
+        };
+        (n == std::mem::size_of::<libc::signalfd_siginfo>() as isize)
+            .then_some(info.ssi_signo as i32)
+    }
+}
+
+impl Drop for SignalGuard {
+    fn drop(&mut self) {
+        // SAFETY: restoring the mask saved in `block`.
+        unsafe { libc::sigprocmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
+    }
+}
+
+fn pidfd_signal(pidfd: BorrowedFd<'_>, sig: i32) {
+    // SAFETY: plain syscall on a pidfd we own; a pidfd cannot name a reused pid.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+}
+
+fn supervise(
+    sb: &spawn::Sandbox,
+    signals: &SignalGuard,
+    deadline: Instant,
+    cg: Option<&dyn SessionCgroup>,
+) -> Outcome {
+    let mut out = Outcome::default();
+    let mut kill_at: Option<Instant> = None;
+    let mut chan_open = true;
+    let mut buf = vec![0u8; proto::MAX_MESSAGE];
+    loop {
+        let now = Instant::now();
+        let due = kill_at.map_or(deadline, |k| k.min(deadline));
+        if now >= due {
+            if now >= deadline && !out.timed_out && out.status.is_none() {
+                out.timed_out = true;
+            }
+            pidfd_signal(sb.pidfd.as_fd(), libc::SIGKILL);
+            if let Some(c) = cg {
+                let _ = c.kill_all();
+            }
+            kill_at = Some(now + Duration::from_secs(3600));
+        }
+        let wait_ms = due.saturating_duration_since(now).as_millis().min(60_000) as i32;
+        let mut fds = [
+            libc::pollfd {
+                fd: sb.pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if chan_open { sb.chan.as_raw_fd() } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: signals.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of pollfd.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms.max(1)) };
+        if n < 0 {
+            continue;
+        }
+        if fds[1].revents != 0 && drain(sb.chan.as_fd(), &mut buf, &mut out) {
+            chan_open = false;
+        }
+        if fds[2].revents != 0 {
+            while let Some(sig) = signals.read() {
+                // First signal: pass it on for a clean stop; then a grace period; a second
+                // signal, or the end of the grace period, kills the sandbox.
+                if kill_at.is_none() {
+                    pidfd_signal(sb.pidfd.as_fd(), sig);
+                    kill_at = Some(Instant::now() + GRACE);
+                } else {
+                    kill_at = Some(Instant::now());
+                }
+            }
+        }
+        if fds[0].revents != 0 {
+            let mut status = 0;
+            // SAFETY: our own child; `status` is a valid out-pointer.
+            let r = unsafe { libc::waitpid(sb.pid, &mut status, libc::WNOHANG) };
+            if r == sb.pid {
+                // Collect anything still queued on the channel.
+                drain(sb.chan.as_fd(), &mut buf, &mut out);
+                return out;
+            }
+        }
+    }
+}
+
+/// Reads every queued message into `out`; true when the sandbox side has closed the channel.
+fn drain(chan: BorrowedFd<'_>, buf: &mut [u8], out: &mut Outcome) -> bool {
+    loop {
+        // SAFETY: `buf` is a valid writable buffer of the given length.
+        let r = unsafe {
+            libc::recv(
+                chan.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if r == 0 {
+            return true;
+        }
+        if r < 0 {
+            return false;
+        }
+        match proto::decode::<ToSupervisor>(&buf[..r as usize]) {
+            Some(ToSupervisor::Applied {
+                landlock_abi,
+                landlock_enforced,
+                no_new_privs,
+                ..
+            }) => out.applied = Some((landlock_abi, landlock_enforced, no_new_privs)),
+            Some(ToSupervisor::SetupFailed { layer, message }) => {
+                out.setup_failed = Some(format!("sandbox set-up failed at {layer}: {message}"))
+            }
+            Some(ToSupervisor::ExecFailed { errno, message }) => {
+                let code = if errno == libc::ENOENT { 127 } else { 126 };
+                out.exec_failed = Some((code, message));
+            }
+            Some(ToSupervisor::Exited { status, full }) => {
+                out.status = Some(status);
+                out.full = full;
+            }
+            Some(ToSupervisor::GatewaySockets { .. }) | None => {}
+        }
+    }
+}
+
+/// The state directory for cordon's own files (volumes, audit).
+pub fn state_dir() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/var/lib/cordon");
+    }
+    if let Ok(x) = std::env::var("XDG_STATE_HOME") {
+        if !x.is_empty() {
+            return PathBuf::from(x).join("cordon");
+        }
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/tmp".into());
+    PathBuf::from(home).join(".local/state/cordon")
+}
