@@ -1,0 +1,190 @@
+//! Hard limits: each one is hit on purpose, bounded, and the result names it.
+
+mod common;
+use common::*;
+
+use std::time::{Duration, Instant};
+
+fn need_cgroups() -> bool {
+    if !is_root() {
+        eprintln!("SKIPPED: cgroup limits need root or a delegated cgroup v2 here");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn a_fork_bomb_hits_the_pids_limit_and_the_host_survives() {
+    if !need_cgroups() {
+        return;
+    }
+    // Bounded: at most 16 tasks, and a 20 s timeout.
+    let (out, result) = run_json(&[
+        "--pids",
+        "16",
+        "--timeout",
+        "20s",
+        "--",
+        "sh",
+        "-c",
+        "i=0; while [ $i -lt 200 ]; do sleep 5 & i=$((i+1)); done 2>/dev/null; echo spawned",
+    ]);
+    let hits = result["limits_hit"].as_array().unwrap();
+    assert!(hits.iter().any(|h| h == "pids"), "{result} {}", stderr(&out));
+}
+
+#[test]
+fn a_memory_hog_is_killed_and_the_result_says_oom() {
+    if !need_cgroups() {
+        return;
+    }
+    let (out, result) = run_json(&[
+        "--memory",
+        "64M",
+        "--timeout",
+        "30s",
+        "--",
+        "python3",
+        "-c",
+        "a = bytearray(512 * 1024 * 1024); print('allocated')",
+    ]);
+    assert!(!stdout(&out).contains("allocated"));
+    assert_eq!(result["limit"], "oom", "{result}");
+    assert_eq!(result["signal"], 9);
+    assert_eq!(result["exit_status"], 137);
+    let peak = result["peak_memory_bytes"].as_u64().unwrap();
+    assert!(peak <= 64 * 1024 * 1024 + 4096 * 16, "peak {peak}");
+}
+
+#[test]
+fn filling_tmp_ends_in_enospc() {
+    let (out, result) = run_json(&[
+        "--tmp-size",
+        "8M",
+        "--",
+        "sh",
+        "-c",
+        "dd if=/dev/zero of=/tmp/fill bs=1M count=64 2>&1 | head -1",
+    ]);
+    assert!(stdout(&out).contains("No space left on device"), "{}", stdout(&out));
+    assert!(result["limits_hit"].as_array().unwrap().iter().any(|h| h == "disk"), "{result}");
+}
+
+#[test]
+fn filling_the_workspace_ends_in_enospc_not_a_full_host_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let ws = dir.path().join("ws");
+    let before = free_bytes(dir.path());
+    let (out, result) = run_json(&[
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--workspace-size",
+        "32M",
+        "--file-size",
+        "1G",
+        "--",
+        "sh",
+        "-c",
+        "dd if=/dev/zero of=fill bs=1M count=256 2>&1 | grep -o 'No space left on device' | head -1",
+    ]);
+    assert_eq!(stdout(&out).trim(), "No space left on device", "{}", stderr(&out));
+    assert!(result["limits_hit"].as_array().unwrap().iter().any(|h| h == "disk"), "{result}");
+    let after = free_bytes(dir.path());
+    assert!(before.saturating_sub(after) < 64 * 1024 * 1024, "host lost {} bytes", before - after);
+}
+
+fn free_bytes(p: &std::path::Path) -> u64 {
+    let s = nix::sys::statvfs::statvfs(p).unwrap();
+    s.blocks_available() * s.fragment_size()
+}
+
+#[test]
+fn a_timeout_kills_the_whole_sandbox_including_a_double_forked_child() {
+    let marker = format!("{}.{}", 900 + rand_u32() % 99, rand_u32() % 1000);
+    let script = format!("(setsid sleep {marker} &) ; sleep {marker}");
+    let t = Instant::now();
+    let (out, result) = run_json(&["--timeout", "1s", "--", "sh", "-c", &script]);
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert_eq!(result["limit"], "timeout", "{result}");
+    assert_eq!(out.status.code(), Some(137));
+    assert!(processes_with(&format!("sleep {marker}")).is_empty(), "a sandbox process survived");
+}
+
+#[test]
+fn no_sandbox_process_survives_a_normal_exit() {
+    let marker = format!("{}.{}", 800 + rand_u32() % 99, rand_u32() % 1000);
+    let script = format!("setsid sleep {marker} & nohup sleep {marker} >/dev/null 2>&1 & echo started");
+    let out = run(&["--", "sh", "-c", &script]);
+    assert_eq!(stdout(&out).trim(), "started");
+    assert!(processes_with(&format!("sleep {marker}")).is_empty(), "a daemon outlived its session");
+    // Control: the same script on the host leaves the daemons behind (we clean them up).
+    let out = bare(&script);
+    assert_eq!(stdout(&out).trim(), "started");
+    let left = processes_with(&format!("sleep {marker}"));
+    assert!(!left.is_empty());
+    for pid in left {
+        // SAFETY: signalling a process we started, by pid.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+}
+
+#[test]
+fn sigterm_to_cordon_stops_the_sandbox_cleanly_and_leaves_nothing() {
+    let marker = format!("{}.{}", 700 + rand_u32() % 99, rand_u32() % 1000);
+    let dir = tempfile::tempdir().unwrap();
+    let result = dir.path().join("r.json");
+    let mut child = cordon()
+        .args(["run", "--result", result.to_str().unwrap(), "--", "sh", "-c"])
+        .arg(format!("(setsid sleep {marker} &); trap 'echo got-term; exit 3' TERM; sleep {marker} & wait"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    let status = child.wait().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let mut out = String::new();
+    use std::io::Read;
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(out.contains("got-term"), "the command saw SIGTERM: {out}");
+    assert_eq!(status.code(), Some(3));
+    assert!(processes_with(&format!("sleep {marker}")).is_empty());
+}
+
+#[test]
+fn the_session_cgroup_is_removed_afterwards() {
+    if !need_cgroups() {
+        return;
+    }
+    let (_, result) = run_json(&["--", "true"]);
+    let sid = result["session_id"].as_str().unwrap();
+    let mut found = Vec::new();
+    for base in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+        let _ = walk(std::path::Path::new(base), sid, 0, &mut found);
+    }
+    assert!(found.is_empty(), "left behind: {found:?}");
+}
+
+fn walk(dir: &std::path::Path, needle: &str, depth: usize, found: &mut Vec<std::path::PathBuf>) -> std::io::Result<()> {
+    if depth > 6 {
+        return Ok(());
+    }
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            if e.file_name().to_string_lossy().contains(needle) {
+                found.push(e.path());
+            }
+            let _ = walk(&e.path(), needle, depth + 1, found);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn nofile_and_core_rlimits_apply() {
+    let out = run(&["--nofile", "64", "--", "sh", "-c", "ulimit -n; ulimit -c; ulimit -Hn"]);
+    assert_eq!(stdout(&out), "64\n0\n64\n");
+}
