@@ -1,0 +1,472 @@
+//! Reading a policy from TOML text.
+//!
+//! Guarantees: every table refuses keys it does not know (`deny_unknown_fields`); every error
+//! carries the line and column of the bad key or value and its dotted key; `[[credentials]]` is
+//! refused, never ignored; every value goes through [`crate::rules`]; a key that is absent keeps
+//! its safe default. Values are read as `Spanned<toml::Value>` and checked here rather than typed
+//! by serde, so that type errors name the key and say what was expected in plain words.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use serde::Deserialize;
+use toml::de::{DeTable, DeValue};
+use toml::{Spanned, Value};
+
+use crate::error::{Location, PolicyError};
+use crate::model::{
+    Enforcement, ExtraMount, Layer, Limits, NetworkMode, NetworkPolicy, OnExceed, Policy,
+    RateLimits, ResponsePolicy, SandboxPolicy,
+};
+use crate::rules::{self, ValueError};
+use crate::size::ByteSize;
+
+type Leaf = Option<Spanned<Value>>;
+type List = Option<Vec<Spanned<Value>>>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a policy document")]
+struct RawPolicy {
+    sandbox: Option<RawSandbox>,
+    limits: Option<RawLimits>,
+    network: Option<RawNetwork>,
+    response: Option<RawResponse>,
+    /// Only read to refuse it with a clear error.
+    credentials: Option<Spanned<Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [sandbox] table")]
+struct RawSandbox {
+    workspace: Leaf,
+    timeout: Leaf,
+    network: Leaf,
+    hostname: Leaf,
+    tty: Leaf,
+    host_uid: Leaf,
+    host_gid: Leaf,
+    allow_missing: List,
+    env: Option<BTreeMap<Spanned<String>, Spanned<Value>>>,
+    mounts: Option<Vec<Spanned<RawMount>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [[sandbox.mounts]] table")]
+struct RawMount {
+    host: Leaf,
+    path: Leaf,
+    writable: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [limits] table")]
+struct RawLimits {
+    memory: Leaf,
+    pids: Leaf,
+    cpu: Leaf,
+    nofile: Leaf,
+    tmp: Leaf,
+    workspace: Leaf,
+    file_size: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [network] table")]
+struct RawNetwork {
+    mode: Leaf,
+    allow: List,
+    allow_private: List,
+    rate: Option<RawRate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [network.rate] table")]
+struct RawRate {
+    requests_per_minute: Leaf,
+    requests_per_minute_per_host: Leaf,
+    max_connections: Leaf,
+    max_bytes_out: Leaf,
+    max_bytes_in: Leaf,
+    on_exceed: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [response] table")]
+struct RawResponse {
+    terminate_after_blocked: Leaf,
+}
+
+/// Parses and validates a policy; see the module documentation.
+pub(crate) fn parse(text: &str, source: Option<&str>) -> Result<Policy, PolicyError> {
+    let cx = Cx { text, source };
+    let raw: RawPolicy = toml::from_str(text).map_err(|e| cx.toml_error(&e))?;
+    if let Some(credentials) = &raw.credentials {
+        return Err(PolicyError::Unsupported {
+            at: cx.at(credentials.span()),
+            key: "credentials".to_owned(),
+        });
+    }
+    let mut policy = Policy::default();
+    if let Some(sandbox) = &raw.sandbox {
+        cx.sandbox(sandbox, &mut policy.sandbox)?;
+    }
+    if let Some(limits) = &raw.limits {
+        cx.limits(limits, &mut policy.limits)?;
+    }
+    if let Some(network) = &raw.network {
+        cx.network(network, &mut policy.network)?;
+    }
+    if let Some(response) = &raw.response {
+        cx.response(response, &mut policy.response)?;
+    }
+    // Every field was checked above with its position; this is the backstop for the rules that
+    // span fields, so that no path builds a policy `validate` would refuse.
+    policy.validate()?;
+    Ok(policy)
+}
+
+struct Cx<'a> {
+    text: &'a str,
+    source: Option<&'a str>,
+}
+
+impl Cx<'_> {
+    fn at(&self, span: Range<usize>) -> Location {
+        Location::at(self.source, self.text, span.start)
+    }
+
+    fn invalid(&self, span: Range<usize>, key: impl Into<String>, err: ValueError) -> PolicyError {
+        PolicyError::Invalid {
+            at: self.at(span),
+            key: key.into(),
+            message: err.to_string(),
+        }
+    }
+
+    /// Runs `rule` on the value and places any error at the value.
+    fn check<T>(
+        &self,
+        leaf: &Spanned<Value>,
+        key: &str,
+        rule: impl FnOnce(&Value) -> Result<T, ValueError>,
+    ) -> Result<T, PolicyError> {
+        rule(leaf.get_ref()).map_err(|e| self.invalid(leaf.span(), key, e))
+    }
+
+    fn toml_error(&self, err: &toml::de::Error) -> PolicyError {
+        let span = err.span();
+        let at = match &span {
+            Some(span) => self.at(span.clone()),
+            None => Location {
+                source: self.source.map(str::to_owned),
+                position: None,
+            },
+        };
+        let message = err
+            .message()
+            .trim()
+            .replacen("unknown field", "unknown key", 1);
+        let key = span.and_then(|span| key_path_at(self.text, &span));
+        PolicyError::Syntax { at, key, message }
+    }
+
+    fn sandbox(&self, raw: &RawSandbox, out: &mut SandboxPolicy) -> Result<(), PolicyError> {
+        if let Some(v) = &raw.workspace {
+            out.workspace = Some(self.check(v, "sandbox.workspace", |v| {
+                rules::workspace(string(v, "a path")?)
+            })?);
+        }
+        if let Some(v) = &raw.timeout {
+            out.timeout = self.check(v, "sandbox.timeout", |v| {
+                rules::timeout_text(string(v, "a duration like \"60s\"")?)
+            })?;
+        }
+        if let Some(v) = &raw.network {
+            out.network = Some(self.check(v, "sandbox.network", |v| {
+                Ok(string(v, "\"none\" or \"gateway\"")?.parse::<NetworkMode>()?)
+            })?);
+        }
+        if let Some(v) = &raw.hostname {
+            out.hostname = self.check(v, "sandbox.hostname", |v| {
+                rules::hostname(string(v, "a hostname")?)
+            })?;
+        }
+        if let Some(v) = &raw.tty {
+            out.tty = self.check(v, "sandbox.tty", boolean)?;
+        }
+        if let Some(v) = &raw.host_uid {
+            out.host_uid = self.check(v, "sandbox.host_uid", |v| rules::host_id(integer(v)?))?;
+        }
+        if let Some(v) = &raw.host_gid {
+            out.host_gid = self.check(v, "sandbox.host_gid", |v| rules::host_id(integer(v)?))?;
+        }
+        if let Some(list) = &raw.allow_missing {
+            for (i, v) in list.iter().enumerate() {
+                let layer = self.check(v, &format!("sandbox.allow_missing[{i}]"), |v| {
+                    Ok(string(v, "a layer name")?.parse::<Layer>()?)
+                })?;
+                out.allow_missing.insert(layer);
+            }
+        }
+        if let Some(env) = &raw.env {
+            for (name, value) in env {
+                rules::env_name(name.get_ref())
+                    .map_err(|e| self.invalid(name.span(), "sandbox.env", e))?;
+                let key = format!("sandbox.env.{}", name.get_ref());
+                let value = self.check(value, &key, |v| {
+                    let text = string(v, "a string")?;
+                    rules::env_value(text)?;
+                    Ok(text.to_owned())
+                })?;
+                out.env.insert(name.get_ref().clone(), value);
+            }
+        }
+        if let Some(mounts) = &raw.mounts {
+            self.mounts(mounts, out)?;
+        }
+        Ok(())
+    }
+
+    fn mounts(
+        &self,
+        mounts: &[Spanned<RawMount>],
+        out: &mut SandboxPolicy,
+    ) -> Result<(), PolicyError> {
+        // Where to point an error about mount i as a whole: its `path`, else the table.
+        let mut spans = Vec::with_capacity(mounts.len());
+        for (i, mount) in mounts.iter().enumerate() {
+            let key = format!("sandbox.mounts[{i}]");
+            let raw = mount.get_ref();
+            let missing = |field: &str| {
+                self.invalid(
+                    mount.span(),
+                    key.clone(),
+                    ValueError::Other(format!("missing \"{field}\"")),
+                )
+            };
+            let host = raw.host.as_ref().ok_or_else(|| missing("host"))?;
+            let path = raw.path.as_ref().ok_or_else(|| missing("path"))?;
+            let host = self.check(host, &format!("{key}.host"), |v| {
+                rules::mount_host(string(v, "an absolute path")?)
+            })?;
+            let path_value = path;
+            let path = self.check(path, &format!("{key}.path"), |v| {
+                rules::mount_path(string(v, "an absolute path")?)
+            })?;
+            let writable = match &raw.writable {
+                Some(v) => self.check(v, &format!("{key}.writable"), boolean)?,
+                None => false,
+            };
+            spans.push(path_value.span());
+            out.mounts.push(ExtraMount {
+                host,
+                path,
+                writable,
+            });
+        }
+        rules::mounts_consistent(&out.mounts).map_err(|(i, e)| {
+            let span = spans.get(i).cloned().unwrap_or(0..0);
+            self.invalid(span, format!("sandbox.mounts[{i}].path"), e)
+        })
+    }
+
+    fn limits(&self, raw: &RawLimits, out: &mut Limits) -> Result<(), PolicyError> {
+        if let Some(v) = &raw.memory {
+            out.memory = self.check(v, "limits.memory", |v| rules::memory(size(v)?))?;
+        }
+        if let Some(v) = &raw.pids {
+            out.pids = self.check(v, "limits.pids", |v| rules::pids(integer(v)?))?;
+        }
+        if let Some(v) = &raw.cpu {
+            out.cpu = self.check(v, "limits.cpu", |v| rules::cpu(number(v)?))?;
+        }
+        if let Some(v) = &raw.nofile {
+            out.nofile = self.check(v, "limits.nofile", |v| rules::nofile(integer(v)?))?;
+        }
+        if let Some(v) = &raw.tmp {
+            out.tmp = self.check(v, "limits.tmp", |v| rules::disk(size(v)?))?;
+        }
+        if let Some(v) = &raw.workspace {
+            out.workspace = self.check(v, "limits.workspace", |v| rules::disk(size(v)?))?;
+        }
+        if let Some(v) = &raw.file_size {
+            out.file_size = self.check(v, "limits.file_size", |v| rules::file_size(size(v)?))?;
+        }
+        Ok(())
+    }
+
+    fn network(&self, raw: &RawNetwork, out: &mut NetworkPolicy) -> Result<(), PolicyError> {
+        if let Some(v) = &raw.mode {
+            out.mode = self.check(v, "network.mode", |v| {
+                Ok(string(v, "\"enforce\" or \"report\"")?.parse::<Enforcement>()?)
+            })?;
+        }
+        if let Some(list) = &raw.allow {
+            for (i, v) in list.iter().enumerate() {
+                out.allow
+                    .push(self.check(v, &format!("network.allow[{i}]"), |v| {
+                        rules::allow_entry(string(v, "an allow entry like \"api.github.com:443\"")?)
+                    })?);
+            }
+        }
+        if let Some(list) = &raw.allow_private {
+            for (i, v) in list.iter().enumerate() {
+                out.allow_private
+                    .push(self.check(v, &format!("network.allow_private[{i}]"), |v| {
+                        rules::allow_private_entry(string(v, "an allow entry like \"10.0.0.5:8080\"")?)
+                    })?);
+            }
+        }
+        if let Some(rate) = &raw.rate {
+            self.rate(rate, &mut out.rate)?;
+        }
+        Ok(())
+    }
+
+    fn rate(&self, raw: &RawRate, out: &mut RateLimits) -> Result<(), PolicyError> {
+        let rate = |v: &Value| rules::rate(integer(v)?);
+        if let Some(v) = &raw.requests_per_minute {
+            out.requests_per_minute = self.check(v, "network.rate.requests_per_minute", rate)?;
+        }
+        if let Some(v) = &raw.requests_per_minute_per_host {
+            out.requests_per_minute_per_host =
+                self.check(v, "network.rate.requests_per_minute_per_host", rate)?;
+        }
+        if let Some(v) = &raw.max_connections {
+            out.max_connections = self.check(v, "network.rate.max_connections", rate)?;
+        }
+        if let Some(v) = &raw.max_bytes_out {
+            out.max_bytes_out = self.check(v, "network.rate.max_bytes_out", |v| {
+                rules::traffic(size(v)?)
+            })?;
+        }
+        if let Some(v) = &raw.max_bytes_in {
+            out.max_bytes_in = self.check(v, "network.rate.max_bytes_in", |v| {
+                rules::traffic(size(v)?)
+            })?;
+        }
+        if let Some(v) = &raw.on_exceed {
+            out.on_exceed = self.check(v, "network.rate.on_exceed", |v| {
+                Ok(string(v, "\"block\" or \"terminate\"")?.parse::<OnExceed>()?)
+            })?;
+        }
+        Ok(())
+    }
+
+    fn response(&self, raw: &RawResponse, out: &mut ResponsePolicy) -> Result<(), PolicyError> {
+        if let Some(v) = &raw.terminate_after_blocked {
+            out.terminate_after_blocked =
+                self.check(v, "response.terminate_after_blocked", |v| {
+                    rules::count(integer(v)?)
+                })?;
+        }
+        Ok(())
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::String(_) => "a string",
+        Value::Integer(_) => "an integer",
+        Value::Float(_) => "a float",
+        Value::Boolean(_) => "a boolean",
+        Value::Datetime(_) => "a date-time",
+        Value::Array(_) => "an array",
+        Value::Table(_) => "a table",
+    }
+}
+
+fn string<'v>(v: &'v Value, expected: &'static str) -> Result<&'v str, ValueError> {
+    v.as_str().ok_or(ValueError::Type {
+        expected,
+        found: kind(v),
+    })
+}
+
+fn integer(v: &Value) -> Result<i128, ValueError> {
+    v.as_integer().map(i128::from).ok_or(ValueError::Type {
+        expected: "an integer",
+        found: kind(v),
+    })
+}
+
+fn number(v: &Value) -> Result<f64, ValueError> {
+    match v {
+        Value::Float(f) => Ok(*f),
+        // Cores are small numbers; every integer the rules accept is exact in f64.
+        Value::Integer(i) => Ok(*i as f64),
+        _ => Err(ValueError::Type {
+            expected: "a number",
+            found: kind(v),
+        }),
+    }
+}
+
+fn boolean(v: &Value) -> Result<bool, ValueError> {
+    v.as_bool().ok_or(ValueError::Type {
+        expected: "true or false",
+        found: kind(v),
+    })
+}
+
+/// A size: text like `"512M"`, or a non-negative integer number of bytes.
+fn size(v: &Value) -> Result<ByteSize, ValueError> {
+    match v {
+        Value::String(text) => Ok(ByteSize::parse(text)?),
+        Value::Integer(n) => u64::try_from(*n).map(ByteSize).map_err(|_| ValueError::Range {
+            expected: "a size of 0 bytes or more".to_owned(),
+            got: n.to_string(),
+        }),
+        _ => Err(ValueError::Type {
+            expected: "a size like \"512M\"",
+            found: kind(v),
+        }),
+    }
+}
+
+/// The dotted key a toml error span points at: for a span on a key (an unknown key), the table
+/// holding it; for a span on a value (a table of the wrong type), the key of that value. `None`
+/// for the top level, or if the text does not parse on its own.
+fn key_path_at(text: &str, span: &Range<usize>) -> Option<String> {
+    let root = DeTable::parse(text).ok()?;
+    let found = find_in_table(root.get_ref(), "", span)?;
+    (!found.is_empty()).then_some(found)
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+fn find_in_table(table: &DeTable<'_>, prefix: &str, span: &Range<usize>) -> Option<String> {
+    for (key, value) in table.iter() {
+        if key.span() == *span {
+            return Some(prefix.to_owned());
+        }
+        let path = join(prefix, key.get_ref());
+        if value.span() == *span {
+            return Some(path);
+        }
+        if let Some(found) = find_in_value(value.get_ref(), &path, span) {
+            return Some(found);
+        }
+    }
+    None
+}
+
+fn find_in_value(value: &DeValue<'_>, path: &str, span: &Range<usize>) -> Option<String> {
+    match value {
+        DeValue::Table(table) => find_in_table(table, path, span),
+        DeValue::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+            let item_path = format!("{path}[{i}]");
+            if item.span() == *span {
+                return Some(item_path);
+            }
+            find_in_value(item.get_ref(), &item_path, span)
+        }),
+        _ => None,
+    }
+}
