@@ -1022,11 +1022,7 @@ mod tests {
                 libc::SYS_socketpair,
                 [libc::AF_UNIX as u64, libc::SOCK_STREAM as u64, 0, 0, 0, 0],
             ),
-            (
-                "tcgets",
-                libc::SYS_ioctl,
-                [0, libc::TCGETS as u64, 0, 0, 0, 0],
-            ),
+            ("tcgets", libc::SYS_ioctl, [0, libc::TCGETS, 0, 0, 0, 0]),
             (
                 "persona query",
                 libc::SYS_personality,
@@ -1108,19 +1104,19 @@ mod tests {
             (
                 "tiocsti",
                 libc::SYS_ioctl,
-                [0, libc::TIOCSTI as u64, 0, 0, 0, 0],
+                [0, libc::TIOCSTI, 0, 0, 0, 0],
                 eperm,
             ),
             (
                 "tiocsti high bits",
                 libc::SYS_ioctl,
-                [0, (1 << 32) | libc::TIOCSTI as u64, 0, 0, 0, 0],
+                [0, (1 << 32) | libc::TIOCSTI, 0, 0, 0, 0],
                 eperm,
             ),
             (
                 "tioclinux",
                 libc::SYS_ioctl,
-                [0, libc::TIOCLINUX as u64, 0, 0, 0, 0],
+                [0, libc::TIOCLINUX, 0, 0, 0, 0],
                 eperm,
             ),
             (

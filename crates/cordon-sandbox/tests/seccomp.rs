@@ -1,6 +1,7 @@
 //! The seccomp filter against the real kernel. Every test runs the attack in a forked child, once
 //! with the filter installed and once without, so the errno seen with the filter is proved to be
 //! the filter's doing. The test process itself is never filtered.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::ffi::c_long;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -125,8 +126,10 @@ fn skip(test: &str, why: &str) {
 
 #[test]
 fn unshare_of_a_user_namespace_is_refused() {
-    // SAFETY (closure): unshare takes flags only; the child is single-threaded.
-    let attack = || code(unsafe { libc::unshare(libc::CLONE_NEWUSER) }.into());
+    let attack = || {
+        // SAFETY: unshare takes flags only; the child is single-threaded.
+        code(unsafe { libc::unshare(libc::CLONE_NEWUSER) }.into())
+    };
     expect_control_success("unshare(CLONE_NEWUSER)", in_child(None, nothing, attack));
     assert_eq!(
         in_child(Some(&filter()), nothing, attack),
@@ -527,7 +530,7 @@ fn controlling_pty() -> Result<libc::c_int, i32> {
 #[test]
 fn tiocsti_is_refused_even_with_high_bits_in_the_request() {
     let f = filter();
-    for request in [libc::TIOCSTI as u64, (1 << 32) | libc::TIOCSTI as u64] {
+    for request in [libc::TIOCSTI, (1 << 32) | libc::TIOCSTI] {
         let attack = || {
             let slave = match controlling_pty() {
                 Ok(fd) => fd,
