@@ -51,6 +51,8 @@ pub enum StoreError {
         found: i64,
         supported: i64,
     },
+    #[error("audit store {path} cannot use WAL mode (journal_mode stays {mode}); is it on a network file system?")]
+    NotWal { path: PathBuf, mode: String },
     #[error("audit store {path}: {step}: {source}")]
     Sql {
         path: PathBuf,
@@ -184,19 +186,7 @@ impl Store {
         self.conn
             .pragma_update(None, "trusted_schema", "OFF")
             .map_err(self.sql_err("set trusted_schema"))?;
-        let mode: String = self
-            .conn
-            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-            .map_err(self.sql_err("switch to WAL mode"))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Sql {
-                path: self.path.clone(),
-                step: "switch to WAL mode",
-                source: rusqlite::Error::InvalidParameterName(format!(
-                    "journal_mode stayed {mode}"
-                )),
-            });
-        }
+        self.enable_wal(options.busy_timeout)?;
         let sync = if options.synchronous_full {
             "FULL"
         } else {
@@ -206,6 +196,42 @@ impl Store {
             .pragma_update(None, "synchronous", sync)
             .map_err(self.sql_err("set synchronous"))?;
         Ok(())
+    }
+
+    /// Switches the file to WAL mode (persistent, so only the first opener really switches).
+    /// The switch needs an exclusive lock and SQLite does not run the busy handler for it, so
+    /// when several processes open a fresh file at once the losers retry here until
+    /// `busy_timeout` has passed.
+    fn enable_wal(&mut self, busy_timeout: Duration) -> Result<(), StoreError> {
+        let deadline = std::time::Instant::now() + busy_timeout;
+        loop {
+            let current: String = self
+                .conn
+                .pragma_query_value(None, "journal_mode", |row| row.get(0))
+                .map_err(self.sql_err("read journal mode"))?;
+            if current.eq_ignore_ascii_case("wal") {
+                return Ok(());
+            }
+            match self
+                .conn
+                .pragma_update_and_check(None, "journal_mode", "WAL", |row| {
+                    row.get::<_, String>(0)
+                }) {
+                Ok(mode) if mode.eq_ignore_ascii_case("wal") => return Ok(()),
+                Ok(mode) => {
+                    return Err(StoreError::NotWal {
+                        path: self.path.clone(),
+                        mode,
+                    })
+                }
+                Err(err)
+                    if is_busy(&err) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(err) => return Err(self.sql_err("switch to WAL mode")(err)),
+            }
+        }
     }
 
     fn create_schema(&mut self) -> Result<(), StoreError> {
@@ -342,6 +368,13 @@ impl Store {
         tx.commit().map_err(sql_err("commit append"))?;
         Ok(head)
     }
+}
+
+fn is_busy(err: &rusqlite::Error) -> bool {
+    matches!(
+        err.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
 }
 
 pub(crate) fn read_head(conn: &Connection) -> rusqlite::Result<ChainHead> {

@@ -1,0 +1,237 @@
+//! Tampering with the SQLite file directly: verify must name the first bad record.
+
+mod common;
+
+use common::sample_events;
+use cordon_audit::Store;
+use rusqlite::types::ValueRef;
+use rusqlite::Connection;
+use sha2::{Digest, Sha256};
+
+/// A store with 20 records over two sessions, and a raw connection to the same file.
+fn store_and_raw() -> (tempfile::TempDir, Store, Connection) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.db");
+    let mut store = Store::open(&path).unwrap();
+    let mut events = sample_events("01JTAMPER-A", 10);
+    events.extend(sample_events("01JTAMPER-B", 10));
+    // Interleave the two sessions so records of one session are not adjacent.
+    events.sort_by_key(|e| e.ts);
+    store.append(&events[..7]).unwrap();
+    store.append(&events[7..]).unwrap();
+    let report = store.verify().unwrap();
+    assert!(report.is_ok(), "fresh store does not verify: {report:?}");
+    assert_eq!(report.checked, 20);
+    let raw = Connection::open(&path).unwrap();
+    (dir, store, raw)
+}
+
+fn first_bad(store: &Store) -> (i64, String) {
+    let report = store.verify().unwrap();
+    report.first_bad.clone().unwrap_or_else(|| panic!("tampering not detected: {report:?}"))
+}
+
+const COLUMNS: [&str; 19] = [
+    "session_id",
+    "session_seq",
+    "kind",
+    "user_id",
+    "code_sha256",
+    "ts",
+    "ts_ms",
+    "host",
+    "ip",
+    "port",
+    "method",
+    "path",
+    "bytes_up",
+    "bytes_down",
+    "duration_ms",
+    "verdict",
+    "rule",
+    "reason",
+    "detail",
+];
+
+/// The record hash exactly as the `chain` module documents it, written independently here: an
+/// outside verifier (or an attacker) can compute it from the docs alone.
+fn documented_hash(raw: &Connection, id: i64) -> String {
+    let sql = format!(
+        "SELECT {}, prev_hash FROM events WHERE id = ?1",
+        COLUMNS.join(", ")
+    );
+    raw.query_row(&sql, [id], |row| {
+        let mut h = Sha256::new();
+        h.update(b"cordon-audit-chain-v1\n");
+        let prev: String = row.get(COLUMNS.len())?;
+        h.update(prev.as_bytes());
+        for i in 0..COLUMNS.len() {
+            match row.get_ref(i)? {
+                ValueRef::Null => h.update([0u8]),
+                ValueRef::Integer(n) => {
+                    h.update([1u8]);
+                    h.update(n.to_be_bytes());
+                }
+                ValueRef::Text(t) => {
+                    h.update([2u8]);
+                    h.update((t.len() as u64).to_be_bytes());
+                    h.update(t);
+                }
+                ValueRef::Real(r) => {
+                    h.update([3u8]);
+                    h.update(r.to_bits().to_be_bytes());
+                }
+                ValueRef::Blob(b) => {
+                    h.update([4u8]);
+                    h.update((b.len() as u64).to_be_bytes());
+                    h.update(b);
+                }
+            }
+        }
+        h.update(id.to_be_bytes());
+        Ok(h.finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>())
+    })
+    .unwrap()
+}
+
+#[test]
+fn stored_hashes_follow_the_documented_format() {
+    let (_dir, _store, raw) = store_and_raw();
+    for id in 1..=20 {
+        let stored: String = raw
+            .query_row("SELECT hash FROM events WHERE id = ?1", [id], |r| r.get(0))
+            .unwrap();
+        assert_eq!(documented_hash(&raw, id), stored, "record {id}");
+    }
+}
+
+#[test]
+fn an_edited_field_is_named_by_verify() {
+    let (_dir, store, raw) = store_and_raw();
+    raw.execute("UPDATE events SET host = 'evil.example' WHERE id = 7", [])
+        .unwrap();
+    let (id, reason) = first_bad(&store);
+    assert_eq!(id, 7);
+    assert!(reason.contains("edited"), "{reason}");
+}
+
+#[test]
+fn edits_that_keep_the_meaning_are_still_caught() {
+    // Whitespace inside the JSON detail, and the same number stored as text.
+    let (_dir, store, raw) = store_and_raw();
+    raw.execute(
+        "UPDATE events SET detail = ' ' || detail WHERE id = (SELECT MIN(id) FROM events WHERE detail IS NOT NULL)",
+        [],
+    )
+    .unwrap();
+    let expected: i64 = raw
+        .query_row("SELECT MIN(id) FROM events WHERE detail IS NOT NULL", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(first_bad(&store).0, expected);
+
+    let (_dir, store, raw) = store_and_raw();
+    raw.execute("UPDATE events SET ts = ts || ' ' WHERE id = 3", [])
+        .unwrap();
+    assert_eq!(first_bad(&store).0, 3);
+}
+
+#[test]
+fn an_edit_with_a_recomputed_hash_is_caught_at_the_next_record() {
+    let (_dir, store, raw) = store_and_raw();
+    raw.execute("UPDATE events SET verdict = 'allow' WHERE id = 9", [])
+        .unwrap();
+    let forged = documented_hash(&raw, 9);
+    raw.execute("UPDATE events SET hash = ?1 WHERE id = 9", [&forged])
+        .unwrap();
+    let (id, reason) = first_bad(&store);
+    assert_eq!(id, 10);
+    assert!(reason.contains("prev_hash"), "{reason}");
+}
+
+#[test]
+fn a_deleted_record_is_named_by_verify() {
+    let (_dir, store, raw) = store_and_raw();
+    raw.execute("DELETE FROM events WHERE id = 7", []).unwrap();
+    let (id, reason) = first_bad(&store);
+    assert_eq!(id, 7);
+    assert!(reason.contains("missing"), "{reason}");
+}
+
+#[test]
+fn a_deleted_first_record_is_named_by_verify() {
+    let (_dir, store, raw) = store_and_raw();
+    raw.execute("DELETE FROM events WHERE id = 1", []).unwrap();
+    assert_eq!(first_bad(&store).0, 1);
+}
+
+#[test]
+fn records_deleted_from_the_end_are_caught_through_the_chain_head() {
+    let (_dir, store, raw) = store_and_raw();
+    raw.execute("DELETE FROM events WHERE id >= 19", []).unwrap();
+    let (id, reason) = first_bad(&store);
+    assert_eq!(id, 19);
+    assert!(reason.contains("end"), "{reason}");
+}
+
+#[test]
+fn two_records_with_swapped_sequence_numbers_are_caught_at_the_first() {
+    let (_dir, store, raw) = store_and_raw();
+    raw.execute_batch(
+        "UPDATE events SET id = -1 WHERE id = 4;
+         UPDATE events SET id = 4 WHERE id = 12;
+         UPDATE events SET id = 12 WHERE id = -1;",
+    )
+    .unwrap();
+    let report = store.verify().unwrap();
+    assert_eq!(report.first_bad.as_ref().map(|b| b.0), Some(4), "{report:?}");
+    assert_eq!(report.checked, 20);
+}
+
+#[test]
+fn swapped_session_sequence_numbers_are_caught() {
+    let (_dir, store, raw) = store_and_raw();
+    let ids: Vec<i64> = {
+        let mut stmt = raw
+            .prepare("SELECT id FROM events WHERE session_id = '01JTAMPER-B' ORDER BY id LIMIT 2 OFFSET 3")
+            .unwrap();
+        let rows = stmt.query_map([], |r| r.get(0)).unwrap();
+        rows.map(Result::unwrap).collect()
+    };
+    raw.execute_batch(&format!(
+        "UPDATE events SET session_seq = -1 WHERE id = {a};
+         UPDATE events SET session_seq = session_seq - 1 WHERE id = {b};
+         UPDATE events SET session_seq = (SELECT session_seq + 1 FROM events WHERE id = {b}) WHERE id = {a};",
+        a = ids[0],
+        b = ids[1]
+    ))
+    .unwrap();
+    assert_eq!(first_bad(&store).0, ids[0]);
+}
+
+#[test]
+fn with_several_tampered_records_the_first_is_named_and_all_are_counted() {
+    let (_dir, store, raw) = store_and_raw();
+    raw.execute("UPDATE events SET port = 1 WHERE id = 15", [])
+        .unwrap();
+    raw.execute("UPDATE events SET user_id = 'mallory' WHERE id = 5", [])
+        .unwrap();
+    let report = store.verify().unwrap();
+    assert_eq!(report.first_bad.as_ref().unwrap().0, 5);
+    assert_eq!(report.bad_records, 2);
+}
+
+#[test]
+fn a_record_appended_outside_the_writer_is_caught() {
+    let (_dir, store, raw) = store_and_raw();
+    raw.execute(
+        "INSERT INTO events SELECT 21, session_id, 99, kind, user_id, code_sha256, ts, ts_ms, host, ip, port,
+                method, path, bytes_up, bytes_down, duration_ms, verdict, rule, reason, detail,
+                hash, hash FROM events WHERE id = 20",
+        [],
+    )
+    .unwrap();
+    assert_eq!(first_bad(&store).0, 21);
+}
