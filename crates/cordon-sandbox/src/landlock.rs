@@ -59,8 +59,10 @@ pub struct LandlockPlan {
     pub scope_signals: bool,
 }
 
-/// What the kernel enforces after [`apply`]; recorded in the sandbox result.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// What the kernel enforces after [`apply`]; recorded in the sandbox result. The default is
+/// "nothing applied" (ABI 0, nothing enforced): what to record when the kernel has no Landlock
+/// and the policy explicitly allowed running without it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct LandlockStatus {
     /// The kernel's Landlock ABI; 0 when it has none.
     pub abi: u32,
@@ -74,21 +76,6 @@ pub struct LandlockStatus {
     pub fully_enforced: bool,
     /// Plan paths that did not exist, so granted nothing.
     pub skipped: Vec<PathBuf>,
-}
-
-impl LandlockStatus {
-    /// The status to record when Landlock was not applied (no kernel support, and the policy
-    /// explicitly allowed running without it).
-    pub fn not_applied() -> Self {
-        LandlockStatus {
-            abi: 0,
-            fs: false,
-            net: false,
-            scoped: false,
-            fully_enforced: false,
-            skipped: Vec::new(),
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
