@@ -676,3 +676,32 @@ fn the_filter_stays_installed_across_exec() {
         Outcome::Exited(0)
     );
 }
+
+#[test]
+fn name_resolution_with_addrconfig_still_works_without_netlink() {
+    // glibc's AI_ADDRCONFIG asks netlink which address families are configured; with netlink
+    // refused it must fall back to assuming both, not fail (Node.js sets AI_ADDRCONFIG).
+    let attack = || {
+        let host = std::ffi::CString::new("localhost").unwrap();
+        // SAFETY: addrinfo is plain data; all-zero is a valid "no hints" value.
+        let mut hints: libc::addrinfo = unsafe { std::mem::zeroed() };
+        hints.ai_flags = libc::AI_ADDRCONFIG;
+        hints.ai_socktype = libc::SOCK_STREAM;
+        let mut res = std::ptr::null_mut();
+        // SAFETY: valid NUL-terminated host, hints and out-pointer; the result is freed below.
+        let rc = unsafe { libc::getaddrinfo(host.as_ptr(), std::ptr::null(), &hints, &mut res) };
+        if rc != 0 {
+            return 100 + rc.unsigned_abs() as i32 % 100;
+        }
+        // SAFETY: `res` came from a successful getaddrinfo.
+        unsafe { libc::freeaddrinfo(res) };
+        0
+    };
+    let netlink_refused = || socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE);
+    let f = filter();
+    assert_eq!(
+        in_child(Some(&f), nothing, netlink_refused),
+        Outcome::Exited(libc::EAFNOSUPPORT)
+    );
+    assert_eq!(in_child(Some(&f), nothing, attack), Outcome::Exited(0));
+}
