@@ -361,6 +361,11 @@ mod tests {
     }
 
     #[test]
+    fn the_published_target_abi_is_the_one_requested() {
+        assert_eq!(TARGET.to_string(), TARGET_ABI.to_string());
+    }
+
+    #[test]
     fn plans_reject_unknown_fields() {
         let json = r#"{"read_exec":[],"read_only":[],"read_write":[],"allow_tcp_connect":true,
             "allow_tcp_bind":true,"scope_abstract_unix":true,"scope_signals":true,"typo":1}"#;
