@@ -279,7 +279,10 @@ fn parse_cidr(raw: &str, text: &str) -> Result<AllowHost, AllowError> {
             .parse()
             .map_err(|_| bad(format!("{} is not a prefix length", quoted(prefix_text))))?
     } else {
-        return Err(bad(format!("{} is not a prefix length", quoted(prefix_text))));
+        return Err(bad(format!(
+            "{} is not a prefix length",
+            quoted(prefix_text)
+        )));
     };
     let net = if addr_text.contains(':') {
         let addr: Ipv6Addr = addr_text

@@ -123,7 +123,11 @@ fn allowlist_verdict(policy: &NetworkPolicy, target: Target<'_>, port: u16) -> D
     if let Some(entry) = policy.allow.iter().find(|e| e.matches(target, port)) {
         return allowed(entry.raw().to_owned());
     }
-    if let Some(entry) = policy.allow_private.iter().find(|e| e.matches(target, port)) {
+    if let Some(entry) = policy
+        .allow_private
+        .iter()
+        .find(|e| e.matches(target, port))
+    {
         return allowed(private_rule(entry));
     }
     let host_known = policy
@@ -159,7 +163,10 @@ mod tests {
     fn policy(allow: &[&str], allow_private: &[&str], mode: Enforcement) -> NetworkPolicy {
         NetworkPolicy {
             mode,
-            allow: allow.iter().map(|a| AllowEntry::parse(a).unwrap()).collect(),
+            allow: allow
+                .iter()
+                .map(|a| AllowEntry::parse(a).unwrap())
+                .collect(),
             allow_private: allow_private
                 .iter()
                 .map(|a| AllowEntry::parse(a).unwrap())
@@ -192,7 +199,11 @@ mod tests {
 
     #[test]
     fn an_allowlisted_name_and_port_is_allowed_by_its_entry() {
-        let p = policy(&["api.github.com", "*.githubusercontent.com:*"], &[], Enforcement::Enforce);
+        let p = policy(
+            &["api.github.com", "*.githubusercontent.com:*"],
+            &[],
+            Enforcement::Enforce,
+        );
         assert_eq!(
             decide(&p, Target::Name(&name("api.github.com")), 443),
             allow("api.github.com")
@@ -208,11 +219,19 @@ mod tests {
         let p = policy(&["api.github.com"], &[], Enforcement::Enforce);
         assert_eq!(
             decide(&p, Target::Name(&name("example.com")), 443),
-            deny(false, "default-deny", "host example.com is not in the allowlist")
+            deny(
+                false,
+                "default-deny",
+                "host example.com is not in the allowlist"
+            )
         );
         assert_eq!(
             decide(&p, Target::Addr("93.184.216.34".parse().unwrap()), 443),
-            deny(false, "default-deny", "address 93.184.216.34 is not in the allowlist")
+            deny(
+                false,
+                "default-deny",
+                "address 93.184.216.34 is not in the allowlist"
+            )
         );
     }
 
@@ -221,7 +240,11 @@ mod tests {
         let p = policy(&["api.github.com"], &[], Enforcement::Enforce);
         assert_eq!(
             decide(&p, Target::Name(&name("api.github.com")), 22),
-            deny(false, "default-deny", "port 22 is not allowed for api.github.com")
+            deny(
+                false,
+                "default-deny",
+                "port 22 is not allowed for api.github.com"
+            )
         );
     }
 
@@ -230,7 +253,11 @@ mod tests {
         let p = policy(&[], &[], Enforcement::Report);
         assert_eq!(
             decide(&p, Target::Name(&name("example.com")), 443),
-            deny(true, "default-deny", "host example.com is not in the allowlist")
+            deny(
+                true,
+                "default-deny",
+                "host example.com is not in the allowlist"
+            )
         );
     }
 
@@ -240,7 +267,11 @@ mod tests {
             let p = policy(&["0.0.0.0/0:*"], &[], mode);
             assert_eq!(
                 decide(&p, Target::Addr("10.0.0.5".parse().unwrap()), 8080),
-                deny(false, "ssrf:private", "address 10.0.0.5 is private (private 10.0.0.0/8)")
+                deny(
+                    false,
+                    "ssrf:private",
+                    "address 10.0.0.5 is private (private 10.0.0.0/8)"
+                )
             );
             assert_eq!(
                 decide(&p, Target::Addr("169.254.169.254".parse().unwrap()), 80),
@@ -255,7 +286,11 @@ mod tests {
 
     #[test]
     fn allow_private_entries_open_exactly_their_address_and_port() {
-        let p = policy(&[], &["10.0.0.5:8080", "192.168.0.0/16:*"], Enforcement::Enforce);
+        let p = policy(
+            &[],
+            &["10.0.0.5:8080", "192.168.0.0/16:*"],
+            Enforcement::Enforce,
+        );
         assert_eq!(
             decide(&p, Target::Addr("10.0.0.5".parse().unwrap()), 8080),
             allow("allow_private:10.0.0.5:8080")
@@ -278,7 +313,10 @@ mod tests {
     fn a_name_that_resolves_to_a_private_address_is_blocked() {
         let p = policy(&["internal.example.com"], &[], Enforcement::Report);
         let n = name("internal.example.com");
-        assert_eq!(decide(&p, Target::Name(&n), 443), allow("internal.example.com"));
+        assert_eq!(
+            decide(&p, Target::Name(&n), 443),
+            allow("internal.example.com")
+        );
         assert_eq!(
             decide_resolved(&p, Some(&n), "127.0.0.1".parse().unwrap(), 443),
             deny(
@@ -312,7 +350,10 @@ mod tests {
         let p = policy(&["api.github.com"], &[], Enforcement::Enforce);
         let n = name("api.github.com");
         let public: IpAddr = "140.82.112.3".parse().unwrap();
-        assert_eq!(decide_resolved(&p, Some(&n), public, 443), allow("api.github.com"));
+        assert_eq!(
+            decide_resolved(&p, Some(&n), public, 443),
+            allow("api.github.com")
+        );
         assert_eq!(
             decide_resolved(&p, Some(&n), public, 80).reason.as_deref(),
             Some("port 80 is not allowed for api.github.com")
@@ -326,7 +367,12 @@ mod tests {
     #[test]
     fn mapped_and_embedded_ipv4_forms_of_metadata_are_blocked() {
         let p = policy(&["0.0.0.0/0:*", "[::/0]:*"], &[], Enforcement::Enforce);
-        for addr in ["::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe", "2002:a9fe:a9fe::1", "fd00:ec2::254"] {
+        for addr in [
+            "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "fd00:ec2::254",
+        ] {
             let d = decide(&p, Target::Addr(addr.parse().unwrap()), 80);
             assert!(!d.allowed && !d.enforced_allowed, "{addr}: {d:?}");
             assert!(d.rule.starts_with("ssrf:"), "{addr}: {d:?}");

@@ -78,7 +78,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
                 .and_then(|v| v.checked_add(u128::from(digit - b'0')))
                 .ok_or_else(too_large)?;
         }
-        let nanos = value.checked_mul(UNITS[unit_index].1).ok_or_else(too_large)?;
+        let nanos = value
+            .checked_mul(UNITS[unit_index].1)
+            .ok_or_else(too_large)?;
         total = total.checked_add(nanos).ok_or_else(too_large)?;
         rest = after;
     }
@@ -114,7 +116,10 @@ impl fmt::Display for DurationText {
 }
 
 /// Serializes a duration as its canonical text, so policies render the way they are written.
-pub(crate) fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn serialize<S: Serializer>(
+    duration: &Duration,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     serializer.collect_str(&DurationText(*duration))
 }
 

@@ -311,10 +311,16 @@ impl Cx<'_> {
         }
         if let Some(list) = &raw.allow_private {
             for (i, v) in list.iter().enumerate() {
-                out.allow_private
-                    .push(self.check(v, &format!("network.allow_private[{i}]"), |v| {
-                        rules::allow_private_entry(string(v, "an allow entry like \"10.0.0.5:8080\"")?)
-                    })?);
+                out.allow_private.push(self.check(
+                    v,
+                    &format!("network.allow_private[{i}]"),
+                    |v| {
+                        rules::allow_private_entry(string(
+                            v,
+                            "an allow entry like \"10.0.0.5:8080\"",
+                        )?)
+                    },
+                )?);
             }
         }
         if let Some(rate) = &raw.rate {
@@ -341,9 +347,8 @@ impl Cx<'_> {
             })?;
         }
         if let Some(v) = &raw.max_bytes_in {
-            out.max_bytes_in = self.check(v, "network.rate.max_bytes_in", |v| {
-                rules::traffic(size(v)?)
-            })?;
+            out.max_bytes_in =
+                self.check(v, "network.rate.max_bytes_in", |v| rules::traffic(size(v)?))?;
         }
         if let Some(v) = &raw.on_exceed {
             out.on_exceed = self.check(v, "network.rate.on_exceed", |v| {
@@ -413,10 +418,12 @@ fn boolean(v: &Value) -> Result<bool, ValueError> {
 fn size(v: &Value) -> Result<ByteSize, ValueError> {
     match v {
         Value::String(text) => Ok(ByteSize::parse(text)?),
-        Value::Integer(n) => u64::try_from(*n).map(ByteSize).map_err(|_| ValueError::Range {
-            expected: "a size of 0 bytes or more".to_owned(),
-            got: n.to_string(),
-        }),
+        Value::Integer(n) => u64::try_from(*n)
+            .map(ByteSize)
+            .map_err(|_| ValueError::Range {
+                expected: "a size of 0 bytes or more".to_owned(),
+                got: n.to_string(),
+            }),
         _ => Err(ValueError::Type {
             expected: "a size like \"512M\"",
             found: kind(v),

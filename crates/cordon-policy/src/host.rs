@@ -85,10 +85,9 @@ impl HostName {
         if name.is_empty() {
             return Err(HostError::EmptyLabel(input.to_owned()));
         }
-        if let Some(ch) = name
-            .chars()
-            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')))
-        {
+        if let Some(ch) = name.chars().find(|c| {
+            !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
+        }) {
             return Err(HostError::InvalidChar {
                 input: input.to_owned(),
                 ch,
@@ -259,14 +258,26 @@ mod tests {
             Err(HostError::LabelTooLong(label64.clone()))
         );
         let long = vec!["a".repeat(50); 5].join(".") + ".com"; // 259 characters
-        assert_eq!(HostName::parse(&long), Err(HostError::TooLong(long.clone())));
+        assert_eq!(
+            HostName::parse(&long),
+            Err(HostError::TooLong(long.clone()))
+        );
         let ok = vec!["a".repeat(62); 4].join("."); // 251 characters
         assert!(HostName::parse(&ok).is_ok());
     }
 
     #[test]
     fn ip_addresses_and_look_alikes_are_not_names() {
-        for input in ["127.0.0.1", "127.1", "2852039166", "0x7f.1", "1.2.3.999", "１２７.0.0.1", "127。0。0。1", "a.123"] {
+        for input in [
+            "127.0.0.1",
+            "127.1",
+            "2852039166",
+            "0x7f.1",
+            "1.2.3.999",
+            "１２７.0.0.1",
+            "127。0。0。1",
+            "a.123",
+        ] {
             assert_eq!(
                 HostName::parse(input),
                 Err(HostError::IpLiteral(input.into())),
@@ -278,10 +289,18 @@ mod tests {
     #[test]
     fn subdomains_are_strict_and_label_aligned() {
         let parent = HostName::parse("example.com").unwrap();
-        assert!(HostName::parse("a.example.com").unwrap().is_subdomain_of(&parent));
-        assert!(HostName::parse("a.b.example.com").unwrap().is_subdomain_of(&parent));
+        assert!(HostName::parse("a.example.com")
+            .unwrap()
+            .is_subdomain_of(&parent));
+        assert!(HostName::parse("a.b.example.com")
+            .unwrap()
+            .is_subdomain_of(&parent));
         assert!(!parent.is_subdomain_of(&parent));
-        assert!(!HostName::parse("badexample.com").unwrap().is_subdomain_of(&parent));
-        assert!(!HostName::parse("example.com.evil").unwrap().is_subdomain_of(&parent));
+        assert!(!HostName::parse("badexample.com")
+            .unwrap()
+            .is_subdomain_of(&parent));
+        assert!(!HostName::parse("example.com.evil")
+            .unwrap()
+            .is_subdomain_of(&parent));
     }
 }

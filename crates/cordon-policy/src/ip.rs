@@ -134,14 +134,14 @@ fn parse_ipv4(host: &str) -> Option<Ipv4Addr> {
 /// One `inet_aton` number, at most 32 bits. Empty parts, empty hex (`0x`) and non-octal digits
 /// after a leading 0 are refused; WHATWG reads `0x` as 0, refusing it is the safe side.
 fn parse_ipv4_number(part: &str) -> Option<u32> {
-    let (digits, radix) = if let Some(hex) = part.strip_prefix("0x").or_else(|| part.strip_prefix("0X"))
-    {
-        (hex, 16)
-    } else if part.len() > 1 && part.starts_with('0') {
-        (&part[1..], 8)
-    } else {
-        (part, 10)
-    };
+    let (digits, radix) =
+        if let Some(hex) = part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
+            (hex, 16)
+        } else if part.len() > 1 && part.starts_with('0') {
+            (&part[1..], 8)
+        } else {
+            (part, 10)
+        };
     if digits.is_empty() {
         return None;
     }
@@ -217,7 +217,10 @@ mod tests {
             "１２７.0.0.1",
         ] {
             assert!(
-                matches!(parse_ip_literal(bad), IpLiteral::Invalid(IpLiteralError::BadIpv4(_))),
+                matches!(
+                    parse_ip_literal(bad),
+                    IpLiteral::Invalid(IpLiteralError::BadIpv4(_))
+                ),
                 "{bad:?}: {:?}",
                 parse_ip_literal(bad)
             );
@@ -250,11 +253,15 @@ mod tests {
         assert_eq!(parse_ip_literal("[::1]"), loopback);
         assert_eq!(
             parse_ip_literal("::ffff:169.254.169.254"),
-            IpLiteral::Ip(IpAddr::V6(Ipv4Addr::new(169, 254, 169, 254).to_ipv6_mapped()))
+            IpLiteral::Ip(IpAddr::V6(
+                Ipv4Addr::new(169, 254, 169, 254).to_ipv6_mapped()
+            ))
         );
         assert_eq!(
             parse_ip_literal("[FD00:EC2::254]"),
-            IpLiteral::Ip(IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)))
+            IpLiteral::Ip(IpAddr::V6(Ipv6Addr::new(
+                0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254
+            )))
         );
     }
 

@@ -79,7 +79,10 @@ impl Default for SandboxPolicy {
     }
 }
 
-fn serialize_opt_path<S: Serializer>(path: &Option<PathBuf>, serializer: S) -> Result<S::Ok, S::Error> {
+fn serialize_opt_path<S: Serializer>(
+    path: &Option<PathBuf>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     match path {
         Some(path) => serialize_path(path, serializer),
         None => serializer.serialize_none(),
@@ -104,7 +107,12 @@ pub enum Layer {
 }
 
 impl Layer {
-    pub const ALL: [Layer; 4] = [Layer::Landlock, Layer::Seccomp, Layer::Cgroups, Layer::WorkspaceCap];
+    pub const ALL: [Layer; 4] = [
+        Layer::Landlock,
+        Layer::Seccomp,
+        Layer::Cgroups,
+        Layer::WorkspaceCap,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {

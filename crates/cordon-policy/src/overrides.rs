@@ -109,10 +109,7 @@ pub(crate) fn apply(p: &mut Policy, o: &Overrides) -> Result<(), PolicyError> {
         let (name, value) = flag(
             "--env",
             pair.split_once('=').ok_or_else(|| {
-                ValueError::Other(format!(
-                    "{} must be NAME=VALUE",
-                    crate::error::quoted(pair)
-                ))
+                ValueError::Other(format!("{} must be NAME=VALUE", crate::error::quoted(pair)))
             }),
         )?;
         flag("--env", rules::env_name(name))?;
@@ -129,11 +126,17 @@ pub(crate) fn apply(p: &mut Policy, o: &Overrides) -> Result<(), PolicyError> {
         p.sandbox.host_gid = flag("--host-gid", rules::host_id(i128::from(gid)))?;
     }
     for name in &o.allow_missing {
-        let layer = flag("--allow-missing", name.parse::<Layer>().map_err(ValueError::from))?;
+        let layer = flag(
+            "--allow-missing",
+            name.parse::<Layer>().map_err(ValueError::from),
+        )?;
         p.sandbox.allow_missing.insert(layer);
     }
     if let Some(text) = &o.mode {
-        p.network.mode = flag("--mode", text.parse::<Enforcement>().map_err(ValueError::from))?;
+        p.network.mode = flag(
+            "--mode",
+            text.parse::<Enforcement>().map_err(ValueError::from),
+        )?;
     }
     if !o.allow.is_empty() && p.network_mode() == NetworkMode::None {
         return Err(PolicyError::Flag {

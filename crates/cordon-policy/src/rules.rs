@@ -62,7 +62,8 @@ pub(crate) const MIN_FILE_SIZE: ByteSize = ByteSize::kib(1);
 /// Longest hostname the kernel takes (`__NEW_UTS_LEN`).
 pub(crate) const MAX_HOSTNAME: usize = 64;
 /// Sandbox paths a mount may not cover or go under: cordon builds them.
-pub(crate) const RESERVED_SANDBOX_PATHS: [&str; 5] = ["/proc", "/dev", "/sys", "/tmp", "/workspace"];
+pub(crate) const RESERVED_SANDBOX_PATHS: [&str; 5] =
+    ["/proc", "/dev", "/sys", "/tmp", "/workspace"];
 
 pub(crate) fn timeout_text(text: &str) -> Result<Duration, ValueError> {
     timeout(parse_duration(text)?)
@@ -125,7 +126,10 @@ pub(crate) fn nofile(n: i128) -> Result<u64, ValueError> {
 pub(crate) fn cpu(cores: f64) -> Result<f64, ValueError> {
     // `contains` is false for NaN, so NaN is refused too.
     if !(MIN_CPU..=MAX_CPU).contains(&cores) {
-        return Err(range(format!("between {MIN_CPU} and {MAX_CPU} cores"), cores));
+        return Err(range(
+            format!("between {MIN_CPU} and {MAX_CPU} cores"),
+            cores,
+        ));
     }
     Ok(cores)
 }
@@ -162,7 +166,9 @@ pub(crate) fn hostname(name: &str) -> Result<String, ValueError> {
         || !name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-        || name.split('.').any(|label| label.is_empty() || label.starts_with('-') || label.ends_with('-'))
+        || name
+            .split('.')
+            .any(|label| label.is_empty() || label.starts_with('-') || label.ends_with('-'))
     {
         return Err(bad());
     }
@@ -204,7 +210,9 @@ fn clean_path(text: &str, what: &str, absolute: bool) -> Result<PathBuf, ValueEr
         return Err(ValueError::Other(format!("{what} cannot be empty")));
     }
     if text.contains('\0') {
-        return Err(ValueError::Other(format!("{what} cannot contain a NUL character")));
+        return Err(ValueError::Other(format!(
+            "{what} cannot contain a NUL character"
+        )));
     }
     let path = PathBuf::from(text);
     if absolute && !path.is_absolute() {
@@ -224,7 +232,9 @@ fn clean_path(text: &str, what: &str, absolute: bool) -> Result<PathBuf, ValueEr
 
 pub(crate) fn workspace(text: &str) -> Result<PathBuf, ValueError> {
     if text.is_empty() {
-        return Err(ValueError::Other("the workspace path cannot be empty".to_owned()));
+        return Err(ValueError::Other(
+            "the workspace path cannot be empty".to_owned(),
+        ));
     }
     if text.contains('\0') {
         return Err(ValueError::Other(
@@ -245,7 +255,10 @@ fn is_at_or_under(path: &Path, root: &Path) -> bool {
 
 pub(crate) fn mount_path(text: &str) -> Result<PathBuf, ValueError> {
     let path = clean_path(text, "the sandbox path", /*absolute*/ true)?;
-    if path.components().all(|c| matches!(c, Component::RootDir | Component::CurDir)) {
+    if path
+        .components()
+        .all(|c| matches!(c, Component::RootDir | Component::CurDir))
+    {
         return Err(ValueError::Other(
             "a mount cannot cover the sandbox's root \"/\"".to_owned(),
         ));
@@ -292,7 +305,9 @@ pub(crate) fn mounts_consistent(mounts: &[ExtraMount]) -> Result<(), (usize, Val
 }
 
 fn normalized(path: &Path) -> Vec<Component<'_>> {
-    path.components().filter(|c| *c != Component::CurDir).collect()
+    path.components()
+        .filter(|c| *c != Component::CurDir)
+        .collect()
 }
 
 /// An `allow` entry: parsed, and not one that only names blocked addresses.
@@ -339,8 +354,14 @@ pub(crate) fn policy(p: &Policy) -> Result<(), PolicyError> {
         at(&format!("sandbox.env.{name}"), env_value(value))?;
     }
     for (i, m) in s.mounts.iter().enumerate() {
-        at(&format!("sandbox.mounts[{i}].host"), utf8(&m.host).and_then(mount_host))?;
-        at(&format!("sandbox.mounts[{i}].path"), utf8(&m.path).and_then(mount_path))?;
+        at(
+            &format!("sandbox.mounts[{i}].host"),
+            utf8(&m.host).and_then(mount_host),
+        )?;
+        at(
+            &format!("sandbox.mounts[{i}].path"),
+            utf8(&m.path).and_then(mount_path),
+        )?;
     }
     mounts_consistent(&s.mounts).map_err(|(i, e)| PolicyError::Invalid {
         at: Location::nowhere(),
@@ -362,15 +383,24 @@ pub(crate) fn policy(p: &Policy) -> Result<(), PolicyError> {
         at(&format!("network.allow[{i}]"), allow_entry(entry.raw()))?;
     }
     for (i, entry) in n.allow_private.iter().enumerate() {
-        at(&format!("network.allow_private[{i}]"), allow_private_entry(entry.raw()))?;
+        at(
+            &format!("network.allow_private[{i}]"),
+            allow_private_entry(entry.raw()),
+        )?;
     }
     let r = &n.rate;
-    at("network.rate.requests_per_minute", rate(i128::from(r.requests_per_minute)))?;
+    at(
+        "network.rate.requests_per_minute",
+        rate(i128::from(r.requests_per_minute)),
+    )?;
     at(
         "network.rate.requests_per_minute_per_host",
         rate(i128::from(r.requests_per_minute_per_host)),
     )?;
-    at("network.rate.max_connections", rate(i128::from(r.max_connections)))?;
+    at(
+        "network.rate.max_connections",
+        rate(i128::from(r.max_connections)),
+    )?;
     at("network.rate.max_bytes_out", traffic(r.max_bytes_out))?;
     at("network.rate.max_bytes_in", traffic(r.max_bytes_in))?;
     Ok(())
@@ -402,8 +432,20 @@ mod tests {
     #[test]
     fn mount_paths_over_what_cordon_builds_are_refused() {
         for bad in [
-            "/", "/.", "//", "/proc", "/proc/x", "/dev", "/dev/shm", "/sys/fs", "/tmp", "/tmp/",
-            "/workspace", "/workspace/a", "//proc", "/./proc",
+            "/",
+            "/.",
+            "//",
+            "/proc",
+            "/proc/x",
+            "/dev",
+            "/dev/shm",
+            "/sys/fs",
+            "/tmp",
+            "/tmp/",
+            "/workspace",
+            "/workspace/a",
+            "//proc",
+            "/./proc",
         ] {
             assert!(mount_path(bad).is_err(), "{bad}");
         }
@@ -432,8 +474,18 @@ mod tests {
     fn duplicate_and_misordered_mounts_are_found() {
         assert_eq!(mounts_consistent(&[mount("/a"), mount("/b")]), Ok(()));
         assert_eq!(mounts_consistent(&[mount("/a"), mount("/a/b")]), Ok(()));
-        assert_eq!(mounts_consistent(&[mount("/a"), mount("/a/")]).unwrap_err().0, 1);
-        assert_eq!(mounts_consistent(&[mount("/a/b"), mount("/c"), mount("/a")]).unwrap_err().0, 2);
+        assert_eq!(
+            mounts_consistent(&[mount("/a"), mount("/a/")])
+                .unwrap_err()
+                .0,
+            1
+        );
+        assert_eq!(
+            mounts_consistent(&[mount("/a/b"), mount("/c"), mount("/a")])
+                .unwrap_err()
+                .0,
+            2
+        );
     }
 
     #[test]

@@ -51,7 +51,10 @@ const fn v6(name: &'static str, segments: [u16; 8], prefix: u8) -> BlockedRange 
     let [a, b, c, d, e, f, g, h] = segments;
     BlockedRange {
         name,
-        net: IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::new(a, b, c, d, e, f, g, h), prefix)),
+        net: IpNet::V6(Ipv6Net::new_assert(
+            Ipv6Addr::new(a, b, c, d, e, f, g, h),
+            prefix,
+        )),
     }
 }
 
@@ -219,7 +222,10 @@ mod tests {
     #[test]
     fn covering_range_is_found_only_for_cidrs_wholly_inside_one() {
         let net: IpNet = "10.1.0.0/16".parse().unwrap();
-        assert_eq!(blocked_range_covering(&net).map(|r| r.name), Some("private"));
+        assert_eq!(
+            blocked_range_covering(&net).map(|r| r.name),
+            Some("private")
+        );
         let net: IpNet = "0.0.0.0/0".parse().unwrap();
         assert_eq!(blocked_range_covering(&net), None);
         let net: IpNet = "8.8.8.0/24".parse().unwrap();

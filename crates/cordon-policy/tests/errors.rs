@@ -1,0 +1,480 @@
+//! Every kind of bad policy input gets one clear line: file:line:col: key: what is wrong.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use cordon_policy::{Overrides, Policy, PolicyError};
+
+fn error(text: &str) -> String {
+    Policy::from_toml_str(text, Some("policy.toml"))
+        .expect_err("the policy should be refused")
+        .to_string()
+}
+
+fn assert_error(text: &str, expected: &str) {
+    assert_eq!(error(text), expected, "policy:\n{text}");
+}
+
+#[test]
+fn a_bad_size_names_file_line_column_and_key() {
+    assert_error(
+        "[sandbox]\n\n[limits]\nmemory = \"12X\"\n",
+        "policy.toml:4:10: limits.memory: \"12X\" is not a size: expected a number with an optional K/M/G/T suffix",
+    );
+}
+
+#[test]
+fn without_a_file_name_the_position_is_spelled_out() {
+    let err = Policy::from_toml_str("[limits]\npids = 0\n", None).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "line 2, column 8: limits.pids: must be between 1 and 4194304, got 0"
+    );
+    assert_eq!(
+        (err.line(), err.column(), err.key()),
+        (Some(2), Some(8), Some("limits.pids"))
+    );
+}
+
+#[test]
+fn unknown_keys_are_errors_that_name_their_table() {
+    let err = Policy::from_toml_str("[limits]\nmemroy = \"1G\"\n", Some("p.toml")).unwrap_err();
+    assert!(matches!(err, PolicyError::Syntax { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("p.toml:2:1: limits: unknown key `memroy`, expected one of `memory`"),
+        "{text}"
+    );
+    assert!(
+        error("[sandbox.mounts]\n").starts_with("policy.toml:1:"),
+        "{}",
+        error("[sandbox.mounts]\n")
+    );
+    assert!(
+        error("[sandboxx]\ntimeout = \"1s\"\n")
+            .starts_with("policy.toml:1:2: unknown key `sandboxx`"),
+        "{}",
+        error("[sandboxx]\n")
+    );
+    assert!(error("[network.rate]\nrpm = 5\n")
+        .starts_with("policy.toml:2:1: network.rate: unknown key `rpm`"));
+    assert!(
+        error("[[sandbox.mounts]]\nhost = \"/a\"\npath = \"/b\"\nrw = true\n")
+            .starts_with("policy.toml:4:1: sandbox.mounts[0]: unknown key `rw`")
+    );
+}
+
+#[test]
+fn a_table_of_the_wrong_type_is_an_error() {
+    assert_error(
+        "limits = 5\n",
+        "policy.toml:1:10: limits: invalid type: integer `5`, expected a [limits] table",
+    );
+}
+
+#[test]
+fn broken_toml_is_an_error_with_a_position() {
+    let err = Policy::from_toml_str("[limits]\nmemory = \n", Some("policy.toml")).unwrap_err();
+    assert!(matches!(err, PolicyError::Syntax { .. }));
+    assert_eq!(err.line(), Some(2));
+    let err =
+        Policy::from_toml_str("[limits]\npids = 1\npids = 2\n", Some("policy.toml")).unwrap_err();
+    assert_eq!(err.line(), Some(3), "{err}");
+}
+
+#[test]
+fn credentials_are_refused_not_ignored() {
+    assert_error(
+        "[sandbox]\ntimeout = \"5s\"\n\n[[credentials]]\nname = \"github\"\nhost = \"api.github.com\"\n",
+        "policy.toml:4:1: credentials are not supported by this version of cordon",
+    );
+}
+
+#[test]
+fn wrong_value_types_say_what_was_expected() {
+    assert_error(
+        "[limits]\npids = \"64\"\n",
+        "policy.toml:2:8: limits.pids: expected an integer, found a string",
+    );
+    assert_error(
+        "[limits]\nmemory = true\n",
+        "policy.toml:2:10: limits.memory: expected a size like \"512M\", found a boolean",
+    );
+    assert_error(
+        "[sandbox]\ntimeout = 60\n",
+        "policy.toml:2:11: sandbox.timeout: expected a duration like \"60s\", found an integer",
+    );
+    assert_error(
+        "[sandbox]\ntty = \"yes\"\n",
+        "policy.toml:2:7: sandbox.tty: expected true or false, found a string",
+    );
+    assert_error(
+        "[network]\nallow = [\"a.com\", 443]\n",
+        "policy.toml:2:19: network.allow[1]: expected an allow entry like \"api.github.com:443\", found an integer",
+    );
+    assert!(error("[network]\nallow = \"a.com\"\n")
+        .starts_with("policy.toml:2:9: network.allow: invalid type"));
+}
+
+#[test]
+fn bad_durations_are_errors() {
+    assert_error(
+        "[sandbox]\ntimeout = \"60\"\n",
+        "policy.toml:2:11: sandbox.timeout: \"60\" is not a duration: expected numbers with units (h, m, s, ms), like \"500ms\", \"60s\" or \"1h30m\"",
+    );
+    assert_error(
+        "[sandbox]\ntimeout = \"0s\"\n",
+        "policy.toml:2:11: sandbox.timeout: must be more than 0 and at most 24h, got 0s",
+    );
+    assert_error(
+        "[sandbox]\ntimeout = \"25h\"\n",
+        "policy.toml:2:11: sandbox.timeout: must be more than 0 and at most 24h, got 25h",
+    );
+}
+
+#[test]
+fn impossible_limits_are_errors() {
+    assert_error(
+        "[limits]\ncpu = -1\n",
+        "policy.toml:2:7: limits.cpu: must be between 0.01 and 1024 cores, got -1",
+    );
+    assert_error(
+        "[limits]\ncpu = 0.0\n",
+        "policy.toml:2:7: limits.cpu: must be between 0.01 and 1024 cores, got 0",
+    );
+    assert_error(
+        "[limits]\ncpu = nan\n",
+        "policy.toml:2:7: limits.cpu: must be between 0.01 and 1024 cores, got NaN",
+    );
+    assert_error(
+        "[limits]\nmemory = \"8M\"\n",
+        "policy.toml:2:10: limits.memory: must be at least 16M, got 8M",
+    );
+    assert_error(
+        "[limits]\nnofile = 15\n",
+        "policy.toml:2:10: limits.nofile: must be between 16 and 1048576, got 15",
+    );
+    assert_error(
+        "[limits]\npids = -3\n",
+        "policy.toml:2:8: limits.pids: must be between 1 and 4194304, got -3",
+    );
+    assert_error(
+        "[limits]\ntmp = 0\n",
+        "policy.toml:2:7: limits.tmp: must be at least 1M, got 0",
+    );
+    assert_error(
+        "[limits]\nworkspace = -1\n",
+        "policy.toml:2:13: limits.workspace: must be a size of 0 bytes or more, got -1",
+    );
+    assert_error(
+        "[network.rate]\nrequests_per_minute = 0\n",
+        "policy.toml:2:23: network.rate.requests_per_minute: must be between 1 and 4294967295, got 0",
+    );
+    assert_error(
+        "[network.rate]\nmax_bytes_out = \"0\"\n",
+        "policy.toml:2:17: network.rate.max_bytes_out: must be at least 1 byte (there is no \"unlimited\"), got 0",
+    );
+    assert_error(
+        "[response]\nterminate_after_blocked = -1\n",
+        "policy.toml:2:27: response.terminate_after_blocked: must be between 0 and 4294967295, got -1",
+    );
+}
+
+#[test]
+fn host_root_and_minus_one_ids_are_refused() {
+    assert_error(
+        "[sandbox]\nhost_uid = 0\n",
+        "policy.toml:2:12: sandbox.host_uid: must not be 0: the sandbox is never host root",
+    );
+    assert_error(
+        "[sandbox]\nhost_gid = 4294967295\n",
+        "policy.toml:2:12: sandbox.host_gid: must be between 1 and 4294967294, got 4294967295",
+    );
+}
+
+#[test]
+fn unknown_choices_list_the_allowed_ones() {
+    assert_error(
+        "[sandbox]\nnetwork = \"host\"\n",
+        "policy.toml:2:11: sandbox.network: \"host\" is not one of: none, gateway",
+    );
+    assert_error(
+        "[sandbox]\nallow_missing = [\"seccomp\", \"apparmor\"]\n",
+        "policy.toml:2:29: sandbox.allow_missing[1]: \"apparmor\" is not one of: landlock, seccomp, cgroups, workspace_cap",
+    );
+    assert_error(
+        "[network]\nmode = \"audit\"\n",
+        "policy.toml:2:8: network.mode: \"audit\" is not one of: enforce, report",
+    );
+    assert_error(
+        "[network.rate]\non_exceed = \"kill\"\n",
+        "policy.toml:2:13: network.rate.on_exceed: \"kill\" is not one of: block, terminate",
+    );
+}
+
+#[test]
+fn bad_mounts_are_errors_at_the_mount() {
+    assert_error(
+        "[[sandbox.mounts]]\nhost = \"/opt\"\npath = \"/proc/x\"\n",
+        "policy.toml:3:8: sandbox.mounts[0].path: \"/proc/x\" is at or under /proc, which cordon sets up itself",
+    );
+    assert_error(
+        "[[sandbox.mounts]]\nhost = \"/opt\"\npath = \"data\"\n",
+        "policy.toml:3:8: sandbox.mounts[0].path: the sandbox path \"data\" must be an absolute path",
+    );
+    assert_error(
+        "[[sandbox.mounts]]\nhost = \"opt\"\npath = \"/data\"\n",
+        "policy.toml:2:8: sandbox.mounts[0].host: the host path \"opt\" must be an absolute path",
+    );
+    assert_error(
+        "[[sandbox.mounts]]\nhost = \"/opt\"\npath = \"/\"\n",
+        "policy.toml:3:8: sandbox.mounts[0].path: a mount cannot cover the sandbox's root \"/\"",
+    );
+    assert_error(
+        "[[sandbox.mounts]]\nhost = \"/opt\"\npath = \"/data/../workspace\"\n",
+        "policy.toml:3:8: sandbox.mounts[0].path: the sandbox path \"/data/../workspace\" must not contain \"..\"",
+    );
+    assert_error(
+        "[[sandbox.mounts]]\nhost = \"/opt\"\n",
+        "policy.toml:1:1: sandbox.mounts[0]: missing \"path\"",
+    );
+    assert_error(
+        "[[sandbox.mounts]]\nhost = \"/a\"\npath = \"/data\"\n[[sandbox.mounts]]\nhost = \"/b\"\npath = \"/data/\"\n",
+        "policy.toml:6:8: sandbox.mounts[1].path: \"/data/\" is already mounted by sandbox.mounts[0]",
+    );
+    assert_error(
+        "[[sandbox.mounts]]\nhost = \"/a\"\npath = \"/data/x\"\n[[sandbox.mounts]]\nhost = \"/b\"\npath = \"/data\"\n",
+        "policy.toml:6:8: sandbox.mounts[1].path: \"/data\" is mounted after sandbox.mounts[0] (\"/data/x\"), which is inside it and would be hidden; list it first",
+    );
+}
+
+#[test]
+fn bad_environment_entries_are_errors() {
+    assert_error(
+        "[sandbox]\nenv = { HOME = \"/root\" }\n",
+        "policy.toml:2:9: sandbox.env: HOME cannot be set: it is always /workspace",
+    );
+    assert_error(
+        "[sandbox.env]\n\"1X\" = \"a\"\n",
+        "policy.toml:2:1: sandbox.env: \"1X\" is not a valid environment variable name: use letters, digits and '_', not starting with a digit",
+    );
+    assert_error(
+        "[sandbox.env]\nX = \"a\\u0000b\"\n",
+        "policy.toml:2:5: sandbox.env.X: an environment value cannot contain a NUL character",
+    );
+    assert_error(
+        "[sandbox.env]\nX = 1\n",
+        "policy.toml:2:5: sandbox.env.X: expected a string, found an integer",
+    );
+}
+
+#[test]
+fn bad_allow_entries_are_errors_at_the_entry() {
+    assert_error(
+        "[network]\nallow = [\n  \"api.github.com\",\n  \"api.github.com:99999\",\n]\n",
+        "policy.toml:4:3: network.allow[1]: \"api.github.com:99999\": \"99999\" is not a port: expected 1-65535 or *",
+    );
+    assert_error(
+        "[network]\nallow = [\"*.com\"]\n",
+        "policy.toml:2:10: network.allow[0]: \"*.com\": a wildcard must leave at least two labels (\"*.example.com\", not \"*.com\")",
+    );
+    assert_error(
+        "[network]\nallow = [\"2852039166:80\"]\n",
+        "policy.toml:2:10: network.allow[0]: \"2852039166:80\": write an IPv4 address as four decimal numbers, like 169.254.169.254",
+    );
+    assert_error(
+        "[network]\nallow = [\"10.0.0.5:8080\"]\n",
+        "policy.toml:2:10: network.allow[0]: \"10.0.0.5:8080\" is in a blocked range (private 10.0.0.0/8), so the gateway would never connect to it; list it in network.allow_private to reach it",
+    );
+    assert_error(
+        "[network]\nallow_private = [\"10.0.0.0/8:x\"]\n",
+        "policy.toml:2:18: network.allow_private[0]: \"10.0.0.0/8:x\": \"x\" is not a port: expected 1-65535 or *",
+    );
+}
+
+#[test]
+fn bad_hostname_and_workspace_are_errors() {
+    assert_error(
+        "[sandbox]\nhostname = \"a b\"\n",
+        "policy.toml:2:12: sandbox.hostname: \"a b\" is not a valid hostname: use letters, digits, '-' and '.', at most 64 characters",
+    );
+    assert_error(
+        "[sandbox]\nworkspace = \"\"\n",
+        "policy.toml:2:13: sandbox.workspace: the workspace path cannot be empty",
+    );
+}
+
+#[test]
+fn columns_count_characters_not_bytes() {
+    assert_error(
+        "# ünïcödé\n[limits] # é\npids = 0 # ✓\n",
+        "policy.toml:3:8: limits.pids: must be between 1 and 4194304, got 0",
+    );
+    assert_error(
+        "[sandbox.env]\nA = \"é\"\nB = { x = 1 }\n",
+        "policy.toml:3:5: sandbox.env.B: expected a string, found a table",
+    );
+}
+
+#[test]
+fn errors_never_echo_control_characters_or_unbounded_text() {
+    let text = format!("[limits]\nmemory = \"\\u001b[31m{}\"\n", "9".repeat(10_000));
+    let message = error(&text);
+    assert!(!message.contains('\u{1b}'), "{message}");
+    assert!(message.len() < 300, "{} bytes", message.len());
+}
+
+#[test]
+fn override_errors_name_the_flag_and_change_nothing() {
+    let mut policy = Policy::default();
+    let before = policy.clone();
+    let cases: Vec<(Overrides, &str)> = vec![
+        (
+            Overrides {
+                memory: Some("12X".into()),
+                ..Overrides::default()
+            },
+            "--memory: \"12X\" is not a size: expected a number with an optional K/M/G/T suffix",
+        ),
+        (
+            Overrides {
+                pids: Some(0),
+                timeout: Some("10s".into()),
+                ..Overrides::default()
+            },
+            "--pids: must be between 1 and 4194304, got 0",
+        ),
+        (
+            Overrides {
+                timeout: Some("10".into()),
+                ..Overrides::default()
+            },
+            "--timeout: \"10\" is not a duration: expected numbers with units (h, m, s, ms), like \"500ms\", \"60s\" or \"1h30m\"",
+        ),
+        (
+            Overrides {
+                cpu: Some(f64::NAN),
+                ..Overrides::default()
+            },
+            "--cpu: must be between 0.01 and 1024 cores, got NaN",
+        ),
+        (
+            Overrides {
+                host_uid: Some(0),
+                ..Overrides::default()
+            },
+            "--host-uid: must not be 0: the sandbox is never host root",
+        ),
+        (
+            Overrides {
+                allow: vec!["api.github.com".into(), "bad host".into()],
+                ..Overrides::default()
+            },
+            "--allow: \"bad host\": whitespace and control characters are not allowed",
+        ),
+        (
+            Overrides {
+                env: vec!["NOEQUALS".into()],
+                ..Overrides::default()
+            },
+            "--env: \"NOEQUALS\" must be NAME=VALUE",
+        ),
+        (
+            Overrides {
+                env: vec!["HOME=/root".into()],
+                ..Overrides::default()
+            },
+            "--env: HOME cannot be set: it is always /workspace",
+        ),
+        (
+            Overrides {
+                allow_missing: vec!["selinux".into()],
+                ..Overrides::default()
+            },
+            "--allow-missing: \"selinux\" is not one of: landlock, seccomp, cgroups, workspace_cap",
+        ),
+        (
+            Overrides {
+                network: Some("host".into()),
+                ..Overrides::default()
+            },
+            "--network: \"host\" is not one of: none, gateway",
+        ),
+        (
+            Overrides {
+                mode: Some("shadow".into()),
+                ..Overrides::default()
+            },
+            "--mode: \"shadow\" is not one of: enforce, report",
+        ),
+        (
+            Overrides {
+                allow: vec!["api.github.com".into()],
+                network: Some("none".into()),
+                ..Overrides::default()
+            },
+            "--allow: the network is off (sandbox.network = \"none\"); add --network gateway to use the allowlist",
+        ),
+        (
+            Overrides {
+                workspace_size: Some("0".into()),
+                ..Overrides::default()
+            },
+            "--workspace-size: must be at least 1M, got 0",
+        ),
+        (
+            Overrides {
+                file_size: Some("1".into()),
+                ..Overrides::default()
+            },
+            "--file-size: must be at least 1K, got 1",
+        ),
+        (
+            Overrides {
+                tmp: Some("1T1".into()),
+                ..Overrides::default()
+            },
+            "--tmp: \"1T1\" is not a size: expected a number with an optional K/M/G/T suffix",
+        ),
+        (
+            Overrides {
+                nofile: Some(2_000_000),
+                ..Overrides::default()
+            },
+            "--nofile: must be between 16 and 1048576, got 2000000",
+        ),
+    ];
+    for (overrides, expected) in cases {
+        let err = policy.apply(&overrides).unwrap_err();
+        assert_eq!(err.to_string(), expected);
+        assert_eq!(policy, before, "a failed apply changed the policy");
+    }
+}
+
+#[test]
+fn a_non_utf8_workspace_flag_is_refused() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let mut policy = Policy::default();
+    let overrides = Overrides {
+        workspace: Some(OsStr::from_bytes(b"/tmp/\xff").into()),
+        ..Overrides::default()
+    };
+    let err = policy.apply(&overrides).unwrap_err();
+    assert!(err.to_string().starts_with("--workspace: "), "{err}");
+    assert!(err.to_string().ends_with("is not valid UTF-8"), "{err}");
+}
+
+#[test]
+fn validate_catches_bad_values_built_in_code() {
+    let mut policy = Policy::default();
+    policy.limits.pids = 0;
+    assert_eq!(
+        policy.validate().unwrap_err().to_string(),
+        "limits.pids: must be between 1 and 4194304, got 0"
+    );
+    let mut policy = Policy::default();
+    policy.sandbox.host_uid = 0;
+    assert_eq!(
+        policy.validate().unwrap_err().key(),
+        Some("sandbox.host_uid")
+    );
+}
