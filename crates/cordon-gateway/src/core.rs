@@ -1,0 +1,147 @@
+//! The gateway's shared state while it serves: sessions, the synthetic map, the resolver, the
+//! event sink and the terminate channel, and the one function every path reports through.
+//!
+//! Guarantees:
+//! - Every event goes through [`Ctx::emit`], which counts it in the stats, hands it to the sink,
+//!   and applies `terminate_after_blocked`; no path writes to the sink directly.
+//! - A [`TerminateRequest`] is sent at most once per session.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::budget::{ByteDirection, Limit};
+use crate::config::{OnExceedAction, Timeouts};
+use crate::event::{EventKind, EventSink, NetEvent, Verdict, Via};
+use crate::policy::PolicyView;
+use crate::resolve::Resolve;
+use crate::session::Session;
+use crate::stats::StatsCounters;
+use crate::synthetic::SyntheticMap;
+use crate::tokens::Attribution;
+
+/// Asks the supervisor to end a session (its sandbox is killed; the gateway keeps serving).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TerminateRequest {
+    pub session: crate::event::SessionInfo,
+    pub reason: String,
+}
+
+/// State that lives as long as the [`crate::Gateway`].
+pub(crate) struct Shared {
+    pub policy: PolicyView,
+    pub timeouts: Timeouts,
+    pub synthetic: SyntheticMap,
+    pub resolver: Arc<dyn Resolve>,
+    pub original_dst: Arc<dyn crate::origdst::OriginalDst>,
+    pub attribution: Attribution,
+    pub stats: StatsCounters,
+    pub terminate_tx: mpsc::UnboundedSender<TerminateRequest>,
+}
+
+/// State for one `serve` call: the shared state plus the sink and the cancellation token.
+pub(crate) struct Ctx {
+    pub shared: Arc<Shared>,
+    pub sink: Arc<dyn EventSink>,
+    pub cancel: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+/// Where a budget was hit, for the event.
+#[derive(Debug, Clone)]
+pub(crate) struct BudgetHit {
+    pub via: Via,
+    pub host: Option<String>,
+    pub ip: Option<IpAddr>,
+    pub port: Option<u16>,
+}
+
+impl Ctx {
+    pub fn policy(&self) -> &PolicyView {
+        &self.shared.policy
+    }
+
+    /// Records `e`: stats, sink, and the blocked-attempt counter of `session`.
+    pub fn emit(&self, session: &Session, e: NetEvent) {
+        self.shared.stats.count(&e);
+        // DNS refusals are audited but not counted toward terminate_after_blocked: resolvers ask
+        // A and AAAA (and retry) for one attempt, so the count would mean nothing.
+        let counts_toward_terminate = e.verdict == Verdict::Block && e.via != Via::Dns;
+        self.sink.record(e);
+        if counts_toward_terminate {
+            let n = session.note_blocked();
+            if let Some(max) = self.shared.policy.terminate_after_blocked() {
+                if n >= u64::from(max) {
+                    self.terminate(
+                        session,
+                        format!("{n} blocked network attempts (terminate_after_blocked = {max})"),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Records an event that belongs to no session (a request without a valid proxy token).
+    pub fn emit_unattributed(&self, e: NetEvent) {
+        self.shared.stats.count(&e);
+        self.sink.record(e);
+    }
+
+    /// Sends a terminate request for `session` unless one was already sent.
+    pub fn terminate(&self, session: &Session, reason: String) {
+        if session.claim_terminate() {
+            tracing::warn!(session = %session.info.id, %reason, "asking the supervisor to terminate the session");
+            // The receiver may be gone (nobody listens, e.g. standalone benchmarks); the
+            // request is also visible in the audit as the event that caused it.
+            let _ = self.shared.terminate_tx.send(TerminateRequest {
+                session: session.info.clone(),
+                reason,
+            });
+        }
+    }
+
+    /// Records a refused (or, in report mode, would-be-refused) attempt because of `limit`, and
+    /// asks for termination if the policy says so.
+    pub fn budget_refused(&self, session: &Session, limit: &Limit, hit: &BudgetHit, report: bool) {
+        let verdict = if report {
+            Verdict::ReportWouldBlock
+        } else {
+            Verdict::Block
+        };
+        let mut e = NetEvent::new(EventKind::BudgetExhausted, &session.info, hit.via, verdict);
+        e.host = hit.host.clone();
+        e.ip = hit.ip;
+        e.port = hit.port;
+        e.rule = limit.rule().to_owned();
+        e.reason = Some(limit.reason(hit.host.as_deref()));
+        self.emit(session, e);
+        if !report && self.shared.policy.on_exceed() == OnExceedAction::Terminate {
+            self.terminate(session, format!("budget exceeded: {}", limit.rule()));
+        }
+    }
+
+    /// Called by a metered stream the moment a byte budget runs out mid-transfer.
+    pub fn budget_exhausted_mid_stream(
+        &self,
+        session: &Session,
+        hit: &BudgetHit,
+        direction: ByteDirection,
+        report: bool,
+    ) {
+        let limits = session.budget.limits();
+        let limit = match direction {
+            ByteDirection::Out => Limit::BytesOut(limits.max_bytes_out.unwrap_or(0)),
+            ByteDirection::In => Limit::BytesIn(limits.max_bytes_in.unwrap_or(0)),
+        };
+        self.budget_refused(session, &limit, hit, report);
+    }
+}
+
+/// Milliseconds since `start`, saturating.
+pub(crate) fn elapsed_ms(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,241 @@
+//! The sandbox's DNS server (UDP and TCP).
+//!
+//! Guarantees:
+//! - It never forwards a query anywhere: names the policy allows (on some port) get a synthetic
+//!   address from 198.18.0.0/15 for A and an empty NOERROR (NODATA) for AAAA (the sandbox has no
+//!   IPv6); every other name gets NXDOMAIN. So a name carrying data (`<secret>.evil.com`) reaches
+//!   no nameserver, and there is no real address to rebind.
+//! - Query types other than A/AAAA get REFUSED, opcodes other than QUERY get NOTIMP, queries with
+//!   zero or several questions get FORMERR, undecodable messages get FORMERR when their id can be
+//!   read and are dropped otherwise.
+//! - Every query that names a host produces exactly one `DnsQuery` event.
+//! - The answer logic is a pure function ([`answer`]) of the query bytes, the policy and the
+//!   synthetic map; the servers around it only move bytes.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use cordon_policy::host::HostName;
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+
+use crate::core::Ctx;
+use crate::event::{EventKind, NetEvent, Verdict, Via};
+use crate::policy::{PolicyView, Verdicted};
+use crate::session::Session;
+use crate::synthetic::SyntheticMap;
+
+/// TTL of synthetic answers. The mapping holds for the whole session, so a long TTL is safe.
+const SYNTHETIC_TTL: u32 = 300;
+/// DNS-over-TCP connections served at once.
+const MAX_TCP_CLIENTS: usize = 64;
+
+/// What the DNS server decided for one query (the event, minus attribution).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DnsOutcome {
+    pub name: String,
+    pub qtype: RecordType,
+    pub verdict: Verdict,
+    pub rule: String,
+    pub reason: Option<String>,
+    pub answer: Option<IpAddr>,
+}
+
+/// Builds the response to the query in `bytes`. `None` means drop (not even an id to answer).
+pub(crate) fn answer(
+    bytes: &[u8],
+    policy: &PolicyView,
+    synthetic: &SyntheticMap,
+) -> (Option<Vec<u8>>, Option<DnsOutcome>) {
+    let query = match Message::from_vec(bytes) {
+        Ok(q) => q,
+        Err(_) => {
+            // Answer FORMERR if the header at least has an id.
+            if bytes.len() >= 2 {
+                let id = u16::from_be_bytes([bytes[0], bytes[1]]);
+                let msg = Message::error_msg(id, OpCode::Query, ResponseCode::FormErr);
+                return (msg.to_vec().ok(), None);
+            }
+            return (None, None);
+        }
+    };
+    if query.metadata.message_type != MessageType::Query {
+        return (None, None);
+    }
+    let mut resp = Message::response(query.metadata.id, query.metadata.op_code);
+    resp.metadata.recursion_desired = query.metadata.recursion_desired;
+    resp.metadata.recursion_available = true;
+    if query.edns.is_some() {
+        let mut edns = Edns::new();
+        edns.set_max_payload(1232);
+        resp.set_edns(edns);
+    }
+    if query.metadata.op_code != OpCode::Query {
+        resp.metadata.response_code = ResponseCode::NotImp;
+        return (resp.to_vec().ok(), None);
+    }
+    let [question] = query.queries.as_slice() else {
+        resp.metadata.response_code = ResponseCode::FormErr;
+        return (resp.to_vec().ok(), None);
+    };
+    resp.add_query(question.clone());
+    let qtype = question.query_type;
+    let shown = question.name.to_ascii();
+    let shown = shown.strip_suffix('.').unwrap_or(&shown).to_owned();
+    let mut outcome = DnsOutcome {
+        name: shown.clone(),
+        qtype,
+        verdict: Verdict::Block,
+        rule: String::new(),
+        reason: None,
+        answer: None,
+    };
+
+    let name = match HostName::parse(&shown) {
+        Ok(n) => n,
+        Err(e) => {
+            resp.metadata.response_code = ResponseCode::NXDomain;
+            outcome.rule = "dns:invalid-name".into();
+            outcome.reason = Some(e.to_string());
+            return (resp.to_vec().ok(), Some(outcome));
+        }
+    };
+    outcome.name = name.to_string();
+    let v: Verdicted = policy.decide_dns_name(&name);
+    outcome.rule = v.rule.clone();
+    outcome.reason = v.reason.clone();
+    outcome.verdict = v.verdict;
+    if v.verdict == Verdict::Block {
+        resp.metadata.response_code = ResponseCode::NXDomain;
+        return (resp.to_vec().ok(), Some(outcome));
+    }
+    match qtype {
+        RecordType::A => match synthetic.assign(&name) {
+            Ok(ip) => {
+                outcome.answer = Some(IpAddr::V4(ip));
+                resp.add_answer(Record::from_rdata(
+                    question.name.clone(),
+                    SYNTHETIC_TTL,
+                    RData::A(A(ip)),
+                ));
+            }
+            Err(e) => {
+                resp.metadata.response_code = ResponseCode::ServFail;
+                outcome.verdict = Verdict::Block;
+                outcome.rule = "dns:synthetic-exhausted".into();
+                outcome.reason = Some(e.to_string());
+            }
+        },
+        // NODATA: the name exists (for this sandbox) but has no IPv6 address.
+        RecordType::AAAA => {}
+        other => {
+            resp.metadata.response_code = ResponseCode::Refused;
+            outcome.verdict = Verdict::Block;
+            outcome.rule = "dns:qtype".into();
+            outcome.reason = Some(format!("query type {other} is not answered"));
+        }
+    }
+    (resp.to_vec().ok(), Some(outcome))
+}
+
+fn emit(ctx: &Ctx, session: &Session, o: DnsOutcome) {
+    let mut e = NetEvent::new(EventKind::DnsQuery, &session.info, Via::Dns, o.verdict);
+    e.host = Some(o.name);
+    e.ip = o.answer;
+    e.method = Some(o.qtype.to_string());
+    e.rule = o.rule;
+    e.reason = o.reason;
+    ctx.emit(session, e);
+}
+
+fn handle(ctx: &Ctx, session: &Session, bytes: &[u8]) -> Option<Vec<u8>> {
+    let (resp, outcome) = answer(bytes, &ctx.shared.policy, &ctx.shared.synthetic);
+    if let Some(o) = outcome {
+        emit(ctx, session, o);
+    }
+    resp
+}
+
+pub(crate) async fn serve_udp(ctx: Arc<Ctx>, session: Arc<Session>, socket: UdpSocket) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, peer) = tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(error = %e, "dns udp recv");
+                    continue;
+                }
+            },
+            _ = ctx.cancel.cancelled() => return,
+        };
+        if let Some(resp) = handle(&ctx, &session, &buf[..n]) {
+            // Responses to A/AAAA are far below 512 bytes; no truncation logic is needed.
+            if let Err(e) = socket.send_to(&resp, peer).await {
+                tracing::debug!(error = %e, "dns udp send");
+            }
+        }
+    }
+}
+
+pub(crate) async fn serve_tcp(ctx: Arc<Ctx>, session: Arc<Session>, listener: TcpListener) {
+    let slots = Arc::new(Semaphore::new(MAX_TCP_CLIENTS));
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::debug!(error = %e, "dns tcp accept");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = ctx.cancel.cancelled() => return,
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            // Too many idle DNS connections: drop this one rather than queue it.
+            continue;
+        };
+        let ctx2 = ctx.clone();
+        let session = session.clone();
+        ctx.tasks.spawn(async move {
+            let _permit = permit;
+            tokio::select! {
+                _ = tcp_client(&ctx2, &session, stream) => {}
+                _ = ctx2.cancel.cancelled() => {}
+            }
+        });
+    }
+}
+
+async fn tcp_client(ctx: &Ctx, session: &Session, mut stream: TcpStream) {
+    let idle = ctx.shared.timeouts.dns_tcp_idle;
+    loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(idle, stream.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let len = usize::from(u16::from_be_bytes(len));
+        let mut msg = vec![0u8; len];
+        match tokio::time::timeout(idle, stream.read_exact(&mut msg)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let Some(resp) = handle(ctx, session, &msg) else {
+            return;
+        };
+        let Ok(rlen) = u16::try_from(resp.len()) else {
+            return;
+        };
+        let mut out = rlen.to_be_bytes().to_vec();
+        out.extend_from_slice(&resp);
+        if stream.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
