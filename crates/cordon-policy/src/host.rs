@@ -187,6 +187,7 @@ mod tests {
         assert_eq!(name("xn--bcher-kva.example"), "xn--bcher-kva.example");
         assert_eq!(name("ＥＸＡＭＰＬＥ．com"), "example.com");
         assert_eq!(name("example。com"), "example.com");
+        assert_eq!(name("ａｐｉ.github.com"), "api.github.com");
         // UTS #46 deletes the soft hyphen: the name is the plain one.
         assert_eq!(name("exa\u{ad}mple.com"), "example.com");
     }

@@ -31,6 +31,7 @@ mod rules;
 
 pub use allow::{AllowEntry, AllowError, AllowHost, PortSpec};
 pub use decide::{decide, decide_resolved, Decision, Target};
+pub use duration::{format_duration, parse_duration, DurationError};
 pub use error::{Location, PolicyError};
 pub use host::{HostError, HostName};
 pub use ip::{parse_ip_literal, IpLiteral, IpLiteralError};
@@ -40,7 +41,7 @@ pub use model::{
 };
 pub use overrides::Overrides;
 pub use size::{ByteSize, SizeError};
-pub use ssrf::{blocked_range, BlockedRange};
+pub use ssrf::{blocked_range, BlockedRange, BLOCKED_RANGES};
 
 impl Policy {
     /// Reads a policy from TOML text. `source` names the text in errors (usually its path):

@@ -28,7 +28,7 @@ pub struct Overrides {
     pub cpu: Option<f64>,
     /// `--nofile`.
     pub nofile: Option<u64>,
-    /// `--tmp`, like `"64M"`.
+    /// `--tmp-size`, like `"64M"`.
     pub tmp: Option<String>,
     /// `--workspace-size`, like `"1G"`.
     pub workspace_size: Option<String>,
@@ -85,7 +85,7 @@ pub(crate) fn apply(p: &mut Policy, o: &Overrides) -> Result<(), PolicyError> {
         p.limits.nofile = flag("--nofile", rules::nofile(i128::from(n)))?;
     }
     if let Some(text) = &o.tmp {
-        p.limits.tmp = flag("--tmp", size(text).and_then(rules::disk))?;
+        p.limits.tmp = flag("--tmp-size", size(text).and_then(rules::disk))?;
     }
     if let Some(text) = &o.workspace_size {
         p.limits.workspace = flag("--workspace-size", size(text).and_then(rules::disk))?;

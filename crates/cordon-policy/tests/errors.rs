@@ -432,7 +432,7 @@ fn override_errors_name_the_flag_and_change_nothing() {
                 tmp: Some("1T1".into()),
                 ..Overrides::default()
             },
-            "--tmp: \"1T1\" is not a size: expected a number with an optional K/M/G/T suffix",
+            "--tmp-size: \"1T1\" is not a size: expected a number with an optional K/M/G/T suffix",
         ),
         (
             Overrides {
