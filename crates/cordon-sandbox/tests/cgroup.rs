@@ -110,6 +110,9 @@ impl FakeKernel {
                         .unwrap_or_default()
                 };
                 let has = |c: &str| parent_enabled.split_whitespace().any(|e| e == c);
+                if dir != mount {
+                    files.push(("cgroup.type", "domain\n".into()));
+                }
                 files.push(("cgroup.controllers", parent_enabled.clone()));
                 files.push(("cgroup.subtree_control", String::new()));
                 files.push(("cgroup.kill", String::new()));
@@ -515,6 +518,7 @@ fn systemd_v2_fixture(own_controllers: &str, procs: &str) -> Fixture {
     fx.put(&format!("{SCOPE}/cgroup.controllers"), own_controllers);
     fx.put(&format!("{SCOPE}/cgroup.subtree_control"), "");
     fx.put(&format!("{SCOPE}/cgroup.procs"), procs);
+    fx.put(&format!("{SCOPE}/cgroup.type"), "domain\n");
     fx
 }
 
@@ -965,6 +969,30 @@ fn v2_in_the_root_cgroup_enables_controllers_for_cordon_and_skips_absent_swap_fi
         ]
     );
     assert!(!fx.path("/sys/fs/cgroup/cordon/s1/memory.swap.max").exists());
+}
+
+#[test]
+fn v2_in_a_container_cgroup_namespace_root_is_not_taken_for_the_exempt_root() {
+    // Docker with a private cgroup namespace: "/" is the container's cgroup, which has a
+    // cgroup.type file and holds the container's processes.
+    let fx = root_v2_fixture(FixtureOptions::default());
+    fx.put("/sys/fs/cgroup/cgroup.type", "domain\n");
+    fx.put("/sys/fs/cgroup/cgroup.procs", "1\n");
+    let d = fx.detect();
+    assert_eq!(
+        d.v2.as_ref().unwrap().status,
+        V2Status::OwnCgroupHasProcesses
+    );
+    // cordon as the container's only process (pid 1) moves into a leaf and can go on.
+    let d = relocate_self_with(&*fx.kernel, &d, 1).unwrap();
+    assert_eq!(d.version, Some(CgroupVersion::V2));
+    assert_eq!(
+        fx.read("/sys/fs/cgroup/cordon/_supervisor/cgroup.procs"),
+        "1\n"
+    );
+    let session = fx.create(&d, "s1", &limits());
+    assert_eq!(session.paths(), vec![fx.path("/sys/fs/cgroup/cordon/s1")]);
+    assert_eq!(fx.read("/sys/fs/cgroup/cordon/s1/pids.max"), "64");
 }
 
 #[test]

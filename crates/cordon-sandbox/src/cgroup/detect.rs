@@ -465,9 +465,10 @@ fn detect_v2(
         .filter(|c| !hierarchy.has(*c))
         .collect();
     let all_enabled = REQUIRED_CONTROLLERS.iter().all(|c| enabled.contains(c));
-    // The root cgroup is exempt from the no-internal-processes rule. (A cgroup namespace root
-    // also reads "/" but is not exempt; creation then fails with a clear EBUSY error.)
-    let is_root = base_path == "/";
+    // The real root cgroup is exempt from the no-internal-processes rule. A cgroup namespace
+    // root (a container) also reads "/" but is not exempt; unlike the real root it has a
+    // `cgroup.type` file (kernel 4.14+).
+    let is_root = base_path == "/" && fs.read(&dir.join("cgroup.type")).is_err();
     let status = if !missing.is_empty() {
         V2Status::MissingControllers { missing }
     } else if let Some(path) = not_writable {
