@@ -233,7 +233,8 @@ pub enum CgroupError {
 pub trait SessionCgroup: fmt::Debug + Send + Sync {
     fn version(&self) -> CgroupVersion;
     /// Moves process `pid` (all its threads) into the session in every hierarchy: one `pwrite`
-    /// per hierarchy on descriptors opened by [`create`].
+    /// per hierarchy on descriptors opened by [`create`]. On error the process may already be in
+    /// some hierarchies: kill it rather than let it run half-limited.
     fn add_pid(&self, pid: i32) -> Result<(), CgroupError>;
     /// Reads the session's statistics; missing files give `None` / `false`.
     fn stats(&self) -> CgroupStats;
