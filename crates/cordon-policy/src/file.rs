@@ -162,10 +162,16 @@ impl Cx<'_> {
                 position: None,
             },
         };
-        let message = err
+        let mut message = err
             .message()
             .trim()
             .replacen("unknown field", "unknown key", 1);
+        // The parser points at the repeated key but does not name it.
+        if message == "duplicate key" {
+            if let Some(name) = span.as_ref().and_then(|s| self.text.get(s.clone())) {
+                message = format!("duplicate key {}", crate::error::quoted(name.trim()));
+            }
+        }
         let key = span.and_then(|span| key_path_at(self.text, &span));
         PolicyError::Syntax { at, key, message }
     }

@@ -75,9 +75,10 @@ fn broken_toml_is_an_error_with_a_position() {
     let err = Policy::from_toml_str("[limits]\nmemory = \n", Some("policy.toml")).unwrap_err();
     assert!(matches!(err, PolicyError::Syntax { .. }));
     assert_eq!(err.line(), Some(2));
-    let err =
-        Policy::from_toml_str("[limits]\npids = 1\npids = 2\n", Some("policy.toml")).unwrap_err();
-    assert_eq!(err.line(), Some(3), "{err}");
+    assert_error(
+        "[limits]\npids = 1\npids = 2\n",
+        "policy.toml:3:1: duplicate key \"pids\"",
+    );
 }
 
 #[test]
