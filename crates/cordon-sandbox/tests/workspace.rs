@@ -1,0 +1,923 @@
+//! Workspace volumes: the cap ends in ENOSPC, copy-in and commit never follow a symlink, and
+//! nothing (mount, loop device, image) outlives a session, even a SIGKILLed one.
+//!
+//! Tests that need root (loop devices, ext4 mounts) print `SKIPPED` and return when not root.
+//! The tree-copy tests run as any user on plain directories.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cordon_sandbox::workspace::tree::{self, MAX_DEPTH};
+use cordon_sandbox::workspace::{
+    attach_detached_mount, cleanup_stale, plan_volume, HostFacts, Owner, SandboxMount, VolumeBackend, VolumePlan,
+    VolumeRequest, WorkspaceError, WorkspaceSource, WorkspaceVolume,
+};
+
+const SANDBOX_UID: u32 = 1_900_000;
+const MIB: u64 = 1 << 20;
+
+// ----------------------------------------------------------------------------------------------
+// Helpers.
+
+fn have_loop_volumes(test: &str) -> bool {
+    let facts = HostFacts::probe();
+    if !(facts.privileged && facts.loop_control) {
+        eprintln!("SKIPPED {test}: needs root in the initial user namespace and /dev/loop-control");
+        return false;
+    }
+    if cordon_sandbox::workspace::find_mkfs().is_err() {
+        eprintln!("SKIPPED {test}: mkfs.ext4 missing (apt-get install e2fsprogs)");
+        return false;
+    }
+    true
+}
+
+fn state_dir() -> tempfile::TempDir {
+    // On the host disk (not a tmpfs), like /var/lib/cordon.
+    tempfile::Builder::new().prefix("cordon-ws-state-").tempdir_in("/var/tmp").unwrap()
+}
+
+fn loop_plan(source: WorkspaceSource, cap: u64, state: &Path) -> VolumePlan {
+    let req = VolumeRequest {
+        source,
+        cap_bytes: cap,
+        owner: Owner {
+            uid: SANDBOX_UID,
+            gid: SANDBOX_UID,
+        },
+        state_dir: state.to_path_buf(),
+        memory_limit_bytes: Some(512 * MIB),
+    };
+    let plan = plan_volume(&req, &HostFacts::probe()).unwrap();
+    assert_eq!(plan.backend, VolumeBackend::LoopExt4);
+    plan
+}
+
+fn dirfd(p: &Path) -> OwnedFd {
+    File::open(p).unwrap().into()
+}
+
+fn host_free(p: &Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(p).unwrap();
+    st.blocks_available() * st.fragment_size()
+}
+
+/// Loop devices whose backing file lies under `state`.
+fn loops_under(state: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir("/sys/block").unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Ok(backing) = fs::read_to_string(entry.path().join("loop/backing_file")) {
+            if backing.starts_with(&state.display().to_string()) {
+                out.push((name, backing.trim().to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// Mountinfo lines that mention `needle`.
+fn mounts_mentioning(needle: &str) -> Vec<String> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(String::from)
+        .collect()
+}
+
+fn loop_major_minor(index: u32) -> String {
+    fs::read_to_string(format!("/sys/block/loop{index}/dev"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| format!("7:{index}"))
+}
+
+fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cond()
+}
+
+/// Runs `argv` as the sandbox host uid with the volume root as fd 3 (so the child reaches the
+/// volume at `/proc/self/fd/3`), the way sandboxed code would write `/workspace`.
+fn run_as_sandbox_user(root: RawFd, argv: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(argv[0]);
+    cmd.args(&argv[1..]);
+    // SAFETY: the closure only makes async-signal-safe syscalls (no allocation).
+    unsafe {
+        cmd.pre_exec(move || {
+            if root == 3 {
+                if libc::fcntl(3, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(root, 3) != 3 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(SANDBOX_UID) != 0
+                || libc::setuid(SANDBOX_UID) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().unwrap()
+}
+
+// ----------------------------------------------------------------------------------------------
+// Loop-backed ext4 volumes (root).
+
+#[test]
+fn writing_past_the_cap_fails_with_enospc_and_costs_the_host_at_most_the_cap() {
+    if !have_loop_volumes("writing_past_the_cap_fails_with_enospc") {
+        return;
+    }
+    let state = state_dir();
+    let cap = 32 * MIB;
+    let plan = loop_plan(WorkspaceSource::Throwaway, cap, state.path());
+    // Build the template first so its one-off cost is not counted against the session.
+    cordon_sandbox::workspace::ensure_template(state.path(), cap).unwrap();
+    let before = host_free(state.path());
+    let vol = WorkspaceVolume::prepare(&plan).unwrap();
+    let root = vol.root().unwrap().as_raw_fd();
+
+    let out = run_as_sandbox_user(root, &["/bin/dd", "if=/dev/zero", "of=/proc/self/fd/3/fill", "bs=1M", "count=64"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "dd wrote 64 MiB into a 32 MiB volume: {stderr}");
+    assert!(stderr.contains("No space left on device"), "expected ENOSPC, got: {stderr}");
+
+    // The same write without the volume succeeds (so the test can fail).
+    let scratch = tempfile::tempdir_in("/var/tmp").unwrap();
+    let control = Command::new("/bin/dd")
+        .args(["if=/dev/zero", &format!("of={}/fill", scratch.path().display()), "bs=1M", "count=64"])
+        .output()
+        .unwrap();
+    assert!(control.status.success());
+    drop(scratch);
+
+    let written = fs::metadata(vol.mount_source().unwrap().join("fill")).unwrap().len();
+    assert!(written > cap / 2 && written <= cap, "wrote {written} bytes into a {cap}-byte volume");
+    let usage = vol.usage().unwrap();
+    assert!(usage.available_bytes < MIB, "{usage:?}");
+    // The loop device ends where the image ends, so the image can never hold more than the cap;
+    // once the volume's pages are written back, the host blocks it holds stay below the cap.
+    let index = vol.loop_index().unwrap();
+    let sectors: u64 = fs::read_to_string(format!("/sys/block/loop{index}/size")).unwrap().trim().parse().unwrap();
+    assert_eq!(sectors * 512, cap);
+    let dir = File::open(vol.mount_source().unwrap()).unwrap();
+    // SAFETY: syncfs on an fd we own.
+    assert_eq!(unsafe { libc::syncfs(dir.as_raw_fd()) }, 0);
+    drop(dir);
+    let host_bytes = vol.usage().unwrap().host_bytes.unwrap();
+    assert!(host_bytes > cap / 2 && host_bytes <= cap, "image holds {host_bytes} host bytes for a {cap}-byte cap");
+    // Host-wide free space is shared with whatever else runs on this machine, so it only gets
+    // a loose check: the session did not take much more than its cap.
+    let used = before.saturating_sub(host_free(state.path()));
+    assert!(used <= 2 * cap + 64 * MIB, "host free space dropped by {used} bytes for a {cap}-byte volume");
+    vol.discard().unwrap();
+}
+
+#[test]
+fn a_host_dirs_files_appear_in_the_volume_owned_by_the_sandbox_user() {
+    if !have_loop_volumes("a_host_dirs_files_appear_in_the_volume") {
+        return;
+    }
+    let state = state_dir();
+    let host = tempfile::tempdir().unwrap();
+    fs::write(host.path().join("a.txt"), "alpha").unwrap();
+    fs::create_dir(host.path().join("sub")).unwrap();
+    fs::write(host.path().join("sub/b.txt"), "beta").unwrap();
+    fs::write(host.path().join("run.sh"), "#!/bin/sh\n").unwrap();
+    fs::set_permissions(host.path().join("run.sh"), fs::Permissions::from_mode(0o750)).unwrap();
+    symlink("sub/b.txt", host.path().join("link")).unwrap();
+
+    let plan = loop_plan(WorkspaceSource::HostDir(host.path().to_path_buf()), 64 * MIB, state.path());
+    let vol = WorkspaceVolume::prepare(&plan).unwrap();
+    let v = vol.mount_source().unwrap();
+    assert_eq!(fs::read_to_string(v.join("a.txt")).unwrap(), "alpha");
+    assert_eq!(fs::read_to_string(v.join("sub/b.txt")).unwrap(), "beta");
+    assert_eq!(fs::read_link(v.join("link")).unwrap(), PathBuf::from("sub/b.txt"));
+    assert_eq!(fs::metadata(v.join("run.sh")).unwrap().mode() & 0o7777, 0o750);
+    for p in [".", "a.txt", "sub", "sub/b.txt", "run.sh"] {
+        let m = fs::metadata(v.join(p)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (SANDBOX_UID, SANDBOX_UID), "{p} not owned by the sandbox user");
+    }
+    assert_eq!(fs::symlink_metadata(v.join("link")).unwrap().uid(), SANDBOX_UID);
+    // mke2fs's lost+found is not part of anyone's workspace.
+    assert!(!v.join("lost+found").exists());
+    let stats = vol.copy_in_stats().unwrap();
+    assert_eq!((stats.files, stats.dirs, stats.symlinks), (3, 1, 1));
+    // The sandbox user can write its workspace.
+    let out = run_as_sandbox_user(vol.root().unwrap().as_raw_fd(), &["/bin/sh", "-c", "echo hi > /proc/self/fd/3/out.txt"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    vol.discard().unwrap();
+    // Discard leaves the host dir as it was.
+    assert!(!host.path().join("out.txt").exists());
+}
+
+#[test]
+fn commit_copies_new_and_modified_files_back_and_removes_deleted_ones() {
+    if !have_loop_volumes("commit_copies_new_and_modified_files_back") {
+        return;
+    }
+    let state = state_dir();
+    let host = tempfile::tempdir().unwrap();
+    let h = host.path();
+    fs::write(h.join("keep.txt"), "keep").unwrap();
+    fs::write(h.join("modify.txt"), "old").unwrap();
+    fs::write(h.join("delete.txt"), "bye").unwrap();
+    fs::create_dir(h.join("olddir")).unwrap();
+    fs::write(h.join("olddir/f"), "f").unwrap();
+    let keep_ino = fs::metadata(h.join("keep.txt")).unwrap().ino();
+
+    let plan = loop_plan(WorkspaceSource::HostDir(h.to_path_buf()), 64 * MIB, state.path());
+    let vol = WorkspaceVolume::prepare(&plan).unwrap();
+    let script = "cd /proc/self/fd/3 && echo new > modify.txt && rm delete.txt && rm -r olddir \
+                  && mkdir -p newdir/deep && echo x > newdir/deep/x && echo hi > out.txt && chmod 4755 out.txt";
+    let out = run_as_sandbox_user(vol.root().unwrap().as_raw_fd(), &["/bin/sh", "-c", script]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stats = vol.commit().unwrap();
+
+    assert_eq!(fs::read_to_string(h.join("keep.txt")).unwrap(), "keep");
+    assert_eq!(fs::metadata(h.join("keep.txt")).unwrap().ino(), keep_ino, "unchanged file was rewritten");
+    assert_eq!(fs::read_to_string(h.join("modify.txt")).unwrap(), "new\n");
+    assert!(!h.join("delete.txt").exists());
+    assert!(!h.join("olddir").exists());
+    assert_eq!(fs::read_to_string(h.join("newdir/deep/x")).unwrap(), "x\n");
+    assert_eq!(fs::read_to_string(h.join("out.txt")).unwrap(), "hi\n");
+    // Committed files belong to the host dir's owner, never keep setuid.
+    let owner = fs::metadata(h).unwrap();
+    for p in ["modify.txt", "out.txt", "newdir", "newdir/deep/x"] {
+        let m = fs::metadata(h.join(p)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (owner.uid(), owner.gid()), "{p}");
+    }
+    assert_eq!(fs::metadata(h.join("out.txt")).unwrap().mode() & 0o7777, 0o755);
+    assert_eq!(stats.unchanged, 1);
+    assert_eq!(stats.files_written, 3);
+    assert_eq!(stats.deleted, 3); // delete.txt, olddir/f, olddir
+    assert_eq!(stats.dirs_created, 2);
+}
+
+#[test]
+fn a_symlink_to_etc_shadow_is_committed_as_a_symlink_and_never_followed() {
+    if !have_loop_volumes("a_symlink_to_etc_shadow_is_committed_as_a_symlink") {
+        return;
+    }
+    let state = state_dir();
+    let host = tempfile::tempdir().unwrap();
+    let plan = loop_plan(WorkspaceSource::HostDir(host.path().to_path_buf()), 32 * MIB, state.path());
+    let vol = WorkspaceVolume::prepare(&plan).unwrap();
+    let out = run_as_sandbox_user(
+        vol.root().unwrap().as_raw_fd(),
+        &["/bin/sh", "-c", "cd /proc/self/fd/3 && ln -s /etc/shadow leak && ln -s /etc leakdir"],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stats = vol.commit().unwrap();
+    assert_eq!(stats.symlinks_written, 2);
+    let leak = host.path().join("leak");
+    assert!(fs::symlink_metadata(&leak).unwrap().file_type().is_symlink());
+    assert_eq!(fs::read_link(&leak).unwrap(), PathBuf::from("/etc/shadow"));
+    let shadow = fs::read(Path::new("/etc/shadow")).unwrap();
+    for entry in fs::read_dir(host.path()).unwrap().flatten() {
+        let meta = fs::symlink_metadata(entry.path()).unwrap();
+        assert!(!meta.is_file() || fs::read(entry.path()).unwrap() != shadow, "shadow copied into {:?}", entry.path());
+    }
+}
+
+#[test]
+fn a_workspace_bigger_than_the_cap_is_refused_before_anything_is_created() {
+    let state = state_dir();
+    let host = tempfile::tempdir().unwrap();
+    let big = File::create(host.path().join("big.bin")).unwrap();
+    big.set_len(40 * MIB).unwrap();
+    let facts = HostFacts::probe();
+    let req = VolumeRequest {
+        source: WorkspaceSource::HostDir(host.path().to_path_buf()),
+        cap_bytes: 16 * MIB,
+        owner: Owner {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+        },
+        state_dir: state.path().to_path_buf(),
+        memory_limit_bytes: None,
+    };
+    let plan = plan_volume(&req, &facts).unwrap();
+    let err = WorkspaceVolume::prepare(&plan).unwrap_err();
+    assert!(
+        matches!(err, WorkspaceError::TooLarge { needed, available, .. } if needed >= 40 * MIB && available == 16 * MIB),
+        "{err}"
+    );
+    assert!(err.to_string().contains("raise the workspace cap"), "{err}");
+    assert!(!state.path().join("volumes").exists() || fs::read_dir(state.path().join("volumes")).unwrap().count() == 0);
+    if facts.privileged {
+        assert!(loops_under(state.path()).is_empty());
+    }
+}
+
+#[test]
+fn no_loop_device_and_no_mount_remain_after_commit_or_discard() {
+    if !have_loop_volumes("no_loop_device_and_no_mount_remain") {
+        return;
+    }
+    let state = state_dir();
+    let host = tempfile::tempdir().unwrap();
+    fs::write(host.path().join("a"), "a").unwrap();
+    for source in [WorkspaceSource::Throwaway, WorkspaceSource::HostDir(host.path().to_path_buf())] {
+        for commit in [false, true] {
+            let plan = loop_plan(source.clone(), 32 * MIB, state.path());
+            let vol = WorkspaceVolume::prepare(&plan).unwrap();
+            let index = vol.loop_index().unwrap();
+            let devnum = loop_major_minor(index);
+            assert_eq!(loops_under(state.path()).len(), 1, "the volume's loop device is bound while it lives");
+            // A detached mount is in no mount table, the host's included.
+            assert!(mounts_mentioning(&format!(" {devnum} ")).is_empty());
+            fs::write(vol.mount_source().unwrap().join("scratch"), "x").unwrap();
+            if commit {
+                vol.commit().unwrap();
+            } else {
+                vol.discard().unwrap();
+            }
+            assert!(loops_under(state.path()).is_empty(), "{:?}", loops_under(state.path()));
+            assert!(mounts_mentioning(&format!(" {devnum} ")).is_empty());
+            assert!(mounts_mentioning(&state.path().display().to_string()).is_empty());
+            assert_eq!(fs::read_dir(state.path().join("volumes")).unwrap().count(), 0, "image left behind");
+        }
+    }
+    // Commit brought `scratch` home; discard did not.
+    assert!(host.path().join("scratch").exists());
+}
+
+#[test]
+fn cleanup_stale_removes_a_leftover_volume_and_spares_a_live_one() {
+    if !have_loop_volumes("cleanup_stale_removes_a_leftover_volume") {
+        return;
+    }
+    let state = state_dir();
+    let live = WorkspaceVolume::prepare(&loop_plan(WorkspaceSource::Throwaway, 32 * MIB, state.path())).unwrap();
+    // What a cordon killed between creating its image and unlinking it leaves: an image with no
+    // lock holder, still bound to a loop device (here without autoclear, the worst case).
+    let stale = state.path().join("volumes/stale.img");
+    File::create(&stale).unwrap().set_len(32 * MIB).unwrap();
+    let out = Command::new("losetup").args(["-f", "--show"]).arg(&stale).output().unwrap();
+    assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+    let stale_dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(loops_under(state.path()).len(), 2);
+
+    let report = cleanup_stale(state.path()).unwrap();
+    let stale_index: u32 = stale_dev.trim_start_matches("/dev/loop").parse().unwrap();
+    assert_eq!(report.loop_devices_cleared, vec![stale_index]);
+    assert_eq!(report.files_removed, vec![stale.clone()]);
+    assert!(!stale.exists());
+    // The live session is untouched and still works.
+    assert_eq!(loops_under(state.path()).len(), 1);
+    fs::write(live.mount_source().unwrap().join("still-here"), "yes").unwrap();
+    live.discard().unwrap();
+    assert!(loops_under(state.path()).is_empty());
+}
+
+/// Helper process for the SIGKILL test: prepares a volume under `$CORDON_WS_HELPER_STATE`,
+/// writes into it, reports its loop device and sleeps until killed. Does nothing otherwise.
+#[test]
+#[ignore = "helper process for a_killed_supervisor_leaves_no_mount_loop_device_or_image"]
+fn helper_prepare_and_sleep() {
+    let Some(state) = std::env::var_os("CORDON_WS_HELPER_STATE") else {
+        return;
+    };
+    let plan = loop_plan(WorkspaceSource::Throwaway, 32 * MIB, Path::new(&state));
+    let vol = WorkspaceVolume::prepare(&plan).unwrap();
+    fs::write(vol.mount_source().unwrap().join("data"), vec![7u8; 4 * MIB as usize]).unwrap();
+    println!("READY {}", vol.loop_index().unwrap());
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+#[test]
+fn a_killed_supervisor_leaves_no_mount_loop_device_or_image() {
+    if !have_loop_volumes("a_killed_supervisor_leaves_no_mount_loop_device_or_image") {
+        return;
+    }
+    let state = state_dir();
+    cordon_sandbox::workspace::ensure_template(state.path(), 32 * MIB).unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "helper_prepare_and_sleep", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("CORDON_WS_HELPER_STATE", state.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Whatever happens below, the helper does not outlive the test.
+    struct KillOnDrop(i32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    let _guard = KillOnDrop(child.id() as i32);
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let index: u32 = loop {
+        let line = lines.next().expect("helper exited before READY").unwrap();
+        // libtest prints "test helper_prepare_and_sleep ... " on the same line.
+        if let Some((_, rest)) = line.split_once("READY ") {
+            break rest.trim().parse().unwrap();
+        }
+    };
+    assert_eq!(loops_under(state.path()).len(), 1);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+    // The kernel unmounts the detached volume and autoclear frees the device, without us.
+    assert!(
+        wait_until(Duration::from_secs(2), || loops_under(state.path()).is_empty()),
+        "loop{index} still bound: {:?}",
+        loops_under(state.path())
+    );
+    assert!(mounts_mentioning(&format!(" {} ", loop_major_minor(index))).is_empty());
+    assert_eq!(fs::read_dir(state.path().join("volumes")).unwrap().count(), 0);
+    assert_eq!(cleanup_stale(state.path()).unwrap(), Default::default());
+}
+
+#[test]
+fn the_sandbox_init_can_attach_the_volume_in_its_own_user_and_mount_namespace() {
+    if !have_loop_volumes("the_sandbox_init_can_attach_the_volume") {
+        return;
+    }
+    let state = state_dir();
+    let vol = WorkspaceVolume::prepare(&loop_plan(WorkspaceSource::Throwaway, 32 * MIB, state.path())).unwrap();
+    fs::write(vol.mount_source().unwrap().join("hello.txt"), "hello from the volume").unwrap();
+    let SandboxMount::Detached(clone) = vol.sandbox_mount().unwrap() else {
+        panic!("a loop volume hands the sandbox a detached mount");
+    };
+    let target = tempfile::tempdir().unwrap();
+    let target_c = CString::new(target.path().to_str().unwrap()).unwrap();
+    let fd = clone.as_raw_fd();
+    let mut cmd = Command::new("/bin/cat");
+    cmd.arg(target.path().join("hello.txt"));
+    // SAFETY: the closure only makes syscalls on memory prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let rc = libc::syscall(
+                libc::SYS_move_mount,
+                fd,
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                target_c.as_ptr(),
+                libc::MOVE_MOUNT_F_EMPTY_PATH,
+            );
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from the volume");
+    // The host's namespace never saw it.
+    assert!(!target.path().join("hello.txt").exists());
+    drop(clone);
+    vol.discard().unwrap();
+    assert!(loops_under(state.path()).is_empty());
+}
+
+#[test]
+fn attach_detached_mount_puts_a_volume_clone_at_a_path_in_a_private_mount_namespace() {
+    if !have_loop_volumes("attach_detached_mount_puts_a_volume_clone_at_a_path") {
+        return;
+    }
+    let state = state_dir();
+    let vol = WorkspaceVolume::prepare(&loop_plan(WorkspaceSource::Throwaway, 32 * MIB, state.path())).unwrap();
+    fs::write(vol.mount_source().unwrap().join("x"), "in the volume").unwrap();
+    let SandboxMount::Detached(clone) = vol.sandbox_mount().unwrap() else {
+        panic!("a loop volume hands the sandbox a detached mount");
+    };
+    let target = tempfile::tempdir().unwrap();
+    let path = target.path().to_path_buf();
+    // A throwaway thread with its own mount namespace (unshare(CLONE_NEWNS) moves only the
+    // calling thread), so the host's mount table is never touched; it dies with the thread.
+    let seen = std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+        nix::mount::mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .unwrap();
+        let bad = attach_detached_mount(clone.as_fd(), Path::new("/nonexistent/cordon-target")).unwrap_err();
+        assert!(bad.to_string().contains("move_mount to /nonexistent/cordon-target"), "{bad}");
+        attach_detached_mount(clone.as_fd(), &path).unwrap();
+        fs::read_to_string(path.join("x")).unwrap()
+    })
+    .join()
+    .unwrap();
+    assert_eq!(seen, "in the volume");
+    assert!(!target.path().join("x").exists(), "the attach leaked into the host's mount namespace");
+    vol.discard().unwrap();
+    assert!(loops_under(state.path()).is_empty());
+}
+
+// ----------------------------------------------------------------------------------------------
+// Tmpfs volumes made by an (unprivileged) init in its own user namespace.
+
+/// Starts `sleep` in a new user + mount namespace holding a detached tmpfs of `size` bytes as
+/// fd 3, and returns it with that fd fetched over `pidfd_getfd`. `None` if user namespaces are
+/// unavailable.
+fn spawn_tmpfs_holder(size: u64) -> Option<(std::process::Child, OwnedFd)> {
+    let uid_map = CString::new(format!("0 {} 1", nix::unistd::geteuid())).unwrap();
+    let gid_map = CString::new(format!("0 {} 1", nix::unistd::getegid())).unwrap();
+    let size_c = CString::new(size.to_string()).unwrap();
+    let mut cmd = Command::new("/bin/sleep");
+    cmd.arg("30");
+    // SAFETY: the closure only makes syscalls on memory prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fail = || Err(std::io::Error::last_os_error());
+            if libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS) != 0 {
+                return fail();
+            }
+            for (file, text) in [
+                (c"/proc/self/setgroups", c"deny"),
+                (c"/proc/self/uid_map", uid_map.as_c_str()),
+                (c"/proc/self/gid_map", gid_map.as_c_str()),
+            ] {
+                let fd = libc::open(file.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return fail();
+                }
+                let bytes = text.to_bytes();
+                let n = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
+                libc::close(fd);
+                if n != bytes.len() as isize {
+                    return fail();
+                }
+            }
+            let fsfd = libc::syscall(libc::SYS_fsopen, c"tmpfs".as_ptr(), libc::FSOPEN_CLOEXEC) as i32;
+            if fsfd < 0 {
+                return fail();
+            }
+            let set = libc::syscall(
+                libc::SYS_fsconfig,
+                fsfd,
+                libc::FSCONFIG_SET_STRING,
+                c"size".as_ptr(),
+                size_c.as_ptr(),
+                0,
+            );
+            let create = libc::syscall(libc::SYS_fsconfig, fsfd, libc::FSCONFIG_CMD_CREATE, 0, 0, 0);
+            if set != 0 || create != 0 {
+                return fail();
+            }
+            let mnt = libc::syscall(libc::SYS_fsmount, fsfd, 0, 0) as i32;
+            if mnt < 0 || libc::dup2(mnt, 3) != 3 {
+                return fail();
+            }
+            Ok(())
+        });
+    }
+    let child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!("user namespace with a tmpfs unavailable: {e}");
+            return None;
+        }
+    };
+    // SAFETY: pidfd_open on our own child's pid; returns a new fd or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as i32, 0) } as i32;
+    assert!(pidfd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+    // SAFETY: the kernel just gave us this fd.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // SAFETY: pidfd_getfd duplicates the child's fd 3 into this process.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), 3, 0) } as i32;
+    assert!(fd >= 0, "pidfd_getfd: {}", std::io::Error::last_os_error());
+    // SAFETY: the kernel just gave us this fd.
+    Some((child, unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+#[test]
+fn a_tmpfs_volume_from_a_user_namespace_caps_writes_with_enospc_and_commits() {
+    let host = tempfile::tempdir().unwrap();
+    fs::write(host.path().join("in.txt"), "from host").unwrap();
+    let cap = 16 * MIB;
+    let req = VolumeRequest {
+        source: WorkspaceSource::HostDir(host.path().to_path_buf()),
+        cap_bytes: cap,
+        owner: Owner {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+        },
+        state_dir: PathBuf::from("/nonexistent-state"),
+        memory_limit_bytes: Some(512 * MIB),
+    };
+    let facts = HostFacts {
+        privileged: false,
+        loop_control: false,
+    };
+    let plan = plan_volume(&req, &facts).unwrap();
+    assert_eq!(plan.backend, VolumeBackend::Tmpfs);
+    let mut vol = WorkspaceVolume::prepare(&plan).unwrap();
+    assert!(matches!(
+        vol.sandbox_mount().unwrap(),
+        SandboxMount::Tmpfs { size_bytes, .. } if size_bytes == cap
+    ));
+    // An uncapped tmpfs is refused.
+    if let Some((mut big_child, big)) = spawn_tmpfs_holder(4 * cap) {
+        assert!(matches!(vol.adopt_tmpfs_root(big), Err(WorkspaceError::BadTmpfsRoot(_))));
+        let _ = big_child.kill();
+        let _ = big_child.wait();
+    }
+    let Some((mut child, root)) = spawn_tmpfs_holder(cap) else {
+        eprintln!("SKIPPED a_tmpfs_volume_from_a_user_namespace: no user namespaces here");
+        return;
+    };
+    vol.adopt_tmpfs_root(root).unwrap();
+    let v = vol.mount_source().unwrap();
+    assert_eq!(fs::read_to_string(v.join("in.txt")).unwrap(), "from host");
+    let err = fs::write(v.join("fill"), vec![0u8; 2 * cap as usize]).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    fs::remove_file(v.join("fill")).unwrap();
+    fs::write(v.join("out.txt"), "made in the sandbox").unwrap();
+    // The holder (the "init") dies first, as it would at the end of a session.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let stats = vol.commit().unwrap();
+    assert_eq!(stats.files_written, 1);
+    assert_eq!(fs::read_to_string(host.path().join("out.txt")).unwrap(), "made in the sandbox");
+}
+
+// ----------------------------------------------------------------------------------------------
+// The tree engine on plain directories (any user).
+
+struct Pair {
+    _dirs: tempfile::TempDir,
+    host: PathBuf,
+    vol: PathBuf,
+}
+
+fn pair() -> Pair {
+    let dirs = tempfile::tempdir().unwrap();
+    let host = dirs.path().join("host");
+    let vol = dirs.path().join("vol");
+    fs::create_dir(&host).unwrap();
+    fs::create_dir(&vol).unwrap();
+    Pair { _dirs: dirs, host, vol }
+}
+
+fn copy_in(p: &Pair) -> (tree::Snapshot, tree::CopyInStats) {
+    tree::copy_in(dirfd(&p.host).as_fd(), dirfd(&p.vol).as_fd(), None).unwrap()
+}
+
+fn commit(p: &Pair, snap: &tree::Snapshot) -> tree::CommitStats {
+    tree::commit_tree(dirfd(&p.vol).as_fd(), dirfd(&p.host).as_fd(), snap, false).unwrap()
+}
+
+#[test]
+fn copy_in_copies_symlinks_as_symlinks_and_never_reads_through_them() {
+    let p = pair();
+    let outside = tempfile::tempdir().unwrap();
+    fs::write(outside.path().join("secret"), "host secret").unwrap();
+    symlink(outside.path().join("secret"), p.host.join("to-secret")).unwrap();
+    symlink(outside.path(), p.host.join("to-dir")).unwrap();
+    let (_, stats) = copy_in(&p);
+    assert_eq!(stats.symlinks, 2);
+    assert_eq!(stats.files, 0);
+    assert!(fs::symlink_metadata(p.vol.join("to-secret")).unwrap().file_type().is_symlink());
+    assert!(fs::symlink_metadata(p.vol.join("to-dir")).unwrap().file_type().is_symlink());
+}
+
+#[test]
+fn commit_replaces_a_host_symlink_instead_of_writing_through_it() {
+    // A symlink left in the host dir (say, by an earlier session) must not let this session
+    // write outside: the sandbox replaces `escape` with a directory holding a file.
+    let p = pair();
+    let outside = tempfile::tempdir().unwrap();
+    symlink(outside.path(), p.host.join("escape")).unwrap();
+    symlink(outside.path().join("target.txt"), p.host.join("file-link")).unwrap();
+    let (snap, _) = copy_in(&p);
+    fs::remove_file(p.vol.join("escape")).unwrap();
+    fs::create_dir(p.vol.join("escape")).unwrap();
+    fs::write(p.vol.join("escape/pwned"), "x").unwrap();
+    fs::remove_file(p.vol.join("file-link")).unwrap();
+    fs::write(p.vol.join("file-link"), "overwrite?").unwrap();
+    commit(&p, &snap);
+    assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0, "commit wrote outside the host dir");
+    assert!(fs::symlink_metadata(p.host.join("escape")).unwrap().is_dir());
+    assert_eq!(fs::read_to_string(p.host.join("escape/pwned")).unwrap(), "x");
+    assert!(fs::symlink_metadata(p.host.join("file-link")).unwrap().is_file());
+}
+
+#[test]
+fn fifos_and_sockets_are_skipped_with_a_reason() {
+    let p = pair();
+    nix::unistd::mkfifo(&p.host.join("pipe"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let _sock = std::os::unix::net::UnixListener::bind(p.host.join("sock")).unwrap();
+    let (snap, stats) = copy_in(&p);
+    let reasons: Vec<_> = stats.skipped.iter().map(|s| (s.path.clone(), s.reason.clone())).collect();
+    assert_eq!(
+        reasons,
+        vec![
+            (PathBuf::from("pipe"), "fifo: not copied".to_string()),
+            (PathBuf::from("sock"), "socket: not copied".to_string())
+        ]
+    );
+    assert!(!p.vol.join("pipe").exists());
+    nix::unistd::mkfifo(&p.vol.join("newpipe"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let stats = commit(&p, &snap);
+    assert_eq!(stats.skipped.len(), 1);
+    assert_eq!(stats.skipped[0].reason, "fifo: not committed");
+    assert!(!p.host.join("newpipe").exists());
+    // Skipped host entries are not "deleted in the sandbox".
+    assert!(p.host.join("pipe").exists());
+}
+
+#[test]
+fn setuid_and_setgid_bits_never_cross() {
+    let p = pair();
+    fs::write(p.host.join("suid"), "x").unwrap();
+    fs::set_permissions(p.host.join("suid"), fs::Permissions::from_mode(0o6755)).unwrap();
+    let (snap, _) = copy_in(&p);
+    assert_eq!(fs::metadata(p.vol.join("suid")).unwrap().mode() & 0o7777, 0o755);
+    fs::write(p.vol.join("new-suid"), "y").unwrap();
+    fs::set_permissions(p.vol.join("new-suid"), fs::Permissions::from_mode(0o4711)).unwrap();
+    commit(&p, &snap);
+    assert_eq!(fs::metadata(p.host.join("new-suid")).unwrap().mode() & 0o7777, 0o711);
+}
+
+#[test]
+fn hardlinks_stay_hardlinks_both_ways() {
+    let p = pair();
+    fs::write(p.host.join("a"), "shared").unwrap();
+    fs::hard_link(p.host.join("a"), p.host.join("b")).unwrap();
+    let (snap, stats) = copy_in(&p);
+    assert_eq!((stats.files, stats.hardlinks), (1, 1));
+    assert_eq!(
+        fs::metadata(p.vol.join("a")).unwrap().ino(),
+        fs::metadata(p.vol.join("b")).unwrap().ino()
+    );
+    fs::write(p.vol.join("c"), "new pair").unwrap();
+    fs::hard_link(p.vol.join("c"), p.vol.join("d")).unwrap();
+    let stats = commit(&p, &snap);
+    assert_eq!(stats.hardlinks, 1);
+    assert_eq!(
+        fs::metadata(p.host.join("c")).unwrap().ino(),
+        fs::metadata(p.host.join("d")).unwrap().ino()
+    );
+    // a and b were not touched in the sandbox: still one inode on the host.
+    assert_eq!(
+        fs::metadata(p.host.join("a")).unwrap().ino(),
+        fs::metadata(p.host.join("b")).unwrap().ino()
+    );
+}
+
+#[test]
+fn host_edits_during_the_session_survive_when_the_sandbox_left_the_file_alone() {
+    let p = pair();
+    fs::write(p.host.join("notes"), "v1").unwrap();
+    fs::create_dir(p.host.join("d")).unwrap();
+    let (snap, _) = copy_in(&p);
+    fs::write(p.host.join("notes"), "edited on the host").unwrap();
+    fs::write(p.host.join("d/host-new"), "made on the host").unwrap();
+    // The sandbox deletes the directory; the host added to it meanwhile.
+    fs::remove_dir(p.vol.join("d")).unwrap();
+    let stats = commit(&p, &snap);
+    assert_eq!(fs::read_to_string(p.host.join("notes")).unwrap(), "edited on the host");
+    assert_eq!(fs::read_to_string(p.host.join("d/host-new")).unwrap(), "made on the host");
+    assert_eq!(stats.skipped.len(), 1, "{:?}", stats.skipped);
+    assert!(stats.skipped[0].reason.contains("holds new host entries"));
+}
+
+#[test]
+fn a_file_replaced_in_the_sandbox_is_committed_even_with_the_same_size_and_mtime() {
+    let p = pair();
+    fs::write(p.host.join("f"), "aaaa").unwrap();
+    let (snap, _) = copy_in(&p);
+    let mtime = fs::metadata(p.vol.join("f")).unwrap().modified().unwrap();
+    fs::write(p.vol.join("f"), "bbbb").unwrap();
+    File::options()
+        .write(true)
+        .open(p.vol.join("f"))
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    commit(&p, &snap);
+    assert_eq!(fs::read_to_string(p.host.join("f")).unwrap(), "bbbb");
+}
+
+#[test]
+fn nesting_deeper_than_the_limit_is_refused_on_copy_in_and_skipped_on_commit() {
+    let p = pair();
+    let mut deep = p.host.clone();
+    for _ in 0..=MAX_DEPTH {
+        deep.push("d");
+    }
+    fs::create_dir_all(&deep).unwrap();
+    let err = tree::copy_in(dirfd(&p.host).as_fd(), dirfd(&p.vol).as_fd(), None).unwrap_err();
+    assert!(matches!(err, WorkspaceError::TooDeep { max, .. } if max == MAX_DEPTH), "{err}");
+
+    let q = pair();
+    let (snap, _) = copy_in(&q);
+    let mut deep = q.vol.clone();
+    for _ in 0..=MAX_DEPTH {
+        deep.push("d");
+    }
+    fs::create_dir_all(&deep).unwrap();
+    let stats = commit(&q, &snap);
+    assert_eq!(stats.skipped.len(), 1);
+    assert!(stats.skipped[0].reason.contains("deeper than the limit"));
+    assert_eq!(stats.dirs_created, MAX_DEPTH as u64);
+}
+
+#[test]
+fn estimate_counts_sparse_files_by_size_and_hardlinks_once() {
+    let p = pair();
+    File::create(p.host.join("sparse")).unwrap().set_len(10 * MIB).unwrap();
+    fs::write(p.host.join("small"), "x").unwrap();
+    fs::hard_link(p.host.join("small"), p.host.join("small2")).unwrap();
+    fs::create_dir(p.host.join("d")).unwrap();
+    let est = tree::estimate(dirfd(&p.host).as_fd()).unwrap();
+    assert_eq!(est.bytes, 10 * MIB + 4096 + 4096);
+    assert_eq!(est.entries, 4);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Timings (run with --ignored --nocapture).
+
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+#[test]
+#[ignore = "prints timings; run with --ignored --nocapture"]
+fn print_prepare_and_commit_timings() {
+    if !have_loop_volumes("print_prepare_and_commit_timings") {
+        return;
+    }
+    let state = state_dir();
+    let cap = cordon_sandbox::workspace::DEFAULT_CAP_BYTES;
+    let t = Instant::now();
+    cordon_sandbox::workspace::ensure_template(state.path(), cap).unwrap();
+    println!("template (once per cap, mkfs + mount + fsync): {} us", t.elapsed().as_micros());
+
+    let host = tempfile::tempdir().unwrap();
+    for i in 0..10 {
+        fs::write(host.path().join(format!("file{i}.txt")), format!("content {i}\n").repeat(100)).unwrap();
+    }
+    fs::create_dir(host.path().join("src")).unwrap();
+    fs::write(host.path().join("src/main.py"), "print('hi')\n").unwrap();
+
+    for (label, source) in [
+        ("throwaway", WorkspaceSource::Throwaway),
+        ("host dir (11 files)", WorkspaceSource::HostDir(host.path().to_path_buf())),
+    ] {
+        let plan = loop_plan(source, cap, state.path());
+        let mut prepare = Vec::new();
+        let mut end = Vec::new();
+        let mut parts = Vec::new();
+        for _ in 0..30 {
+            let t = Instant::now();
+            let vol = WorkspaceVolume::prepare(&plan).unwrap();
+            prepare.push(t.elapsed().as_micros() as u64);
+            parts.push(vol.timings());
+            fs::write(vol.mount_source().unwrap().join("out.txt"), "x").unwrap();
+            let t = Instant::now();
+            vol.commit().unwrap();
+            end.push(t.elapsed().as_micros() as u64);
+        }
+        println!(
+            "{label}: prepare median {} us (image {} + loop {} + mount {} + scan {} + copy-in {}), commit+release median {} us",
+            median(prepare),
+            median(parts.iter().map(|p| p.image_us).collect()),
+            median(parts.iter().map(|p| p.loop_us).collect()),
+            median(parts.iter().map(|p| p.mount_us).collect()),
+            median(parts.iter().map(|p| p.scan_us).collect()),
+            median(parts.iter().map(|p| p.copy_in_us).collect()),
+            median(end),
+        );
+    }
+    let plan = loop_plan(WorkspaceSource::Throwaway, cap, state.path());
+    let mut discard = Vec::new();
+    for _ in 0..30 {
+        let vol = WorkspaceVolume::prepare(&plan).unwrap();
+        let t = Instant::now();
+        vol.discard().unwrap();
+        discard.push(t.elapsed().as_micros() as u64);
+    }
+    println!("throwaway discard median {} us", median(discard));
+}
