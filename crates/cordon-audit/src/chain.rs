@@ -17,10 +17,12 @@
 //!   hash. What the chain cannot do on its own is stop someone who rewrites *every* later hash:
 //!   see the crate README, "Security notes".
 
-use rusqlite::types::{Value, ValueRef};
+use rusqlite::types::ValueRef;
 use sha2::{Digest, Sha256};
 
-use crate::event::{hex, Event};
+use crate::event::{
+    cut_chars, hex, truncate_path, Event, Verdict, MAX_HOST_CHARS, MAX_METHOD_CHARS,
+};
 
 /// `prev_hash` of the very first record of a store.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -28,7 +30,7 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 const DOMAIN: &[u8] = b"cordon-audit-chain-v1\n";
 
 /// The columns covered by the hash, in hashing order.
-pub(crate) const HASHED_COLUMNS: [&str; 19] = [
+pub const HASHED_COLUMNS: [&str; 19] = [
     "session_id",
     "session_seq",
     "kind",
@@ -50,49 +52,72 @@ pub(crate) const HASHED_COLUMNS: [&str; 19] = [
     "detail",
 ];
 
-/// The stored values of `event` (already bounded) at position `session_seq` of its session, in
-/// [`HASHED_COLUMNS`] order.
-pub(crate) fn event_values(event: &Event, session_seq: i64) -> [Value; 19] {
-    fn text(s: &Option<String>) -> Value {
-        s.as_ref().map_or(Value::Null, |s| Value::Text(s.clone()))
+/// The text forms of an event's fields that are not stored verbatim; [`event_fields`] borrows
+/// from them.
+pub(crate) struct DerivedText {
+    ts: String,
+    ip: Option<String>,
+    detail: Option<String>,
+}
+
+impl DerivedText {
+    pub(crate) fn of(event: &Event) -> DerivedText {
+        DerivedText {
+            ts: event.ts.to_rfc3339(),
+            ip: event.ip.map(|ip| ip.to_string()),
+            detail: match &event.detail {
+                serde_json::Value::Null => None,
+                // Serialising a `serde_json::Value` cannot fail (its map keys are strings).
+                other => serde_json::to_string(other).ok(),
+            },
+        }
     }
-    fn int(n: Option<u64>) -> Value {
-        // SQLite integers are i64; byte counters beyond 2^63 saturate.
-        n.map_or(Value::Null, |n| {
-            Value::Integer(i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+/// The values the store keeps for `event` at position `session_seq` of its session, in
+/// [`HASHED_COLUMNS`] order, with the length cuts of [`Event::bounded`] applied. Borrows instead
+/// of copying: this is the writer's hot path.
+pub(crate) fn event_fields<'a>(
+    event: &'a Event,
+    derived: &'a DerivedText,
+    session_seq: i64,
+) -> [ValueRef<'a>; 19] {
+    fn text(s: Option<&str>) -> ValueRef<'_> {
+        s.map_or(ValueRef::Null, |s| ValueRef::Text(s.as_bytes()))
+    }
+    fn int(n: Option<u64>) -> ValueRef<'static> {
+        // SQLite integers are i64; counters beyond 2^63 saturate.
+        n.map_or(ValueRef::Null, |n| {
+            ValueRef::Integer(i64::try_from(n).unwrap_or(i64::MAX))
         })
     }
-    let detail = match &event.detail {
-        serde_json::Value::Null => Value::Null,
-        // Serialising a `serde_json::Value` cannot fail (its map keys are strings).
-        other => serde_json::to_string(other).map_or(Value::Null, Value::Text),
-    };
     [
-        Value::Text(event.session_id.clone()),
-        Value::Integer(session_seq),
-        Value::Text(event.kind.as_str().to_owned()),
-        Value::Text(event.user_id.clone()),
-        Value::Text(event.code_sha256.clone()),
-        Value::Text(event.ts.to_rfc3339()),
-        Value::Integer(event.ts.as_millis()),
-        text(&event.host),
-        event
-            .ip
-            .map_or(Value::Null, |ip| Value::Text(ip.to_string())),
+        ValueRef::Text(event.session_id.as_bytes()),
+        ValueRef::Integer(session_seq),
+        ValueRef::Text(event.kind.as_str().as_bytes()),
+        ValueRef::Text(event.user_id.as_bytes()),
+        ValueRef::Text(event.code_sha256.as_bytes()),
+        ValueRef::Text(derived.ts.as_bytes()),
+        ValueRef::Integer(event.ts.as_millis()),
+        text(event.host.as_deref().map(|h| cut_chars(h, MAX_HOST_CHARS))),
+        text(derived.ip.as_deref()),
         event
             .port
-            .map_or(Value::Null, |p| Value::Integer(i64::from(p))),
-        text(&event.method),
-        text(&event.path),
+            .map_or(ValueRef::Null, |p| ValueRef::Integer(i64::from(p))),
+        text(
+            event
+                .method
+                .as_deref()
+                .map(|m| cut_chars(m, MAX_METHOD_CHARS)),
+        ),
+        text(event.path.as_deref().map(truncate_path)),
         int(event.bytes_up),
         int(event.bytes_down),
         int(event.duration_ms),
-        event
-            .verdict
-            .map_or(Value::Null, |v| Value::Text(v.as_str().to_owned())),
-        text(&event.rule),
-        text(&event.reason),
-        detail,
+        text(event.verdict.map(Verdict::as_str)),
+        text(event.rule.as_deref()),
+        text(event.reason.as_deref()),
+        text(derived.detail.as_deref()),
     ]
 }
 
@@ -136,9 +161,22 @@ fn canonical_into(buf: &mut Vec<u8>, fields: &[ValueRef<'_>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::types::Value;
 
     fn refs(values: &[Value]) -> Vec<ValueRef<'_>> {
         values.iter().map(ValueRef::from).collect()
+    }
+
+    #[test]
+    fn stored_fields_apply_the_same_cuts_as_bounded() {
+        let mut e = Event::new(crate::EventKind::HttpRequest, "s", "u", "c");
+        e.host = Some("h".repeat(400));
+        e.method = Some("M".repeat(400));
+        e.path = Some("€".repeat(400));
+        let bounded = e.clone().bounded();
+        let (d1, d2) = (DerivedText::of(&e), DerivedText::of(&bounded));
+        assert_eq!(event_fields(&e, &d1, 1), event_fields(&bounded, &d2, 1));
+        assert_ne!(e, bounded);
     }
 
     #[test]
@@ -147,14 +185,34 @@ mod tests {
         let base = record_hash(GENESIS_HASH.as_bytes(), &refs(&fields), 1);
         assert_eq!(base.len(), 64);
         assert_ne!(base, record_hash(b"1", &refs(&fields), 1));
-        assert_ne!(base, record_hash(GENESIS_HASH.as_bytes(), &refs(&fields), 2));
+        assert_ne!(
+            base,
+            record_hash(GENESIS_HASH.as_bytes(), &refs(&fields), 2)
+        );
         let edited = [Value::Text("b".into()), Value::Integer(1), Value::Null];
-        assert_ne!(base, record_hash(GENESIS_HASH.as_bytes(), &refs(&edited), 1));
+        assert_ne!(
+            base,
+            record_hash(GENESIS_HASH.as_bytes(), &refs(&edited), 1)
+        );
         // Same value, different SQLite type.
-        let retyped = [Value::Text("a".into()), Value::Text("1".into()), Value::Null];
-        assert_ne!(base, record_hash(GENESIS_HASH.as_bytes(), &refs(&retyped), 1));
-        let nulled = [Value::Text("a".into()), Value::Integer(1), Value::Text(String::new())];
-        assert_ne!(base, record_hash(GENESIS_HASH.as_bytes(), &refs(&nulled), 1));
+        let retyped = [
+            Value::Text("a".into()),
+            Value::Text("1".into()),
+            Value::Null,
+        ];
+        assert_ne!(
+            base,
+            record_hash(GENESIS_HASH.as_bytes(), &refs(&retyped), 1)
+        );
+        let nulled = [
+            Value::Text("a".into()),
+            Value::Integer(1),
+            Value::Text(String::new()),
+        ];
+        assert_ne!(
+            base,
+            record_hash(GENESIS_HASH.as_bytes(), &refs(&nulled), 1)
+        );
     }
 
     #[test]

@@ -198,7 +198,10 @@ impl Attribution {
             detail_keys::EXIT_STATUS.to_owned(),
             serde_json::json!(exit_status),
         );
-        detail.insert(detail_keys::LIMIT_HIT.to_owned(), serde_json::json!(limit_hit));
+        detail.insert(
+            detail_keys::LIMIT_HIT.to_owned(),
+            serde_json::json!(limit_hit),
+        );
         let mut event = self.event(EventKind::SessionEnd);
         event.detail = serde_json::Value::Object(detail);
         event

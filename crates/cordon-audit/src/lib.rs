@@ -4,15 +4,15 @@
 //! is written here with its attribution (session, user, SHA-256 of the code), destination,
 //! verdict and deciding rule. Guarantees, each detailed in its module:
 //!
-//! - **Never in the data path's way** ([`writer`]): `record` never blocks; a writer thread commits
+//! - **Never in the data path's way** ([`mod@writer`]): `record` never blocks; a writer thread commits
 //!   batches; nothing is lost on a normal exit or `close`, and a `kill -9` loses at most one batch.
-//! - **Tamper-evident** ([`chain`], [`verify`]): one SHA-256 hash chain per store across every
+//! - **Tamper-evident** ([`chain`], [`mod@verify`]): one SHA-256 hash chain per store across every
 //!   session and every writer process; `verify` names the first edited, deleted or reordered
 //!   record; pruning leaves an anchor so what remains still verifies.
-//! - **Shared safely** ([`store`]): one SQLite file in WAL mode used by several processes at once;
+//! - **Shared safely** ([`mod@store`]): one SQLite file in WAL mode used by several processes at once;
 //!   each batch is appended in one `BEGIN IMMEDIATE` transaction that reads the chain head.
-//! - **Bounded input** ([`event`]): what the sandboxed code controls (path, host, method) is cut
-//!   to a fixed length before it is stored, and the tables in [`format`] never print control
+//! - **Bounded input** ([`mod@event`]): what the sandboxed code controls (path, host, method) is cut
+//!   to a fixed length before it is stored, and the tables in [`mod@format`] never print control
 //!   characters.
 //!
 //! ```no_run

@@ -393,9 +393,7 @@ impl Store {
                 reason: text("reason")?,
                 detail,
             },
-            prev_hash: row
-                .get(n + 1)
-                .map_err(|e| bad(format!("prev_hash: {e}")))?,
+            prev_hash: row.get(n + 1).map_err(|e| bad(format!("prev_hash: {e}")))?,
             hash: row.get(n + 2).map_err(|e| bad(format!("hash: {e}")))?,
         })
     }

@@ -17,11 +17,11 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::types::ValueRef;
+use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
 
-use crate::chain::{event_values, record_hash, GENESIS_HASH, HASHED_COLUMNS};
+use crate::chain::{event_fields, record_hash, DerivedText, GENESIS_HASH, HASHED_COLUMNS};
 use crate::event::{detail_keys, Event, EventKind, Verdict};
 use crate::schema;
 
@@ -45,7 +45,9 @@ pub enum StoreError {
         path: PathBuf,
         source: rusqlite::Error,
     },
-    #[error("audit store {path} has schema version {found}; this cordon understands up to {supported}")]
+    #[error(
+        "audit store {path} has schema version {found}; this cordon understands up to {supported}"
+    )]
     SchemaTooNew {
         path: PathBuf,
         found: i64,
@@ -78,10 +80,7 @@ pub enum StoreError {
     #[error("cannot write the export: {0}")]
     Export(#[source] std::io::Error),
     #[error("cannot encode record {id} as JSON: {source}")]
-    Encode {
-        id: i64,
-        source: serde_json::Error,
-    },
+    Encode { id: i64, source: serde_json::Error },
 }
 
 /// How to open a store.
@@ -157,10 +156,11 @@ impl Store {
         }
         // No SQLITE_OPEN_CREATE: the file exists by now, and if it vanished we want an error.
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(&path, flags).map_err(|source| StoreError::Open {
-            path: path.clone(),
-            source,
-        })?;
+        let conn =
+            Connection::open_with_flags(&path, flags).map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
         let mut store = Store { conn, path };
         store.configure(options)?;
         store.create_schema()?;
@@ -214,9 +214,8 @@ impl Store {
             }
             match self
                 .conn
-                .pragma_update_and_check(None, "journal_mode", "WAL", |row| {
-                    row.get::<_, String>(0)
-                }) {
+                .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))
+            {
                 Ok(mode) if mode.eq_ignore_ascii_case("wal") => return Ok(()),
                 Ok(mode) => {
                     return Err(StoreError::NotWal {
@@ -224,9 +223,7 @@ impl Store {
                         mode,
                     })
                 }
-                Err(err)
-                    if is_busy(&err) && std::time::Instant::now() < deadline =>
-                {
+                Err(err) if is_busy(&err) && std::time::Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Err(err) => return Err(self.sql_err("switch to WAL mode")(err)),
@@ -295,7 +292,7 @@ impl Store {
             return Ok(head);
         }
         let mut session_seqs: HashMap<String, i64> = HashMap::new();
-        let mut appended: Vec<(Event, i64)> = Vec::with_capacity(events.len());
+        let mut appended: Vec<(&Event, i64)> = Vec::with_capacity(events.len());
         {
             let mut last_seq_stmt = tx
                 .prepare_cached("SELECT last_seq FROM sessions WHERE id = ?1")
@@ -304,7 +301,6 @@ impl Store {
                 .prepare_cached(&insert_sql())
                 .map_err(sql_err("prepare insert"))?;
             for event in events {
-                let event = event.clone().bounded();
                 let session_seq = if let Some(seq) = session_seqs.get_mut(&event.session_id) {
                     *seq += 1;
                     *seq
@@ -318,16 +314,19 @@ impl Store {
                     seq
                 };
                 let id = head.seq + 1;
-                let values = event_values(&event, session_seq);
-                let refs: Vec<ValueRef<'_>> = values.iter().map(ValueRef::from).collect();
-                let hash = record_hash(head.hash.as_bytes(), &refs, id);
-                let mut params: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(22);
-                params.push(&id);
-                params.extend(values.iter().map(|v| v as &dyn rusqlite::ToSql));
-                params.push(&head.hash);
-                params.push(&hash);
+                let derived = DerivedText::of(event);
+                let fields = event_fields(event, &derived, session_seq);
+                let hash = record_hash(head.hash.as_bytes(), &fields, id);
+                let mut params: [ToSqlOutput<'_>; 22] =
+                    std::array::from_fn(|_| ToSqlOutput::Borrowed(ValueRef::Null));
+                params[0] = ToSqlOutput::Borrowed(ValueRef::Integer(id));
+                for (slot, field) in params[1..].iter_mut().zip(fields) {
+                    *slot = ToSqlOutput::Borrowed(field);
+                }
+                params[20] = ToSqlOutput::Borrowed(ValueRef::Text(head.hash.as_bytes()));
+                params[21] = ToSqlOutput::Borrowed(ValueRef::Text(hash.as_bytes()));
                 insert
-                    .execute(params.as_slice())
+                    .execute(rusqlite::params_from_iter(params.iter()))
                     .map_err(sql_err("insert event"))?;
                 head = ChainHead { seq: id, hash };
                 appended.push((event, session_seq));
@@ -440,7 +439,7 @@ pub(crate) struct SessionDelta {
 
 /// Folds a batch of (event, session_seq) into one delta per session, in order of first
 /// appearance. Pure, so the summary logic is tested without a database.
-pub(crate) fn session_deltas(batch: &[(Event, i64)]) -> Vec<(String, SessionDelta)> {
+pub(crate) fn session_deltas(batch: &[(&Event, i64)]) -> Vec<(String, SessionDelta)> {
     let mut order: Vec<String> = Vec::new();
     let mut deltas: HashMap<String, SessionDelta> = HashMap::new();
     for (event, session_seq) in batch {
@@ -466,7 +465,10 @@ pub(crate) fn session_deltas(batch: &[(Event, i64)]) -> Vec<(String, SessionDelt
         match event.kind {
             EventKind::SessionStart => {
                 d.started_ms = Some(ts);
-                d.command = event.detail.get(detail_keys::COMMAND).and_then(command_text);
+                d.command = event
+                    .detail
+                    .get(detail_keys::COMMAND)
+                    .and_then(command_text);
             }
             EventKind::SessionEnd => {
                 d.ended_ms = Some(ts);
@@ -573,7 +575,13 @@ mod tests {
         shadow.verdict = Some(Verdict::ReportWouldBlock);
         let mut end = ev(EventKind::SessionEnd, "s1", 200);
         end.detail = serde_json::json!({"exit_status": 137, "limit_hit": "timeout"});
-        let batch = vec![(start, 1), (blocked, 4), (conn, 2), (shadow, 3), (end, 4)];
+        let batch = vec![
+            (&start, 1),
+            (&blocked, 4),
+            (&conn, 2),
+            (&shadow, 3),
+            (&end, 4),
+        ];
         let deltas = session_deltas(&batch);
         assert_eq!(deltas.len(), 2);
         assert_eq!(deltas[0].0, "s1");

@@ -21,13 +21,17 @@ const MS_PER_DAY: i64 = 86_400_000;
 /// Why a time or duration could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TimeError {
-    #[error("invalid timestamp {input:?}: expected RFC 3339 such as 2025-01-31T12:00:00Z ({detail})")]
+    #[error(
+        "invalid timestamp {input:?}: expected RFC 3339 such as 2025-01-31T12:00:00Z ({detail})"
+    )]
     Rfc3339 { input: String, detail: String },
     #[error("invalid duration {input:?}: expected a number and a unit (ms, s, m, h, d, w), e.g. 30m, 7d, 1h30m")]
     Duration { input: String },
     #[error("duration {input:?} is too large")]
     Overflow { input: String },
-    #[error("invalid --since {input:?}: expected a duration (1h, 30m, 7d) or an RFC 3339 timestamp")]
+    #[error(
+        "invalid --since {input:?}: expected a duration (1h, 30m, 7d) or an RFC 3339 timestamp"
+    )]
     Since { input: String },
 }
 
@@ -291,7 +295,16 @@ mod tests {
     fn since_rejects_what_it_does_not_understand() {
         let now = Timestamp(0);
         for bad in [
-            "", "h", "1", "1y", "-1h", "1 h", "1h-", "yesterday", "2023-13-01", "2023-11-14T25:00:00Z",
+            "",
+            "h",
+            "1",
+            "1y",
+            "-1h",
+            "1 h",
+            "1h-",
+            "yesterday",
+            "2023-13-01",
+            "2023-11-14T25:00:00Z",
         ] {
             assert!(parse_since_at(bad, now).is_err(), "{bad:?} was accepted");
         }

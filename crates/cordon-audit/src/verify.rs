@@ -140,10 +140,7 @@ fn verify_on(conn: &Connection) -> rusqlite::Result<VerifyReport> {
             let missing = if id == expected_id + 1 {
                 format!("record {expected_id} is missing (deleted)")
             } else {
-                format!(
-                    "records {expected_id}..={} are missing (deleted)",
-                    id - 1
-                )
+                format!("records {expected_id}..={} are missing (deleted)", id - 1)
             };
             flag(&mut report, expected_id, missing);
         } else if prev_bytes != expected_prev.as_bytes() {
@@ -206,7 +203,8 @@ impl Store {
             .unchecked_transaction()
             .map_err(self.sql_err("begin verify transaction"))?;
         let report = verify_on(&tx).map_err(self.sql_err("verify chain"))?;
-        tx.commit().map_err(self.sql_err("end verify transaction"))?;
+        tx.commit()
+            .map_err(self.sql_err("end verify transaction"))?;
         Ok(report)
     }
 

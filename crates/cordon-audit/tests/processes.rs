@@ -3,6 +3,9 @@
 //! The test binary re-executes itself: with `CORDON_AUDIT_TEST_CHILD` set, the named test plays
 //! the child's part instead of the parent's.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -109,7 +112,10 @@ fn three_processes_writing_one_store_lose_nothing_and_keep_one_chain() {
         .windows(2)
         .filter(|w| w[0].event.session_id != w[1].event.session_id)
         .count();
-    assert!(switches >= 3, "writers never interleaved ({switches} switches)");
+    assert!(
+        switches >= 3,
+        "writers never interleaved ({switches} switches)"
+    );
     let sessions = store.sessions(&SessionFilter::default()).unwrap();
     assert_eq!(sessions.len(), 3);
     assert!(sessions.iter().all(|s| s.events == PER_PROCESS as u64));

@@ -1,5 +1,8 @@
 //! The store: round trips, sessions, filters, export, prune.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
@@ -171,7 +174,12 @@ fn sessions_are_listed_recent_first_with_counts() {
         .append(&session_events(&who("01JAAA", "alice"), BASE_MS, 2, 3))
         .unwrap();
     store
-        .append(&session_events(&who("01JBBB", "bob"), BASE_MS + 60_000, 0, 1))
+        .append(&session_events(
+            &who("01JBBB", "bob"),
+            BASE_MS + 60_000,
+            0,
+            1,
+        ))
         .unwrap();
     // A third session whose events arrive in two batches, without an end yet.
     let c = who("01JBBC", "alice");
@@ -245,9 +253,17 @@ fn event_filters_select_exactly_the_matching_events() {
     store.append(&written).unwrap();
     let all = store.events(&EventFilter::default()).unwrap();
     let check = |filter: EventFilter, pred: &dyn Fn(&EventRecord) -> bool| {
-        let got: Vec<i64> = store.events(&filter).unwrap().iter().map(|r| r.id).collect();
+        let got: Vec<i64> = store
+            .events(&filter)
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect();
         let want: Vec<i64> = all.iter().filter(|r| pred(r)).map(|r| r.id).collect();
-        assert!(!want.is_empty(), "filter {filter:?} matches nothing: a vacuous check");
+        assert!(
+            !want.is_empty(),
+            "filter {filter:?} matches nothing: a vacuous check"
+        );
         assert_eq!(got, want, "filter {filter:?}");
     };
     check(
@@ -322,7 +338,9 @@ fn event_filters_select_exactly_the_matching_events() {
             ..Default::default()
         },
         &|r| {
-            r.event.session_id == "01JFILTER-A" && r.event.is_blocked() && r.event.user_id == "user2"
+            r.event.session_id == "01JFILTER-A"
+                && r.event.is_blocked()
+                && r.event.user_id == "user2"
         },
     );
 }
@@ -484,12 +502,17 @@ fn pruning_deletes_old_records_and_the_rest_still_verifies() {
 fn pruning_everything_leaves_an_empty_chain_that_verifies_and_continues() {
     let (_dir, mut store) = temp_store();
     store.append(&sample_events("s", 10)).unwrap();
-    let report = store.prune_before(Timestamp::from_millis(i64::MAX)).unwrap();
+    let report = store
+        .prune_before(Timestamp::from_millis(i64::MAX))
+        .unwrap();
     assert_eq!(report.deleted, 10);
     let verify = store.verify().unwrap();
     assert!(verify.is_ok(), "{verify:?}");
     assert_eq!(verify.checked, 0);
-    assert!(store.sessions(&SessionFilter::default()).unwrap().is_empty());
+    assert!(store
+        .sessions(&SessionFilter::default())
+        .unwrap()
+        .is_empty());
     store.append(&sample_events("t", 3)).unwrap();
     let verify = store.verify().unwrap();
     assert!(verify.is_ok(), "{verify:?}");
@@ -531,6 +554,9 @@ fn pruning_a_tampered_chain_is_refused_and_deletes_nothing() {
     let err = store
         .prune_before(Timestamp::from_millis(i64::MAX))
         .unwrap_err();
-    assert!(matches!(err, StoreError::ChainBroken { id: 2, .. }), "{err}");
+    assert!(
+        matches!(err, StoreError::ChainBroken { id: 2, .. }),
+        "{err}"
+    );
     assert_eq!(store.events(&EventFilter::default()).unwrap().len(), 10);
 }

@@ -1,5 +1,8 @@
 //! Tampering with the SQLite file directly: verify must name the first bad record.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::sample_events;
@@ -28,7 +31,10 @@ fn store_and_raw() -> (tempfile::TempDir, Store, Connection) {
 
 fn first_bad(store: &Store) -> (i64, String) {
     let report = store.verify().unwrap();
-    report.first_bad.clone().unwrap_or_else(|| panic!("tampering not detected: {report:?}"))
+    report
+        .first_bad
+        .clone()
+        .unwrap_or_else(|| panic!("tampering not detected: {report:?}"))
 }
 
 const COLUMNS: [&str; 19] = [
@@ -128,7 +134,11 @@ fn edits_that_keep_the_meaning_are_still_caught() {
     )
     .unwrap();
     let expected: i64 = raw
-        .query_row("SELECT MIN(id) FROM events WHERE detail IS NOT NULL", [], |r| r.get(0))
+        .query_row(
+            "SELECT MIN(id) FROM events WHERE detail IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(first_bad(&store).0, expected);
 
@@ -170,7 +180,8 @@ fn a_deleted_first_record_is_named_by_verify() {
 #[test]
 fn records_deleted_from_the_end_are_caught_through_the_chain_head() {
     let (_dir, store, raw) = store_and_raw();
-    raw.execute("DELETE FROM events WHERE id >= 19", []).unwrap();
+    raw.execute("DELETE FROM events WHERE id >= 19", [])
+        .unwrap();
     let (id, reason) = first_bad(&store);
     assert_eq!(id, 19);
     assert!(reason.contains("end"), "{reason}");
@@ -186,7 +197,11 @@ fn two_records_with_swapped_sequence_numbers_are_caught_at_the_first() {
     )
     .unwrap();
     let report = store.verify().unwrap();
-    assert_eq!(report.first_bad.as_ref().map(|b| b.0), Some(4), "{report:?}");
+    assert_eq!(
+        report.first_bad.as_ref().map(|b| b.0),
+        Some(4),
+        "{report:?}"
+    );
     assert_eq!(report.checked, 20);
 }
 

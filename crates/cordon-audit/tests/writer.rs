@@ -1,14 +1,15 @@
 //! The writer thread: batching, flush, close, drops, failures, concurrent writers.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{check_sessions, sample_events};
-use cordon_audit::{
-    AuditWriter, EventFilter, Store, StoreOptions, WriterConfig, WriterError,
-};
+use cordon_audit::{AuditWriter, EventFilter, Store, StoreOptions, WriterConfig, WriterError};
 
 fn count(path: &std::path::Path) -> usize {
     Store::open_existing(path)
@@ -29,7 +30,10 @@ fn a_flush_returns_only_once_everything_recorded_is_committed() {
     writer.flush().unwrap();
     assert_eq!(count(&path), 1000);
     let stats = writer.stats();
-    assert_eq!((stats.recorded, stats.committed, stats.dropped), (1000, 1000, 0));
+    assert_eq!(
+        (stats.recorded, stats.committed, stats.dropped),
+        (1000, 1000, 0)
+    );
     writer.close().unwrap();
 }
 
@@ -231,7 +235,10 @@ fn four_threads_with_their_own_writers_on_one_file_keep_one_chain() {
                     ..WriterConfig::default()
                 };
                 let writer = AuditWriter::open_with(&path, config).unwrap();
-                for (i, e) in sample_events(&format!("own-{t}"), 2000).into_iter().enumerate() {
+                for (i, e) in sample_events(&format!("own-{t}"), 2000)
+                    .into_iter()
+                    .enumerate()
+                {
                     writer.record(e);
                     if i % 100 == 99 {
                         writer.flush().unwrap();

@@ -1,5 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
+// Test helpers: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
 
 use cordon_audit::{Event, EventFilter, EventKind, Store, Timestamp, Verdict};
 
