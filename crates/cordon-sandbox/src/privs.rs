@@ -50,24 +50,23 @@ fn check(rc: libc::c_int, step: &'static str) -> Result<(), PrivError> {
 pub fn become_sandbox_user(rootful: bool) -> Result<(), PrivError> {
     if rootful {
         // SAFETY: setgroups with an empty list reads no memory.
-        check(unsafe { libc::setgroups(0, std::ptr::null()) }, "setgroups")?;
+        let rc = unsafe { libc::setgroups(0, std::ptr::null()) };
+        check(rc, "setgroups")?;
     }
     // SAFETY: plain syscalls with integer arguments.
-    check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) }, "keepcaps")?;
-    // SAFETY: as above.
-    check(
-        unsafe { libc::setresgid(SANDBOX_GID, SANDBOX_GID, SANDBOX_GID) },
-        "setresgid",
-    )?;
-    // SAFETY: as above.
-    check(
-        unsafe { libc::setresuid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID) },
-        "setresuid",
-    )?;
+    let rc = unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) };
+    check(rc, "keepcaps")?;
+    // SAFETY: plain syscall with integer arguments.
+    let rc = unsafe { libc::setresgid(SANDBOX_GID, SANDBOX_GID, SANDBOX_GID) };
+    check(rc, "setresgid")?;
+    // SAFETY: plain syscall with integer arguments.
+    let rc = unsafe { libc::setresuid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID) };
+    check(rc, "setresuid")?;
     let permitted = caps::read(None, CapSet::Permitted).map_err(caps_err("read-caps"))?;
     caps::set(None, CapSet::Effective, &permitted).map_err(caps_err("restore-caps"))?;
     // SAFETY: plain syscall with integer arguments.
-    check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) }, "keepcaps")?;
+    let rc = unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) };
+    check(rc, "keepcaps")?;
     Ok(())
 }
 
@@ -85,20 +84,16 @@ pub fn drop_everything() -> Result<(), PrivError> {
 /// `prctl(PR_SET_NO_NEW_PRIVS, 1)`.
 pub fn set_no_new_privs() -> Result<(), PrivError> {
     // SAFETY: plain syscall with integer arguments.
-    check(
-        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
-        "no_new_privs",
-    )
+    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    check(rc, "no_new_privs")
 }
 
 /// Makes the process non-dumpable: its `/proc/PID` files become inaccessible to processes of
 /// the same uid, and it cannot be ptrace-attached without CAP_SYS_PTRACE.
 pub fn set_non_dumpable() -> Result<(), PrivError> {
     // SAFETY: plain syscall with integer arguments.
-    check(
-        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) },
-        "dumpable",
-    )
+    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    check(rc, "dumpable")
 }
 
 /// Applies the rlimits (soft = hard, so the command cannot raise them).

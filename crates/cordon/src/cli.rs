@@ -15,7 +15,11 @@ use sha2::{Digest, Sha256};
 use crate::session::{self, RunError, RunRequest};
 
 #[derive(Parser)]
-#[command(name = "cordon", version, about = "Run untrusted code in a sandbox with no network of its own")]
+#[command(
+    name = "cordon",
+    version,
+    about = "Run untrusted code in a sandbox with no network of its own"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,9 +41,7 @@ enum Command {
 #[derive(Subcommand)]
 enum PolicyCommand {
     /// Validate a policy file and print the effective policy.
-    Check {
-        file: PathBuf,
-    },
+    Check { file: PathBuf },
 }
 
 #[derive(Args)]
@@ -150,8 +152,8 @@ fn fail(code: i32, message: impl std::fmt::Display) -> i32 {
 fn load_policy(args: &RunArgs) -> Result<Policy, String> {
     let mut policy = match &args.policy {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
             Policy::from_toml_str(&text, Some(&path.display().to_string()))
                 .map_err(|e| e.to_string())?
         }
@@ -206,7 +208,10 @@ fn command_of(args: &RunArgs) -> Result<Command_, String> {
             return Err("--interpreter needs --code FILE".into());
         }
         if args.command.is_empty() {
-            return Err("no command given: cordon run [OPTIONS] -- COMMAND [ARGS...] (or --code FILE)".into());
+            return Err(
+                "no command given: cordon run [OPTIONS] -- COMMAND [ARGS...] (or --code FILE)"
+                    .into(),
+            );
         }
         let joined = args.command.join("\0");
         return Ok((
@@ -233,12 +238,10 @@ fn command_of(args: &RunArgs) -> Result<Command_, String> {
     let interpreter = match (&args.interpreter, interpreter_for(&name)) {
         (Some(i), _) => i.clone(),
         (None, Some(i)) => i.to_string(),
-        (None, None) => {
-            return Err(format!(
-                "--code {}: cannot tell the interpreter from the file name; pass --interpreter PROGRAM",
-                code.display()
-            ))
-        }
+        (None, None) => return Err(format!(
+            "--code {}: cannot tell the interpreter from the file name; pass --interpreter PROGRAM",
+            code.display()
+        )),
     };
     let mut argv = vec![
         interpreter,

@@ -296,14 +296,15 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     })
 }
 
-fn cgroup_for(
-    session_id: &str,
-    limits: &CgroupLimits,
-) -> Result<Box<dyn SessionCgroup>, String> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
-    let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
-    let detected = cgroup::detect(std::path::Path::new("/"), &mountinfo, &own)
-        .map_err(|e| e.to_string())?;
+fn cgroup_for(session_id: &str, limits: &CgroupLimits) -> Result<Box<dyn SessionCgroup>, String> {
+    let mut detected = cgroup::detect_host().map_err(|e| e.to_string())?;
+    // On a pure cgroup v2 host our own cgroup holds us, and v2 forbids handing controllers to
+    // children of a cgroup with processes: move ourselves into cordon/_supervisor first.
+    if let Some(v2) = &detected.v2 {
+        if matches!(v2.status, cgroup::V2Status::OwnCgroupHasProcesses) {
+            detected = cgroup::relocate_self(&detected).map_err(|e| e.to_string())?;
+        }
+    }
     cgroup::create(&detected, session_id, limits).map_err(|e| e.to_string())
 }
 

@@ -111,7 +111,9 @@ impl Workspace {
     /// Ends the session's use of the workspace.
     pub fn finish(self) -> Result<(), String> {
         match self.kind {
-            Kind::Throwaway(p) => std::fs::remove_dir_all(&p).map_err(|e| format!("{}: {e}", p.display())),
+            Kind::Throwaway(p) => {
+                std::fs::remove_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))
+            }
             Kind::Host(_) => Ok(()),
         }
     }
