@@ -239,3 +239,147 @@ async fn tcp_client(ctx: &Ctx, session: &Session, mut stream: TcpStream) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cordon_policy::{AllowEntry, Enforcement, NetworkPolicy, ResponsePolicy};
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::Name;
+    use std::net::Ipv4Addr;
+
+    fn view(allow: &[&str], mode: Enforcement) -> PolicyView {
+        PolicyView::new(
+            NetworkPolicy {
+                mode,
+                allow: allow.iter().map(|a| AllowEntry::parse(a).unwrap()).collect(),
+                ..NetworkPolicy::default()
+            },
+            ResponsePolicy::default(),
+        )
+    }
+
+    fn query(name: &str, qtype: RecordType) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = 4242;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+        m.to_vec().unwrap()
+    }
+
+    fn run(p: &PolicyView, map: &SyntheticMap, bytes: &[u8]) -> (Message, Option<DnsOutcome>) {
+        let (resp, outcome) = answer(bytes, p, map);
+        (Message::from_vec(&resp.unwrap()).unwrap(), outcome)
+    }
+
+    fn a_records(m: &Message) -> Vec<Ipv4Addr> {
+        m.answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_allowed_name_gets_a_stable_synthetic_address() {
+        let p = view(&["api.github.com"], Enforcement::Enforce);
+        let map = SyntheticMap::new();
+        let (m, o) = run(&p, &map, &query("API.github.com.", RecordType::A));
+        assert_eq!(m.metadata.id, 4242);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        let first = a_records(&m);
+        assert_eq!(first, vec![Ipv4Addr::new(198, 18, 0, 1)]);
+        let o = o.unwrap();
+        assert_eq!((o.verdict, o.rule.as_str(), o.name.as_str()), (Verdict::Allow, "api.github.com", "api.github.com"));
+        let (m2, _) = run(&p, &map, &query("api.github.com", RecordType::A));
+        assert_eq!(a_records(&m2), first);
+    }
+
+    #[test]
+    fn a_name_allowed_only_on_another_port_still_resolves() {
+        let p = view(&["git.example.com:22"], Enforcement::Enforce);
+        let map = SyntheticMap::new();
+        let (m, _) = run(&p, &map, &query("git.example.com", RecordType::A));
+        assert_eq!(a_records(&m).len(), 1);
+    }
+
+    #[test]
+    fn aaaa_for_an_allowed_name_is_nodata() {
+        let p = view(&["api.github.com"], Enforcement::Enforce);
+        let (m, o) = run(&p, &SyntheticMap::new(), &query("api.github.com", RecordType::AAAA));
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+        assert_eq!(o.unwrap().verdict, Verdict::Allow);
+    }
+
+    #[test]
+    fn other_names_get_nxdomain_and_a_block_event() {
+        let p = view(&["api.github.com"], Enforcement::Enforce);
+        let map = SyntheticMap::new();
+        for qtype in [RecordType::A, RecordType::AAAA, RecordType::TXT] {
+            let (m, o) = run(&p, &map, &query("secret-data.evil.com", qtype));
+            assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{qtype}");
+            let o = o.unwrap();
+            assert_eq!(o.verdict, Verdict::Block);
+            assert_eq!(o.rule, "default-deny");
+            assert_eq!(o.reason.as_deref(), Some("host secret-data.evil.com is not in the allowlist"));
+        }
+        assert!(map.is_empty());
+    }
+
+    #[test]
+    fn other_query_types_for_allowed_names_are_refused() {
+        let p = view(&["api.github.com"], Enforcement::Enforce);
+        for qtype in [RecordType::TXT, RecordType::MX, RecordType::ANY, RecordType::PTR] {
+            let (m, o) = run(&p, &SyntheticMap::new(), &query("api.github.com", qtype));
+            assert_eq!(m.metadata.response_code, ResponseCode::Refused, "{qtype}");
+            assert_eq!(o.unwrap().verdict, Verdict::Block);
+        }
+    }
+
+    #[test]
+    fn report_mode_answers_every_valid_name_and_records_it_would_block() {
+        let p = view(&[], Enforcement::Report);
+        let (m, o) = run(&p, &SyntheticMap::new(), &query("example.com", RecordType::A));
+        assert_eq!(a_records(&m).len(), 1);
+        assert_eq!(o.unwrap().verdict, Verdict::ReportWouldBlock);
+    }
+
+    #[test]
+    fn ip_like_names_are_nxdomain() {
+        let p = view(&[], Enforcement::Report);
+        let (m, o) = run(&p, &SyntheticMap::new(), &query("169.254.169.254", RecordType::A));
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(o.unwrap().rule, "dns:invalid-name");
+    }
+
+    #[test]
+    fn malformed_messages_get_formerr_or_nothing() {
+        let p = view(&[], Enforcement::Enforce);
+        let map = SyntheticMap::new();
+        let (resp, o) = answer(&[0x12, 0x34, 0xff], &p, &map);
+        let m = Message::from_vec(&resp.unwrap()).unwrap();
+        assert_eq!((m.metadata.id, m.metadata.response_code), (0x1234, ResponseCode::FormErr));
+        assert!(o.is_none());
+        assert_eq!(answer(&[0x12], &p, &map), (None, None));
+
+        let mut two = Message::query();
+        two.add_query(Query::query(Name::from_ascii("a.com").unwrap(), RecordType::A));
+        two.add_query(Query::query(Name::from_ascii("b.com").unwrap(), RecordType::A));
+        let (m, o) = run(&p, &map, &two.to_vec().unwrap());
+        assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+        assert!(o.is_none());
+    }
+
+    #[test]
+    fn an_exhausted_synthetic_range_answers_servfail() {
+        let p = view(&["*.example.com"], Enforcement::Enforce);
+        let map = SyntheticMap::with_capacity(1);
+        run(&p, &map, &query("a.example.com", RecordType::A));
+        let (m, o) = run(&p, &map, &query("b.example.com", RecordType::A));
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+        assert_eq!(o.unwrap().verdict, Verdict::Block);
+    }
+}

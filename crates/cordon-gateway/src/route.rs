@@ -93,7 +93,7 @@ pub(crate) async fn resolve_checked(
         }
         if allowed.is_empty() {
             // The rule that let the address through matters when it is an exemption.
-            if v.rule.starts_with("allow_private:") {
+            if v.rule.starts_with("allow_private:") && verdict == Verdict::Allow {
                 rule = v.rule.clone();
             }
             if v.verdict == Verdict::ReportWouldBlock && verdict == Verdict::Allow {
