@@ -20,14 +20,19 @@ use nix::fcntl::{Flock, FlockArg};
 use super::{loopdev, mountapi, WorkspaceError};
 
 /// Bumped whenever the mkfs options below change, so old templates are not reused.
-const TEMPLATE_VERSION: u32 = 1;
+const TEMPLATE_VERSION: u32 = 2;
 
 /// Bytes per inode: one inode per 8 KiB suits source trees and `node_modules` (many small
 /// files) better than mke2fs's default of 16 KiB; unused inode tables stay sparse holes.
 const BYTES_PER_INODE: &str = "8192";
 
 /// Where mkfs.ext4 is looked for (root's PATH often lacks the sbin directories).
-const MKFS_CANDIDATES: &[&str] = &["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4", "/usr/bin/mkfs.ext4", "/bin/mkfs.ext4"];
+const MKFS_CANDIDATES: &[&str] = &[
+    "/usr/sbin/mkfs.ext4",
+    "/sbin/mkfs.ext4",
+    "/usr/bin/mkfs.ext4",
+    "/bin/mkfs.ext4",
+];
 
 /// What `mkfs.ext4` is told; pinned by a unit test so a change is deliberate.
 pub fn mkfs_args(path: &Path) -> Vec<String> {
@@ -45,11 +50,12 @@ pub fn mkfs_args(path: &Path) -> Vec<String> {
         "0".into(),
         "-L".into(),
         "cordon-ws".into(),
-        // No journal (the volume dies with the session) and no online-resize reserve.
+        // No journal (the volume dies with the session), no online-resize reserve, and no backup
+        // superblocks: each is one more extent the host must allocate and free per session.
         "-O".into(),
-        "^has_journal,^resize_inode".into(),
+        "^has_journal,^resize_inode,sparse_super2".into(),
         "-E".into(),
-        "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0".into(),
+        "lazy_itable_init=1,lazy_journal_init=1,nodiscard,num_backup_sb=0,root_owner=0:0".into(),
         path.to_string_lossy().into_owned(),
     ]
 }
@@ -85,10 +91,17 @@ fn unique_suffix() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    format!("{}-{nanos}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{nanos}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
-fn template_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> WorkspaceError + 'a {
+fn template_err<'a>(
+    path: &'a Path,
+    op: &'static str,
+) -> impl FnOnce(std::io::Error) -> WorkspaceError + 'a {
     move |source| WorkspaceError::Template {
         path: path.to_path_buf(),
         op,
@@ -142,7 +155,8 @@ pub fn ensure_template(state_dir: &Path, cap_bytes: u64) -> Result<PathBuf, Work
 
 fn build_template(mkfs: &Path, tmp: &Path, cap_bytes: u64) -> Result<(), WorkspaceError> {
     let file = create_locked(tmp).map_err(template_err(tmp, "create"))?;
-    file.set_len(cap_bytes).map_err(template_err(tmp, "truncate"))?;
+    file.set_len(cap_bytes)
+        .map_err(template_err(tmp, "truncate"))?;
     let out = Command::new(mkfs)
         .args(mkfs_args(tmp))
         .env_clear()
@@ -162,16 +176,63 @@ fn build_template(mkfs: &Path, tmp: &Path, cap_bytes: u64) -> Result<(), Workspa
         let dev = loopdev::attach(&file, tmp, /*direct_io*/ false)?;
         let root = mountapi::mount_ext4(&dev.path())?;
         drop(dev);
-        nix::unistd::unlinkat(root.as_fd(), "lost+found", nix::unistd::UnlinkatFlags::RemoveDir).map_err(|e| {
-            WorkspaceError::Template {
-                path: tmp.to_path_buf(),
-                op: "remove lost+found",
-                source: e.into(),
-            }
+        nix::unistd::unlinkat(
+            root.as_fd(),
+            "lost+found",
+            nix::unistd::UnlinkatFlags::RemoveDir,
+        )
+        .map_err(|e| WorkspaceError::Template {
+            path: tmp.to_path_buf(),
+            op: "remove lost+found",
+            source: e.into(),
         })?;
         // Closing the last reference unmounts (writing the change back) and frees the device.
     }
+    fill_small_gaps(&file).map_err(|e| WorkspaceError::Template {
+        path: tmp.to_path_buf(),
+        op: "fill small holes",
+        source: e.into(),
+    })?;
     file.sync_all().map_err(template_err(tmp, "fsync"))?;
+    Ok(())
+}
+
+/// Largest hole between two data extents of the template that is filled with zeros.
+const MAX_FILLED_GAP: i64 = 256 << 10;
+
+/// Writes zeros into the small holes between the template's data extents. A hole reads as
+/// zeros, so the filesystem is unchanged; but every extent of a session image is one more
+/// allocation and one more free for the host (a synchronous TRIM per extent on a host mounted
+/// with `-o discard`), and mke2fs leaves its first megabyte in several pieces.
+fn fill_small_gaps(file: &File) -> Result<(), Errno> {
+    let len = file
+        .metadata()
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?
+        .len() as i64;
+    let zeros = vec![0u8; MAX_FILLED_GAP as usize];
+    let mut offset = 0i64;
+    let mut prev_end: Option<i64> = None;
+    while offset < len {
+        // SAFETY: lseek on an fd we own; -1/ENXIO means no data past `offset`.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), offset, libc::SEEK_DATA) };
+        if data < 0 {
+            match Errno::last() {
+                Errno::ENXIO => break,
+                e => return Err(e),
+            }
+        }
+        // SAFETY: as above.
+        let hole = Errno::result(unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) })?;
+        if let Some(end) = prev_end {
+            let gap = data - end;
+            if gap > 0 && gap <= MAX_FILLED_GAP {
+                std::os::unix::fs::FileExt::write_all_at(file, &zeros[..gap as usize], end as u64)
+                    .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+            }
+        }
+        prev_end = Some(hole);
+        offset = hole;
+    }
     Ok(())
 }
 
@@ -191,7 +252,10 @@ pub fn clone_template(template: &Path, volumes_dir: &Path) -> Result<SessionImag
         move |source: std::io::Error| WorkspaceError::Image { path, op, source }
     };
     let src = File::open(template).map_err(template_err(template, "open"))?;
-    let len = src.metadata().map_err(template_err(template, "stat"))?.len();
+    let len = src
+        .metadata()
+        .map_err(template_err(template, "stat"))?
+        .len();
     let dst = create_locked(&path).map_err(image_err("create"))?;
     let result = copy_sparse(&src, &dst, len).map_err(|e| image_err("copy template")(e.into()));
     if let Err(e) = result {

@@ -89,8 +89,13 @@ fn open_rw(path: &Path) -> Result<OwnedFd, Errno> {
 
 /// Binds `image` to a free loop device with autoclear, `block_size` 4096 (the ext4 block size)
 /// and, when `direct_io`, `LO_FLAGS_DIRECT_IO` so the image's blocks are not cached twice.
-pub fn attach(image: &File, image_path: &Path, direct_io: bool) -> Result<LoopDevice, WorkspaceError> {
-    let control = open_rw(Path::new("/dev/loop-control")).map_err(loop_err("open /dev/loop-control"))?;
+pub fn attach(
+    image: &File,
+    image_path: &Path,
+    direct_io: bool,
+) -> Result<LoopDevice, WorkspaceError> {
+    let control =
+        open_rw(Path::new("/dev/loop-control")).map_err(loop_err("open /dev/loop-control"))?;
     let mut name = [0u8; LO_NAME_SIZE];
     let bytes = image_path.as_os_str().as_bytes();
     // The kernel keeps only the first 63 bytes; sysfs `backing_file` has the full path.
@@ -132,12 +137,23 @@ pub fn attach(image: &File, image_path: &Path, direct_io: bool) -> Result<LoopDe
         )))?;
         // SAFETY: `config` is a fully initialised `struct loop_config` that outlives the call;
         // the kernel only reads it.
-        let rc = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, &config as *const LoopConfig) };
+        let rc = unsafe {
+            libc::ioctl(
+                dev.as_raw_fd(),
+                LOOP_CONFIGURE,
+                &config as *const LoopConfig,
+            )
+        };
         match Errno::result(rc) {
             Ok(_) => return Ok(LoopDevice { index, _fd: dev }),
             // Someone else bound it first: ask for another free device.
             Err(Errno::EBUSY) => last = Errno::EBUSY,
-            Err(e) => return Err(WorkspaceError::Loop { op: format!("LOOP_CONFIGURE {}", dev_path.display()), errno: e }),
+            Err(e) => {
+                return Err(WorkspaceError::Loop {
+                    op: format!("LOOP_CONFIGURE {}", dev_path.display()),
+                    errno: e,
+                })
+            }
         }
     }
     Err(WorkspaceError::Loop {
@@ -162,7 +178,11 @@ pub fn bound_devices() -> Vec<(u32, String)> {
     let mut out = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(index) = name.to_str().and_then(|n| n.strip_prefix("loop")).and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(index) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("loop"))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         if let Some(file) = backing_file(index) {
@@ -183,6 +203,9 @@ pub fn clear(index: u32) -> Result<(), WorkspaceError> {
     match Errno::result(rc) {
         // ENXIO: it was not bound (any more).
         Ok(_) | Err(Errno::ENXIO) => Ok(()),
-        Err(e) => Err(WorkspaceError::Loop { op: format!("LOOP_CLR_FD {}", path.display()), errno: e }),
+        Err(e) => Err(WorkspaceError::Loop {
+            op: format!("LOOP_CLR_FD {}", path.display()),
+            errno: e,
+        }),
     }
 }

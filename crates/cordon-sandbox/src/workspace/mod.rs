@@ -59,7 +59,10 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/cordon";
 /// One inode per this many bytes of cap (tmpfs; ext4 uses the same ratio in `mkfs_args`).
 const BYTES_PER_INODE: u64 = 8192;
 const TMPFS_MAGIC: i64 = 0x0102_1994;
-/// How long release waits for the kernel to free an autoclear loop device.
+/// Volumes with at least this much in them are shut down before release (see `release`).
+const SHUTDOWN_THRESHOLD_BYTES: u64 = 64 << 20;
+/// How long release waits for the kernel to free an autoclear loop device (it is synchronous
+/// on the kernels measured; this only guards against a sandbox still holding the mount).
 const LOOP_RELEASE_WAIT: Duration = Duration::from_millis(200);
 
 /// A failed workspace step.
@@ -84,15 +87,29 @@ pub enum WorkspaceError {
         source: std::io::Error,
     },
     #[error("workspace {path} needs about {needed} bytes, more than the {available} bytes its cap allows (raise the workspace cap or shrink the directory)")]
-    TooLarge { path: PathBuf, needed: u64, available: u64 },
+    TooLarge {
+        path: PathBuf,
+        needed: u64,
+        available: u64,
+    },
     #[error("workspace {path} is nested deeper than {max} directories")]
     TooDeep { path: PathBuf, max: usize },
     #[error("the filesystem holding {state_dir} has {free} bytes free, less than the workspace cap of {cap_bytes} bytes (free space or lower the cap)")]
-    HostDiskTooFull { state_dir: PathBuf, free: u64, cap_bytes: u64 },
-    #[error("mkfs.ext4 not found (looked in {searched}); install e2fsprogs: apt-get install e2fsprogs")]
+    HostDiskTooFull {
+        state_dir: PathBuf,
+        free: u64,
+        cap_bytes: u64,
+    },
+    #[error(
+        "mkfs.ext4 not found (looked in {searched}); install e2fsprogs: apt-get install e2fsprogs"
+    )]
     MkfsMissing { searched: String },
     #[error("{program} failed ({status}): {stderr}")]
-    Mkfs { program: PathBuf, status: String, stderr: String },
+    Mkfs {
+        program: PathBuf,
+        status: String,
+        stderr: String,
+    },
     #[error("workspace template {path}: {op}: {source}")]
     Template {
         path: PathBuf,
@@ -117,9 +134,17 @@ pub enum WorkspaceError {
         kernel_log: String,
     },
     #[error("copying the workspace in: {path}: {op}: {errno}")]
-    CopyIn { path: PathBuf, op: &'static str, errno: Errno },
+    CopyIn {
+        path: PathBuf,
+        op: &'static str,
+        errno: Errno,
+    },
     #[error("committing the workspace: {path}: {op}: {errno}")]
-    Commit { path: PathBuf, op: &'static str, errno: Errno },
+    Commit {
+        path: PathBuf,
+        op: &'static str,
+        errno: Errno,
+    },
     #[error("volume root handed over by the sandbox: {0}")]
     BadTmpfsRoot(String),
     #[error("workspace usage: {op}: {errno}")]
@@ -297,6 +322,8 @@ pub struct WorkspaceVolume {
     loop_dev: Option<(u32, String)>,
     /// The (already unlinked) image, kept open to report how much host disk it takes.
     image: Option<Flock<std::fs::File>>,
+    /// Bytes in use on the volume right after mount (ext4's own accounting).
+    empty_used_bytes: u64,
     snapshot: Snapshot,
     copy_in: Option<CopyInStats>,
     timings: Timings,
@@ -306,7 +333,10 @@ fn us(since: Instant) -> u64 {
     since.elapsed().as_micros() as u64
 }
 
-fn state_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> WorkspaceError + 'a {
+fn state_err<'a>(
+    path: &'a Path,
+    op: &'static str,
+) -> impl FnOnce(std::io::Error) -> WorkspaceError + 'a {
     move |source| WorkspaceError::StateDir {
         path: path.to_path_buf(),
         op,
@@ -345,7 +375,10 @@ fn open_host_dir(path: &Path) -> Result<OwnedFd, WorkspaceError> {
 
 fn free_bytes(fd: BorrowedFd<'_>) -> Result<(u64, u64), Errno> {
     let st = nix::sys::statvfs::fstatvfs(fd)?;
-    Ok((st.blocks_available() * st.fragment_size(), st.files_available()))
+    Ok((
+        st.blocks_available() * st.fragment_size(),
+        st.files_available(),
+    ))
 }
 
 impl WorkspaceVolume {
@@ -379,6 +412,7 @@ impl WorkspaceVolume {
             root: None,
             loop_dev: None,
             image: None,
+            empty_used_bytes: 0,
             snapshot: Snapshot::default(),
             copy_in: None,
             timings,
@@ -397,7 +431,8 @@ impl WorkspaceVolume {
         ensure_private_dir(&volumes)?;
         ensure_private_dir(&state_dir.join("templates"))?;
         let dir = std::fs::File::open(&volumes).map_err(state_err(&volumes, "open"))?;
-        let (free, _) = free_bytes(dir.as_fd()).map_err(|e| state_err(&volumes, "statvfs")(e.into()))?;
+        let (free, _) =
+            free_bytes(dir.as_fd()).map_err(|e| state_err(&volumes, "statvfs")(e.into()))?;
         if free < self.plan.cap_bytes {
             return Err(WorkspaceError::HostDiskTooFull {
                 state_dir,
@@ -427,6 +462,9 @@ impl WorkspaceVolume {
         let t = Instant::now();
         let root = mountapi::mount_ext4(&dev.path())?;
         self.timings.mount_us = us(t);
+        if let Ok(st) = nix::sys::statvfs::fstatvfs(root.as_fd()) {
+            self.empty_used_bytes = (st.blocks() - st.blocks_free()) * st.fragment_size();
+        }
         // From here the filesystem holds the device; our fd is no longer needed, and closing it
         // makes the filesystem the last opener (autoclear fires when it goes).
         drop(dev);
@@ -454,7 +492,8 @@ impl WorkspaceVolume {
                 errno,
             })?;
         }
-        let (Some(host), WorkspaceSource::HostDir(path)) = (&self.host_dir, &self.plan.source) else {
+        let (Some(host), WorkspaceSource::HostDir(path)) = (&self.host_dir, &self.plan.source)
+        else {
             return Ok(());
         };
         let t = Instant::now();
@@ -472,17 +511,18 @@ impl WorkspaceVolume {
             });
         }
         let owner = HostFacts::probe().privileged.then_some(self.plan.owner);
-        let (snapshot, stats) = tree::copy_in(host.as_fd(), root.as_fd(), owner).map_err(|e| match e {
-            WorkspaceError::CopyIn {
-                errno: Errno::ENOSPC | Errno::EDQUOT,
-                ..
-            } => WorkspaceError::TooLarge {
-                path: path.clone(),
-                needed: est.bytes,
-                available: free,
-            },
-            other => other,
-        })?;
+        let (snapshot, stats) =
+            tree::copy_in(host.as_fd(), root.as_fd(), owner).map_err(|e| match e {
+                WorkspaceError::CopyIn {
+                    errno: Errno::ENOSPC | Errno::EDQUOT,
+                    ..
+                } => WorkspaceError::TooLarge {
+                    path: path.clone(),
+                    needed: est.bytes,
+                    available: free,
+                },
+                other => other,
+            })?;
         self.snapshot = snapshot;
         self.copy_in = Some(stats);
         self.timings.copy_in_us = us(t);
@@ -496,7 +536,12 @@ impl WorkspaceVolume {
         let st = nix::sys::statvfs::fstatvfs(root.as_fd()).map_err(fail("statvfs volume"))?;
         let block = st.fragment_size();
         let host_bytes = match &self.image {
-            Some(image) => Some(nix::sys::stat::fstat(image.as_fd()).map_err(fail("stat image"))?.st_blocks as u64 * 512),
+            Some(image) => Some(
+                nix::sys::stat::fstat(image.as_fd())
+                    .map_err(fail("stat image"))?
+                    .st_blocks as u64
+                    * 512,
+            ),
             None => None,
         };
         Ok(VolumeUsage {
@@ -543,7 +588,9 @@ impl WorkspaceVolume {
     /// What the sandbox init should put at `/workspace`.
     pub fn sandbox_mount(&self) -> Result<SandboxMount, WorkspaceError> {
         match (self.plan.backend, &self.root) {
-            (VolumeBackend::LoopExt4, Some(root)) => Ok(SandboxMount::Detached(mountapi::clone_mount(root.as_fd())?)),
+            (VolumeBackend::LoopExt4, Some(root)) => {
+                Ok(SandboxMount::Detached(mountapi::clone_mount(root.as_fd())?))
+            }
             (VolumeBackend::LoopExt4, None) => Err(WorkspaceError::NotAdopted),
             (VolumeBackend::Tmpfs, _) => Ok(SandboxMount::Tmpfs {
                 size_bytes: self.plan.cap_bytes,
@@ -560,7 +607,8 @@ impl WorkspaceVolume {
                 "not expected: this volume is not a tmpfs waiting for its root".into(),
             ));
         }
-        let fs = nix::sys::statfs::fstatfs(fd.as_fd()).map_err(|e| WorkspaceError::BadTmpfsRoot(format!("fstatfs: {e}")))?;
+        let fs = nix::sys::statfs::fstatfs(fd.as_fd())
+            .map_err(|e| WorkspaceError::BadTmpfsRoot(format!("fstatfs: {e}")))?;
         if fs.filesystem_type().0 as i64 != TMPFS_MAGIC {
             return Err(WorkspaceError::BadTmpfsRoot("not a tmpfs".into()));
         }
@@ -578,7 +626,8 @@ impl WorkspaceVolume {
             nix::sys::stat::Mode::empty(),
         )
         .map_err(|e| WorkspaceError::BadTmpfsRoot(format!("open: {e}")))?;
-        let mut entries = nix::dir::Dir::from_fd(dir).map_err(|e| WorkspaceError::BadTmpfsRoot(format!("opendir: {e}")))?;
+        let mut entries = nix::dir::Dir::from_fd(dir)
+            .map_err(|e| WorkspaceError::BadTmpfsRoot(format!("opendir: {e}")))?;
         let nonempty = entries.iter().flatten().any(|e| {
             let n = e.file_name().to_bytes();
             n != b"." && n != b".."
@@ -597,9 +646,12 @@ impl WorkspaceVolume {
     /// releases the volume. A throwaway volume is just released.
     pub fn commit(mut self) -> Result<CommitStats, WorkspaceError> {
         let result = match (&self.plan.source, &self.root, &self.host_dir) {
-            (WorkspaceSource::HostDir(_), Some(root), Some(host)) => {
-                tree::commit_tree(root.as_fd(), host.as_fd(), &self.snapshot, HostFacts::probe().privileged)
-            }
+            (WorkspaceSource::HostDir(_), Some(root), Some(host)) => tree::commit_tree(
+                root.as_fd(),
+                host.as_fd(),
+                &self.snapshot,
+                HostFacts::probe().privileged,
+            ),
             (WorkspaceSource::HostDir(_), None, _) => Err(WorkspaceError::NotAdopted),
             _ => Ok(CommitStats::default()),
         };
@@ -614,9 +666,20 @@ impl WorkspaceVolume {
         self.release()
     }
 
+    /// Shutting ext4 down spares the write-back of everything the sandbox left dirty, but the
+    /// kernel logs it at KERN_ALERT (onto the console): only worth it for a well-filled volume.
+    fn worth_shutting_down(&self, root: &OwnedFd) -> bool {
+        nix::sys::statvfs::fstatvfs(root.as_fd())
+            .map(|st| {
+                let used = (st.blocks() - st.blocks_free()) * st.fragment_size();
+                used.saturating_sub(self.empty_used_bytes) >= SHUTDOWN_THRESHOLD_BYTES
+            })
+            .unwrap_or(false)
+    }
+
     fn release(&mut self) -> Result<(), WorkspaceError> {
         if let Some(root) = self.root.take() {
-            if self.plan.backend == VolumeBackend::LoopExt4 {
+            if self.plan.backend == VolumeBackend::LoopExt4 && self.worth_shutting_down(&root) {
                 // Skip writing back data nobody will read; failure only costs time.
                 if let Ok(dir) = nix::fcntl::openat(
                     root.as_fd(),
@@ -705,7 +768,10 @@ mod tests {
         VolumeRequest {
             source,
             cap_bytes: cap,
-            owner: Owner { uid: 1_900_000, gid: 1_900_000 },
+            owner: Owner {
+                uid: 1_900_000,
+                gid: 1_900_000,
+            },
             state_dir: PathBuf::from("/var/lib/cordon"),
             memory_limit_bytes: mem,
         }
@@ -722,7 +788,14 @@ mod tests {
 
     #[test]
     fn root_with_loop_devices_gets_an_ext4_volume_with_the_full_cap() {
-        let plan = plan_volume(&request(WorkspaceSource::Throwaway, DEFAULT_CAP_BYTES, Some(512 << 20)), &ROOT);
+        let plan = plan_volume(
+            &request(
+                WorkspaceSource::Throwaway,
+                DEFAULT_CAP_BYTES,
+                Some(512 << 20),
+            ),
+            &ROOT,
+        );
         assert!(matches!(
             plan,
             Ok(VolumePlan {
@@ -736,18 +809,32 @@ mod tests {
 
     #[test]
     fn a_tmpfs_volume_is_capped_at_half_the_memory_limit_and_says_so() {
-        let plan = plan_volume(&request(WorkspaceSource::Throwaway, DEFAULT_CAP_BYTES, Some(512 << 20)), &USER);
-        let Ok(plan) = plan else { panic!("plan failed: {plan:?}") };
+        let plan = plan_volume(
+            &request(
+                WorkspaceSource::Throwaway,
+                DEFAULT_CAP_BYTES,
+                Some(512 << 20),
+            ),
+            &USER,
+        );
+        let Ok(plan) = plan else {
+            panic!("plan failed: {plan:?}")
+        };
         assert_eq!(plan.backend, VolumeBackend::Tmpfs);
         assert_eq!(plan.cap_bytes, 256 << 20);
         assert_eq!(plan.requested_cap_bytes, DEFAULT_CAP_BYTES);
         assert_eq!(plan.nr_inodes, (256 << 20) / 8192);
-        assert!(plan.note.is_some_and(|n| n.contains("not root") && n.contains("ENOSPC, not OOM")));
+        assert!(plan
+            .note
+            .is_some_and(|n| n.contains("not root") && n.contains("ENOSPC, not OOM")));
     }
 
     #[test]
     fn a_tmpfs_volume_below_half_the_memory_keeps_its_cap() {
-        let plan = plan_volume(&request(WorkspaceSource::Throwaway, 64 << 20, Some(512 << 20)), &USER);
+        let plan = plan_volume(
+            &request(WorkspaceSource::Throwaway, 64 << 20, Some(512 << 20)),
+            &USER,
+        );
         assert!(matches!(plan, Ok(VolumePlan { cap_bytes, .. }) if cap_bytes == 64 << 20));
     }
 
@@ -757,7 +844,10 @@ mod tests {
             privileged: true,
             loop_control: false,
         };
-        let plan = plan_volume(&request(WorkspaceSource::Throwaway, DEFAULT_CAP_BYTES, None), &facts);
+        let plan = plan_volume(
+            &request(WorkspaceSource::Throwaway, DEFAULT_CAP_BYTES, None),
+            &facts,
+        );
         assert!(matches!(
             plan,
             Ok(VolumePlan { backend: VolumeBackend::Tmpfs, cap_bytes: DEFAULT_CAP_BYTES, note: Some(ref n), .. })
@@ -776,7 +866,14 @@ mod tests {
             Err(WorkspaceError::CapOutOfRange { .. })
         ));
         assert!(matches!(
-            plan_volume(&request(WorkspaceSource::HostDir("work".into()), DEFAULT_CAP_BYTES, None), &ROOT),
+            plan_volume(
+                &request(
+                    WorkspaceSource::HostDir("work".into()),
+                    DEFAULT_CAP_BYTES,
+                    None
+                ),
+                &ROOT
+            ),
             Err(WorkspaceError::RelativePath(_))
         ));
     }
@@ -786,8 +883,8 @@ mod tests {
         let args = mkfs_args(Path::new("/x.img"));
         assert_eq!(
             args.join(" "),
-            "-q -F -b 4096 -i 8192 -I 256 -m 0 -L cordon-ws -O ^has_journal,^resize_inode \
-             -E lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0 /x.img"
+            "-q -F -b 4096 -i 8192 -I 256 -m 0 -L cordon-ws -O ^has_journal,^resize_inode,sparse_super2 \
+             -E lazy_itable_init=1,lazy_journal_init=1,nodiscard,num_backup_sb=0,root_owner=0:0 /x.img"
         );
     }
 
@@ -795,7 +892,7 @@ mod tests {
     fn templates_are_keyed_by_cap_and_format_version() {
         assert_eq!(
             template_path(Path::new("/var/lib/cordon"), 1 << 30),
-            PathBuf::from("/var/lib/cordon/templates/ext4-v1-1073741824.img")
+            PathBuf::from("/var/lib/cordon/templates/ext4-v2-1073741824.img")
         );
     }
 }

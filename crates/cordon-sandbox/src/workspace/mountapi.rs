@@ -62,17 +62,38 @@ fn fsopen(fs: &'static CStr) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn fsconfig(fsfd: &OwnedFd, cmd: libc::c_uint, key: Option<&CStr>, value: Option<&CStr>) -> Result<(), Errno> {
+fn fsconfig(
+    fsfd: &OwnedFd,
+    cmd: libc::c_uint,
+    key: Option<&CStr>,
+    value: Option<&CStr>,
+) -> Result<(), Errno> {
     let key_ptr = key.map_or(std::ptr::null(), CStr::as_ptr);
     let value_ptr = value.map_or(std::ptr::null(), CStr::as_ptr);
     // SAFETY: key/value are null or valid C strings that outlive the call; aux is unused (0).
-    let rc = unsafe { libc::syscall(libc::SYS_fsconfig, fsfd.as_raw_fd(), cmd, key_ptr, value_ptr, 0) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fsfd.as_raw_fd(),
+            cmd,
+            key_ptr,
+            value_ptr,
+            0,
+        )
+    };
     Errno::result(rc).map(drop)
 }
 
 fn fsmount(fsfd: &OwnedFd, attrs: u64) -> Result<OwnedFd, Errno> {
     // SAFETY: plain syscall on an fd we own; returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_fsmount, fsfd.as_raw_fd(), libc::FSMOUNT_CLOEXEC, attrs) };
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_fsmount,
+            fsfd.as_raw_fd(),
+            libc::FSMOUNT_CLOEXEC,
+            attrs,
+        )
+    };
     let fd = Errno::result(fd)? as i32;
     // SAFETY: the kernel just returned this fd to us; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -99,10 +120,13 @@ fn detached_mount(
     }
     for flag in flags {
         let k = cstring(flag)?;
-        fsconfig(&fsfd, libc::FSCONFIG_SET_FLAG, Some(&k), None).map_err(|e| fail(format!("fsconfig {flag}"), e))?;
+        fsconfig(&fsfd, libc::FSCONFIG_SET_FLAG, Some(&k), None)
+            .map_err(|e| fail(format!("fsconfig {flag}"), e))?;
     }
-    fsconfig(&fsfd, libc::FSCONFIG_CMD_CREATE, None, None).map_err(|e| fail("fsconfig create".into(), e))?;
-    fsmount(&fsfd, libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV).map_err(|e| fail("fsmount".into(), e))
+    fsconfig(&fsfd, libc::FSCONFIG_CMD_CREATE, None, None)
+        .map_err(|e| fail("fsconfig create".into(), e))?;
+    fsmount(&fsfd, libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV)
+        .map_err(|e| fail("fsmount".into(), e))
 }
 
 /// Mounts the ext4 filesystem on `device` as a detached mount.
@@ -113,7 +137,12 @@ fn detached_mount(
 /// until commit copies it out).
 pub fn mount_ext4(device: &Path) -> Result<OwnedFd, WorkspaceError> {
     let source = device.to_string_lossy();
-    detached_mount("ext4", c"ext4", &[("source", &source)], &["noinit_itable", "nobarrier"])
+    detached_mount(
+        "ext4",
+        c"ext4",
+        &[("source", &source)],
+        &["noinit_itable", "nobarrier"],
+    )
 }
 
 /// Makes a detached tmpfs of at most `size_bytes` and `nr_inodes` inodes, root mode 0755.
@@ -166,9 +195,10 @@ pub fn attach_detached_mount(mount: BorrowedFd<'_>, target: &Path) -> Result<(),
             libc::MOVE_MOUNT_F_EMPTY_PATH,
         )
     };
-    Errno::result(rc)
-        .map(drop)
-        .map_err(mount_err("-", format!("move_mount to {}", target.display())))
+    Errno::result(rc).map(drop).map_err(mount_err(
+        "-",
+        format!("move_mount to {}", target.display()),
+    ))
 }
 
 /// Marks an ext4 volume shut down without flushing: its dirty pages are dropped instead of being

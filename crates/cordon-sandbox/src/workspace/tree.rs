@@ -20,7 +20,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
-use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -160,9 +159,13 @@ pub struct CommitStats {
 // Small, never-following primitives.
 
 fn how(flags: OFlag) -> OpenHow {
-    OpenHow::new().flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW).resolve(
-        ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_XDEV,
-    )
+    OpenHow::new()
+        .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+        .resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_XDEV,
+        )
 }
 
 /// Opens a directory beneath `parent` (`name` may be "." or a relative path).
@@ -172,7 +175,11 @@ fn open_dir<P: ?Sized + nix::NixPath>(parent: BorrowedFd<'_>, name: &P) -> Resul
 
 /// Opens a file for reading; `O_NONBLOCK` so a fifo swapped in after `lstat` cannot hang us.
 fn open_read(parent: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd, Errno> {
-    openat2(parent, name, how(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY))
+    openat2(
+        parent,
+        name,
+        how(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY),
+    )
 }
 
 fn lstat_at(parent: BorrowedFd<'_>, name: &OsStr) -> Result<FileStat, Errno> {
@@ -229,11 +236,60 @@ fn list(dir: BorrowedFd<'_>) -> Result<Vec<OsString>, Errno> {
     Ok(names)
 }
 
-fn copy_data(src: OwnedFd, dst: &OwnedFd) -> Result<u64, Errno> {
-    let mut src = File::from(src);
-    let dst = dst.try_clone().map_err(io_errno)?;
-    let mut dst = File::from(dst);
-    std::io::copy(&mut src, &mut dst).map_err(io_errno)
+/// Copies the data of `src` (a regular file of `size` bytes) into the empty file `dst`, only
+/// its data extents (`SEEK_DATA`/`SEEK_HOLE`): holes stay holes, so a file that is mostly
+/// hole (`truncate -s 16T`) costs the destination only the bytes actually written. Returns the
+/// bytes copied.
+fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: i64) -> Result<u64, Errno> {
+    let mut copied = 0u64;
+    let mut offset: i64 = 0;
+    let mut out_pos: i64 = 0;
+    while offset < size {
+        // SAFETY: lseek on an open fd; -1/ENXIO means no data past `offset`.
+        let data = unsafe { libc::lseek(src.as_raw_fd(), offset, libc::SEEK_DATA) };
+        if data < 0 {
+            match Errno::last() {
+                Errno::ENXIO => break,
+                e => return Err(e),
+            }
+        }
+        // SAFETY: as above; there is always a hole at end of file.
+        let hole = Errno::result(unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) })?
+            .min(size);
+        if out_pos != data {
+            // SAFETY: lseek on an open fd.
+            Errno::result(unsafe { libc::lseek(dst.as_raw_fd(), data, libc::SEEK_SET) })?;
+        }
+        let mut pos = data;
+        while pos < hole {
+            let mut from = pos;
+            // SAFETY: both fds are open; `from` is a valid offset the kernel advances.
+            let n = unsafe {
+                libc::sendfile(
+                    dst.as_raw_fd(),
+                    src.as_raw_fd(),
+                    &mut from,
+                    (hole - pos) as usize,
+                )
+            };
+            let n = Errno::result(n)?;
+            if n == 0 {
+                // The file shrank while we copied: stop at what is there.
+                return finish_size(dst, pos, copied);
+            }
+            pos += n as i64;
+            copied += n as u64;
+        }
+        out_pos = hole;
+        offset = hole;
+    }
+    finish_size(dst, size, copied)
+}
+
+/// Gives `dst` its full length (a trailing hole writes nothing).
+fn finish_size(dst: BorrowedFd<'_>, size: i64, copied: u64) -> Result<u64, Errno> {
+    nix::unistd::ftruncate(dst, size)?;
+    Ok(copied)
 }
 
 fn io_errno(e: std::io::Error) -> Errno {
@@ -259,7 +315,8 @@ fn create_temp(dir: BorrowedFd<'_>) -> Result<(OsString, OwnedFd), Errno> {
         match openat2(
             dir,
             name.as_os_str(),
-            how(OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL).mode(Mode::from_bits_truncate(0o600)),
+            how(OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL)
+                .mode(Mode::from_bits_truncate(0o600)),
         ) {
             Ok(fd) => return Ok((name, fd)),
             Err(Errno::EEXIST) => continue,
@@ -312,8 +369,9 @@ fn remove_tree(parent: BorrowedFd<'_>, name: &OsStr, depth: usize) -> Result<(),
 // ---------------------------------------------------------------------------------------------
 // Estimate.
 
-/// What a copy of the tree under `root` would take: file sizes rounded up to 4 KiB blocks
-/// (multiply-linked files once), a block per directory and per long symlink.
+/// What a copy of the tree under `root` would take: file sizes rounded up to 4 KiB blocks, or
+/// the blocks allocated if fewer (holes are not copied); multiply-linked files once; a block per
+/// directory and per long symlink.
 pub fn estimate(root: BorrowedFd<'_>) -> Result<Estimate, WorkspaceError> {
     let fail = |path: &Path, op: &'static str| {
         let path = path.to_path_buf();
@@ -335,7 +393,10 @@ pub fn estimate(root: BorrowedFd<'_>) -> Result<Estimate, WorkspaceError> {
             match kind_of(&st) {
                 Some(Kind::Dir) => {
                     if depth + 1 > MAX_DEPTH {
-                        return Err(WorkspaceError::TooDeep { path: child, max: MAX_DEPTH });
+                        return Err(WorkspaceError::TooDeep {
+                            path: child,
+                            max: MAX_DEPTH,
+                        });
                     }
                     est.bytes += BLOCK;
                     match open_dir(dir.as_fd(), name.as_os_str()) {
@@ -349,14 +410,13 @@ pub fn estimate(root: BorrowedFd<'_>) -> Result<Estimate, WorkspaceError> {
                     if st.st_nlink > 1 && !seen_links.insert((st.st_dev, st.st_ino)) {
                         continue;
                     }
-                    est.bytes += (st.st_size as u64).div_ceil(BLOCK) * BLOCK;
+                    // Copies keep holes: a sparse file needs only its allocated blocks.
+                    let apparent = (st.st_size as u64).div_ceil(BLOCK) * BLOCK;
+                    est.bytes += apparent.min(st.st_blocks as u64 * 512);
                 }
-                Some(Kind::Symlink) => {
-                    // ext4 keeps targets under 60 bytes in the inode.
-                    if st.st_size >= 60 {
-                        est.bytes += BLOCK;
-                    }
-                }
+                // ext4 keeps symlink targets under 60 bytes in the inode.
+                Some(Kind::Symlink) if st.st_size >= 60 => est.bytes += BLOCK,
+                Some(Kind::Symlink) => {}
                 None => {}
             }
         }
@@ -383,7 +443,13 @@ pub fn copy_in(
     vol: BorrowedFd<'_>,
     owner: Option<Owner>,
 ) -> Result<(Snapshot, CopyInStats), WorkspaceError> {
-    let fail = |op: &'static str| move |errno| WorkspaceError::CopyIn { path: ".".into(), op, errno };
+    let fail = |op: &'static str| {
+        move |errno| WorkspaceError::CopyIn {
+            path: ".".into(),
+            op,
+            errno,
+        }
+    };
     let host_root = open_dir(host, ".").map_err(fail("open host dir"))?;
     let vol_root = open_dir(vol, ".").map_err(fail("open volume"))?;
     let mut cx = CopyIn {
@@ -392,7 +458,12 @@ pub fn copy_in(
         stats: CopyInStats::default(),
         links: HashMap::new(),
     };
-    cx.walk(host_root, vol_root.try_clone().map_err(|e| fail("dup volume fd")(io_errno(e)))?)?;
+    cx.walk(
+        host_root,
+        vol_root
+            .try_clone()
+            .map_err(|e| fail("dup volume fd")(io_errno(e)))?,
+    )?;
     // The volume root takes the host dir's permissions; its owner is set by the caller.
     let st = fstat(host).map_err(fail("stat host dir"))?;
     fchmod(vol_root.as_fd(), safe_mode(&st, Kind::Dir)).map_err(fail("chmod volume root"))?;
@@ -412,7 +483,13 @@ struct Frame<F> {
 }
 
 impl<F> Frame<F> {
-    fn new(from: OwnedFd, to: OwnedFd, rel: PathBuf, depth: usize, finish: Option<F>) -> Result<Self, Errno> {
+    fn new(
+        from: OwnedFd,
+        to: OwnedFd,
+        rel: PathBuf,
+        depth: usize,
+        finish: Option<F>,
+    ) -> Result<Self, Errno> {
         let names = list(from.as_fd())?.into_iter();
         Ok(Frame {
             from,
@@ -436,10 +513,15 @@ impl CopyIn {
     fn walk(&mut self, host_root: OwnedFd, vol_root: OwnedFd) -> Result<(), WorkspaceError> {
         let list_fail = |rel: &Path| {
             let path = rel.to_path_buf();
-            move |errno| WorkspaceError::CopyIn { path, op: "list", errno }
+            move |errno| WorkspaceError::CopyIn {
+                path,
+                op: "list",
+                errno,
+            }
         };
         let mut stack: Vec<Frame<FileStat>> =
-            vec![Frame::new(host_root, vol_root, PathBuf::new(), 0, None).map_err(list_fail(Path::new(".")))?];
+            vec![Frame::new(host_root, vol_root, PathBuf::new(), 0, None)
+                .map_err(list_fail(Path::new(".")))?];
         while let Some(top) = stack.last_mut() {
             let Some(name) = top.names.next() else {
                 if let Some(frame) = stack.pop() {
@@ -462,7 +544,10 @@ impl CopyIn {
             match kind_of(&st) {
                 Some(Kind::Dir) => {
                     if depth > MAX_DEPTH {
-                        return Err(WorkspaceError::TooDeep { path: child, max: MAX_DEPTH });
+                        return Err(WorkspaceError::TooDeep {
+                            path: child,
+                            max: MAX_DEPTH,
+                        });
                     }
                     let s = match open_dir(src, name.as_os_str()) {
                         Ok(fd) => fd,
@@ -473,15 +558,19 @@ impl CopyIn {
                         Err(Errno::ENOENT) => continue,
                         Err(e) => return Err(fail("open dir")(e)),
                     };
-                    mkdirat(dst, name.as_os_str(), Mode::from_bits_truncate(0o700)).map_err(fail("mkdir"))?;
+                    mkdirat(dst, name.as_os_str(), Mode::from_bits_truncate(0o700))
+                        .map_err(fail("mkdir"))?;
                     let d = open_dir(dst, name.as_os_str()).map_err(fail("open new dir"))?;
-                    let frame = Frame::new(s, d, child.clone(), depth, Some(st)).map_err(list_fail(&child))?;
+                    let frame = Frame::new(s, d, child.clone(), depth, Some(st))
+                        .map_err(list_fail(&child))?;
                     stack.push(frame);
                 }
                 Some(Kind::File) => self.file(src, dst, &name, &child, &st)?,
                 Some(Kind::Symlink) => {
-                    let target = nix::fcntl::readlinkat(src, name.as_os_str()).map_err(fail("readlink"))?;
-                    symlinkat(target.as_os_str(), dst, name.as_os_str()).map_err(fail("symlink"))?;
+                    let target =
+                        nix::fcntl::readlinkat(src, name.as_os_str()).map_err(fail("readlink"))?;
+                    symlinkat(target.as_os_str(), dst, name.as_os_str())
+                        .map_err(fail("symlink"))?;
                     if let Some(o) = self.owner {
                         fchownat(
                             dst,
@@ -559,10 +648,11 @@ impl CopyIn {
         let d = openat2(
             dst,
             name,
-            how(OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL).mode(Mode::from_bits_truncate(0o600)),
+            how(OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL)
+                .mode(Mode::from_bits_truncate(0o600)),
         )
         .map_err(fail("create"))?;
-        let bytes = copy_data(s, &d).map_err(fail("copy data"))?;
+        let bytes = copy_data(s.as_fd(), d.as_fd(), opened.st_size).map_err(fail("copy data"))?;
         self.chown(d.as_fd()).map_err(fail("chown"))?;
         fchmod(d.as_fd(), safe_mode(st, Kind::File)).map_err(fail("chmod"))?;
         let (atime, mtime) = times(st);
@@ -607,7 +697,13 @@ pub fn commit_tree(
     snapshot: &Snapshot,
     chown: bool,
 ) -> Result<CommitStats, WorkspaceError> {
-    let fail = |op: &'static str| move |errno| WorkspaceError::Commit { path: ".".into(), op, errno };
+    let fail = |op: &'static str| {
+        move |errno| WorkspaceError::Commit {
+            path: ".".into(),
+            op,
+            errno,
+        }
+    };
     let vol_root = open_dir(vol, ".").map_err(fail("open volume"))?;
     let host_root = open_dir(host, ".").map_err(fail("open host dir"))?;
     let mut cx = Commit {
@@ -639,7 +735,11 @@ impl Commit<'_> {
 
     fn give(&self, fd: BorrowedFd<'_>, owner: (u32, u32)) -> Result<(), Errno> {
         if self.chown {
-            fchown(fd, Some(Uid::from_raw(owner.0)), Some(Gid::from_raw(owner.1)))?;
+            fchown(
+                fd,
+                Some(Uid::from_raw(owner.0)),
+                Some(Gid::from_raw(owner.1)),
+            )?;
         }
         Ok(())
     }
@@ -654,7 +754,8 @@ impl Commit<'_> {
             }
         };
         let mut stack: Vec<Frame<DirDone>> =
-            vec![Frame::new(vol_root, host_root, PathBuf::new(), 0, None).map_err(list_fail(Path::new(".")))?];
+            vec![Frame::new(vol_root, host_root, PathBuf::new(), 0, None)
+                .map_err(list_fail(Path::new(".")))?];
         while let Some(top) = stack.last_mut() {
             let Some(name) = top.names.next() else {
                 if let Some(frame) = stack.pop() {
@@ -690,7 +791,8 @@ impl Commit<'_> {
                         if host_st.is_some() {
                             remove_tree(host, &name, 0).map_err(fail("remove to make a dir"))?;
                         }
-                        mkdirat(host, name.as_os_str(), Mode::from_bits_truncate(0o700)).map_err(fail("mkdir"))?;
+                        mkdirat(host, name.as_os_str(), Mode::from_bits_truncate(0o700))
+                            .map_err(fail("mkdir"))?;
                     }
                     let h = match open_dir(host, name.as_os_str()) {
                         Ok(fd) => fd,
@@ -701,7 +803,8 @@ impl Commit<'_> {
                         Err(e) => return Err(fail("open host dir")(e)),
                     };
                     if !is_dir {
-                        self.give(h.as_fd(), (parent.st_uid, parent.st_gid)).map_err(fail("chown dir"))?;
+                        self.give(h.as_fd(), (parent.st_uid, parent.st_gid))
+                            .map_err(fail("chown dir"))?;
                         self.stats.dirs_created += 1;
                     }
                     let v = open_dir(vol, name.as_os_str()).map_err(fail("open volume dir"))?;
@@ -709,7 +812,8 @@ impl Commit<'_> {
                         vol_mode: st.st_mode,
                         created: !is_dir,
                     };
-                    let frame = Frame::new(v, h, child.clone(), depth, Some(done)).map_err(list_fail(&child))?;
+                    let frame = Frame::new(v, h, child.clone(), depth, Some(done))
+                        .map_err(list_fail(&child))?;
                     stack.push(frame);
                 }
                 Some(Kind::File) => {
@@ -724,9 +828,11 @@ impl Commit<'_> {
                         self.stats.unchanged += 1;
                         continue;
                     }
-                    let target = nix::fcntl::readlinkat(vol, name.as_os_str()).map_err(fail("readlink"))?;
+                    let target =
+                        nix::fcntl::readlinkat(vol, name.as_os_str()).map_err(fail("readlink"))?;
                     let tmp = temp_name();
-                    symlinkat(target.as_os_str(), host, tmp.as_os_str()).map_err(fail("symlink"))?;
+                    symlinkat(target.as_os_str(), host, tmp.as_os_str())
+                        .map_err(fail("symlink"))?;
                     if self.chown {
                         let done = fchownat(
                             host,
@@ -790,9 +896,14 @@ impl Commit<'_> {
             }
         }
         let src = open_read(vol, name).map_err(fail("open in volume"))?;
+        let opened = fstat(src.as_fd()).map_err(fail("stat open file"))?;
+        if opened.st_ino != st.st_ino || kind_of(&opened) != Some(Kind::File) {
+            return Err(fail("open in volume")(Errno::ESTALE));
+        }
         let (tmp, dst) = create_temp(host).map_err(fail("create temporary"))?;
         let written = (|| -> Result<u64, (&'static str, Errno)> {
-            let bytes = copy_data(src, &dst).map_err(|e| ("copy data", e))?;
+            let bytes = copy_data(src.as_fd(), dst.as_fd(), opened.st_size)
+                .map_err(|e| ("copy data", e))?;
             self.give(dst.as_fd(), owner).map_err(|e| ("chown", e))?;
             fchmod(dst.as_fd(), safe_mode(st, Kind::File)).map_err(|e| ("chmod", e))?;
             let (atime, mtime) = times(st);
@@ -843,7 +954,8 @@ impl Commit<'_> {
             let parent_fd = match parent_fd {
                 Ok(fd) => fd,
                 // Already gone, or the path now runs through a symlink or a mount: leave it.
-                Err(Errno::ENOENT) | Err(Errno::ELOOP) | Err(Errno::ENOTDIR) | Err(Errno::EXDEV) => continue,
+                Err(Errno::ENOENT) | Err(Errno::ELOOP) | Err(Errno::ENOTDIR)
+                | Err(Errno::EXDEV) => continue,
                 Err(errno) => {
                     return Err(WorkspaceError::Commit {
                         path: rel.clone(),
@@ -870,10 +982,12 @@ impl Commit<'_> {
             };
             match unlinkat(parent_fd.as_fd(), name, flag) {
                 Ok(()) => self.stats.deleted += 1,
-                Err(Errno::ENOTEMPTY) | Err(Errno::EEXIST) if kind == Kind::Dir => skipped.push(Skipped {
-                    path: rel.clone(),
-                    reason: "deleted in the sandbox but holds new host entries: kept".into(),
-                }),
+                Err(Errno::ENOTEMPTY) | Err(Errno::EEXIST) if kind == Kind::Dir => {
+                    skipped.push(Skipped {
+                        path: rel.clone(),
+                        reason: "deleted in the sandbox but holds new host entries: kept".into(),
+                    })
+                }
                 Err(errno) => {
                     return Err(WorkspaceError::Commit {
                         path: rel.clone(),
