@@ -562,6 +562,39 @@ fn cleanup_stale_removes_a_leftover_volume_and_spares_a_live_one() {
     assert!(loops_under(state.path()).is_empty());
 }
 
+#[test]
+fn concurrent_sessions_get_their_own_loop_devices() {
+    if !have_loop_volumes("concurrent_sessions_get_their_own_loop_devices") {
+        return;
+    }
+    let state = state_dir();
+    cordon_sandbox::workspace::ensure_template(state.path(), 32 * MIB).unwrap();
+    let plan = loop_plan(WorkspaceSource::Throwaway, 32 * MIB, state.path());
+    let volumes: Vec<WorkspaceVolume> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| WorkspaceVolume::prepare(&plan).unwrap()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut indices: Vec<u32> = volumes.iter().map(|v| v.loop_index().unwrap()).collect();
+    indices.sort_unstable();
+    indices.dedup();
+    assert_eq!(indices.len(), 4, "two sessions shared a loop device");
+    for (i, v) in volumes.iter().enumerate() {
+        fs::write(v.mount_source().unwrap().join("who"), i.to_string()).unwrap();
+    }
+    for (i, v) in volumes.iter().enumerate() {
+        assert_eq!(
+            fs::read_to_string(v.mount_source().unwrap().join("who")).unwrap(),
+            i.to_string()
+        );
+    }
+    for v in volumes {
+        v.discard().unwrap();
+    }
+    assert!(loops_under(state.path()).is_empty());
+}
+
 /// Helper process for the SIGKILL test: prepares a volume under `$CORDON_WS_HELPER_STATE`,
 /// writes into it, reports its loop device and sleeps until killed. Does nothing otherwise.
 #[test]

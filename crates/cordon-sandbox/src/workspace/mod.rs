@@ -223,6 +223,9 @@ pub struct VolumePlan {
     pub nr_inodes: u64,
     /// Why the plan differs from the request, for the result and the audit.
     pub note: Option<String>,
+    /// Whether copied entries are given away (copy-in: to `owner`; commit: to the host
+    /// owner). Needs root; without it everything stays the supervisor's own.
+    pub chown: bool,
 }
 
 /// Chooses the backend and the effective cap. Pure.
@@ -276,6 +279,7 @@ pub fn plan_volume(req: &VolumeRequest, facts: &HostFacts) -> Result<VolumePlan,
         state_dir: req.state_dir.clone(),
         nr_inodes: (cap / BYTES_PER_INODE).max(1024),
         note,
+        chown: facts.privileged,
     })
 }
 
@@ -460,7 +464,23 @@ impl WorkspaceVolume {
         self.image = Some(image.file);
 
         let t = Instant::now();
-        let root = mountapi::mount_ext4(&dev.path())?;
+        let root = mountapi::mount_ext4(&dev.path()).map_err(|e| match e {
+            WorkspaceError::Mount {
+                fs,
+                op,
+                errno,
+                kernel_log,
+            } => WorkspaceError::Mount {
+                fs,
+                op: format!(
+                    "{op} (from template {}: delete it to rebuild)",
+                    template.display()
+                ),
+                errno,
+                kernel_log,
+            },
+            other => other,
+        })?;
         self.timings.mount_us = us(t);
         if let Ok(st) = nix::sys::statvfs::fstatvfs(root.as_fd()) {
             self.empty_used_bytes = (st.blocks() - st.blocks_free()) * st.fragment_size();
@@ -477,7 +497,7 @@ impl WorkspaceVolume {
         let Some(root) = &self.root else {
             return Err(WorkspaceError::NotAdopted);
         };
-        if HostFacts::probe().privileged {
+        if self.plan.chown {
             let owner = self.plan.owner;
             nix::unistd::fchownat(
                 root.as_fd(),
@@ -510,7 +530,7 @@ impl WorkspaceVolume {
                 available: free,
             });
         }
-        let owner = HostFacts::probe().privileged.then_some(self.plan.owner);
+        let owner = self.plan.chown.then_some(self.plan.owner);
         let (snapshot, stats) =
             tree::copy_in(host.as_fd(), root.as_fd(), owner).map_err(|e| match e {
                 WorkspaceError::CopyIn {
@@ -646,12 +666,9 @@ impl WorkspaceVolume {
     /// releases the volume. A throwaway volume is just released.
     pub fn commit(mut self) -> Result<CommitStats, WorkspaceError> {
         let result = match (&self.plan.source, &self.root, &self.host_dir) {
-            (WorkspaceSource::HostDir(_), Some(root), Some(host)) => tree::commit_tree(
-                root.as_fd(),
-                host.as_fd(),
-                &self.snapshot,
-                HostFacts::probe().privileged,
-            ),
+            (WorkspaceSource::HostDir(_), Some(root), Some(host)) => {
+                tree::commit_tree(root.as_fd(), host.as_fd(), &self.snapshot, self.plan.chown)
+            }
             (WorkspaceSource::HostDir(_), None, _) => Err(WorkspaceError::NotAdopted),
             _ => Ok(CommitStats::default()),
         };
