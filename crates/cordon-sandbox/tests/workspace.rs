@@ -563,6 +563,37 @@ fn cleanup_stale_removes_a_leftover_volume_and_spares_a_live_one() {
 }
 
 #[test]
+fn release_reports_a_volume_the_sandbox_still_holds_and_the_kernel_frees_it_later() {
+    if !have_loop_volumes("release_reports_a_volume_the_sandbox_still_holds") {
+        return;
+    }
+    let state = state_dir();
+    let vol = WorkspaceVolume::prepare(&loop_plan(
+        WorkspaceSource::Throwaway,
+        32 * MIB,
+        state.path(),
+    ))
+    .unwrap();
+    let index = vol.loop_index().unwrap();
+    // The sandbox's clone of the mount, as if its init were still alive.
+    let SandboxMount::Detached(held) = vol.sandbox_mount().unwrap() else {
+        panic!("detached mount expected");
+    };
+    let err = vol.discard().unwrap_err();
+    assert!(
+        matches!(err, WorkspaceError::LoopStillAttached { index: i, .. } if i == index),
+        "{err}"
+    );
+    assert_eq!(loops_under(state.path()).len(), 1);
+    // When the sandbox goes, so does the device.
+    drop(held);
+    assert!(wait_until(Duration::from_secs(2), || loops_under(
+        state.path()
+    )
+    .is_empty()));
+}
+
+#[test]
 fn concurrent_sessions_get_their_own_loop_devices() {
     if !have_loop_volumes("concurrent_sessions_get_their_own_loop_devices") {
         return;

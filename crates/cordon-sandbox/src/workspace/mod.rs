@@ -322,7 +322,7 @@ pub struct WorkspaceVolume {
     host_dir: Option<OwnedFd>,
     /// The volume's root: the detached ext4 mount, or the adopted tmpfs.
     root: Option<OwnedFd>,
-    /// (loop index, sysfs backing_file it was bound with).
+    /// (loop index, resolved path of its image).
     loop_dev: Option<(u32, String)>,
     /// The (already unlinked) image, kept open to report how much host disk it takes.
     image: Option<Flock<std::fs::File>>,
@@ -431,9 +431,11 @@ impl WorkspaceVolume {
 
     fn build_loop_volume(&mut self) -> Result<(), WorkspaceError> {
         let state_dir = self.plan.state_dir.clone();
-        let volumes = state_dir.join("volumes");
-        ensure_private_dir(&volumes)?;
+        ensure_private_dir(&state_dir.join("volumes"))?;
         ensure_private_dir(&state_dir.join("templates"))?;
+        // Resolved, because sysfs names a loop device's backing file by its resolved path.
+        let volumes = std::fs::canonicalize(state_dir.join("volumes"))
+            .map_err(state_err(&state_dir, "resolve volumes dir"))?;
         let dir = std::fs::File::open(&volumes).map_err(state_err(&volumes, "open"))?;
         let (free, _) =
             free_bytes(dir.as_fd()).map_err(|e| state_err(&volumes, "statvfs")(e.into()))?;
@@ -460,7 +462,7 @@ impl WorkspaceVolume {
         let _ = std::fs::remove_file(&image.path);
         let dev = attached?;
         self.timings.loop_us = us(t);
-        self.loop_dev = Some((dev.index, format!("{} (deleted)", image.path.display())));
+        self.loop_dev = Some((dev.index, image.path.display().to_string()));
         self.image = Some(image.file);
 
         let t = Instant::now();
@@ -712,7 +714,10 @@ impl WorkspaceVolume {
         self.image = None;
         if let Some((index, backing)) = self.loop_dev.take() {
             let deadline = Instant::now() + LOOP_RELEASE_WAIT;
-            while loopdev::backing_file(index).as_deref() == Some(backing.as_str()) {
+            // sysfs appends " (deleted)" to the unlinked image's path.
+            let still_ours =
+                || loopdev::backing_file(index).is_some_and(|b| b.starts_with(backing.as_str()));
+            while still_ours() {
                 if Instant::now() >= deadline {
                     return Err(WorkspaceError::LoopStillAttached { index, backing });
                 }
@@ -737,7 +742,9 @@ pub struct CleanupReport {
 pub fn cleanup_stale(state_dir: &Path) -> Result<CleanupReport, WorkspaceError> {
     let mut report = CleanupReport::default();
     let volumes = state_dir.join("volumes");
-    let prefix = format!("{}/", volumes.display());
+    // sysfs shows resolved paths; a state dir that does not exist has nothing to clean.
+    let resolved = std::fs::canonicalize(&volumes).unwrap_or_else(|_| volumes.clone());
+    let prefix = format!("{}/", resolved.display());
     for (index, backing) in loopdev::bound_devices() {
         if backing.starts_with(&prefix) {
             loopdev::clear(index)?;
