@@ -116,9 +116,7 @@ impl std::fmt::Debug for Budget {
 }
 
 fn quota(per_minute: Option<u32>) -> Option<Quota> {
-    per_minute
-        .and_then(NonZeroU32::new)
-        .map(Quota::per_minute)
+    per_minute.and_then(NonZeroU32::new).map(Quota::per_minute)
 }
 
 impl Budget {

@@ -252,7 +252,10 @@ mod tests {
         PolicyView::new(
             NetworkPolicy {
                 mode,
-                allow: allow.iter().map(|a| AllowEntry::parse(a).unwrap()).collect(),
+                allow: allow
+                    .iter()
+                    .map(|a| AllowEntry::parse(a).unwrap())
+                    .collect(),
                 ..NetworkPolicy::default()
             },
             ResponsePolicy::default(),
@@ -292,7 +295,10 @@ mod tests {
         let first = a_records(&m);
         assert_eq!(first, vec![Ipv4Addr::new(198, 18, 0, 1)]);
         let o = o.unwrap();
-        assert_eq!((o.verdict, o.rule.as_str(), o.name.as_str()), (Verdict::Allow, "api.github.com", "api.github.com"));
+        assert_eq!(
+            (o.verdict, o.rule.as_str(), o.name.as_str()),
+            (Verdict::Allow, "api.github.com", "api.github.com")
+        );
         let (m2, _) = run(&p, &map, &query("api.github.com", RecordType::A));
         assert_eq!(a_records(&m2), first);
     }
@@ -308,7 +314,11 @@ mod tests {
     #[test]
     fn aaaa_for_an_allowed_name_is_nodata() {
         let p = view(&["api.github.com"], Enforcement::Enforce);
-        let (m, o) = run(&p, &SyntheticMap::new(), &query("api.github.com", RecordType::AAAA));
+        let (m, o) = run(
+            &p,
+            &SyntheticMap::new(),
+            &query("api.github.com", RecordType::AAAA),
+        );
         assert_eq!(m.metadata.response_code, ResponseCode::NoError);
         assert!(m.answers.is_empty());
         assert_eq!(o.unwrap().verdict, Verdict::Allow);
@@ -324,7 +334,10 @@ mod tests {
             let o = o.unwrap();
             assert_eq!(o.verdict, Verdict::Block);
             assert_eq!(o.rule, "default-deny");
-            assert_eq!(o.reason.as_deref(), Some("host secret-data.evil.com is not in the allowlist"));
+            assert_eq!(
+                o.reason.as_deref(),
+                Some("host secret-data.evil.com is not in the allowlist")
+            );
         }
         assert!(map.is_empty());
     }
@@ -332,7 +345,12 @@ mod tests {
     #[test]
     fn other_query_types_for_allowed_names_are_refused() {
         let p = view(&["api.github.com"], Enforcement::Enforce);
-        for qtype in [RecordType::TXT, RecordType::MX, RecordType::ANY, RecordType::PTR] {
+        for qtype in [
+            RecordType::TXT,
+            RecordType::MX,
+            RecordType::ANY,
+            RecordType::PTR,
+        ] {
             let (m, o) = run(&p, &SyntheticMap::new(), &query("api.github.com", qtype));
             assert_eq!(m.metadata.response_code, ResponseCode::Refused, "{qtype}");
             assert_eq!(o.unwrap().verdict, Verdict::Block);
@@ -342,7 +360,11 @@ mod tests {
     #[test]
     fn report_mode_answers_every_valid_name_and_records_it_would_block() {
         let p = view(&[], Enforcement::Report);
-        let (m, o) = run(&p, &SyntheticMap::new(), &query("example.com", RecordType::A));
+        let (m, o) = run(
+            &p,
+            &SyntheticMap::new(),
+            &query("example.com", RecordType::A),
+        );
         assert_eq!(a_records(&m).len(), 1);
         assert_eq!(o.unwrap().verdict, Verdict::ReportWouldBlock);
     }
@@ -350,7 +372,11 @@ mod tests {
     #[test]
     fn ip_like_names_are_nxdomain() {
         let p = view(&[], Enforcement::Report);
-        let (m, o) = run(&p, &SyntheticMap::new(), &query("169.254.169.254", RecordType::A));
+        let (m, o) = run(
+            &p,
+            &SyntheticMap::new(),
+            &query("169.254.169.254", RecordType::A),
+        );
         assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
         assert_eq!(o.unwrap().rule, "dns:invalid-name");
     }
@@ -361,13 +387,22 @@ mod tests {
         let map = SyntheticMap::new();
         let (resp, o) = answer(&[0x12, 0x34, 0xff], &p, &map);
         let m = Message::from_vec(&resp.unwrap()).unwrap();
-        assert_eq!((m.metadata.id, m.metadata.response_code), (0x1234, ResponseCode::FormErr));
+        assert_eq!(
+            (m.metadata.id, m.metadata.response_code),
+            (0x1234, ResponseCode::FormErr)
+        );
         assert!(o.is_none());
         assert_eq!(answer(&[0x12], &p, &map), (None, None));
 
         let mut two = Message::query();
-        two.add_query(Query::query(Name::from_ascii("a.com").unwrap(), RecordType::A));
-        two.add_query(Query::query(Name::from_ascii("b.com").unwrap(), RecordType::A));
+        two.add_query(Query::query(
+            Name::from_ascii("a.com").unwrap(),
+            RecordType::A,
+        ));
+        two.add_query(Query::query(
+            Name::from_ascii("b.com").unwrap(),
+            RecordType::A,
+        ));
         let (m, o) = run(&p, &map, &two.to_vec().unwrap());
         assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
         assert!(o.is_none());

@@ -88,7 +88,11 @@ impl ClientConn {
     }
 
     /// A connection that already holds its session and slot (transparent capture).
-    pub fn bound(mode: ConnMode, session: Arc<Session>, permit: Option<OwnedSemaphorePermit>) -> Self {
+    pub fn bound(
+        mode: ConnMode,
+        session: Arc<Session>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Self {
         let conn = Self::new(mode);
         *lock(&conn.binding) = Some(Binding {
             session,
@@ -122,7 +126,13 @@ fn header_safe(reason: &str) -> HeaderValue {
     let cleaned: String = reason
         .chars()
         .take(300)
-        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
         .collect();
     HeaderValue::from_str(&cleaned).unwrap_or_else(|_| HeaderValue::from_static("blocked"))
 }
@@ -165,7 +175,9 @@ where
         .header_read_timeout(ctx.shared.timeouts.header_read)
         .keep_alive(true)
         .max_buf_size(256 * 1024);
-    let served = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+    let served = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
     tokio::select! {
         res = served => {
             if let Err(e) = res {
@@ -216,16 +228,18 @@ fn bind_session(
     ctx: &Ctx,
     conn: &ClientConn,
     req: &Request<Incoming>,
-) -> Result<Arc<Session>, Response<Body>> {
-    let session = match ctx
-        .shared
-        .attribution
-        .session_for(req.headers().get(header::PROXY_AUTHORIZATION).map(|v| v.as_bytes()))
-    {
+) -> Result<Arc<Session>, Box<Response<Body>>> {
+    let session = match ctx.shared.attribution.session_for(
+        req.headers()
+            .get(header::PROXY_AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+    ) {
         Ok(s) => s,
         Err(failure) => {
             let reason = match failure {
-                AuthFailure::Missing => "proxy authentication required (Proxy-Authorization with a cordon token)",
+                AuthFailure::Missing => {
+                    "proxy authentication required (Proxy-Authorization with a cordon token)"
+                }
                 AuthFailure::Invalid => "invalid proxy token",
             };
             let mut e = NetEvent::new(
@@ -239,7 +253,10 @@ fn bind_session(
             e.rule = "proxy-auth".into();
             e.reason = Some(reason.into());
             ctx.emit_unattributed(e);
-            return Err(refusal(StatusCode::PROXY_AUTHENTICATION_REQUIRED, reason));
+            return Err(Box::new(refusal(
+                StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+                reason,
+            )));
         }
     };
     let mut binding = lock(&conn.binding);
@@ -262,7 +279,10 @@ fn bind_session(
         }
         ConnCheck::Refused(limit) => {
             ctx.budget_refused(&session, &limit, &hit, /*report*/ false);
-            return Err(refusal(StatusCode::FORBIDDEN, &limit.reason(None)));
+            return Err(Box::new(refusal(
+                StatusCode::FORBIDDEN,
+                &limit.reason(None),
+            )));
         }
     };
     *binding = Some(Binding {
@@ -272,17 +292,35 @@ fn bind_session(
     Ok(session)
 }
 
-async fn handle_request(ctx: Arc<Ctx>, conn: Arc<ClientConn>, req: Request<Incoming>) -> Response<Body> {
+async fn handle_request(
+    ctx: Arc<Ctx>,
+    conn: Arc<ClientConn>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let session = match bind_session(&ctx, &conn, &req) {
         Ok(s) => s,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     if req.method() == Method::CONNECT {
         return match conn.mode {
             ConnMode::Proxy => crate::tunnel::handle_connect(ctx, session, req).await,
             ConnMode::Transparent { .. } => {
-                let v = verdicted("method", "CONNECT is only accepted by the explicit proxy".into());
-                refuse(&ctx, &session, Via::Transparent, StatusCode::FORBIDDEN, None, None, None, req.method(), None, &v)
+                let v = verdicted(
+                    "method",
+                    "CONNECT is only accepted by the explicit proxy".into(),
+                );
+                refuse(
+                    &ctx,
+                    &session,
+                    Via::Transparent,
+                    StatusCode::FORBIDDEN,
+                    None,
+                    None,
+                    None,
+                    req.method(),
+                    None,
+                    &v,
+                )
             }
         };
     }
@@ -294,7 +332,18 @@ async fn handle_request(ctx: Arc<Ctx>, conn: Arc<ClientConn>, req: Request<Incom
         ConnMode::Proxy => match proxy_target(&ctx, &req) {
             Ok((d, p)) => (d, p, Via::Proxy),
             Err((status, v, host)) => {
-                return refuse(&ctx, &session, Via::Proxy, status, host, None, None, req.method(), Some(&path), &v)
+                return refuse(
+                    &ctx,
+                    &session,
+                    Via::Proxy,
+                    status,
+                    host,
+                    None,
+                    None,
+                    req.method(),
+                    Some(&path),
+                    &v,
+                )
             }
         },
         ConnMode::Transparent { dest, port } => {
@@ -322,7 +371,10 @@ fn host_headers(req: &Request<Incoming>) -> Result<Option<&HeaderValue>, Verdict
     let mut it = req.headers().get_all(header::HOST).iter();
     let first = it.next();
     if it.next().is_some() {
-        return Err(verdicted("host-mismatch", "more than one Host header".into()));
+        return Err(verdicted(
+            "host-mismatch",
+            "more than one Host header".into(),
+        ));
     }
     Ok(first)
 }
@@ -333,10 +385,16 @@ fn proxy_target(
     req: &Request<Incoming>,
 ) -> Result<(Dest, u16), (StatusCode, Verdicted, Option<String>)> {
     let uri = req.uri();
-    let bad = |reason: String| (StatusCode::BAD_REQUEST, verdicted("bad-request", reason), None);
-    let scheme = uri
-        .scheme_str()
-        .ok_or_else(|| bad("not a proxy request: use an absolute URI (http://host/path) or CONNECT".into()))?;
+    let bad = |reason: String| {
+        (
+            StatusCode::BAD_REQUEST,
+            verdicted("bad-request", reason),
+            None,
+        )
+    };
+    let scheme = uri.scheme_str().ok_or_else(|| {
+        bad("not a proxy request: use an absolute URI (http://host/path) or CONNECT".into())
+    })?;
     if !scheme.eq_ignore_ascii_case("http") {
         return Err(bad(format!(
             "scheme {scheme} is not proxied as absolute-form; use CONNECT for TLS"
@@ -348,7 +406,13 @@ fn proxy_target(
     let target = parse_authority(authority.as_str(), Some(80)).map_err(|e| {
         (
             StatusCode::FORBIDDEN,
-            verdicted("bad-target", format!("invalid request target {:?}: {e}", truncate(authority.as_str()))),
+            verdicted(
+                "bad-target",
+                format!(
+                    "invalid request target {:?}: {e}",
+                    truncate(authority.as_str())
+                ),
+            ),
             Some(truncate(authority.as_str())),
         )
     })?;
@@ -359,7 +423,10 @@ fn proxy_target(
             StatusCode::FORBIDDEN,
             verdicted(
                 "host-mismatch",
-                format!("Host header {:?} does not match the request target {target}", truncate(h)),
+                format!(
+                    "Host header {:?} does not match the request target {target}",
+                    truncate(h)
+                ),
             ),
             shown.clone(),
         )
@@ -370,7 +437,9 @@ fn proxy_target(
         Ok(Some(value)) => {
             let text = value.to_str().map_err(|_| mismatch("<non-ASCII>"))?;
             match parse_authority(text, Some(80)) {
-                Ok(h) if dest_for(&h.host, &ctx.shared.synthetic) == dest && h.port == target.port => {}
+                Ok(h)
+                    if dest_for(&h.host, &ctx.shared.synthetic) == dest
+                        && h.port == target.port => {}
                 _ => return Err(mismatch(text)),
             }
         }
@@ -379,7 +448,12 @@ fn proxy_target(
 }
 
 /// Captured HTTP: the Host header must name the connection's destination.
-fn transparent_host_check(ctx: &Ctx, req: &Request<Incoming>, dest: &Dest, port: u16) -> Result<(), Verdicted> {
+fn transparent_host_check(
+    ctx: &Ctx,
+    req: &Request<Incoming>,
+    dest: &Dest,
+    port: u16,
+) -> Result<(), Verdicted> {
     if let Dest::Addr(_) = dest {
         // The sandbox connected to an address it named itself; that address is what is decided.
         return Ok(());
@@ -392,7 +466,11 @@ fn transparent_host_check(ctx: &Ctx, req: &Request<Incoming>, dest: &Dest, port:
     })?;
     let text = value.to_str().unwrap_or("<non-ASCII>");
     match parse_authority(text, Some(port)) {
-        Ok(Authority { host, port: p }) if dest_for(&host, &ctx.shared.synthetic) == *dest && p == port => Ok(()),
+        Ok(Authority { host, port: p })
+            if dest_for(&host, &ctx.shared.synthetic) == *dest && p == port =>
+        {
+            Ok(())
+        }
         _ => Err(verdicted(
             "host-mismatch",
             format!(
@@ -424,7 +502,18 @@ async fn forward(
     let host = dest.to_host_string();
     let pre = ctx.policy().decide_dest(&dest, port);
     if pre.blocked() {
-        return refuse(&ctx, &session, via, StatusCode::FORBIDDEN, Some(host), None, Some(port), &method, Some(&path), &pre);
+        return refuse(
+            &ctx,
+            &session,
+            via,
+            StatusCode::FORBIDDEN,
+            Some(host),
+            None,
+            Some(port),
+            &method,
+            Some(&path),
+            &pre,
+        );
     }
     let hit = BudgetHit {
         via,
@@ -452,10 +541,25 @@ async fn forward(
     // Reuse the kept-alive upstream only for the same destination, and decide its address again.
     let mut reuse = None;
     if let Some(mut up) = slot.take() {
-        if up.dest == dest && up.port == port && !up.sender.is_closed() && up.sender.ready().await.is_ok() {
+        if up.dest == dest
+            && up.port == port
+            && !up.sender.is_closed()
+            && up.sender.ready().await.is_ok()
+        {
             let v = ctx.policy().decide_addr(dest.name(), up.addr.ip(), port);
             if v.blocked() {
-                return refuse(&ctx, &session, via, StatusCode::FORBIDDEN, Some(host), Some(up.addr.ip()), Some(port), &method, Some(&path), &v);
+                return refuse(
+                    &ctx,
+                    &session,
+                    via,
+                    StatusCode::FORBIDDEN,
+                    Some(host),
+                    Some(up.addr.ip()),
+                    Some(port),
+                    &method,
+                    Some(&path),
+                    &v,
+                );
             }
             reuse = Some(up);
         }
@@ -463,19 +567,55 @@ async fn forward(
     let (mut up, verdict, rule, reason) = match reuse {
         Some(up) => (up, pre.verdict, pre.rule.clone(), pre.reason.clone()),
         None => {
-            let route = match route::resolve_checked(ctx.policy(), &*ctx.shared.resolver, &dest, port, pre).await {
-                Ok(r) => r,
-                Err(RouteError::Denied(v, ip)) => {
-                    return refuse(&ctx, &session, via, StatusCode::FORBIDDEN, Some(host), ip, Some(port), &method, Some(&path), &v)
-                }
-                Err(RouteError::Resolve(e)) => {
-                    return upstream_failure(&ctx, &session, via, &host, None, port, &method, &path, e.to_string(), start)
-                }
-            };
+            let route =
+                match route::resolve_checked(ctx.policy(), &*ctx.shared.resolver, &dest, port, pre)
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(RouteError::Denied(v, ip)) => {
+                        return refuse(
+                            &ctx,
+                            &session,
+                            via,
+                            StatusCode::FORBIDDEN,
+                            Some(host),
+                            ip,
+                            Some(port),
+                            &method,
+                            Some(&path),
+                            &v,
+                        )
+                    }
+                    Err(RouteError::Resolve(e)) => {
+                        return upstream_failure(
+                            &ctx,
+                            &session,
+                            via,
+                            &host,
+                            None,
+                            port,
+                            &method,
+                            &path,
+                            e.to_string(),
+                            start,
+                        )
+                    }
+                };
             match open_upstream(&ctx, &session, &route, via).await {
                 Ok(up) => (up, route.verdict, route.rule, route.reason),
                 Err(e) => {
-                    return upstream_failure(&ctx, &session, via, &host, route.addrs.first().copied(), port, &method, &path, e, start)
+                    return upstream_failure(
+                        &ctx,
+                        &session,
+                        via,
+                        &host,
+                        route.addrs.first().copied(),
+                        port,
+                        &method,
+                        &path,
+                        e,
+                        start,
+                    )
                 }
             }
         }
@@ -485,7 +625,18 @@ async fn forward(
         Ok(r) => r,
         Err(e) => {
             let v = verdicted("bad-request", e);
-            return refuse(&ctx, &session, via, StatusCode::BAD_REQUEST, Some(host), None, Some(port), &method, Some(&path), &v);
+            return refuse(
+                &ctx,
+                &session,
+                via,
+                StatusCode::BAD_REQUEST,
+                Some(host),
+                None,
+                Some(port),
+                &method,
+                Some(&path),
+                &v,
+            );
         }
     };
     let before = up.counters.snapshot();
@@ -520,7 +671,18 @@ async fn forward(
                 // The metered stream already recorded the budget event.
                 return refusal(StatusCode::FORBIDDEN, "byte budget exhausted");
             }
-            upstream_failure(&ctx, &session, via, &host, Some(ip), port, &method, &path, format!("upstream request failed: {err}"), start)
+            upstream_failure(
+                &ctx,
+                &session,
+                via,
+                &host,
+                Some(ip),
+                port,
+                &method,
+                &path,
+                format!("upstream request failed: {err}"),
+                start,
+            )
         }
     }
 }
@@ -553,10 +715,22 @@ fn upstream_failure(
     refusal(StatusCode::BAD_GATEWAY, &reason)
 }
 
-async fn open_upstream(ctx: &Arc<Ctx>, session: &Arc<Session>, route: &Route, via: Via) -> Result<Upstream, String> {
-    let (stream, addr): (TcpStream, SocketAddr) = route::connect(route, ctx.shared.timeouts.connect)
-        .await
-        .map_err(|e| format!("cannot connect to {}:{}: {e}", route.dest.to_host_string(), route.port))?;
+async fn open_upstream(
+    ctx: &Arc<Ctx>,
+    session: &Arc<Session>,
+    route: &Route,
+    via: Via,
+) -> Result<Upstream, String> {
+    let (stream, addr): (TcpStream, SocketAddr) =
+        route::connect(route, ctx.shared.timeouts.connect)
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot connect to {}:{}: {e}",
+                    route.dest.to_host_string(),
+                    route.port
+                )
+            })?;
     let target = Arc::new(MeterTarget {
         ctx: ctx.clone(),
         session: session.clone(),
@@ -622,12 +796,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn upstream_request(req: Request<Incoming>, dest: &Dest, port: u16) -> Result<Request<Body>, String> {
+fn upstream_request(
+    req: Request<Incoming>,
+    dest: &Dest,
+    port: u16,
+) -> Result<Request<Body>, String> {
     let (mut parts, body) = req.into_parts();
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str());
+    let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let pq = if pq.starts_with('/') { pq } else { "/" };
     parts.uri = pq
         .parse::<Uri>()
@@ -644,7 +819,10 @@ fn upstream_request(req: Request<Incoming>, dest: &Dest, port: u16) -> Result<Re
         let value = HeaderValue::from_str(&host).map_err(|e| format!("invalid host: {e}"))?;
         parts.headers.insert(header::HOST, value);
     }
-    Ok(Request::from_parts(parts, body.map_err(BoxError::from).boxed()))
+    Ok(Request::from_parts(
+        parts,
+        body.map_err(BoxError::from).boxed(),
+    ))
 }
 
 fn downstream_response(resp: Response<Incoming>, pending: PendingEvent) -> Response<Body> {
@@ -728,7 +906,8 @@ impl Drop for EventBody {
         if let Some(p) = self.pending.take() {
             // hyper drops a body it knows is empty without polling it; that is a complete
             // response, not an aborted one.
-            let error = (!self.inner.is_end_stream()).then(|| "response not read to the end".to_owned());
+            let error =
+                (!self.inner.is_end_stream()).then(|| "response not read to the end".to_owned());
             p.finish(error);
         }
     }

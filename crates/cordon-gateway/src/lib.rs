@@ -114,11 +114,15 @@ impl Gateway {
         let enforce = policy.enforcing();
         let resolver: Arc<dyn Resolve> = match config.upstream {
             Upstream::System => Arc::new(UpstreamResolver::from_system_conf()?),
-            Upstream::Nameservers(servers) => Arc::new(UpstreamResolver::with_nameservers(&servers)?),
+            Upstream::Nameservers(servers) => {
+                Arc::new(UpstreamResolver::with_nameservers(&servers)?)
+            }
             Upstream::Custom(r) => r,
         };
         let attribution = match config.clients {
-            Clients::Session(info) => Attribution::Fixed(Arc::new(Session::new(info, limits, enforce))),
+            Clients::Session(info) => {
+                Attribution::Fixed(Arc::new(Session::new(info, limits, enforce)))
+            }
             Clients::Tokens => Attribution::Tokens {
                 sessions: RwLock::new(HashMap::new()),
                 limits,
@@ -176,11 +180,15 @@ impl Gateway {
         cancel: CancellationToken,
     ) -> Result<GatewayStats, GatewayError> {
         let fixed = self.shared.attribution.fixed().cloned();
-        let needs_session = |name: &'static str| fixed.clone().ok_or(GatewayError::NeedsSession(name));
+        let needs_session =
+            |name: &'static str| fixed.clone().ok_or(GatewayError::NeedsSession(name));
         let tcp = |name: &'static str, l: std::net::TcpListener| {
             l.set_nonblocking(true)
                 .and_then(|()| TcpListener::from_std(l))
-                .map_err(|source| GatewayError::Listener { listener: name, source })
+                .map_err(|source| GatewayError::Listener {
+                    listener: name,
+                    source,
+                })
         };
         // Check and convert everything before serving anything, so a bad listener changes nothing.
         let http = listeners.http.map(|l| tcp("http", l)).transpose()?;
@@ -190,7 +198,10 @@ impl Gateway {
                 let socket = s
                     .set_nonblocking(true)
                     .and_then(|()| UdpSocket::from_std(s))
-                    .map_err(|source| GatewayError::Listener { listener: "dns_udp", source })?;
+                    .map_err(|source| GatewayError::Listener {
+                        listener: "dns_udp",
+                        source,
+                    })?;
                 Some((socket, session))
             }
             None => None,
@@ -247,6 +258,7 @@ async fn serve_proxy(ctx: Arc<Ctx>, listener: TcpListener) {
         };
         let _ = stream.set_nodelay(true);
         let conn = Arc::new(ClientConn::new(ConnMode::Proxy));
-        ctx.tasks.spawn(http::serve_client(ctx.clone(), stream, conn));
+        ctx.tasks
+            .spawn(http::serve_client(ctx.clone(), stream, conn));
     }
 }

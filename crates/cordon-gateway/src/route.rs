@@ -69,10 +69,7 @@ pub(crate) async fn resolve_checked(
     let candidates = match dest {
         Dest::Addr(ip) => vec![*ip],
         Dest::Name(name) => {
-            let mut addrs = resolver
-                .resolve(name)
-                .await
-                .map_err(RouteError::Resolve)?;
+            let mut addrs = resolver.resolve(name).await.map_err(RouteError::Resolve)?;
             // Stable: keeps upstream's order within each family.
             addrs.sort_by_key(|a| a.is_ipv6());
             addrs
@@ -123,7 +120,10 @@ pub(crate) async fn resolve_checked(
 }
 
 /// Connects to the first address of `route` that answers, trying each in order.
-pub(crate) async fn connect(route: &Route, timeout: Duration) -> io::Result<(TcpStream, SocketAddr)> {
+pub(crate) async fn connect(
+    route: &Route,
+    timeout: Duration,
+) -> io::Result<(TcpStream, SocketAddr)> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no address to connect to");
     for ip in &route.addrs {
         let addr = SocketAddr::new(*ip, route.port);
@@ -135,7 +135,10 @@ pub(crate) async fn connect(route: &Route, timeout: Duration) -> io::Result<(Tcp
             }
             Ok(Err(e)) => last = e,
             Err(_) => {
-                last = io::Error::new(io::ErrorKind::TimedOut, format!("connect to {addr} timed out"))
+                last = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect to {addr} timed out"),
+                )
             }
         }
     }

@@ -45,7 +45,10 @@ pub(crate) enum AuthFailure {
 
 impl Attribution {
     /// The session for a request carrying `proxy_authorization` (the header value, if any).
-    pub fn session_for(&self, proxy_authorization: Option<&[u8]>) -> Result<Arc<Session>, AuthFailure> {
+    pub fn session_for(
+        &self,
+        proxy_authorization: Option<&[u8]>,
+    ) -> Result<Arc<Session>, AuthFailure> {
         match self {
             Attribution::Fixed(s) => Ok(s.clone()),
             Attribution::Tokens { sessions, .. } => {
@@ -152,7 +155,10 @@ mod tests {
         );
         assert_eq!(token_from_header(b"Bearer tok123"), Some("tok123".into()));
         let wrong_user = base64::engine::general_purpose::STANDARD.encode("root:tok123");
-        assert_eq!(token_from_header(format!("Basic {wrong_user}").as_bytes()), None);
+        assert_eq!(
+            token_from_header(format!("Basic {wrong_user}").as_bytes()),
+            None
+        );
         assert_eq!(token_from_header(b"Digest x"), None);
         assert_eq!(token_from_header(b"Basic !!!"), None);
     }
@@ -164,8 +170,12 @@ mod tests {
         let t2 = a.issue(info("s2")).unwrap();
         assert_ne!(t1, t2);
         assert_eq!(t1.len(), 43);
-        let s1 = a.session_for(Some(format!("Bearer {t1}").as_bytes())).unwrap();
-        let s2 = a.session_for(Some(format!("Bearer {t2}").as_bytes())).unwrap();
+        let s1 = a
+            .session_for(Some(format!("Bearer {t1}").as_bytes()))
+            .unwrap();
+        let s2 = a
+            .session_for(Some(format!("Bearer {t2}").as_bytes()))
+            .unwrap();
         assert_eq!(s1.info.id, "s1");
         assert_eq!(s2.info.id, "s2");
         assert_eq!(a.session_for(None).err(), Some(AuthFailure::Missing));

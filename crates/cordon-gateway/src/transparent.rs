@@ -72,7 +72,9 @@ async fn handle(ctx: &Arc<Ctx>, session: &Arc<Session>, mut stream: TcpStream) {
             let v = Verdicted {
                 verdict: crate::event::Verdict::Block,
                 rule: "no-original-destination".into(),
-                reason: Some(format!("cannot read the connection's original destination: {e}")),
+                reason: Some(format!(
+                    "cannot read the connection's original destination: {e}"
+                )),
             };
             emit_blocked(ctx, session, Via::Transparent, None, None, None, &v);
             reset(stream);
@@ -90,19 +92,37 @@ async fn handle(ctx: &Arc<Ctx>, session: &Arc<Session>, mut stream: TcpStream) {
     // Refuse a destination the policy refuses before reading anything from the client.
     let pre = ctx.policy().decide_dest(&dest, port);
     if pre.blocked() {
-        emit_blocked(ctx, session, Via::Transparent, Some(host), ip, Some(port), &pre);
+        emit_blocked(
+            ctx,
+            session,
+            Via::Transparent,
+            Some(host),
+            ip,
+            Some(port),
+            &pre,
+        );
         reset(stream);
         return;
     }
     let permit = match session.budget.acquire_connection() {
         ConnCheck::Ok(p) => p,
         ConnCheck::OverInReport(limit) => {
-            let hit = BudgetHit { via: Via::Transparent, host: Some(host.clone()), ip, port: Some(port) };
+            let hit = BudgetHit {
+                via: Via::Transparent,
+                host: Some(host.clone()),
+                ip,
+                port: Some(port),
+            };
             ctx.budget_refused(session, &limit, &hit, true);
             None
         }
         ConnCheck::Refused(limit) => {
-            let hit = BudgetHit { via: Via::Transparent, host: Some(host.clone()), ip, port: Some(port) };
+            let hit = BudgetHit {
+                via: Via::Transparent,
+                host: Some(host.clone()),
+                ip,
+                port: Some(port),
+            };
             ctx.budget_refused(session, &limit, &hit, false);
             reset(stream);
             return;
@@ -130,7 +150,19 @@ async fn handle(ctx: &Arc<Ctx>, session: &Arc<Session>, mut stream: TcpStream) {
             return;
         }
     };
-    if run_tunnel(ctx, session, Via::Transparent, &mut stream, first, peek, route, start).await == TunnelEnd::Refused {
+    if run_tunnel(
+        ctx,
+        session,
+        Via::Transparent,
+        &mut stream,
+        first,
+        peek,
+        route,
+        start,
+    )
+    .await
+        == TunnelEnd::Refused
+    {
         reset(stream);
     }
 }

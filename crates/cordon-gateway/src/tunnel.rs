@@ -118,7 +118,11 @@ pub(crate) async fn prepare(
 }
 
 /// Handles `CONNECT host:port` on the explicit proxy.
-pub(crate) async fn handle_connect(ctx: Arc<Ctx>, session: Arc<Session>, mut req: Request<Incoming>) -> Response<Body> {
+pub(crate) async fn handle_connect(
+    ctx: Arc<Ctx>,
+    session: Arc<Session>,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
     let raw = req
         .uri()
         .authority()
@@ -128,9 +132,15 @@ pub(crate) async fn handle_connect(ctx: Arc<Ctx>, session: Arc<Session>, mut req
         Ok(t) => t,
         Err(e) => {
             let shown: String = raw.chars().take(100).collect();
-            let v = blocked("bad-target", format!("invalid CONNECT target {shown:?}: {e}"));
+            let v = blocked(
+                "bad-target",
+                format!("invalid CONNECT target {shown:?}: {e}"),
+            );
             emit_blocked(&ctx, &session, Via::Connect, Some(shown), None, None, &v);
-            return refusal(StatusCode::FORBIDDEN, v.reason.as_deref().unwrap_or("blocked"));
+            return refusal(
+                StatusCode::FORBIDDEN,
+                v.reason.as_deref().unwrap_or("blocked"),
+            );
         }
     };
     let dest = dest_for(&target.host, &ctx.shared.synthetic);
@@ -146,7 +156,17 @@ pub(crate) async fn handle_connect(ctx: Arc<Ctx>, session: Arc<Session>, mut req
             Ok(upgraded) => {
                 let mut client = TokioIo::new(upgraded);
                 if let Ok((first, peek)) = peek_first(&task_ctx, &mut client).await {
-                    run_tunnel(&task_ctx, &session, Via::Connect, &mut client, first, peek, route, start).await;
+                    run_tunnel(
+                        &task_ctx,
+                        &session,
+                        Via::Connect,
+                        &mut client,
+                        first,
+                        peek,
+                        route,
+                        start,
+                    )
+                    .await;
                 }
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
@@ -158,7 +178,10 @@ pub(crate) async fn handle_connect(ctx: Arc<Ctx>, session: Arc<Session>, mut req
 }
 
 /// What the client's first bytes say about whether the tunnel may open.
-pub(crate) fn check_first_bytes(dest: &Dest, peek: Result<Peek, SniError>) -> Result<(), Verdicted> {
+pub(crate) fn check_first_bytes(
+    dest: &Dest,
+    peek: Result<Peek, SniError>,
+) -> Result<(), Verdicted> {
     match peek {
         Ok(Peek::ClientHello { sni: Some(sni) }) => {
             let matches = match (HostName::parse(&sni), dest) {
@@ -179,20 +202,30 @@ pub(crate) fn check_first_bytes(dest: &Dest, peek: Result<Peek, SniError>) -> Re
             }
         }
         Ok(_) => Ok(()),
-        Err(e) => Err(blocked("bad-client-hello", format!("malformed TLS ClientHello: {e}"))),
+        Err(e) => Err(blocked(
+            "bad-client-hello",
+            format!("malformed TLS ClientHello: {e}"),
+        )),
     }
 }
 
 /// Reads the client's first bytes: until a complete ClientHello, enough to see the stream is not
 /// TLS, the cap, EOF, or the first-bytes timeout. Returns the bytes and what they are.
-pub(crate) async fn peek_first<C>(ctx: &Ctx, client: &mut C) -> std::io::Result<(Vec<u8>, Result<Peek, SniError>)>
+pub(crate) async fn peek_first<C>(
+    ctx: &Ctx,
+    client: &mut C,
+) -> std::io::Result<(Vec<u8>, Result<Peek, SniError>)>
 where
     C: AsyncRead + Unpin,
 {
     let mut first = Vec::new();
-    read_until(client, &mut first, MAX_PEEK, ctx.shared.timeouts.first_bytes, |b| {
-        !matches!(peek_client_hello(b), Ok(Peek::NeedMore)) && !partial_request_line(b)
-    })
+    read_until(
+        client,
+        &mut first,
+        MAX_PEEK,
+        ctx.shared.timeouts.first_bytes,
+        |b| !matches!(peek_client_hello(b), Ok(Peek::NeedMore)) && !partial_request_line(b),
+    )
     .await?;
     let peek = match peek_client_hello(&first) {
         // Still incomplete: the client went quiet or hit the cap mid-hello.
@@ -245,7 +278,9 @@ where
         emit_blocked(ctx, session, via, Some(host), None, Some(route.port), &v);
         return TunnelEnd::Refused;
     }
-    let (stream, addr): (_, SocketAddr) = match route::connect(&route, ctx.shared.timeouts.connect).await {
+    let (stream, addr): (_, SocketAddr) = match route::connect(&route, ctx.shared.timeouts.connect)
+        .await
+    {
         Ok(x) => x,
         Err(e) => {
             let mut ev = NetEvent::new(EventKind::Connection, &session.info, via, route.verdict);

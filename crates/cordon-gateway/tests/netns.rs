@@ -3,6 +3,8 @@
 //! "internet" and "private" addresses it needs to `lo`, and puts traps on the private ones to
 //! prove the gateway never connected to them.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -144,7 +146,7 @@ fn mixed_answers_use_only_the_public_address_and_a_public_host_is_reachable() {
     }
     rt().block_on(async {
         let trap = Trap::start(SocketAddr::new(PRIVATE, 80)).await;
-        let (origin, _) = origin::spawn(SocketAddr::new(PUBLIC, 80)).await;
+        let (origin, _) = origin::spawn(SocketAddr::new(PUBLIC, 80)).await.unwrap();
         let dns = FakeDns::start(
             LOOPBACK,
             &[
@@ -220,7 +222,7 @@ fn a_client_that_ignores_proxies_is_captured_by_nftables_and_decided_by_name() {
     }
     add_lo_addr(PUBLIC);
     rt().block_on(async {
-        let (origin, _) = origin::spawn(SocketAddr::new(PUBLIC, 8080)).await;
+        let (origin, _) = origin::spawn(SocketAddr::new(PUBLIC, 8080)).await.unwrap();
         let dns = FakeDns::start(LOOPBACK, &[("public.test", &[PUBLIC])]).await;
         let opts = Options {
             original_dst: Some(Arc::new(SoOriginalDst)),

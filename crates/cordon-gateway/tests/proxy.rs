@@ -4,6 +4,8 @@
 //! Everything here stays on 127.0.0.0/8 in the host's namespace: the origin is reachable only
 //! because the policy names it in `allow_private`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{Read, Write};
@@ -29,7 +31,7 @@ struct World {
 
 /// Origin on 127.0.0.1; `origin.test` and `other.test` resolve to it; `rebind.test` to 127.0.0.2.
 async fn world(allow: &[&str], allow_private: &[&str], opts: Options) -> World {
-    let (origin, _) = origin::spawn("127.0.0.1:0".parse().unwrap()).await;
+    let (origin, _) = origin::spawn("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let dns = FakeDns::start(
         LOOPBACK,
         &[
@@ -60,14 +62,14 @@ async fn an_allowlisted_host_is_reachable_with_curl_and_the_request_is_audited()
     assert!(ok, "curl failed: {err}");
     assert!(out.contains("200 OK"), "{out}");
     assert!(
-        out.contains(&format!("origin: host=origin.test:{} path=/hello?x=1", w.origin.port())),
+        out.contains(&format!(
+            "origin: host=origin.test:{} path=/hello?x=1",
+            w.origin.port()
+        )),
         "{out}"
     );
 
-    let e = w
-        .gw
-        .wait_event(|e| e.kind == EventKind::HttpRequest)
-        .await;
+    let e = w.gw.wait_event(|e| e.kind == EventKind::HttpRequest).await;
     assert_eq!(e.verdict, Verdict::Allow);
     assert_eq!(e.via, Via::Proxy);
     assert_eq!(e.host.as_deref(), Some("origin.test"));
@@ -94,9 +96,10 @@ async fn an_allowlisted_host_is_reachable_with_python_urllib() {
         w.gw.proxy,
         w.origin.port()
     );
-    let (ok, out, err) = tokio::task::spawn_blocking(move || run(Command::new("python3").args(["-c", &script])))
-        .await
-        .unwrap();
+    let (ok, out, err) =
+        tokio::task::spawn_blocking(move || run(Command::new("python3").args(["-c", &script])))
+            .await
+            .unwrap();
     assert!(ok, "python failed: {err}");
     assert!(out.contains("path=/py"), "{out}");
     w.gw.stop().await;
@@ -106,9 +109,10 @@ async fn an_allowlisted_host_is_reachable_with_python_urllib() {
 async fn a_host_not_in_the_allowlist_gets_403_with_the_reason_and_is_never_resolved() {
     let mut w = world(&["origin.test:*"], &["127.0.0.1/32:*"], Options::default()).await;
     let proxy = w.gw.proxy;
-    let (ok, out, _) = tokio::task::spawn_blocking(move || curl(proxy, &["-D", "-", "http://example.com/"]))
-        .await
-        .unwrap();
+    let (ok, out, _) =
+        tokio::task::spawn_blocking(move || curl(proxy, &["-D", "-", "http://example.com/"]))
+            .await
+            .unwrap();
     assert!(ok);
     assert!(out.starts_with("HTTP/1.1 403"), "{out}");
     assert!(
@@ -117,9 +121,16 @@ async fn a_host_not_in_the_allowlist_gets_403_with_the_reason_and_is_never_resol
         "{out}"
     );
     let e = w.gw.wait_event(|e| e.kind == EventKind::Blocked).await;
-    assert_eq!((e.verdict, e.rule.as_str()), (Verdict::Block, "default-deny"));
+    assert_eq!(
+        (e.verdict, e.rule.as_str()),
+        (Verdict::Block, "default-deny")
+    );
     assert_eq!(e.host.as_deref(), Some("example.com"));
-    assert!(w.dns.asked().is_empty(), "upstream DNS was asked: {:?}", w.dns.asked());
+    assert!(
+        w.dns.asked().is_empty(),
+        "upstream DNS was asked: {:?}",
+        w.dns.asked()
+    );
     let stats = w.gw.stop().await;
     assert_eq!(stats.blocked, 1);
 }
@@ -131,14 +142,32 @@ async fn loopback_is_blocked_without_allow_private_in_every_encoding() {
     let mut w = world(&["origin.test:*", "127.0.0.1:*"], &[], Options::default()).await;
     let port = w.origin.port();
     for (url, host) in [
-        (format!("http://origin.test:{port}/"), format!("origin.test:{port}")),
-        (format!("http://127.0.0.1:{port}/"), format!("127.0.0.1:{port}")),
+        (
+            format!("http://origin.test:{port}/"),
+            format!("origin.test:{port}"),
+        ),
+        (
+            format!("http://127.0.0.1:{port}/"),
+            format!("127.0.0.1:{port}"),
+        ),
         (format!("http://127.1:{port}/"), format!("127.1:{port}")),
-        (format!("http://2130706433:{port}/"), format!("2130706433:{port}")),
-        (format!("http://0x7f000001:{port}/"), format!("0x7f000001:{port}")),
-        (format!("http://0177.0.0.1:{port}/"), format!("0177.0.0.1:{port}")),
+        (
+            format!("http://2130706433:{port}/"),
+            format!("2130706433:{port}"),
+        ),
+        (
+            format!("http://0x7f000001:{port}/"),
+            format!("0x7f000001:{port}"),
+        ),
+        (
+            format!("http://0177.0.0.1:{port}/"),
+            format!("0177.0.0.1:{port}"),
+        ),
         (format!("http://0:{port}/"), format!("0:{port}")),
-        (format!("http://[::ffff:127.0.0.1]:{port}/"), format!("[::ffff:127.0.0.1]:{port}")),
+        (
+            format!("http://[::ffff:127.0.0.1]:{port}/"),
+            format!("[::ffff:127.0.0.1]:{port}"),
+        ),
         (format!("http://[::1]:{port}/"), format!("[::1]:{port}")),
     ] {
         let proxy = w.gw.proxy;
@@ -153,7 +182,11 @@ async fn loopback_is_blocked_without_allow_private_in_every_encoding() {
     let proxy = ok.gw.proxy;
     let port2 = ok.origin.port();
     let r = tokio::task::spawn_blocking(move || {
-        proxy_get(proxy, &format!("http://origin.test:{port2}/"), &format!("origin.test:{port2}"))
+        proxy_get(
+            proxy,
+            &format!("http://origin.test:{port2}/"),
+            &format!("origin.test:{port2}"),
+        )
     })
     .await
     .unwrap();
@@ -169,7 +202,11 @@ async fn a_name_that_rebinds_to_another_loopback_address_is_blocked_and_never_co
     let proxy = w.gw.proxy;
     let port = trap.addr.port();
     let r = tokio::task::spawn_blocking(move || {
-        proxy_get(proxy, &format!("http://rebind.test:{port}/"), &format!("rebind.test:{port}"))
+        proxy_get(
+            proxy,
+            &format!("http://rebind.test:{port}/"),
+            &format!("rebind.test:{port}"),
+        )
     })
     .await
     .unwrap();
@@ -187,7 +224,12 @@ async fn a_name_that_rebinds_to_another_loopback_address_is_blocked_and_never_co
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_header_that_disagrees_with_the_absolute_uri_is_refused() {
-    let mut w = world(&["origin.test:*", "other.test:*"], &["127.0.0.1/32:*"], Options::default()).await;
+    let mut w = world(
+        &["origin.test:*", "other.test:*"],
+        &["127.0.0.1/32:*"],
+        Options::default(),
+    )
+    .await;
     let port = w.origin.port();
     let proxy = w.gw.proxy;
     let cases = [
@@ -196,37 +238,61 @@ async fn a_host_header_that_disagrees_with_the_absolute_uri_is_refused() {
         format!("GET http://origin.test:{port}/ HTTP/1.1\r\nHost: origin.test:{port}\r\nHost: other.test\r\nConnection: close\r\n\r\n"),
     ];
     for req in cases {
-        let r = tokio::task::spawn_blocking(move || raw_http(proxy, &req)).await.unwrap();
+        let r = tokio::task::spawn_blocking(move || raw_http(proxy, &req))
+            .await
+            .unwrap();
         assert_eq!(r.status, 403, "{r:?}");
         assert!(r.reason().contains("Host header"), "{}", r.reason());
     }
     // Agreeing Host (default port spelled out or not) passes.
     let req = format!("GET http://origin.test:{port}/ok HTTP/1.1\r\nHost: ORIGIN.test.:{port}\r\nConnection: close\r\n\r\n");
-    let r = tokio::task::spawn_blocking(move || raw_http(proxy, &req)).await.unwrap();
+    let r = tokio::task::spawn_blocking(move || raw_http(proxy, &req))
+        .await
+        .unwrap();
     assert_eq!(r.status, 200, "{r:?}");
-    let blocked = w.gw.events().iter().filter(|e| e.rule == "host-mismatch").count();
+    let blocked =
+        w.gw.events()
+            .iter()
+            .filter(|e| e.rule == "host-mismatch")
+            .count();
     assert_eq!(blocked, 3);
     w.gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_port_the_entry_does_not_name_is_refused() {
-    let (origin, _) = origin::spawn("127.0.0.1:0".parse().unwrap()).await;
+    let (origin, _) = origin::spawn("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let dns = FakeDns::start(LOOPBACK, &[("origin.test", &[LOOPBACK])]).await;
     let allow = format!("origin.test:{}", origin.port());
-    let mut gw = Running::start(policy(&[&allow], &["127.0.0.1/32:*"]), dns.addr, Options::default()).await;
+    let mut gw = Running::start(
+        policy(&[&allow], &["127.0.0.1/32:*"]),
+        dns.addr,
+        Options::default(),
+    )
+    .await;
     let proxy = gw.proxy;
     let other = origin.port().wrapping_add(1).max(1);
     let r = tokio::task::spawn_blocking(move || {
-        proxy_get(proxy, &format!("http://origin.test:{other}/"), &format!("origin.test:{other}"))
+        proxy_get(
+            proxy,
+            &format!("http://origin.test:{other}/"),
+            &format!("origin.test:{other}"),
+        )
     })
     .await
     .unwrap();
     assert_eq!(r.status, 403);
-    assert_eq!(r.reason(), format!("port {other} is not allowed for origin.test"));
+    assert_eq!(
+        r.reason(),
+        format!("port {other} is not allowed for origin.test")
+    );
     let port = origin.port();
     let r = tokio::task::spawn_blocking(move || {
-        proxy_get(proxy, &format!("http://origin.test:{port}/"), &format!("origin.test:{port}"))
+        proxy_get(
+            proxy,
+            &format!("http://origin.test:{port}/"),
+            &format!("origin.test:{port}"),
+        )
     })
     .await
     .unwrap();
@@ -238,7 +304,9 @@ type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
 async fn hyper_client(proxy: SocketAddr) -> Sender {
     let stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     sender
 }
@@ -268,17 +336,30 @@ async fn every_request_on_a_kept_alive_connection_is_decided_again() {
     let ok_url = format!("http://origin.test:{port}/one");
     let ok_host = format!("origin.test:{port}");
     assert_eq!(get(&mut c, &ok_url, &ok_host).await.0, 200);
-    let (status, reason, _) = get(&mut c, &format!("http://other.test:{port}/two"), &format!("other.test:{port}")).await;
+    let (status, reason, _) = get(
+        &mut c,
+        &format!("http://other.test:{port}/two"),
+        &format!("other.test:{port}"),
+    )
+    .await;
     assert_eq!(status, 403);
     assert_eq!(reason, "host other.test is not in the allowlist");
     // The connection is still usable, and the allowed host still works on it.
-    let (status, _, body) = get(&mut c, &format!("http://origin.test:{port}/three"), &ok_host).await;
+    let (status, _, body) = get(
+        &mut c,
+        &format!("http://origin.test:{port}/three"),
+        &ok_host,
+    )
+    .await;
     assert_eq!(status, 200);
     assert!(body.ends_with("path=/three"), "{body}");
     let (status, _, _) = get(&mut c, &format!("http://origin.test:{port}/four"), &ok_host).await;
     assert_eq!(status, 200);
     let ev = w.gw.events();
-    let requests: Vec<_> = ev.iter().filter(|e| e.kind == EventKind::HttpRequest).collect();
+    let requests: Vec<_> = ev
+        .iter()
+        .filter(|e| e.kind == EventKind::HttpRequest)
+        .collect();
     let blocked: Vec<_> = ev.iter().filter(|e| e.kind == EventKind::Blocked).collect();
     assert_eq!(requests.len(), 3, "{ev:#?}");
     assert_eq!(blocked.len(), 1);
@@ -292,7 +373,9 @@ async fn connect_to_an_allowlisted_host_tunnels_with_curl() {
     let url = format!("http://origin.test:{}/tunnelled", w.origin.port());
     let proxy = w.gw.proxy;
     // -p: tunnel through CONNECT even for http://.
-    let (ok, out, err) = tokio::task::spawn_blocking(move || curl(proxy, &["-p", &url])).await.unwrap();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || curl(proxy, &["-p", &url]))
+        .await
+        .unwrap();
     assert!(ok, "curl failed: {err}");
     assert!(out.ends_with("path=/tunnelled"), "{out}");
     let e = w.gw.wait_event(|e| e.kind == EventKind::Connection).await;
@@ -330,7 +413,12 @@ fn connect(proxy: SocketAddr, target: &str) -> (std::net::TcpStream, RawResponse
 async fn a_connect_whose_tls_server_name_matches_reaches_the_host() {
     let echo = Echo::start("127.0.0.1:0".parse().unwrap()).await;
     let dns = FakeDns::start(LOOPBACK, &[("echo.test", &[LOOPBACK])]).await;
-    let mut gw = Running::start(policy(&["echo.test:*"], &["127.0.0.1/32:*"]), dns.addr, Options::default()).await;
+    let mut gw = Running::start(
+        policy(&["echo.test:*"], &["127.0.0.1/32:*"]),
+        dns.addr,
+        Options::default(),
+    )
+    .await;
     let (proxy, port) = (gw.proxy, echo.addr.port());
     let hello = client_hello(Some("Echo.Test"), 100);
     let h2 = hello.clone();
@@ -347,7 +435,11 @@ async fn a_connect_whose_tls_server_name_matches_reaches_the_host() {
     assert_eq!(got, hello);
     assert_eq!(echo.received(), hello);
     gw.stop().await;
-    let e = gw.events().into_iter().find(|e| e.kind == EventKind::Connection).unwrap();
+    let e = gw
+        .events()
+        .into_iter()
+        .find(|e| e.kind == EventKind::Connection)
+        .unwrap();
     assert_eq!(e.bytes_up, hello.len() as u64);
     assert_eq!(e.bytes_down, hello.len() as u64);
 }
@@ -356,7 +448,12 @@ async fn a_connect_whose_tls_server_name_matches_reaches_the_host() {
 async fn a_connect_whose_tls_server_name_differs_is_closed_before_anything_goes_upstream() {
     let echo = Echo::start("127.0.0.1:0".parse().unwrap()).await;
     let dns = FakeDns::start(LOOPBACK, &[("echo.test", &[LOOPBACK])]).await;
-    let mut gw = Running::start(policy(&["echo.test:*"], &["127.0.0.1/32:*"]), dns.addr, Options::default()).await;
+    let mut gw = Running::start(
+        policy(&["echo.test:*"], &["127.0.0.1/32:*"]),
+        dns.addr,
+        Options::default(),
+    )
+    .await;
     let (proxy, port) = (gw.proxy, echo.addr.port());
     for sni in ["evil.example", "echo.test.evil.example"] {
         let hello = client_hello(Some(sni), 16384);
@@ -372,35 +469,60 @@ async fn a_connect_whose_tls_server_name_differs_is_closed_before_anything_goes_
         .await
         .unwrap();
     }
-    assert_eq!(echo.connections.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(
+        echo.connections.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
     assert!(echo.received().is_empty());
-    let blocked: Vec<_> = gw.events().into_iter().filter(|e| e.rule == "sni-mismatch").collect();
+    let blocked: Vec<_> = gw
+        .events()
+        .into_iter()
+        .filter(|e| e.rule == "sni-mismatch")
+        .collect();
     assert_eq!(blocked.len(), 2);
-    assert!(blocked[0].reason.as_deref().unwrap().contains("\"evil.example\""));
+    assert!(blocked[0]
+        .reason
+        .as_deref()
+        .unwrap()
+        .contains("\"evil.example\""));
     gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connect_gets_403_before_any_tunnel() {
-    let mut w = world(&["origin.test:443"], &["127.0.0.1/32:*"], Options::default()).await;
+    let mut w = world(
+        &["origin.test:443"],
+        &["127.0.0.1/32:*"],
+        Options::default(),
+    )
+    .await;
     let proxy = w.gw.proxy;
-    let r = tokio::task::spawn_blocking(move || connect(proxy, "example.com:443").1).await.unwrap();
+    let r = tokio::task::spawn_blocking(move || connect(proxy, "example.com:443").1)
+        .await
+        .unwrap();
     assert_eq!(r.status, 403);
     assert_eq!(r.reason(), "host example.com is not in the allowlist");
-    let r = tokio::task::spawn_blocking(move || connect(proxy, "origin.test:22").1).await.unwrap();
+    let r = tokio::task::spawn_blocking(move || connect(proxy, "origin.test:22").1)
+        .await
+        .unwrap();
     assert_eq!(r.status, 403);
     assert_eq!(r.reason(), "port 22 is not allowed for origin.test");
-    let r = tokio::task::spawn_blocking(move || connect(proxy, "user@origin.test:443").1).await.unwrap();
+    let r = tokio::task::spawn_blocking(move || connect(proxy, "user@origin.test:443").1)
+        .await
+        .unwrap();
     assert_eq!(r.status, 403, "{r:?}");
     let e = w.gw.wait_event(|e| e.rule == "default-deny").await;
-    assert_eq!((e.via, e.method.as_deref()), (Via::Connect, Some("CONNECT")));
+    assert_eq!(
+        (e.via, e.method.as_deref()),
+        (Via::Connect, Some("CONNECT"))
+    );
     assert!(w.dns.asked().is_empty());
     w.gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn report_mode_lets_unlisted_hosts_through_but_records_that_it_would_block() {
-    let (origin, _) = origin::spawn("127.0.0.1:0".parse().unwrap()).await;
+    let (origin, _) = origin::spawn("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let trap = Trap::start("127.0.0.2:0".parse().unwrap()).await;
     let dns = FakeDns::start(
         LOOPBACK,
@@ -416,7 +538,11 @@ async fn report_mode_lets_unlisted_hosts_through_but_records_that_it_would_block
     let proxy = gw.proxy;
     let port = origin.port();
     let r = tokio::task::spawn_blocking(move || {
-        proxy_get(proxy, &format!("http://other.test:{port}/"), &format!("other.test:{port}"))
+        proxy_get(
+            proxy,
+            &format!("http://other.test:{port}/"),
+            &format!("other.test:{port}"),
+        )
     })
     .await
     .unwrap();
@@ -424,11 +550,18 @@ async fn report_mode_lets_unlisted_hosts_through_but_records_that_it_would_block
     let e = gw.wait_event(|e| e.kind == EventKind::HttpRequest).await;
     assert_eq!(e.verdict, Verdict::ReportWouldBlock);
     assert_eq!(e.rule, "default-deny");
-    assert_eq!(e.reason.as_deref(), Some("host other.test is not in the allowlist"));
+    assert_eq!(
+        e.reason.as_deref(),
+        Some("host other.test is not in the allowlist")
+    );
     // The anti-SSRF ranges hold in report mode too.
     let tport = trap.addr.port();
     let r = tokio::task::spawn_blocking(move || {
-        proxy_get(proxy, &format!("http://rebind.test:{tport}/"), &format!("rebind.test:{tport}"))
+        proxy_get(
+            proxy,
+            &format!("http://rebind.test:{tport}/"),
+            &format!("rebind.test:{tport}"),
+        )
     })
     .await
     .unwrap();
@@ -445,7 +578,7 @@ async fn report_mode_lets_unlisted_hosts_through_but_records_that_it_would_block
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standalone_clients_need_a_token_and_each_token_is_its_own_session() {
-    let (origin, _) = origin::spawn("127.0.0.1:0".parse().unwrap()).await;
+    let (origin, _) = origin::spawn("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let dns = FakeDns::start(LOOPBACK, &[("origin.test", &[LOOPBACK])]).await;
     let mut p = policy(&["origin.test:*"], &["127.0.0.1/32:*"]);
     p.rate.requests_per_minute = 2;
@@ -466,30 +599,41 @@ async fn standalone_clients_need_a_token_and_each_token_is_its_own_session() {
     let url = format!("http://origin.test:{port}/");
 
     let u = url.clone();
-    let r = tokio::task::spawn_blocking(move || proxy_get(proxy, &u, &format!("origin.test:{port}")))
-        .await
-        .unwrap();
+    let r =
+        tokio::task::spawn_blocking(move || proxy_get(proxy, &u, &format!("origin.test:{port}")))
+            .await
+            .unwrap();
     assert_eq!(r.status, 407);
     assert!(r.header("proxy-authenticate").unwrap().starts_with("Basic"));
 
     // curl's -U sends Basic base64(cordon:<token>).
     for _ in 0..2 {
         let (u, t) = (url.clone(), ta.clone());
-        let (ok, out, err) = tokio::task::spawn_blocking(move || curl(proxy, &["-U", &format!("cordon:{t}"), &u]))
-            .await
-            .unwrap();
+        let (ok, out, err) =
+            tokio::task::spawn_blocking(move || curl(proxy, &["-U", &format!("cordon:{t}"), &u]))
+                .await
+                .unwrap();
         assert!(ok, "{err}");
         assert!(out.starts_with("origin:"), "{out}");
     }
     // Session a is out of requests; session b (Bearer) is not.
     let (u, t) = (url.clone(), ta.clone());
-    let (_, out, _) = tokio::task::spawn_blocking(move || curl(proxy, &["-D", "-", "-U", &format!("cordon:{t}"), &u]))
-        .await
-        .unwrap();
+    let (_, out, _) = tokio::task::spawn_blocking(move || {
+        curl(proxy, &["-D", "-", "-U", &format!("cordon:{t}"), &u])
+    })
+    .await
+    .unwrap();
     assert!(out.starts_with("HTTP/1.1 403"), "{out}");
     let (u, t) = (url.clone(), tb.clone());
     let (_, out, _) = tokio::task::spawn_blocking(move || {
-        curl(proxy, &["--proxy-header", &format!("Proxy-Authorization: Bearer {t}"), &u])
+        curl(
+            proxy,
+            &[
+                "--proxy-header",
+                &format!("Proxy-Authorization: Bearer {t}"),
+                &u,
+            ],
+        )
     })
     .await
     .unwrap();
@@ -497,25 +641,54 @@ async fn standalone_clients_need_a_token_and_each_token_is_its_own_session() {
     // The token never reaches the origin... and wrong tokens are refused.
     let (u, t) = (url.clone(), format!("{tb}x"));
     let (_, out, _) = tokio::task::spawn_blocking(move || {
-        curl(proxy, &["-D", "-", "--proxy-header", &format!("Proxy-Authorization: Bearer {t}"), &u])
+        curl(
+            proxy,
+            &[
+                "-D",
+                "-",
+                "--proxy-header",
+                &format!("Proxy-Authorization: Bearer {t}"),
+                &u,
+            ],
+        )
     })
     .await
     .unwrap();
     assert!(out.starts_with("HTTP/1.1 407"), "{out}");
     gw.stop().await;
     let ev = gw.events();
-    let a_requests = ev.iter().filter(|e| e.session.id == "a" && e.kind == EventKind::HttpRequest).count();
-    let b_requests = ev.iter().filter(|e| e.session.id == "b" && e.kind == EventKind::HttpRequest).count();
-    let a_budget = ev.iter().filter(|e| e.session.id == "a" && e.kind == EventKind::BudgetExhausted).count();
-    let unauth = ev.iter().filter(|e| e.session.id == "unauthenticated").count();
-    assert_eq!((a_requests, b_requests, a_budget, unauth), (2, 1, 1, 2), "{ev:#?}");
-    assert!(ev.iter().filter(|e| e.session.id == "a").all(|e| e.session.user == "user-a"));
+    let a_requests = ev
+        .iter()
+        .filter(|e| e.session.id == "a" && e.kind == EventKind::HttpRequest)
+        .count();
+    let b_requests = ev
+        .iter()
+        .filter(|e| e.session.id == "b" && e.kind == EventKind::HttpRequest)
+        .count();
+    let a_budget = ev
+        .iter()
+        .filter(|e| e.session.id == "a" && e.kind == EventKind::BudgetExhausted)
+        .count();
+    let unauth = ev
+        .iter()
+        .filter(|e| e.session.id == "unauthenticated")
+        .count();
+    assert_eq!(
+        (a_requests, b_requests, a_budget, unauth),
+        (2, 1, 1, 2),
+        "{ev:#?}"
+    );
+    assert!(ev
+        .iter()
+        .filter(|e| e.session.id == "a")
+        .all(|e| e.session.user == "user-a"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standalone_gateway_refuses_dns_and_transparent_listeners() {
     let dns = FakeDns::start(LOOPBACK, &[]).await;
-    let mut config = cordon_gateway::GatewayConfig::standalone(policy(&[], &[]), Default::default());
+    let mut config =
+        cordon_gateway::GatewayConfig::standalone(policy(&[], &[]), Default::default());
     config.upstream = cordon_gateway::Upstream::Nameservers(vec![dns.addr]);
     let gw = cordon_gateway::Gateway::new(config).unwrap();
     let listeners = cordon_gateway::Listeners {
@@ -523,8 +696,16 @@ async fn a_standalone_gateway_refuses_dns_and_transparent_listeners() {
         ..Default::default()
     };
     let err = gw
-        .serve(listeners, std::sync::Arc::new(cordon_gateway::NoopSink), Default::default())
+        .serve(
+            listeners,
+            std::sync::Arc::new(cordon_gateway::NoopSink),
+            Default::default(),
+        )
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("transparent listener needs a sandbox session"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("transparent listener needs a sandbox session"),
+        "{err}"
+    );
 }

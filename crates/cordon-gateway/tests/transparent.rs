@@ -2,6 +2,8 @@
 //! HTTP is checked per request against the name behind the synthetic address, TLS by SNI, other
 //! protocols by destination; refusals are TCP resets.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
@@ -38,7 +40,11 @@ impl OriginalDst for Redirect {
     }
 }
 
-async fn start(allow: &[&str], allow_private: &[&str], names: &[(&str, &[IpAddr])]) -> (Running, Redirect, FakeDns) {
+async fn start(
+    allow: &[&str],
+    allow_private: &[&str],
+    names: &[(&str, &[IpAddr])],
+) -> (Running, Redirect, FakeDns) {
     let dns = FakeDns::start(LOOPBACK, names).await;
     let redirect = Redirect::new();
     let opts = Options {
@@ -65,8 +71,13 @@ fn read_all(s: &mut std::net::TcpStream) -> (Vec<u8>, Option<ErrorKind>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn captured_http_to_an_allowed_name_is_served_and_every_request_is_checked() {
-    let (origin, _) = origin::spawn("127.0.0.1:0".parse().unwrap()).await;
-    let (mut gw, redirect, _dns) = start(&["origin.test:*"], &["127.0.0.1/32:*"], &[("origin.test", &[LOOPBACK])]).await;
+    let (origin, _) = origin::spawn("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let (mut gw, redirect, _dns) = start(
+        &["origin.test:*"],
+        &["127.0.0.1/32:*"],
+        &[("origin.test", &[LOOPBACK])],
+    )
+    .await;
     let synthetic = gw.synthetic_for("origin.test").await;
     let port = origin.port();
     redirect.set(SocketAddr::new(synthetic.into(), port));
@@ -79,29 +90,53 @@ async fn captured_http_to_an_allowed_name_is_served_and_every_request_is_checked
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let n = s.read(&mut buf).unwrap();
         let first = parse_response(&buf[..n]).unwrap();
-        write!(s, "GET /b HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n").unwrap();
+        write!(
+            s,
+            "GET /b HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let (rest, _) = read_all(&mut s);
         (first, parse_response(&rest).unwrap())
     })
     .await
     .unwrap();
     assert_eq!(first.status, 200);
-    assert!(first.text().ends_with(&format!("host=origin.test:{port} path=/a")), "{}", first.text());
+    assert!(
+        first
+            .text()
+            .ends_with(&format!("host=origin.test:{port} path=/a")),
+        "{}",
+        first.text()
+    );
     assert_eq!(second.status, 403);
-    assert!(second.reason().contains("does not match the connection's destination origin.test"), "{}", second.reason());
+    assert!(
+        second
+            .reason()
+            .contains("does not match the connection's destination origin.test"),
+        "{}",
+        second.reason()
+    );
     let e = gw.wait_event(|e| e.kind == EventKind::HttpRequest).await;
     assert_eq!((e.via, e.verdict), (Via::Transparent, Verdict::Allow));
     assert_eq!(e.host.as_deref(), Some("origin.test"));
     assert_eq!(e.path.as_deref(), Some("/a"));
     let b = gw.wait_event(|e| e.kind == EventKind::Blocked).await;
-    assert_eq!((b.via, b.rule.as_str()), (Via::Transparent, "host-mismatch"));
+    assert_eq!(
+        (b.via, b.rule.as_str()),
+        (Via::Transparent, "host-mismatch")
+    );
     gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn captured_tls_must_name_the_destination_in_sni_or_is_reset() {
     let echo = Echo::start("127.0.0.1:0".parse().unwrap()).await;
-    let (mut gw, redirect, _dns) = start(&["echo.test:*"], &["127.0.0.1/32:*"], &[("echo.test", &[LOOPBACK])]).await;
+    let (mut gw, redirect, _dns) = start(
+        &["echo.test:*"],
+        &["127.0.0.1/32:*"],
+        &[("echo.test", &[LOOPBACK])],
+    )
+    .await;
     let synthetic = gw.synthetic_for("echo.test").await;
     redirect.set(SocketAddr::new(synthetic.into(), echo.addr.port()));
     let tr = gw.transparent.unwrap();
@@ -123,14 +158,18 @@ async fn captured_tls_must_name_the_destination_in_sni_or_is_reset() {
 
     let (data, err) = tokio::task::spawn_blocking(move || {
         let mut s = std::net::TcpStream::connect(tr).unwrap();
-        s.write_all(&client_hello(Some("evil.example"), 512)).unwrap();
+        s.write_all(&client_hello(Some("evil.example"), 512))
+            .unwrap();
         read_all(&mut s)
     })
     .await
     .unwrap();
     assert!(data.is_empty());
     assert_eq!(err, Some(ErrorKind::ConnectionReset));
-    assert_eq!(echo.connections.load(std::sync::atomic::Ordering::SeqCst), before);
+    assert_eq!(
+        echo.connections.load(std::sync::atomic::Ordering::SeqCst),
+        before
+    );
     let b = gw.wait_event(|e| e.rule == "sni-mismatch").await;
     assert_eq!(b.via, Via::Transparent);
     gw.stop().await;
@@ -160,7 +199,11 @@ async fn a_captured_connection_to_a_refused_destination_is_reset_without_connect
     }
     assert_eq!(trap.hits(), 0);
     let ev = gw.events();
-    let rules: Vec<_> = ev.iter().filter(|e| e.kind == EventKind::Blocked).map(|e| e.rule.as_str()).collect();
+    let rules: Vec<_> = ev
+        .iter()
+        .filter(|e| e.kind == EventKind::Blocked)
+        .map(|e| e.rule.as_str())
+        .collect();
     assert_eq!(rules, vec!["ssrf:loopback", "ssrf:benchmark"]);
     gw.stop().await;
 }
@@ -195,7 +238,12 @@ async fn server_first_and_other_protocols_are_decided_on_the_destination() {
             });
         }
     });
-    let (mut gw, redirect, _dns) = start(&["mail.test:*"], &["127.0.0.1/32:*"], &[("mail.test", &[LOOPBACK])]).await;
+    let (mut gw, redirect, _dns) = start(
+        &["mail.test:*"],
+        &["127.0.0.1/32:*"],
+        &[("mail.test", &[LOOPBACK])],
+    )
+    .await;
     let synthetic = gw.synthetic_for("mail.test").await;
     redirect.set(SocketAddr::new(synthetic.into(), banner_addr.port()));
     let tr = gw.transparent.unwrap();
@@ -214,14 +262,21 @@ async fn server_first_and_other_protocols_are_decided_on_the_destination() {
     assert_eq!(&got.0, b"220 banner\r\n");
     assert_eq!(&got.1, b"EHLO x\r\n");
     gw.stop().await;
-    let e = gw.events().into_iter().find(|e| e.kind == EventKind::Connection).unwrap();
-    assert_eq!((e.via, e.host.as_deref()), (Via::Transparent, Some("mail.test")));
+    let e = gw
+        .events()
+        .into_iter()
+        .find(|e| e.kind == EventKind::Connection)
+        .unwrap();
+    assert_eq!(
+        (e.via, e.host.as_deref()),
+        (Via::Transparent, Some("mail.test"))
+    );
     assert_eq!((e.bytes_up, e.bytes_down), (8, 20));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_address_destination_named_in_the_policy_is_decided_on_the_address() {
-    let (origin, _) = origin::spawn("127.0.0.1:0".parse().unwrap()).await;
+    let (origin, _) = origin::spawn("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let (mut gw, redirect, _dns) = start(&[], &[&format!("127.0.0.1/32:{}", 1)], &[]).await;
     // Port 1 only: the origin's port is refused, by address.
     redirect.set(origin);
@@ -238,9 +293,14 @@ async fn an_address_destination_named_in_the_policy_is_decided_on_the_address() 
     let (mut gw, redirect, _dns) = start(&[], &["127.0.0.1/32:*"], &[]).await;
     redirect.set(origin);
     let tr = gw.transparent.unwrap();
-    let r = tokio::task::spawn_blocking(move || raw_http(tr, "GET /ip HTTP/1.1\r\nHost: anything.example\r\nConnection: close\r\n\r\n"))
-        .await
-        .unwrap();
+    let r = tokio::task::spawn_blocking(move || {
+        raw_http(
+            tr,
+            "GET /ip HTTP/1.1\r\nHost: anything.example\r\nConnection: close\r\n\r\n",
+        )
+    })
+    .await
+    .unwrap();
     assert_eq!(r.status, 200, "{r:?}");
     let e = gw.wait_event(|e| e.kind == EventKind::HttpRequest).await;
     assert_eq!(e.host.as_deref(), Some("127.0.0.1"));

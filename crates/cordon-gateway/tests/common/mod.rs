@@ -37,7 +37,10 @@ use tokio_util::sync::CancellationToken;
 pub fn policy(allow: &[&str], allow_private: &[&str]) -> NetworkPolicy {
     NetworkPolicy {
         mode: Enforcement::Enforce,
-        allow: allow.iter().map(|a| AllowEntry::parse(a).unwrap()).collect(),
+        allow: allow
+            .iter()
+            .map(|a| AllowEntry::parse(a).unwrap())
+            .collect(),
         allow_private: allow_private
             .iter()
             .map(|a| AllowEntry::parse(a).unwrap())
@@ -94,7 +97,9 @@ impl FakeDns {
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 4096];
                 loop {
-                    let Ok((n, peer)) = udp.recv_from(&mut buf).await else { continue };
+                    let Ok((n, peer)) = udp.recv_from(&mut buf).await else {
+                        continue;
+                    };
                     if let Some(resp) = dns_answer(&buf[..n], &table, &queries) {
                         let _ = udp.send_to(&resp, peer).await;
                     }
@@ -105,7 +110,9 @@ impl FakeDns {
             let (table, queries) = (table.clone(), queries.clone());
             tokio::spawn(async move {
                 loop {
-                    let Ok((mut s, _)) = tcp.accept().await else { continue };
+                    let Ok((mut s, _)) = tcp.accept().await else {
+                        continue;
+                    };
                     let (table, queries) = (table.clone(), queries.clone());
                     tokio::spawn(async move {
                         loop {
@@ -117,7 +124,9 @@ impl FakeDns {
                             if s.read_exact(&mut msg).await.is_err() {
                                 return;
                             }
-                            let Some(resp) = dns_answer(&msg, &table, &queries) else { return };
+                            let Some(resp) = dns_answer(&msg, &table, &queries) else {
+                                return;
+                            };
                             let mut out = (resp.len() as u16).to_be_bytes().to_vec();
                             out.extend_from_slice(&resp);
                             if s.write_all(&out).await.is_err() {
@@ -144,7 +153,11 @@ fn dns_answer(
 ) -> Option<Vec<u8>> {
     let q = Message::from_vec(bytes).ok()?;
     let question = q.queries.first()?.clone();
-    let name = question.name.to_ascii().trim_end_matches('.').to_lowercase();
+    let name = question
+        .name
+        .to_ascii()
+        .trim_end_matches('.')
+        .to_lowercase();
     queries.lock().unwrap().push(name.clone());
     let mut resp = Message::response(q.metadata.id, q.metadata.op_code);
     resp.metadata.recursion_desired = q.metadata.recursion_desired;
@@ -178,7 +191,9 @@ pub struct Trap {
 
 impl Trap {
     pub async fn start(addr: SocketAddr) -> Trap {
-        let l = TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("bind trap {addr}: {e}"));
+        let l = TcpListener::bind(addr)
+            .await
+            .unwrap_or_else(|e| panic!("bind trap {addr}: {e}"));
         let addr = l.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
         let h = hits.clone();
@@ -213,7 +228,9 @@ impl Echo {
         let (r, c) = (received.clone(), connections.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut s, _)) = l.accept().await else { continue };
+                let Ok((mut s, _)) = l.accept().await else {
+                    continue;
+                };
                 c.fetch_add(1, Ordering::SeqCst);
                 let r = r.clone();
                 tokio::spawn(async move {
@@ -361,7 +378,10 @@ impl Running {
         let resp = dns_query_udp(self.dns_udp.unwrap(), name, RecordType::A).await;
         match resp.answers.first().map(|r| &r.data) {
             Some(RData::A(a)) => a.0,
-            other => panic!("no A answer for {name}: {other:?} ({:?})", resp.metadata.response_code),
+            other => panic!(
+                "no A answer for {name}: {other:?} ({:?})",
+                resp.metadata.response_code
+            ),
         }
     }
 }
@@ -419,7 +439,12 @@ pub fn raw_http(addr: SocketAddr, request: &str) -> RawResponse {
     s.write_all(request.as_bytes()).unwrap();
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
-    parse_response(&out).unwrap_or_else(|| panic!("bad response to {request:?}: {:?}", String::from_utf8_lossy(&out)))
+    parse_response(&out).unwrap_or_else(|| {
+        panic!(
+            "bad response to {request:?}: {:?}",
+            String::from_utf8_lossy(&out)
+        )
+    })
 }
 
 pub fn parse_response(out: &[u8]) -> Option<RawResponse> {
@@ -448,7 +473,9 @@ pub fn proxy_get(proxy: SocketAddr, url: &str, host: &str) -> RawResponse {
 
 /// Runs a command with a 30 s bound; returns (exit ok, stdout, stderr).
 pub fn run(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

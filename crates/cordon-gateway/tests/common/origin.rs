@@ -76,7 +76,10 @@ fn text(s: String) -> OriginBody {
     BodyExt::boxed(Full::new(Bytes::from(s)))
 }
 
-async fn handle(req: Request<Incoming>, stats: Arc<OriginStats>) -> Result<Response<OriginBody>, Infallible> {
+async fn handle(
+    req: Request<Incoming>,
+    stats: Arc<OriginStats>,
+) -> Result<Response<OriginBody>, Infallible> {
     stats.requests.fetch_add(1, Ordering::SeqCst);
     let path = req.uri().path().to_owned();
     if path == "/big" {
@@ -87,7 +90,8 @@ async fn handle(req: Request<Incoming>, stats: Arc<OriginStats>) -> Result<Respo
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
         let mut resp = Response::new(big(n));
-        resp.headers_mut().insert(hyper::header::CONTENT_LENGTH, n.into());
+        resp.headers_mut()
+            .insert(hyper::header::CONTENT_LENGTH, n.into());
         return Ok(resp);
     }
     if path == "/echo" {
@@ -103,8 +107,14 @@ async fn handle(req: Request<Incoming>, stats: Arc<OriginStats>) -> Result<Respo
         .and_then(|h| h.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    Ok(Response::new(text(format!("origin: host={host} path={pq}"))))
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    Ok(Response::new(text(format!(
+        "origin: host={host} path={pq}"
+    ))))
 }
 
 /// Serves the origin on `listener` until the task is dropped.
@@ -127,10 +137,10 @@ pub async fn serve(listener: TcpListener, stats: Arc<OriginStats>) {
 }
 
 /// Binds `addr` and serves the origin in a background task.
-pub async fn spawn(addr: SocketAddr) -> (SocketAddr, Arc<OriginStats>) {
-    let listener = TcpListener::bind(addr).await.expect("bind origin");
-    let local = listener.local_addr().expect("origin addr");
+pub async fn spawn(addr: SocketAddr) -> std::io::Result<(SocketAddr, Arc<OriginStats>)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
     let stats = Arc::new(OriginStats::default());
     tokio::spawn(serve(listener, stats.clone()));
-    (local, stats)
+    Ok((local, stats))
 }
