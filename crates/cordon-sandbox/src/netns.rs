@@ -401,7 +401,10 @@ fn nl_recv(fd: BorrowedFd<'_>, buf: &mut [u8], what: &'static str) -> Result<usi
     }
 }
 
-/// Reads acknowledgements for `seqs` and reports the first refused step.
+/// Waits for the kernel's verdict on the requests numbered `seqs`, of which only the last asks
+/// for an acknowledgement. Netlink reports an error for every failing request whether or not it
+/// asked for an ack, in request order, so the last request's reply ends the exchange; one ack
+/// instead of one per request saves a receive per message on the start-up path.
 ///
 /// The kernel handles a netlink request inside `send`, so by the time `send` returns every
 /// reply is queued: once an error has been seen, an empty queue means nothing more will come.
@@ -412,12 +415,11 @@ fn await_acks(
     describe: &dyn Fn(u32) -> String,
 ) -> Result<(), NetnsError> {
     let first = *seqs.start();
-    let count = seqs.end().wrapping_sub(first).wrapping_add(1) as usize;
-    let mut acked = vec![false; count];
-    let mut pending = count;
-    let mut refused: Option<(u32, i32)> = None;
+    let last = seqs.end().wrapping_sub(first) as usize;
+    let mut refused: Option<(usize, i32)> = None;
+    let mut finished = false;
     let mut buf = vec![0u8; 16 * 1024];
-    while pending > 0 {
+    while !finished {
         let n = if refused.is_some() {
             match nl_recv_nowait(fd, &mut buf, what)? {
                 Some(n) => n,
@@ -429,23 +431,22 @@ fn await_acks(
         for msg in messages(&buf[..n]) {
             let msg = msg?;
             let idx = msg.seq.wrapping_sub(first) as usize;
-            if msg.ty != NLMSG_ERROR || idx >= count || acked[idx] {
+            if msg.ty != NLMSG_ERROR || idx > last {
                 continue;
             }
-            acked[idx] = true;
-            pending -= 1;
             let errno = ack_errno(msg.payload)?;
-            if errno != 0 && refused.is_none_or(|(s, _)| msg.seq.wrapping_sub(first) < s) {
-                refused = Some((msg.seq.wrapping_sub(first), errno));
+            if errno != 0 && refused.is_none_or(|(i, _)| idx < i) {
+                refused = Some((idx, errno));
             }
+            finished |= idx == last;
         }
     }
     match refused {
         Some((idx, errno)) => Err(NetnsError::Kernel {
-            step: describe(first.wrapping_add(idx)),
+            step: describe(first.wrapping_add(idx as u32)),
             errno: Errno::from_raw(errno),
         }),
-        None if pending > 0 => Err(NetnsError::MissingAck { what }),
+        None if !finished => Err(NetnsError::MissingAck { what }),
         None => Ok(()),
     }
 }
@@ -474,9 +475,11 @@ fn ifinfomsg(index: i32, flags: u32, change: u32) -> [u8; 16] {
     m
 }
 
-/// `RTM_NEWLINK` setting IFF_UP on `lo`.
-fn encode_loopback_up(b: &mut NlBuf, seq: u32) -> Result<(), NftError> {
-    let m = b.begin(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, seq);
+/// `RTM_NEWLINK` setting IFF_UP on `lo`. `ack`: whether this is the last request of its send
+/// (see [`await_acks`]).
+fn encode_loopback_up(b: &mut NlBuf, seq: u32, ack: bool) -> Result<(), NftError> {
+    let flags = if ack { NLM_F_REQUEST | NLM_F_ACK } else { NLM_F_REQUEST };
+    let m = b.begin(RTM_NEWLINK, flags, seq);
     b.put(&ifinfomsg(LOOPBACK_IFINDEX, IFF_UP, IFF_UP));
     b.end(m)
 }
@@ -582,7 +585,7 @@ pub fn bring_up_loopback() -> Result<(), NetnsError> {
 fn loopback_up(rtnl: BorrowedFd<'_>) -> Result<(), NetnsError> {
     let seq = next_seqs(1);
     let mut b = NlBuf::with_capacity(64);
-    encode_loopback_up(&mut b, seq)?;
+    encode_loopback_up(&mut b, seq, true)?;
     nl_send(rtnl, b.as_bytes(), "set lo up")?;
     await_acks(rtnl, seq..=seq, "set lo up", &describe_rtnl(seq))
 }
@@ -610,7 +613,7 @@ fn install_capture_with(plan: &CapturePlan, nfnl: BorrowedFd<'_>) -> Result<(), 
     // added after lo is up (a route via a down device is refused).
     let seq = next_seqs(2);
     let mut b = NlBuf::with_capacity(128);
-    encode_loopback_up(&mut b, seq)?;
+    encode_loopback_up(&mut b, seq, false)?;
     encode_default_route(&mut b, plan.default_route_src, seq.wrapping_add(1))?;
     nl_send(rtnl.as_fd(), b.as_bytes(), "lo up and default route")?;
     await_acks(
@@ -632,7 +635,7 @@ fn install_capture_with(plan: &CapturePlan, nfnl: BorrowedFd<'_>) -> Result<(), 
     let first = next_seqs(u32::try_from(n).unwrap_or(u32::MAX));
     let batch = encode_table_batch(&plan.table, first)?;
     nl_send(nfnl, batch.bytes(), "nftables batch")?;
-    await_acks(nfnl, batch.acked_seqs(), "nftables batch", &|s| {
+    await_acks(nfnl, batch.seqs(), "nftables batch", &|s| {
         batch.describe(&plan.table, s)
     })
 }
@@ -747,8 +750,9 @@ fn tcp_listener(port: u16, what: &'static str) -> Result<OwnedFd, NetnsError> {
     Ok(fd)
 }
 
-/// Creates the gateway's sockets in the current namespace. `lo` must be up (127.0.0.1 exists
-/// only then); binding a port below 1024 needs CAP_NET_BIND_SERVICE in the namespace's owner.
+/// Creates the gateway's sockets in the current namespace. Binding 127.0.0.1 works even while
+/// `lo` is down, but nothing reaches the sockets until it is up. Binding a port below 1024 needs
+/// CAP_NET_BIND_SERVICE in the user namespace that owns this network namespace.
 pub fn bind_gateway_sockets(ports: &GatewayPorts) -> Result<GatewaySockets, NetnsError> {
     ports.validate()?;
     let netlink = netlink_socket(SockProtocol::NetlinkNetFilter, "nfnetlink")?;
@@ -1082,7 +1086,7 @@ mod tests {
     #[test]
     fn the_rtnetlink_requests_carry_lo_and_the_loopback_source() {
         let mut b = NlBuf::default();
-        encode_loopback_up(&mut b, 7).unwrap();
+        encode_loopback_up(&mut b, 7, false).unwrap();
         encode_default_route(&mut b, Ipv4Addr::LOCALHOST, 8).unwrap();
         let msgs: Vec<_> = messages(b.as_bytes()).map(|m| m.unwrap()).collect();
         assert_eq!(msgs.len(), 2);

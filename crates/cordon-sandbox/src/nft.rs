@@ -161,6 +161,14 @@ impl NlBuf {
         Ok(())
     }
 
+    /// ORs `flag` into the flags of the message that starts at `start`.
+    pub(crate) fn set_flag(&mut self, start: usize, flag: u16) {
+        if let Some(f) = self.buf.get_mut(start + 6..start + 8) {
+            let v = u16::from_ne_bytes([f[0], f[1]]) | flag;
+            f.copy_from_slice(&v.to_ne_bytes());
+        }
+    }
+
     /// Raw bytes (a fixed family header such as `nfgenmsg` or `ifinfomsg`); padded to 4.
     pub(crate) fn put(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
@@ -428,8 +436,9 @@ impl Batch {
         &self.bytes
     }
 
-    /// Sequence numbers of the messages that are acknowledged: `first..=last`.
-    pub fn acked_seqs(&self) -> std::ops::RangeInclusive<u32> {
+    /// Sequence numbers of the table's messages (between batch begin and end); only the last
+    /// asks for an acknowledgement, errors come back for any of them.
+    pub fn seqs(&self) -> std::ops::RangeInclusive<u32> {
         let n = u32::try_from(self.steps.len()).unwrap_or(u32::MAX);
         self.first_seq..=self.first_seq.wrapping_add(n.saturating_sub(1))
     }
@@ -479,7 +488,9 @@ fn nfgenmsg(family: u8, res_id: u16) -> [u8; 4] {
 
 /// Encodes `table` as one transaction: batch begin, the table, its counters, chains and rules,
 /// batch end. Sequence numbers start at `first_seq` for the batch-begin message; the table and
-/// everything in it use the following ones, each with `NLM_F_ACK`.
+/// everything in it use the following ones. Only the last of those carries `NLM_F_ACK`: the
+/// kernel reports an error for any message regardless, and one ack is cheaper than one per
+/// message.
 pub fn encode_table_batch(table: &Table, first_seq: u32) -> Result<Batch, NftError> {
     check_name(&table.name)?;
     let mut b = NlBuf::with_capacity(4096);
@@ -496,7 +507,8 @@ pub fn encode_table_batch(table: &Table, first_seq: u32) -> Result<Batch, NftErr
     b.end(m)?;
     let acked_from = first_seq.wrapping_add(1);
 
-    let ack = NLM_F_REQUEST | NLM_F_ACK;
+    // NLM_F_ACK is added to the last message once it is known.
+    let ack = NLM_F_REQUEST;
     // EXCL: installing twice is a bug (rules would be appended twice), so it must fail loudly.
     let m = b.begin(
         nft_type(NFT_MSG_NEWTABLE),
@@ -506,6 +518,7 @@ pub fn encode_table_batch(table: &Table, first_seq: u32) -> Result<Batch, NftErr
     b.put(&nfgenmsg(NFPROTO_INET, 0));
     b.attr_strz(NFTA_TABLE_NAME, &table.name)?;
     b.end(m)?;
+    let mut last_start = m;
     steps.push(Step::Table);
 
     for (i, counter) in table.counters.iter().enumerate() {
@@ -524,6 +537,7 @@ pub fn encode_table_batch(table: &Table, first_seq: u32) -> Result<Batch, NftErr
         b.attr(NFTA_COUNTER_PACKETS, &0u64.to_be_bytes())?;
         b.nest_end(data)?;
         b.end(m)?;
+        last_start = m;
         steps.push(Step::Counter(i));
     }
 
@@ -544,6 +558,7 @@ pub fn encode_table_batch(table: &Table, first_seq: u32) -> Result<Batch, NftErr
         b.attr_be32(NFTA_CHAIN_POLICY, verdict_code(chain.policy))?;
         b.attr_strz(NFTA_CHAIN_TYPE, chain.chain_type.name())?;
         b.end(m)?;
+        last_start = m;
         steps.push(Step::Chain(ci));
 
         for (ri, rule) in chain.rules.iter().enumerate() {
@@ -561,12 +576,15 @@ pub fn encode_table_batch(table: &Table, first_seq: u32) -> Result<Batch, NftErr
             }
             b.nest_end(list)?;
             b.end(m)?;
+            last_start = m;
             steps.push(Step::Rule {
                 chain: ci,
                 index: ri,
             });
         }
     }
+
+    b.set_flag(last_start, NLM_F_ACK);
 
     let m = b.begin(NFNL_MSG_BATCH_END, NLM_F_REQUEST, next());
     b.put(&nfgenmsg(NFPROTO_UNSPEC, NFNL_SUBSYS_NFTABLES));
@@ -800,7 +818,7 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_is_framed_by_begin_and_end_and_every_inner_message_asks_for_an_ack() {
+    fn a_batch_is_framed_by_begin_and_end_and_only_its_last_message_asks_for_an_ack() {
         let batch = encode_table_batch(&tiny_table(), 100).unwrap();
         let msgs: Vec<_> = messages(batch.bytes()).map(|m| m.unwrap()).collect();
         let types: Vec<u16> = msgs.iter().map(|m| m.ty).collect();
@@ -817,15 +835,17 @@ mod tests {
         );
         let seqs: Vec<u32> = msgs.iter().map(|m| m.seq).collect();
         assert_eq!(seqs, vec![100, 101, 102, 103, 104, 105]);
-        assert_eq!(batch.acked_seqs(), 101..=104);
+        assert_eq!(batch.seqs(), 101..=104);
         // Flags live at bytes 6..8 of each header; re-split to read them.
         let mut off = 0;
         let bytes = batch.bytes();
         for (i, m) in msgs.iter().enumerate() {
             let len = u32::from_ne_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
             let flags = u16::from_ne_bytes(bytes[off + 6..off + 8].try_into().unwrap());
-            let inner = i != 0 && i != msgs.len() - 1;
-            assert_eq!(flags & NLM_F_ACK != 0, inner, "message {i} type {}", m.ty);
+            // Only the last message inside the batch asks for an ack.
+            let last_inner = i == msgs.len() - 2;
+            assert_eq!(flags & NLM_F_ACK != 0, last_inner, "message {i} type {}", m.ty);
+            assert_ne!(flags & NLM_F_REQUEST, 0);
             off += align4(len);
         }
         assert_eq!(off, bytes.len());
