@@ -867,9 +867,18 @@ fn spawn_tmpfs_holder(size: u64) -> Option<(std::process::Child, OwnedFd)> {
                 size_c.as_ptr(),
                 0,
             );
+            // As the sandbox init is told to (SandboxMount::Tmpfs { nr_inodes, .. }).
+            let inodes = libc::syscall(
+                libc::SYS_fsconfig,
+                fsfd,
+                libc::FSCONFIG_SET_STRING,
+                c"nr_inodes".as_ptr(),
+                c"1024".as_ptr(),
+                0,
+            );
             let create =
                 libc::syscall(libc::SYS_fsconfig, fsfd, libc::FSCONFIG_CMD_CREATE, 0, 0, 0);
-            if set != 0 || create != 0 {
+            if set != 0 || inodes != 0 || create != 0 {
                 return fail();
             }
             let mnt = libc::syscall(libc::SYS_fsmount, fsfd, 0, 0) as i32;

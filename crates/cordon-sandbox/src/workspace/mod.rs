@@ -92,6 +92,12 @@ pub enum WorkspaceError {
         needed: u64,
         available: u64,
     },
+    #[error("workspace {path} holds {needed} files and directories, more than the {available} its cap allows (raise the workspace cap or shrink the directory)")]
+    TooManyFiles {
+        path: PathBuf,
+        needed: u64,
+        available: u64,
+    },
     #[error("workspace {path} is nested deeper than {max} directories")]
     TooDeep { path: PathBuf, max: usize },
     #[error("the filesystem holding {state_dir} has {free} bytes free, less than the workspace cap of {cap_bytes} bytes (free space or lower the cap)")]
@@ -329,6 +335,8 @@ pub struct WorkspaceVolume {
     /// Bytes in use on the volume right after mount (ext4's own accounting).
     empty_used_bytes: u64,
     snapshot: Snapshot,
+    /// What the host dir needs, measured once in `prepare`.
+    estimate: Option<tree::Estimate>,
     copy_in: Option<CopyInStats>,
     timings: Timings,
 }
@@ -393,7 +401,7 @@ impl WorkspaceVolume {
     pub fn prepare(plan: &VolumePlan) -> Result<WorkspaceVolume, WorkspaceError> {
         let start = Instant::now();
         let mut timings = Timings::default();
-        let host_dir = match &plan.source {
+        let (host_dir, estimate) = match &plan.source {
             WorkspaceSource::HostDir(path) => {
                 let fd = open_host_dir(path)?;
                 let t = Instant::now();
@@ -406,9 +414,9 @@ impl WorkspaceVolume {
                         available: plan.cap_bytes,
                     });
                 }
-                Some(fd)
+                (Some(fd), Some(est))
             }
-            WorkspaceSource::Throwaway => None,
+            WorkspaceSource::Throwaway => (None, None),
         };
         let mut volume = WorkspaceVolume {
             plan: plan.clone(),
@@ -418,6 +426,7 @@ impl WorkspaceVolume {
             image: None,
             empty_used_bytes: 0,
             snapshot: Snapshot::default(),
+            estimate,
             copy_in: None,
             timings,
         };
@@ -519,17 +528,25 @@ impl WorkspaceVolume {
             return Ok(());
         };
         let t = Instant::now();
-        let (free, _) = free_bytes(root.as_fd()).map_err(|errno| WorkspaceError::CopyIn {
-            path: ".".into(),
-            op: "statvfs volume",
-            errno,
-        })?;
-        let est = tree::estimate(host.as_fd())?;
+        let (free, free_inodes) =
+            free_bytes(root.as_fd()).map_err(|errno| WorkspaceError::CopyIn {
+                path: ".".into(),
+                op: "statvfs volume",
+                errno,
+            })?;
+        let est = self.estimate.unwrap_or_default();
         if est.bytes > free {
             return Err(WorkspaceError::TooLarge {
                 path: path.clone(),
                 needed: est.bytes,
                 available: free,
+            });
+        }
+        if est.entries > free_inodes {
+            return Err(WorkspaceError::TooManyFiles {
+                path: path.clone(),
+                needed: est.entries,
+                available: free_inodes,
             });
         }
         let owner = self.plan.chown.then_some(self.plan.owner);
@@ -621,8 +638,8 @@ impl WorkspaceVolume {
         }
     }
 
-    /// Takes the tmpfs the sandbox init made (checked: a tmpfs no larger than the cap, empty)
-    /// and copies the host dir into it. Tmpfs backend only.
+    /// Takes the tmpfs the sandbox init made (checked: a tmpfs no larger than the cap, with no
+    /// more inodes than planned, empty) and copies the host dir into it. Tmpfs backend only.
     pub fn adopt_tmpfs_root(&mut self, fd: OwnedFd) -> Result<(), WorkspaceError> {
         if self.plan.backend != VolumeBackend::Tmpfs || self.root.is_some() {
             return Err(WorkspaceError::BadTmpfsRoot(
@@ -639,6 +656,13 @@ impl WorkspaceVolume {
             return Err(WorkspaceError::BadTmpfsRoot(format!(
                 "{size} bytes, larger than the cap {}",
                 self.plan.cap_bytes
+            )));
+        }
+        if fs.files() > self.plan.nr_inodes {
+            return Err(WorkspaceError::BadTmpfsRoot(format!(
+                "{} inodes, more than the plan's {}",
+                fs.files(),
+                self.plan.nr_inodes
             )));
         }
         let dir = nix::fcntl::openat(
