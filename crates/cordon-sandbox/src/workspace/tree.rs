@@ -275,7 +275,7 @@ fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: i64) -> Result<u64,
             let n = Errno::result(n)?;
             if n == 0 {
                 // The file shrank while we copied: stop at what is there.
-                return finish_size(dst, pos, copied);
+                return finish_size(dst, pos, pos, copied);
             }
             pos += n as i64;
             copied += n as u64;
@@ -283,12 +283,20 @@ fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: i64) -> Result<u64,
         out_pos = hole;
         offset = hole;
     }
-    finish_size(dst, size, copied)
+    finish_size(dst, out_pos, size, copied)
 }
 
-/// Gives `dst` its full length (a trailing hole writes nothing).
-fn finish_size(dst: BorrowedFd<'_>, size: i64, copied: u64) -> Result<u64, Errno> {
-    nix::unistd::ftruncate(dst, size)?;
+/// Gives `dst` (written up to `written_end`) its full length: only needed when the source
+/// ends in a hole, which writes nothing.
+fn finish_size(
+    dst: BorrowedFd<'_>,
+    written_end: i64,
+    size: i64,
+    copied: u64,
+) -> Result<u64, Errno> {
+    if written_end != size {
+        nix::unistd::ftruncate(dst, size)?;
+    }
     Ok(copied)
 }
 
