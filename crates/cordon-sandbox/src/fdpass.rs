@@ -238,7 +238,8 @@ mod tests {
         let (a, b) = socketpair().unwrap();
         // Three copies of a pipe's write end: if the receiver kept any, the reader would never
         // see end-of-file.
-        let (mut reader, writer) = std::io::pipe().unwrap();
+        let (reader, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let mut reader = std::fs::File::from(reader);
         let w = writer.as_fd();
         send_fds(a.as_fd(), b"x", &[w, w, w]).unwrap();
         drop(writer);

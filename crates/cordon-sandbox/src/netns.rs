@@ -478,7 +478,11 @@ fn ifinfomsg(index: i32, flags: u32, change: u32) -> [u8; 16] {
 /// `RTM_NEWLINK` setting IFF_UP on `lo`. `ack`: whether this is the last request of its send
 /// (see [`await_acks`]).
 fn encode_loopback_up(b: &mut NlBuf, seq: u32, ack: bool) -> Result<(), NftError> {
-    let flags = if ack { NLM_F_REQUEST | NLM_F_ACK } else { NLM_F_REQUEST };
+    let flags = if ack {
+        NLM_F_REQUEST | NLM_F_ACK
+    } else {
+        NLM_F_REQUEST
+    };
     let m = b.begin(RTM_NEWLINK, flags, seq);
     b.put(&ifinfomsg(LOOPBACK_IFINDEX, IFF_UP, IFF_UP));
     b.end(m)

@@ -844,7 +844,12 @@ mod tests {
             let flags = u16::from_ne_bytes(bytes[off + 6..off + 8].try_into().unwrap());
             // Only the last message inside the batch asks for an ack.
             let last_inner = i == msgs.len() - 2;
-            assert_eq!(flags & NLM_F_ACK != 0, last_inner, "message {i} type {}", m.ty);
+            assert_eq!(
+                flags & NLM_F_ACK != 0,
+                last_inner,
+                "message {i} type {}",
+                m.ty
+            );
             assert_ne!(flags & NLM_F_REQUEST, 0);
             off += align4(len);
         }

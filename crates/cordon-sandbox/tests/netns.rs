@@ -8,6 +8,8 @@
 //! Where user namespaces are unavailable to a normal user, the tests say SKIPPED and pass; as
 //! root they must run.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{ErrorKind, Read, Write};
 use std::net::{
     Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream, UdpSocket,
@@ -26,7 +28,8 @@ use cordon_sandbox::netns::{
 
 // ---- the child harness ----
 
-/// Exit code of a child that could not create its namespaces as a normal user.
+/// Exit code of a child that skipped: it could not create its namespaces as a normal user, or
+/// a tool the test needs is missing. A body skips by returning `Err("SKIP: why")`.
 const SKIP: i32 = 77;
 /// A child that takes longer than this is killed (SIGALRM) and the test fails.
 const CHILD_TIMEOUT_SECS: u32 = 20;
@@ -35,7 +38,7 @@ type Notes = Vec<String>;
 
 struct Child {
     pid: libc::pid_t,
-    report: std::io::PipeReader,
+    report: std::fs::File,
     name: &'static str,
 }
 
@@ -45,7 +48,8 @@ fn spawn_in_fresh_netns(
     name: &'static str,
     body: impl FnOnce(&mut Notes) -> Result<(), String>,
 ) -> Child {
-    let (report, mut writer) = std::io::pipe().unwrap();
+    let (report, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let (report, mut writer) = (std::fs::File::from(report), std::fs::File::from(writer));
     // SAFETY: trivial getters.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     // SAFETY: the child runs only the closure below and then `_exit`s; it never returns into
@@ -63,7 +67,10 @@ fn spawn_in_fresh_netns(
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Notes, (i32, String)> {
         enter_fresh_netns(uid, gid)?;
         let mut notes = Notes::new();
-        body(&mut notes).map_err(|e| (1, e))?;
+        body(&mut notes).map_err(|e| match e.strip_prefix("SKIP: ") {
+            Some(why) => (SKIP, why.to_string()),
+            None => (1, e),
+        })?;
         Ok(notes)
     }));
     let (code, text) = match outcome {
@@ -103,15 +110,16 @@ impl Child {
         match libc::WEXITSTATUS(status) {
             0 => {
                 for line in text.lines() {
-                    println!("{}: {line}", self.name);
+                    if line.starts_with("SKIPPED") {
+                        eprintln!("{}: {line}", self.name);
+                    } else {
+                        println!("{}: {line}", self.name);
+                    }
                 }
                 Some(text.lines().map(String::from).collect())
             }
             SKIP => {
-                eprintln!(
-                    "SKIPPED {}: cannot create a user + network namespace as a normal user: {text}",
-                    self.name
-                );
+                eprintln!("SKIPPED {}: {text}", self.name);
                 None
             }
             code => panic!("{}: child failed (exit {code}):\n{text}", self.name),
@@ -277,9 +285,10 @@ fn mode_none_makes_every_connect_beyond_loopback_fail_at_once_with_enetunreach()
         apply_none().map_err(|e| e.to_string())?;
 
         let t = Instant::now();
-        let tcp = TcpStream::connect_timeout(&"1.2.3.4:80".parse().unwrap(), Duration::from_secs(3))
-            .map(|_| ())
-            .unwrap_err();
+        let tcp =
+            TcpStream::connect_timeout(&"1.2.3.4:80".parse().unwrap(), Duration::from_secs(3))
+                .map(|_| ())
+                .unwrap_err();
         let took = t.elapsed();
         check(errno_of(&tcp) == libc::ENETUNREACH, || {
             format!("connect 1.2.3.4:80: want ENETUNREACH, got {tcp}")
@@ -287,7 +296,9 @@ fn mode_none_makes_every_connect_beyond_loopback_fail_at_once_with_enetunreach()
         check(took < Duration::from_millis(100), || {
             format!("connect should fail at once, took {took:?}")
         })?;
-        notes.push(format!("connect 1.2.3.4:80 failed with ENETUNREACH in {took:?}"));
+        notes.push(format!(
+            "connect 1.2.3.4:80 failed with ENETUNREACH in {took:?}"
+        ));
 
         let udp = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
         let sent = udp.send_to(b"q", "1.2.3.4:53").map(|_| ()).unwrap_err();
@@ -325,7 +336,11 @@ fn a_namespace_with_an_interface_up_is_refused_and_left_unchanged() {
     }
     in_fresh_netns("not isolated", |_| {
         // An "uplink" in the test's own namespace: a veth pair with one end up.
-        run_tool("ip", &["link", "add", "up0", "type", "veth", "peer", "name", "up1"])?;
+        run_tool(
+            "ip",
+            &["link", "add", "up0", "type", "veth", "peer", "name", "up1"],
+        )
+        .map_err(|e| format!("SKIP: cannot create a veth pair: {e}"))?;
         run_tool("ip", &["link", "set", "up0", "up"])?;
 
         match apply_none() {
@@ -343,12 +358,18 @@ fn a_namespace_with_an_interface_up_is_refused_and_left_unchanged() {
         }
         // Nothing changed: lo is still down, no route, no table.
         let links = run_tool("ip", &["-o", "link", "show", "lo"])?;
-        check(!links.contains(",UP"), || format!("lo was brought up: {links}"))?;
+        check(!links.contains(",UP"), || {
+            format!("lo was brought up: {links}")
+        })?;
         let routes = run_tool("ip", &["-4", "route", "show"])?;
-        check(routes.trim().is_empty(), || format!("a route was added: {routes}"))?;
+        check(routes.trim().is_empty(), || {
+            format!("a route was added: {routes}")
+        })?;
         if tool("nft").is_some() {
             let rules = run_tool("nft", &["list", "ruleset"])?;
-            check(rules.trim().is_empty(), || format!("rules were added: {rules}"))?;
+            check(rules.trim().is_empty(), || {
+                format!("rules were added: {rules}")
+            })?;
         }
         Ok(())
     });
@@ -407,7 +428,9 @@ fn gateway_capture_lands_every_connect_on_the_gateway_and_drops_and_counts_the_r
     in_fresh_netns("gateway capture", |notes| {
         // Without capture (lo up only), the same connect is simply unreachable.
         bring_up_loopback().map_err(|e| e.to_string())?;
-        let before = TcpStream::connect("198.51.100.7:80").map(|_| ()).unwrap_err();
+        let before = TcpStream::connect("198.51.100.7:80")
+            .map(|_| ())
+            .unwrap_err();
         check(errno_of(&before) == libc::ENETUNREACH, || {
             format!("without capture: want ENETUNREACH, got {before}")
         })?;
@@ -422,7 +445,7 @@ fn gateway_capture_lands_every_connect_on_the_gateway_and_drops_and_counts_the_r
             })?;
             notes.push("nft list ruleset matches the intended ruleset".into());
         } else {
-            notes.push("nft(8) not installed: ruleset text not compared".into());
+            notes.push("SKIPPED: nft(8) not installed, ruleset text not compared".into());
         }
 
         // A plain TCP connect to an arbitrary address lands on the transparent listener.
@@ -432,7 +455,9 @@ fn gateway_capture_lands_every_connect_on_the_gateway_and_drops_and_counts_the_r
         check(client_peer == "198.51.100.7:80".parse().unwrap(), || {
             format!("the client should believe it reached 198.51.100.7:80, sees {client_peer}")
         })?;
-        client.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| e.to_string())?;
+        client
+            .write_all(b"GET / HTTP/1.0\r\n\r\n")
+            .map_err(|e| e.to_string())?;
         let (mut served, _) = accept_one(&gw.transparent)?;
         let orig = original_dst(served.as_fd()).map_err(|e| e.to_string())?;
         check(orig == "198.51.100.7:80".parse().unwrap(), || {
@@ -440,11 +465,17 @@ fn gateway_capture_lands_every_connect_on_the_gateway_and_drops_and_counts_the_r
         })?;
         let mut req = [0u8; 18];
         served.read_exact(&mut req).map_err(|e| e.to_string())?;
-        served.write_all(b"HTTP/1.0 204 No Content\r\n\r\n").map_err(|e| e.to_string())?;
+        served
+            .write_all(b"HTTP/1.0 204 No Content\r\n\r\n")
+            .map_err(|e| e.to_string())?;
         let mut resp = [0u8; 12];
         client.read_exact(&mut resp).map_err(|e| e.to_string())?;
-        check(&resp == b"HTTP/1.0 204", || "reply did not reach the client".into())?;
-        notes.push(format!("connect 198.51.100.7:80 -> transparent listener, original_dst {orig}"));
+        check(&resp == b"HTTP/1.0 204", || {
+            "reply did not reach the client".into()
+        })?;
+        notes.push(format!(
+            "connect 198.51.100.7:80 -> transparent listener, original_dst {orig}"
+        ));
 
         // The HTTP proxy port is plain loopback, not captured.
         TcpStream::connect("127.0.0.1:3128").map_err(|e| format!("proxy port: {e}"))?;
@@ -454,7 +485,9 @@ fn gateway_capture_lands_every_connect_on_the_gateway_and_drops_and_counts_the_r
         // address the client asked.
         let resolver = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
         resolver.connect("8.8.8.8:53").map_err(|e| e.to_string())?;
-        resolver.send(b"dns-query").map_err(|e| format!("send to 8.8.8.8:53: {e}"))?;
+        resolver
+            .send(b"dns-query")
+            .map_err(|e| format!("send to 8.8.8.8:53: {e}"))?;
         let dns = UdpSocket::from(gw.dns_udp.try_clone().map_err(|e| e.to_string())?);
         check(wait_readable(dns.as_fd(), 2000), || {
             "the DNS query did not reach dns_udp".into()
@@ -462,7 +495,8 @@ fn gateway_capture_lands_every_connect_on_the_gateway_and_drops_and_counts_the_r
         let mut buf = [0u8; 64];
         let (n, from) = dns.recv_from(&mut buf).map_err(|e| e.to_string())?;
         check(&buf[..n] == b"dns-query", || "wrong DNS payload".into())?;
-        dns.send_to(b"dns-answer", from).map_err(|e| e.to_string())?;
+        dns.send_to(b"dns-answer", from)
+            .map_err(|e| e.to_string())?;
         resolver
             .set_read_timeout(Some(Duration::from_secs(2)))
             .map_err(|e| e.to_string())?;
@@ -499,7 +533,10 @@ fn gateway_capture_lands_every_connect_on_the_gateway_and_drops_and_counts_the_r
         check(udp == libc::EPERM, || {
             format!("UDP to 1.2.3.4:9999: want EPERM (dropped), got errno {udp}")
         })?;
-        notes.push(format!("UDP 1.2.3.4:9999 dropped (EPERM) in {:?}", t.elapsed()));
+        notes.push(format!(
+            "UDP 1.2.3.4:9999 dropped (EPERM) in {:?}",
+            t.elapsed()
+        ));
 
         // Let this namespace's root use ping sockets, then ping out.
         std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 0")
@@ -522,7 +559,9 @@ fn gateway_capture_lands_every_connect_on_the_gateway_and_drops_and_counts_the_r
             SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
             &ping_packet(),
         );
-        check(local_ping == 0, || format!("ping 127.0.0.1: errno {local_ping}"))?;
+        check(local_ping == 0, || {
+            format!("ping 127.0.0.1: errno {local_ping}")
+        })?;
 
         // Raw IP with an unassigned protocol number: the catch-all.
         let raw = send_raw(
@@ -601,7 +640,9 @@ fn installing_the_capture_twice_is_refused_by_name() {
                     format!("the error should name the step, got {step:?}")
                 })
             }
-            other => Err(format!("second install: want a Kernel error, got {other:?}")),
+            other => Err(format!(
+                "second install: want a Kernel error, got {other:?}"
+            )),
         }
     });
 }
@@ -670,7 +711,9 @@ fn gateway_sockets_passed_to_the_host_side_still_serve_the_sandbox_namespace() {
         proxy.write_all(b"via-proxy").map_err(|e| e.to_string())?;
         let mut direct = TcpStream::connect("198.51.100.7:443")
             .map_err(|e| format!("connect 198.51.100.7:443: {e}"))?;
-        direct.write_all(b"via-capture").map_err(|e| e.to_string())?;
+        direct
+            .write_all(b"via-capture")
+            .map_err(|e| e.to_string())?;
         let dropped = send_raw(
             libc::AF_INET,
             libc::SOCK_DGRAM,
@@ -678,7 +721,9 @@ fn gateway_sockets_passed_to_the_host_side_still_serve_the_sandbox_namespace() {
             SocketAddrV4::new(Ipv4Addr::new(1, 2, 3, 4), 9),
             b"x",
         );
-        check(dropped == libc::EPERM, || format!("UDP not dropped: {dropped}"))?;
+        check(dropped == libc::EPERM, || {
+            format!("UDP not dropped: {dropped}")
+        })?;
         send_fds(child_end.as_fd(), b"sent", &[]).map_err(|e| e.to_string())?;
         let (done, _) = recv_fds(child_end.as_fd(), 16, 0).map_err(|e| e.to_string())?;
         check(done == b"done", || "expected done".into())?;
@@ -779,10 +824,7 @@ fn gateway_setup_takes_well_under_a_millisecond() {
         }) else {
             return;
         };
-        let nums: Vec<u128> = notes[1]
-            .split(' ')
-            .map(|n| n.parse().unwrap())
-            .collect();
+        let nums: Vec<u128> = notes[1].split(' ').map(|n| n.parse().unwrap()).collect();
         none.push(nums[0]);
         gateway.push(nums[1]);
     }
