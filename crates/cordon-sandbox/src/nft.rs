@@ -231,9 +231,8 @@ impl NlBuf {
     }
 
     fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
-            self.buf.push(0);
-        }
+        let len = self.buf.len();
+        self.buf.resize(align4(len), 0);
     }
 
     pub(crate) fn as_bytes(&self) -> &[u8] {
