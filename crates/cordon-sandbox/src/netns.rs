@@ -10,7 +10,7 @@
 //! - Mode `none` leaves exactly `lo` (127.0.0.1/8, ::1) and no route elsewhere: every other
 //!   destination fails at once with `ENETUNREACH`.
 //! - Mode `gateway` adds one IPv4 default route via `lo` (preferred source 127.0.0.1) and one
-//!   nftables table, installed as a single netlink transaction (all or nothing):
+//!   nftables table; the table is a single netlink transaction (all of it or none of it):
 //!   TCP and UDP to port 53 anywhere go to the gateway's DNS port; every other TCP connect to an
 //!   address outside 127.0.0.0/8 goes to the transparent port (the original destination stays
 //!   readable with `SO_ORIGINAL_DST`); every packet that would still leave loopback after that
