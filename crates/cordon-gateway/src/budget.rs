@@ -102,6 +102,7 @@ pub(crate) struct Budget {
     conns: Option<Arc<Semaphore>>,
     bytes_out: AtomicU64,
     bytes_in: AtomicU64,
+    checks: AtomicU64,
 }
 
 impl std::fmt::Debug for Budget {
@@ -131,6 +132,7 @@ impl Budget {
                 .map(|n| Arc::new(Semaphore::new(n as usize))),
             bytes_out: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
+            checks: AtomicU64::new(0),
         }
     }
 
@@ -156,8 +158,8 @@ impl Budget {
             if rl.check_key(&host.to_owned()).is_err() {
                 return self.refuse_or_report(Limit::RequestsPerMinutePerHost(n));
             }
-            // Forget hosts whose buckets are full again, so the keyed table stays small.
-            if rl.len() > 4096 {
+            // Now and then forget hosts whose buckets are full again, so the table stays small.
+            if self.checks.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
                 rl.retain_recent();
             }
         }

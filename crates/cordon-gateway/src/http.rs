@@ -561,11 +561,11 @@ async fn forward(
                     &v,
                 );
             }
-            reuse = Some(up);
+            reuse = Some((up, route::combine(&pre, &v)));
         }
     }
     let (mut up, verdict, rule, reason) = match reuse {
-        Some(up) => (up, pre.verdict, pre.rule.clone(), pre.reason.clone()),
+        Some((up, v)) => (up, v.verdict, v.rule, v.reason),
         None => {
             let route =
                 match route::resolve_checked(ctx.policy(), &*ctx.shared.resolver, &dest, port, pre)

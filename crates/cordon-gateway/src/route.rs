@@ -77,9 +77,7 @@ pub(crate) async fn resolve_checked(
     };
     let mut allowed = Vec::new();
     let mut first_refusal = None;
-    let mut verdict = pre.verdict;
-    let mut rule = pre.rule.clone();
-    let mut reason = pre.reason.clone();
+    let mut outcome = None;
     for addr in candidates {
         let v = policy.decide_addr(dest.name(), addr, port);
         if v.blocked() {
@@ -88,16 +86,8 @@ pub(crate) async fn resolve_checked(
             }
             continue;
         }
-        if allowed.is_empty() {
-            // The rule that let the address through matters when it is an exemption.
-            if v.rule.starts_with("allow_private:") && verdict == Verdict::Allow {
-                rule = v.rule.clone();
-            }
-            if v.verdict == Verdict::ReportWouldBlock && verdict == Verdict::Allow {
-                verdict = Verdict::ReportWouldBlock;
-                rule = v.rule.clone();
-                reason = v.reason.clone();
-            }
+        if outcome.is_none() {
+            outcome = Some(combine(&pre, &v));
         }
         allowed.push(addr);
     }
@@ -109,14 +99,32 @@ pub(crate) async fn resolve_checked(
             }),
         });
     }
+    let Some(outcome) = outcome else {
+        return Err(RouteError::Resolve(ResolveError::NoAddresses {
+            name: dest.to_host_string(),
+        }));
+    };
     Ok(Route {
         dest: dest.clone(),
         port,
         addrs: allowed,
-        verdict,
-        rule,
-        reason,
+        verdict: outcome.verdict,
+        rule: outcome.rule,
+        reason: outcome.reason,
     })
+}
+
+/// The event verdict for a destination decision `pre` and the (non-blocking) decision `addr` for
+/// the address used: report-mode "would block" wins; otherwise an `allow_private` exemption is
+/// named, because it is what let a private address through.
+pub(crate) fn combine(pre: &Verdicted, addr: &Verdicted) -> Verdicted {
+    if pre.verdict == Verdict::ReportWouldBlock {
+        return pre.clone();
+    }
+    if addr.verdict == Verdict::ReportWouldBlock || addr.rule.starts_with("allow_private:") {
+        return addr.clone();
+    }
+    pre.clone()
 }
 
 /// Connects to the first address of `route` that answers, trying each in order.
@@ -143,4 +151,143 @@ pub(crate) async fn connect(
         }
     }
     Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resolve::ResolveFuture;
+    use cordon_policy::host::HostName;
+    use cordon_policy::{AllowEntry, Enforcement, NetworkPolicy, ResponsePolicy};
+    use std::sync::Mutex;
+
+    /// Answers from a table and counts lookups.
+    struct Scripted {
+        answers: Vec<IpAddr>,
+        asked: Mutex<Vec<String>>,
+    }
+
+    impl Resolve for Scripted {
+        fn resolve<'a>(&'a self, name: &'a HostName) -> ResolveFuture<'a> {
+            self.asked.lock().unwrap().push(name.to_string());
+            let answers = self.answers.clone();
+            Box::pin(async move { Ok(answers) })
+        }
+    }
+
+    fn scripted(answers: &[&str]) -> Scripted {
+        Scripted {
+            answers: answers.iter().map(|a| a.parse().unwrap()).collect(),
+            asked: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn view(allow: &[&str], allow_private: &[&str], mode: Enforcement) -> PolicyView {
+        let parse = |v: &[&str]| v.iter().map(|a| AllowEntry::parse(a).unwrap()).collect();
+        PolicyView::new(
+            NetworkPolicy {
+                mode,
+                allow: parse(allow),
+                allow_private: parse(allow_private),
+                ..NetworkPolicy::default()
+            },
+            ResponsePolicy::default(),
+        )
+    }
+
+    fn name(s: &str) -> Dest {
+        Dest::Name(HostName::parse(s).unwrap())
+    }
+
+    async fn route(
+        p: &PolicyView,
+        r: &Scripted,
+        dest: &Dest,
+        port: u16,
+    ) -> Result<Route, RouteError> {
+        let pre = p.decide_dest(dest, port);
+        assert!(!pre.blocked(), "{pre:?}");
+        resolve_checked(p, r, dest, port, pre).await
+    }
+
+    #[tokio::test]
+    async fn mixed_answers_keep_only_the_allowed_addresses_ipv4_first() {
+        let p = view(&["mixed.test"], &[], Enforcement::Enforce);
+        let r = scripted(&[
+            "10.0.0.5",
+            "2001:4860::1",
+            "1.2.3.4",
+            "169.254.169.254",
+            "5.6.7.8",
+        ]);
+        let route = route(&p, &r, &name("mixed.test"), 443).await.unwrap();
+        let want: Vec<IpAddr> = ["1.2.3.4", "5.6.7.8", "2001:4860::1"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(route.addrs, want);
+        assert_eq!(
+            (route.verdict, route.rule.as_str()),
+            (Verdict::Allow, "mixed.test")
+        );
+    }
+
+    #[tokio::test]
+    async fn all_refused_answers_refuse_the_destination_with_the_first_reason() {
+        let p = view(&["private.test"], &[], Enforcement::Report);
+        let r = scripted(&["10.0.0.5", "127.0.0.1"]);
+        let err = route(&p, &r, &name("private.test"), 443).await.unwrap_err();
+        let RouteError::Denied(v, ip) = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(ip, Some("10.0.0.5".parse().unwrap()));
+        assert_eq!(v.rule, "ssrf:private");
+        assert_eq!(v.verdict, Verdict::Block);
+    }
+
+    #[tokio::test]
+    async fn address_destinations_are_never_resolved() {
+        let p = view(&[], &["127.0.0.1/32:*"], Enforcement::Enforce);
+        let r = scripted(&["1.2.3.4"]);
+        let route = route(&p, &r, &Dest::Addr("127.0.0.1".parse().unwrap()), 80)
+            .await
+            .unwrap();
+        assert_eq!(route.addrs, vec!["127.0.0.1".parse::<IpAddr>().unwrap()]);
+        assert!(r.asked.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn synthetic_addresses_map_back_to_their_names_and_unknown_ones_stay_addresses() {
+        let map = SyntheticMap::new();
+        let n = HostName::parse("api.github.com").unwrap();
+        let ip = map.assign(&n).unwrap();
+        assert_eq!(dest_for(&Host::Ip(ip.into()), &map), Dest::Name(n.clone()));
+        let other: IpAddr = "198.18.9.9".parse().unwrap();
+        assert_eq!(dest_for(&Host::Ip(other), &map), Dest::Addr(other));
+        assert_eq!(dest_for(&Host::Name(n.clone()), &map), Dest::Name(n));
+    }
+
+    #[test]
+    fn combine_names_report_verdicts_and_private_exemptions() {
+        let v = |verdict, rule: &str| Verdicted {
+            verdict,
+            rule: rule.into(),
+            reason: None,
+        };
+        let pre = v(Verdict::Allow, "origin.test:*");
+        assert_eq!(
+            combine(&pre, &v(Verdict::Allow, "origin.test:*")).rule,
+            "origin.test:*"
+        );
+        assert_eq!(
+            combine(&pre, &v(Verdict::Allow, "allow_private:127.0.0.1/32:*")).rule,
+            "allow_private:127.0.0.1/32:*"
+        );
+        let report = v(Verdict::ReportWouldBlock, "default-deny");
+        assert_eq!(
+            combine(&report, &v(Verdict::Allow, "allow_private:x")),
+            report
+        );
+        assert_eq!(combine(&pre, &report), report);
+    }
 }

@@ -196,6 +196,23 @@ async fn loopback_is_blocked_without_allow_private_in_every_encoding() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_address_literal_is_refused_and_never_resolved() {
+    let mut w = world(&["origin.test:*"], &["127.0.0.1/32:*"], Options::default()).await;
+    let proxy = w.gw.proxy;
+    for t in ["1.2.3.999", "0x1.0x2.0x3.0x4.5", "08.0.0.1"] {
+        let r = tokio::task::spawn_blocking(move || proxy_get(proxy, &format!("http://{t}/"), t))
+            .await
+            .unwrap();
+        assert!(r.status == 403 || r.status == 400, "http://{t}/: {r:?}");
+    }
+    let ev = w.gw.events();
+    assert_eq!(ev.len(), 3, "{ev:#?}");
+    assert!(ev.iter().all(|e| e.verdict == Verdict::Block));
+    assert!(w.dns.asked().is_empty());
+    w.gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_that_rebinds_to_another_loopback_address_is_blocked_and_never_connected() {
     let trap = Trap::start("127.0.0.2:0".parse().unwrap()).await;
     let mut w = world(&["rebind.test:*"], &["127.0.0.1/32:*"], Options::default()).await;
@@ -362,6 +379,13 @@ async fn every_request_on_a_kept_alive_connection_is_decided_again() {
         .collect();
     let blocked: Vec<_> = ev.iter().filter(|e| e.kind == EventKind::Blocked).collect();
     assert_eq!(requests.len(), 3, "{ev:#?}");
+    // A reused upstream connection is recorded under the same rule as a fresh one.
+    assert!(
+        requests
+            .iter()
+            .all(|e| e.rule == "allow_private:127.0.0.1/32:*"),
+        "{requests:#?}"
+    );
     assert_eq!(blocked.len(), 1);
     assert_eq!(blocked[0].host.as_deref(), Some("other.test"));
     w.gw.stop().await;
