@@ -255,7 +255,7 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     tokio::select! {
-        res = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 64 * 1024, 64 * 1024) => res.map(|_| ()),
+        res = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 256 * 1024, 256 * 1024) => res.map(|_| ()),
         _ = cancel.cancelled() => Ok(()),
     }
 }
