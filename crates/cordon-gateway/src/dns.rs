@@ -408,6 +408,27 @@ mod tests {
         assert!(o.is_none());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn answering_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let p = view(&["api.github.com"], Enforcement::Enforce);
+            let _ = answer(&bytes, &p, &SyntheticMap::new());
+        }
+
+        #[test]
+        fn only_allowed_names_ever_get_an_address(label in "[a-z0-9][a-z0-9-]{0,19}", qtype in 0u16..300) {
+            let p = view(&["api.github.com"], Enforcement::Enforce);
+            let map = SyntheticMap::new();
+            let name = format!("{label}.example.com");
+            let (resp, _) = answer(&query(&name, RecordType::from(qtype)), &p, &map);
+            if let Some(resp) = resp {
+                let m = Message::from_vec(&resp).unwrap();
+                proptest::prop_assert!(m.answers.is_empty());
+            }
+            proptest::prop_assert!(map.is_empty());
+        }
+    }
+
     #[test]
     fn an_exhausted_synthetic_range_answers_servfail() {
         let p = view(&["*.example.com"], Enforcement::Enforce);

@@ -662,7 +662,27 @@ async fn standalone_clients_need_a_token_and_each_token_is_its_own_session() {
     .await
     .unwrap();
     assert!(out.starts_with("origin:"), "{out}");
-    // The token never reaches the origin... and wrong tokens are refused.
+    // The token never reaches the origin.
+    let (u, t) = (format!("http://origin.test:{port}/headers"), tb.clone());
+    let (_, out, _) = tokio::task::spawn_blocking(move || {
+        curl(
+            proxy,
+            &[
+                "--proxy-header",
+                &format!("Proxy-Authorization: Bearer {t}"),
+                "-H",
+                "X-Mine: 1",
+                &u,
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.contains("x-mine") && !out.contains("proxy-authorization"),
+        "{out}"
+    );
+    // Wrong tokens are refused.
     let (u, t) = (url.clone(), format!("{tb}x"));
     let (_, out, _) = tokio::task::spawn_blocking(move || {
         curl(
@@ -699,7 +719,7 @@ async fn standalone_clients_need_a_token_and_each_token_is_its_own_session() {
         .count();
     assert_eq!(
         (a_requests, b_requests, a_budget, unauth),
-        (2, 1, 1, 2),
+        (2, 2, 1, 2),
         "{ev:#?}"
     );
     assert!(ev

@@ -3,6 +3,7 @@
 //!
 //! - `GET /big?bytes=N` streams N bytes (64 KiB chunks);
 //! - `POST /echo` answers with the number of body bytes it received;
+//! - `GET /headers` answers with the names of the request headers it received;
 //! - anything else answers `origin: host=<Host> path=<path>`.
 
 #![allow(dead_code)]
@@ -93,6 +94,15 @@ async fn handle(
         resp.headers_mut()
             .insert(hyper::header::CONTENT_LENGTH, n.into());
         return Ok(resp);
+    }
+    if path == "/headers" {
+        let mut names: Vec<String> = req
+            .headers()
+            .keys()
+            .map(|k| k.as_str().to_owned())
+            .collect();
+        names.sort();
+        return Ok(Response::new(text(names.join(","))));
     }
     if path == "/echo" {
         let n = match req.into_body().collect().await {
