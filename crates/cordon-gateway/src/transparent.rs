@@ -46,7 +46,10 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, session: Arc<Session>, listener: TcpLis
         let session = session.clone();
         ctx.tasks.spawn(async move {
             let cancel = ctx2.cancel.clone();
+            // Biased toward the connection, so a running splice ends on the token by itself and
+            // records its event first.
             tokio::select! {
+                biased;
                 _ = handle(&ctx2, &session, stream) => {}
                 _ = cancel.cancelled() => {}
             }

@@ -152,24 +152,35 @@ pub(crate) async fn handle_connect(
     let task_ctx = ctx.clone();
     ctx.tasks.spawn(async move {
         let start = Instant::now();
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let mut client = TokioIo::new(upgraded);
-                if let Ok((first, peek)) = peek_first(&task_ctx, &mut client).await {
-                    run_tunnel(
-                        &task_ctx,
-                        &session,
-                        Via::Connect,
-                        &mut client,
-                        first,
-                        peek,
-                        route,
-                        start,
-                    )
-                    .await;
+        let cancel = task_ctx.cancel.clone();
+        let tunnel = async {
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    let mut client = TokioIo::new(upgraded);
+                    if let Ok((first, peek)) = peek_first(&task_ctx, &mut client).await {
+                        run_tunnel(
+                            &task_ctx,
+                            &session,
+                            Via::Connect,
+                            &mut client,
+                            first,
+                            peek,
+                            route,
+                            start,
+                        )
+                        .await;
+                    }
                 }
+                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
             }
-            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+        };
+        // The splice itself ends on cancel and records its event; this bounds the steps before it.
+        // Biased toward the tunnel: when the token fires, a running splice sees it first, ends,
+        // and records its Connection event before this select could drop it.
+        tokio::select! {
+            biased;
+            _ = tunnel => {}
+            _ = cancel.cancelled() => {}
         }
     });
     let mut resp = Response::new(full(""));
