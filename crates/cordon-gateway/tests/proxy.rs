@@ -753,3 +753,36 @@ async fn a_standalone_gateway_refuses_dns_and_transparent_listeners() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_tunnel_is_recorded_when_the_gateway_stops() {
+    let echo = Echo::start("127.0.0.1:0".parse().unwrap()).await;
+    let dns = FakeDns::start(LOOPBACK, &[("echo.test", &[LOOPBACK])]).await;
+    let mut gw = Running::start(
+        policy(&["echo.test:*"], &["127.0.0.1/32:*"]),
+        dns.addr,
+        Options::default(),
+    )
+    .await;
+    let (proxy, port) = (gw.proxy, echo.addr.port());
+    let s = tokio::task::spawn_blocking(move || {
+        let (mut s, r) = connect(proxy, &format!("echo.test:{port}"));
+        assert_eq!(r.status, 200);
+        s.write_all(b"ping").unwrap();
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"ping");
+        s
+    })
+    .await
+    .unwrap();
+    let stats = gw.stop().await;
+    drop(s);
+    assert_eq!(stats.connections, 1);
+    let e = gw
+        .events()
+        .into_iter()
+        .find(|e| e.kind == EventKind::Connection)
+        .unwrap();
+    assert_eq!((e.bytes_up, e.bytes_down), (4, 4));
+}
