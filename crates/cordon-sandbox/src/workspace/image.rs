@@ -173,7 +173,7 @@ fn build_template(mkfs: &Path, tmp: &Path, cap_bytes: u64) -> Result<(), Workspa
     // mke2fs always makes lost+found; a workspace should start empty. Mount the template once
     // through the same path sessions use, which also proves the kernel accepts it.
     {
-        let dev = loopdev::attach(&file, tmp, /*direct_io*/ false)?;
+        let dev = loopdev::attach(&file, tmp)?;
         let root = mountapi::mount_ext4(&dev.path())?;
         drop(dev);
         nix::unistd::unlinkat(

@@ -465,7 +465,7 @@ impl WorkspaceVolume {
         self.timings.image_us = us(t);
 
         let t = Instant::now();
-        let attached = loopdev::attach(&image.file, &image.path, /*direct_io*/ true);
+        let attached = loopdev::attach(&image.file, &image.path);
         // Bound or not, the image needs no name any more: the loop device holds the file, and
         // the blocks go back to the host the moment the device is released.
         let _ = std::fs::remove_file(&image.path);
