@@ -500,8 +500,9 @@ pub fn enter_netns(test_name: &str) -> bool {
         assert!(ok, "ip link set lo up: {err}");
         return true;
     }
+    // The probe needs what the test needs: a user+network namespace and ip(8) inside it.
     let probe = Command::new("unshare")
-        .args(["--user", "--map-root-user", "--net", "true"])
+        .args(["--user", "--map-root-user", "--net", "ip", "link", "set", "lo", "up"])
         .output();
     match probe {
         Ok(o) if o.status.success() => {}
