@@ -18,6 +18,38 @@
 //!   paths.
 //! - [`Gateway::serve`] returns when its cancellation token fires, after every connection task has
 //!   ended and recorded its event.
+//!
+//! Wiring it up (the supervisor's side):
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use cordon_gateway::{ChannelSink, Gateway, GatewayConfig, Listeners, SessionInfo};
+//! # async fn run(policy: cordon_policy::Policy, http: std::net::TcpListener,
+//! #              dns_udp: std::net::UdpSocket, dns_tcp: std::net::TcpListener,
+//! #              transparent: std::net::TcpListener) -> Result<(), Box<dyn std::error::Error>> {
+//! let session = SessionInfo { id: "s-1".into(), user: "alice".into(), code_sha256: "…".into() };
+//! let gateway = Gateway::new(GatewayConfig::new(policy.network, policy.response, session))?;
+//! let mut terminate = gateway.take_terminate_receiver().expect("taken once");
+//! let (sink, events) = ChannelSink::new(); // drain `events` on the audit writer thread
+//! let cancel = tokio_util::sync::CancellationToken::new();
+//! let listeners = Listeners {
+//!     http: Some(http),
+//!     dns_udp: Some(dns_udp),
+//!     dns_tcp: Some(dns_tcp),
+//!     transparent: Some(transparent),
+//! };
+//! let served = tokio::spawn({
+//!     let (gateway, cancel) = (gateway.clone(), cancel.clone());
+//!     async move { gateway.serve(listeners, Arc::new(sink), cancel).await }
+//! });
+//! if let Some(request) = terminate.recv().await {
+//!     eprintln!("ending session {}: {}", request.session.id, request.reason);
+//! }
+//! cancel.cancel();
+//! let stats = served.await??;
+//! # drop((events, stats)); Ok(())
+//! # }
+//! ```
 
 pub mod authority;
 mod budget;

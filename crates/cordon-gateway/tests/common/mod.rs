@@ -502,7 +502,16 @@ pub fn enter_netns(test_name: &str) -> bool {
     }
     // The probe needs what the test needs: a user+network namespace and ip(8) inside it.
     let probe = Command::new("unshare")
-        .args(["--user", "--map-root-user", "--net", "ip", "link", "set", "lo", "up"])
+        .args([
+            "--user",
+            "--map-root-user",
+            "--net",
+            "ip",
+            "link",
+            "set",
+            "lo",
+            "up",
+        ])
         .output();
     match probe {
         Ok(o) if o.status.success() => {}
