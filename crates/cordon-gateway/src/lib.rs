@@ -80,7 +80,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use crate::budget::BudgetLimits;
 pub use crate::config::{Clients, GatewayConfig, Timeouts, Upstream};
 pub use crate::core::TerminateRequest;
 pub use crate::event::{
