@@ -45,14 +45,9 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, session: Arc<Session>, listener: TcpLis
         let ctx2 = ctx.clone();
         let session = session.clone();
         ctx.tasks.spawn(async move {
-            let cancel = ctx2.cancel.clone();
-            // Biased toward the connection, so a running splice ends on the token by itself and
-            // records its event first.
-            tokio::select! {
-                biased;
-                _ = handle(&ctx2, &session, stream) => {}
-                _ = cancel.cancelled() => {}
-            }
+            // Not raced against the token from outside: every wait in `handle` ends on the
+            // token (or a short timeout) by itself, so a running splice still records its event.
+            handle(&ctx2, &session, stream).await;
         });
     }
 }
@@ -132,9 +127,12 @@ async fn handle(ctx: &Arc<Ctx>, session: &Arc<Session>, mut stream: TcpStream) {
         }
     };
 
-    let (first, peek) = match peek_first(ctx, &mut stream).await {
-        Ok(x) => x,
-        Err(_) => return,
+    let (first, peek) = tokio::select! {
+        r = peek_first(ctx, &mut stream) => match r {
+            Ok(x) => x,
+            Err(_) => return,
+        },
+        _ = ctx.cancel.cancelled() => return,
     };
     if matches!(peek, Ok(Peek::NotTls)) && looks_like_http(&first) {
         let conn = Arc::new(ClientConn::bound(
@@ -146,7 +144,11 @@ async fn handle(ctx: &Arc<Ctx>, session: &Arc<Session>, mut stream: TcpStream) {
         return;
     }
     let _permit = permit;
-    let route = match prepare(ctx, session, Via::Transparent, &dest, port).await {
+    let prepared = tokio::select! {
+        r = prepare(ctx, session, Via::Transparent, &dest, port) => r,
+        _ = ctx.cancel.cancelled() => return,
+    };
+    let route = match prepared {
         Ok(r) => r,
         Err(_) => {
             reset(stream);

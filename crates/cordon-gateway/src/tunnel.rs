@@ -153,34 +153,35 @@ pub(crate) async fn handle_connect(
     ctx.tasks.spawn(async move {
         let start = Instant::now();
         let cancel = task_ctx.cancel.clone();
-        let tunnel = async {
-            match on_upgrade.await {
-                Ok(upgraded) => {
-                    let mut client = TokioIo::new(upgraded);
-                    if let Ok((first, peek)) = peek_first(&task_ctx, &mut client).await {
-                        run_tunnel(
-                            &task_ctx,
-                            &session,
-                            Via::Connect,
-                            &mut client,
-                            first,
-                            peek,
-                            route,
-                            start,
-                        )
-                        .await;
-                    }
-                }
-                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
-            }
+        // Only the steps before the splice are cut short here; the splice ends on the token by
+        // itself and records its event (dropping it from outside would lose the event).
+        let opened = async {
+            let upgraded = on_upgrade.await.map_err(|e| e.to_string())?;
+            let mut client = TokioIo::new(upgraded);
+            let (first, peek) = peek_first(&task_ctx, &mut client)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((client, first, peek))
         };
-        // The splice itself ends on cancel and records its event; this bounds the steps before it.
-        // Biased toward the tunnel: when the token fires, a running splice sees it first, ends,
-        // and records its Connection event before this select could drop it.
-        tokio::select! {
-            biased;
-            _ = tunnel => {}
-            _ = cancel.cancelled() => {}
+        let opened = tokio::select! {
+            r = opened => r,
+            _ = cancel.cancelled() => return,
+        };
+        match opened {
+            Ok((mut client, first, peek)) => {
+                run_tunnel(
+                    &task_ctx,
+                    &session,
+                    Via::Connect,
+                    &mut client,
+                    first,
+                    peek,
+                    route,
+                    start,
+                )
+                .await;
+            }
+            Err(e) => tracing::debug!(error = %e, "CONNECT tunnel did not open"),
         }
     });
     let mut resp = Response::new(full(""));
@@ -289,9 +290,12 @@ where
         emit_blocked(ctx, session, via, Some(host), None, Some(route.port), &v);
         return TunnelEnd::Refused;
     }
-    let (stream, addr): (_, SocketAddr) = match route::connect(&route, ctx.shared.timeouts.connect)
-        .await
-    {
+    let connected = tokio::select! {
+        r = route::connect(&route, ctx.shared.timeouts.connect) => r,
+        // Shutting down before the tunnel opened: nothing moved, nothing to record.
+        _ = ctx.cancel.cancelled() => return TunnelEnd::Closed,
+    };
+    let (stream, addr): (_, SocketAddr) = match connected {
         Ok(x) => x,
         Err(e) => {
             let mut ev = NetEvent::new(EventKind::Connection, &session.info, via, route.verdict);

@@ -463,7 +463,7 @@ async fn a_connect_whose_tls_server_name_matches_reaches_the_host() {
         .events()
         .into_iter()
         .find(|e| e.kind == EventKind::Connection)
-        .unwrap();
+        .unwrap_or_else(|| panic!("no connection event: {:#?}", gw.events()));
     assert_eq!(e.bytes_up, hello.len() as u64);
     assert_eq!(e.bytes_down, hello.len() as u64);
 }
