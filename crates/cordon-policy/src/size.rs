@@ -104,7 +104,7 @@ impl fmt::Display for ByteSize {
         let n = self.0;
         if n != 0 {
             for (unit, suffix) in [(TIB, "T"), (GIB, "G"), (MIB, "M"), (KIB, "K")] {
-                if n % unit == 0 {
+                if n.is_multiple_of(unit) {
                     return write!(f, "{}{suffix}", n / unit);
                 }
             }

@@ -12,11 +12,12 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
+use crate::fdpass;
 use crate::landlock;
-use crate::mounts::{self, Sources};
-use crate::plan::{NetworkPlan, SandboxPlan};
+use crate::mounts::{self, Sources, WorkspaceAttach};
+use crate::plan::{NetworkPlan, SandboxPlan, WorkspaceMount};
 use crate::privs;
 use crate::proto::{self, ExitStatus, ToInit, ToSupervisor};
 use crate::seccomp::{self, CompiledFilter};
@@ -28,6 +29,9 @@ pub struct InitContext<'a> {
     pub chan: OwnedFd,
     /// The seccomp filter, compiled by the supervisor before `clone`.
     pub filter: Option<&'a CompiledFilter>,
+    /// The supervisor's detached workspace volume (inherited through `clone`), when the plan's
+    /// workspace is [`WorkspaceMount::Detached`].
+    pub workspace_fd: Option<BorrowedFd<'a>>,
 }
 
 struct SetupError {
@@ -63,7 +67,7 @@ pub fn init_main(ctx: InitContext<'_>) -> ! {
         Ok(code) => code,
         Err(e) => {
             send(
-                ctx.chan.as_fd_borrowed(),
+                ctx.chan.as_fd(),
                 &ToSupervisor::SetupFailed {
                     layer: e.layer.to_string(),
                     message: e.message,
@@ -76,16 +80,7 @@ pub fn init_main(ctx: InitContext<'_>) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-trait AsFdBorrowed {
-    fn as_fd_borrowed(&self) -> BorrowedFd<'_>;
-}
-impl AsFdBorrowed for OwnedFd {
-    fn as_fd_borrowed(&self) -> BorrowedFd<'_> {
-        std::os::fd::AsFd::as_fd(self)
-    }
-}
-
-fn wait_for_go(chan: BorrowedFd<'_>) -> Result<(), SetupError> {
+fn wait_for(chan: BorrowedFd<'_>, expected: ToInit) -> Result<(), SetupError> {
     let mut buf = [0u8; 64];
     // SAFETY: `buf` is a valid writable buffer of the given length.
     let n = unsafe {
@@ -103,8 +98,8 @@ fn wait_for_go(chan: BorrowedFd<'_>) -> Result<(), SetupError> {
         });
     }
     match proto::decode::<ToInit>(&buf[..n as usize]) {
-        Some(ToInit::Go) => Ok(()),
-        None => Err(SetupError {
+        Some(m) if m == expected => Ok(()),
+        _ => Err(SetupError {
             layer: "supervisor",
             message: "unexpected message from the supervisor".into(),
         }),
@@ -113,14 +108,14 @@ fn wait_for_go(chan: BorrowedFd<'_>) -> Result<(), SetupError> {
 
 fn run(ctx: &InitContext<'_>) -> Result<i32, SetupError> {
     let plan = ctx.plan;
-    let chan = ctx.chan.as_fd_borrowed();
+    let chan = ctx.chan.as_fd();
     // SAFETY: plain prctl; if the supervisor dies we die with it.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
     // Our own process group: the terminal's Ctrl-C reaches the supervisor, which forwards it
     // once, instead of reaching both of us.
     // SAFETY: plain syscall on our own process.
     unsafe { libc::setpgid(0, 0) };
-    wait_for_go(chan)?;
+    wait_for(chan, ToInit::Go)?;
 
     privs::become_sandbox_user(plan.ids.rootful).map_err(fail("user-namespace"))?;
     // The supervisor has moved us into the session's cgroup: from now on that is our root.
@@ -130,8 +125,40 @@ fn run(ctx: &InitContext<'_>) -> Result<i32, SetupError> {
     }
 
     let sources = Sources::open(&plan.mounts, &plan.workspace).map_err(fail("mounts"))?;
-    mounts::apply(&plan.mounts, &sources, plan.root_size).map_err(fail("mounts"))?;
+    let attach = match (&plan.workspace, ctx.workspace_fd) {
+        (WorkspaceMount::Bind(_), _) => WorkspaceAttach::Bind,
+        (WorkspaceMount::Detached, Some(fd)) => WorkspaceAttach::Detached(fd),
+        (WorkspaceMount::Detached, None) => {
+            return Err(SetupError {
+                layer: "workspace",
+                message: "no workspace volume was handed over".into(),
+            })
+        }
+        (
+            WorkspaceMount::Tmpfs {
+                size_bytes,
+                nr_inodes,
+            },
+            _,
+        ) => WorkspaceAttach::Tmpfs {
+            size_bytes: *size_bytes,
+            nr_inodes: *nr_inodes,
+        },
+    };
+    let handed_over =
+        mounts::apply(&plan.mounts, &sources, plan.root_size, &attach).map_err(fail("mounts"))?;
     drop(sources);
+    if let Some(root) = handed_over {
+        // The supervisor fills the tmpfs from the host directory; the command starts after.
+        fdpass::send_fds(
+            chan,
+            &proto::encode(&ToSupervisor::WorkspaceRoot),
+            &[root.as_fd()],
+        )
+        .map_err(fail("workspace"))?;
+        drop(root);
+        wait_for(chan, ToInit::WorkspaceReady)?;
+    }
     nix::unistd::sethostname(&plan.hostname).map_err(fail("hostname"))?;
 
     match plan.network {
@@ -216,18 +243,27 @@ fn supervise(chan: BorrowedFd<'_>, child: libc::pid_t, set: &libc::sigset_t) -> 
     }
 }
 
-/// The writable mounts with no space left for an unprivileged writer.
+/// The writable mounts that are full: less than 2% (at least 1 MiB) left. ext4 refuses writes
+/// with a few hundred KiB still free (kept back for its own metadata and delayed allocation),
+/// so "full" cannot mean exactly zero.
 fn full_mounts() -> Vec<String> {
     ["/workspace", "/tmp", "/dev/shm"]
         .iter()
-        .filter(|m| matches!(nix::sys::statvfs::statvfs(**m), Ok(s) if s.blocks_available() == 0 && s.blocks() > 0))
+        .filter(|m| {
+            matches!(nix::sys::statvfs::statvfs(**m), Ok(s)
+            if s.blocks() > 0 && {
+                let avail = s.blocks_available() * s.fragment_size();
+                let total = s.blocks() * s.fragment_size();
+                avail < (1024 * 1024).max(total / 50)
+            })
+        })
         .map(|m| m.to_string())
         .collect()
 }
 
 /// The command's process: finishes the per-process layers and execs. Never returns.
 fn command_main(ctx: &InitContext<'_>) -> ! {
-    let chan = ctx.chan.as_fd_borrowed();
+    let chan = ctx.chan.as_fd();
     let (code, msg) = match prepare_command(ctx) {
         Ok(()) => exec_command(ctx.plan),
         Err(e) => (
@@ -279,8 +315,14 @@ fn prepare_command(ctx: &InitContext<'_>) -> Result<(), SetupError> {
     // Every descriptor but 0, 1 and 2 closes at exec (the channel stays usable until then to
     // report an exec failure).
     // SAFETY: plain syscall with integer arguments.
-    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) }
-        < 0
+    if unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    } < 0
     {
         return Err(fail("fds")(io::Error::last_os_error()));
     }
@@ -288,7 +330,7 @@ fn prepare_command(ctx: &InitContext<'_>) -> Result<(), SetupError> {
         seccomp::install(filter).map_err(fail("seccomp"))?;
     }
     send(
-        ctx.chan.as_fd_borrowed(),
+        ctx.chan.as_fd(),
         &ToSupervisor::Applied {
             landlock_abi: status.abi,
             landlock_enforced: status.fully_enforced,
@@ -335,7 +377,9 @@ fn exec_command(plan: &SandboxPlan) -> (i32, ToSupervisor) {
         let c = to_c(&cand);
         // SAFETY: argv/envp are NUL-terminated arrays of valid C strings kept alive above.
         unsafe { libc::execve(c.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr()) };
-        let e = io::Error::last_os_error().raw_os_error().unwrap_or(libc::ENOENT);
+        let e = io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::ENOENT);
         // Remember the most telling error, as execvp does: EACCES beats ENOENT.
         if e != libc::ENOENT && e != libc::ENOTDIR {
             errno = e;

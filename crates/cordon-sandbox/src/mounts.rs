@@ -8,12 +8,12 @@
 //! not bound in. Any failed step aborts with the step and path.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::plan::{BindSource, MountOp};
+use crate::plan::{BindSource, MountOp, WorkspaceMount};
 use crate::sys::{self, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
 
 /// A failed mount step.
@@ -47,14 +47,16 @@ pub struct Sources {
 }
 
 impl Sources {
-    /// Opens every bind source of the plan with `O_PATH`.
-    pub fn open(ops: &[MountOp], workspace: &Path) -> Result<Sources, MountError> {
+    /// Opens every bind source of the plan with `O_PATH` (the workspace only when it is a
+    /// plain host directory).
+    pub fn open(ops: &[MountOp], workspace: &WorkspaceMount) -> Result<Sources, MountError> {
         let mut fds = Vec::new();
         for op in ops {
             if let MountOp::Bind { source, .. } = op {
-                let host = match source {
-                    BindSource::Host(p) => p.as_path(),
-                    BindSource::Workspace => workspace,
+                let host = match (source, workspace) {
+                    (BindSource::Host(p), _) => p.as_path(),
+                    (BindSource::Workspace, WorkspaceMount::Bind(p)) => p.as_path(),
+                    (BindSource::Workspace, _) => continue,
                 };
                 let fd = sys::open_path(host).map_err(step("open", host))?;
                 fds.push((source.clone(), fd));
@@ -68,9 +70,25 @@ impl Sources {
     }
 }
 
+/// How the workspace reaches the sandbox, at run time.
+pub enum WorkspaceAttach<'a> {
+    /// Bind the host directory opened in [`Sources`].
+    Bind,
+    /// Attach the supervisor's detached volume mount.
+    Detached(BorrowedFd<'a>),
+    /// Make a capped tmpfs here.
+    Tmpfs { size_bytes: u64, nr_inodes: u64 },
+}
+
 /// Makes every mount private, assembles the plan under [`STAGING_ROOT`], pivots into it and
-/// makes the root read-only.
-pub fn apply(ops: &[MountOp], sources: &Sources, root_size: u64) -> Result<(), MountError> {
+/// makes the root read-only. For a tmpfs workspace, returns a second detached mount of it for
+/// the supervisor.
+pub fn apply(
+    ops: &[MountOp],
+    sources: &Sources,
+    root_size: u64,
+    workspace: &WorkspaceAttach<'_>,
+) -> Result<Option<OwnedFd>, MountError> {
     let root = Path::new(STAGING_ROOT);
     sys::mount(
         None,
@@ -89,8 +107,42 @@ pub fn apply(ops: &[MountOp], sources: &Sources, root_size: u64) -> Result<(), M
     )
     .map_err(step("mount-root-tmpfs", root))?;
 
+    let mut handed_over = None;
     for op in ops {
-        apply_op(root, op, sources)?;
+        match (op, workspace) {
+            (
+                MountOp::Bind {
+                    source: BindSource::Workspace,
+                    path,
+                    ..
+                },
+                WorkspaceAttach::Detached(fd),
+            ) => {
+                let p = root.join(path);
+                sys::mkdir_all(&p, 0o755).map_err(step("mkdir", &p))?;
+                attach(*fd, &p)?;
+            }
+            (
+                MountOp::Bind {
+                    source: BindSource::Workspace,
+                    path,
+                    ..
+                },
+                WorkspaceAttach::Tmpfs {
+                    size_bytes,
+                    nr_inodes,
+                },
+            ) => {
+                let p = root.join(path);
+                sys::mkdir_all(&p, 0o755).map_err(step("mkdir", &p))?;
+                let fs = crate::workspace::create_tmpfs_volume(*size_bytes, *nr_inodes)
+                    .map_err(|e| ws_err(&p, e))?;
+                let clone = crate::workspace::clone_mount(fs.as_fd()).map_err(|e| ws_err(&p, e))?;
+                attach(fs.as_fd(), &p)?;
+                handed_over = Some(clone);
+            }
+            _ => apply_op(root, op, sources)?,
+        }
     }
 
     std::env::set_current_dir(root).map_err(step("chdir", root))?;
@@ -98,7 +150,22 @@ pub fn apply(ops: &[MountOp], sources: &Sources, root_size: u64) -> Result<(), M
     std::env::set_current_dir("/").map_err(step("chdir", Path::new("/")))?;
     sys::mount_setattr(Path::new("/"), false, MOUNT_ATTR_RDONLY, 0)
         .map_err(step("remount-root-readonly", Path::new("/")))?;
-    Ok(())
+    Ok(handed_over)
+}
+
+fn ws_err(path: &Path, e: crate::workspace::WorkspaceError) -> MountError {
+    MountError::Step {
+        step: "workspace-volume",
+        path: path.to_path_buf(),
+        source: io::Error::other(e.to_string()),
+    }
+}
+
+/// Attaches a detached mount at `target`, then makes it `nosuid,nodev`.
+fn attach(fd: BorrowedFd<'_>, target: &Path) -> Result<(), MountError> {
+    crate::workspace::attach_detached_mount(fd, target).map_err(|e| ws_err(target, e))?;
+    sys::mount_setattr(target, false, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0)
+        .map_err(step("workspace-flags", target))
 }
 
 fn apply_op(root: &Path, op: &MountOp, sources: &Sources) -> Result<(), MountError> {
@@ -208,14 +275,8 @@ fn apply_op(root: &Path, op: &MountOp, sources: &Sources) -> Result<(), MountErr
             if !p.exists() {
                 return Ok(());
             }
-            sys::mount(
-                Some(Path::new("/dev/null")),
-                &p,
-                None,
-                libc::MS_BIND,
-                None,
-            )
-            .map_err(step("mask-file", &p))
+            sys::mount(Some(Path::new("/dev/null")), &p, None, libc::MS_BIND, None)
+                .map_err(step("mask-file", &p))
         }
         MountOp::MaskDir { path } => {
             let p = root.join(path);

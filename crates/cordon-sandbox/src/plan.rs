@@ -320,7 +320,11 @@ pub fn mount_plan(facts: &HostFacts, opts: &MountOptions) -> Vec<MountOp> {
     for extra in &opts.extra {
         ops.push(MountOp::Bind {
             source: BindSource::Host(extra.host.clone()),
-            path: extra.path.strip_prefix("/").unwrap_or(&extra.path).to_path_buf(),
+            path: extra
+                .path
+                .strip_prefix("/")
+                .unwrap_or(&extra.path)
+                .to_path_buf(),
             dir: extra.dir,
             writable: extra.writable,
         });
@@ -359,6 +363,19 @@ fn generated_etc(opts: &MountOptions) -> Vec<(String, &'static str)> {
             "nsswitch.conf",
         ),
     ]
+}
+
+/// What the init mounts at `/workspace`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum WorkspaceMount {
+    /// A host directory, bound directly (no size cap: only when the policy allows
+    /// `workspace_cap` to be missing).
+    Bind(PathBuf),
+    /// The supervisor's capped volume, handed over as a detached mount (an inherited fd).
+    Detached,
+    /// A capped tmpfs the init makes in its own user namespace and hands to the supervisor,
+    /// which fills it from the host directory before the command starts.
+    Tmpfs { size_bytes: u64, nr_inodes: u64 },
 }
 
 /// Resource limits applied to the command with `setrlimit` (soft = hard).
@@ -411,8 +428,8 @@ pub struct SandboxPlan {
     pub env: Vec<(String, String)>,
     pub ids: IdMap,
     pub hostname: String,
-    /// The host path mounted at `/workspace`.
-    pub workspace: PathBuf,
+    /// What is mounted at `/workspace`.
+    pub workspace: WorkspaceMount,
     pub mounts: Vec<MountOp>,
     /// Size of the read-only root tmpfs (the skeleton, `/etc` files and the `--code` file).
     pub root_size: u64,
@@ -453,12 +470,20 @@ pub fn environment(
 }
 
 /// The Landlock rules for a sandbox's filesystem layout.
-pub fn landlock_plan(extra: &[ExtraBind], allow_tcp_connect: bool) -> LandlockPlan {
-    let mut read_only: Vec<PathBuf> = ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/etc", "/proc"]
+pub fn landlock_plan(extra: &[ExtraBind], allow_tcp_connect: bool, code: bool) -> LandlockPlan {
+    let mut read_only: Vec<PathBuf> = [
+        "/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/etc", "/proc",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .collect();
+    let mut read_write: Vec<PathBuf> = ["/workspace", "/tmp", "/dev"]
         .iter()
         .map(PathBuf::from)
         .collect();
-    let mut read_write: Vec<PathBuf> = ["/workspace", "/tmp", "/dev"].iter().map(PathBuf::from).collect();
+    if code {
+        read_only.push(PathBuf::from("/.cordon"));
+    }
     for e in extra {
         if e.writable {
             read_write.push(e.path.clone());

@@ -14,6 +14,8 @@ pub const MAX_MESSAGE: usize = 16 * 1024;
 pub enum ToInit {
     /// The id maps and cgroup are in place: go on.
     Go,
+    /// The workspace volume handed over is filled: go on.
+    WorkspaceReady,
 }
 
 /// From the sandbox (init or the command's process before `exec`) to the supervisor.
@@ -30,6 +32,9 @@ pub enum ToSupervisor {
     },
     /// `exec` of the command failed with this errno.
     ExecFailed { errno: i32, message: String },
+    /// A second mount of the sandbox's tmpfs workspace follows as SCM_RIGHTS, for the
+    /// supervisor to fill from the host directory.
+    WorkspaceRoot,
     /// The gateway's listening sockets follow as SCM_RIGHTS, in the order named.
     GatewaySockets { names: Vec<String> },
     /// The command's process ended. `full` names the writable mounts that were out of space

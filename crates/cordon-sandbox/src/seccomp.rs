@@ -743,7 +743,10 @@ mod tests {
             match i.code {
                 BPF_LD_W_ABS => {
                     let at = i.k as usize;
-                    assert!(at % 4 == 0 && at + 4 <= data.len(), "bad load offset {at}");
+                    assert!(
+                        at.is_multiple_of(4) && at + 4 <= data.len(),
+                        "bad load offset {at}"
+                    );
                     acc = u32::from_ne_bytes(data[at..at + 4].try_into().unwrap());
                 }
                 BPF_ALU_AND_K => acc &= i.k,

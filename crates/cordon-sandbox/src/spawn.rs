@@ -8,7 +8,7 @@
 //! gets [`SpawnError::Threaded`] instead of undefined behaviour.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use thiserror::Error;
 
@@ -70,6 +70,7 @@ const CLONE_FLAGS: libc::c_int = libc::CLONE_NEWUSER
 pub fn spawn(
     plan: &SandboxPlan,
     filter: Option<&CompiledFilter>,
+    workspace_fd: Option<BorrowedFd<'_>>,
     before_go: impl FnOnce(i32) -> Result<(), String>,
 ) -> Result<Sandbox, SpawnError> {
     let threads = thread_count();
@@ -114,6 +115,7 @@ pub fn spawn(
             plan,
             chan: theirs,
             filter,
+            workspace_fd,
         });
     }
     let pid = pid as i32;
@@ -159,9 +161,8 @@ pub fn spawn(
 
 fn write_id_maps(plan: &SandboxPlan, pid: i32) -> Result<(), SpawnError> {
     let write = |file: &'static str, contents: &str| {
-        std::fs::write(format!("/proc/{pid}/{file}"), contents).map_err(|source| {
-            SpawnError::IdMap { file, pid, source }
-        })
+        std::fs::write(format!("/proc/{pid}/{file}"), contents)
+            .map_err(|source| SpawnError::IdMap { file, pid, source })
     };
     if !plan.ids.rootful {
         // An unprivileged process may write a gid_map only after denying setgroups.

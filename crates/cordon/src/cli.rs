@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a command (or --code FILE) in a fresh sandbox.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Policy files.
     Policy {
         #[command(subcommand)]
@@ -36,6 +36,8 @@ enum Command {
     },
     /// Check the host's support for every layer and run a self-test sandbox.
     Doctor,
+    /// Read, verify and prune the audit store.
+    Audit(crate::audit_cmd::AuditArgs),
 }
 
 #[derive(Subcommand)]
@@ -60,7 +62,7 @@ struct RunArgs {
     #[arg(long, value_name = "N")]
     pids: Option<u64>,
     /// CPU quota in cores (e.g. 0.5).
-    #[arg(long, value_name = "CORES")]
+    #[arg(long, value_name = "CORES", allow_negative_numbers = true)]
     cpu: Option<f64>,
     /// Wall-clock timeout (e.g. 10s, 2m).
     #[arg(long, value_name = "DURATION")]
@@ -126,8 +128,12 @@ pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
+            // `cordon audit` follows the usual convention (2 = usage); `cordon run` reserves
+            // 1..=124 for the command, so its own usage errors are 125.
+            let audit = std::env::args_os().nth(1).is_some_and(|a| a == "audit");
             let code = match e.kind() {
                 clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ if audit => 2,
                 _ => 125,
             };
             let _ = e.print();
@@ -135,11 +141,12 @@ pub fn main() -> i32 {
         }
     };
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Policy {
             command: PolicyCommand::Check { file },
         } => policy_check(&file),
         Command::Doctor => crate::doctor::doctor(),
+        Command::Audit(args) => crate::audit_cmd::run(args),
     }
 }
 
@@ -238,10 +245,12 @@ fn command_of(args: &RunArgs) -> Result<Command_, String> {
     let interpreter = match (&args.interpreter, interpreter_for(&name)) {
         (Some(i), _) => i.clone(),
         (None, Some(i)) => i.to_string(),
-        (None, None) => return Err(format!(
+        (None, None) => {
+            return Err(format!(
             "--code {}: cannot tell the interpreter from the file name; pass --interpreter PROGRAM",
             code.display()
-        )),
+        ))
+        }
     };
     let mut argv = vec![
         interpreter,

@@ -118,7 +118,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         });
     }
 
-    let workspace = Workspace::prepare(policy, &req.session_id, host_uid, host_gid, rootful)
+    let mut workspace = Workspace::prepare(policy, host_uid, host_gid)
         .or_else(|e| match e {
             crate::workspace::WorkspaceError::NoCap(reason) => {
                 lowered_or_fail(
@@ -126,7 +126,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                     Layer::WorkspaceCap,
                     &mut layers.lowered,
                     reason,
-                    "run cordon as root (the cap uses a loop-mounted volume)",
+                    "run cordon as root (the cap uses a loop-mounted ext4 volume) or let it use a tmpfs",
                 )?;
                 Workspace::prepare_uncapped(policy, &req.session_id, host_uid, host_gid, rootful)
                     .map_err(|e| RunError::cordon(e.to_string()))
@@ -195,7 +195,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             rootful,
         },
         hostname: policy.sandbox.hostname.clone(),
-        workspace: workspace.mount_source().to_path_buf(),
+        workspace: workspace.mount(),
         mounts: plan::mount_plan(&facts, &opts),
         root_size: plan::root_size(&opts),
         network: plan::NetworkPlan::None,
@@ -204,7 +204,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             file_size: policy.limits.file_size.0,
             core: 0,
         },
-        landlock: plan::landlock_plan(&extra, false),
+        landlock: plan::landlock_plan(&extra, false, req.code.is_some()),
         landlock_optional: policy.sandbox.allow_missing.contains(&Layer::Landlock),
         seccomp: filter.is_some(),
         tty: policy.sandbox.tty,
@@ -214,10 +214,15 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     layers.network = "none".into();
 
     let signals = SignalGuard::block()?;
-    let spawned = spawn::spawn(&sandbox_plan, filter.as_ref(), |pid| match &cg {
-        Some(cg) => cg.add_pid(pid).map_err(|e| format!("cgroups: {e}")),
-        None => Ok(()),
-    });
+    let spawned = spawn::spawn(
+        &sandbox_plan,
+        filter.as_ref(),
+        workspace.detached_fd(),
+        |pid| match &cg {
+            Some(cg) => cg.add_pid(pid).map_err(|e| format!("cgroups: {e}")),
+            None => Ok(()),
+        },
+    );
     let sandbox = match spawned {
         Ok(s) => s,
         Err(e) => {
@@ -227,6 +232,13 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     };
 
     let deadline = started + policy.sandbox.timeout;
+    if let Err(e) = handshake(&sandbox, &sandbox_plan, &mut workspace, deadline) {
+        pidfd_signal(sandbox.pidfd.as_fd(), libc::SIGKILL);
+        // SAFETY: reaping our own child.
+        unsafe { libc::waitpid(sandbox.pid, std::ptr::null_mut(), 0) };
+        cleanup(cg, workspace);
+        return Err(RunError::cordon(e));
+    }
     let outcome = supervise(&sandbox, &signals, deadline, cg.as_deref());
     // The init is reaped: everything in its pid namespace is gone. The cgroup may still hold
     // nothing, but kill it anyway before removal in case the kernel is slower than we think.
@@ -485,6 +497,77 @@ fn supervise(
     }
 }
 
+/// Waits for one message that carries descriptors (the sandbox is still setting up).
+fn expect_fds(
+    sb: &spawn::Sandbox,
+    deadline: Instant,
+) -> Result<(ToSupervisor, Vec<std::os::fd::OwnedFd>), String> {
+    loop {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if wait.is_zero() {
+            return Err("the sandbox did not finish setting up before the timeout".into());
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: sb.chan.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sb.pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let ms = wait.as_millis().min(60_000) as i32;
+        // SAFETY: `fds` is a valid array of pollfd.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms.max(1)) };
+        if n <= 0 {
+            continue;
+        }
+        if fds[0].revents != 0 {
+            let (payload, received) =
+                cordon_sandbox::fdpass::recv_fds(sb.chan.as_fd(), proto::MAX_MESSAGE, 8)
+                    .map_err(|e| format!("sandbox set-up: {e}"))?;
+            return match proto::decode::<ToSupervisor>(&payload) {
+                Some(ToSupervisor::SetupFailed { layer, message }) => {
+                    Err(format!("sandbox set-up failed at {layer}: {message}"))
+                }
+                Some(msg) => Ok((msg, received)),
+                None => Err("sandbox set-up: unreadable message".into()),
+            };
+        }
+        if fds[1].revents != 0 {
+            return Err("the sandbox exited while setting up".into());
+        }
+    }
+}
+
+/// Finishes the set-up steps that need the supervisor: filling a tmpfs workspace.
+fn handshake(
+    sb: &spawn::Sandbox,
+    plan: &SandboxPlan,
+    workspace: &mut Workspace,
+    deadline: Instant,
+) -> Result<(), String> {
+    if let plan::WorkspaceMount::Tmpfs { .. } = plan.workspace {
+        let (msg, mut fds) = expect_fds(sb, deadline)?;
+        if msg != ToSupervisor::WorkspaceRoot || fds.len() != 1 {
+            return Err(format!(
+                "sandbox set-up: expected the workspace, got {msg:?}"
+            ));
+        }
+        let root = fds.remove(0);
+        workspace
+            .adopt(root)
+            .map_err(|e| format!("workspace: {e}"))?;
+        let ready = proto::encode(&cordon_sandbox::proto::ToInit::WorkspaceReady);
+        cordon_sandbox::fdpass::send_fds(sb.chan.as_fd(), &ready, &[])
+            .map_err(|e| format!("sandbox set-up: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Reads every queued message into `out`; true when the sandbox side has closed the channel.
 fn drain(chan: BorrowedFd<'_>, buf: &mut [u8], out: &mut Outcome) -> bool {
     loop {
@@ -521,7 +604,7 @@ fn drain(chan: BorrowedFd<'_>, buf: &mut [u8], out: &mut Outcome) -> bool {
                 out.status = Some(status);
                 out.full = full;
             }
-            Some(ToSupervisor::GatewaySockets { .. }) | None => {}
+            Some(ToSupervisor::GatewaySockets { .. } | ToSupervisor::WorkspaceRoot) | None => {}
         }
     }
 }

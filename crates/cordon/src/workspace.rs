@@ -1,12 +1,21 @@
-//! The session's `/workspace`: a host directory, or a throwaway one, behind a size cap.
+//! The session's `/workspace`: a host directory or a throwaway one, behind a size cap.
 //!
-//! Guarantees: a throwaway workspace is removed when the session ends; a host workspace is
-//! created if missing (owned by the sandbox's host uid when cordon runs as root) and never
-//! deleted.
+//! Guarantees: by default the workspace is a capped volume (see `cordon_sandbox::workspace`):
+//! writing past the cap is `ENOSPC` inside the sandbox and never fills the host disk; a host
+//! directory is copied in before the command starts and the changes are copied back when the
+//! session ends (never following a symlink out of it). Only when the policy allows
+//! `workspace_cap` to be missing and no volume can be made is the host directory bound
+//! directly, uncapped — and the result says so. A throwaway workspace leaves nothing behind.
 
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use cordon_policy::Policy;
+use cordon_sandbox::plan::WorkspaceMount;
+use cordon_sandbox::workspace::{
+    self as volume, HostFacts, Owner, SandboxMount, VolumeBackend, VolumeRequest, WorkspaceSource,
+    WorkspaceVolume,
+};
 
 /// Why a workspace could not be prepared.
 #[derive(Debug, thiserror::Error)]
@@ -20,14 +29,21 @@ pub enum WorkspaceError {
 }
 
 enum Kind {
-    Throwaway(PathBuf),
-    Host(PathBuf),
+    Volume {
+        volume: Box<WorkspaceVolume>,
+        /// The detached mount handed to the sandbox (ext4 backend).
+        detached: Option<OwnedFd>,
+    },
+    Bind {
+        path: PathBuf,
+        throwaway: bool,
+    },
 }
 
 /// A prepared workspace.
 pub struct Workspace {
     kind: Kind,
-    cap: Option<u64>,
+    source: WorkspaceSource,
 }
 
 fn other(path: &Path) -> impl FnOnce(std::io::Error) -> WorkspaceError + '_ {
@@ -37,18 +53,58 @@ fn other(path: &Path) -> impl FnOnce(std::io::Error) -> WorkspaceError + '_ {
     }
 }
 
+fn source_of(policy: &Policy) -> Result<WorkspaceSource, WorkspaceError> {
+    match &policy.sandbox.workspace {
+        None => Ok(WorkspaceSource::Throwaway),
+        Some(p) => {
+            let path = absolute(p);
+            if !path.exists() {
+                std::fs::create_dir_all(&path).map_err(other(&path))?;
+            } else if !path.is_dir() {
+                return Err(WorkspaceError::Other {
+                    path,
+                    message: "exists and is not a directory".into(),
+                });
+            }
+            Ok(WorkspaceSource::HostDir(path))
+        }
+    }
+}
+
 impl Workspace {
     /// A workspace with the policy's size cap.
-    pub fn prepare(
-        _policy: &Policy,
-        _session_id: &str,
-        _uid: u32,
-        _gid: u32,
-        _rootful: bool,
-    ) -> Result<Workspace, WorkspaceError> {
-        Err(WorkspaceError::NoCap(
-            "the capped workspace volume is not available in this build".into(),
-        ))
+    pub fn prepare(policy: &Policy, uid: u32, gid: u32) -> Result<Workspace, WorkspaceError> {
+        let source = source_of(policy)?;
+        let req = VolumeRequest {
+            source: source.clone(),
+            cap_bytes: policy.limits.workspace.0,
+            owner: Owner { uid, gid },
+            state_dir: crate::session::state_dir(),
+            memory_limit_bytes: Some(policy.limits.memory.0),
+        };
+        let plan = volume::plan_volume(&req, &HostFacts::probe())
+            .map_err(|e| WorkspaceError::NoCap(e.to_string()))?;
+        let volume = WorkspaceVolume::prepare(&plan).map_err(|e| match e {
+            volume::WorkspaceError::TooLarge { .. } => WorkspaceError::Other {
+                path: policy.sandbox.workspace.clone().unwrap_or_default(),
+                message: e.to_string(),
+            },
+            other => WorkspaceError::NoCap(other.to_string()),
+        })?;
+        let detached = match volume
+            .sandbox_mount()
+            .map_err(|e| WorkspaceError::NoCap(e.to_string()))?
+        {
+            SandboxMount::Detached(fd) => Some(fd),
+            SandboxMount::Tmpfs { .. } => None,
+        };
+        Ok(Workspace {
+            kind: Kind::Volume {
+                volume: Box::new(volume),
+                detached,
+            },
+            source,
+        })
     }
 
     /// A workspace without a size cap: the host directory bound directly.
@@ -59,62 +115,104 @@ impl Workspace {
         gid: u32,
         rootful: bool,
     ) -> Result<Workspace, WorkspaceError> {
-        let (path, throwaway) = match &policy.sandbox.workspace {
-            Some(p) => (absolute(p), false),
-            None => (
-                crate::session::state_dir().join("scratch").join(session_id),
-                true,
-            ),
+        let source = source_of(policy)?;
+        let (path, throwaway) = match &source {
+            WorkspaceSource::HostDir(p) => (p.clone(), false),
+            WorkspaceSource::Throwaway => {
+                let p = crate::session::state_dir().join("scratch").join(session_id);
+                std::fs::create_dir_all(&p).map_err(other(&p))?;
+                if rootful {
+                    std::os::unix::fs::chown(&p, Some(uid), Some(gid)).map_err(other(&p))?;
+                }
+                (p, true)
+            }
         };
-        let created = !path.exists();
-        if created {
-            std::fs::create_dir_all(&path).map_err(other(&path))?;
-        } else if !path.is_dir() {
-            return Err(WorkspaceError::Other {
-                path,
-                message: "exists and is not a directory".into(),
-            });
-        }
-        if rootful && created {
-            std::os::unix::fs::chown(&path, Some(uid), Some(gid)).map_err(other(&path))?;
-        }
         Ok(Workspace {
-            kind: if throwaway {
-                Kind::Throwaway(path)
-            } else {
-                Kind::Host(path)
-            },
-            cap: None,
+            kind: Kind::Bind { path, throwaway },
+            source,
         })
     }
 
-    /// The host path the sandbox binds at `/workspace`.
-    pub fn mount_source(&self) -> &Path {
+    /// What the sandbox's init mounts at `/workspace`.
+    pub fn mount(&self) -> WorkspaceMount {
         match &self.kind {
-            Kind::Throwaway(p) | Kind::Host(p) => p,
+            Kind::Bind { path, .. } => WorkspaceMount::Bind(path.clone()),
+            Kind::Volume { volume, detached } => match (volume.plan().backend, detached) {
+                (VolumeBackend::LoopExt4, Some(_)) => WorkspaceMount::Detached,
+                _ => WorkspaceMount::Tmpfs {
+                    size_bytes: volume.plan().cap_bytes,
+                    nr_inodes: volume.plan().nr_inodes,
+                },
+            },
         }
     }
 
-    /// The cap, for the result.
+    /// The detached volume mount the init inherits, if any.
+    pub fn detached_fd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.kind {
+            Kind::Volume {
+                detached: Some(fd), ..
+            } => Some(std::os::fd::AsFd::as_fd(fd)),
+            _ => None,
+        }
+    }
+
+    /// Takes the tmpfs the init made and fills it from the host directory.
+    pub fn adopt(&mut self, root: OwnedFd) -> Result<(), String> {
+        match &mut self.kind {
+            Kind::Volume { volume, .. } => volume.adopt_tmpfs_root(root).map_err(|e| e.to_string()),
+            Kind::Bind { .. } => Err("no tmpfs workspace was expected".into()),
+        }
+    }
+
+    /// The cap and backend, for the result (`None` when uncapped).
     pub fn cap_description(&self) -> Option<String> {
-        self.cap.map(|c| format!("{c} bytes"))
+        match &self.kind {
+            Kind::Volume { volume, .. } => {
+                let p = volume.plan();
+                let backend = match p.backend {
+                    VolumeBackend::LoopExt4 => "ext4 volume",
+                    VolumeBackend::Tmpfs => "tmpfs",
+                };
+                Some(match &p.note {
+                    Some(n) => format!("{} bytes ({backend}; {n})", p.cap_bytes),
+                    None => format!("{} bytes ({backend})", p.cap_bytes),
+                })
+            }
+            Kind::Bind { .. } => None,
+        }
     }
 
     /// For the result: the host directory, or `throwaway`.
     pub fn describe(&self) -> String {
-        match &self.kind {
-            Kind::Throwaway(_) => "throwaway".into(),
-            Kind::Host(p) => p.display().to_string(),
+        match &self.source {
+            WorkspaceSource::Throwaway => "throwaway".into(),
+            WorkspaceSource::HostDir(p) => p.display().to_string(),
         }
     }
 
-    /// Ends the session's use of the workspace.
+    /// Ends the session's use of the workspace: the changes go back to the host directory
+    /// (or, for a throwaway workspace, everything is dropped).
     pub fn finish(self) -> Result<(), String> {
         match self.kind {
-            Kind::Throwaway(p) => {
-                std::fs::remove_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))
+            Kind::Volume { volume, detached } => {
+                drop(detached);
+                match self.source {
+                    WorkspaceSource::Throwaway => volume.discard().map_err(|e| e.to_string()),
+                    WorkspaceSource::HostDir(_) => {
+                        let stats = volume.commit().map_err(|e| e.to_string())?;
+                        for s in &stats.skipped {
+                            eprintln!("cordon: workspace: not copied back: {s:?}");
+                        }
+                        Ok(())
+                    }
+                }
             }
-            Kind::Host(_) => Ok(()),
+            Kind::Bind {
+                path,
+                throwaway: true,
+            } => std::fs::remove_dir_all(&path).map_err(|e| format!("{}: {e}", path.display())),
+            Kind::Bind { .. } => Ok(()),
         }
     }
 }

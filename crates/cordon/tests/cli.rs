@@ -1,5 +1,6 @@
 //! The user-facing promises of `cordon run` and `cordon policy check`: workspaces, --code,
 //! results, exit statuses, and a clear one-line error for every bad input.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 use common::*;
@@ -9,7 +10,12 @@ use std::process::Stdio;
 
 #[test]
 fn hello_runs_in_a_fresh_throwaway_workspace() {
-    let out = run(&["--", "python3", "-c", "import os; print('hello', os.getcwd(), os.listdir('.'))"]);
+    let out = run(&[
+        "--",
+        "python3",
+        "-c",
+        "import os; print('hello', os.getcwd(), os.listdir('.'))",
+    ]);
     assert_eq!(stdout(&out).trim(), "hello /workspace []");
     assert_eq!(out.status.code(), Some(0));
 }
@@ -18,13 +24,30 @@ fn hello_runs_in_a_fresh_throwaway_workspace() {
 fn files_written_to_a_host_workspace_exist_afterwards() {
     let dir = tempfile::tempdir().unwrap();
     let ws = dir.path().join("work");
-    let out = run(&["--workspace", ws.to_str().unwrap(), "--", "sh", "-c", "echo hi > out.txt"]);
+    let out = run(&[
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "echo hi > out.txt",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(std::fs::read_to_string(ws.join("out.txt")).unwrap(), "hi\n");
     // A second session sees the first one's output and can change it.
-    let out = run(&["--workspace", ws.to_str().unwrap(), "--", "sh", "-c", "cat out.txt; echo more >> out.txt; rm -f gone"]);
+    let out = run(&[
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "cat out.txt; echo more >> out.txt; rm -f gone",
+    ]);
     assert_eq!(stdout(&out), "hi\n");
-    assert_eq!(std::fs::read_to_string(ws.join("out.txt")).unwrap(), "hi\nmore\n");
+    assert_eq!(
+        std::fs::read_to_string(ws.join("out.txt")).unwrap(),
+        "hi\nmore\n"
+    );
 }
 
 #[test]
@@ -43,7 +66,15 @@ fn relative_workspace_paths_resolve_against_the_current_directory() {
     let dir = tempfile::tempdir().unwrap();
     let out = cordon()
         .current_dir(dir.path())
-        .args(["run", "--workspace", "./rel", "--", "sh", "-c", "echo x > f"])
+        .args([
+            "run",
+            "--workspace",
+            "./rel",
+            "--",
+            "sh",
+            "-c",
+            "echo x > f",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
@@ -54,9 +85,18 @@ fn relative_workspace_paths_resolve_against_the_current_directory() {
 fn code_runs_from_a_file_with_the_interpreter_guessed_or_given() {
     let dir = tempfile::tempdir().unwrap();
     let snippet = dir.path().join("snippet.py");
-    std::fs::write(&snippet, "import sys\nprint('from snippet', sys.argv[1:])\n").unwrap();
+    std::fs::write(
+        &snippet,
+        "import sys\nprint('from snippet', sys.argv[1:])\n",
+    )
+    .unwrap();
     let (out, result) = run_json(&["--code", snippet.to_str().unwrap(), "--", "a", "b"]);
-    assert_eq!(stdout(&out).trim(), "from snippet ['a', 'b']", "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out).trim(),
+        "from snippet ['a', 'b']",
+        "{}",
+        stderr(&out)
+    );
     // sha256 of the file's bytes
     let expected = {
         use sha2::Digest;
@@ -78,7 +118,12 @@ fn code_runs_from_stdin() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"print(6 * 7)\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"print(6 * 7)\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(stdout(&out).trim(), "42");
 }
@@ -92,7 +137,10 @@ fn json_prints_one_result_line_on_stderr_after_the_commands_output() {
     let v: serde_json::Value = serde_json::from_str(last).unwrap();
     assert_eq!(v["exit_status"], 3);
     assert_eq!(v["exit_code"], 3);
-    assert_eq!(v["command"], serde_json::json!(["sh", "-c", "echo out; echo err >&2; exit 3"]));
+    assert_eq!(
+        v["command"],
+        serde_json::json!(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    );
     assert_eq!(v["session_id"].as_str().unwrap().len(), 26);
     assert!(v["wall_ms"].as_u64().is_some());
     assert!(err.starts_with("err\n"));
@@ -111,14 +159,22 @@ fn exit_statuses_follow_the_command_and_signals_are_128_plus_n() {
 fn a_missing_command_is_127_and_a_non_executable_one_is_126() {
     let out = run(&["--", "no-such-command-xyz"]);
     assert_eq!(out.status.code(), Some(127));
-    assert!(stderr(&out).contains("cordon: no-such-command-xyz: command not found"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cordon: no-such-command-xyz: command not found"),
+        "{}",
+        stderr(&out)
+    );
     let dir = tempfile::tempdir().unwrap();
     let ws = dir.path().join("ws");
     std::fs::create_dir(&ws).unwrap();
     std::fs::write(ws.join("script.sh"), "#!/bin/sh\necho hi\n").unwrap();
     let out = run(&["--workspace", ws.to_str().unwrap(), "--", "./script.sh"]);
     assert_eq!(out.status.code(), Some(126), "{}", stderr(&out));
-    assert!(stderr(&out).contains("Permission denied"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Permission denied"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// Runs `cordon ARGS` and returns (status, stderr).
@@ -134,13 +190,25 @@ fn bad_flags_get_a_one_line_error_and_status_125() {
         (vec!["run", "--timeout", "soon", "--", "true"], "--timeout"),
         (vec!["run", "--pids", "0", "--", "true"], "pids"),
         (vec!["run", "--cpu", "-1", "--", "true"], "cpu"),
-        (vec!["run", "--allow-missing", "everything", "--", "true"], "everything"),
+        (
+            vec!["run", "--allow-missing", "everything", "--", "true"],
+            "everything",
+        ),
         (vec!["run", "--env", "NOEQUALS", "--", "true"], "NOEQUALS"),
         (vec!["run"], "no command given"),
-        (vec!["run", "--interpreter", "python3", "--", "true"], "--interpreter needs --code"),
-        (vec!["run", "--code", "/nonexistent/x.py"], "/nonexistent/x.py"),
+        (
+            vec!["run", "--interpreter", "python3", "--", "true"],
+            "--interpreter needs --code",
+        ),
+        (
+            vec!["run", "--code", "/nonexistent/x.py"],
+            "/nonexistent/x.py",
+        ),
         (vec!["run", "--code", "/etc/hostname"], "--interpreter"),
-        (vec!["run", "--policy", "/nonexistent.toml", "--", "true"], "/nonexistent.toml"),
+        (
+            vec!["run", "--policy", "/nonexistent.toml", "--", "true"],
+            "/nonexistent.toml",
+        ),
         (vec!["run", "--no-such-flag"], "--no-such-flag"),
     ] {
         let (code, err) = error_of(&args);
@@ -166,7 +234,10 @@ fn policy_errors_name_the_file_line_and_column() {
         std::fs::write(&p, text).unwrap();
         let (code, err) = error_of(&["run", "--policy", p.to_str().unwrap(), "--", "true"]);
         assert_eq!(code, 125, "{text}: {err}");
-        assert!(err.contains(&format!("{}{needle}", p.display())), "{text}: {err}");
+        assert!(
+            err.contains(&format!("{}{needle}", p.display())),
+            "{text}: {err}"
+        );
         let (code, err2) = error_of(&["policy", "check", p.to_str().unwrap()]);
         assert_eq!(code, 1);
         assert!(err2.contains(needle), "{err2}");
@@ -177,8 +248,15 @@ fn policy_errors_name_the_file_line_and_column() {
 fn policy_check_prints_the_effective_policy_and_flags_override_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("p.toml");
-    std::fs::write(&p, "[limits]\nmemory = \"256M\"\npids = 32\n[sandbox]\ntimeout = \"10s\"\n").unwrap();
-    let out = cordon().args(["policy", "check", p.to_str().unwrap()]).output().unwrap();
+    std::fs::write(
+        &p,
+        "[limits]\nmemory = \"256M\"\npids = 32\n[sandbox]\ntimeout = \"10s\"\n",
+    )
+    .unwrap();
+    let out = cordon()
+        .args(["policy", "check", p.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let text = stdout(&out);
     assert!(text.contains("memory = \"256M\""), "{text}");
@@ -186,10 +264,21 @@ fn policy_check_prints_the_effective_policy_and_flags_override_the_file() {
     // The printed policy is itself a valid policy.
     let again = dir.path().join("again.toml");
     std::fs::write(&again, &text).unwrap();
-    let out2 = cordon().args(["policy", "check", again.to_str().unwrap()]).output().unwrap();
+    let out2 = cordon()
+        .args(["policy", "check", again.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(stdout(&out2), text);
     // Flags override the file.
-    let out = run(&["--policy", p.to_str().unwrap(), "--pids", "48", "--", "cat", "/sys/fs/cgroup/pids.max"]);
+    let out = run(&[
+        "--policy",
+        p.to_str().unwrap(),
+        "--pids",
+        "48",
+        "--",
+        "cat",
+        "/sys/fs/cgroup/pids.max",
+    ]);
     let _ = out; // the cgroup file layout inside differs between v1 and v2; checked via the limits tests
 }
 

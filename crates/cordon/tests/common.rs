@@ -1,5 +1,5 @@
 //! Shared helpers for the integration tests: run cordon, run the same thing bare, read results.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -60,7 +60,10 @@ pub fn is_root() -> bool {
 
 /// A host file with random contents outside any workspace; returns (path, contents).
 pub fn canary(dir: &Path) -> (PathBuf, String) {
-    let secret = format!("canary-{}", std::process::id() as u64 * 7919 + rand_u32() as u64);
+    let secret = format!(
+        "canary-{}",
+        std::process::id() as u64 * 7919 + rand_u32() as u64
+    );
     let path = dir.join("host-secret.txt");
     std::fs::write(&path, &secret).unwrap();
     (path, secret)

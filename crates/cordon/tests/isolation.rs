@@ -1,6 +1,7 @@
 //! Each boundary of `cordon run`, attacked from inside a real sandbox. Every test also runs the
 //! same attack without the sandbox and shows it succeeding there, so the test fails if the
 //! boundary is gone.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 use common::*;
@@ -16,9 +17,18 @@ fn connecting_to_a_listener_on_the_host_loopback_fails_inside_the_sandbox() {
         "import socket\ntry:\n  socket.create_connection(('127.0.0.1', {port}), timeout=2); print('CONNECTED')\nexcept OSError as e:\n  print('REFUSED', e.errno)"
     );
     let out = bare(&format!("{PY} -c \"{script}\""));
-    assert_eq!(stdout(&out).trim(), "CONNECTED", "control: the host listener is reachable");
+    assert_eq!(
+        stdout(&out).trim(),
+        "CONNECTED",
+        "control: the host listener is reachable"
+    );
     let out = run(&["--", "python3", "-c", &script]);
-    assert!(stdout(&out).starts_with("REFUSED"), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).starts_with("REFUSED"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -30,7 +40,13 @@ fn any_connect_outside_the_sandbox_fails_at_once_with_network_mode_none() {
         "-c",
         "import socket,errno\ntry:\n  socket.create_connection(('192.0.2.1', 80), timeout=5)\nexcept OSError as e:\n  print(errno.errorcode[e.errno])",
     ]);
-    assert_eq!(stdout(&out).trim(), "ENETUNREACH", "{}", stderr(&out));
+    // Landlock refuses the TCP connect (EACCES) before routing would (ENETUNREACH).
+    let got = stdout(&out).trim().to_string();
+    assert!(
+        got == "EACCES" || got == "ENETUNREACH",
+        "{got} {}",
+        stderr(&out)
+    );
     let out = run(&["--", "cat", "/proc/net/dev"]);
     let ifaces: Vec<String> = stdout(&out)
         .lines()
@@ -46,9 +62,15 @@ fn reading_a_host_canary_file_and_etc_shadow_fails_inside_the_sandbox() {
     let (path, secret) = canary(dir.path());
     let script = format!("cat {} /etc/shadow 2>&1", path.display());
     let out = bare(&script);
-    assert!(stdout(&out).contains(&secret), "control: the canary is readable");
+    assert!(
+        stdout(&out).contains(&secret),
+        "control: the canary is readable"
+    );
     if is_root() {
-        assert!(stdout(&out).contains("root:"), "control: root reads /etc/shadow");
+        assert!(
+            stdout(&out).contains("root:"),
+            "control: root reads /etc/shadow"
+        );
     }
     let out = run(&["--", "sh", "-c", &script]);
     assert!(!stdout(&out).contains(&secret));
@@ -58,10 +80,18 @@ fn reading_a_host_canary_file_and_etc_shadow_fails_inside_the_sandbox() {
 
 #[test]
 fn the_sandbox_sees_no_host_home_root_sys_or_run() {
-    let out = run(&["--", "sh", "-c", "ls -d /home /root /sys /run /boot /var 2>&1; ls /"]);
+    let out = run(&[
+        "--",
+        "sh",
+        "-c",
+        "ls -d /home /root /sys /run /boot /var 2>&1; ls /",
+    ]);
     let text = stdout(&out);
     for p in ["/home", "/root", "/sys", "/run", "/boot", "/var"] {
-        assert!(text.contains(&format!("ls: cannot access '{p}'")), "{p} visible: {text}");
+        assert!(
+            text.contains(&format!("ls: cannot access '{p}'")),
+            "{p} visible: {text}"
+        );
     }
 }
 
@@ -74,7 +104,10 @@ fn writing_outside_the_workspace_fails_and_the_root_is_read_only() {
         target.display()
     );
     let out = bare(&format!("echo 1 > {} && echo WROTE", target.display()));
-    assert!(stdout(&out).contains("WROTE"), "control: the host path is writable");
+    assert!(
+        stdout(&out).contains("WROTE"),
+        "control: the host path is writable"
+    );
     std::fs::remove_file(&target).unwrap();
     let out = run(&["--", "sh", "-c", &script]);
     assert_eq!(stdout(&out).trim(), "done", "{}", stdout(&out));
@@ -126,7 +159,12 @@ fn hardlinks_to_files_outside_the_workspace_cannot_be_made() {
         "-c",
         "ln /etc/passwd hl 2>&1 || echo FAILED; ln /usr/bin/true hl2 2>&1 || echo FAILED",
     ]);
-    assert_eq!(stdout(&out).matches("FAILED").count(), 2, "{}", stdout(&out));
+    assert_eq!(
+        stdout(&out).matches("FAILED").count(),
+        2,
+        "{}",
+        stdout(&out)
+    );
 }
 
 #[test]
@@ -144,7 +182,8 @@ fn a_host_secret_variable_never_reaches_the_sandbox() {
     let names: Vec<&str> = env.lines().filter_map(|l| l.split('=').next()).collect();
     for n in &names {
         assert!(
-            ["PATH", "HOME", "USER", "LOGNAME", "LANG", "TERM", "TZ", "PWD", "SHLVL", "_"].contains(n),
+            ["PATH", "HOME", "USER", "LOGNAME", "LANG", "TERM", "TZ", "PWD", "SHLVL", "_"]
+                .contains(n),
             "unexpected variable {n}"
         );
     }
@@ -158,8 +197,11 @@ fn a_host_secret_variable_never_reaches_the_sandbox() {
 
 #[test]
 fn policy_env_is_added_but_cannot_move_home() {
-    let out = run(&["--env", "FOO=bar", "--env", "HOME=/etc", "--", "sh", "-c", "echo $FOO $HOME"]);
+    let out = run(&["--env", "FOO=bar", "--", "sh", "-c", "echo $FOO $HOME"]);
     assert_eq!(stdout(&out).trim(), "bar /workspace");
+    let out = run(&["--env", "HOME=/etc", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("HOME"), "{}", stderr(&out));
 }
 
 #[test]
@@ -172,7 +214,12 @@ fn every_descriptor_but_stdin_stdout_stderr_is_closed() {
     // Make the descriptor inheritable, as a careless caller would.
     // SAFETY: clearing FD_CLOEXEC on a descriptor we own.
     unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
-    let out = run(&["--", "sh", "-c", "ls /proc/self/fd | sort -n | tr '\\n' ' '"]);
+    let out = run(&[
+        "--",
+        "sh",
+        "-c",
+        "ls /proc/self/fd | sort -n | tr '\\n' ' '",
+    ]);
     // ls has its own directory fd open (3) while listing: only 0 1 2 and that one.
     assert_eq!(stdout(&out).trim(), "0 1 2 3", "{}", stderr(&out));
     let out = run(&["--", "sh", "-c", &format!("cat <&{fd} 2>&1 || echo CLOSED")]);
@@ -203,11 +250,23 @@ fn the_sandbox_user_is_unprivileged_and_maps_to_an_unprivileged_host_uid() {
 
 #[test]
 fn pid_one_is_cordons_init_and_the_host_processes_are_invisible() {
-    let out = run(&["--", "sh", "-c", "ls /proc | grep -E '^[0-9]+$' | sort -n | tr '\\n' ' '; echo; echo $$"]);
+    let out = run(&[
+        "--",
+        "sh",
+        "-c",
+        "ls /proc | grep -E '^[0-9]+$' | sort -n | tr '\\n' ' '; echo; echo $$",
+    ]);
     let text = stdout(&out);
-    let pids: Vec<u32> = text.lines().next().unwrap().split_whitespace().map(|p| p.parse().unwrap()).collect();
+    let pids: Vec<u32> = text
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
     assert_eq!(pids[0], 1);
-    assert!(pids.len() <= 4, "only the sandbox's processes: {pids:?}");
+    // init, sh, and the four processes of the pipeline.
+    assert!(pids.len() <= 6, "only the sandbox's processes: {pids:?}");
     assert_eq!(text.lines().nth(1).unwrap(), "2", "the command is pid 2");
 }
 
@@ -225,8 +284,7 @@ fn there_is_no_controlling_terminal_and_tiocsti_is_refused() {
     // Run cordon under a real pseudo-terminal; the sandboxed code tries to push a command into
     // the caller's terminal input with TIOCSTI.
     let probe = "import fcntl, termios, sys\ntry:\n  fcntl.ioctl(0, termios.TIOCSTI, b'x'); print('INJECTED')\nexcept OSError as e:\n  print('REFUSED', e.errno)";
-    let driver = format!(
-        r#"
+    let driver = r#"
 import os, pty, sys, select
 pid, fd = pty.fork()
 if pid == 0:
@@ -243,19 +301,28 @@ while True:
         break
 os.waitpid(pid, 0)
 sys.stdout.write(out.decode(errors='replace'))
-"#
-    );
+"#;
     let bare_out = std::process::Command::new(PY)
-        .args(["-c", &driver, PY, "-c", probe])
+        .args(["-c", driver, PY, "-c", probe])
         .output()
         .unwrap();
     let cordon_bin = env!("CARGO_BIN_EXE_cordon");
     let out = std::process::Command::new(PY)
-        .args(["-c", &driver, cordon_bin, "run", "--", "python3", "-c", probe])
+        .args([
+            "-c", driver, cordon_bin, "run", "--", "python3", "-c", probe,
+        ])
         .output()
         .unwrap();
-    if is_root() && std::fs::read_to_string("/proc/sys/dev/tty/legacy_tiocsti").map(|s| s.trim() == "1").unwrap_or(false) {
-        assert!(stdout(&bare_out).contains("INJECTED"), "control: {}", stdout(&bare_out));
+    if is_root()
+        && std::fs::read_to_string("/proc/sys/dev/tty/legacy_tiocsti")
+            .map(|s| s.trim() == "1")
+            .unwrap_or(false)
+    {
+        assert!(
+            stdout(&bare_out).contains("INJECTED"),
+            "control: {}",
+            stdout(&bare_out)
+        );
     }
     assert!(stdout(&out).contains("REFUSED"), "{}", stdout(&out));
 }
@@ -265,14 +332,21 @@ fn the_result_records_every_layer_applied() {
     let (out, result) = run_json(&["--", "true"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let layers = &result["layers"];
-    assert_eq!(layers["landlock_abi"].as_u64().unwrap(), landlock_abi() as u64);
+    assert_eq!(
+        layers["landlock_abi"].as_u64().unwrap(),
+        landlock_abi() as u64
+    );
     assert_eq!(layers["landlock_enforced"], true);
     assert!(layers["seccomp"]["rules"].as_u64().unwrap() > 30);
     assert_eq!(layers["no_new_privs"], true);
     assert_eq!(layers["network"], "none");
     assert_eq!(layers["lowered"].as_array().unwrap().len(), 0);
     for ns in ["user", "pid", "mount", "network", "ipc", "uts", "cgroup"] {
-        assert!(layers["namespaces"].as_array().unwrap().iter().any(|v| v == ns));
+        assert!(layers["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == ns));
     }
     if is_root() {
         assert!(layers["cgroup"].is_string());
@@ -281,7 +355,14 @@ fn the_result_records_every_layer_applied() {
 
 fn landlock_abi() -> i64 {
     // SAFETY: the documented version query: null attr, size 0, flag VERSION.
-    unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, std::ptr::null::<u8>(), 0usize, 1u32) }
+    unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            1u32,
+        )
+    }
 }
 
 #[test]

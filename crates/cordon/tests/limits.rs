@@ -1,4 +1,5 @@
 //! Hard limits: each one is hit on purpose, bounded, and the result names it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 use common::*;
@@ -30,7 +31,11 @@ fn a_fork_bomb_hits_the_pids_limit_and_the_host_survives() {
         "i=0; while [ $i -lt 200 ]; do sleep 5 & i=$((i+1)); done 2>/dev/null; echo spawned",
     ]);
     let hits = result["limits_hit"].as_array().unwrap();
-    assert!(hits.iter().any(|h| h == "pids"), "{result} {}", stderr(&out));
+    assert!(
+        hits.iter().any(|h| h == "pids"),
+        "{result} {}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -66,8 +71,19 @@ fn filling_tmp_ends_in_enospc() {
         "-c",
         "dd if=/dev/zero of=/tmp/fill bs=1M count=64 2>&1 | head -1",
     ]);
-    assert!(stdout(&out).contains("No space left on device"), "{}", stdout(&out));
-    assert!(result["limits_hit"].as_array().unwrap().iter().any(|h| h == "disk"), "{result}");
+    assert!(
+        stdout(&out).contains("No space left on device"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        result["limits_hit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h == "disk"),
+        "{result}"
+    );
 }
 
 #[test]
@@ -87,10 +103,26 @@ fn filling_the_workspace_ends_in_enospc_not_a_full_host_disk() {
         "-c",
         "dd if=/dev/zero of=fill bs=1M count=256 2>&1 | grep -o 'No space left on device' | head -1",
     ]);
-    assert_eq!(stdout(&out).trim(), "No space left on device", "{}", stderr(&out));
-    assert!(result["limits_hit"].as_array().unwrap().iter().any(|h| h == "disk"), "{result}");
+    assert_eq!(
+        stdout(&out).trim(),
+        "No space left on device",
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        result["limits_hit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h == "disk"),
+        "{result}"
+    );
     let after = free_bytes(dir.path());
-    assert!(before.saturating_sub(after) < 64 * 1024 * 1024, "host lost {} bytes", before - after);
+    assert!(
+        before.saturating_sub(after) < 64 * 1024 * 1024,
+        "host lost {} bytes",
+        before - after
+    );
 }
 
 fn free_bytes(p: &std::path::Path) -> u64 {
@@ -107,16 +139,23 @@ fn a_timeout_kills_the_whole_sandbox_including_a_double_forked_child() {
     assert!(t.elapsed() < Duration::from_secs(10));
     assert_eq!(result["limit"], "timeout", "{result}");
     assert_eq!(out.status.code(), Some(137));
-    assert!(processes_with(&format!("sleep {marker}")).is_empty(), "a sandbox process survived");
+    assert!(
+        processes_with(&format!("sleep {marker}")).is_empty(),
+        "a sandbox process survived"
+    );
 }
 
 #[test]
 fn no_sandbox_process_survives_a_normal_exit() {
     let marker = format!("{}.{}", 800 + rand_u32() % 99, rand_u32() % 1000);
-    let script = format!("setsid sleep {marker} & nohup sleep {marker} >/dev/null 2>&1 & echo started");
+    let script =
+        format!("setsid sleep {marker} >/dev/null 2>&1 & nohup sleep {marker} >/dev/null 2>&1 & echo started");
     let out = run(&["--", "sh", "-c", &script]);
     assert_eq!(stdout(&out).trim(), "started");
-    assert!(processes_with(&format!("sleep {marker}")).is_empty(), "a daemon outlived its session");
+    assert!(
+        processes_with(&format!("sleep {marker}")).is_empty(),
+        "a daemon outlived its session"
+    );
     // Control: the same script on the host leaves the daemons behind (we clean them up).
     let out = bare(&script);
     assert_eq!(stdout(&out).trim(), "started");
@@ -134,8 +173,17 @@ fn sigterm_to_cordon_stops_the_sandbox_cleanly_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let result = dir.path().join("r.json");
     let mut child = cordon()
-        .args(["run", "--result", result.to_str().unwrap(), "--", "sh", "-c"])
-        .arg(format!("(setsid sleep {marker} &); trap 'echo got-term; exit 3' TERM; sleep {marker} & wait"))
+        .args([
+            "run",
+            "--result",
+            result.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg(format!(
+            "(setsid sleep {marker} &); trap 'echo got-term; exit 3' TERM; sleep {marker} & wait"
+        ))
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -147,7 +195,12 @@ fn sigterm_to_cordon_stops_the_sandbox_cleanly_and_leaves_nothing() {
     assert!(t.elapsed() < Duration::from_secs(5));
     let mut out = String::new();
     use std::io::Read;
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
     assert!(out.contains("got-term"), "the command saw SIGTERM: {out}");
     assert_eq!(status.code(), Some(3));
     assert!(processes_with(&format!("sleep {marker}")).is_empty());
@@ -167,7 +220,12 @@ fn the_session_cgroup_is_removed_afterwards() {
     assert!(found.is_empty(), "left behind: {found:?}");
 }
 
-fn walk(dir: &std::path::Path, needle: &str, depth: usize, found: &mut Vec<std::path::PathBuf>) -> std::io::Result<()> {
+fn walk(
+    dir: &std::path::Path,
+    needle: &str,
+    depth: usize,
+    found: &mut Vec<std::path::PathBuf>,
+) -> std::io::Result<()> {
     if depth > 6 {
         return Ok(());
     }
@@ -185,6 +243,13 @@ fn walk(dir: &std::path::Path, needle: &str, depth: usize, found: &mut Vec<std::
 
 #[test]
 fn nofile_and_core_rlimits_apply() {
-    let out = run(&["--nofile", "64", "--", "sh", "-c", "ulimit -n; ulimit -c; ulimit -Hn"]);
+    let out = run(&[
+        "--nofile",
+        "64",
+        "--",
+        "sh",
+        "-c",
+        "ulimit -n; ulimit -c; ulimit -Hn",
+    ]);
     assert_eq!(stdout(&out), "64\n0\n64\n");
 }

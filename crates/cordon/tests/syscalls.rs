@@ -1,5 +1,6 @@
 //! Kernel attack surface from inside the sandbox: each call is tried in the sandbox (must fail)
 //! and on the host as root (must succeed, so the test can fail).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 use common::*;
@@ -30,7 +31,11 @@ fn check(name: &str, body: &str, expect_inside: &str) {
     let got = inside(&script);
     assert_eq!(got, expect_inside, "{name} inside the sandbox");
     if is_root() {
-        assert_eq!(outside(&script), "OK", "{name}: control on the host must succeed");
+        assert_eq!(
+            outside(&script),
+            "OK",
+            "{name}: control on the host must succeed"
+        );
     } else {
         eprintln!("note: {name}: control run skipped (needs root)");
     }
@@ -82,7 +87,10 @@ fn raw_and_packet_sockets_are_refused() {
     check("raw socket", body, "EPERM");
     let body = "try:\n    socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0).close(); print('OK')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])";
     let got = inside(&probe(body));
-    assert!(got == "EPERM" || got == "EAFNOSUPPORT", "packet socket: {got}");
+    assert!(
+        got == "EPERM" || got == "EAFNOSUPPORT",
+        "packet socket: {got}"
+    );
 }
 
 #[test]
@@ -94,7 +102,12 @@ fn keyrings_are_refused() {
 #[test]
 fn setuid_binaries_give_no_privileges() {
     // su is setuid root on Debian; inside, /usr is nosuid and no_new_privs is set.
-    let out = run(&["--", "sh", "-c", "ls -l /usr/bin/su | cut -c4; su -c id root </dev/null 2>&1 | head -1; id -u"]);
+    let out = run(&[
+        "--",
+        "sh",
+        "-c",
+        "ls -l /usr/bin/su | cut -c4; su -c id root </dev/null 2>&1 | head -1; id -u",
+    ]);
     let text = stdout(&out);
     assert!(text.lines().last() == Some("1000"), "{text}");
     assert!(!text.contains("uid=0"), "{text}");

@@ -14,12 +14,12 @@ pub fn sample_event(session: &str, i: usize) -> Event {
     let kind = EventKind::ALL[i % EventKind::ALL.len()];
     let mut e = Event::new(kind, session, format!("user{}", i % 3), "ab".repeat(32));
     e.ts = Timestamp::from_millis(BASE_MS + i as i64 * 1000);
-    if i % 4 != 0 {
+    if !i.is_multiple_of(4) {
         e.host = Some(format!("host{i}.example.com"));
         e.port = Some(443);
     }
     if i % 5 == 1 {
-        e.ip = Some(if i % 2 == 0 {
+        e.ip = Some(if i.is_multiple_of(2) {
             "198.18.0.7".parse().unwrap()
         } else {
             "2001:db8::7".parse().unwrap()
@@ -29,9 +29,9 @@ pub fn sample_event(session: &str, i: usize) -> Event {
         e.method = Some("GET".into());
         e.path = Some(format!("/déjà/vu/{i}?q=✓"));
     }
-    e.bytes_up = (i % 2 == 0).then_some(i as u64 * 10);
-    e.bytes_down = (i % 3 == 0).then_some(i as u64 * 1000);
-    e.duration_ms = (i % 7 == 0).then_some(i as u64);
+    e.bytes_up = i.is_multiple_of(2).then_some(i as u64 * 10);
+    e.bytes_down = i.is_multiple_of(3).then_some(i as u64 * 1000);
+    e.duration_ms = i.is_multiple_of(7).then_some(i as u64);
     e.verdict = match i % 4 {
         0 => None,
         1 => Some(Verdict::Allow),
@@ -44,7 +44,7 @@ pub fn sample_event(session: &str, i: usize) -> Event {
     if e.verdict == Some(Verdict::Block) {
         e.reason = Some(format!("host host{i}.example.com is not in the allowlist"));
     }
-    if i % 6 == 0 {
+    if i.is_multiple_of(6) {
         e.detail = serde_json::json!({"n": i, "nested": {"z": [1, 2, 3], "a": "ü"}});
     }
     e
