@@ -162,12 +162,24 @@ fn run(ctx: &InitContext<'_>) -> Result<i32, SetupError> {
     nix::unistd::sethostname(&plan.hostname).map_err(fail("hostname"))?;
 
     match plan.network {
-        NetworkPlan::None => crate::netns::bring_up_loopback().map_err(fail("network"))?,
+        NetworkPlan::None => crate::netns::apply_none().map_err(fail("network"))?,
         NetworkPlan::Gateway => {
-            return Err(SetupError {
-                layer: "network",
-                message: "network mode gateway is not available in this build".into(),
-            })
+            // The gateway's sockets are made here, inside the sandbox's network namespace, and
+            // handed to the supervisor: the sandbox can reach them and nothing else.
+            let capture = crate::netns::CapturePlan::new(crate::netns::GatewayPorts::default())
+                .map_err(fail("network"))?;
+            let sockets = crate::netns::apply_gateway(&capture).map_err(fail("network"))?;
+            let names = crate::netns::GatewaySockets::NAMES
+                .iter()
+                .map(|n| n.to_string())
+                .collect();
+            fdpass::send_fds(
+                chan,
+                &proto::encode(&ToSupervisor::GatewaySockets { names }),
+                &sockets.as_fds(),
+            )
+            .map_err(fail("network"))?;
+            drop(sockets);
         }
     }
 

@@ -118,6 +118,13 @@ struct RunArgs {
     /// User id recorded for the session (default: the invoking user).
     #[arg(long, value_name = "USER")]
     user: Option<String>,
+    /// Audit store (SQLite; default /var/lib/cordon/audit.db as root, else
+    /// ~/.local/state/cordon/audit.db).
+    #[arg(long, value_name = "PATH")]
+    audit: Option<PathBuf>,
+    /// DNS server the gateway asks for real addresses (default: the host's resolv.conf).
+    #[arg(long, value_name = "ADDR")]
+    upstream_dns: Vec<std::net::SocketAddr>,
     /// The command and its arguments.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -287,6 +294,8 @@ fn run(args: RunArgs) -> i32 {
         code_sha256,
         user: args.user.clone().unwrap_or_else(invoking_user),
         session_id: crate::ids::new_session_id(),
+        audit: args.audit.clone(),
+        upstream_dns: args.upstream_dns.clone(),
     };
     match session::run(req) {
         Ok(result) => {

@@ -1,8 +1,10 @@
 //! `cordon`: run untrusted code in a sandbox whose only way out is an audited egress gateway.
 
 mod audit_cmd;
+mod audit_sink;
 mod cli;
 mod doctor;
+mod gateway_run;
 mod ids;
 mod result;
 mod session;

@@ -58,4 +58,8 @@ pub struct RunResult {
     pub peak_memory_bytes: Option<u64>,
     pub workspace: String,
     pub layers: Layers,
+    /// Network mode `gateway`: what the gateway allowed, blocked and dropped.
+    pub network: Option<crate::gateway_run::NetworkSummary>,
+    /// Why the gateway ended the session, when it did.
+    pub terminated: Option<String>,
 }

@@ -10,12 +10,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use cordon_policy::{Layer, Policy};
+use cordon_policy::{Layer, NetworkMode, Policy};
 use cordon_sandbox::cgroup::{self, CgroupLimits, SessionCgroup};
 use cordon_sandbox::plan::{self, MountOptions, SandboxPlan};
 use cordon_sandbox::proto::{self, ExitStatus, ToSupervisor};
 use cordon_sandbox::{landlock, probe, seccomp, spawn};
 
+use crate::gateway_run::{self, RunningGateway};
 use crate::result::{Layers, LimitHit, RunResult, SeccompInfo};
 use crate::workspace::Workspace;
 
@@ -28,6 +29,10 @@ pub struct RunRequest {
     pub code_sha256: String,
     pub user: String,
     pub session_id: String,
+    /// The audit store (default: `cordon_audit::default_path()`).
+    pub audit: Option<PathBuf>,
+    /// DNS servers the gateway asks (default: the host's `/etc/resolv.conf`).
+    pub upstream_dns: Vec<std::net::SocketAddr>,
 }
 
 /// A run that could not happen; `exit_code` is what cordon exits with.
@@ -170,21 +175,27 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             dir: m.host.is_dir(),
         })
         .collect();
+    let gateway_mode = policy.network_mode() == NetworkMode::Gateway;
     let opts = MountOptions {
         tmp_size: policy.limits.tmp.0,
         shm_size: policy.limits.tmp.0,
         hostname: policy.sandbox.hostname.clone(),
-        gateway_dns: false,
+        gateway_dns: gateway_mode,
         extra: extra.clone(),
         code: req.code.clone(),
     };
     let host_env = |k: &str| std::env::var(k).ok();
-    let policy_env: Vec<(String, String)> = policy
-        .sandbox
-        .env
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let mut policy_env: Vec<(String, String)> = Vec::new();
+    if gateway_mode {
+        policy_env.extend(gateway_run::proxy_env());
+    }
+    policy_env.extend(
+        policy
+            .sandbox
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
     let sandbox_plan = SandboxPlan {
         session_id: req.session_id.clone(),
         argv: req.argv.clone(),
@@ -198,20 +209,36 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         workspace: workspace.mount(),
         mounts: plan::mount_plan(&facts, &opts),
         root_size: plan::root_size(&opts),
-        network: plan::NetworkPlan::None,
+        network: if gateway_mode {
+            plan::NetworkPlan::Gateway
+        } else {
+            plan::NetworkPlan::None
+        },
         rlimits: plan::Rlimits {
             nofile: policy.limits.nofile,
             file_size: policy.limits.file_size.0,
             core: 0,
         },
-        landlock: plan::landlock_plan(&extra, false, req.code.is_some()),
+        // Transparent capture needs connect() to any port: Landlock checks the port before
+        // the nftables redirect, so in gateway mode the network boundary is the namespace.
+        landlock: plan::landlock_plan(&extra, gateway_mode, req.code.is_some()),
         landlock_optional: policy.sandbox.allow_missing.contains(&Layer::Landlock),
         seccomp: filter.is_some(),
         tty: policy.sandbox.tty,
     };
     layers.uid_map = sandbox_plan.ids.uid_map().trim().to_string();
     layers.namespaces = vec!["user", "pid", "mount", "network", "ipc", "uts", "cgroup"];
-    layers.network = "none".into();
+    layers.network = if gateway_mode { "gateway" } else { "none" }.into();
+    let attribution = cordon_audit::Attribution {
+        session_id: req.session_id.clone(),
+        user_id: req.user.clone(),
+        code_sha256: req.code_sha256.clone(),
+    };
+    let audit_path = match &req.audit {
+        Some(p) => p.clone(),
+        None => cordon_audit::default_path()
+            .map_err(|e| RunError::cordon(format!("audit store: {e}")))?,
+    };
 
     let signals = SignalGuard::block()?;
     let spawned = spawn::spawn(
@@ -232,14 +259,57 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     };
 
     let deadline = started + policy.sandbox.timeout;
-    if let Err(e) = handshake(&sandbox, &sandbox_plan, &mut workspace, deadline) {
-        pidfd_signal(sandbox.pidfd.as_fd(), libc::SIGKILL);
+    let kill = |sb: &spawn::Sandbox| {
+        pidfd_signal(sb.pidfd.as_fd(), libc::SIGKILL);
         // SAFETY: reaping our own child.
-        unsafe { libc::waitpid(sandbox.pid, std::ptr::null_mut(), 0) };
-        cleanup(cg, workspace);
-        return Err(RunError::cordon(e));
+        unsafe { libc::waitpid(sb.pid, std::ptr::null_mut(), 0) };
+    };
+    let sockets = match handshake(&sandbox, &sandbox_plan, &mut workspace, deadline) {
+        Ok(s) => s,
+        Err(e) => {
+            kill(&sandbox);
+            cleanup(cg, workspace);
+            return Err(RunError::cordon(e));
+        }
+    };
+    // Threads may start now: the sandbox is spawned.
+    let mut writer = None;
+    let mut gateway = None;
+    if let Some(sockets) = sockets {
+        let started_gw = cordon_audit::AuditWriter::open(&audit_path)
+            .map_err(|e| format!("audit store {}: {e}", audit_path.display()))
+            .and_then(|w| {
+                let w = std::sync::Arc::new(w);
+                w.record(attribution.session_start(&req.argv, start_detail(&layers, policy)));
+                let session = cordon_gateway::SessionInfo {
+                    id: req.session_id.clone(),
+                    user: req.user.clone(),
+                    code_sha256: req.code_sha256.clone(),
+                };
+                RunningGateway::start(policy, session, sockets, &req.upstream_dns, w.clone())
+                    .map(|g| (w, g))
+            });
+        match started_gw {
+            Ok((w, g)) => {
+                writer = Some(w);
+                gateway = Some(g);
+            }
+            Err(e) => {
+                kill(&sandbox);
+                cleanup(cg, workspace);
+                return Err(RunError::cordon(e));
+            }
+        }
     }
-    let outcome = supervise(&sandbox, &signals, deadline, cg.as_deref());
+    let outcome = supervise(
+        &sandbox,
+        &signals,
+        deadline,
+        cg.as_deref(),
+        gateway.as_ref().map(|g| g.wake_fd()),
+    );
+    let terminated = gateway.as_ref().and_then(|g| g.terminate_reason());
+    let network = gateway.map(RunningGateway::stop);
     // The init is reaped: everything in its pid namespace is gone. The cgroup may still hold
     // nothing, but kill it anyway before removal in case the kernel is slower than we think.
     let stats = cg.as_ref().map(|c| c.stats());
@@ -249,6 +319,9 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     let workspace_desc = workspace.describe();
     cleanup(cg, workspace);
     drop(signals);
+    if let Some(reason) = &terminated {
+        eprintln!("cordon: session {} terminated: {reason}", req.session_id);
+    }
 
     let mut limits_hit = Vec::new();
     if outcome.timed_out {
@@ -269,6 +342,46 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         layers.landlock_abi = a.0;
         layers.landlock_enforced = a.1;
         layers.no_new_privs = a.2;
+    }
+
+    let limit_name = limits_hit.first().map(|l| {
+        serde_json::to_value(l)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    });
+    let end_status = outcome.status.map(|s| i64::from(s.as_shell_code()));
+    let mut end_detail = serde_json::Map::new();
+    if let Some(n) = &network {
+        end_detail.insert("network".into(), serde_json::json!(n));
+    }
+    if let Some(r) = &terminated {
+        end_detail.insert("terminated".into(), serde_json::json!(r));
+    }
+    let end = attribution.session_end(end_status, limit_name.as_deref(), end_detail);
+    match writer.take() {
+        Some(w) => {
+            w.record(end);
+            match std::sync::Arc::try_unwrap(w) {
+                Ok(w) => {
+                    if let Err(e) = w.close() {
+                        eprintln!("cordon: warning: audit: {e}");
+                    }
+                }
+                Err(w) => {
+                    if let Err(e) = w.flush() {
+                        eprintln!("cordon: warning: audit: {e}");
+                    }
+                }
+            }
+        }
+        None => record_quietly(
+            &audit_path,
+            &[
+                attribution.session_start(&req.argv, start_detail(&layers, policy)),
+                end,
+            ],
+        ),
     }
 
     if let Some(err) = outcome.setup_failed {
@@ -305,7 +418,37 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         peak_memory_bytes: stats.as_ref().and_then(|s| s.peak_memory_bytes),
         workspace: workspace_desc,
         layers,
+        network,
+        terminated,
     })
+}
+
+fn start_detail(layers: &Layers, policy: &Policy) -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("layers".into(), serde_json::json!(layers));
+    m.insert(
+        "allow".into(),
+        serde_json::json!(policy
+            .network
+            .allow
+            .iter()
+            .map(|a| a.raw().to_string())
+            .collect::<Vec<_>>()),
+    );
+    m.insert(
+        "mode".into(),
+        serde_json::json!(policy.network.mode.as_str()),
+    );
+    m
+}
+
+/// Appends a network-less session's start and end records. The audit is best effort here (no
+/// network event can have happened), so a failure is a warning, not a failed run.
+fn record_quietly(path: &std::path::Path, events: &[cordon_audit::Event]) {
+    let result = cordon_audit::Store::open(path).and_then(|mut s| s.append(events).map(drop));
+    if let Err(e) = result {
+        eprintln!("cordon: warning: audit store {}: {e}", path.display());
+    }
 }
 
 fn cgroup_for(session_id: &str, limits: &CgroupLimits) -> Result<Box<dyn SessionCgroup>, String> {
@@ -351,6 +494,7 @@ struct Outcome {
     setup_failed: Option<String>,
     exec_failed: Option<(i32, String)>,
     applied: Option<(u32, bool, bool)>,
+    terminated: bool,
 }
 
 /// Blocks SIGINT, SIGTERM, SIGHUP and SIGQUIT and reads them from a signalfd, so an interrupted
@@ -428,6 +572,7 @@ fn supervise(
     signals: &SignalGuard,
     deadline: Instant,
     cg: Option<&dyn SessionCgroup>,
+    wake: Option<BorrowedFd<'_>>,
 ) -> Outcome {
     let mut out = Outcome::default();
     let mut kill_at: Option<Instant> = None;
@@ -437,7 +582,7 @@ fn supervise(
         let now = Instant::now();
         let due = kill_at.map_or(deadline, |k| k.min(deadline));
         if now >= due {
-            if now >= deadline && !out.timed_out && out.status.is_none() {
+            if now >= deadline && !out.timed_out && !out.terminated && out.status.is_none() {
                 out.timed_out = true;
             }
             pidfd_signal(sb.pidfd.as_fd(), libc::SIGKILL);
@@ -463,6 +608,11 @@ fn supervise(
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: wake.map_or(-1, |w| w.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         // SAFETY: `fds` is a valid array of pollfd.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms.max(1)) };
@@ -483,6 +633,12 @@ fn supervise(
                     kill_at = Some(Instant::now());
                 }
             }
+        }
+        if fds[3].revents != 0 && kill_at.is_none_or(|k| k > Instant::now()) {
+            // The gateway asked for the session to end (a budget or the blocked-attempt
+            // threshold): kill it now, not after a grace period.
+            kill_at = Some(Instant::now());
+            out.terminated = true;
         }
         if fds[0].revents != 0 {
             let mut status = 0;
@@ -543,13 +699,14 @@ fn expect_fds(
     }
 }
 
-/// Finishes the set-up steps that need the supervisor: filling a tmpfs workspace.
+/// Finishes the set-up steps that need the supervisor: filling a tmpfs workspace, then taking
+/// the gateway's sockets.
 fn handshake(
     sb: &spawn::Sandbox,
     plan: &SandboxPlan,
     workspace: &mut Workspace,
     deadline: Instant,
-) -> Result<(), String> {
+) -> Result<Option<cordon_sandbox::netns::GatewaySockets>, String> {
     if let plan::WorkspaceMount::Tmpfs { .. } = plan.workspace {
         let (msg, mut fds) = expect_fds(sb, deadline)?;
         if msg != ToSupervisor::WorkspaceRoot || fds.len() != 1 {
@@ -565,7 +722,18 @@ fn handshake(
         cordon_sandbox::fdpass::send_fds(sb.chan.as_fd(), &ready, &[])
             .map_err(|e| format!("sandbox set-up: {e}"))?;
     }
-    Ok(())
+    if plan.network == plan::NetworkPlan::Gateway {
+        let (msg, fds) = expect_fds(sb, deadline)?;
+        let ToSupervisor::GatewaySockets { names } = msg else {
+            return Err(format!(
+                "sandbox set-up: expected the gateway's sockets, got {msg:?}"
+            ));
+        };
+        return cordon_sandbox::netns::GatewaySockets::from_named(&names, fds)
+            .map(Some)
+            .map_err(|e| format!("sandbox set-up: {e}"));
+    }
+    Ok(None)
 }
 
 /// Reads every queued message into `out`; true when the sandbox side has closed the channel.
