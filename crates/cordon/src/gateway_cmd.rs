@@ -474,7 +474,9 @@ fn serve(plan: GatewayPlan) -> Result<(), GatewayCmdError> {
             .and_then(|()| out.flush())
             .map_err(GatewayCmdError::Stdout)?;
     }
-    eprintln!(
+    // stderr may be closed (a supervisor that only reads stdout): never fail on it.
+    let _ = writeln!(
+        std::io::stderr(),
         "cordon: gateway listening on {listen} ({} session{}{}; audit {})",
         sessions.len(),
         if sessions.len() == 1 { "" } else { "s" },
@@ -519,10 +521,13 @@ fn serve(plan: GatewayPlan) -> Result<(), GatewayCmdError> {
                         return Stop::ServeEnded(Err(e));
                     }
                 }
-                Err(_) => eprintln!(
-                    "cordon: connections still open after {}s; closing them",
-                    SHUTDOWN_GRACE.as_secs()
-                ),
+                Err(_) => {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "cordon: connections still open after {}s; closing them",
+                        SHUTDOWN_GRACE.as_secs()
+                    );
+                }
             }
         }
         stop
@@ -585,9 +590,12 @@ fn end_session(
         return;
     };
     gateway.revoke_token(&s.token);
-    eprintln!(
+    let _ = writeln!(
+        std::io::stderr(),
         "cordon: session {} ({}) terminated: {}; its token is revoked",
-        s.info.id, s.info.user, req.reason
+        s.info.id,
+        s.info.user,
+        req.reason
     );
     let mut detail = serde_json::Map::new();
     detail.insert("terminated".into(), serde_json::json!(req.reason));

@@ -155,9 +155,9 @@ impl Gw {
         if token_file {
             cmd.arg("--token-file").arg(&tokens);
         }
-        let mut child = cmd.spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let stderr = child.stderr.take().unwrap();
+        let mut child = KillOnDrop(Some(cmd.spawn().unwrap()));
+        let stdout = child.get().stdout.take().unwrap();
+        let stderr = child.get().stderr.take().unwrap();
         let (tx, rx) = mpsc::channel::<String>();
         let out_tx = tx.clone();
         std::thread::spawn(move || {
@@ -181,10 +181,7 @@ impl Gw {
                 Ok(l) if l.starts_with("out:") => printed.push(l[4..].to_owned()),
                 Ok(l) if l.starts_with("err:cordon: gateway listening on ") => ready = true,
                 Ok(l) => panic!("unexpected output from cordon gateway: {l}"),
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!("cordon gateway did not start; printed {printed:?}");
-                }
+                Err(_) => panic!("cordon gateway did not start; printed {printed:?}"),
             }
         }
         if token_file {
@@ -210,7 +207,7 @@ impl Gw {
             .unwrap();
         assert_ne!(listen.port(), 0, "the real port is printed");
         Gw {
-            child,
+            child: child.take(),
             sessions,
             listen,
             audit,
@@ -247,6 +244,27 @@ impl Drop for Gw {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+    }
+}
+
+/// Kills the child by pid if a test panics before [`Gw`] owns it.
+struct KillOnDrop(Option<Child>);
+
+impl KillOnDrop {
+    fn get(&mut self) -> &mut Child {
+        self.0.as_mut().unwrap()
+    }
+    fn take(&mut self) -> Child {
+        self.0.take().unwrap()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
