@@ -20,7 +20,7 @@ while [[ $# -gt 0 ]]; do
 done
 scripts/deps.sh --bench
 cargo build --release --bin cordon -q
-cordon="$PWD/target/release/cordon"
+cordon="${CARGO_TARGET_DIR:-$PWD/target}/release/cordon"
 json=$(mktemp --suffix=.json)
 trap 'rm -f "$json"' EXIT
 

@@ -1,0 +1,262 @@
+#!/usr/bin/env bash
+# Egress proxies side by side in one run, against a fast origin on loopback
+# (cordon-gateway's examples/origin.rs):
+#   direct       wrk/curl straight to the origin
+#   cordon       `cordon gateway` (release build; token auth; auditing ON to a temp SQLite store)
+#   tinyproxy    Debian's tinyproxy, default-deny URL filter allowing only the origin
+#   squid        Debian's squid, no cache, http_access allowing only the origin's address and port
+# Every proxy runs on its own loopback port with its own temp config (the system services are
+# never touched) and is stopped by pid. Nothing leaves 127.0.0.1.
+#
+# Small requests: wrk, 1 thread, keep-alive, N connections, D seconds, absolute-form requests
+# for the proxies (bench/proxy.lua); requests/s and p50/p99 latency, median over R rounds
+# (rounds interleave the targets, so machine noise hits all of them alike).
+# Large download: curl -o /dev/null of a 100 MiB body through each proxy, median of 5.
+#
+# Usage: bench/gateway.sh [--duration SECONDS] [--connections "8 32"] [--rounds N]
+#                         [--downloads N] [--download-mib N] [--cordon-threads N]
+#                         [--export FILE]   (also write the raw samples as JSON)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+duration=10
+connections="8 32"
+rounds=3
+downloads=5
+download_mib=100
+cordon_threads=""
+export_json=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --duration) duration="$2"; shift 2 ;;
+    --connections) connections="$2"; shift 2 ;;
+    --rounds) rounds="$2"; shift 2 ;;
+    --downloads) downloads="$2"; shift 2 ;;
+    --download-mib) download_mib="$2"; shift 2 ;;
+    --cordon-threads) cordon_threads="$2"; shift 2 ;;
+    --export) export_json="$2"; shift 2 ;;
+    *) sed -n '2,19p' "$0" >&2; exit 2 ;;
+  esac
+done
+
+scripts/deps.sh --bench
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+cargo build --release -q -p cordon --bin cordon
+cargo build --release -q -p cordon-gateway --example origin
+cordon="$target_dir/release/cordon"
+origin_bin="$target_dir/release/examples/origin"
+squid_bin=$(command -v squid || echo /usr/sbin/squid)
+tinyproxy_bin=$(command -v tinyproxy || echo /usr/bin/tinyproxy)
+lua="$PWD/bench/proxy.lua"
+
+work=$(mktemp -d /tmp/cordon-bench-gateway.XXXXXX)
+chmod 755 "$work"
+pids=()
+stop_all() {
+  local p
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  pids=()
+}
+trap 'stop_all; rm -rf "$work"' EXIT
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+wait_port() { # PORT NAME PID
+  local i
+  for i in $(seq 1 200); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    kill -0 "$3" 2>/dev/null || { echo "$2 exited at start-up; its log:" >&2; cat "$work/$2.log" >&2 || true; exit 1; }
+    sleep 0.05
+  done
+  echo "$2 did not listen on 127.0.0.1:$1" >&2
+  exit 1
+}
+
+oport=$(free_port)
+"$origin_bin" "127.0.0.1:$oport" 1 >"$work/origin.log" 2>&1 &
+pids+=($!)
+wait_port "$oport" origin $!
+origin="127.0.0.1:$oport"
+blocked="127.0.0.1:$((oport + 1))" # same host, a port no allowlist names
+
+# --- cordon gateway: the origin is loopback, so it needs an allow_private entry; budgets are
+# raised so that they never interfere (a real policy would keep its own).
+cport=$(free_port)
+cat >"$work/cordon.toml" <<EOF
+[network]
+allow_private = ["127.0.0.1/32:$oport"]
+[network.rate]
+requests_per_minute = 4294967295
+requests_per_minute_per_host = 4294967295
+max_connections = 10000
+max_bytes_out = "1T"
+max_bytes_in = "1T"
+EOF
+threads_flag=()
+[[ -n "$cordon_threads" ]] && threads_flag=(--threads "$cordon_threads")
+"$cordon" gateway --listen "127.0.0.1:$cport" --policy "$work/cordon.toml" \
+  --audit "$work/audit.db" --session bench "${threads_flag[@]}" \
+  >"$work/cordon.tokens" 2>"$work/cordon.log" &
+cordon_pid=$!
+pids+=($cordon_pid)
+wait_port "$cport" cordon $cordon_pid
+for _ in $(seq 1 100); do [[ -s "$work/cordon.tokens" ]] && break; sleep 0.05; done
+token=$(sed -n 's/.* token=\([^ ]*\) .*/\1/p' "$work/cordon.tokens" | head -1)
+[[ -n "$token" ]] || { echo "cordon gateway printed no token" >&2; cat "$work/cordon.log" >&2; exit 1; }
+cordon_auth="Basic $(printf 'cordon:%s' "$token" | base64 -w0)"
+
+# --- tinyproxy: default deny, URL filter (so the port is part of the allowlist too).
+tport=$(free_port)
+printf '^http://127\\.0\\.0\\.1:%s/\n' "$oport" >"$work/tinyproxy.filter"
+cat >"$work/tinyproxy.conf" <<EOF
+Port $tport
+Listen 127.0.0.1
+Timeout 600
+MaxClients 1000
+Allow 127.0.0.1
+LogFile "$work/tinyproxy.log"
+LogLevel Critical
+PidFile "$work/tinyproxy.pid"
+Filter "$work/tinyproxy.filter"
+FilterURLs On
+FilterType ere
+FilterDefaultDeny Yes
+DisableViaHeader Yes
+EOF
+[[ $(id -u) -eq 0 ]] && printf 'User nobody\nGroup nogroup\n' >>"$work/tinyproxy.conf"
+touch "$work/tinyproxy.log"
+[[ $(id -u) -eq 0 ]] && chown nobody "$work/tinyproxy.log"
+"$tinyproxy_bin" -d -c "$work/tinyproxy.conf" >>"$work/tinyproxy.out" 2>&1 &
+pids+=($!)
+wait_port "$tport" tinyproxy $!
+
+# --- squid: no cache, one worker, only the origin's address and port.
+sport=$(free_port)
+mkdir -p "$work/squid"
+[[ $(id -u) -eq 0 ]] && chown proxy:proxy "$work/squid"
+cat >"$work/squid.conf" <<EOF
+http_port 127.0.0.1:$sport
+pid_filename $work/squid/squid.pid
+cache_log $work/squid/cache.log
+access_log none
+cache deny all
+cache_mem 8 MB
+cache_dir null /tmp
+coredump_dir $work/squid
+acl origin_addr dst 127.0.0.1/32
+acl origin_port port $oport
+http_access allow origin_addr origin_port
+http_access deny all
+workers 1
+pinger_enable off
+shutdown_lifetime 0 seconds
+max_filedescriptors 8192
+EOF
+"$squid_bin" -N -f "$work/squid.conf" >"$work/squid.log" 2>&1 &
+pids+=($!)
+wait_port "$sport" squid $!
+
+# --- each target: proxy URL for curl, proxy address and auth header for wrk.
+names=(direct cordon tinyproxy squid)
+declare -A curl_proxy wrk_url wrk_target wrk_auth
+curl_proxy[direct]=""
+curl_proxy[cordon]="http://cordon:$token@127.0.0.1:$cport"
+curl_proxy[tinyproxy]="http://127.0.0.1:$tport"
+curl_proxy[squid]="http://127.0.0.1:$sport"
+wrk_url[direct]="http://$origin/"
+wrk_url[cordon]="http://127.0.0.1:$cport/"
+wrk_url[tinyproxy]="http://127.0.0.1:$tport/"
+wrk_url[squid]="http://127.0.0.1:$sport/"
+for n in "${names[@]}"; do wrk_target[$n]="$origin"; wrk_auth[$n]=""; done
+wrk_target[direct]=""
+wrk_auth[cordon]="$cordon_auth"
+
+status_via() { # NAME URL
+  local p=()
+  [[ -n "${curl_proxy[$1]}" ]] && p=(-x "${curl_proxy[$1]}")
+  curl -s -o /dev/null -w '%{http_code}' --max-time 10 --noproxy '' "${p[@]}" "$2" || true
+}
+
+# The allowlists work: the origin is allowed, the same host on another port is refused.
+for n in "${names[@]}"; do
+  code=$(status_via "$n" "http://$origin/")
+  [[ "$code" == 200 ]] || { echo "$n: expected 200 from the origin, got $code" >&2; exit 1; }
+  [[ "$n" == direct ]] && continue
+  code=$(status_via "$n" "http://$blocked/")
+  [[ "$code" == 403 ]] || { echo "$n: expected 403 for $blocked, got $code" >&2; exit 1; }
+done
+code=$(curl -s -o /dev/null -w '%{http_code}' --noproxy '' -x "http://127.0.0.1:$cport" "http://$origin/" || true)
+[[ "$code" == 407 ]] || { echo "cordon: expected 407 without a token, got $code" >&2; exit 1; }
+echo "allowlists checked: origin allowed, $blocked refused (403) by cordon, tinyproxy, squid" >&2
+
+samples="$work/samples.txt"
+: >"$samples"
+bytes=$((download_mib * 1024 * 1024))
+for round in $(seq 1 "$rounds"); do
+  for c in $connections; do
+    for n in "${names[@]}"; do
+      out=$(BENCH_TARGET="${wrk_target[$n]}" BENCH_AUTH="${wrk_auth[$n]}" \
+        wrk -t1 -c"$c" -d"${duration}s" --timeout 5s -s "$lua" "${wrk_url[$n]}" 2>&1) || {
+        echo "wrk failed for $n: $out" >&2; exit 1; }
+      line=$(grep '^RESULT ' <<<"$out") || { echo "wrk printed no result for $n: $out" >&2; exit 1; }
+      echo "wrk $n $c $round ${line#RESULT }" >>"$samples"
+      echo "round $round, $c connections, $n: ${line#RESULT }" >&2
+    done
+  done
+done
+for i in $(seq 1 "$downloads"); do
+  for n in "${names[@]}"; do
+    p=()
+    [[ -n "${curl_proxy[$n]}" ]] && p=(-x "${curl_proxy[$n]}")
+    r=$(curl -s -o /dev/null --noproxy '' "${p[@]}" -w '%{http_code} %{size_download} %{speed_download}' \
+      "http://$origin/big?bytes=$bytes")
+    read -r code size speed <<<"$r"
+    [[ "$code" == 200 && "$size" == "$bytes" ]] || { echo "$n download: status $code, $size bytes" >&2; exit 1; }
+    echo "dl $n $i $speed" >>"$samples"
+  done
+done
+
+# Stop cordon first and count what it audited (proof that auditing was on).
+kill -TERM "$cordon_pid"
+wait "$cordon_pid" || { echo "cordon gateway exited with $?" >&2; cat "$work/cordon.log" >&2; exit 1; }
+audited=$("$cordon" audit --audit "$work/audit.db" sessions --json |
+  python3 -c 'import json,sys; print(sum(json.loads(l)["events"] for l in sys.stdin))')
+stop_all
+
+python3 - "$samples" "$audited" "$duration" "$rounds" "$downloads" "$download_mib" "$export_json" <<'PY'
+import json, statistics, sys
+path, audited, duration, rounds, downloads, mib, export = sys.argv[1:8]
+wrk, dl = {}, {}
+raw = []
+for line in open(path):
+    f = line.split()
+    if f[0] == "wrk":
+        name, conns = f[1], int(f[2])
+        reqs, dur_us, p50, p99, errs, non2xx = int(f[4]), int(f[5]), float(f[6]), float(f[7]), int(f[8]), int(f[9])
+        s = dict(rps=reqs / (dur_us / 1e6), p50=p50 / 1000, p99=p99 / 1000, errors=errs, non2xx=non2xx)
+        wrk.setdefault((name, conns), []).append(s)
+        raw.append(dict(kind="wrk", target=name, connections=conns, round=int(f[3]), **s))
+    elif f[0] == "dl":
+        dl.setdefault(f[1], []).append(float(f[3]))
+        raw.append(dict(kind="download", target=f[1], run=int(f[2]), bytes_per_s=float(f[3])))
+names = ["direct", "cordon", "tinyproxy", "squid"]
+med = lambda xs: statistics.median(xs)
+print(f"small requests: wrk -t1 -c N -d {duration}s, keep-alive, GET / (median of {rounds} rounds)")
+print(f"{'target':<10}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'vs squid':>10}{'vs direct':>10}")
+for conns in sorted({c for _, c in wrk}):
+    m = {n: {k: med([s[k] for s in wrk[(n, conns)]]) for k in ("rps", "p50", "p99")} for n in names}
+    for n in names:
+        errs = sum(s["errors"] + s["non2xx"] for s in wrk[(n, conns)])
+        print(f"{n:<10}{conns:>6}{m[n]['rps']:>10.0f}{m[n]['p50']:>9.3f}{m[n]['p99']:>9.3f}{errs:>8}"
+              f"{m[n]['rps'] / m['squid']['rps']:>9.2f}x{m[n]['rps'] / m['direct']['rps']:>9.2f}x")
+print()
+print(f"large download: {mib} MiB body, curl -o /dev/null (median of {downloads})")
+print(f"{'target':<10}{'MiB/s':>10}{'vs squid':>10}{'vs direct':>10}")
+d = {n: med(dl[n]) / 2**20 for n in names}
+for n in names:
+    print(f"{n:<10}{d[n]:>10.0f}{d[n] / d['squid']:>9.2f}x{d[n] / d['direct']:>9.2f}x")
+print(f"\ncordon audited {audited} events (session start/end and one per request)")
+if export:
+    json.dump(raw, open(export, "w"), indent=1)
+PY
