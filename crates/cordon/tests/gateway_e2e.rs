@@ -1,0 +1,804 @@
+//! `cordon run` in network mode `gateway`, end to end, against a fake internet (issue 3).
+//!
+//! Guarantees of this file:
+//! - **Nothing leaves the machine.** Every test re-executes itself inside a network namespace it
+//!   creates (`unshare --net --mount` as root; `--user --map-root-user --net --mount` otherwise)
+//!   with no uplink: `lo` plus one interface that carries the "public" test addresses and
+//!   exists only in that namespace. The fake servers (`fixtures/fakenet.py`) bind those
+//!   addresses there; a set-up check refuses to go on if the namespace has any other interface.
+//!   A test that cannot create the namespace says `SKIPPED …` on stderr and passes.
+//! - **Each attack has a control.** The same request made without cordon, from the test's
+//!   namespace, reaches the fake server (or trap) it aims at, so an attack that fails inside
+//!   cordon fails because of cordon. Allowed requests are the controls of blocked ones.
+//! - **Traps.** Listeners on 169.254.169.254:80, 10.0.0.5:80/443 and 127.0.0.1:80 (of the test's
+//!   namespace, where the gateway runs) log every connection; after the controls, they must log
+//!   none. The fake upstream DNS server logs every query it receives, so "no upstream query"
+//!   is checked, not assumed.
+//! - **The audit is checked** through `cordon audit events SESSION --json`, with the session id
+//!   from the run's result object.
+//! - Every process a test starts is waited for with a deadline and stopped by its pid.
+//!
+//! Tests that fail because of a bug in cordon say so in their doc comment (`KNOWN BUG`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// Set (to the test's name) in the re-executed test process inside its namespace.
+const NETNS_ENV: &str = "CORDON_E2E_NETNS";
+/// Set when the namespace is a user namespace too (the tests were started by a normal user).
+const USERNS_ENV: &str = "CORDON_E2E_USERNS";
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+/// Debian's python3: the same inside the sandbox (which binds /usr) and outside.
+const PY: &str = "/usr/bin/python3";
+/// probe.py's option for the test CA, as placed in the workspace.
+const CA: &str = "cafile=/workspace/ca.pem";
+
+// The fake internet (see fixtures/fakenet.py; these must match it).
+const API_IP: &str = "93.184.216.34";
+const GIT_IP: &str = "140.82.112.3";
+const PYPI_IP: &str = "151.101.0.223";
+const DNS_IP: &str = "10.53.0.53";
+const PRIVATE_IP: &str = "10.0.0.5";
+const METADATA_IP: &str = "169.254.169.254";
+const FAKE_ADDRS: [&str; 6] = [API_IP, GIT_IP, PYPI_IP, DNS_IP, PRIVATE_IP, METADATA_IP];
+
+/// How long a whole test may take inside its namespace.
+const TEST_LIMIT: Duration = Duration::from_secs(150);
+/// How long one `cordon run` may take (its own `--timeout` is shorter).
+const RUN_LIMIT: Duration = Duration::from_secs(60);
+
+// ------------------------------------------------------------------------------------------
+// Processes with deadlines.
+
+struct Finished {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+fn reader(stream: Option<impl Read + Send + 'static>) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    if let Some(mut s) = stream {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+            let _ = tx.send(buf);
+        });
+    } else {
+        let _ = tx.send(Vec::new());
+    }
+    rx
+}
+
+/// Waits for `child` (spawned with piped stdout/stderr) for at most `limit`; on timeout it is
+/// killed by its pid and the test fails.
+fn finish(mut child: Child, limit: Duration, what: &str) -> Finished {
+    let out = reader(child.stdout.take());
+    let err = reader(child.stderr.take());
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{what} did not finish within {limit:?}");
+            }
+        }
+    };
+    // The pipes close when every process holding them is gone: a sandbox process that outlived
+    // cordon would keep them open.
+    let grab = |rx: mpsc::Receiver<Vec<u8>>| {
+        let bytes = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_else(|_| {
+            panic!("{what}: output still open 10 s after it exited (a process outlived it)")
+        });
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    Finished {
+        status,
+        stdout: grab(out),
+        stderr: grab(err),
+    }
+}
+
+fn spawn(cmd: &mut Command) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
+}
+
+/// Runs a set-up command in the test's namespace; it must succeed.
+fn must(argv: &[&str]) {
+    let f = finish(
+        spawn(Command::new(argv[0]).args(&argv[1..])),
+        Duration::from_secs(20),
+        argv[0],
+    );
+    assert!(f.status.success(), "{argv:?} failed: {}", f.stderr);
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no failure mode.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn monotonic_secs() -> f64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+// ------------------------------------------------------------------------------------------
+// The fake internet.
+
+/// The namespace's fake internet: interfaces, fake servers, a workspace with the test CA and
+/// the probe script, and the audit store every run of this test writes to.
+struct FakeNet {
+    dir: tempfile::TempDir,
+    servers: Child,
+    policies: AtomicUsize,
+}
+
+impl Drop for FakeNet {
+    fn drop(&mut self) {
+        // Closing stdin asks fakenet.py to exit; then make sure, by pid.
+        drop(self.servers.stdin.take());
+        let _ = self.servers.kill();
+        let _ = self.servers.wait();
+    }
+}
+
+/// Re-executes the calling test inside a fresh network namespace with the fake internet. Inside
+/// it, returns the fake internet; outside, runs the test there, asserts it passed, and returns
+/// `None` (also when the namespace cannot be made here: then it says SKIPPED).
+fn enter(test: &str) -> Option<FakeNet> {
+    if std::env::var(NETNS_ENV).as_deref() == Ok(test) {
+        return FakeNet::start(test);
+    }
+    let unshare: &[&str] = if is_root() {
+        &["--net", "--mount"]
+    } else {
+        &["--user", "--map-root-user", "--net", "--mount"]
+    };
+    let probe = Command::new("unshare")
+        .args(unshare)
+        .args(["ip", "link", "set", "lo", "up"])
+        .stdin(Stdio::null())
+        .output();
+    match probe {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            eprintln!(
+                "SKIPPED {test}: cannot create a network namespace with `unshare {}` here: {}",
+                unshare.join(" "),
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            return None;
+        }
+        Err(e) => {
+            eprintln!("SKIPPED {test}: unshare(1) is not available: {e}");
+            return None;
+        }
+    }
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = Command::new("unshare");
+    cmd.args(unshare)
+        .arg("--")
+        .arg(exe)
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(NETNS_ENV, test);
+    if !is_root() {
+        cmd.env(USERNS_ENV, "1");
+    }
+    let f = finish(spawn(&mut cmd), TEST_LIMIT, test);
+    for line in f.stdout.lines().chain(f.stderr.lines()) {
+        if line.starts_with("SKIPPED") {
+            eprintln!("{line}");
+        }
+    }
+    assert!(
+        f.status.success() && f.stdout.contains("1 passed"),
+        "{test} failed inside its network namespace:\n--- stdout\n{}\n--- stderr\n{}",
+        f.stdout,
+        f.stderr
+    );
+    None
+}
+
+impl FakeNet {
+    fn start(test: &str) -> Option<FakeNet> {
+        must(&["ip", "link", "set", "lo", "up"]);
+        // A dummy interface if the kernel has the driver, else one end of a veth pair whose
+        // other end stays in this namespace too: either way, no route leads anywhere else.
+        let dummy = Command::new("ip")
+            .args(["link", "add", "fake0", "type", "dummy"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !dummy {
+            must(&[
+                "ip", "link", "add", "fake0", "type", "veth", "peer", "name", "fake0p",
+            ]);
+        }
+        must(&["ip", "link", "set", "fake0", "up"]);
+        for a in FAKE_ADDRS {
+            must(&["ip", "-4", "addr", "add", &format!("{a}/32"), "dev", "fake0"]);
+        }
+        // Paranoia: this must be a namespace of our own, holding only what we just made.
+        let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+        let links = String::from_utf8_lossy(&links.stdout).into_owned();
+        for line in links.lines() {
+            let name = line.split(':').nth(1).unwrap_or("").trim();
+            let name = name.split('@').next().unwrap_or("");
+            assert!(
+                ["lo", "fake0", "fake0p"].contains(&name),
+                "refusing to run: interface {name} in the test namespace:\n{links}"
+            );
+        }
+
+        let dir = tempfile::Builder::new()
+            .prefix("cordon-e2e-")
+            .tempdir()
+            .unwrap();
+        let state = dir.path().join("net");
+        let mut servers = Command::new(PY)
+            .arg(Path::new(FIXTURES).join("fakenet.py"))
+            .arg(&state)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start fakenet.py");
+        let stdout = servers.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let ready = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        if ready.trim() != "READY" {
+            let _ = servers.kill();
+            let mut err = String::new();
+            if let Some(mut e) = servers.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            let _ = servers.wait();
+            panic!("fakenet.py did not start: {ready:?}\n{err}");
+        }
+        let net = FakeNet {
+            dir,
+            servers,
+            policies: AtomicUsize::new(0),
+        };
+        let ws = net.workspace();
+        std::fs::create_dir(&ws).unwrap();
+        std::fs::copy(state.join("ca.pem"), ws.join("ca.pem")).unwrap();
+        std::fs::copy(Path::new(FIXTURES).join("probe.py"), ws.join("probe.py")).unwrap();
+
+        if std::env::var_os(USERNS_ENV).is_some() {
+            // As a normal user, the namespace is a user namespace in which only our own uid is
+            // mapped; cordon may be unable to map its sandbox user inside it.
+            let r = net.cordon().run(&["true"]);
+            if r.status != 0 {
+                eprintln!(
+                    "SKIPPED {test}: cordon cannot run inside a test-made user namespace as a \
+                     normal user: {}",
+                    r.stderr.trim()
+                );
+                return None;
+            }
+        }
+        Some(net)
+    }
+
+    fn workspace(&self) -> PathBuf {
+        self.dir.path().join("ws")
+    }
+
+    fn audit_path(&self) -> PathBuf {
+        self.dir.path().join("audit.db")
+    }
+
+    /// A `cordon run` against this fake internet.
+    fn cordon(&self) -> Run<'_> {
+        let audit = self.audit_path();
+        let ws = self.workspace();
+        Run {
+            net: self,
+            args: vec![
+                "--audit".into(),
+                audit.display().to_string(),
+                "--upstream-dns".into(),
+                format!("{DNS_IP}:53"),
+                "--workspace".into(),
+                ws.display().to_string(),
+                "--timeout".into(),
+                "40s".into(),
+            ],
+        }
+    }
+
+    /// Everything the fake servers saw, in order.
+    fn log(&self) -> Vec<Value> {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("net/events.jsonl")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("fakenet event"))
+            .collect()
+    }
+
+    /// A position in the fake servers' log.
+    fn mark(&self) -> usize {
+        self.log().len()
+    }
+
+    /// What the fake servers saw after `mark`, of one kind (`dns`, `http`, `trap`, `udp`).
+    fn seen_since(&self, mark: usize, kind: &str) -> Vec<Value> {
+        self.log()
+            .into_iter()
+            .skip(mark)
+            .filter(|e| e["kind"] == kind)
+            .collect()
+    }
+
+    /// Runs `argv` in the test's namespace, outside any sandbox: the control half of a test.
+    fn bare(&self, argv: &[&str]) -> Finished {
+        let mut cmd = Command::new(argv[0]);
+        cmd.args(&argv[1..]).current_dir(self.workspace());
+        for v in [
+            "http_proxy",
+            "https_proxy",
+            "all_proxy",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "ALL_PROXY",
+        ] {
+            cmd.env_remove(v);
+        }
+        finish(spawn(&mut cmd), Duration::from_secs(30), argv[0])
+    }
+
+    /// `probe.py` run bare; one JSON object per probe.
+    fn bare_probes(&self, steps: &[&[&str]]) -> Vec<Value> {
+        let argv = probe_argv(steps, &self.workspace().join("probe.py"));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let f = self.bare(&argv);
+        assert!(f.status.success(), "bare probe failed: {}", f.stderr);
+        json_lines(&f.stdout)
+    }
+
+    /// `cordon audit --audit PATH ARGS`.
+    fn audit(&self, args: &[&str]) -> Finished {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cordon"));
+        cmd.arg("audit")
+            .arg("--audit")
+            .arg(self.audit_path())
+            .args(args);
+        finish(spawn(&mut cmd), Duration::from_secs(30), "cordon audit")
+    }
+
+    /// Every audit record of a session.
+    fn audit_events(&self, session: &str) -> Vec<Value> {
+        let f = self.audit(&["events", session, "--json"]);
+        assert!(f.status.success(), "cordon audit events: {}", f.stderr);
+        json_lines(&f.stdout)
+    }
+}
+
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// `python3 probe.py STEP ; STEP ...`.
+fn probe_argv(steps: &[&[&str]], script: &Path) -> Vec<String> {
+    let mut argv = vec![PY.to_string(), script.display().to_string()];
+    for (i, step) in steps.iter().enumerate() {
+        if i > 0 {
+            argv.push(";".into());
+        }
+        argv.extend(step.iter().map(|s| s.to_string()));
+    }
+    argv
+}
+
+/// `probe.py` inside the sandbox.
+fn probe(steps: &[&[&str]]) -> Vec<String> {
+    probe_argv(steps, Path::new("/workspace/probe.py"))
+}
+
+/// curl inside the sandbox; the last line of its output is `@@CODE REASON`.
+fn curl(args: &[&str]) -> Vec<String> {
+    let mut argv: Vec<String> = [
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "-w",
+        "\n@@%{http_code} %header{x-cordon-reason}\n",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    argv.extend(args.iter().map(|s| s.to_string()));
+    argv
+}
+
+struct Run<'n> {
+    net: &'n FakeNet,
+    args: Vec<String>,
+}
+
+/// One finished `cordon run`.
+struct Ran {
+    /// cordon's exit status (the command's, 128 + signal, or cordon's own 125..127).
+    status: i32,
+    stdout: String,
+    stderr: String,
+    /// The result object (`--result FILE`), `Null` if cordon wrote none.
+    result: Value,
+}
+
+impl Run<'_> {
+    fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
+    fn allow(self, entries: &[&str]) -> Self {
+        let mut s = self;
+        for e in entries {
+            s = s.args(&["--allow", e]);
+        }
+        s
+    }
+
+    fn policy(self, toml: &str) -> Self {
+        let n = self.net.policies.fetch_add(1, Ordering::Relaxed);
+        let path = self.net.dir.path().join(format!("policy-{n}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        let p = path.display().to_string();
+        self.args(&["--policy", &p])
+    }
+
+    fn run<S: AsRef<str>>(self, command: &[S]) -> Ran {
+        let result = self.net.dir.path().join("result.json");
+        let _ = std::fs::remove_file(&result);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cordon"));
+        cmd.arg("run")
+            .arg("--result")
+            .arg(&result)
+            .args(&self.args)
+            .arg("--")
+            .args(command.iter().map(AsRef::as_ref));
+        let f = finish(spawn(&mut cmd), RUN_LIMIT, "cordon run");
+        let result = std::fs::read_to_string(&result)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null);
+        Ran {
+            status: f.status.code().unwrap_or(-1),
+            stdout: f.stdout,
+            stderr: f.stderr,
+            result,
+        }
+    }
+}
+
+impl Ran {
+    fn session(&self) -> String {
+        self.result["session_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no result object; stderr: {}", self.stderr))
+            .to_string()
+    }
+
+    /// The run must have ended with the command's exit status 0.
+    fn ok(self) -> Ran {
+        assert_eq!(
+            self.status, 0,
+            "cordon run failed\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// The object `probe.py` printed for `step` (its words joined by spaces).
+    fn probe(&self, step: &[&str]) -> Value {
+        let key = step.join(" ");
+        json_lines(&self.stdout)
+            .into_iter()
+            .find(|v| v["probe"] == key.as_str())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no result for probe {key:?}\n--- stdout\n{}\n--- stderr\n{}",
+                    self.stdout, self.stderr
+                )
+            })
+    }
+
+    /// `(http code, X-Cordon-Reason)` from the `@@` line of [`curl`].
+    fn curl_code(&self) -> (u32, String) {
+        let line = self
+            .stdout
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("@@"))
+            .unwrap_or_else(|| panic!("no curl status line: {}\n{}", self.stdout, self.stderr));
+        let (code, reason) = line[2..].split_once(' ').unwrap_or((&line[2..], ""));
+        (code.parse().unwrap(), reason.trim().to_string())
+    }
+
+    fn body(&self) -> String {
+        let end = self.stdout.rfind("\n@@").unwrap_or(self.stdout.len());
+        self.stdout[..end].to_string()
+    }
+
+    fn network(&self) -> &Value {
+        &self.result["network"]
+    }
+}
+
+/// Audit records of `kind` (and, if given, for `host`).
+fn records<'a>(events: &'a [Value], kind: &str, host: Option<&str>) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| e["kind"] == kind && host.is_none_or(|h| e["host"] == h))
+        .collect()
+}
+
+/// Every record carries the session's attribution.
+fn assert_attributed(events: &[Value], ran: &Ran) {
+    let session = ran.session();
+    assert!(!events.is_empty(), "no audit records for {session}");
+    for e in events {
+        assert_eq!(e["session_id"], session.as_str(), "{e}");
+        assert_eq!(e["user_id"], ran.result["user"], "{e}");
+        assert_eq!(e["code_sha256"], ran.result["code_sha256"], "{e}");
+        assert!(e["ts"].is_string(), "{e}");
+    }
+}
+
+fn is_ok_200(v: &Value) -> bool {
+    v["status"] == 200
+}
+
+// ------------------------------------------------------------------------------------------
+// Allowed traffic.
+
+#[test]
+fn allowlisted_hosts_are_reachable_by_curl_and_python_through_the_proxy_and_transparently() {
+    let Some(net) = enter(
+        "allowlisted_hosts_are_reachable_by_curl_and_python_through_the_proxy_and_transparently",
+    ) else {
+        return;
+    };
+    let allow = ["api.fake.test", "api.fake.test:80"];
+
+    // curl: HTTP and HTTPS, through the proxy (the variables cordon sets) and with every proxy
+    // ignored (DNS answers a synthetic address; nftables hands the connect to the gateway).
+    for (args, path, tls) in [
+        (vec!["http://api.fake.test/c1"], "/c1", false),
+        (vec!["--noproxy", "*", "http://api.fake.test/c2"], "/c2", false),
+        (
+            vec!["--cacert", "/workspace/ca.pem", "https://api.fake.test/c3"],
+            "/c3",
+            true,
+        ),
+        (
+            vec![
+                "--noproxy",
+                "*",
+                "--cacert",
+                "/workspace/ca.pem",
+                "https://api.fake.test/c4",
+            ],
+            "/c4",
+            true,
+        ),
+    ] {
+        let mark = net.mark();
+        let r = net.cordon().allow(&allow).run(&curl(&args)).ok();
+        assert_eq!(r.curl_code().0, 200, "curl {args:?}: {}", r.stderr);
+        let port = if tls { 443 } else { 80 };
+        assert_eq!(
+            r.body(),
+            format!("origin ok host=api.fake.test path={path} local={API_IP}:{port}")
+        );
+        let seen = net.seen_since(mark, "http");
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        if tls {
+            assert_eq!(seen[0]["sni"], "api.fake.test");
+        }
+        let events = net.audit_events(&r.session());
+        assert_attributed(&events, &r);
+        let via = match (args[0] == "--noproxy", tls) {
+            (true, _) => "transparent",
+            (false, true) => "connect",
+            (false, false) => "proxy",
+        };
+        let kind = if tls { "connection" } else { "http_request" };
+        let used = records(&events, kind, Some("api.fake.test"));
+        assert!(
+            used.iter().any(|e| e["verdict"] == "allow"
+                && e["ip"] == API_IP
+                && e["port"] == port
+                && e["detail"]["via"] == via
+                && e["rule"] == if tls { "api.fake.test" } else { "api.fake.test:80" }),
+            "curl {args:?}: no allowed {via} record for api.fake.test:{port} in {events:#?}"
+        );
+        if via == "transparent" {
+            let dns = records(&events, "dns_query", Some("api.fake.test"));
+            assert!(
+                dns.iter().any(|e| e["verdict"] == "allow"),
+                "the sandbox's lookup is not in the audit: {events:#?}"
+            );
+        }
+    }
+
+    // Python: urllib (stdlib) and requests (Debian's python3-requests), both ways.
+    let step_refs: [&[&str]; 8] = [
+        &["http", "urllib", "http://api.fake.test/u1"],
+        &["http", "urllib", "http://api.fake.test/u2", "noproxy"],
+        &["http", "urllib", "https://api.fake.test/u3", CA],
+        &["http", "urllib", "https://api.fake.test/u4", "noproxy", CA],
+        &["http", "requests", "http://api.fake.test/r1"],
+        &["http", "requests", "http://api.fake.test/r2", "noproxy"],
+        &["http", "requests", "https://api.fake.test/r3", CA],
+        &["http", "requests", "https://api.fake.test/r4", "noproxy", CA],
+    ];
+    let mark = net.mark();
+    let r = net.cordon().allow(&allow).run(&probe(&step_refs)).ok();
+    for step in &step_refs {
+        let v = r.probe(step);
+        assert!(is_ok_200(&v), "{step:?}: {v}");
+        assert!(
+            v["body"]
+                .as_str()
+                .unwrap()
+                .starts_with("origin ok host=api.fake.test"),
+            "{v}"
+        );
+    }
+    assert_eq!(net.seen_since(mark, "http").len(), step_refs.len());
+    let events = net.audit_events(&r.session());
+    assert_attributed(&events, &r);
+    let allowed = events
+        .iter()
+        .filter(|e| e["verdict"] == "allow" && e["kind"] != "dns_query")
+        .count();
+    assert!(allowed >= step_refs.len(), "{events:#?}");
+    assert_eq!(r.network()["blocked"], 0, "{}", r.result);
+}
+
+#[test]
+fn allowlisted_hosts_are_reachable_by_pip_git_and_node_through_the_proxy_and_transparently() {
+    let Some(net) = enter(
+        "allowlisted_hosts_are_reachable_by_pip_git_and_node_through_the_proxy_and_transparently",
+    ) else {
+        return;
+    };
+    let allow = ["pypi.fake.test", "git.fake.test", "api.fake.test"];
+    let unset_proxies = "unset HTTP_PROXY HTTPS_PROXY ALL_PROXY http_proxy https_proxy all_proxy";
+
+    // pip download, with and without the proxy variables.
+    for (i, proxied) in [true, false].into_iter().enumerate() {
+        let mark = net.mark();
+        let prefix = if proxied {
+            String::new()
+        } else {
+            format!("{unset_proxies}; ")
+        };
+        let script = format!(
+            "{prefix}{PY} -m pip download --no-deps --no-cache-dir --disable-pip-version-check \
+             --index-url https://pypi.fake.test/simple --cert /workspace/ca.pem \
+             -d /workspace/pip{i} fakepkg && ls /workspace/pip{i}"
+        );
+        let r = net.cordon().allow(&allow).run(&["sh", "-c", &script]).ok();
+        assert!(
+            r.stdout.contains("fakepkg-1.0-py3-none-any.whl"),
+            "pip (proxied: {proxied}): {}\n{}",
+            r.stdout,
+            r.stderr
+        );
+        assert!(net
+            .workspace()
+            .join(format!("pip{i}/fakepkg-1.0-py3-none-any.whl"))
+            .is_file());
+        let paths: Vec<String> = net
+            .seen_since(mark, "http")
+            .iter()
+            .map(|e| format!("{} {}", e["sni"], e["path"]))
+            .collect();
+        assert!(
+            paths.contains(&"\"pypi.fake.test\" \"/packages/fakepkg-1.0-py3-none-any.whl\"".into()),
+            "{paths:?}"
+        );
+        let events = net.audit_events(&r.session());
+        assert_attributed(&events, &r);
+        let via = if proxied { "connect" } else { "transparent" };
+        assert!(
+            records(&events, "connection", Some("pypi.fake.test"))
+                .iter()
+                .any(|e| e["verdict"] == "allow" && e["ip"] == PYPI_IP && e["detail"]["via"] == via),
+            "{events:#?}"
+        );
+    }
+
+    // git over HTTPS (dumb HTTP), with and without the proxy variables.
+    for (i, proxied) in [true, false].into_iter().enumerate() {
+        let script = format!(
+            "{}git ls-remote https://git.fake.test/repo.git && \
+             git clone -q https://git.fake.test/repo.git /workspace/clone{i} && cat /workspace/clone{i}/README",
+            if proxied { String::new() } else { format!("{unset_proxies}; ") },
+        );
+        let r = net
+            .cordon()
+            .allow(&allow)
+            .args(&["--env", "GIT_SSL_CAINFO=/workspace/ca.pem"])
+            .run(&["sh", "-c", &script])
+            .ok();
+        assert!(r.stdout.contains("refs/heads/main"), "{}\n{}", r.stdout, r.stderr);
+        assert!(r.stdout.contains("cloned through cordon"), "{}", r.stdout);
+        let events = net.audit_events(&r.session());
+        assert_attributed(&events, &r);
+        let via = if proxied { "connect" } else { "transparent" };
+        assert!(
+            records(&events, "connection", Some("git.fake.test"))
+                .iter()
+                .any(|e| e["verdict"] == "allow" && e["ip"] == GIT_IP && e["detail"]["via"] == via),
+            "{events:#?}"
+        );
+    }
+
+    // Node's built-in fetch ignores HTTP(S)_PROXY: only transparent capture can carry it.
+    if !Path::new("/usr/bin/node").exists() {
+        eprintln!("SKIPPED node fetch part: /usr/bin/node is not installed (apt-get install nodejs)");
+        return;
+    }
+    let mark = net.mark();
+    let js = "fetch('https://api.fake.test/node').then(r => r.text()).then(t => console.log(t), \
+              e => { console.log('ERR', e, e.cause); process.exit(3) })";
+    let r = net
+        .cordon()
+        .allow(&allow)
+        .args(&["--env", "NODE_EXTRA_CA_CERTS=/workspace/ca.pem"])
+        .run(&["/usr/bin/node", "-e", js])
+        .ok();
+    assert_eq!(
+        r.stdout.trim(),
+        format!("origin ok host=api.fake.test path=/node local={API_IP}:443")
+    );
+    assert_eq!(net.seen_since(mark, "http")[0]["sni"], "api.fake.test");
+    let events = net.audit_events(&r.session());
+    assert!(
+        records(&events, "connection", Some("api.fake.test"))
+            .iter()
+            .any(|e| e["verdict"] == "allow" && e["detail"]["via"] == "transparent"),
+        "{events:#?}"
+    );
+}
