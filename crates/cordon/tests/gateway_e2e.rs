@@ -1236,3 +1236,691 @@ fn a_plain_http_request_in_a_connect_tunnel_must_name_the_tunnel_host() {
         r.curl_code()
     );
 }
+
+#[test]
+fn direct_connects_udp_icmp_and_raw_sockets_are_refused_dropped_and_counted() {
+    let Some(net) =
+        enter("direct_connects_udp_icmp_and_raw_sockets_are_refused_dropped_and_counted")
+    else {
+        return;
+    };
+    // Controls: without cordon, a direct connect gets the origin and UDP reaches the sink.
+    let bare = net.bare_probes(&[&["tcp", API_IP, "80"], &["udp", API_IP, "9999", "2"]]);
+    assert!(
+        bare[0]["received"].as_str().unwrap().contains("origin ok"),
+        "{bare:?}"
+    );
+    let mark = net.mark();
+    assert!(net.seen_since(0, "udp").len() >= 2, "the UDP sink saw nothing bare");
+
+    let steps: [&[&str]; 9] = [
+        &["tcp", API_IP, "80"],
+        &["tcp", GIT_IP, "443"],
+        &["udp", API_IP, "9999", "3"],
+        &["udp", DNS_IP, "5353", "2"],
+        &["icmp", API_IP],
+        &["raw"],
+        &["packet"],
+        &["tcp6", "2001:db8::1", "80"],
+        // And as an agent would write it.
+        &["tcp", "93.184.216.34", "443"],
+    ];
+    let r = net
+        .cordon()
+        .policy(NEVER_TERMINATE)
+        .allow(&["api.fake.test:80"])
+        .run(&probe(&steps))
+        .ok();
+    for step in [steps[0], steps[1], steps[8]] {
+        let v = r.probe(step);
+        assert_eq!(v["received"], "", "{step:?} got an answer: {v}");
+        assert!(
+            [104, 111].contains(&v["errno"].as_i64().unwrap_or(0)),
+            "{step:?}: neither reset nor refused: {v}"
+        );
+    }
+    let udp_sent = |v: &Value| v["sent"].as_u64().unwrap() + v["errors"].as_array().unwrap().len() as u64;
+    let tried = udp_sent(&r.probe(steps[2])) + udp_sent(&r.probe(steps[3]));
+    assert_eq!(tried, 5);
+    let v = r.probe(steps[4]);
+    let dropped = &r.network()["dropped"];
+    if v["sent"] == true {
+        assert!(dropped["icmp"].as_u64().unwrap() >= 1, "ICMP sent and not counted: {}", r.result);
+    } else {
+        assert!([1, 13].contains(&v["errno"].as_i64().unwrap()), "icmp: {v}");
+    }
+    for step in [steps[5], steps[6]] {
+        let v = r.probe(step);
+        assert_eq!(v["opened"], false, "{step:?}: {v}");
+        assert_eq!(v["errno"], 1, "{step:?} not refused with EPERM: {v}");
+    }
+    let v = r.probe(steps[7]);
+    assert_eq!(v["errno"], 101, "IPv6 elsewhere must be unreachable: {v}");
+
+    // Dropped and counted, never delivered.
+    assert!(
+        dropped["udp"].as_u64().unwrap() >= 5,
+        "UDP datagrams not counted: {}",
+        r.result
+    );
+    assert_eq!(net.seen_since(mark, "udp"), Vec::<Value>::new());
+    assert_eq!(net.seen_since(mark, "http"), Vec::<Value>::new());
+
+    let events = net.audit_events(&r.session());
+    assert_attributed(&events, &r);
+    for (ip, port) in [(API_IP, 80), (GIT_IP, 443), (API_IP, 443)] {
+        let b = records(&events, "blocked", None)
+            .into_iter()
+            .find(|e| e["ip"] == ip && e["port"] == port)
+            .unwrap_or_else(|| panic!("connect to {ip}:{port} not audited: {events:#?}"));
+        assert_eq!(b["rule"], "default-deny");
+        assert_eq!(b["verdict"], "block");
+        assert_eq!(b["detail"]["via"], "transparent");
+        assert_eq!(b["reason"], format!("address {ip} is not in the allowlist"));
+    }
+    let end = records(&events, "session_end", None);
+    assert_eq!(end.len(), 1);
+    assert_eq!(end[0]["detail"]["network"]["dropped"], *dropped, "{:#?}", end[0]);
+}
+
+// ------------------------------------------------------------------------------------------
+// Budgets and termination.
+
+/// `curl` N times in one sandbox; one `CODE SIZE REASON` line each. With `linger`, the script
+/// then sleeps 3 s and prints `survived`, so a test can tell whether the session was cut short.
+fn curl_loop(n: usize, url: &str, extra: &str, linger: bool) -> Vec<String> {
+    let tail = if linger { "sleep 3; echo survived" } else { "true" };
+    let script = format!(
+        "for i in $(seq {n}); do curl -s --max-time 10 {extra} -o /dev/null \
+         -w '%{{http_code}} %{{size_download}} %header{{x-cordon-reason}}\\n' '{url}'; done; {tail}"
+    );
+    vec!["sh".into(), "-c".into(), script]
+}
+
+fn codes(out: &str) -> Vec<String> {
+    out.lines()
+        .filter(|l| l.chars().next().is_some_and(|c| c.is_ascii_digit()))
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn request_and_byte_budgets_block_with_a_reason_once_exhausted() {
+    let Some(net) = enter("request_and_byte_budgets_block_with_a_reason_once_exhausted") else {
+        return;
+    };
+    let allow = ["api.fake.test:80"];
+    let rate = "request rate limit exceeded (5 per minute)";
+    // Control: without a budget, seven requests all succeed.
+    let r = net
+        .cordon()
+        .allow(&allow)
+        .run(&curl_loop(7, "http://api.fake.test/free", "", false))
+        .ok();
+    assert_eq!(codes(&r.stdout).len(), 7, "{}", r.stdout);
+    assert!(codes(&r.stdout).iter().all(|l| l.starts_with("200 ")), "{}", r.stdout);
+
+    for extra in ["", "--noproxy '*'"] {
+        let r = net
+            .cordon()
+            .policy("[network.rate]\nrequests_per_minute = 5\n")
+            .allow(&allow)
+            .run(&curl_loop(7, "http://api.fake.test/rate", extra, false))
+            .ok();
+        // "CODE REASON", without the size.
+        let got: Vec<String> = codes(&r.stdout)
+            .iter()
+            .map(|l| {
+                let mut w = l.splitn(3, ' ');
+                let code = w.next().unwrap_or("");
+                let _size = w.next();
+                format!("{code} {}", w.next().unwrap_or("")).trim().to_string()
+            })
+            .collect();
+        let limited = format!("403 {rate}");
+        assert_eq!(
+            got,
+            [vec!["200".to_string(); 5], vec![limited; 2]].concat(),
+            "curl {extra}: {}",
+            r.stdout
+        );
+        let events = net.audit_events(&r.session());
+        assert_attributed(&events, &r);
+        let b = records(&events, "budget_exhausted", None);
+        assert_eq!(b.len(), 2, "{events:#?}");
+        for e in b {
+            assert_eq!(e["rule"], "network.rate.requests_per_minute");
+            assert_eq!(e["reason"], rate);
+            assert_eq!(e["verdict"], "block");
+            assert_eq!(e["host"], "api.fake.test");
+        }
+    }
+
+    // Bytes in: 8 KiB in total, whatever the number of requests.
+    let big = "http://api.fake.test/big?bytes=3000";
+    let r = net.cordon().allow(&allow).run(&curl_loop(4, big, "", false)).ok();
+    assert_eq!(codes(&r.stdout), vec!["200 3000"; 4], "control: {}", r.stdout);
+    let r = net
+        .cordon()
+        .policy("[network.rate]\nmax_bytes_in = \"8K\"\n")
+        .allow(&allow)
+        .run(&curl_loop(4, big, "", false))
+        .ok();
+    let got = codes(&r.stdout);
+    let total: u64 = got
+        .iter()
+        .filter(|l| l.starts_with("200"))
+        .map(|l| l.split(' ').nth(1).unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert!(total < 8192, "{total} bytes came in past an 8K budget: {got:?}");
+    assert!(
+        got.last().unwrap().ends_with("byte budget exhausted") && got[0] == "200 3000",
+        "{got:?}"
+    );
+    assert!(r.network()["bytes_down"].as_u64().unwrap() <= 8192, "{}", r.result);
+    let events = net.audit_events(&r.session());
+    assert!(
+        records(&events, "budget_exhausted", None)
+            .iter()
+            .any(|e| e["rule"] == "network.rate.max_bytes_in" && e["verdict"] == "block"),
+        "{events:#?}"
+    );
+
+    // Bytes out: a 10 000-byte upload against a 4K budget never reaches the origin whole.
+    let upload = "head -c 10000 /dev/zero > /tmp/up && curl -s --max-time 10 -o /dev/null \
+                  -w '%{http_code}\\n' --data-binary @/tmp/up http://api.fake.test/upload";
+    let mark = net.mark();
+    let r = net
+        .cordon()
+        .allow(&allow)
+        .run(&["sh", "-c", upload])
+        .ok();
+    assert_eq!(r.stdout.trim(), "200", "control upload: {}", r.stderr);
+    assert_eq!(net.seen_since(mark, "http")[0]["bytes"], 10000);
+    let mark = net.mark();
+    let r = net
+        .cordon()
+        .policy("[network.rate]\nmax_bytes_out = \"4K\"\n")
+        .allow(&allow)
+        .run(&["sh", "-c", upload]);
+    assert_ne!(r.stdout.trim(), "200", "an upload past max_bytes_out succeeded");
+    let posted = net.seen_since(mark, "http");
+    assert!(
+        posted.iter().all(|e| e["bytes"].as_u64().unwrap_or(0) < 4096),
+        "the origin received more than the budget: {posted:?}"
+    );
+}
+
+#[test]
+fn exceeding_a_budget_or_the_blocked_threshold_terminates_the_session_when_the_policy_says_so() {
+    let Some(net) = enter(
+        "exceeding_a_budget_or_the_blocked_threshold_terminates_the_session_when_the_policy_says_so",
+    ) else {
+        return;
+    };
+    let allow = ["api.fake.test:80"];
+    // Control: the same scripts run to the end without the terminating policy.
+    let r = net
+        .cordon()
+        .policy("[network.rate]\nrequests_per_minute = 2\n")
+        .allow(&allow)
+        .run(&curl_loop(4, "http://api.fake.test/t", "", true))
+        .ok();
+    assert!(r.stdout.contains("survived"), "{}", r.stdout);
+    let r = net
+        .cordon()
+        .policy(NEVER_TERMINATE)
+        .allow(&allow)
+        .run(&curl_loop(4, "http://other.fake.test/t", "", true))
+        .ok();
+    assert!(r.stdout.contains("survived"), "{}", r.stdout);
+
+    for (policy, url, reason) in [
+        (
+            "[network.rate]\nrequests_per_minute = 2\non_exceed = \"terminate\"\n",
+            "http://api.fake.test/t",
+            "budget exceeded: network.rate.requests_per_minute",
+        ),
+        (
+            "[response]\nterminate_after_blocked = 3\n",
+            "http://other.fake.test/t",
+            "3 blocked network attempts (terminate_after_blocked = 3)",
+        ),
+    ] {
+        let r = net
+            .cordon()
+            .policy(policy)
+            .allow(&allow)
+            .run(&curl_loop(6, url, "", true));
+        let session = r.session();
+        assert_eq!(r.status, 137, "{policy}: {}\n{}", r.stdout, r.stderr);
+        assert!(!r.stdout.contains("survived"), "{policy}: the session went on");
+        assert_eq!(r.result["terminated"], reason, "{}", r.result);
+        assert_eq!(r.result["exit_status"], 137);
+        assert!(
+            r.result["wall_ms"].as_u64().unwrap() < 3000,
+            "{policy}: not ended at once: {}",
+            r.result
+        );
+        let line = format!("cordon: session {session} terminated: {reason}");
+        assert!(r.stderr.lines().any(|l| l == line), "{policy}: no {line:?} in\n{}", r.stderr);
+        let events = net.audit_events(&session);
+        assert_attributed(&events, &r);
+        let end = records(&events, "session_end", None);
+        assert_eq!(end.len(), 1, "{events:#?}");
+        assert_eq!(end[0]["detail"]["terminated"], reason);
+    }
+}
+
+/// KNOWN BUG (reported): a session the supervisor kills (terminate request, timeout) exits
+/// 137 and says so in its result, but its `session_end` audit record has `exit_status: null`
+/// (session.rs takes it from the init's `Exited` message, which a killed init never sends), so
+/// `cordon audit sessions` shows no exit status for exactly the sessions that were stopped.
+#[test]
+fn the_audit_records_the_exit_status_of_a_terminated_session() {
+    let Some(net) = enter("the_audit_records_the_exit_status_of_a_terminated_session") else {
+        return;
+    };
+    let r = net
+        .cordon()
+        .policy("[response]\nterminate_after_blocked = 1\n")
+        .allow(&["api.fake.test:80"])
+        .run(&curl_loop(3, "http://other.fake.test/t", "", true));
+    assert_eq!(r.status, 137, "{}", r.stderr);
+    assert_eq!(r.result["exit_status"], 137);
+    let events = net.audit_events(&r.session());
+    let end = records(&events, "session_end", None);
+    assert_eq!(end.len(), 1, "{events:#?}");
+    assert_eq!(
+        end[0]["detail"]["exit_status"], 137,
+        "session_end disagrees with the result: {:#}",
+        end[0]
+    );
+    let f = net.audit(&["sessions", "--json"]);
+    let sessions = json_lines(&f.stdout);
+    let s = sessions
+        .iter()
+        .find(|s| s["id"] == r.session().as_str())
+        .unwrap_or_else(|| panic!("{sessions:?}"));
+    assert_eq!(s["exit_status"], 137, "{s}");
+}
+
+// ------------------------------------------------------------------------------------------
+// Report mode.
+
+#[test]
+fn report_mode_lets_an_unlisted_host_through_and_records_it_but_never_an_ssrf_target() {
+    let Some(net) =
+        enter("report_mode_lets_an_unlisted_host_through_and_records_it_but_never_an_ssrf_target")
+    else {
+        return;
+    };
+    let allow = ["api.fake.test:80"];
+    // Control: enforced, the unlisted host is refused.
+    let r = net
+        .cordon()
+        .allow(&allow)
+        .run(&curl(&["http://other.fake.test/enforced"]))
+        .ok();
+    assert_eq!(r.curl_code().0, 403);
+
+    let mark = net.mark();
+    let steps: [&[&str]; 7] = [
+        &["http", "urllib", "http://other.fake.test/rp1"],
+        &["http", "urllib", "http://other.fake.test/rp2", "noproxy"],
+        &["http", "urllib", "http://169.254.169.254/latest/meta-data/"],
+        &["http", "urllib", "http://private.fake.test/"],
+        &["http", "urllib", "http://meta.fake.test/", "noproxy"],
+        &["tcp", METADATA_IP, "80"],
+        &["http", "urllib", "http://2852039166/"],
+    ];
+    let r = net
+        .cordon()
+        .args(&["--mode", "report"])
+        .policy(NEVER_TERMINATE)
+        .allow(&allow)
+        .run(&probe(&steps))
+        .ok();
+    for step in &steps[..2] {
+        let v = r.probe(step);
+        assert_eq!(v["status"], 200, "report mode refused {step:?}: {v}");
+        assert!(
+            v["body"].as_str().unwrap().starts_with("origin ok host=other.fake.test"),
+            "{v}"
+        );
+    }
+    for step in [steps[2], steps[3], steps[6]] {
+        let v = r.probe(step);
+        assert_eq!(v["status"], 403, "{step:?}: {v}");
+        assert!(v["reason"].as_str().unwrap().contains("private"), "{v}");
+    }
+    let v = r.probe(steps[4]);
+    assert_ne!(v["status"], 200, "{v}");
+    assert_eq!(r.probe(steps[5])["received"], "");
+    assert_eq!(net.seen_since(mark, "trap"), Vec::<Value>::new());
+
+    let events = net.audit_events(&r.session());
+    assert_attributed(&events, &r);
+    let would: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["verdict"] == "report-would-block")
+        .collect();
+    assert!(
+        would.iter().any(|e| e["host"] == "other.fake.test"
+            && e["rule"] == "default-deny"
+            && e["reason"] == "host other.fake.test is not in the allowlist"),
+        "{events:#?}"
+    );
+    let ssrf: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["rule"].as_str().is_some_and(|r| r.starts_with("ssrf:")))
+        .collect();
+    assert!(ssrf.len() >= 4, "{events:#?}");
+    assert!(ssrf.iter().all(|e| e["verdict"] == "block"), "{ssrf:#?}");
+    assert!(r.network()["report_would_block"].as_u64().unwrap() >= 2, "{}", r.result);
+    let start = records(&events, "session_start", None);
+    assert_eq!(start[0]["detail"]["mode"], "report");
+}
+
+// ------------------------------------------------------------------------------------------
+// The audit store.
+
+/// The agent of the audit test: one allowed request, one with a long path, one refused by the
+/// proxy, one refused name, one direct connect, one UDP datagram.
+const AGENT: &str = r#"
+import json, socket, struct, urllib.request, urllib.error
+def get(url):
+    try:
+        return urllib.request.urlopen(url, timeout=10).status
+    except urllib.error.HTTPError as e:
+        return e.code
+print(get("http://api.fake.test/audit-allowed"))
+print(get("http://api.fake.test/" + "p" * 300))
+print(get("http://other.fake.test/audit-blocked"))
+try:
+    socket.getaddrinfo("nx-audit.fake.test", 80)
+except socket.gaierror as e:
+    print("nxdomain")
+try:
+    socket.create_connection(("93.184.216.34", 80), timeout=5).recv(1)
+except OSError as e:
+    print("direct", e.errno)
+try:
+    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("93.184.216.34", 9999))
+except OSError as e:
+    print("udp", e.errno)
+"#;
+
+#[test]
+fn every_event_is_in_the_audit_store_with_its_attribution() {
+    let Some(net) = enter("every_event_is_in_the_audit_store_with_its_attribution") else {
+        return;
+    };
+    let agent = net.dir.path().join("agent.py");
+    std::fs::write(&agent, AGENT).unwrap();
+    let sha = sha256_hex(AGENT.as_bytes());
+    let agent = agent.display().to_string();
+    let r = net
+        .cordon()
+        .policy(NEVER_TERMINATE)
+        .allow(&["api.fake.test:80"])
+        .args(&["--user", "alice", "--code", &agent, "--interpreter", PY])
+        .run(&[] as &[&str])
+        .ok();
+    assert_eq!(
+        r.stdout.lines().take(4).collect::<Vec<_>>(),
+        ["200", "200", "403", "nxdomain"],
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    assert_eq!(r.result["user"], "alice");
+    assert_eq!(r.result["code_sha256"], sha.as_str());
+    let session = r.session();
+
+    let events = net.audit_events(&session);
+    assert_attributed(&events, &r);
+    assert!(events.iter().all(|e| e["user_id"] == "alice" && e["code_sha256"] == sha.as_str()));
+    // In order, numbered from 1, between the session's start and end.
+    let seqs: Vec<u64> = events.iter().map(|e| e["session_seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>());
+    assert_eq!(events[0]["kind"], "session_start");
+    assert_eq!(events[events.len() - 1]["kind"], "session_end");
+
+    let ok = records(&events, "http_request", Some("api.fake.test"));
+    let allowed = ok
+        .iter()
+        .find(|e| e["path"] == "/audit-allowed")
+        .unwrap_or_else(|| panic!("{events:#?}"));
+    assert_eq!(allowed["verdict"], "allow");
+    assert_eq!(allowed["rule"], "api.fake.test:80");
+    assert_eq!(allowed["ip"], API_IP);
+    assert_eq!(allowed["port"], 80);
+    assert_eq!(allowed["method"], "GET");
+    assert!(allowed["bytes_up"].as_u64().unwrap() > 0, "{allowed}");
+    assert!(allowed["bytes_down"].as_u64().unwrap() > 0, "{allowed}");
+    assert!(allowed["duration_ms"].is_u64(), "{allowed}");
+    let long = ok
+        .iter()
+        .find(|e| e["path"].as_str().is_some_and(|p| p.starts_with("/ppp")))
+        .unwrap_or_else(|| panic!("{events:#?}"));
+    assert_eq!(long["path"].as_str().unwrap().chars().count(), 100, "path not cut: {long}");
+
+    let blocked = records(&events, "blocked", Some("other.fake.test"));
+    assert_eq!(blocked.len(), 1, "{events:#?}");
+    assert_eq!(blocked[0]["verdict"], "block");
+    assert_eq!(blocked[0]["rule"], "default-deny");
+    assert_eq!(blocked[0]["reason"], "host other.fake.test is not in the allowlist");
+    assert_eq!(blocked[0]["port"], 80);
+    assert_eq!(blocked[0]["path"], "/audit-blocked");
+
+    let nx = records(&events, "dns_query", Some("nx-audit.fake.test"));
+    assert!(!nx.is_empty(), "{events:#?}");
+    assert!(nx.iter().all(|e| e["verdict"] == "block" && e["rule"] == "default-deny"), "{nx:#?}");
+
+    let direct = records(&events, "blocked", None)
+        .into_iter()
+        .find(|e| e["ip"] == API_IP)
+        .unwrap_or_else(|| panic!("{events:#?}"));
+    assert_eq!((direct["port"].as_u64(), direct["rule"].as_str()), (Some(80), Some("default-deny")));
+
+    let end = records(&events, "session_end", None)[0];
+    assert_eq!(end["detail"]["exit_status"], 0);
+    assert!(end["detail"]["network"]["dropped"]["udp"].as_u64().unwrap() >= 1, "{end}");
+
+    // The other views of the store agree.
+    let f = net.audit(&["sessions", "--user", "alice", "--json"]);
+    let sessions = json_lines(&f.stdout);
+    assert_eq!(sessions.len(), 1, "{}", f.stdout);
+    assert_eq!(sessions[0]["id"], session.as_str());
+    assert_eq!(sessions[0]["code_sha256"], sha.as_str());
+    assert!(sessions[0]["blocked"].as_u64().unwrap() >= 3, "{}", sessions[0]);
+    let f = net.audit(&["export", "--session", &session]);
+    assert_eq!(json_lines(&f.stdout).len(), events.len());
+    let f = net.audit(&["events", &session, "--blocked", "--json"]);
+    assert!(json_lines(&f.stdout)
+        .iter()
+        .all(|e| e["verdict"] == "block" || e["kind"] == "blocked"));
+    let f = net.audit(&["verify"]);
+    assert!(f.status.success(), "the hash chain does not verify: {}{}", f.stdout, f.stderr);
+}
+
+/// KNOWN BUG (reported): `session_start` is written before the sandbox reports what it applied,
+/// so its `layers` say `landlock_abi: 0, landlock_enforced: false, no_new_privs: false` even
+/// though the result (and the sandbox) have Landlock enforced and no_new_privs set; no later
+/// record corrects it. An auditor reading the store is told the sandbox was weaker than it was.
+#[test]
+fn the_audit_records_the_layers_that_were_really_applied() {
+    let Some(net) = enter("the_audit_records_the_layers_that_were_really_applied") else {
+        return;
+    };
+    let r = net
+        .cordon()
+        .allow(&["api.fake.test:80"])
+        .run(&["true"])
+        .ok();
+    let layers = &r.result["layers"];
+    let events = net.audit_events(&r.session());
+    let recorded: Vec<&Value> = events
+        .iter()
+        .filter_map(|e| e["detail"].get("layers"))
+        .collect();
+    assert!(!recorded.is_empty(), "no layers in the audit: {events:#?}");
+    for l in recorded {
+        for key in ["landlock_abi", "landlock_enforced", "no_new_privs"] {
+            assert_eq!(
+                l[key], layers[key],
+                "the audit says {key} = {} but the sandbox had {}",
+                l[key], layers[key]
+            );
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Fail closed.
+
+/// Pids of processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            if String::from_utf8_lossy(&cmd).contains(marker) && pid != std::process::id() as i32 {
+                found.push(pid);
+            }
+        }
+    }
+    found
+}
+
+/// Whether `pid` is still running (not gone, not a zombie).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')))
+        .is_some_and(|zombie| !zombie)
+}
+
+/// KNOWN BUG (reported): the sandbox's init sets `PR_SET_PDEATHSIG` and then changes its uid
+/// and gid (`privs::become_sandbox_user`), which clears it; so when the supervisor is killed
+/// with SIGKILL the whole sandbox lives on (re-parented to init), unsupervised, with no
+/// timeout. It has no network left (the first half of this test passes), but "nothing survives
+/// the session" does not hold.
+#[test]
+fn killing_the_supervisor_leaves_the_sandbox_no_network_and_no_process() {
+    let Some(net) = enter("killing_the_supervisor_leaves_the_sandbox_no_network_and_no_process")
+    else {
+        return;
+    };
+    let marker = format!("e2e-kill-{}-{}", std::process::id(), monotonic_secs() as u64);
+    let result = net.dir.path().join("kill-result.json");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cordon"));
+    cmd.arg("run")
+        .arg("--result")
+        .arg(&result)
+        .args(net.cordon().allow(&["api.fake.test:80"]).args)
+        .args(["--", PY, "/workspace/probe.py", "loop", "http://api.fake.test/loop", "30", &marker])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The loop gets through while the gateway lives (the control).
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lines.iter().filter(|l: &&String| l.starts_with("ok ")).count() < 3 {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(l) => lines.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the loop never got through the gateway: {lines:?}");
+            }
+        }
+    }
+    let sandbox: Vec<i32> = processes_with(&marker)
+        .into_iter()
+        .filter(|&p| p != child.id() as i32)
+        .collect();
+    assert!(!sandbox.is_empty(), "no sandbox process found");
+    let cgroups: BTreeSet<PathBuf> = sandbox
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/cgroup")).ok())
+        .flat_map(|t| {
+            t.lines()
+                .filter_map(|l| {
+                    let mut f = l.splitn(3, ':');
+                    let (_, ctrl, path) = (f.next()?, f.next()?, f.next()?);
+                    let ctrl = ctrl.split(',').next().filter(|c| !c.is_empty())?;
+                    path.contains("/cordon/")
+                        .then(|| PathBuf::from(format!("/sys/fs/cgroup/{ctrl}{path}")))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+
+    let killed_at = monotonic_secs();
+    child.kill().unwrap(); // SIGKILL, by pid
+    child.wait().unwrap();
+    // Whatever the sandbox prints from now on, until its output closes and its processes are
+    // gone, for three seconds at most (a dying process closes its files before it exits).
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut closed = false;
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        if closed {
+            if !sandbox.iter().any(|&p| alive(p)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        match rx.recv_timeout(left) {
+            Ok(l) => lines.push(l),
+            Err(mpsc::RecvTimeoutError::Disconnected) => closed = true,
+            Err(mpsc::RecvTimeoutError::Timeout) => break,
+        }
+    }
+    let survivors: Vec<i32> = sandbox.iter().copied().filter(|&p| alive(p)).collect();
+    // Clean up after a failure too: the survivors are ours, stopped by pid; then the session's
+    // cgroup, which a killed supervisor cannot remove.
+    for &p in &survivors {
+        // SAFETY: plain kill(2) of a process this test started (found by its unique marker).
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    let gone_by = Instant::now() + Duration::from_secs(5);
+    while sandbox.iter().any(|&p| alive(p)) && Instant::now() < gone_by {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for dir in &cgroups {
+        let _ = std::fs::remove_dir(dir);
+    }
+
+    let late: Vec<&String> = lines
+        .iter()
+        .filter(|l| {
+            l.strip_prefix("ok ")
+                .and_then(|t| t.parse::<f64>().ok())
+                .is_some_and(|t| t > killed_at)
+        })
+        .collect();
+    assert!(late.is_empty(), "the sandbox reached the network after the gateway died: {late:?}");
+    assert!(
+        survivors.is_empty(),
+        "sandbox processes {survivors:?} outlived the killed supervisor (output closed: {closed}); \
+         last lines: {:?}",
+        &lines[lines.len().saturating_sub(3)..]
+    );
+    assert!(closed, "the sandbox's output stayed open after the supervisor was killed");
+}
