@@ -5,45 +5,71 @@
 #   bwrap --unshare-all ... true (namespaces + binds; no Landlock, seccomp or cgroup)
 #   unshare -rn true             (user + net namespace only)
 #   true                         (no sandbox)
-# Prints medians and ratios; `--export FILE` also writes hyperfine's JSON.
-# Usage: bench/startup.sh [--runs N] [--export FILE]
+# Two rounds, each printing medians and ratios:
+#   back-to-back  N runs of each command in a row (hyperfine's usual loop)
+#   isolated      N/5 runs (at least 20), each after a pause of --gap seconds (default 0.25), like
+#                 a sandbox started now and then. cordon pays one RCU grace period to attach its
+#                 sandbox to a cgroup when no other cgroup write happened in the last few
+#                 milliseconds; back-to-back runs mostly skip that wait (docs/benchmarks.md).
+# Every cordon run audits to a temp store (not the user's). `--export FILE` writes hyperfine's JSON
+# of both rounds to FILE.back-to-back.json and FILE.isolated.json.
+# Usage: bench/startup.sh [--runs N] [--gap SECONDS] [--export FILE]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=200
+gap=0.25
 export_json=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --runs) runs="$2"; shift 2 ;;
+    --gap) gap="$2"; shift 2 ;;
     --export) export_json="$2"; shift 2 ;;
-    *) echo "usage: bench/startup.sh [--runs N] [--export FILE]" >&2; exit 2 ;;
+    *) echo "usage: bench/startup.sh [--runs N] [--gap SECONDS] [--export FILE]" >&2; exit 2 ;;
   esac
 done
 scripts/deps.sh --bench
 cargo build --release --bin cordon -q
 cordon="${CARGO_TARGET_DIR:-$PWD/target}/release/cordon"
-json=$(mktemp --suffix=.json)
-trap 'rm -f "$json"' EXIT
+work=$(mktemp -d /tmp/cordon-bench-startup.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+cordon_cmd="$cordon run --audit $work/audit.db -- true"
 
 bwrap_cmd="bwrap --unshare-all --die-with-parent --new-session --ro-bind /usr /usr --symlink usr/bin /bin --symlink usr/lib /lib --symlink usr/lib64 /lib64 --symlink usr/sbin /sbin --proc /proc --dev /dev --tmpfs /tmp --dir /workspace --chdir /workspace true"
 $bwrap_cmd || { echo "bwrap cannot run here" >&2; exit 1; }
-"$cordon" run -- true || { echo "cordon cannot run here (see cordon doctor)" >&2; exit 1; }
+$cordon_cmd || { echo "cordon cannot run here (see cordon doctor)" >&2; exit 1; }
 
-hyperfine -N --warmup 20 --runs "$runs" --export-json "$json" \
-  -n cordon "$cordon run -- true" \
-  -n bwrap "$bwrap_cmd" \
-  -n "unshare -rn" "unshare -rn true" \
-  -n "true" "true" >/dev/null
-
-python3 - "$json" <<'PY'
+table() { # JSON TITLE
+  python3 - "$1" "$2" <<'PY'
 import json, statistics, sys
 res = json.load(open(sys.argv[1]))["results"]
 med = {r["command"]: statistics.median(r["times"]) * 1000 for r in res}
 p90 = {r["command"]: sorted(r["times"])[int(len(r["times"]) * 0.9)] * 1000 for r in res}
+n = len(res[0]["times"])
 base = med["cordon"]
+print(f"{sys.argv[2]} ({n} runs each)")
 print(f"{'command':<14}{'median ms':>10}{'p90 ms':>10}{'vs cordon':>11}")
 for name in ["cordon", "bwrap", "unshare -rn", "true"]:
     print(f"{name:<14}{med[name]:>10.2f}{p90[name]:>10.2f}{med[name] / base:>10.2f}x")
-print(f"\ncordon / bwrap median ratio: {base / med['bwrap']:.2f} (below 1.00 means cordon starts faster)")
+print(f"cordon / bwrap median ratio: {base / med['bwrap']:.2f} (below 1.00 means cordon starts faster)\n")
 PY
-[[ -n "$export_json" ]] && cp "$json" "$export_json"
+}
+
+bench() { # JSON EXTRA_HYPERFINE_ARGS...
+  local out="$1"; shift
+  hyperfine -N "$@" --export-json "$out" \
+    -n cordon "$cordon_cmd" \
+    -n bwrap "$bwrap_cmd" \
+    -n "unshare -rn" "unshare -rn true" \
+    -n "true" "true" >/dev/null 2>"$work/hyperfine.err" || { cat "$work/hyperfine.err" >&2; exit 1; }
+}
+
+isolated_runs=$(( runs / 5 > 20 ? runs / 5 : 20 ))
+bench "$work/b2b.json" --warmup 20 --runs "$runs"
+bench "$work/iso.json" --runs "$isolated_runs" --prepare "sleep $gap"
+table "$work/b2b.json" "back-to-back"
+table "$work/iso.json" "isolated (each run after a ${gap}s pause)"
+if [[ -n "$export_json" ]]; then
+  cp "$work/b2b.json" "$export_json.back-to-back.json"
+  cp "$work/iso.json" "$export_json.isolated.json"
+fi
 exit 0
