@@ -34,6 +34,16 @@ pub struct InitContext<'a> {
     pub workspace_fd: Option<BorrowedFd<'a>>,
 }
 
+/// Set-up milestones, reported with `Applied` (the init's marks are inherited by the command's
+/// process through `fork`).
+static MARKS: std::sync::Mutex<Vec<(&'static str, u64)>> = std::sync::Mutex::new(Vec::new());
+
+fn mark(name: &'static str) {
+    if let Ok(mut m) = MARKS.lock() {
+        m.push((name, proto::monotonic_ns()));
+    }
+}
+
 struct SetupError {
     layer: &'static str,
     message: String,
@@ -80,29 +90,46 @@ pub fn init_main(ctx: InitContext<'_>) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-fn wait_for(chan: BorrowedFd<'_>, expected: ToInit) -> Result<(), SetupError> {
-    let mut buf = [0u8; 64];
-    // SAFETY: `buf` is a valid writable buffer of the given length.
-    let n = unsafe {
-        libc::recv(
-            chan.as_raw_fd(),
-            buf.as_mut_ptr() as *mut libc::c_void,
-            buf.len(),
-            0,
-        )
-    };
-    if n <= 0 {
-        return Err(SetupError {
-            layer: "supervisor",
-            message: "the supervisor went away before the sandbox was ready".into(),
-        });
-    }
-    match proto::decode::<ToInit>(&buf[..n as usize]) {
-        Some(m) if m == expected => Ok(()),
-        _ => Err(SetupError {
-            layer: "supervisor",
-            message: "unexpected message from the supervisor".into(),
-        }),
+/// Messages from the supervisor; "cgroup ready" may arrive before an expected reply and is
+/// remembered.
+#[derive(Default)]
+struct Inbox {
+    cgroup_ready: bool,
+}
+
+impl Inbox {
+    fn wait_for(&mut self, chan: BorrowedFd<'_>, expected: ToInit) -> Result<(), SetupError> {
+        if expected == ToInit::CgroupReady && self.cgroup_ready {
+            return Ok(());
+        }
+        loop {
+            let mut buf = [0u8; 64];
+            // SAFETY: `buf` is a valid writable buffer of the given length.
+            let n = unsafe {
+                libc::recv(
+                    chan.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    0,
+                )
+            };
+            if n <= 0 {
+                return Err(SetupError {
+                    layer: "supervisor",
+                    message: "the supervisor went away before the sandbox was ready".into(),
+                });
+            }
+            match proto::decode::<ToInit>(&buf[..n as usize]) {
+                Some(m) if m == expected => return Ok(()),
+                Some(ToInit::CgroupReady) => self.cgroup_ready = true,
+                _ => {
+                    return Err(SetupError {
+                        layer: "supervisor",
+                        message: "unexpected message from the supervisor".into(),
+                    })
+                }
+            }
+        }
     }
 }
 
@@ -115,14 +142,11 @@ fn run(ctx: &InitContext<'_>) -> Result<i32, SetupError> {
     // once, instead of reaching both of us.
     // SAFETY: plain syscall on our own process.
     unsafe { libc::setpgid(0, 0) };
-    wait_for(chan, ToInit::Go)?;
+    let mut inbox = Inbox::default();
+    inbox.wait_for(chan, ToInit::Go)?;
+    mark("init: go received");
 
     privs::become_sandbox_user(plan.ids.rootful).map_err(fail("user-namespace"))?;
-    // The supervisor has moved us into the session's cgroup: from now on that is our root.
-    // SAFETY: plain syscall with an integer argument.
-    if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } < 0 {
-        return Err(fail("cgroup-namespace")(io::Error::last_os_error()));
-    }
 
     let sources = Sources::open(&plan.mounts, &plan.workspace).map_err(fail("mounts"))?;
     let attach = match (&plan.workspace, ctx.workspace_fd) {
@@ -148,6 +172,7 @@ fn run(ctx: &InitContext<'_>) -> Result<i32, SetupError> {
     let handed_over =
         mounts::apply(&plan.mounts, &sources, plan.root_size, &attach).map_err(fail("mounts"))?;
     drop(sources);
+    mark("init: mounts and pivot_root");
     if let Some(root) = handed_over {
         // The supervisor fills the tmpfs from the host directory; the command starts after.
         fdpass::send_fds(
@@ -157,7 +182,7 @@ fn run(ctx: &InitContext<'_>) -> Result<i32, SetupError> {
         )
         .map_err(fail("workspace"))?;
         drop(root);
-        wait_for(chan, ToInit::WorkspaceReady)?;
+        inbox.wait_for(chan, ToInit::WorkspaceReady)?;
     }
     nix::unistd::sethostname(&plan.hostname).map_err(fail("hostname"))?;
 
@@ -183,6 +208,15 @@ fn run(ctx: &InitContext<'_>) -> Result<i32, SetupError> {
         }
     }
 
+    mark("init: hostname and network");
+    // The supervisor moves us into the session's cgroup meanwhile; wait for it, then make that
+    // cgroup our root: from here on, nothing outside it is visible.
+    inbox.wait_for(chan, ToInit::CgroupReady)?;
+    // SAFETY: plain syscall with an integer argument.
+    if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } < 0 {
+        return Err(fail("cgroup-namespace")(io::Error::last_os_error()));
+    }
+    mark("init: in the session cgroup");
     let all = block_all_signals();
     // SAFETY: the init is single-threaded, so fork is safe; the child only runs our code until
     // exec.
@@ -312,6 +346,7 @@ fn prepare_command(ctx: &InitContext<'_>) -> Result<(), SetupError> {
     } else if nix::unistd::setsid().is_err() {
         return Err(fail("session")(io::Error::last_os_error()));
     }
+    mark("command: forked");
     std::env::set_current_dir("/workspace").map_err(fail("workspace"))?;
     privs::apply_rlimits(&plan.rlimits).map_err(fail("rlimits"))?;
     privs::drop_everything().map_err(fail("capabilities"))?;
@@ -324,6 +359,7 @@ fn prepare_command(ctx: &InitContext<'_>) -> Result<(), SetupError> {
         }
         Err(e) => return Err(fail("landlock")(e)),
     };
+    mark("command: rlimits, capabilities, landlock");
     // Every descriptor but 0, 1 and 2 closes at exec (the channel stays usable until then to
     // report an exec failure).
     // SAFETY: plain syscall with integer arguments.
@@ -348,6 +384,13 @@ fn prepare_command(ctx: &InitContext<'_>) -> Result<(), SetupError> {
             landlock_enforced: status.fully_enforced,
             seccomp: ctx.filter.is_some(),
             no_new_privs: true,
+            marks: {
+                mark("command: fds closed, seccomp installed");
+                MARKS
+                    .lock()
+                    .map(|m| m.iter().map(|(n, t)| (n.to_string(), *t)).collect())
+                    .unwrap_or_default()
+            },
         },
     );
     Ok(())

@@ -6,6 +6,17 @@
 
 use serde::{Deserialize, Serialize};
 
+/// CLOCK_MONOTONIC in nanoseconds: comparable across the supervisor and the sandbox.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Upper bound on an encoded message.
 pub const MAX_MESSAGE: usize = 16 * 1024;
 
@@ -16,6 +27,8 @@ pub enum ToInit {
     Go,
     /// The workspace volume handed over is filled: go on.
     WorkspaceReady,
+    /// The init is in the session's cgroup: it may start the command.
+    CgroupReady,
 }
 
 /// From the sandbox (init or the command's process before `exec`) to the supervisor.
@@ -29,6 +42,8 @@ pub enum ToSupervisor {
         landlock_enforced: bool,
         seccomp: bool,
         no_new_privs: bool,
+        /// CLOCK_MONOTONIC marks (ns) of the set-up steps, for `CORDON_TIMING`.
+        marks: Vec<(String, u64)>,
     },
     /// `exec` of the command failed with this errno.
     ExecFailed { errno: i32, message: String },

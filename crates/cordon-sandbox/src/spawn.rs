@@ -33,8 +33,6 @@ pub enum SpawnError {
         #[source]
         source: io::Error,
     },
-    #[error("{0}")]
-    BeforeGo(String),
     #[error("pidfd_open: {0}")]
     Pidfd(#[source] io::Error),
     #[error("sending go to the sandbox: {0}")]
@@ -65,13 +63,13 @@ const CLONE_FLAGS: libc::c_int = libc::CLONE_NEWUSER
     | libc::CLONE_NEWIPC
     | libc::CLONE_NEWUTS;
 
-/// Spawns the sandbox's init. `before_go` runs after the id maps are written and before the
-/// child continues; it receives the child's pid (use it to join the cgroup).
+/// Spawns the sandbox's init and lets it build its filesystem. The init then waits for
+/// [`ToInit::CgroupReady`] (send it with [`send`] once the pid is in its cgroup) before it
+/// starts the command.
 pub fn spawn(
     plan: &SandboxPlan,
     filter: Option<&CompiledFilter>,
     workspace_fd: Option<BorrowedFd<'_>>,
-    before_go: impl FnOnce(i32) -> Result<(), String>,
 ) -> Result<Sandbox, SpawnError> {
     let threads = thread_count();
     if threads != 1 {
@@ -131,7 +129,6 @@ pub fn spawn(
         e
     };
     write_id_maps(plan, pid).map_err(reap)?;
-    before_go(pid).map_err(|e| reap(SpawnError::BeforeGo(e)))?;
     // SAFETY: plain syscall; returns a new fd or -1.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if pidfd < 0 {
@@ -157,6 +154,24 @@ pub fn spawn(
         pidfd,
         chan: ours,
     })
+}
+
+/// Sends one message to the sandbox's init.
+pub fn send(sb: &Sandbox, msg: &ToInit) -> Result<(), io::Error> {
+    let bytes = proto::encode(msg);
+    // SAFETY: `bytes` is a valid buffer of the given length.
+    let sent = unsafe {
+        libc::send(
+            sb.chan.as_raw_fd(),
+            bytes.as_ptr() as *const libc::c_void,
+            bytes.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn write_id_maps(plan: &SandboxPlan, pid: i32) -> Result<(), SpawnError> {

@@ -268,13 +268,21 @@ fn command_of(args: &RunArgs) -> Result<Command_, String> {
     Ok((argv, Some((name, bytes)), sha))
 }
 
+/// The invoking user's name from `/etc/passwd` (read directly: going through NSS would load
+/// shared libraries on every start), or the uid as a number.
 fn invoking_user() -> String {
     // SAFETY: getuid has no failure mode.
     let uid = unsafe { libc::getuid() };
-    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+    std::fs::read_to_string("/etc/passwd")
         .ok()
-        .flatten()
-        .map(|u| u.name)
+        .and_then(|text| {
+            text.lines().find_map(|line| {
+                let mut f = line.split(':');
+                let name = f.next()?;
+                let id = f.nth(1)?.parse::<u32>().ok()?;
+                (id == uid).then(|| name.to_string())
+            })
+        })
         .unwrap_or_else(|| uid.to_string())
 }
 

@@ -80,6 +80,7 @@ fn is_root() -> bool {
 /// Runs a session to its end.
 pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     let started = Instant::now();
+    let mut marks = Marks::new();
     let policy = &req.policy;
     let mut layers = Layers::default();
     let rootful = is_root();
@@ -91,6 +92,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     };
 
     // Landlock and seccomp: decided and compiled before anything is spawned.
+    marks.mark("supervisor: policy loaded");
     let abi = landlock::probe_abi();
     if abi == 0 {
         lowered_or_fail(
@@ -123,46 +125,29 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         });
     }
 
-    let mut workspace = Workspace::prepare(policy, host_uid, host_gid)
-        .or_else(|e| match e {
-            crate::workspace::WorkspaceError::NoCap(reason) => {
-                lowered_or_fail(
-                    policy,
-                    Layer::WorkspaceCap,
-                    &mut layers.lowered,
-                    reason,
-                    "run cordon as root (the cap uses a loop-mounted ext4 volume) or let it use a tmpfs",
-                )?;
-                Workspace::prepare_uncapped(policy, &req.session_id, host_uid, host_gid, rootful)
-                    .map_err(|e| RunError::cordon(e.to_string()))
-            }
-            other => Err(RunError::cordon(other.to_string())),
-        })?;
-    layers.workspace_cap = workspace.cap_description();
-
-    // cgroup for memory, pids and cpu.
+    marks.mark("supervisor: landlock probe, seccomp compiled");
     let limits = CgroupLimits {
         memory_bytes: Some(policy.limits.memory.0),
         pids: Some(policy.limits.pids),
         cpu_cores: Some(policy.limits.cpu),
     };
-    let cg: Option<Box<dyn SessionCgroup>> = match cgroup_for(&req.session_id, &limits) {
-        Ok(cg) => {
-            layers.cgroup = Some(format!("{:?}", cg.version()).to_lowercase());
-            Some(cg)
-        }
-        Err(e) => {
+    let prepared = Workspace::prepare(policy, host_uid, host_gid);
+    let mut workspace = prepared.or_else(|e| match e {
+        crate::workspace::WorkspaceError::NoCap(reason) => {
             lowered_or_fail(
                 policy,
-                Layer::Cgroups,
+                Layer::WorkspaceCap,
                 &mut layers.lowered,
-                e,
-                "run as root or under a delegated cgroup v2 (systemd-run --user --scope -p Delegate=yes)",
+                reason,
+                "run cordon as root (the cap uses a loop-mounted ext4 volume) or let it use a tmpfs",
             )?;
-            None
+            Workspace::prepare_uncapped(policy, &req.session_id, host_uid, host_gid, rootful)
+                .map_err(|e| RunError::cordon(e.to_string()))
         }
-    };
-
+        other => Err(RunError::cordon(other.to_string())),
+    })?;
+    layers.workspace_cap = workspace.cap_description();
+    marks.mark("supervisor: workspace volume prepared");
     let facts = probe::host_facts(std::path::Path::new("/"));
     let extra: Vec<plan::ExtraBind> = policy
         .sandbox
@@ -240,30 +225,58 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             .map_err(|e| RunError::cordon(format!("audit store: {e}")))?,
     };
 
+    marks.mark("supervisor: plan built");
     let signals = SignalGuard::block()?;
-    let spawned = spawn::spawn(
-        &sandbox_plan,
-        filter.as_ref(),
-        workspace.detached_fd(),
-        |pid| match &cg {
-            Some(cg) => cg.add_pid(pid).map_err(|e| format!("cgroups: {e}")),
-            None => Ok(()),
-        },
-    );
+    let spawned = spawn::spawn(&sandbox_plan, filter.as_ref(), workspace.detached_fd());
     let sandbox = match spawned {
         Ok(s) => s,
         Err(e) => {
-            cleanup(cg, workspace);
+            cleanup(None, workspace);
             return Err(RunError::cordon(e.to_string()));
         }
     };
-
-    let deadline = started + policy.sandbox.timeout;
     let kill = |sb: &spawn::Sandbox| {
         pidfd_signal(sb.pidfd.as_fd(), libc::SIGKILL);
         // SAFETY: reaping our own child.
         unsafe { libc::waitpid(sb.pid, std::ptr::null_mut(), 0) };
     };
+    marks.mark("supervisor: cloned, id maps, go sent");
+    // The init builds its filesystem meanwhile; it waits for "cgroup ready" before it starts
+    // the command, so the command and everything it forks run inside the session's cgroup.
+    let cg: Option<Box<dyn SessionCgroup>> = match cgroup_for(&req.session_id, &limits).and_then(
+        |c| {
+            c.add_pid(sandbox.pid)
+                .map(|()| c)
+                .map_err(|e| e.to_string())
+        },
+    ) {
+        Ok(cg) => {
+            layers.cgroup = Some(format!("{:?}", cg.version()).to_lowercase());
+            Some(cg)
+        }
+        Err(e) => {
+            if let Err(err) = lowered_or_fail(
+                policy,
+                Layer::Cgroups,
+                &mut layers.lowered,
+                e,
+                "run as root or under a delegated cgroup v2 (systemd-run --user --scope -p Delegate=yes)",
+            ) {
+                kill(&sandbox);
+                cleanup(None, workspace);
+                return Err(err);
+            }
+            None
+        }
+    };
+    if let Err(e) = spawn::send(&sandbox, &cordon_sandbox::proto::ToInit::CgroupReady) {
+        kill(&sandbox);
+        cleanup(cg, workspace);
+        return Err(RunError::cordon(format!("sandbox set-up: {e}")));
+    }
+    marks.mark("supervisor: cgroup created and joined");
+    let deadline = started + policy.sandbox.timeout;
+    marks.mark("supervisor: cloned, id maps, go sent");
     let sockets = match handshake(&sandbox, &sandbox_plan, &mut workspace, deadline) {
         Ok(s) => s,
         Err(e) => {
@@ -275,6 +288,20 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     // Threads may start now: the sandbox is spawned.
     let mut writer = None;
     let mut gateway = None;
+    // A network-less session has only its start and end to record: open the store and write
+    // the start while the sandbox runs, off the critical path.
+    let quiet_audit = (!gateway_mode).then(|| {
+        let path = audit_path.clone();
+        let start = attribution.session_start(&req.argv, start_detail(&layers, policy));
+        std::thread::spawn(move || -> Result<cordon_audit::Store, String> {
+            let mut store = cordon_audit::Store::open(&path)
+                .map_err(|e| format!("audit store {}: {e}", path.display()))?;
+            store
+                .append(&[start])
+                .map_err(|e| format!("audit store {}: {e}", path.display()))?;
+            Ok(store)
+        })
+    });
     if let Some(sockets) = sockets {
         let started_gw = cordon_audit::AuditWriter::open(&audit_path)
             .map_err(|e| format!("audit store {}: {e}", audit_path.display()))
@@ -312,12 +339,14 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     let network = gateway.map(RunningGateway::stop);
     // The init is reaped: everything in its pid namespace is gone. The cgroup may still hold
     // nothing, but kill it anyway before removal in case the kernel is slower than we think.
+    marks.mark("supervisor: sandbox reaped");
     let stats = cg.as_ref().map(|c| c.stats());
     if let Some(c) = &cg {
         let _ = c.kill_all();
     }
     let workspace_desc = workspace.describe();
     cleanup(cg, workspace);
+    marks.mark("supervisor: cgroup removed, workspace released");
     drop(signals);
     if let Some(reason) = &terminated {
         eprintln!("cordon: session {} terminated: {reason}", req.session_id);
@@ -375,15 +404,30 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                 }
             }
         }
-        None => record_quietly(
-            &audit_path,
-            &[
-                attribution.session_start(&req.argv, start_detail(&layers, policy)),
-                end,
-            ],
-        ),
+        None => {
+            let stored = quiet_audit
+                .map(|t| {
+                    t.join()
+                        .unwrap_or_else(|_| Err("audit thread panicked".into()))
+                })
+                .unwrap_or_else(|| Err("no audit thread".into()))
+                .and_then(|mut store| {
+                    store
+                        .append(&[end])
+                        .map(drop)
+                        .map_err(|e| format!("audit store {}: {e}", audit_path.display()))
+                });
+            // A network-less session can have no network event to lose: a failed audit
+            // write is a warning, not a failed run.
+            if let Err(e) = stored {
+                eprintln!("cordon: warning: {e}");
+            }
+        }
     }
 
+    marks.mark("supervisor: audit recorded");
+    marks.extend(&outcome.marks);
+    marks.report(started);
     if let Some(err) = outcome.setup_failed {
         return Err(RunError::cordon(err));
     }
@@ -442,15 +486,6 @@ fn start_detail(layers: &Layers, policy: &Policy) -> serde_json::Map<String, ser
     m
 }
 
-/// Appends a network-less session's start and end records. The audit is best effort here (no
-/// network event can have happened), so a failure is a warning, not a failed run.
-fn record_quietly(path: &std::path::Path, events: &[cordon_audit::Event]) {
-    let result = cordon_audit::Store::open(path).and_then(|mut s| s.append(events).map(drop));
-    if let Err(e) = result {
-        eprintln!("cordon: warning: audit store {}: {e}", path.display());
-    }
-}
-
 fn cgroup_for(session_id: &str, limits: &CgroupLimits) -> Result<Box<dyn SessionCgroup>, String> {
     let mut detected = cgroup::detect_host().map_err(|e| e.to_string())?;
     // On a pure cgroup v2 host our own cgroup holds us, and v2 forbids handing controllers to
@@ -464,14 +499,21 @@ fn cgroup_for(session_id: &str, limits: &CgroupLimits) -> Result<Box<dyn Session
 }
 
 fn cleanup(cg: Option<Box<dyn SessionCgroup>>, workspace: Workspace) {
-    if let Some(c) = cg {
-        if let Err(e) = c.remove() {
-            eprintln!("cordon: warning: removing the session cgroup: {e}");
+    // Independent teardown steps, run side by side.
+    std::thread::scope(|scope| {
+        let cg_thread = scope.spawn(move || match cg {
+            Some(c) => c.remove().map_err(|e| e.to_string()),
+            None => Ok(()),
+        });
+        if let Err(e) = workspace.finish() {
+            eprintln!("cordon: warning: workspace: {e}");
         }
-    }
-    if let Err(e) = workspace.finish() {
-        eprintln!("cordon: warning: workspace: {e}");
-    }
+        match cg_thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("cordon: warning: removing the session cgroup: {e}"),
+            Err(_) => eprintln!("cordon: warning: removing the session cgroup panicked"),
+        }
+    });
 }
 
 fn children_cpu_ms() -> Option<u64> {
@@ -495,6 +537,59 @@ struct Outcome {
     exec_failed: Option<(i32, String)>,
     applied: Option<(u32, bool, bool)>,
     terminated: bool,
+    marks: Vec<(String, u64)>,
+}
+
+/// Where a session's time went, printed on stderr when `CORDON_TIMING` is set (see
+/// docs/benchmarks.md). Marks are CLOCK_MONOTONIC, comparable with the sandbox's own.
+struct Marks {
+    enabled: bool,
+    marks: Vec<(String, u64)>,
+}
+
+impl Marks {
+    fn new() -> Marks {
+        let enabled = std::env::var_os("CORDON_TIMING").is_some();
+        let mut m = Marks {
+            enabled,
+            marks: Vec::new(),
+        };
+        m.mark("supervisor: start");
+        m
+    }
+
+    fn mark(&mut self, name: &str) {
+        if self.enabled {
+            self.marks.push((name.to_string(), proto::monotonic_ns()));
+        }
+    }
+
+    fn extend(&mut self, other: &[(String, u64)]) {
+        if self.enabled {
+            self.marks.extend(other.iter().cloned());
+        }
+    }
+
+    fn report(&mut self, started: Instant) {
+        if !self.enabled {
+            return;
+        }
+        self.marks.sort_by_key(|(_, t)| *t);
+        let t0 = self.marks.first().map_or(0, |(_, t)| *t);
+        let mut prev = t0;
+        for (name, t) in &self.marks {
+            eprintln!(
+                "cordon: timing {:>8.3} ms (+{:>7.3}) {name}",
+                (t - t0) as f64 / 1e6,
+                (t.saturating_sub(prev)) as f64 / 1e6
+            );
+            prev = *t;
+        }
+        eprintln!(
+            "cordon: timing {:>8.3} ms total (since main: process start not included)",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    }
 }
 
 /// Blocks SIGINT, SIGTERM, SIGHUP and SIGQUIT and reads them from a signalfd, so an interrupted
@@ -759,8 +854,12 @@ fn drain(chan: BorrowedFd<'_>, buf: &mut [u8], out: &mut Outcome) -> bool {
                 landlock_abi,
                 landlock_enforced,
                 no_new_privs,
+                marks,
                 ..
-            }) => out.applied = Some((landlock_abi, landlock_enforced, no_new_privs)),
+            }) => {
+                out.applied = Some((landlock_abi, landlock_enforced, no_new_privs));
+                out.marks = marks;
+            }
             Some(ToSupervisor::SetupFailed { layer, message }) => {
                 out.setup_failed = Some(format!("sandbox set-up failed at {layer}: {message}"))
             }
