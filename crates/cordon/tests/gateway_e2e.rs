@@ -999,22 +999,29 @@ fn a_host_not_in_the_allowlist_gets_403_nxdomain_and_a_reset_and_upstream_dns_ne
     assert_eq!(r.network()["allowed"], 0, "{}", r.result);
 }
 
-/// The SSRF forms of issue 3: literals in every encoding, names that resolve to blocked
-/// ranges, rebinding, mixed answers.
-const SSRF_FORMS: [&str; 13] = [
+/// The SSRF forms of issue 3: literals in every encoding and IPv6 embedding, names that
+/// resolve to blocked ranges, rebinding.
+const SSRF_FORMS: [&str; 20] = [
     "169.254.169.254",
     "2852039166",
     "0xa9fea9fe",
     "0251.0376.0251.0376",
+    "0xA9.0xFE.0xA9.0xFE",
+    "169.254.43518",
     "[::ffff:a9fe:a9fe]",
+    "[64:ff9b::a9fe:a9fe]",
+    "[2002:a9fe:a9fe::]",
+    "[2001:0:4136:e378:8000:63bf:5601:5601]",
     "0",
     "127.1",
     "10.0.0.5",
     "[::1]",
+    "[fe80::1]",
     "[fd00:ec2::254]",
     "private.fake.test",
     "rebind.fake.test",
     "meta.fake.test",
+    "100.64.0.1",
 ];
 
 #[test]
@@ -1028,6 +1035,7 @@ fn every_ssrf_form_is_blocked_inside_the_sandbox_and_no_trap_sees_a_connection()
     let allow = [
         "0.0.0.0/0:*",
         "[::/0]:*",
+        "api.fake.test:80",
         "private.fake.test:80",
         "rebind.fake.test:80",
         "mixed.fake.test:80",
@@ -1071,6 +1079,15 @@ fn every_ssrf_form_is_blocked_inside_the_sandbox_and_no_trap_sees_a_connection()
         let tcp = if form.starts_with('[') { "tcp6" } else { "tcp" };
         steps.push(vec![tcp.into(), form.into(), "80".into()]);
     }
+    // A redirect from an allowed host to the metadata service: each hop is decided afresh.
+    let redirect = format!("http://api.fake.test/redirect?to=http://{METADATA_IP}/latest/");
+    steps.push(vec!["http".into(), "urllib".into(), redirect.clone()]);
+    steps.push(vec![
+        "http".into(),
+        "urllib".into(),
+        redirect.clone(),
+        "noproxy".into(),
+    ]);
     steps.push(vec![
         "http".into(),
         "urllib".into(),
@@ -1116,6 +1133,13 @@ fn every_ssrf_form_is_blocked_inside_the_sandbox_and_no_trap_sees_a_connection()
             "{tcp} {form}:80: {v}"
         );
     }
+    let v = r.probe(&["http", "urllib", &redirect]);
+    assert_eq!(v["status"], 403, "redirect to the metadata service: {v}");
+    let v = r.probe(&["http", "urllib", &redirect, "noproxy"]);
+    assert!(
+        v["error"].is_string(),
+        "redirect to the metadata service, no proxy: {v}"
+    );
     // Mixed answers: only the public address is used.
     for step in [
         &["http", "urllib", "http://mixed.fake.test/m1"][..],
@@ -1151,6 +1175,9 @@ fn every_ssrf_form_is_blocked_inside_the_sandbox_and_no_trap_sees_a_connection()
         "::1",
         "fd00:ec2::254",
         "::ffff:169.254.169.254",
+        "64:ff9b::a9fe:a9fe",
+        "fe80::1",
+        "100.64.0.1",
     ] {
         assert!(
             ssrf.iter().any(|e| e["ip"] == ip || e["host"] == ip),
