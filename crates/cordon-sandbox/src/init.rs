@@ -147,6 +147,10 @@ fn run(ctx: &InitContext<'_>) -> Result<i32, SetupError> {
     mark("init: go received");
 
     privs::become_sandbox_user(plan.ids.rootful).map_err(fail("user-namespace"))?;
+    // Changing credentials clears the parent-death signal: set it again. If the supervisor is
+    // already gone, the channel reads EOF below and we exit before running anything.
+    // SAFETY: plain prctl.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
 
     let sources = Sources::open(&plan.mounts, &plan.workspace).map_err(fail("mounts"))?;
     let attach = match (&plan.workspace, ctx.workspace_fd) {

@@ -379,8 +379,17 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default()
     });
-    let end_status = outcome.status.map(|s| i64::from(s.as_shell_code()));
+    // What cordon exits with: the command's status, 126/127 when it could not be executed,
+    // 137 when the sandbox was killed before the command reported (timeout, termination).
+    let end_status = Some(i64::from(match (&outcome.exec_failed, outcome.status) {
+        (Some((code, _)), _) => *code,
+        (None, Some(st)) => st.as_shell_code(),
+        (None, None) if outcome.setup_failed.is_some() => 125,
+        (None, None) => 128 + libc::SIGKILL,
+    }));
     let mut end_detail = serde_json::Map::new();
+    // The layers as finally applied (Landlock's status is known only once the command ran).
+    end_detail.insert("layers".into(), serde_json::json!(layers));
     if let Some(n) = &network {
         end_detail.insert("network".into(), serde_json::json!(n));
     }
@@ -467,9 +476,13 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     })
 }
 
+/// What the session starts with: its policy's network part and the layers decided so far (the
+/// full list, with Landlock's status, is in the session's end record).
 fn start_detail(layers: &Layers, policy: &Policy) -> serde_json::Map<String, serde_json::Value> {
     let mut m = serde_json::Map::new();
-    m.insert("layers".into(), serde_json::json!(layers));
+    m.insert("namespaces".into(), serde_json::json!(layers.namespaces));
+    m.insert("network".into(), serde_json::json!(layers.network));
+    m.insert("lowered".into(), serde_json::json!(layers.lowered));
     m.insert(
         "allow".into(),
         serde_json::json!(policy
