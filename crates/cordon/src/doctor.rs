@@ -215,6 +215,9 @@ fn self_test() -> Row {
 
 /// Prints the table; returns the exit status.
 pub fn doctor() -> i32 {
+    // Leftovers of supervisors killed with SIGKILL: empty cgroups, unlinked volume images.
+    crate::session::remove_stale_cgroups();
+    let _ = cordon_sandbox::workspace::cleanup_stale(&crate::session::state_dir());
     let mut rows = vec![
         userns_row(),
         landlock_row(),

@@ -31,6 +31,24 @@ pub fn new_session_id() -> String {
         .collect()
 }
 
+/// Milliseconds since the session id was made, if it is one of ours.
+pub fn age_ms(id: &str) -> Option<u64> {
+    if id.len() != 26 {
+        return None;
+    }
+    let mut value: u128 = 0;
+    for c in id.bytes() {
+        let digit = ALPHABET.iter().position(|&a| a == c)? as u128;
+        value = (value << 5) | digit;
+    }
+    let made = (value >> 80) as u64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_millis() as u64;
+    Some(now.saturating_sub(made))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,5 +61,13 @@ mod tests {
         assert_eq!(a.len(), 26);
         assert!(a.bytes().all(|c| ALPHABET.contains(&c)));
         assert!(a < b, "{a} !< {b}");
+    }
+
+    #[test]
+    fn a_fresh_id_is_young_and_foreign_names_have_no_age() {
+        let a = new_session_id();
+        assert!(age_ms(&a).unwrap() < 1000);
+        assert_eq!(age_ms("_supervisor"), None);
+        assert_eq!(age_ms("not-a-ulid-but-26-chars-xx"), None);
     }
 }

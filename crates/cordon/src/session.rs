@@ -514,9 +514,13 @@ fn cgroup_for(session_id: &str, limits: &CgroupLimits) -> Result<Box<dyn Session
 fn cleanup(cg: Option<Box<dyn SessionCgroup>>, workspace: Workspace) {
     // Independent teardown steps, run side by side.
     std::thread::scope(|scope| {
-        let cg_thread = scope.spawn(move || match cg {
-            Some(c) => c.remove().map_err(|e| e.to_string()),
-            None => Ok(()),
+        let cg_thread = scope.spawn(move || {
+            let removed = match cg {
+                Some(c) => c.remove().map_err(|e| e.to_string()),
+                None => Ok(()),
+            };
+            remove_stale_cgroups();
+            removed
         });
         if let Err(e) = workspace.finish() {
             eprintln!("cordon: warning: workspace: {e}");
@@ -527,6 +531,15 @@ fn cleanup(cg: Option<Box<dyn SessionCgroup>>, workspace: Workspace) {
             Err(_) => eprintln!("cordon: warning: removing the session cgroup panicked"),
         }
     });
+}
+
+/// Removes empty session cgroups that a supervisor killed with SIGKILL left behind. A session
+/// younger than a minute may be between creating its cgroup and joining it, so it is left alone.
+pub fn remove_stale_cgroups() {
+    if let Ok(detected) = cgroup::detect_host() {
+        let young = |id: &str| crate::ids::age_ms(id).is_none_or(|age| age < 60_000);
+        let _ = cgroup::cleanup_stale(&detected, &young);
+    }
 }
 
 fn children_cpu_ms() -> Option<u64> {

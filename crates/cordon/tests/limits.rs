@@ -253,3 +253,28 @@ fn nofile_and_core_rlimits_apply() {
     ]);
     assert_eq!(stdout(&out), "64\n0\n64\n");
 }
+
+#[test]
+fn a_cgroup_left_by_a_killed_supervisor_is_removed_by_the_next_session() {
+    if !need_cgroups() {
+        return;
+    }
+    // The pids hierarchy of cgroup v1, as on this kind of host; elsewhere the test says so.
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let Some(path) = own
+        .lines()
+        .find_map(|l| l.split_once(":pids:").map(|(_, p)| p.to_string()))
+    else {
+        eprintln!("SKIPPED: no cgroup v1 pids hierarchy here");
+        return;
+    };
+    let base = std::path::Path::new("/sys/fs/cgroup/pids")
+        .join(path.trim_start_matches('/'))
+        .join("cordon");
+    // A session id from 1970: long dead.
+    let stale = base.join("00000000000000000000000000");
+    std::fs::create_dir_all(&stale).unwrap();
+    let out = run(&["--", "true"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stale.exists(), "the stale cgroup is still there");
+}
