@@ -98,7 +98,10 @@ pub(crate) struct Budget {
     limits: BudgetLimits,
     enforce: bool,
     rpm: Option<DefaultDirectRateLimiter>,
-    rpm_host: Option<DefaultKeyedRateLimiter<String>>,
+    /// Keyed by a keyed hash of the host name (no allocation per request); a collision, which
+    /// nobody can aim for without the random key, would only make two hosts share a quota.
+    rpm_host: Option<DefaultKeyedRateLimiter<u64>>,
+    host_hasher: std::collections::hash_map::RandomState,
     conns: Option<Arc<Semaphore>>,
     bytes_out: AtomicU64,
     bytes_in: AtomicU64,
@@ -127,6 +130,7 @@ impl Budget {
             enforce,
             rpm: quota(limits.requests_per_minute).map(RateLimiter::direct),
             rpm_host: quota(limits.requests_per_minute_per_host).map(RateLimiter::keyed),
+            host_hasher: Default::default(),
             conns: limits
                 .max_connections
                 .map(|n| Arc::new(Semaphore::new(n as usize))),
@@ -155,7 +159,8 @@ impl Budget {
             }
         }
         if let (Some(rl), Some(n)) = (&self.rpm_host, self.limits.requests_per_minute_per_host) {
-            if rl.check_key(&host.to_owned()).is_err() {
+            let key = std::hash::BuildHasher::hash_one(&self.host_hasher, host);
+            if rl.check_key(&key).is_err() {
                 return self.refuse_or_report(Limit::RequestsPerMinutePerHost(n));
             }
             // Now and then forget hosts whose buckets are full again, so the table stays small.

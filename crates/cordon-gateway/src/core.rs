@@ -145,3 +145,69 @@ impl Ctx {
 pub(crate) fn elapsed_ms(start: Instant) -> u64 {
     u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
+
+/// Builders for unit tests that need a live context.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use cordon_policy::host::HostName;
+
+    use super::{BudgetHit, Ctx};
+    use crate::budget::BudgetLimits;
+    use crate::event::{MemorySink, SessionInfo, Via};
+    use crate::io::{Meter, MeterTarget};
+    use crate::resolve::{Resolve, ResolveError, ResolveFuture};
+    use crate::session::Session;
+    use crate::{Gateway, GatewayConfig, Upstream};
+
+    struct NoResolver;
+
+    impl Resolve for NoResolver {
+        fn resolve<'a>(&'a self, name: &'a HostName) -> ResolveFuture<'a> {
+            let name = name.to_string();
+            Box::pin(async move { Err(ResolveError::NoSuchName { name }) })
+        }
+    }
+
+    /// A context over a default-deny gateway whose events go to a [`MemorySink`].
+    pub fn ctx() -> (Arc<Ctx>, Arc<MemorySink>) {
+        let mut config = GatewayConfig::new(
+            Default::default(),
+            Default::default(),
+            SessionInfo::unauthenticated(),
+        );
+        config.upstream = Upstream::Custom(Arc::new(NoResolver));
+        let gateway = Gateway::new(config).unwrap_or_else(|e| panic!("test gateway: {e}"));
+        let sink = Arc::new(MemorySink::new());
+        let ctx = Arc::new(Ctx {
+            shared: gateway.shared.clone(),
+            sink: sink.clone(),
+            cancel: Default::default(),
+            tasks: Default::default(),
+        });
+        (ctx, sink)
+    }
+
+    /// A meter over a fresh session with these byte budgets (`None`: unlimited), enforcing.
+    pub fn meter_with_budget(out: Option<u64>, inbound: Option<u64>) -> (Meter, Arc<MemorySink>) {
+        let (ctx, sink) = ctx();
+        let limits = BudgetLimits {
+            max_bytes_out: out,
+            max_bytes_in: inbound,
+            ..BudgetLimits::default()
+        };
+        let session = Arc::new(Session::new(SessionInfo::unauthenticated(), limits, true));
+        let meter = Meter::new(MeterTarget {
+            ctx,
+            session,
+            hit: BudgetHit {
+                via: Via::Connect,
+                host: None,
+                ip: None,
+                port: None,
+            },
+        });
+        (meter, sink)
+    }
+}

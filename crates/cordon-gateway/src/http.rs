@@ -12,26 +12,23 @@
 //! - Refusals are `403` with a short body and an `X-Cordon-Reason` header (`407` for a missing
 //!   or bad proxy token in standalone mode); a refused CONNECT gets the same 403 before any
 //!   tunnel exists.
-//! - The proxy token (`Proxy-Authorization`) and every other hop-by-hop header are stripped
-//!   before a request goes upstream.
+//! - Framing is decided by `h1` (smuggling-shaped requests are refused before anything goes
+//!   upstream), and both hops get heads re-serialised by the gateway: the proxy token
+//!   (`Proxy-Authorization`) and every other hop-by-hop header are stripped.
+//! - Heads are parsed in user space; bodies with a known length (and large chunks) are spliced
+//!   socket to socket (`crate::splice`), metered like every other upstream byte.
 //! - Each request produces one event, emitted when its response ends (bytes and duration
-//!   included), or one refusal event.
+//!   included), or one refusal event. A request cut short (upstream failure, byte budget, client
+//!   gone, gateway stopping) still produces its event, with the reason.
 
-use std::convert::Infallible;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use bytes::{Buf, BytesMut};
+use http::Uri;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -39,14 +36,21 @@ use crate::authority::{parse_authority, Authority};
 use crate::budget::{ConnCheck, RateCheck};
 use crate::core::{elapsed_ms, BudgetHit, Ctx};
 use crate::event::{cut_path, EventKind, NetEvent, SessionInfo, Verdict, Via};
-use crate::io::{Counters, MeterTarget, Metered};
+use crate::h1::{
+    self, BodyLen, Chunk, ChunkedDecoder, ClientEnd, HeadError, RequestHead, RequestInfo,
+};
+use crate::io::{read_client, read_up, write_up, Counters, Meter, MeterTarget};
 use crate::policy::{Dest, Verdicted};
 use crate::route::{self, dest_for, Route, RouteError};
 use crate::session::Session;
+use crate::splice::{transfer, Pipe, TransferError, UpstreamEnd};
 use crate::tokens::AuthFailure;
 
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub(crate) type Body = BoxBody<Bytes, BoxError>;
+/// Bodies (or chunks) with at least this many bytes left after what is already buffered are
+/// spliced; smaller ones are copied, which costs fewer system calls.
+const SPLICE_MIN: u64 = 64 * 1024;
+/// Most bytes read from a socket into a buffer at once.
+const READ_CHUNK: usize = 64 * 1024;
 
 /// How a client connection's requests find their destination.
 #[derive(Debug, Clone)]
@@ -63,38 +67,85 @@ struct Binding {
 }
 
 /// An upstream HTTP/1.1 connection kept for the next request to the same destination.
-struct Upstream {
+struct UpstreamConn {
     dest: Dest,
     port: u16,
     addr: SocketAddr,
-    sender: hyper::client::conn::http1::SendRequest<Body>,
-    counters: Arc<Counters>,
+    /// The decision for this destination and address (`decide_dest` combined with
+    /// `decide_resolved` for `addr`), taken when the connection was opened.
+    verdict: Verdicted,
+    stream: TcpStream,
+    meter: Meter,
+    /// Bytes read from upstream and not yet forwarded.
+    buf: BytesMut,
+    spans: h1::Spans,
 }
 
-/// State of one client connection.
+/// The last request target decided on this connection, and what it was decided to be.
+///
+/// Parsing a target and deciding it are pure functions of the request's authority and `Host`
+/// header: the policy never changes while the gateway runs, and a synthetic address keeps its
+/// name once mapped (an unmapped one is never memoised, since DNS may map it later). So a
+/// request whose authority and `Host` are byte-for-byte those of the previous one gets the same
+/// answer without parsing and deciding again; anything else is parsed and decided afresh.
+struct Memo {
+    authority: Vec<u8>,
+    host_header: Option<Vec<u8>>,
+    dest: Dest,
+    port: u16,
+    host: String,
+    pre: Verdicted,
+}
+
+impl Memo {
+    fn matches(&self, authority: &[u8], host_header: Option<&[u8]>) -> bool {
+        self.authority == authority && self.host_header.as_deref() == host_header
+    }
+}
+
+/// One client connection: its socket, buffers, session binding and kept upstream.
 pub(crate) struct ClientConn {
     mode: ConnMode,
-    binding: Mutex<Option<Binding>>,
-    upstream: tokio::sync::Mutex<Option<Upstream>>,
+    stream: TcpStream,
+    buf: BytesMut,
+    out: Vec<u8>,
+    spans: h1::Spans,
+    memo: Option<Memo>,
+    binding: Option<Binding>,
+    upstream: Option<UpstreamConn>,
+    to_upstream: Option<Pipe>,
+    to_client: Option<Pipe>,
 }
 
 impl ClientConn {
-    pub fn new(mode: ConnMode) -> Self {
+    /// A connection whose first bytes (`initial`) were already read.
+    pub fn new(mode: ConnMode, stream: TcpStream, initial: &[u8]) -> Self {
+        let mut buf = BytesMut::with_capacity(initial.len().max(8 * 1024));
+        buf.extend_from_slice(initial);
         ClientConn {
             mode,
-            binding: Mutex::new(None),
-            upstream: tokio::sync::Mutex::new(None),
+            stream,
+            buf,
+            out: Vec::with_capacity(1024),
+            spans: Vec::with_capacity(16),
+            memo: None,
+            binding: None,
+            upstream: None,
+            to_upstream: None,
+            to_client: None,
         }
     }
 
     /// A connection that already holds its session and slot (transparent capture).
     pub fn bound(
         mode: ConnMode,
+        stream: TcpStream,
+        initial: &[u8],
         session: Arc<Session>,
         permit: Option<OwnedSemaphorePermit>,
     ) -> Self {
-        let conn = Self::new(mode);
-        *lock(&conn.binding) = Some(Binding {
+        let mut conn = Self::new(mode, stream, initial);
+        conn.binding = Some(Binding {
             session,
             _permit: permit,
         });
@@ -107,112 +158,127 @@ impl ClientConn {
             ConnMode::Transparent { .. } => Via::Transparent,
         }
     }
-}
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
+    /// Writes the gateway's own answer.
+    async fn reply(&mut self, status: u16, reason: &str, close: bool) -> io::Result<()> {
+        self.out.clear();
+        h1::write_refusal(&mut self.out, status, reason, close);
+        self.stream.write_all(&self.out).await
     }
 }
 
-pub(crate) fn full(body: impl Into<Bytes>) -> Body {
-    Full::new(body.into())
-        .map_err(|never: Infallible| match never {})
-        .boxed()
+/// What happens to the client connection after a request.
+enum Next {
+    KeepAlive,
+    Close,
+    /// CONNECT was allowed: the connection becomes a tunnel to `route`.
+    Tunnel(Arc<Session>, Route),
 }
 
-fn header_safe(reason: &str) -> HeaderValue {
-    let cleaned: String = reason
-        .chars()
-        .take(300)
-        .map(|c| {
-            if c.is_ascii_graphic() || c == ' ' {
-                c
-            } else {
-                '?'
+/// Serves one client connection until it closes or the gateway stops.
+pub(crate) async fn serve_client(ctx: Arc<Ctx>, mut conn: ClientConn) {
+    // One cancellation waiter and one head timer for the connection's life, not per request.
+    let cancelled = ctx.cancel.cancelled();
+    tokio::pin!(cancelled);
+    let head_timeout = ctx.shared.timeouts.header_read;
+    let timer = tokio::time::sleep(head_timeout);
+    tokio::pin!(timer);
+    loop {
+        let deadline = tokio::time::Instant::now() + head_timeout;
+        let head = tokio::select! {
+            r = read_request_head(&mut conn, timer.as_mut(), deadline) => r,
+            _ = &mut cancelled => return,
+        };
+        let req = match head {
+            Ok(Some(req)) => req,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "bad request head");
+                let _ = conn.reply(e.status(), &e.to_string(), true).await;
+                return;
             }
-        })
-        .collect();
-    HeaderValue::from_str(&cleaned).unwrap_or_else(|_| HeaderValue::from_static("blocked"))
-}
-
-/// The response the agent sees when something is refused.
-pub(crate) fn refusal(status: StatusCode, reason: &str) -> Response<Body> {
-    let mut resp = Response::new(full(format!("cordon: {reason}\n")));
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert("x-cordon-reason", header_safe(reason));
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
-        h.insert(
-            header::PROXY_AUTHENTICATE,
-            HeaderValue::from_static("Basic realm=\"cordon\""),
-        );
-    }
-    resp
-}
-
-/// Serves one client connection with hyper until it closes or the gateway stops.
-pub(crate) async fn serve_client<I>(ctx: Arc<Ctx>, io: I, conn: Arc<ClientConn>)
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let service = {
-        let ctx = ctx.clone();
-        service_fn(move |req: Request<Incoming>| {
-            let ctx = ctx.clone();
-            let conn = conn.clone();
-            async move { Ok::<_, Infallible>(handle_request(ctx, conn, req).await) }
-        })
-    };
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(ctx.shared.timeouts.header_read)
-        .keep_alive(true)
-        .max_buf_size(256 * 1024);
-    let served = builder
-        .serve_connection(TokioIo::new(io), service)
-        .with_upgrades();
-    tokio::select! {
-        res = served => {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "client connection ended with an error");
+        };
+        // Cut short by the token: an in-flight request still records its event (on drop).
+        let next = tokio::select! {
+            n = handle_request(&ctx, &mut conn, &req) => n,
+            _ = &mut cancelled => return,
+        };
+        conn.spans = req.head.recycle();
+        match next {
+            Next::KeepAlive => {}
+            Next::Close => return,
+            Next::Tunnel(session, route) => {
+                // The connection slot stays held for the tunnel's life.
+                let ClientConn {
+                    stream,
+                    buf,
+                    binding,
+                    ..
+                } = conn;
+                crate::tunnel::run_connect(&ctx, &session, stream, buf.to_vec(), route).await;
+                drop(binding);
+                return;
             }
         }
-        _ = ctx.cancel.cancelled() => {}
     }
 }
 
-/// Emits a refusal event and builds the matching response.
+/// Reads the next request head, giving up at `deadline`. `Ok(None)`: the client closed, went
+/// quiet past the deadline, or broke the connection. `timer` is the connection's one timer: it
+/// is re-armed only when it fires before the current deadline, so a request costs no timer
+/// registration.
+async fn read_request_head(
+    conn: &mut ClientConn,
+    mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    deadline: tokio::time::Instant,
+) -> Result<Option<RequestHead>, HeadError> {
+    loop {
+        if let Some(req) = h1::parse_request(&mut conn.buf, &mut conn.spans)? {
+            return Ok(Some(req));
+        }
+        let read = loop {
+            tokio::select! {
+                biased;
+                r = read_client(&mut conn.stream, &mut conn.buf, READ_CHUNK) => break r,
+                () = timer.as_mut() => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Ok(None);
+                    }
+                    timer.as_mut().reset(deadline);
+                }
+            }
+        };
+        match read {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Records a refusal.
 #[allow(clippy::too_many_arguments)]
-fn refuse(
+fn record_refusal(
     ctx: &Ctx,
     session: &Session,
     via: Via,
-    status: StatusCode,
     host: Option<String>,
     ip: Option<IpAddr>,
     port: Option<u16>,
-    method: &Method,
+    method: &str,
     path: Option<&str>,
     v: &Verdicted,
-) -> Response<Body> {
+) -> String {
     let reason = v.reason.clone().unwrap_or_else(|| "blocked".into());
     let mut e = NetEvent::new(EventKind::Blocked, &session.info, via, Verdict::Block);
     e.host = host;
     e.ip = ip;
     e.port = port;
-    e.method = Some(method.to_string());
+    e.method = Some(method.to_owned());
     e.path = path.map(cut_path);
     e.rule = v.rule.clone();
     e.reason = Some(reason.clone());
     ctx.emit(session, e);
-    refusal(status, &reason)
+    reason
 }
 
 fn verdicted(rule: &str, reason: String) -> Verdicted {
@@ -223,17 +289,27 @@ fn verdicted(rule: &str, reason: String) -> Verdicted {
     }
 }
 
-/// The session this request belongs to, with its connection slot held.
+/// Whether the request may still carry body bytes the gateway will not read: after a refusal
+/// the connection must then close, or those bytes would be read as the next request.
+fn unread_body(info: Option<&RequestInfo>) -> bool {
+    match info {
+        Some(i) => !matches!(i.body, BodyLen::Empty | BodyLen::Length(0)),
+        None => true,
+    }
+}
+
+/// The session this request belongs to, with its connection slot held. `Err`: the refusal
+/// (status, reason), already recorded.
 fn bind_session(
     ctx: &Ctx,
-    conn: &ClientConn,
-    req: &Request<Incoming>,
-) -> Result<Arc<Session>, Box<Response<Body>>> {
-    let session = match ctx.shared.attribution.session_for(
-        req.headers()
-            .get(header::PROXY_AUTHORIZATION)
-            .map(|v| v.as_bytes()),
-    ) {
+    conn: &mut ClientConn,
+    req: &RequestHead,
+) -> Result<Arc<Session>, (u16, String)> {
+    let session = match ctx
+        .shared
+        .attribution
+        .session_for(req.head.first("proxy-authorization"))
+    {
         Ok(s) => s,
         Err(failure) => {
             let reason = match failure {
@@ -248,19 +324,17 @@ fn bind_session(
                 conn.via(),
                 Verdict::Block,
             );
-            e.method = Some(req.method().to_string());
-            e.host = req.uri().host().map(str::to_owned);
+            e.method = Some(req.method().to_owned());
+            e.host = Uri::try_from(req.target_bytes().as_ref())
+                .ok()
+                .and_then(|u| u.host().map(str::to_owned));
             e.rule = "proxy-auth".into();
             e.reason = Some(reason.into());
             ctx.emit_unattributed(e);
-            return Err(Box::new(refusal(
-                StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-                reason,
-            )));
+            return Err((407, reason.into()));
         }
     };
-    let mut binding = lock(&conn.binding);
-    if let Some(b) = binding.as_ref() {
+    if let Some(b) = conn.binding.as_ref() {
         if Arc::ptr_eq(&b.session, &session) {
             return Ok(session);
         }
@@ -279,96 +353,167 @@ fn bind_session(
         }
         ConnCheck::Refused(limit) => {
             ctx.budget_refused(&session, &limit, &hit, /*report*/ false);
-            return Err(Box::new(refusal(
-                StatusCode::FORBIDDEN,
-                &limit.reason(None),
-            )));
+            return Err((403, limit.reason(None)));
         }
     };
-    *binding = Some(Binding {
+    conn.binding = Some(Binding {
         session: session.clone(),
         _permit: permit,
     });
     Ok(session)
 }
 
-async fn handle_request(
-    ctx: Arc<Ctx>,
-    conn: Arc<ClientConn>,
-    req: Request<Incoming>,
-) -> Response<Body> {
-    let session = match bind_session(&ctx, &conn, &req) {
+/// Answers with a refusal; the connection stays open unless a body may follow.
+async fn refuse_with(
+    conn: &mut ClientConn,
+    status: u16,
+    reason: &str,
+    info: Option<&RequestInfo>,
+) -> Next {
+    let close = unread_body(info) || info.is_some_and(|i| !i.keep_alive);
+    match conn.reply(status, reason, close).await {
+        Ok(()) if !close => Next::KeepAlive,
+        _ => Next::Close,
+    }
+}
+
+async fn handle_request(ctx: &Arc<Ctx>, conn: &mut ClientConn, req: &RequestHead) -> Next {
+    let session = match bind_session(ctx, conn, req) {
         Ok(s) => s,
-        Err(resp) => return *resp,
+        Err((status, reason)) => {
+            let info = h1::request_info(req).ok();
+            return refuse_with(conn, status, &reason, info.as_ref()).await;
+        }
     };
-    if req.method() == Method::CONNECT {
+    let via = conn.via();
+    let info = match h1::request_info(req) {
+        Ok(i) => i,
+        Err(e) => {
+            let v = verdicted("bad-request", e.to_string());
+            let reason =
+                record_refusal(ctx, &session, via, None, None, None, req.method(), None, &v);
+            return refuse_with(conn, e.status(), &reason, None).await;
+        }
+    };
+    if req.method() == "CONNECT" {
         return match conn.mode {
-            ConnMode::Proxy => crate::tunnel::handle_connect(ctx, session, req).await,
+            ConnMode::Proxy => {
+                let raw = String::from_utf8_lossy(req.target()).into_owned();
+                match crate::tunnel::prepare_connect(ctx, &session, &raw).await {
+                    Ok(route) if !unread_body(Some(&info)) => Next::Tunnel(session, route),
+                    Ok(_) => {
+                        // A CONNECT with a body is nonsense; the tunnel would start mid-body.
+                        refuse_with(conn, 400, "CONNECT with a body", Some(&info)).await
+                    }
+                    Err((status, reason)) => refuse_with(conn, status, &reason, Some(&info)).await,
+                }
+            }
             ConnMode::Transparent { .. } => {
                 let v = verdicted(
                     "method",
                     "CONNECT is only accepted by the explicit proxy".into(),
                 );
-                refuse(
-                    &ctx,
+                let reason = record_refusal(
+                    ctx,
                     &session,
                     Via::Transparent,
-                    StatusCode::FORBIDDEN,
                     None,
                     None,
                     None,
                     req.method(),
                     None,
                     &v,
-                )
+                );
+                refuse_with(conn, 403, &reason, Some(&info)).await
             }
         };
     }
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned());
-    let (dest, port, via) = match &conn.mode {
-        ConnMode::Proxy => match proxy_target(&ctx, &req) {
-            Ok((d, p)) => (d, p, Via::Proxy),
-            Err((status, v, host)) => {
-                return refuse(
-                    &ctx,
-                    &session,
-                    Via::Proxy,
-                    status,
-                    host,
-                    None,
-                    None,
-                    req.method(),
-                    Some(&path),
-                    &v,
-                )
-            }
-        },
-        ConnMode::Transparent { dest, port } => {
-            if let Err(v) = transparent_host_check(&ctx, &req, dest, *port) {
-                return refuse(
-                    &ctx,
-                    &session,
-                    Via::Transparent,
-                    StatusCode::FORBIDDEN,
-                    Some(dest.to_host_string()),
-                    None,
-                    Some(*port),
-                    req.method(),
-                    Some(&path),
-                    &v,
-                );
-            }
-            (dest.clone(), *port, Via::Transparent)
+    let uri = match Uri::from_maybe_shared(req.target_bytes()) {
+        Ok(u) => u,
+        Err(e) => {
+            let v = verdicted("bad-request", format!("invalid request target: {e}"));
+            let reason =
+                record_refusal(ctx, &session, via, None, None, None, req.method(), None, &v);
+            return refuse_with(conn, 400, &reason, Some(&info)).await;
         }
     };
-    forward(ctx, conn, session, dest, port, via, path, req).await
+    let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let memo = match decide_target(ctx, conn, req, &uri) {
+        Ok(m) => m,
+        Err((status, v, host, port)) => {
+            let reason = record_refusal(
+                ctx,
+                &session,
+                via,
+                host,
+                None,
+                port,
+                req.method(),
+                Some(path),
+                &v,
+            );
+            return refuse_with(conn, status, &reason, Some(&info)).await;
+        }
+    };
+    let next = forward(ctx, conn, &memo, session, via, path, req, &info).await;
+    conn.memo = Some(memo);
+    next
 }
 
-fn host_headers(req: &Request<Incoming>) -> Result<Option<&HeaderValue>, Verdicted> {
-    let mut it = req.headers().get_all(header::HOST).iter();
+/// A refused target: status, verdict, and the host and port to record.
+type TargetRefusal = (u16, Verdicted, Option<String>, Option<u16>);
+
+/// Parses, checks and decides (before resolution) the request's target, or takes the answer
+/// from the connection's memo when the target is byte-for-byte the previous one.
+fn decide_target(
+    ctx: &Ctx,
+    conn: &mut ClientConn,
+    req: &RequestHead,
+    uri: &Uri,
+) -> Result<Memo, TargetRefusal> {
+    let authority = match conn.mode {
+        ConnMode::Proxy => uri.authority().map_or(&b""[..], |a| a.as_str().as_bytes()),
+        ConnMode::Transparent { .. } => &b""[..],
+    };
+    let proxy_form_ok = match conn.mode {
+        ConnMode::Proxy => uri
+            .scheme_str()
+            .is_some_and(|s| s.eq_ignore_ascii_case("http")),
+        ConnMode::Transparent { .. } => true,
+    };
+    // More than one Host header is refused below, never answered from the memo.
+    if let (Some(memo), Ok(host_header)) = (conn.memo.take(), host_header(req)) {
+        if proxy_form_ok && memo.matches(authority, host_header) {
+            return Ok(memo);
+        }
+    }
+    let (dest, port) = match &conn.mode {
+        ConnMode::Proxy => {
+            proxy_target(ctx, req, uri).map_err(|(status, v, host)| (status, v, host, None))?
+        }
+        ConnMode::Transparent { dest, port } => {
+            transparent_host_check(ctx, req, dest, *port)
+                .map_err(|v| (403, v, Some(dest.to_host_string()), Some(*port)))?;
+            (dest.clone(), *port)
+        }
+    };
+    let host = dest.to_host_string();
+    let pre = ctx.policy().decide_dest(&dest, port);
+    if pre.blocked() {
+        return Err((403, pre, Some(host), Some(port)));
+    }
+    Ok(Memo {
+        authority: authority.to_vec(),
+        host_header: host_header(req).ok().flatten().map(<[u8]>::to_vec),
+        dest,
+        port,
+        host,
+        pre,
+    })
+}
+
+fn host_header(req: &RequestHead) -> Result<Option<&[u8]>, Verdicted> {
+    let mut it = req.head.values("host");
     let first = it.next();
     if it.next().is_some() {
         return Err(verdicted(
@@ -382,16 +527,10 @@ fn host_headers(req: &Request<Incoming>) -> Result<Option<&HeaderValue>, Verdict
 /// The destination of an absolute-form request, with the Host header checked against it.
 fn proxy_target(
     ctx: &Ctx,
-    req: &Request<Incoming>,
-) -> Result<(Dest, u16), (StatusCode, Verdicted, Option<String>)> {
-    let uri = req.uri();
-    let bad = |reason: String| {
-        (
-            StatusCode::BAD_REQUEST,
-            verdicted("bad-request", reason),
-            None,
-        )
-    };
+    req: &RequestHead,
+    uri: &Uri,
+) -> Result<(Dest, u16), (u16, Verdicted, Option<String>)> {
+    let bad = |reason: String| (400, verdicted("bad-request", reason), None);
     let scheme = uri.scheme_str().ok_or_else(|| {
         bad("not a proxy request: use an absolute URI (http://host/path) or CONNECT".into())
     })?;
@@ -405,7 +544,7 @@ fn proxy_target(
         .ok_or_else(|| bad("absolute URI without a host".into()))?;
     let target = parse_authority(authority.as_str(), Some(80)).map_err(|e| {
         (
-            StatusCode::FORBIDDEN,
+            403,
             verdicted(
                 "bad-target",
                 format!(
@@ -417,10 +556,9 @@ fn proxy_target(
         )
     })?;
     let dest = dest_for(&target.host, &ctx.shared.synthetic);
-    let shown = Some(dest.to_host_string());
-    let mismatch = |h: &str| {
+    let mismatch = |h: &str, dest: &Dest| {
         (
-            StatusCode::FORBIDDEN,
+            403,
             verdicted(
                 "host-mismatch",
                 format!(
@@ -428,19 +566,19 @@ fn proxy_target(
                     truncate(h)
                 ),
             ),
-            shown.clone(),
+            Some(dest.to_host_string()),
         )
     };
-    match host_headers(req) {
-        Err(v) => return Err((StatusCode::FORBIDDEN, v, shown.clone())),
+    match host_header(req) {
+        Err(v) => return Err((403, v, Some(dest.to_host_string()))),
         Ok(None) => {}
         Ok(Some(value)) => {
-            let text = value.to_str().map_err(|_| mismatch("<non-ASCII>"))?;
+            let text = std::str::from_utf8(value).map_err(|_| mismatch("<non-UTF-8>", &dest))?;
             match parse_authority(text, Some(80)) {
                 Ok(h)
                     if dest_for(&h.host, &ctx.shared.synthetic) == dest
                         && h.port == target.port => {}
-                _ => return Err(mismatch(text)),
+                _ => return Err(mismatch(text, &dest)),
             }
         }
     }
@@ -450,7 +588,7 @@ fn proxy_target(
 /// Captured HTTP: the Host header must name the connection's destination.
 fn transparent_host_check(
     ctx: &Ctx,
-    req: &Request<Incoming>,
+    req: &RequestHead,
     dest: &Dest,
     port: u16,
 ) -> Result<(), Verdicted> {
@@ -458,13 +596,13 @@ fn transparent_host_check(
         // The sandbox connected to an address it named itself; that address is what is decided.
         return Ok(());
     }
-    let value = host_headers(req)?.ok_or_else(|| {
+    let value = host_header(req)?.ok_or_else(|| {
         verdicted(
             "host-mismatch",
             format!("request to {} without a Host header", dest.to_host_string()),
         )
     })?;
-    let text = value.to_str().unwrap_or("<non-ASCII>");
+    let text = std::str::from_utf8(value).unwrap_or("<non-UTF-8>");
     match parse_authority(text, Some(port)) {
         Ok(Authority { host, port: p })
             if dest_for(&host, &ctx.shared.synthetic) == *dest && p == port =>
@@ -486,252 +624,707 @@ fn truncate(s: &str) -> String {
     s.chars().take(100).collect()
 }
 
-/// Decides, budgets, resolves, connects (or reuses) and forwards one request.
+/// Whether a kept upstream connection is still usable: the peer has not closed it and sent
+/// nothing unasked. Costs a system call only when the driver saw the socket become readable.
+fn still_open(stream: &TcpStream) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match stream.poll_read_ready(&mut cx) {
+        std::task::Poll::Pending => true,
+        std::task::Poll::Ready(Err(_)) => false,
+        std::task::Poll::Ready(Ok(())) => {
+            let mut probe = [0u8; 1];
+            matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        }
+    }
+}
+
+/// The `Host` value for a request that carried none.
+fn host_for(dest: &Dest, port: u16) -> String {
+    match (dest, port) {
+        (Dest::Addr(IpAddr::V6(v6)), 80) => format!("[{v6}]"),
+        (Dest::Addr(IpAddr::V6(v6)), p) => format!("[{v6}]:{p}"),
+        (d, 80) => d.to_host_string(),
+        (d, p) => format!("{}:{p}", d.to_host_string()),
+    }
+}
+
+/// Budgets, resolves, connects (or reuses) and forwards one request whose target `memo`
+/// allowed.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
-    ctx: Arc<Ctx>,
-    conn: Arc<ClientConn>,
+    ctx: &Arc<Ctx>,
+    conn: &mut ClientConn,
+    memo: &Memo,
     session: Arc<Session>,
-    dest: Dest,
-    port: u16,
     via: Via,
-    path: String,
-    req: Request<Incoming>,
-) -> Response<Body> {
-    let method = req.method().clone();
-    let host = dest.to_host_string();
-    let pre = ctx.policy().decide_dest(&dest, port);
-    if pre.blocked() {
-        return refuse(
-            &ctx,
-            &session,
-            via,
-            StatusCode::FORBIDDEN,
-            Some(host),
-            None,
-            Some(port),
-            &method,
-            Some(&path),
-            &pre,
-        );
-    }
-    let hit = BudgetHit {
+    path: &str,
+    req: &RequestHead,
+    info: &RequestInfo,
+) -> Next {
+    let method = req.method();
+    let (dest, port, host, pre) = (&memo.dest, memo.port, &memo.host, &memo.pre);
+    let hit = || BudgetHit {
         via,
         host: Some(host.clone()),
         ip: None,
         port: Some(port),
     };
-    match session.budget.check_request(&host) {
+    match session.budget.check_request(host) {
         RateCheck::Ok => {}
-        RateCheck::OverInReport(limit) => ctx.budget_refused(&session, &limit, &hit, true),
+        RateCheck::OverInReport(limit) => ctx.budget_refused(&session, &limit, &hit(), true),
         RateCheck::Refused(limit) => {
-            ctx.budget_refused(&session, &limit, &hit, false);
-            return refusal(StatusCode::FORBIDDEN, &limit.reason(Some(&host)));
+            ctx.budget_refused(&session, &limit, &hit(), false);
+            return refuse_with(conn, 403, &limit.reason(Some(host)), Some(info)).await;
         }
     }
     if session.budget.enforcing() {
         if let Some(limit) = session.budget.bytes_exhausted() {
-            ctx.budget_refused(&session, &limit, &hit, false);
-            return refusal(StatusCode::FORBIDDEN, &limit.reason(Some(&host)));
+            ctx.budget_refused(&session, &limit, &hit(), false);
+            return refuse_with(conn, 403, &limit.reason(Some(host)), Some(info)).await;
         }
     }
 
     let start = Instant::now();
-    let mut slot = conn.upstream.lock().await;
-    // Reuse the kept-alive upstream only for the same destination, and decide its address again.
-    let mut reuse = None;
-    if let Some(mut up) = slot.take() {
-        if up.dest == dest
-            && up.port == port
-            && !up.sender.is_closed()
-            && up.sender.ready().await.is_ok()
-        {
-            let v = ctx.policy().decide_addr(dest.name(), up.addr.ip(), port);
-            if v.blocked() {
-                return refuse(
-                    &ctx,
-                    &session,
-                    via,
-                    StatusCode::FORBIDDEN,
-                    Some(host),
-                    Some(up.addr.ip()),
-                    Some(port),
-                    &method,
-                    Some(&path),
-                    &v,
-                );
-            }
-            reuse = Some((up, route::combine(&pre, &v)));
-        }
-    }
-    let (mut up, verdict, rule, reason) = match reuse {
-        Some((up, v)) => (up, v.verdict, v.rule, v.reason),
+    // Reuse the kept-alive upstream only for the same destination; its address was decided when
+    // it was opened, for exactly this destination (the decision is pure and the policy fixed).
+    let kept = conn.upstream.take().filter(|up| {
+        up.dest == *dest && up.port == port && up.buf.is_empty() && still_open(&up.stream)
+    });
+    let up = match kept {
+        Some(up) => up,
         None => {
-            let route =
-                match route::resolve_checked(ctx.policy(), &*ctx.shared.resolver, &dest, port, pre)
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(RouteError::Denied(v, ip)) => {
-                        return refuse(
-                            &ctx,
-                            &session,
-                            via,
-                            StatusCode::FORBIDDEN,
-                            Some(host),
-                            ip,
-                            Some(port),
-                            &method,
-                            Some(&path),
-                            &v,
-                        )
-                    }
-                    Err(RouteError::Resolve(e)) => {
-                        return upstream_failure(
-                            &ctx,
-                            &session,
-                            via,
-                            &host,
-                            None,
-                            port,
-                            &method,
-                            &path,
-                            e.to_string(),
-                            start,
-                        )
-                    }
-                };
-            match open_upstream(&ctx, &session, &route, via).await {
-                Ok(up) => (up, route.verdict, route.rule, route.reason),
-                Err(e) => {
-                    return upstream_failure(
-                        &ctx,
+            let route = match route::resolve_checked(
+                ctx.policy(),
+                &*ctx.shared.resolver,
+                dest,
+                port,
+                pre.clone(),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(RouteError::Denied(v, ip)) => {
+                    let reason = record_refusal(
+                        ctx,
                         &session,
                         via,
-                        &host,
-                        route.addrs.first().copied(),
+                        Some(host.clone()),
+                        ip,
+                        Some(port),
+                        method,
+                        Some(path),
+                        &v,
+                    );
+                    return refuse_with(conn, 403, &reason, Some(info)).await;
+                }
+                Err(RouteError::Resolve(e)) => {
+                    let failed = Failed {
+                        host,
+                        ip: None,
                         port,
-                        &method,
-                        &path,
-                        e,
+                        method,
+                        path,
                         start,
-                    )
+                    };
+                    return upstream_failure(ctx, conn, &session, via, failed, e.to_string(), info)
+                        .await;
+                }
+            };
+            match open_upstream(ctx, &session, &route, pre, via).await {
+                Ok(up) => up,
+                Err(e) => {
+                    let failed = Failed {
+                        host,
+                        ip: route.addrs.first().copied(),
+                        port,
+                        method,
+                        path,
+                        start,
+                    };
+                    return upstream_failure(ctx, conn, &session, via, failed, e, info).await;
                 }
             }
         }
     };
+    if up.verdict.blocked() {
+        // Never: a connection is opened only to an address that passed.
+        let reason = record_refusal(
+            ctx,
+            &session,
+            via,
+            Some(host.clone()),
+            Some(up.addr.ip()),
+            Some(port),
+            method,
+            Some(path),
+            &up.verdict,
+        );
+        return refuse_with(conn, 403, &reason, Some(info)).await;
+    }
 
-    let outgoing = match upstream_request(req, &dest, port) {
+    let mut e = NetEvent::new(
+        EventKind::HttpRequest,
+        &session.info,
+        via,
+        up.verdict.verdict,
+    );
+    e.host = Some(host.clone());
+    e.ip = Some(up.addr.ip());
+    e.port = Some(port);
+    e.method = Some(method.to_owned());
+    e.path = Some(cut_path(path));
+    e.rule = up.verdict.rule.clone();
+    e.reason = up.verdict.reason.clone();
+    let counters = up.meter.counters();
+    let before = counters.snapshot();
+    let mut inflight = InFlight {
+        ctx: ctx.clone(),
+        session,
+        counters,
+        before,
+        start,
+        event: Some(e),
+    };
+    exchange(conn, up, req, info, path, dest, port, &mut inflight).await
+}
+
+/// Sends the request, relays the response, records the event, keeps what can be kept.
+#[allow(clippy::too_many_arguments)]
+async fn exchange(
+    conn: &mut ClientConn,
+    mut up: UpstreamConn,
+    req: &RequestHead,
+    info: &RequestInfo,
+    path: &str,
+    dest: &Dest,
+    port: u16,
+    inflight: &mut InFlight,
+) -> Next {
+    let head_request = req.method() == "HEAD";
+    let started = match send_request(conn, &mut up, req, info, path, dest, port).await {
+        Ok(()) => read_response_head(conn, &mut up, req.minor, head_request).await,
+        Err(f) => Err(f),
+    };
+    let (resp, rinfo) = match started {
         Ok(r) => r,
-        Err(e) => {
-            let v = verdicted("bad-request", e);
-            return refuse(
-                &ctx,
-                &session,
-                via,
-                StatusCode::BAD_REQUEST,
-                Some(host),
-                None,
-                Some(port),
-                &method,
-                Some(&path),
-                &v,
-            );
+        Err(Failure::Client(e)) => {
+            inflight.finish(Some(format!("request not sent to the end: {e}")));
+            return Next::Close;
+        }
+        Err(Failure::Upstream(e)) if is_budget(&e) => {
+            // The meter already recorded the budget event.
+            inflight.discard();
+            return refuse_with(conn, 403, "byte budget exhausted", Some(info)).await;
+        }
+        Err(Failure::Upstream(e)) => {
+            let reason = format!("upstream request failed: {e}");
+            inflight.fail(&reason);
+            return refuse_with(conn, 502, &reason, Some(info)).await;
         }
     };
-    let before = up.counters.snapshot();
-    let ip = up.addr.ip();
-    let sent = up.sender.send_request(outgoing).await;
-    let counters = up.counters.clone();
-    match sent {
-        Ok(resp) => {
-            *slot = Some(up);
-            drop(slot);
-            let mut e = NetEvent::new(EventKind::HttpRequest, &session.info, via, verdict);
-            e.host = Some(host);
-            e.ip = Some(ip);
-            e.port = Some(port);
-            e.method = Some(method.to_string());
-            e.path = Some(cut_path(&path));
-            e.rule = rule;
-            e.reason = reason;
-            let pending = PendingEvent {
-                ctx: ctx.clone(),
-                session,
-                event: e,
-                counters,
-                before,
-                start,
-            };
-            downstream_response(resp, pending)
-        }
-        Err(err) => {
-            drop(slot);
-            if session.budget.enforcing() && session.budget.bytes_exhausted().is_some() {
-                // The metered stream already recorded the budget event.
-                return refusal(StatusCode::FORBIDDEN, "byte budget exhausted");
+    let client_body = match rinfo.body {
+        // An HTTP/1.0 client cannot read chunks: it gets the payload, ended by the close.
+        BodyLen::Chunked if req.minor == 0 => BodyLen::UntilClose,
+        b => b,
+    };
+    let close = !info.keep_alive || client_body == BodyLen::UntilClose;
+    let end = match (close, req.minor) {
+        (true, _) => ClientEnd::Close,
+        (false, 0) => ClientEnd::KeepAlive10,
+        (false, _) => ClientEnd::KeepAlive,
+    };
+    conn.out.clear();
+    h1::write_response_head(&mut conn.out, &resp, &rinfo, client_body, end);
+    up.spans = resp.head.recycle();
+    // A response already complete in the buffer is recorded before the client sees any of it,
+    // so no agent ever observes a response whose event is not yet in the audit.
+    let in_hand = match rinfo.body {
+        BodyLen::Empty => true,
+        BodyLen::Length(n) => up.buf.len() as u64 >= n,
+        BodyLen::Chunked | BodyLen::UntilClose => false,
+    };
+    if in_hand {
+        inflight.finish(None);
+    }
+    let relayed = relay_response(conn, &mut up, rinfo.body, client_body).await;
+    match relayed {
+        Ok(()) => {
+            inflight.finish(None);
+            if rinfo.reusable && up.buf.is_empty() {
+                conn.upstream = Some(up);
             }
-            upstream_failure(
-                &ctx,
-                &session,
-                via,
-                &host,
-                Some(ip),
-                port,
-                &method,
-                &path,
-                format!("upstream request failed: {err}"),
-                start,
-            )
+            if close {
+                Next::Close
+            } else {
+                Next::KeepAlive
+            }
+        }
+        Err(Failure::Upstream(e)) => {
+            inflight.finish(Some(format!("response aborted: {e}")));
+            Next::Close
+        }
+        Err(Failure::Client(e)) => {
+            inflight.finish(Some(format!("response not read to the end: {e}")));
+            Next::Close
         }
     }
 }
 
-/// A request the policy allowed but upstream could not serve: 502, recorded as allowed with the
-/// failure as its reason.
+/// Which side broke an exchange.
+enum Failure {
+    Client(io::Error),
+    Upstream(io::Error),
+}
+
+impl Failure {
+    fn of_transfer(e: TransferError, upstream_is_source: bool) -> Failure {
+        if e.at_source == upstream_is_source {
+            Failure::Upstream(e.error)
+        } else {
+            Failure::Client(e.error)
+        }
+    }
+}
+
+fn is_budget(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::Other && e.to_string() == "byte budget exhausted"
+}
+
+fn unexpected_eof(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, format!("{what} closed early"))
+}
+
+fn pipe(slot: &mut Option<Pipe>) -> io::Result<&mut Pipe> {
+    if slot.as_ref().is_some_and(Pipe::is_dirty) {
+        *slot = None;
+    }
+    match slot {
+        Some(p) => Ok(p),
+        None => Ok(slot.insert(Pipe::new()?)),
+    }
+}
+
+/// Writes the request head (and whatever body bytes are already buffered) upstream, then the
+/// rest of the body.
 #[allow(clippy::too_many_arguments)]
-fn upstream_failure(
-    ctx: &Ctx,
-    session: &Session,
-    via: Via,
-    host: &str,
+async fn send_request(
+    conn: &mut ClientConn,
+    up: &mut UpstreamConn,
+    req: &RequestHead,
+    info: &RequestInfo,
+    path: &str,
+    dest: &Dest,
+    port: u16,
+) -> Result<(), Failure> {
+    let fallback = match req.head.first("host") {
+        Some(_) => None,
+        None => Some(host_for(dest, port)),
+    };
+    // Origin-form only upstream; an asterisk-form target becomes `/`.
+    let path = if path.starts_with('/') { path } else { "/" };
+    conn.out.clear();
+    h1::write_request_head(
+        &mut conn.out,
+        req,
+        info,
+        path.as_bytes(),
+        fallback.as_deref(),
+    );
+    let has_body = unread_body(Some(info));
+    if has_body && info.expect_continue && conn.buf.is_empty() {
+        // The client waits for this before sending its body; upstream never saw the Expect.
+        conn.stream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .map_err(Failure::Client)?;
+    }
+    match info.body {
+        BodyLen::Empty | BodyLen::UntilClose | BodyLen::Length(0) => {
+            write_up(&mut up.stream, &up.meter, &conn.out)
+                .await
+                .map_err(Failure::Upstream)
+        }
+        BodyLen::Length(n) => {
+            let k = usize::try_from(n).unwrap_or(usize::MAX).min(conn.buf.len());
+            conn.out.extend_from_slice(&conn.buf[..k]);
+            conn.buf.advance(k);
+            write_up(&mut up.stream, &up.meter, &conn.out)
+                .await
+                .map_err(Failure::Upstream)?;
+            let mut ends = Ends {
+                client: &mut conn.stream,
+                client_buf: &mut conn.buf,
+                upstream: &mut up.stream,
+                upstream_buf: &mut up.buf,
+                meter: &up.meter,
+                to_upstream: true,
+            };
+            ends.exact(n - k as u64, &mut conn.to_upstream).await
+        }
+        BodyLen::Chunked => {
+            write_up(&mut up.stream, &up.meter, &conn.out)
+                .await
+                .map_err(Failure::Upstream)?;
+            let mut ends = Ends {
+                client: &mut conn.stream,
+                client_buf: &mut conn.buf,
+                upstream: &mut up.stream,
+                upstream_buf: &mut up.buf,
+                meter: &up.meter,
+                to_upstream: true,
+            };
+            ends.chunked(/*rechunk*/ true, &mut conn.to_upstream).await
+        }
+    }
+}
+
+/// Reads upstream's response head, relaying interim (1xx) responses to the client.
+async fn read_response_head(
+    conn: &mut ClientConn,
+    up: &mut UpstreamConn,
+    client_minor: u8,
+    head_request: bool,
+) -> Result<(h1::ResponseHead, h1::ResponseInfo), Failure> {
+    loop {
+        let parsed = h1::parse_response(&mut up.buf, &mut up.spans)
+            .and_then(|r| {
+                r.map(|r| h1::response_info(&r, head_request).map(|i| (r, i)))
+                    .transpose()
+            })
+            .map_err(|e| Failure::Upstream(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+        match parsed {
+            Some((resp, info)) if info.interim => {
+                if client_minor >= 1 {
+                    conn.out.clear();
+                    h1::write_response_head(
+                        &mut conn.out,
+                        &resp,
+                        &info,
+                        BodyLen::Empty,
+                        ClientEnd::KeepAlive,
+                    );
+                    conn.stream
+                        .write_all(&conn.out)
+                        .await
+                        .map_err(Failure::Client)?;
+                }
+                up.spans = resp.head.recycle();
+            }
+            Some(done) => return Ok(done),
+            None => {
+                let n = read_up(&mut up.stream, &up.meter, &mut up.buf, READ_CHUNK)
+                    .await
+                    .map_err(Failure::Upstream)?;
+                if n == 0 {
+                    return Err(Failure::Upstream(unexpected_eof(
+                        "upstream connection before the response",
+                    )));
+                }
+            }
+        }
+    }
+}
+
+/// Writes the response head in `conn.out` (with the body bytes already buffered, when the body
+/// has a length) and relays the body.
+async fn relay_response(
+    conn: &mut ClientConn,
+    up: &mut UpstreamConn,
+    body: BodyLen,
+    client_body: BodyLen,
+) -> Result<(), Failure> {
+    if let BodyLen::Length(n) = body {
+        let k = usize::try_from(n).unwrap_or(usize::MAX).min(up.buf.len());
+        conn.out.extend_from_slice(&up.buf[..k]);
+        up.buf.advance(k);
+        conn.stream
+            .write_all(&conn.out)
+            .await
+            .map_err(Failure::Client)?;
+        let mut ends = Ends {
+            client: &mut conn.stream,
+            client_buf: &mut conn.buf,
+            upstream: &mut up.stream,
+            upstream_buf: &mut up.buf,
+            meter: &up.meter,
+            to_upstream: false,
+        };
+        return ends.exact(n - k as u64, &mut conn.to_client).await;
+    }
+    conn.stream
+        .write_all(&conn.out)
+        .await
+        .map_err(Failure::Client)?;
+    let mut ends = Ends {
+        client: &mut conn.stream,
+        client_buf: &mut conn.buf,
+        upstream: &mut up.stream,
+        upstream_buf: &mut up.buf,
+        meter: &up.meter,
+        to_upstream: false,
+    };
+    match body {
+        BodyLen::Empty | BodyLen::Length(_) => Ok(()),
+        BodyLen::Chunked => {
+            ends.chunked(client_body == BodyLen::Chunked, &mut conn.to_client)
+                .await
+        }
+        BodyLen::UntilClose => ends.until_close(&mut conn.to_client).await,
+    }
+}
+
+/// Both ends of a body relay, in one direction.
+struct Ends<'a> {
+    client: &'a mut TcpStream,
+    client_buf: &'a mut BytesMut,
+    upstream: &'a mut TcpStream,
+    upstream_buf: &'a mut BytesMut,
+    meter: &'a Meter,
+    /// The body goes client → upstream (a request) rather than upstream → client.
+    to_upstream: bool,
+}
+
+impl Ends<'_> {
+    fn src_failure(&self, e: io::Error) -> Failure {
+        if self.to_upstream {
+            Failure::Client(e)
+        } else {
+            Failure::Upstream(e)
+        }
+    }
+
+    fn dst_failure(&self, e: io::Error) -> Failure {
+        if self.to_upstream {
+            Failure::Upstream(e)
+        } else {
+            Failure::Client(e)
+        }
+    }
+
+    fn src_buf_len(&self) -> usize {
+        if self.to_upstream {
+            self.client_buf.len()
+        } else {
+            self.upstream_buf.len()
+        }
+    }
+
+    /// Reads at most `max` more bytes from the source into its buffer; EOF is an error.
+    async fn read_src(&mut self, max: usize) -> Result<(), Failure> {
+        let n = if self.to_upstream {
+            read_client(self.client, self.client_buf, max).await
+        } else {
+            read_up(self.upstream, self.meter, self.upstream_buf, max).await
+        }
+        .map_err(|e| self.src_failure(e))?;
+        if n == 0 {
+            return Err(self.src_failure(unexpected_eof(if self.to_upstream {
+                "client connection in the request body"
+            } else {
+                "upstream connection in the response body"
+            })));
+        }
+        Ok(())
+    }
+
+    async fn write_dst(&mut self, data: &[u8]) -> Result<(), Failure> {
+        let res = if self.to_upstream {
+            write_up(self.upstream, self.meter, data).await
+        } else {
+            self.client.write_all(data).await
+        };
+        res.map_err(|e| self.dst_failure(e))
+    }
+
+    /// Moves the first `k` buffered source bytes to the destination.
+    async fn flush_buffered(&mut self, k: usize) -> Result<(), Failure> {
+        if k == 0 {
+            return Ok(());
+        }
+        let chunk = if self.to_upstream {
+            self.client_buf.split_to(k)
+        } else {
+            self.upstream_buf.split_to(k)
+        };
+        self.write_dst(&chunk).await
+    }
+
+    /// Splices exactly `n` bytes from the source socket to the destination socket.
+    async fn splice_exact(&mut self, n: u64, slot: &mut Option<Pipe>) -> Result<(), Failure> {
+        let p = pipe(slot).map_err(|e| self.dst_failure(e))?;
+        let (src, dst, end) = if self.to_upstream {
+            (&*self.client, &*self.upstream, UpstreamEnd::Destination)
+        } else {
+            (&*self.upstream, &*self.client, UpstreamEnd::Source)
+        };
+        let moved = transfer(p, src, dst, Some(n), self.meter, end)
+            .await
+            .map_err(|e| Failure::of_transfer(e, !self.to_upstream))?;
+        if moved.bytes < n {
+            return Err(self.src_failure(unexpected_eof("connection in a body")));
+        }
+        Ok(())
+    }
+
+    /// Relays exactly `n` body bytes: buffered ones first, then spliced or copied.
+    async fn exact(&mut self, n: u64, slot: &mut Option<Pipe>) -> Result<(), Failure> {
+        let mut left = n;
+        let k = usize::try_from(left)
+            .unwrap_or(usize::MAX)
+            .min(self.src_buf_len());
+        self.flush_buffered(k).await?;
+        left -= k as u64;
+        while left > 0 {
+            if left >= SPLICE_MIN {
+                return self.splice_exact(left, slot).await;
+            }
+            let want = usize::try_from(left).unwrap_or(usize::MAX).min(READ_CHUNK);
+            self.read_src(want).await?;
+            let k = usize::try_from(left)
+                .unwrap_or(usize::MAX)
+                .min(self.src_buf_len());
+            self.flush_buffered(k).await?;
+            left -= k as u64;
+        }
+        Ok(())
+    }
+
+    /// Relays a chunked body, re-chunked (`rechunk`) or as its bare payload.
+    async fn chunked(&mut self, rechunk: bool, slot: &mut Option<Pipe>) -> Result<(), Failure> {
+        let mut dec = ChunkedDecoder::default();
+        let mut out = Vec::new();
+        loop {
+            // Decode everything buffered.
+            loop {
+                let buf: &[u8] = if self.to_upstream {
+                    &self.client_buf[..]
+                } else {
+                    &self.upstream_buf[..]
+                };
+                let (used, what) = dec
+                    .step(buf)
+                    .map_err(|e| self.src_failure(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+                match what {
+                    Chunk::Data(k) => {
+                        if rechunk {
+                            h1::write_chunk_head(&mut out, k as u64);
+                        }
+                        out.extend_from_slice(&buf[..k]);
+                        if rechunk {
+                            out.extend_from_slice(b"\r\n");
+                        }
+                    }
+                    Chunk::End => {
+                        if rechunk {
+                            out.extend_from_slice(h1::LAST_CHUNK);
+                        }
+                    }
+                    Chunk::Framing => {}
+                }
+                if self.to_upstream {
+                    self.client_buf.advance(used);
+                } else {
+                    self.upstream_buf.advance(used);
+                }
+                if dec.is_done() {
+                    return self.write_dst(&out).await;
+                }
+                if used == 0 {
+                    break;
+                }
+            }
+            if !out.is_empty() {
+                self.write_dst(&out).await?;
+                out.clear();
+            }
+            let left = dec.data_left();
+            if left >= SPLICE_MIN && self.src_buf_len() == 0 {
+                if rechunk {
+                    h1::write_chunk_head(&mut out, left);
+                    self.write_dst(&out).await?;
+                    out.clear();
+                }
+                self.splice_exact(left, slot).await?;
+                dec.skip_data(left);
+                if rechunk {
+                    out.extend_from_slice(b"\r\n");
+                }
+                continue;
+            }
+            self.read_src(READ_CHUNK).await?;
+        }
+    }
+
+    /// Relays a response body that ends when upstream closes.
+    async fn until_close(&mut self, slot: &mut Option<Pipe>) -> Result<(), Failure> {
+        let k = self.src_buf_len();
+        self.flush_buffered(k).await?;
+        let p = pipe(slot).map_err(|e| self.dst_failure(e))?;
+        transfer(
+            p,
+            self.upstream,
+            self.client,
+            None,
+            self.meter,
+            UpstreamEnd::Source,
+        )
+        .await
+        .map_err(|e| Failure::of_transfer(e, true))?;
+        Ok(())
+    }
+}
+
+/// Where an upstream failure happened, for its event.
+struct Failed<'a> {
+    host: &'a str,
     ip: Option<IpAddr>,
     port: u16,
-    method: &Method,
-    path: &str,
-    reason: String,
+    method: &'a str,
+    path: &'a str,
     start: Instant,
-) -> Response<Body> {
+}
+
+/// A request the policy allowed but upstream could not serve: 502, recorded as allowed with the
+/// failure as its reason.
+async fn upstream_failure(
+    ctx: &Ctx,
+    conn: &mut ClientConn,
+    session: &Session,
+    via: Via,
+    f: Failed<'_>,
+    reason: String,
+    info: &RequestInfo,
+) -> Next {
     let mut e = NetEvent::new(EventKind::HttpRequest, &session.info, via, Verdict::Allow);
-    e.host = Some(host.to_owned());
-    e.ip = ip;
-    e.port = Some(port);
-    e.method = Some(method.to_string());
-    e.path = Some(cut_path(path));
+    e.host = Some(f.host.to_owned());
+    e.ip = f.ip;
+    e.port = Some(f.port);
+    e.method = Some(f.method.to_owned());
+    e.path = Some(cut_path(f.path));
     e.rule = "upstream-error".into();
     e.reason = Some(reason.clone());
-    e.duration_ms = elapsed_ms(start);
+    e.duration_ms = elapsed_ms(f.start);
     ctx.emit(session, e);
-    refusal(StatusCode::BAD_GATEWAY, &reason)
+    refuse_with(conn, 502, &reason, Some(info)).await
 }
 
 async fn open_upstream(
     ctx: &Arc<Ctx>,
     session: &Arc<Session>,
     route: &Route,
+    pre: &Verdicted,
     via: Via,
-) -> Result<Upstream, String> {
-    let (stream, addr): (TcpStream, SocketAddr) =
-        route::connect(route, ctx.shared.timeouts.connect)
-            .await
-            .map_err(|e| {
-                format!(
-                    "cannot connect to {}:{}: {e}",
-                    route.dest.to_host_string(),
-                    route.port
-                )
-            })?;
-    let target = Arc::new(MeterTarget {
+) -> Result<UpstreamConn, String> {
+    let (stream, addr) = route::connect(route, ctx.shared.timeouts.connect)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot connect to {}:{}: {e}",
+                route.dest.to_host_string(),
+                route.port
+            )
+        })?;
+    let meter = Meter::new(MeterTarget {
         ctx: ctx.clone(),
         session: session.clone(),
         hit: BudgetHit {
@@ -741,114 +1334,41 @@ async fn open_upstream(
             port: Some(route.port),
         },
     });
-    let metered = Metered::new(stream, target);
-    let counters = metered.counters();
-    let (sender, connection) = hyper::client::conn::http1::Builder::new()
-        .max_buf_size(256 * 1024)
-        .handshake(TokioIo::new(metered))
-        .await
-        .map_err(|e| format!("HTTP handshake with {addr} failed: {e}"))?;
-    let cancel = ctx.cancel.clone();
-    ctx.tasks.spawn(async move {
-        tokio::select! {
-            res = connection => {
-                if let Err(e) = res {
-                    tracing::debug!(error = %e, "upstream connection ended with an error");
-                }
-            }
-            _ = cancel.cancelled() => {}
-        }
-    });
-    Ok(Upstream {
+    // The decision for the address actually connected to (one of the route's checked ones).
+    let verdict = route::combine(
+        pre,
+        &ctx.policy()
+            .decide_addr(route.dest.name(), addr.ip(), route.port),
+    );
+    Ok(UpstreamConn {
         dest: route.dest.clone(),
         port: route.port,
         addr,
-        sender,
-        counters,
+        verdict,
+        stream,
+        meter,
+        buf: BytesMut::with_capacity(16 * 1024),
+        spans: Vec::with_capacity(16),
     })
 }
 
-/// Headers that belong to one hop and never cross the gateway.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "upgrade",
-];
-
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-}
-
-fn upstream_request(
-    req: Request<Incoming>,
-    dest: &Dest,
-    port: u16,
-) -> Result<Request<Body>, String> {
-    let (mut parts, body) = req.into_parts();
-    let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let pq = if pq.starts_with('/') { pq } else { "/" };
-    parts.uri = pq
-        .parse::<Uri>()
-        .map_err(|e| format!("invalid request path: {e}"))?;
-    parts.version = Version::HTTP_11;
-    strip_hop_by_hop(&mut parts.headers);
-    if !parts.headers.contains_key(header::HOST) {
-        let host = match (dest, port) {
-            (Dest::Addr(IpAddr::V6(v6)), 80) => format!("[{v6}]"),
-            (Dest::Addr(IpAddr::V6(v6)), p) => format!("[{v6}]:{p}"),
-            (d, 80) => d.to_host_string(),
-            (d, p) => format!("{}:{p}", d.to_host_string()),
-        };
-        let value = HeaderValue::from_str(&host).map_err(|e| format!("invalid host: {e}"))?;
-        parts.headers.insert(header::HOST, value);
-    }
-    Ok(Request::from_parts(
-        parts,
-        body.map_err(BoxError::from).boxed(),
-    ))
-}
-
-fn downstream_response(resp: Response<Incoming>, pending: PendingEvent) -> Response<Body> {
-    let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    let body = EventBody {
-        inner: body.map_err(BoxError::from).boxed(),
-        pending: Some(pending),
-    };
-    Response::from_parts(parts, BodyExt::boxed(body))
-}
-
-/// The event of a request in flight; emitted once, when its response body ends or is dropped.
-struct PendingEvent {
+/// The event of a request in flight: emitted exactly once, when the exchange ends or, if the
+/// exchange is dropped (the gateway stopping), on drop.
+struct InFlight {
     ctx: Arc<Ctx>,
     session: Arc<Session>,
-    event: NetEvent,
     counters: Arc<Counters>,
     before: (u64, u64),
     start: Instant,
+    event: Option<NetEvent>,
 }
 
-impl PendingEvent {
-    fn finish(self, error: Option<String>) {
+impl InFlight {
+    fn finish(&mut self, error: Option<String>) {
+        let Some(mut e) = self.event.take() else {
+            return;
+        };
         let (up, down) = self.counters.snapshot();
-        let mut e = self.event;
         e.bytes_up = up.saturating_sub(self.before.0);
         e.bytes_down = down.saturating_sub(self.before.1);
         e.duration_ms = elapsed_ms(self.start);
@@ -860,55 +1380,25 @@ impl PendingEvent {
         }
         self.ctx.emit(&self.session, e);
     }
-}
 
-struct EventBody {
-    inner: Body,
-    pending: Option<PendingEvent>,
-}
-
-impl HttpBody for EventBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let res = Pin::new(&mut self.inner).poll_frame(cx);
-        match &res {
-            Poll::Ready(None) => {
-                if let Some(p) = self.pending.take() {
-                    p.finish(None);
-                }
-            }
-            Poll::Ready(Some(Err(e))) => {
-                if let Some(p) = self.pending.take() {
-                    p.finish(Some(format!("response aborted: {e}")));
-                }
-            }
-            _ => {}
+    /// Records the request as an upstream failure (allowed, rule `upstream-error`).
+    fn fail(&mut self, reason: &str) {
+        if let Some(e) = self.event.as_mut() {
+            e.verdict = Verdict::Allow;
+            e.rule = "upstream-error".into();
+            e.reason = None;
         }
-        res
+        self.finish(Some(reason.to_owned()));
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    /// Drops the event (its refusal was recorded otherwise).
+    fn discard(&mut self) {
+        self.event = None;
     }
 }
 
-impl Drop for EventBody {
+impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some(p) = self.pending.take() {
-            // hyper drops a body it knows is empty without polling it; that is a complete
-            // response, not an aborted one.
-            let error =
-                (!self.inner.is_end_stream()).then(|| "response not read to the end".to_owned());
-            p.finish(error);
-        }
+        self.finish(Some("ended before the response was complete".to_owned()));
     }
 }

@@ -57,6 +57,7 @@ pub mod config;
 mod core;
 mod dns;
 pub mod event;
+mod h1;
 mod http;
 mod io;
 pub mod origdst;
@@ -65,6 +66,7 @@ pub mod resolve;
 mod route;
 mod session;
 pub mod sni;
+mod splice;
 mod stats;
 pub mod synthetic;
 mod tokens;
@@ -288,8 +290,7 @@ async fn serve_proxy(ctx: Arc<Ctx>, listener: TcpListener) {
             _ = ctx.cancel.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
-        let conn = Arc::new(ClientConn::new(ConnMode::Proxy));
-        ctx.tasks
-            .spawn(http::serve_client(ctx.clone(), stream, conn));
+        let conn = ClientConn::new(ConnMode::Proxy, stream, &[]);
+        ctx.tasks.spawn(http::serve_client(ctx.clone(), conn));
     }
 }

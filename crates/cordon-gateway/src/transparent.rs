@@ -22,7 +22,6 @@ use crate::budget::ConnCheck;
 use crate::core::{BudgetHit, Ctx};
 use crate::event::Via;
 use crate::http::{serve_client, ClientConn, ConnMode};
-use crate::io::Prefixed;
 use crate::policy::Verdicted;
 use crate::route::dest_for;
 use crate::session::Session;
@@ -128,19 +127,21 @@ async fn handle(ctx: &Arc<Ctx>, session: &Arc<Session>, mut stream: TcpStream) {
     };
 
     let (first, peek) = tokio::select! {
-        r = peek_first(ctx, &mut stream) => match r {
+        r = peek_first(ctx, &mut stream, Vec::new()) => match r {
             Ok(x) => x,
             Err(_) => return,
         },
         _ = ctx.cancel.cancelled() => return,
     };
     if matches!(peek, Ok(Peek::NotTls)) && looks_like_http(&first) {
-        let conn = Arc::new(ClientConn::bound(
+        let conn = ClientConn::bound(
             ConnMode::Transparent { dest, port },
+            stream,
+            &first,
             session.clone(),
             permit,
-        ));
-        serve_client(ctx.clone(), Prefixed::new(first, stream), conn).await;
+        );
+        serve_client(ctx.clone(), conn).await;
         return;
     }
     let _permit = permit;
@@ -159,7 +160,7 @@ async fn handle(ctx: &Arc<Ctx>, session: &Arc<Session>, mut stream: TcpStream) {
         ctx,
         session,
         Via::Transparent,
-        &mut stream,
+        &stream,
         first,
         peek,
         route,

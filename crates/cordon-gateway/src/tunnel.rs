@@ -15,21 +15,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cordon_policy::host::HostName;
-use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 use crate::authority::parse_authority;
 use crate::budget::RateCheck;
 use crate::core::{elapsed_ms, BudgetHit, Ctx};
 use crate::event::{EventKind, NetEvent, Verdict, Via};
-use crate::http::{full, refusal, Body};
-use crate::io::{read_until, splice, MeterTarget, Metered};
+use crate::io::{read_until, write_up, Meter, MeterTarget};
 use crate::policy::{Dest, Verdicted};
 use crate::route::{self, dest_for, Route, RouteError};
 use crate::session::Session;
 use crate::sni::{peek_client_hello, Peek, SniError, MAX_HANDSHAKE_LEN};
+use crate::splice;
 
 /// Most bytes read while looking for a complete ClientHello.
 pub(crate) const MAX_PEEK: usize = MAX_HANDSHAKE_LEN + 5 * 8 + 64;
@@ -72,12 +70,12 @@ pub(crate) async fn prepare(
     via: Via,
     dest: &Dest,
     port: u16,
-) -> Result<Route, (StatusCode, String)> {
+) -> Result<Route, (u16, String)> {
     let host = dest.to_host_string();
     let pre = ctx.policy().decide_dest(dest, port);
     if pre.blocked() {
         emit_blocked(ctx, session, via, Some(host), None, Some(port), &pre);
-        return Err((StatusCode::FORBIDDEN, pre.reason.unwrap_or_default()));
+        return Err((403, pre.reason.unwrap_or_default()));
     }
     let hit = BudgetHit {
         via,
@@ -90,20 +88,20 @@ pub(crate) async fn prepare(
         RateCheck::OverInReport(limit) => ctx.budget_refused(session, &limit, &hit, true),
         RateCheck::Refused(limit) => {
             ctx.budget_refused(session, &limit, &hit, false);
-            return Err((StatusCode::FORBIDDEN, limit.reason(Some(&host))));
+            return Err((403, limit.reason(Some(&host))));
         }
     }
     if session.budget.enforcing() {
         if let Some(limit) = session.budget.bytes_exhausted() {
             ctx.budget_refused(session, &limit, &hit, false);
-            return Err((StatusCode::FORBIDDEN, limit.reason(Some(&host))));
+            return Err((403, limit.reason(Some(&host))));
         }
     }
     match route::resolve_checked(ctx.policy(), &*ctx.shared.resolver, dest, port, pre).await {
         Ok(route) => Ok(route),
         Err(RouteError::Denied(v, ip)) => {
             emit_blocked(ctx, session, via, Some(host), ip, Some(port), &v);
-            Err((StatusCode::FORBIDDEN, v.reason.unwrap_or_default()))
+            Err((403, v.reason.unwrap_or_default()))
         }
         Err(RouteError::Resolve(e)) => {
             let mut ev = NetEvent::new(EventKind::Connection, &session.info, via, Verdict::Allow);
@@ -112,23 +110,19 @@ pub(crate) async fn prepare(
             ev.rule = "upstream-error".into();
             ev.reason = Some(e.to_string());
             ctx.emit(session, ev);
-            Err((StatusCode::BAD_GATEWAY, e.to_string()))
+            Err((502, e.to_string()))
         }
     }
 }
 
-/// Handles `CONNECT host:port` on the explicit proxy.
-pub(crate) async fn handle_connect(
-    ctx: Arc<Ctx>,
-    session: Arc<Session>,
-    mut req: Request<Incoming>,
-) -> Response<Body> {
-    let raw = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .unwrap_or_default();
-    let target = match parse_authority(&raw, None) {
+/// `CONNECT host:port` on the explicit proxy, up to the decision: the target is parsed, decided,
+/// budgeted and resolved. `Err`: the refusal (status, reason), already recorded.
+pub(crate) async fn prepare_connect(
+    ctx: &Ctx,
+    session: &Session,
+    raw: &str,
+) -> Result<Route, (u16, String)> {
+    let target = match parse_authority(raw, None) {
         Ok(t) => t,
         Err(e) => {
             let shown: String = raw.chars().take(100).collect();
@@ -136,57 +130,50 @@ pub(crate) async fn handle_connect(
                 "bad-target",
                 format!("invalid CONNECT target {shown:?}: {e}"),
             );
-            emit_blocked(&ctx, &session, Via::Connect, Some(shown), None, None, &v);
-            return refusal(
-                StatusCode::FORBIDDEN,
-                v.reason.as_deref().unwrap_or("blocked"),
-            );
+            emit_blocked(ctx, session, Via::Connect, Some(shown), None, None, &v);
+            return Err((403, v.reason.unwrap_or_else(|| "blocked".into())));
         }
     };
     let dest = dest_for(&target.host, &ctx.shared.synthetic);
-    let route = match prepare(&ctx, &session, Via::Connect, &dest, target.port).await {
-        Ok(r) => r,
-        Err((status, reason)) => return refusal(status, &reason),
+    prepare(ctx, session, Via::Connect, &dest, target.port).await
+}
+
+/// Answers an allowed CONNECT with 200 and runs the tunnel. `leftover`: bytes the client sent
+/// after the CONNECT head (the start of its stream).
+pub(crate) async fn run_connect(
+    ctx: &Arc<Ctx>,
+    session: &Arc<Session>,
+    mut client: TcpStream,
+    leftover: Vec<u8>,
+    route: Route,
+) {
+    let start = Instant::now();
+    // Only the steps before the tunnel are cut short here; the tunnel ends on the token by
+    // itself and records its event.
+    let opened = async {
+        client.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await?;
+        peek_first(ctx, &mut client, leftover).await
     };
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let task_ctx = ctx.clone();
-    ctx.tasks.spawn(async move {
-        let start = Instant::now();
-        let cancel = task_ctx.cancel.clone();
-        // Only the steps before the splice are cut short here; the splice ends on the token by
-        // itself and records its event (dropping it from outside would lose the event).
-        let opened = async {
-            let upgraded = on_upgrade.await.map_err(|e| e.to_string())?;
-            let mut client = TokioIo::new(upgraded);
-            let (first, peek) = peek_first(&task_ctx, &mut client)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>((client, first, peek))
-        };
-        let opened = tokio::select! {
-            r = opened => r,
-            _ = cancel.cancelled() => return,
-        };
-        match opened {
-            Ok((mut client, first, peek)) => {
-                run_tunnel(
-                    &task_ctx,
-                    &session,
-                    Via::Connect,
-                    &mut client,
-                    first,
-                    peek,
-                    route,
-                    start,
-                )
-                .await;
-            }
-            Err(e) => tracing::debug!(error = %e, "CONNECT tunnel did not open"),
+    let opened = tokio::select! {
+        r = opened => r,
+        _ = ctx.cancel.cancelled() => return,
+    };
+    match opened {
+        Ok((first, peek)) => {
+            run_tunnel(
+                ctx,
+                session,
+                Via::Connect,
+                &client,
+                first,
+                peek,
+                route,
+                start,
+            )
+            .await;
         }
-    });
-    let mut resp = Response::new(full(""));
-    *resp.status_mut() = StatusCode::OK;
-    resp
+        Err(e) => tracing::debug!(error = %e, "CONNECT tunnel did not open"),
+    }
 }
 
 /// What the client's first bytes say about whether the tunnel may open.
@@ -223,14 +210,12 @@ pub(crate) fn check_first_bytes(
 
 /// Reads the client's first bytes: until a complete ClientHello, enough to see the stream is not
 /// TLS, the cap, EOF, or the first-bytes timeout. Returns the bytes and what they are.
-pub(crate) async fn peek_first<C>(
+pub(crate) async fn peek_first(
     ctx: &Ctx,
-    client: &mut C,
-) -> std::io::Result<(Vec<u8>, Result<Peek, SniError>)>
-where
-    C: AsyncRead + Unpin,
-{
-    let mut first = Vec::new();
+    client: &mut TcpStream,
+    initial: Vec<u8>,
+) -> std::io::Result<(Vec<u8>, Result<Peek, SniError>)> {
+    let mut first = initial;
     read_until(
         client,
         &mut first,
@@ -272,19 +257,16 @@ pub(crate) enum TunnelEnd {
 
 /// Checks the first bytes (SNI), connects, sends `first` and splices; records the outcome.
 #[allow(clippy::too_many_arguments)]
-pub(crate) async fn run_tunnel<C>(
+pub(crate) async fn run_tunnel(
     ctx: &Arc<Ctx>,
     session: &Arc<Session>,
     via: Via,
-    client: &mut C,
+    client: &TcpStream,
     first: Vec<u8>,
     peek: Result<Peek, SniError>,
     route: Route,
     start: Instant,
-) -> TunnelEnd
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
+) -> TunnelEnd {
     let host = route.dest.to_host_string();
     if let Err(v) = check_first_bytes(&route.dest, peek) {
         emit_blocked(ctx, session, via, Some(host), None, Some(route.port), &v);
@@ -295,7 +277,7 @@ where
         // Shutting down before the tunnel opened: nothing moved, nothing to record.
         _ = ctx.cancel.cancelled() => return TunnelEnd::Closed,
     };
-    let (stream, addr): (_, SocketAddr) = match connected {
+    let (mut stream, addr): (TcpStream, SocketAddr) = match connected {
         Ok(x) => x,
         Err(e) => {
             let mut ev = NetEvent::new(EventKind::Connection, &session.info, via, route.verdict);
@@ -309,7 +291,7 @@ where
             return TunnelEnd::Closed;
         }
     };
-    let target = Arc::new(MeterTarget {
+    let meter = Meter::new(MeterTarget {
         ctx: ctx.clone(),
         session: session.clone(),
         hit: BudgetHit {
@@ -319,16 +301,15 @@ where
             port: Some(route.port),
         },
     });
-    let mut upstream = Metered::new(stream, target);
-    let counters = upstream.counters();
+    let counters = meter.counters();
     let mut error = None;
     if !first.is_empty() {
-        if let Err(e) = upstream.write_all(&first).await {
+        if let Err(e) = write_up(&mut stream, &meter, &first).await {
             error = Some(e.to_string());
         }
     }
     if error.is_none() {
-        if let Err(e) = splice(&mut *client, &mut upstream, &ctx.cancel).await {
+        if let Err(e) = splice::tunnel(client, &stream, &meter, &ctx.cancel).await {
             error = Some(e.to_string());
         }
     }
@@ -338,7 +319,7 @@ where
     ev.ip = Some(addr.ip());
     ev.port = Some(route.port);
     if via == Via::Connect {
-        ev.method = Some(Method::CONNECT.to_string());
+        ev.method = Some("CONNECT".to_owned());
     }
     ev.bytes_up = up;
     ev.bytes_down = down;
