@@ -146,7 +146,7 @@ fn self_test() -> Row {
         "[ \"$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ')\" = lo ] || echo NET-INTERFACES\n\
          if command -v bash >/dev/null; then bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port}' 2>/dev/null && echo NET-REACHED; fi\n\
          cat {c} 2>/dev/null; cat /etc/shadow 2>/dev/null && echo SHADOW-READ\n\
-         i=0; while [ $i -lt 40 ]; do sleep 3 & i=$((i+1)); done 2>/dev/null\n\
+         (i=0; while [ $i -lt 40 ]; do sleep 3 & i=$((i+1)); done) 2>/dev/null\n\
          echo SELFTEST-DONE",
         c = canary.display()
     );

@@ -315,3 +315,34 @@ fn extra_binds_are_read_only_unless_marked_writable() {
     assert_eq!(stdout(&out), "inputREADONLY\nWROTE\n", "{}", stderr(&out));
     assert!(out_dir.join("new").exists());
 }
+
+#[test]
+fn doctor_prints_every_layer_and_its_self_test_passes() {
+    let out = cordon()
+        .arg("doctor")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    for layer in [
+        "user namespaces",
+        "landlock",
+        "seccomp",
+        "cgroups",
+        "workspace cap",
+        "self-test",
+    ] {
+        assert!(text.contains(layer), "{layer} missing from:\n{text}");
+    }
+    if is_root() {
+        assert!(out.status.success(), "{text}{}", stderr(&out));
+        assert!(
+            text.contains("no network, host canary unreadable, pids limit bites"),
+            "{text}"
+        );
+    } else {
+        // Without root there are no cgroups here: doctor must say so and fail.
+        assert!(text.contains("MISSING"), "{text}");
+        assert!(!out.status.success());
+    }
+}
