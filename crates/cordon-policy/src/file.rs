@@ -293,7 +293,8 @@ impl Cx<'_> {
             out.tmp = self.check(v, "limits.tmp", |v| rules::disk(size(v)?))?;
         }
         if let Some(v) = &raw.workspace {
-            out.workspace = self.check(v, "limits.workspace", |v| rules::disk(size(v)?))?;
+            out.workspace =
+                self.check(v, "limits.workspace", |v| rules::workspace_size(size(v)?))?;
         }
         if let Some(v) = &raw.file_size {
             out.file_size = self.check(v, "limits.file_size", |v| rules::file_size(size(v)?))?;

@@ -88,7 +88,10 @@ pub(crate) fn apply(p: &mut Policy, o: &Overrides) -> Result<(), PolicyError> {
         p.limits.tmp = flag("--tmp-size", size(text).and_then(rules::disk))?;
     }
     if let Some(text) = &o.workspace_size {
-        p.limits.workspace = flag("--workspace-size", size(text).and_then(rules::disk))?;
+        p.limits.workspace = flag(
+            "--workspace-size",
+            size(text).and_then(rules::workspace_size),
+        )?;
     }
     if let Some(text) = &o.file_size {
         p.limits.file_size = flag("--file-size", size(text).and_then(rules::file_size))?;

@@ -93,6 +93,19 @@ pub(crate) fn disk(size: ByteSize) -> Result<ByteSize, ValueError> {
     Ok(size)
 }
 
+/// The workspace is its own ext4 volume: below 16M ext4's own metadata is most of it.
+pub(crate) const MIN_WORKSPACE: ByteSize = ByteSize::mib(16);
+
+pub(crate) fn workspace_size(size: ByteSize) -> Result<ByteSize, ValueError> {
+    if size < MIN_WORKSPACE {
+        return Err(range(format!("at least {MIN_WORKSPACE}"), size));
+    }
+    if size > ByteSize(1 << 40) {
+        return Err(range("at most 1T".to_string(), size));
+    }
+    Ok(size)
+}
+
 pub(crate) fn file_size(size: ByteSize) -> Result<ByteSize, ValueError> {
     if size < MIN_FILE_SIZE {
         return Err(range(format!("at least {MIN_FILE_SIZE}"), size));

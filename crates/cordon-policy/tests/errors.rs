@@ -419,7 +419,7 @@ fn override_errors_name_the_flag_and_change_nothing() {
                 workspace_size: Some("0".into()),
                 ..Overrides::default()
             },
-            "--workspace-size: must be at least 1M, got 0",
+            "--workspace-size: must be at least 16M, got 0",
         ),
         (
             Overrides {

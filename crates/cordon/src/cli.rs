@@ -38,6 +38,8 @@ enum Command {
     Doctor,
     /// Read, verify and prune the audit store.
     Audit(crate::audit_cmd::AuditArgs),
+    /// Run the egress gateway alone, as an HTTP/CONNECT proxy with per-session tokens.
+    Gateway(crate::gateway_cmd::GatewayArgs),
 }
 
 #[derive(Subcommand)]
@@ -137,7 +139,9 @@ pub fn main() -> i32 {
         Err(e) => {
             // `cordon audit` follows the usual convention (2 = usage); `cordon run` reserves
             // 1..=124 for the command, so its own usage errors are 125.
-            let audit = std::env::args_os().nth(1).is_some_and(|a| a == "audit");
+            let audit = std::env::args_os()
+                .nth(1)
+                .is_some_and(|a| a == "audit" || a == "gateway");
             let code = match e.kind() {
                 clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
                 _ if audit => 2,
@@ -154,6 +158,7 @@ pub fn main() -> i32 {
         } => policy_check(&file),
         Command::Doctor => crate::doctor::doctor(),
         Command::Audit(args) => crate::audit_cmd::run(args),
+        Command::Gateway(args) => crate::gateway_cmd::run(args),
     }
 }
 
@@ -319,7 +324,7 @@ fn run(args: RunArgs) -> i32 {
             if let Some(limit) = result.limit {
                 if !args.json {
                     eprintln!(
-                        "cordon: session {} ended by the {} limit",
+                        "cordon: session {} hit the {} limit",
                         result.session_id,
                         serde_json::to_value(limit)
                             .ok()

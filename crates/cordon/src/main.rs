@@ -4,6 +4,7 @@ mod audit_cmd;
 mod audit_sink;
 mod cli;
 mod doctor;
+mod gateway_cmd;
 mod gateway_run;
 mod ids;
 mod result;
