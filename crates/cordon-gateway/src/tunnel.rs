@@ -159,6 +159,22 @@ pub(crate) async fn run_connect(
         _ = ctx.cancel.cancelled() => return,
     };
     match opened {
+        Ok((first, peek)) if matches!(peek, Ok(Peek::NotTls)) && looks_like_http(&first) => {
+            // Plain HTTP inside the tunnel is served like captured plain HTTP: every request on
+            // it is parsed and decided, and its Host must name the tunnel's destination (no
+            // domain fronting through a CONNECT to an allowed host).
+            let conn = crate::http::ClientConn::bound(
+                crate::http::ConnMode::Transparent {
+                    dest: route.dest.clone(),
+                    port: route.port,
+                },
+                client,
+                &first,
+                session.clone(),
+                None,
+            );
+            Box::pin(crate::http::serve_client(ctx.clone(), conn)).await;
+        }
         Ok((first, peek)) => {
             run_tunnel(
                 ctx,
