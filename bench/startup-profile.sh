@@ -49,10 +49,11 @@ SYS = {56: "clone", 155: "pivot_root", 317: "seccomp", 428: "open_tree", 429: "m
 MARK = re.compile(r"^cordon: timing\s+([\d.]+) ms \(\+\s*([\d.]+)\) (.*)$")
 TOTAL = re.compile(r"^cordon: timing\s+([\d.]+) ms total")
 
-marks, totals, calls = {}, [], {}
+marks, totals, calls, lives = {}, [], {}, []
 order = []
 for i in range(1, runs + 1):
     seen = {}
+    life = {}
     for line in open(f"{work}/run.{i}", errors="replace"):
         line = line.rstrip("\n")
         m = MARK.match(line)
@@ -68,17 +69,23 @@ for i in range(1, runs + 1):
         if m:
             totals.append(float(m.group(1)))
             continue
-        if line.startswith("@@T "):
-            f = line.split(" ", 5)
-            pid, dur, call = int(f[1]), int(f[3]) / 1e6, f[4]
-            det = f[5] if len(f) > 5 else ""
-            if call == "syscall":
-                nr = re.match(r"nr=(\d+)", det)
-                call = SYS.get(int(nr.group(1)) if nr else -1, det.split(" ")[0])
-                det = ""
-            who = {1: "init", 2: "cmd"}.get(pid, "sup")
-            det = re.sub(r"fd=\d+|ret=-?\d+|\d{6,}\S*|01[0-9A-Z]{24}|/proc/\d+/|\.[A-Za-z0-9]{6}/", "…", det)[:60]
-            calls.setdefault((who, call, det), []).append(dur)
+        if not line.startswith("@@T "):
+            continue
+        f = line.split(" ", 5)
+        pid, dur, call = int(f[1]), int(f[3]) / 1e6, f[4]
+        if call in ("start", "exit") and pid not in (1, 2):
+            life.setdefault(call, int(f[2]))
+            continue
+        det = f[5] if len(f) > 5 else ""
+        if call == "syscall":
+            nr = re.match(r"nr=(\d+)", det)
+            call = SYS.get(int(nr.group(1)) if nr else -1, det.split(" ")[0])
+            det = ""
+        who = {1: "init", 2: "cmd"}.get(pid, "sup")
+        det = re.sub(r"fd=\d+|ret=-?\d+|\d{6,}\S*|01[0-9A-Z]{24}|/proc/\d+/|\.[A-Za-z0-9]{6}/", "…", det)[:60]
+        calls.setdefault((who, call, det), []).append(dur)
+    if "start" in life and "exit" in life:
+        lives.append((life["exit"] - life["start"]) / 1e6)
 if not totals:
     sys.exit("no CORDON_TIMING output: this cordon has no timing marks")
 med = statistics.median
@@ -90,6 +97,8 @@ for k in sorted(order, key=lambda k: med([a for a, _ in marks[k]])):
     step = [d for _, d in marks[k]]
     print(f"  {med(at):7.2f} {med(step):7.2f} {pct(step, 0.9):7.2f}  {k}")
 print(f"  {med(totals):7.2f} {'':7} {pct(totals, 0.9):7.2f}  total since main (process exec, dynamic loading and exit not included)")
+if lives:
+    print(f"  {med(lives):7.2f} {'':7} {pct(lives, 0.9):7.2f}  supervisor process: first constructor to exit() (exec, dynamic loading and the kernel's exit not included)")
 print(f"\nslowest calls (mean ms per run, all calls of a kind summed; sup = supervisor and its threads):")
 top = sorted(((sum(v) / len(totals), k) for k, v in calls.items()), reverse=True)[:14]
 for m, (who, call, det) in top:

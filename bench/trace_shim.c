@@ -48,6 +48,11 @@ __attribute__((constructor)) static void started(void) {
   emit(t, "start", "");
 }
 
+__attribute__((destructor)) static void exiting(void) {
+  long t = now_ns();
+  emit(t, "exit", "");
+}
+
 #define REAL(ret, name, ...)                                                                    \
   static ret (*real_##name)(__VA_ARGS__);                                                       \
   if (!real_##name)                                                                             \
