@@ -129,6 +129,7 @@ touch "$work/tinyproxy.log"
 [[ $(id -u) -eq 0 ]] && chown nobody "$work/tinyproxy.log"
 "$tinyproxy_bin" -d -c "$work/tinyproxy.conf" >>"$work/tinyproxy.out" 2>&1 &
 pids+=($!)
+tinyproxy_pid=$!
 wait_port "$tport" tinyproxy $!
 
 # --- squid: no cache, one worker, only the origin's address and port.
@@ -155,6 +156,7 @@ max_filedescriptors 8192
 EOF
 "$squid_bin" -N -f "$work/squid.conf" >"$work/squid.log" 2>&1 &
 pids+=($!)
+squid_pid=$!
 wait_port "$sport" squid $!
 
 # --- each target: proxy URL for curl, proxy address and auth header for wrk.
@@ -171,6 +173,12 @@ wrk_url[squid]="http://127.0.0.1:$sport/"
 for n in "${names[@]}"; do wrk_target[$n]="$origin"; wrk_auth[$n]=""; done
 wrk_target[direct]=""
 wrk_auth[cordon]="$cordon_auth"
+declare -A proxy_pid=([direct]="" [cordon]=$cordon_pid [tinyproxy]=$tinyproxy_pid [squid]=$squid_pid)
+
+cpu_ticks() { # PID -> user+system clock ticks of the process (all its threads), 0 without a pid
+  [[ -z "$1" ]] && { echo 0; return; }
+  awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"
+}
 
 status_via() { # NAME URL
   local p=()
@@ -196,11 +204,13 @@ bytes=$((download_mib * 1024 * 1024))
 for round in $(seq 1 "$rounds"); do
   for c in $connections; do
     for n in "${names[@]}"; do
+      before=$(cpu_ticks "${proxy_pid[$n]}")
       out=$(BENCH_TARGET="${wrk_target[$n]}" BENCH_AUTH="${wrk_auth[$n]}" \
         wrk -t1 -c"$c" -d"${duration}s" --timeout 5s -s "$lua" "${wrk_url[$n]}" 2>&1) || {
         echo "wrk failed for $n: $out" >&2; exit 1; }
+      ticks=$(( $(cpu_ticks "${proxy_pid[$n]}") - before ))
       line=$(grep '^RESULT ' <<<"$out") || { echo "wrk printed no result for $n: $out" >&2; exit 1; }
-      echo "wrk $n $c $round ${line#RESULT }" >>"$samples"
+      echo "wrk $n $c $round ${line#RESULT } $ticks" >>"$samples"
       echo "round $round, $c connections, $n: ${line#RESULT }" >&2
     done
   done
@@ -224,9 +234,12 @@ audited=$("$cordon" audit --audit "$work/audit.db" sessions --json |
   python3 -c 'import json,sys; print(sum(json.loads(l)["events"] for l in sys.stdin))')
 stop_all
 
-python3 - "$samples" "$audited" "$duration" "$rounds" "$downloads" "$download_mib" "$export_json" <<'PY'
+commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+[[ -n "$(git status --porcelain crates/cordon-gateway crates/cordon 2>/dev/null)" ]] && commit="$commit (with uncommitted changes)"
+python3 - "$samples" "$audited" "$duration" "$rounds" "$downloads" "$download_mib" "$export_json" "$commit" "$(getconf CLK_TCK)" <<'PY'
 import json, statistics, sys
-path, audited, duration, rounds, downloads, mib, export = sys.argv[1:8]
+path, audited, duration, rounds, downloads, mib, export, commit, hz = sys.argv[1:10]
+hz = int(hz)
 wrk, dl = {}, {}
 raw = []
 for line in open(path):
@@ -234,7 +247,9 @@ for line in open(path):
     if f[0] == "wrk":
         name, conns = f[1], int(f[2])
         reqs, dur_us, p50, p99, errs, non2xx = int(f[4]), int(f[5]), float(f[6]), float(f[7]), int(f[8]), int(f[9])
-        s = dict(rps=reqs / (dur_us / 1e6), p50=p50 / 1000, p99=p99 / 1000, errors=errs, non2xx=non2xx)
+        cpu_s = int(f[10]) / hz
+        s = dict(rps=reqs / (dur_us / 1e6), p50=p50 / 1000, p99=p99 / 1000, errors=errs, non2xx=non2xx,
+                 cpu_us_per_req=cpu_s * 1e6 / reqs if reqs else 0.0)
         wrk.setdefault((name, conns), []).append(s)
         raw.append(dict(kind="wrk", target=name, connections=conns, round=int(f[3]), **s))
     elif f[0] == "dl":
@@ -243,13 +258,18 @@ for line in open(path):
 names = ["direct", "cordon", "tinyproxy", "squid"]
 med = lambda xs: statistics.median(xs)
 print(f"small requests: wrk -t1 -c N -d {duration}s, keep-alive, GET / (median of {rounds} rounds)")
-print(f"{'target':<10}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'vs squid':>10}{'vs direct':>10}")
+print(f"{'target':<10}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>8}{'sockerr':>9}{'CPU µs/req':>11}{'vs squid':>10}{'vs direct':>10}")
 for conns in sorted({c for _, c in wrk}):
-    m = {n: {k: med([s[k] for s in wrk[(n, conns)]]) for k in ("rps", "p50", "p99")} for n in names}
+    m = {n: {k: med([s[k] for s in wrk[(n, conns)]]) for k in ("rps", "p50", "p99", "cpu_us_per_req")} for n in names}
     for n in names:
-        errs = sum(s["errors"] + s["non2xx"] for s in wrk[(n, conns)])
-        print(f"{n:<10}{conns:>6}{m[n]['rps']:>10.0f}{m[n]['p50']:>9.3f}{m[n]['p99']:>9.3f}{errs:>8}"
+        non2xx = sum(s["non2xx"] for s in wrk[(n, conns)])
+        sockerr = sum(s["errors"] for s in wrk[(n, conns)])
+        cpu = "-" if n == "direct" else f"{m[n]['cpu_us_per_req']:.1f}"
+        print(f"{n:<10}{conns:>6}{m[n]['rps']:>10.0f}{m[n]['p50']:>9.3f}{m[n]['p99']:>9.3f}{non2xx:>8}{sockerr:>9}{cpu:>11}"
               f"{m[n]['rps'] / m['squid']['rps']:>9.2f}x{m[n]['rps'] / m['direct']['rps']:>9.2f}x")
+print("(sockerr: wrk read/connect errors; a proxy that closes the client connection after every")
+print(" response, as tinyproxy does, shows one per request: wrk reconnects, the request succeeded;")
+print(" CPU µs/req: the proxy process's user+system CPU time during its runs, per request)")
 print()
 print(f"large download: {mib} MiB body, curl -o /dev/null (median of {downloads})")
 print(f"{'target':<10}{'MiB/s':>10}{'vs squid':>10}{'vs direct':>10}")
@@ -257,6 +277,7 @@ d = {n: med(dl[n]) / 2**20 for n in names}
 for n in names:
     print(f"{n:<10}{d[n]:>10.0f}{d[n] / d['squid']:>9.2f}x{d[n] / d['direct']:>9.2f}x")
 print(f"\ncordon audited {audited} events (session start/end and one per request)")
+print(f"cordon at {commit}")
 if export:
     json.dump(raw, open(export, "w"), indent=1)
 PY
