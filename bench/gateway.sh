@@ -15,7 +15,10 @@
 #
 # Usage: bench/gateway.sh [--duration SECONDS] [--connections "8 32"] [--rounds N]
 #                         [--downloads N] [--download-mib N] [--cordon-threads N]
-#                         [--export FILE]   (also write the raw samples as JSON)
+#                         [--noaudit] [--export FILE]
+#   --noaudit      also measure the gateway library with auditing off ("gw-noaudit": cordon-gateway's
+#                  examples/gateway.rs with --sink noop, same threads), to show what the audit costs
+#   --export FILE  also write the raw samples as JSON
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=10
@@ -25,6 +28,7 @@ downloads=5
 download_mib=100
 cordon_threads=""
 export_json=""
+noaudit=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --duration) duration="$2"; shift 2 ;;
@@ -34,7 +38,8 @@ while [[ $# -gt 0 ]]; do
     --download-mib) download_mib="$2"; shift 2 ;;
     --cordon-threads) cordon_threads="$2"; shift 2 ;;
     --export) export_json="$2"; shift 2 ;;
-    *) sed -n '2,19p' "$0" >&2; exit 2 ;;
+    --noaudit) noaudit=1; shift ;;
+    *) sed -n '2,22p' "$0" >&2; exit 2 ;;
   esac
 done
 
@@ -42,6 +47,7 @@ scripts/deps.sh --bench
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 cargo build --release -q -p cordon --bin cordon
 cargo build --release -q -p cordon-gateway --example origin
+[[ $noaudit == 1 ]] && cargo build --release -q -p cordon-gateway --example gateway
 cordon="$target_dir/release/cordon"
 origin_bin="$target_dir/release/examples/origin"
 squid_bin=$(command -v squid || echo /usr/sbin/squid)
@@ -106,6 +112,16 @@ token=$(sed -n 's/.* token=\([^ ]*\) .*/\1/p' "$work/cordon.tokens" | head -1)
 [[ -n "$token" ]] || { echo "cordon gateway printed no token" >&2; cat "$work/cordon.log" >&2; exit 1; }
 cordon_auth="Basic $(printf 'cordon:%s' "$token" | base64 -w0)"
 
+if [[ $noaudit == 1 ]]; then
+  nport=$(free_port)
+  "$target_dir/release/examples/gateway" --listen "127.0.0.1:$nport" \
+    --allow-private "127.0.0.1/32:$oport" --sink noop --threads "${cordon_threads:-$(nproc)}" \
+    >"$work/gw-noaudit.log" 2>&1 &
+  pids+=($!)
+  noaudit_pid=$!
+  wait_port "$nport" gw-noaudit $!
+fi
+
 # --- tinyproxy: default deny, URL filter (so the port is part of the allowlist too).
 tport=$(free_port)
 printf '^http://127\\.0\\.0\\.1:%s/\n' "$oport" >"$work/tinyproxy.filter"
@@ -161,6 +177,7 @@ wait_port "$sport" squid $!
 
 # --- each target: proxy URL for curl, proxy address and auth header for wrk.
 names=(direct cordon tinyproxy squid)
+[[ $noaudit == 1 ]] && names=(direct cordon gw-noaudit tinyproxy squid)
 declare -A curl_proxy wrk_url wrk_target wrk_auth
 curl_proxy[direct]=""
 curl_proxy[cordon]="http://cordon:$token@127.0.0.1:$cport"
@@ -174,6 +191,13 @@ for n in "${names[@]}"; do wrk_target[$n]="$origin"; wrk_auth[$n]=""; done
 wrk_target[direct]=""
 wrk_auth[cordon]="$cordon_auth"
 declare -A proxy_pid=([direct]="" [cordon]=$cordon_pid [tinyproxy]=$tinyproxy_pid [squid]=$squid_pid)
+if [[ $noaudit == 1 ]]; then
+  curl_proxy[gw-noaudit]="http://127.0.0.1:$nport"
+  wrk_url[gw-noaudit]="http://127.0.0.1:$nport/"
+  wrk_target[gw-noaudit]="$origin"
+  wrk_auth[gw-noaudit]=""
+  proxy_pid[gw-noaudit]=$noaudit_pid
+fi
 
 cpu_ticks() { # PID -> user+system clock ticks of the process (all its threads), 0 without a pid
   [[ -z "$1" ]] && { echo 0; return; }
@@ -196,7 +220,7 @@ for n in "${names[@]}"; do
 done
 code=$(curl -s -o /dev/null -w '%{http_code}' --noproxy '' -x "http://127.0.0.1:$cport" "http://$origin/" || true)
 [[ "$code" == 407 ]] || { echo "cordon: expected 407 without a token, got $code" >&2; exit 1; }
-echo "allowlists checked: origin allowed, $blocked refused (403) by cordon, tinyproxy, squid" >&2
+echo "allowlists checked: origin allowed, $blocked refused (403) by ${names[*]:1}" >&2
 
 samples="$work/samples.txt"
 : >"$samples"
@@ -255,7 +279,7 @@ for line in open(path):
     elif f[0] == "dl":
         dl.setdefault(f[1], []).append(float(f[3]))
         raw.append(dict(kind="download", target=f[1], run=int(f[2]), bytes_per_s=float(f[3])))
-names = ["direct", "cordon", "tinyproxy", "squid"]
+names = [n for n in ["direct", "cordon", "gw-noaudit", "tinyproxy", "squid"] if any(k[0] == n for k in wrk)]
 med = lambda xs: statistics.median(xs)
 print(f"small requests: wrk -t1 -c N -d {duration}s, keep-alive, GET / (median of {rounds} rounds)")
 print(f"{'target':<10}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>8}{'sockerr':>9}{'CPU µs/req':>11}{'vs squid':>10}{'vs direct':>10}")
