@@ -3,19 +3,22 @@
 //! ```text
 //! cargo run --release -p cordon-gateway --example gateway -- \
 //!     --listen 127.0.0.1:3128 --allow-private 127.0.0.1/32:18080 [--allow ENTRY]... \
-//!     [--sink noop|jsonl:PATH] [--threads N]
+//!     [--sink noop|jsonl:PATH|audit:PATH] [--threads N] [--runtime multi|current]
 //! ```
 //!
 //! Budgets are set high enough not to interfere with a benchmark. `--sink noop` drops events;
 //! `--sink jsonl:PATH` sends them through a `ChannelSink` to a writer thread that appends one
-//! JSON line per event to PATH (the same shape of work as the audit writer: a channel hop and a
-//! serialisation per event). Ctrl-C stops it and prints the gateway's totals.
+//! JSON line per event to PATH; `--sink audit:PATH` records them in a cordon audit store at PATH
+//! through `cordon_audit::AuditWriter` (SQLite, hash-chained, batched on its own thread), with
+//! the same conversion the `cordon` binary uses — auditing as in production. `--runtime
+//! current` serves on a single-threaded runtime (`--threads` is then ignored). Ctrl-C stops it
+//! and prints the gateway's totals (and the audit writer's).
 
 use std::io::Write;
 use std::sync::Arc;
 
 use cordon_gateway::{
-    ChannelSink, EventSink, Gateway, GatewayConfig, Listeners, NoopSink, SessionInfo,
+    ChannelSink, EventSink, Gateway, GatewayConfig, Listeners, NetEvent, NoopSink, SessionInfo,
 };
 use cordon_policy::size::ByteSize;
 use cordon_policy::{AllowEntry, NetworkPolicy, OnExceed, RateLimits, ResponsePolicy};
@@ -27,6 +30,7 @@ fn main() -> anyhow::Result<()> {
     let mut allow_private = Vec::new();
     let mut sink_spec = "noop".to_owned();
     let mut threads = 1usize;
+    let mut current = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || {
@@ -39,6 +43,13 @@ fn main() -> anyhow::Result<()> {
             "--allow-private" => allow_private.push(AllowEntry::parse(&value()?)?),
             "--sink" => sink_spec = value()?,
             "--threads" => threads = value()?.parse()?,
+            "--runtime" => {
+                current = match value()?.as_str() {
+                    "current" => true,
+                    "multi" => false,
+                    other => anyhow::bail!("--runtime must be multi or current, not {other}"),
+                }
+            }
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
@@ -68,32 +79,40 @@ fn main() -> anyhow::Result<()> {
         session,
     );
 
-    let (sink, writer): (Arc<dyn EventSink>, Option<std::thread::JoinHandle<u64>>) = match sink_spec
-        .strip_prefix("jsonl:")
-    {
-        None if sink_spec == "noop" => (Arc::new(NoopSink), None),
-        None => anyhow::bail!("--sink must be noop or jsonl:PATH"),
-        Some(path) => {
-            let (sink, rx) = ChannelSink::new();
-            let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-            let handle = std::thread::spawn(move || {
-                let mut n = 0u64;
-                for e in rx {
-                    if serde_json::to_writer(&mut out, &e).is_ok() && out.write_all(b"\n").is_ok() {
-                        n += 1;
-                    }
+    let mut writer: Option<std::thread::JoinHandle<u64>> = None;
+    let mut audit: Option<Arc<cordon_audit::AuditWriter>> = None;
+    let sink: Arc<dyn EventSink> = if sink_spec == "noop" {
+        Arc::new(NoopSink)
+    } else if let Some(path) = sink_spec.strip_prefix("jsonl:") {
+        let (sink, rx) = ChannelSink::new();
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        writer = Some(std::thread::spawn(move || {
+            let mut n = 0u64;
+            for e in rx {
+                if serde_json::to_writer(&mut out, &e).is_ok() && out.write_all(b"\n").is_ok() {
+                    n += 1;
                 }
-                let _ = out.flush();
-                n
-            });
-            (Arc::new(sink), Some(handle))
-        }
+            }
+            let _ = out.flush();
+            n
+        }));
+        Arc::new(sink)
+    } else if let Some(path) = sink_spec.strip_prefix("audit:") {
+        let w = Arc::new(cordon_audit::AuditWriter::open(path)?);
+        audit = Some(w.clone());
+        Arc::new(AuditSink(w))
+    } else {
+        anyhow::bail!("--sink must be noop, jsonl:PATH or audit:PATH");
     };
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads.max(1))
-        .enable_all()
-        .build()?;
+    let mut builder = if current {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads.max(1));
+        b
+    };
+    let rt = builder.enable_all().build()?;
     let stats = rt.block_on(async move {
         let gateway = Gateway::new(config)?;
         let http = std::net::TcpListener::bind(&listen)?;
@@ -117,6 +136,52 @@ fn main() -> anyhow::Result<()> {
             .map_err(|_| anyhow::anyhow!("event writer panicked"))?;
         eprintln!("{written} events written");
     }
+    if let Some(w) = audit {
+        match Arc::try_unwrap(w) {
+            Ok(w) => eprintln!("audit writer: {:?}", w.close()),
+            Err(_) => eprintln!("audit writer still shared; not closed"),
+        }
+    }
     eprintln!("{}", serde_json::to_string(&stats)?);
     Ok(())
+}
+
+/// Gateway events into the audit store, converted as the `cordon` binary does.
+struct AuditSink(Arc<cordon_audit::AuditWriter>);
+
+impl EventSink for AuditSink {
+    fn record(&self, e: NetEvent) {
+        use cordon_audit::{Event, EventKind, Timestamp, Verdict};
+        use cordon_gateway::event as gw;
+        let kind = match e.kind {
+            gw::EventKind::DnsQuery => EventKind::DnsQuery,
+            gw::EventKind::Connection => EventKind::Connection,
+            gw::EventKind::HttpRequest => EventKind::HttpRequest,
+            gw::EventKind::Blocked => EventKind::Blocked,
+            gw::EventKind::BudgetExhausted => EventKind::BudgetExhausted,
+        };
+        let mut ev = Event::new(kind, e.session.id, e.session.user, e.session.code_sha256);
+        let ms =
+            e.ts.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                .unwrap_or(0);
+        ev.ts = Timestamp::from_millis(ms);
+        ev.host = e.host;
+        ev.ip = e.ip;
+        ev.port = e.port;
+        ev.method = e.method;
+        ev.path = e.path;
+        ev.bytes_up = Some(e.bytes_up);
+        ev.bytes_down = Some(e.bytes_down);
+        ev.duration_ms = Some(e.duration_ms);
+        ev.verdict = Some(match e.verdict {
+            gw::Verdict::Allow => Verdict::Allow,
+            gw::Verdict::Block => Verdict::Block,
+            gw::Verdict::ReportWouldBlock => Verdict::ReportWouldBlock,
+        });
+        ev.rule = Some(e.rule);
+        ev.reason = e.reason;
+        ev.detail = serde_json::json!({ "via": e.via });
+        self.0.record(ev);
+    }
 }

@@ -44,6 +44,7 @@ use crate::policy::{Dest, Verdicted};
 use crate::route::{self, dest_for, Route, RouteError};
 use crate::session::Session;
 use crate::splice::{transfer, Pipe, TransferError, UpstreamEnd};
+use crate::synthetic::is_synthetic;
 use crate::tokens::AuthFailure;
 
 /// Bodies (or chunks) with at least this many bytes left after what is already buffered are
@@ -456,7 +457,10 @@ async fn handle_request(ctx: &Arc<Ctx>, conn: &mut ClientConn, req: &RequestHead
         }
     };
     let next = forward(ctx, conn, &memo, session, via, path, req, &info).await;
-    conn.memo = Some(memo);
+    // An unmapped synthetic address may be mapped to a name later: decide it afresh each time.
+    if !matches!(memo.dest, Dest::Addr(ip) if is_synthetic(ip)) {
+        conn.memo = Some(memo);
+    }
     next
 }
 
