@@ -13,7 +13,8 @@
 # (rounds interleave the targets, so machine noise hits all of them alike).
 # Large download: curl -o /dev/null of a 100 MiB body through each proxy, median of 5.
 #
-# Usage: bench/gateway.sh [--duration SECONDS] [--connections "8 32"] [--rounds N]
+# Usage (--rounds 0 or --downloads 0 skips that part):
+#        bench/gateway.sh [--duration SECONDS] [--connections "8 32"] [--rounds N]
 #                         [--downloads N] [--download-mib N] [--cordon-threads N]
 #                         [--noaudit] [--export FILE]
 #   --noaudit      also measure the gateway library with auditing off ("gw-noaudit": cordon-gateway's
@@ -39,7 +40,7 @@ while [[ $# -gt 0 ]]; do
     --cordon-threads) cordon_threads="$2"; shift 2 ;;
     --export) export_json="$2"; shift 2 ;;
     --noaudit) noaudit=1; shift ;;
-    *) sed -n '2,22p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,23p' "$0" >&2; exit 2 ;;
   esac
 done
 
@@ -279,27 +280,29 @@ for line in open(path):
     elif f[0] == "dl":
         dl.setdefault(f[1], []).append(float(f[3]))
         raw.append(dict(kind="download", target=f[1], run=int(f[2]), bytes_per_s=float(f[3])))
-names = [n for n in ["direct", "cordon", "gw-noaudit", "tinyproxy", "squid"] if any(k[0] == n for k in wrk)]
+names = [n for n in ["direct", "cordon", "gw-noaudit", "tinyproxy", "squid"] if n in dl or any(k[0] == n for k in wrk)]
 med = lambda xs: statistics.median(xs)
-print(f"small requests: wrk -t1 -c N -d {duration}s, keep-alive, GET / (median of {rounds} rounds)")
-print(f"{'target':<10}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>8}{'sockerr':>9}{'CPU µs/req':>11}{'vs squid':>10}{'vs direct':>10}")
-for conns in sorted({c for _, c in wrk}):
-    m = {n: {k: med([s[k] for s in wrk[(n, conns)]]) for k in ("rps", "p50", "p99", "cpu_us_per_req")} for n in names}
+if wrk:
+    print(f"small requests: wrk -t1 -c N -d {duration}s, keep-alive, GET / (median of {rounds} rounds)")
+    print(f"{'target':<10}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>8}{'sockerr':>9}{'CPU µs/req':>11}{'vs squid':>10}{'vs direct':>10}")
+    for conns in sorted({c for _, c in wrk}):
+        m = {n: {k: med([s[k] for s in wrk[(n, conns)]]) for k in ("rps", "p50", "p99", "cpu_us_per_req")} for n in names}
+        for n in names:
+            non2xx = sum(s["non2xx"] for s in wrk[(n, conns)])
+            sockerr = sum(s["errors"] for s in wrk[(n, conns)])
+            cpu = "-" if n == "direct" else f"{m[n]['cpu_us_per_req']:.1f}"
+            print(f"{n:<10}{conns:>6}{m[n]['rps']:>10.0f}{m[n]['p50']:>9.3f}{m[n]['p99']:>9.3f}{non2xx:>8}{sockerr:>9}{cpu:>11}"
+                  f"{m[n]['rps'] / m['squid']['rps']:>9.2f}x{m[n]['rps'] / m['direct']['rps']:>9.2f}x")
+    print("(sockerr: wrk read/connect errors; a proxy that closes the client connection after every")
+    print(" response, as tinyproxy does, shows one per request: wrk reconnects, the request succeeded;")
+    print(" CPU µs/req: the proxy process's user+system CPU time during its runs, per request)")
+    print()
+if dl:
+    print(f"large download: {mib} MiB body, curl -o /dev/null (median of {downloads})")
+    print(f"{'target':<10}{'MiB/s':>10}{'vs squid':>10}{'vs direct':>10}")
+    d = {n: med(dl[n]) / 2**20 for n in names}
     for n in names:
-        non2xx = sum(s["non2xx"] for s in wrk[(n, conns)])
-        sockerr = sum(s["errors"] for s in wrk[(n, conns)])
-        cpu = "-" if n == "direct" else f"{m[n]['cpu_us_per_req']:.1f}"
-        print(f"{n:<10}{conns:>6}{m[n]['rps']:>10.0f}{m[n]['p50']:>9.3f}{m[n]['p99']:>9.3f}{non2xx:>8}{sockerr:>9}{cpu:>11}"
-              f"{m[n]['rps'] / m['squid']['rps']:>9.2f}x{m[n]['rps'] / m['direct']['rps']:>9.2f}x")
-print("(sockerr: wrk read/connect errors; a proxy that closes the client connection after every")
-print(" response, as tinyproxy does, shows one per request: wrk reconnects, the request succeeded;")
-print(" CPU µs/req: the proxy process's user+system CPU time during its runs, per request)")
-print()
-print(f"large download: {mib} MiB body, curl -o /dev/null (median of {downloads})")
-print(f"{'target':<10}{'MiB/s':>10}{'vs squid':>10}{'vs direct':>10}")
-d = {n: med(dl[n]) / 2**20 for n in names}
-for n in names:
-    print(f"{n:<10}{d[n]:>10.0f}{d[n] / d['squid']:>9.2f}x{d[n] / d['direct']:>9.2f}x")
+        print(f"{n:<10}{d[n]:>10.0f}{d[n] / d['squid']:>9.2f}x{d[n] / d['direct']:>9.2f}x")
 print(f"\ncordon audited {audited} events (session start/end and one per request)")
 print(f"cordon at {commit}")
 if export:
