@@ -554,7 +554,13 @@ pub fn add_lo_addr(addr: IpAddr) {
         std::env::var(NETNS_ENV).is_ok(),
         "add_lo_addr outside a test namespace"
     );
-    let (ok, _, err) = run(Command::new("ip").args([fam, "addr", "add", &cidr, "dev", "lo"]));
+    let mut args = vec![fam, "addr", "add", &cidr, "dev", "lo"];
+    if addr.is_ipv6() {
+        // Without `nodad` the address stays tentative until duplicate address detection's work
+        // item runs, and a bind() before that fails with EADDRNOTAVAIL (seen under load).
+        args.push("nodad");
+    }
+    let (ok, _, err) = run(Command::new("ip").args(&args));
     assert!(ok, "ip addr add {cidr}: {err}");
 }
 
