@@ -275,7 +275,7 @@ fn command_of(args: &RunArgs) -> Result<Command_, String> {
 
 /// The invoking user's name from `/etc/passwd` (read directly: going through NSS would load
 /// shared libraries on every start), or the uid as a number.
-fn invoking_user() -> String {
+pub(crate) fn invoking_user() -> String {
     // SAFETY: getuid has no failure mode.
     let uid = unsafe { libc::getuid() };
     std::fs::read_to_string("/etc/passwd")

@@ -334,15 +334,7 @@ fn execute(args: &GatewayArgs) -> Result<(), GatewayCmdError> {
     serve(plan)
 }
 
-fn invoking_user() -> String {
-    let uid = nix::unistd::getuid();
-    nix::unistd::User::from_uid(uid)
-        .ok()
-        .flatten()
-        .map(|u| u.name)
-        .filter(|n| check_session_name(n).is_ok())
-        .unwrap_or_else(|| uid.to_string())
-}
+use crate::cli::invoking_user;
 
 fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, GatewayCmdError> {
     std::net::TcpListener::bind(addr).map_err(|source| {
