@@ -1669,7 +1669,7 @@ fn exceeding_a_budget_or_the_blocked_threshold_terminates_the_session_when_the_p
         (
             "[response]\nterminate_after_blocked = 3\n",
             "http://other.fake.test/t",
-            "3 blocked network attempts (terminate_after_blocked = 3)",
+            "3 blocked network attempts in 24h (detect.blocked.threshold = 3)",
         ),
     ] {
         let r = net
