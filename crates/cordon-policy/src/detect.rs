@@ -73,10 +73,11 @@ pub struct DnsTunnelRule {
     pub high_entropy_labels: u32,
     /// Queries of any kind.
     pub queries: u32,
-    /// Share of queries answered NXDOMAIN (or refused) at or above which the rule fires, once at
-    /// least `min_queries` were made in the window.
+    /// Share of the distinct names queried that were answered NXDOMAIN (or refused) at or above
+    /// which the rule fires, once at least `min_names` distinct names were queried in the
+    /// window (a name asked again and again counts once: a retry loop is not a tunnel).
     pub nxdomain_ratio: f64,
-    pub min_queries: u32,
+    pub min_names: u32,
     /// Queries for record types other than A and AAAA.
     pub other_types: u32,
     pub response: Response,
@@ -95,7 +96,7 @@ impl Default for DnsTunnelRule {
             high_entropy_labels: 5,
             queries: 200,
             nxdomain_ratio: 0.8,
-            min_queries: 20,
+            min_names: 20,
             other_types: 10,
             response: Response::Terminate,
             alert: true,
@@ -413,7 +414,7 @@ pub(crate) fn check(
     )?;
     at("detect.dns_tunnel.queries", threshold(n(t.queries)))?;
     at("detect.dns_tunnel.nxdomain_ratio", ratio(t.nxdomain_ratio))?;
-    at("detect.dns_tunnel.min_queries", threshold(n(t.min_queries)))?;
+    at("detect.dns_tunnel.min_names", threshold(n(t.min_names)))?;
     at("detect.dns_tunnel.other_types", threshold(n(t.other_types)))?;
     let x = &d.exfil;
     at("detect.exfil.window", window(x.window))?;

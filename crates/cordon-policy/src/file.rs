@@ -132,7 +132,7 @@ struct RawDnsTunnel {
     high_entropy_labels: Leaf,
     queries: Leaf,
     nxdomain_ratio: Leaf,
-    min_queries: Leaf,
+    min_names: Leaf,
     other_types: Leaf,
     response: Leaf,
     alert: Leaf,
@@ -577,7 +577,7 @@ impl Cx<'_> {
                 o.nxdomain_ratio =
                     self.check(v, &k("nxdomain_ratio"), |v| detect::ratio(number(v)?))?;
             }
-            self.threshold(&t.min_queries, &k("min_queries"), &mut o.min_queries)?;
+            self.threshold(&t.min_names, &k("min_names"), &mut o.min_names)?;
             self.threshold(&t.other_types, &k("other_types"), &mut o.other_types)?;
             self.response_of(&t.response, &k("response"), &mut o.response)?;
             self.enabled(&t.alert, &k("alert"), &mut o.alert)?;

@@ -69,6 +69,9 @@ pub struct Alerts {
     writer: Mutex<Option<Arc<AuditWriter>>>,
     /// Alert events of a session without an audit writer (no network), written with its end.
     pending: Mutex<Vec<cordon_audit::Event>>,
+    /// Set by [`Alerts::new`], started by [`Alerts::start`] (the supervisor may start no thread
+    /// before the sandbox is spawned).
+    config: Option<(WebhookUrl, Duration, u32)>,
     webhook: Mutex<Option<Webhook>>,
     fired: Mutex<Vec<Fired>>,
 }
@@ -82,10 +85,10 @@ fn text<T: Serialize>(v: &T) -> String {
 
 impl Alerts {
     pub fn new(attribution: Attribution, policy: &AlertsPolicy) -> Arc<Alerts> {
-        let webhook = policy.webhook.as_deref().and_then(|url| {
+        let config = policy.webhook.as_deref().and_then(|url| {
             // The policy reader validated it; an unparsable one here means a policy built in code.
             match WebhookUrl::parse(url) {
-                Ok(url) => Some(start_webhook(url, policy.timeout, policy.retries)),
+                Ok(url) => Some((url, policy.timeout, policy.retries)),
                 Err(e) => {
                     eprintln!("cordon: warning: alerts.webhook: {e}");
                     None
@@ -96,9 +99,20 @@ impl Alerts {
             attribution,
             writer: Mutex::new(None),
             pending: Mutex::new(Vec::new()),
-            webhook: Mutex::new(webhook),
+            config,
+            webhook: Mutex::new(None),
             fired: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Starts the webhook sender thread (if a webhook is configured). Call once the sandbox is
+    /// spawned; firings before that are not sent to the webhook.
+    pub fn start(&self) {
+        if let (Some((url, timeout, retries)), Ok(mut w)) = (&self.config, self.webhook.lock()) {
+            if w.is_none() {
+                *w = Some(start_webhook(url.clone(), *timeout, *retries));
+            }
+        }
     }
 
     /// Where alert events are written (set once the session's audit writer is open).

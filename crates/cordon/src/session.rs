@@ -296,6 +296,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         }
     };
     // Threads may start now: the sandbox is spawned.
+    alerts.start();
     let mut writer = None;
     let mut gateway = None;
     // A network-less session has only its start and end to record: open the store and write

@@ -202,7 +202,8 @@ fn secs(d: Duration) -> String {
 struct State {
     blocked: Window,
     dns_queries: Window,
-    dns_failed: Window,
+    dns_names_seen: Distinct,
+    dns_names_failed: Distinct,
     dns_long: Window,
     dns_entropy: Distinct,
     dns_other: Window,
@@ -293,8 +294,10 @@ impl Detector {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             return self.dns(&mut st, e, now);
         }
-        // Budget refusals count too, as `terminate_after_blocked` always did.
-        let blocked = e.verdict == Verdict::Block;
+        // Budget refusals count too, as `terminate_after_blocked` always did; refusals that a
+        // detection's own response causes (`detect`, `detect.canary`) do not, or a `block`
+        // response would turn into a termination by the blocked-attempts rule.
+        let blocked = e.verdict == Verdict::Block && !e.rule.starts_with("detect");
         if blocked && p.blocked.enabled && !self.has_fired(Rule::Blocked) {
             let b = &p.blocked;
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -353,10 +356,11 @@ impl Detector {
             ))
         };
         let (queries, _) = st.dns_queries.add(now, w, 0);
+        let names = st.dns_names_seen.add(name, now, w);
         let failed = if e.verdict == Verdict::Block {
-            st.dns_failed.add(now, w, 0).0
+            st.dns_names_failed.add(name, now, w)
         } else {
-            st.dns_failed.count(now, w)
+            st.dns_names_failed.count(now, w)
         };
         let domain = registrable_domain(name);
         let distinct = st
@@ -432,15 +436,15 @@ impl Detector {
                 ],
             );
         }
-        if queries >= u64::from(t.min_queries) {
-            let ratio = failed as f64 / queries as f64;
+        if names >= u64::from(t.min_names) {
+            let ratio = failed as f64 / names as f64;
             if ratio >= t.nxdomain_ratio {
                 return fire(
                     "nxdomain_ratio",
-                    format!("{failed} of {queries} queries answered NXDOMAIN"),
+                    format!("{failed} of {names} names answered NXDOMAIN"),
                     vec![
-                        ("nxdomain", failed.into()),
-                        ("queries", queries.into()),
+                        ("nxdomain_names", failed.into()),
+                        ("names", names.into()),
                         ("ratio", ((ratio * 100.0).round() / 100.0).into()),
                         ("threshold", t.nxdomain_ratio.into()),
                     ],

@@ -49,6 +49,12 @@ fn first_firing(d: &Detector, events: &[NetEvent], t0: Instant) -> Option<(usize
     })
 }
 
+fn only_ratio() -> DetectPolicy {
+    let mut p = only("dns_tunnel");
+    p.dns_tunnel.distinct_names = 1000;
+    p
+}
+
 fn only(rule: &str) -> DetectPolicy {
     let mut p = DetectPolicy::default();
     p.blocked.enabled = rule == "blocked";
@@ -79,6 +85,19 @@ fn blocked_attempts_fire_on_the_nth_within_the_window_only() {
         "5 blocked network attempts in 1m (detect.blocked.threshold = 5)"
     );
     assert_eq!(x.evidence["last_host"], Evidence::Text("evil.test".into()));
+}
+
+#[test]
+fn refusals_caused_by_a_detection_response_do_not_count_as_blocked_attempts() {
+    let d = Detector::new(only("blocked"), &[]);
+    let events: Vec<_> = (0..20)
+        .map(|_| {
+            let mut e = blocked("api.example");
+            e.rule = "detect".into();
+            e
+        })
+        .collect();
+    assert_eq!(first_firing(&d, &events, Instant::now()), None);
 }
 
 #[test]
@@ -184,9 +203,13 @@ fn other_record_types_fire_at_their_count() {
 
 #[test]
 fn the_nxdomain_ratio_fires_once_enough_queries_were_made() {
-    let mut p = only("dns_tunnel");
-    p.dns_tunnel.distinct_names = 1000;
-    let d = Detector::new(p, &[]);
+    let d = Detector::new(only_ratio(), &[]);
+    // A retry loop on one blocked name is not a tunnel.
+    let retries: Vec<_> = (0..100)
+        .map(|_| dns("github.com", "A", Verdict::Block))
+        .collect();
+    assert_eq!(first_firing(&d, &retries, Instant::now()), None);
+    let d = Detector::new(only_ratio(), &[]);
     // Twenty failures over twenty different domains: no single domain has many names.
     let events: Vec<_> = (0..20)
         .map(|i| dns(&format!("www.site{i}.example"), "A", Verdict::Block))

@@ -32,12 +32,6 @@ impl Window {
         (self.items.len() as u64, self.sum)
     }
 
-    /// Events within the window ending at `now`.
-    pub fn count(&mut self, now: Instant, span: Duration) -> u64 {
-        self.expire(now, span);
-        self.items.len() as u64
-    }
-
     fn expire(&mut self, now: Instant, span: Duration) {
         while let Some(&(t, w)) = self.items.front() {
             if now.duration_since(t) <= span {
@@ -56,6 +50,12 @@ pub(crate) struct Distinct {
 }
 
 impl Distinct {
+    /// Distinct keys seen within `span` of `now`.
+    pub fn count(&mut self, now: Instant, span: Duration) -> u64 {
+        self.last.retain(|_, t| now.duration_since(*t) <= span);
+        self.last.len() as u64
+    }
+
     /// Notes `key` at `now`; returns how many distinct keys were seen within `span`.
     pub fn add(&mut self, key: &str, now: Instant, span: Duration) -> u64 {
         match self.last.get_mut(key) {
@@ -87,7 +87,7 @@ mod tests {
         assert_eq!(w.add(t0, span, 5), (1, 5));
         assert_eq!(w.add(t0 + Duration::from_secs(5), span, 7), (2, 12));
         assert_eq!(w.add(t0 + Duration::from_secs(11), span, 1), (2, 8));
-        assert_eq!(w.count(t0 + Duration::from_secs(30), span), 0);
+        assert_eq!(w.add(t0 + Duration::from_secs(30), span, 0), (1, 0));
     }
 
     #[test]
