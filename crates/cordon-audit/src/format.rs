@@ -184,7 +184,7 @@ pub fn sessions_table(sessions: &[SessionSummary]) -> String {
     out
 }
 
-const EVENT_COLUMNS: [Column; 10] = [
+const EVENT_COLUMNS: [Column; 11] = [
     left("TIME (UTC)", 23),
     right("SEQ", 5),
     left("KIND", 16),
@@ -194,6 +194,7 @@ const EVENT_COLUMNS: [Column; 10] = [
     left("PATH", 32),
     right("UP", 6),
     right("DOWN", 6),
+    left("PROCESS", 32),
     left("RULE / REASON", 60),
 ];
 
@@ -240,6 +241,19 @@ fn destination(r: &EventRecord) -> String {
     out
 }
 
+/// `PID EXE ARGS…`: the pid in the sandbox, the executable's file name (what the kernel ran,
+/// whatever `argv[0]` says), then the arguments after `argv[0]`.
+pub fn process_cell(p: &crate::event::ProcessInfo) -> String {
+    let exe = p.exe.rsplit('/').next().unwrap_or(&p.exe);
+    let exe = if exe.is_empty() { "?" } else { exe };
+    let mut out = format!("{} {exe}", p.pid);
+    for arg in p.cmdline.iter().skip(1) {
+        out.push(' ');
+        out.push_str(&crate::event::shell_quote(arg));
+    }
+    out
+}
+
 /// One event as a table row (ending in a newline).
 pub fn event_row(r: &EventRecord, with_session: bool) -> String {
     let e = &r.event;
@@ -259,6 +273,7 @@ pub fn event_row(r: &EventRecord, with_session: bool) -> String {
         e.path.clone().unwrap_or_default(),
         opt_bytes(e.bytes_up),
         opt_bytes(e.bytes_down),
+        e.process.as_ref().map(process_cell).unwrap_or_default(),
         rule_reason,
     ];
     if with_session {
@@ -339,6 +354,22 @@ mod tests {
             false
         )
         .contains('\x1b'));
+    }
+
+    #[test]
+    fn the_process_column_names_the_real_executable_then_the_arguments() {
+        let mut r = record();
+        r.event.process = Some(crate::event::ProcessInfo {
+            pid: 42,
+            exe: "/usr/bin/python3.11".into(),
+            cmdline: vec!["sshd".into(), "injected.py".into(), "a b".into()],
+        });
+        let row = event_row(&r, false);
+        let header = events_header(false);
+        let col = header.find("PROCESS").unwrap();
+        let at = row.find("42 python3.11 injected.py 'a b' ").unwrap();
+        assert_eq!(row[..at].chars().count(), header[..col].chars().count());
+        assert!(!row.contains("sshd"));
     }
 
     #[test]

@@ -52,8 +52,8 @@ pub mod writer;
 
 pub use chain::GENESIS_HASH;
 pub use event::{
-    sha256_hex, truncate_path, Attribution, Event, EventKind, EventRecord, UnknownName, Verdict,
-    MAX_PATH_CHARS,
+    sha256_hex, truncate_path, Attribution, Event, EventKind, EventRecord, ProcessInfo,
+    UnknownName, Verdict, MAX_PATH_CHARS,
 };
 pub use paths::{default_path, default_path_for, PathError};
 pub use query::{EventFilter, SessionFilter, SessionSummary};
