@@ -41,6 +41,7 @@
 
 pub mod chain;
 pub mod event;
+pub mod export;
 pub mod format;
 pub mod paths;
 pub mod query;
@@ -55,6 +56,7 @@ pub use event::{
     sha256_hex, truncate_path, Attribution, Event, EventKind, EventRecord, ProcessInfo,
     UnknownName, Verdict, MAX_PATH_CHARS,
 };
+pub use export::{cef_line, severity, Severity};
 pub use paths::{default_path, default_path_for, PathError};
 pub use query::{EventFilter, SessionFilter, SessionSummary};
 pub use store::{ChainHead, Store, StoreError, StoreOptions};

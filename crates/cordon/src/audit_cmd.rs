@@ -138,7 +138,8 @@ pub struct ExportArgs {
     /// Only events of this kind.
     #[arg(long, value_name = "KIND")]
     pub kind: Option<String>,
-    /// Output format: jsonl (one JSON object per line).
+    /// Output format: jsonl (one JSON object per line, the default) or cef (ArcSight CEF, one
+    /// event per line).
     #[arg(long, value_name = "FORMAT")]
     pub format: Option<String>,
 }
@@ -266,7 +267,7 @@ fn execute(args: AuditArgs) -> Result<i32> {
     let status = match plan {
         Plan::Sessions { filter, json } => sessions(&store, &filter, json, &mut out)?,
         Plan::Events { filter, json } => events(&store, filter, json, &mut out)?,
-        Plan::Export { filter } => export(&store, filter, &mut out)?,
+        Plan::Export { filter, format } => export(&store, filter, format, &mut out)?,
         Plan::Verify { json } => verify(&store, json, &mut out)?,
         Plan::Prune { cutoff, json } => prune(&mut store, cutoff, json, &mut out)?,
         Plan::Tail {
@@ -278,6 +279,15 @@ fn execute(args: AuditArgs) -> Result<i32> {
     };
     out.flush().map_err(AuditCmdError::Output)?;
     Ok(status)
+}
+
+/// How `export` writes each event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ExportFormat {
+    /// One [`EventRecord`] as JSON per line.
+    Jsonl,
+    /// One CEF line per event ([`cordon_audit::export`]).
+    Cef,
 }
 
 /// What to do, with every flag parsed: a pure function of the arguments and the time.
@@ -294,6 +304,7 @@ enum Plan {
     },
     Export {
         filter: EventFilter,
+        format: ExportFormat,
     },
     Verify {
         json: bool,
@@ -339,17 +350,19 @@ fn plan(command: &AuditCommand, now: Timestamp) -> Result<Plan> {
             json: a.json,
         },
         AuditCommand::Export(a) => {
-            match a.format.as_deref() {
-                None | Some("jsonl") => {}
+            let format = match a.format.as_deref() {
+                None | Some("jsonl") => ExportFormat::Jsonl,
+                Some("cef") => ExportFormat::Cef,
                 Some(other) => {
                     return Err(AuditCmdError::BadValue {
                         flag: "--format",
                         input: other.to_owned(),
-                        hint: "the only export format is jsonl".to_owned(),
+                        hint: "expected jsonl or cef".to_owned(),
                     })
                 }
-            }
+            };
             Plan::Export {
+                format,
                 filter: EventFilter {
                     session: a.session.clone(),
                     user: a.user.clone(),
@@ -612,9 +625,21 @@ fn events<W: Write>(
     Ok(0)
 }
 
-fn export<W: Write>(store: &Store, mut filter: EventFilter, out: &mut W) -> Result<i32> {
+fn export<W: Write>(
+    store: &Store,
+    mut filter: EventFilter,
+    format: ExportFormat,
+    out: &mut W,
+) -> Result<i32> {
     let session = resolve(store, &mut filter)?;
-    stream_events(store, &filter, session.as_ref(), |r| json_line(out, r))?;
+    stream_events(store, &filter, session.as_ref(), |r| match format {
+        ExportFormat::Jsonl => json_line(out, r),
+        ExportFormat::Cef => {
+            let mut line = cordon_audit::cef_line(r);
+            line.push('\n');
+            text(out, &line)
+        }
+    })?;
     Ok(0)
 }
 
@@ -799,6 +824,7 @@ mod tests {
         assert_eq!(
             p,
             Plan::Export {
+                format: ExportFormat::Jsonl,
                 filter: EventFilter {
                     session: Some("01J".into()),
                     user: Some("bob".into()),
@@ -903,10 +929,10 @@ mod tests {
             ),
             (
                 AuditCommand::Export(ExportArgs {
-                    format: Some("cef".into()),
+                    format: Some("xml".into()),
                     ..ExportArgs::default()
                 }),
-                "invalid --format \"cef\": the only export format is jsonl",
+                "invalid --format \"xml\": expected jsonl or cef",
             ),
             (
                 AuditCommand::Events(EventsArgs {

@@ -80,8 +80,15 @@ fn build_store(dir: &Path) -> PathBuf {
                 e.port = Some(443);
                 e.bytes_up = Some(100);
                 e.bytes_down = Some(2048);
+                e.duration_ms = Some(35);
                 e.verdict = Some(Verdict::Allow);
                 e.rule = Some("allow api.github.com:443".into());
+                e.detail = serde_json::json!({"via": "connect"});
+                e.process = Some(cordon_audit::ProcessInfo {
+                    pid: 7,
+                    exe: "/usr/bin/python3.11".into(),
+                    cmdline: vec!["python3".into(), "fetch.py".into(), "a=b|c\\d".into()],
+                });
             }),
             event(&a, EventKind::HttpRequest, |e| {
                 e.host = Some("example.com".into());
@@ -366,12 +373,70 @@ fn export_round_trips_every_record_with_stable_field_names() {
         "rule",
         "reason",
         "detail",
+        "process",
         "prev_hash",
         "hash",
     ] {
         assert!(first.get(key).is_some(), "key {key} missing from {first}");
     }
+    // Every field of the event model is set in at least one exported record, so the equality
+    // above covers each of them.
+    let all: Vec<Value> = json_lines(&text);
+    for key in first.as_object().unwrap().keys() {
+        assert!(
+            all.iter().any(|r| !r[key].is_null()),
+            "no exported record sets {key}"
+        );
+    }
     assert_eq!(ok(&audit(&path, &["export", "--format", "jsonl"])), text);
+}
+
+#[test]
+fn cef_export_writes_one_escaped_line_per_record_with_the_same_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = build_store(dir.path());
+    let all = ok(&audit(&path, &["export", "--format", "cef"]));
+    assert_eq!(all.lines().count(), 13);
+    assert!(all.lines().all(|l| l.starts_with("CEF:0|cordon|cordon|")));
+    let blocked = ok(&audit(
+        &path,
+        &["export", "--format", "cef", "--verdict", "block"],
+    ));
+    let ids: Vec<&str> = blocked
+        .lines()
+        .map(|l| {
+            l.split(" externalId=")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(ids, vec!["8", "11", "12"]);
+    assert!(blocked.lines().all(|l| l.contains("|5|rt=")), "{blocked}");
+    let attributed = ok(&audit(
+        &path,
+        &[
+            "export",
+            "--format",
+            "cef",
+            "--session",
+            ALPHA,
+            "--kind",
+            "connection",
+        ],
+    ));
+    assert_eq!(attributed.lines().count(), 1, "{attributed}");
+    assert!(
+        attributed.contains(r"spid=7 sproc=/usr/bin/python3.11 cs4Label=commandLine cs4=python3 fetch.py 'a\=b|c\\d'"),
+        "{attributed}"
+    );
+    let since = ok(&audit(
+        &path,
+        &["export", "--format", "cef", "--until", "90d"],
+    ));
+    assert_eq!(since.lines().count(), 3);
 }
 
 #[test]
@@ -828,9 +893,9 @@ fn every_bad_input_gets_one_line_and_the_documented_status() {
         (&["sessions", "--limit=-3"], 2, "invalid --limit \"-3\": expected a whole number"),
         (&["tail", "-n", "ten"], 2, "invalid --lines \"ten\": expected a whole number"),
         (
-            &["export", "--format", "cef"],
+            &["export", "--format", "xml"],
             2,
-            "invalid --format \"cef\": the only export format is jsonl",
+            "invalid --format \"xml\": expected jsonl or cef",
         ),
         (&["prune"], 2, "--older-than is required (for example --older-than 90d)"),
         (
