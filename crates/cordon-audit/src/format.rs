@@ -292,6 +292,149 @@ pub fn events_table(events: &[EventRecord], with_session: bool) -> String {
     out
 }
 
+const HOST_COLUMNS: [Column; 7] = [
+    left("  ALLOWED DESTINATION", 40),
+    right("CONNS", 6),
+    right("REQUESTS", 8),
+    right("UP", 7),
+    right("DOWN", 7),
+    right("SESSIONS", 8),
+    left("RULE", 40),
+];
+
+const BLOCKED_COLUMNS: [Column; 5] = [
+    left("  BLOCKED DESTINATION", 40),
+    right("ATTEMPTS", 8),
+    right("SESSIONS", 8),
+    left("LAST SEEN (UTC)", 19),
+    left("LAST REASON", 60),
+];
+
+const TERMINATED_COLUMNS: [Column; 5] = [
+    left("  SESSION", 28),
+    left("USER", 12),
+    left("ENDED (UTC)", 19),
+    right("EXIT", 4),
+    left("REASON", 80),
+];
+
+fn titles(columns: &[Column]) -> Vec<String> {
+    columns.iter().map(|c| c.title.to_owned()).collect()
+}
+
+/// What `cordon audit report` prints: per user and policy the allowed destinations used and the
+/// allowlist entries nothing used, then the top blocked destinations, then terminated sessions.
+pub fn report_text(r: &crate::report::Report) -> String {
+    let window = match (r.since, r.until) {
+        (Some(s), Some(u)) => format!("{} to {}", time_to_second(s), time_to_second(u)),
+        (Some(s), None) => format!("since {}", time_to_second(s)),
+        (None, Some(u)) => format!("until {}", time_to_second(u)),
+        (None, None) => "all time".to_owned(),
+    };
+    let mut out = format!(
+        "audit report, {window} (UTC): {} sessions, {} events
+",
+        r.sessions, r.events
+    );
+    for g in &r.usage {
+        let policy = g
+            .policy_sha256
+            .as_deref()
+            .map(|p| cut(p, 12))
+            .unwrap_or_else(|| "(not recorded)".to_owned());
+        out.push_str(&format!(
+            "
+user {}, policy {policy}: {} session(s)
+",
+            sanitize(&g.user_id),
+            g.sessions
+        ));
+        if g.hosts.is_empty() {
+            out.push_str(
+                "  no allowed connection or request
+",
+            );
+        } else {
+            out.push_str(&line(&HOST_COLUMNS, &titles(&HOST_COLUMNS)));
+            for h in &g.hosts {
+                out.push_str(&line(
+                    &HOST_COLUMNS,
+                    &[
+                        format!("  {}", h.destination),
+                        h.connections.to_string(),
+                        h.requests.to_string(),
+                        human_bytes(h.bytes_up),
+                        human_bytes(h.bytes_down),
+                        h.sessions.to_string(),
+                        h.rules.join(", "),
+                    ],
+                ));
+            }
+        }
+        if !g.unused_allow.is_empty() {
+            let unused: Vec<String> = g.unused_allow.iter().map(|e| sanitize(e)).collect();
+            out.push_str(&format!(
+                "  never used (candidates to remove): {}
+",
+                unused.join(", ")
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "
+top blocked destinations ({} distinct)
+",
+        r.blocked_destinations
+    ));
+    if r.top_blocked.is_empty() {
+        out.push_str(
+            "  none
+",
+        );
+    } else {
+        out.push_str(&line(&BLOCKED_COLUMNS, &titles(&BLOCKED_COLUMNS)));
+        for b in &r.top_blocked {
+            out.push_str(&line(
+                &BLOCKED_COLUMNS,
+                &[
+                    format!("  {}", b.destination),
+                    b.attempts.to_string(),
+                    b.sessions.to_string(),
+                    time_to_second(b.last_seen),
+                    b.last_reason.clone().unwrap_or_default(),
+                ],
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "
+sessions terminated ({})
+",
+        r.terminated.len()
+    ));
+    if r.terminated.is_empty() {
+        out.push_str(
+            "  none
+",
+        );
+    } else {
+        out.push_str(&line(&TERMINATED_COLUMNS, &titles(&TERMINATED_COLUMNS)));
+        for t in &r.terminated {
+            out.push_str(&line(
+                &TERMINATED_COLUMNS,
+                &[
+                    format!("  {}", t.session_id),
+                    t.user_id.clone(),
+                    time_to_second(t.ended),
+                    t.exit_status.map(|c| c.to_string()).unwrap_or_default(),
+                    t.reason.clone(),
+                ],
+            ));
+        }
+    }
+    out
+}
+
 /// What `cordon audit verify` prints: one line when the chain is intact, the first bad record
 /// and a count otherwise.
 pub fn verify_summary(report: &VerifyReport) -> String {

@@ -45,6 +45,7 @@ pub mod export;
 pub mod format;
 pub mod paths;
 pub mod query;
+pub mod report;
 mod schema;
 pub mod store;
 pub mod timestamp;
@@ -59,6 +60,7 @@ pub use event::{
 pub use export::{cef_line, severity, Severity};
 pub use paths::{default_path, default_path_for, PathError};
 pub use query::{EventFilter, SessionFilter, SessionSummary};
+pub use report::{Report, ReportOptions};
 pub use store::{ChainHead, Store, StoreError, StoreOptions};
 pub use timestamp::{parse_age, parse_since, parse_since_at, TimeError, Timestamp};
 pub use verify::{Anchor, PruneReport, VerifyReport};
