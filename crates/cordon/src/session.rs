@@ -518,9 +518,26 @@ fn start_detail(layers: &Layers, policy: &Policy) -> serde_json::Map<String, ser
             .collect::<Vec<_>>()),
     );
     m.insert(
+        cordon_audit::report::ALLOW_PRIVATE.into(),
+        serde_json::json!(policy
+            .network
+            .allow_private
+            .iter()
+            .map(|a| a.raw().to_string())
+            .collect::<Vec<_>>()),
+    );
+    m.insert(
         "mode".into(),
         serde_json::json!(policy.network.mode.as_str()),
     );
+    // Identifies the effective policy (file plus flags) for `cordon audit report`. Serialising
+    // the policy model cannot fail; if it ever did, the report groups the session under no policy.
+    if let Ok(json) = serde_json::to_vec(policy) {
+        m.insert(
+            cordon_audit::report::POLICY_SHA256.into(),
+            serde_json::json!(cordon_audit::sha256_hex(&json)),
+        );
+    }
     m
 }
 
