@@ -226,12 +226,29 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     };
 
     marks.mark("supervisor: plan built");
+    // On a cgroup v2 host the session cgroup is made first and the sandbox is born in it
+    // (clone3 CLONE_INTO_CGROUP: no cgroup.procs write, so no wait for the kernel's attach
+    // lock). On cgroup v1 the cgroup is made and joined after the clone, while the init builds
+    // its filesystem.
+    let early_cg = cgroup::unified_host().then(|| cgroup_for(&req.session_id, &limits));
+    if early_cg.is_some() {
+        marks.mark("supervisor: cgroup created");
+    }
+    let into = match &early_cg {
+        Some(Ok(cg)) => cg.clone_into_fd(),
+        _ => None,
+    };
     let signals = SignalGuard::block()?;
-    let spawned = spawn::spawn(&sandbox_plan, filter.as_ref(), workspace.detached_fd());
+    let spawned = spawn::spawn(
+        &sandbox_plan,
+        filter.as_ref(),
+        workspace.detached_fd(),
+        into,
+    );
     let sandbox = match spawned {
         Ok(s) => s,
         Err(e) => {
-            cleanup(None, workspace);
+            cleanup(early_cg.and_then(Result::ok), workspace);
             return Err(RunError::cordon(e.to_string()));
         }
     };
@@ -243,13 +260,20 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     marks.mark("supervisor: cloned, id maps, go sent");
     // The init builds its filesystem meanwhile; it waits for "cgroup ready" before it starts
     // the command, so the command and everything it forks run inside the session's cgroup.
-    let cg: Option<Box<dyn SessionCgroup>> = match cgroup_for(&req.session_id, &limits).and_then(
-        |c| {
-            c.add_pid(sandbox.pid)
-                .map(|()| c)
-                .map_err(|e| e.to_string())
-        },
-    ) {
+    let joined = match early_cg {
+        Some(Ok(c)) if sandbox.in_cgroup => Ok(c),
+        Some(made) => made,
+        None => cgroup_for(&req.session_id, &limits),
+    }
+    .and_then(|c| {
+        if sandbox.in_cgroup {
+            return Ok(c);
+        }
+        c.add_pid(sandbox.pid)
+            .map(|()| c)
+            .map_err(|e| e.to_string())
+    });
+    let cg: Option<Box<dyn SessionCgroup>> = match joined {
         Ok(cg) => {
             layers.cgroup = Some(format!("{:?}", cg.version()).to_lowercase());
             Some(cg)
@@ -269,14 +293,15 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             None
         }
     };
-    if let Err(e) = spawn::send(&sandbox, &cordon_sandbox::proto::ToInit::CgroupReady) {
-        kill(&sandbox);
-        cleanup(cg, workspace);
-        return Err(RunError::cordon(format!("sandbox set-up: {e}")));
+    if !sandbox.in_cgroup {
+        if let Err(e) = spawn::send(&sandbox, &cordon_sandbox::proto::ToInit::CgroupReady) {
+            kill(&sandbox);
+            cleanup(cg, workspace);
+            return Err(RunError::cordon(format!("sandbox set-up: {e}")));
+        }
+        marks.mark("supervisor: cgroup created and joined");
     }
-    marks.mark("supervisor: cgroup created and joined");
     let deadline = started + policy.sandbox.timeout;
-    marks.mark("supervisor: cloned, id maps, go sent");
     let sockets = match handshake(&sandbox, &sandbox_plan, &mut workspace, deadline) {
         Ok(s) => s,
         Err(e) => {
