@@ -11,6 +11,7 @@ use cordon_policy::{NetworkPolicy, ResponsePolicy};
 
 use crate::event::SessionInfo;
 use crate::origdst::{OriginalDst, SoOriginalDst};
+use crate::owner::SocketOwners;
 use crate::resolve::Resolve;
 
 /// Who the traffic belongs to.
@@ -89,6 +90,9 @@ pub struct GatewayConfig {
     pub timeouts: Timeouts,
     /// Largest number of names the DNS server maps to synthetic addresses (at most 2^17 - 2).
     pub max_synthetic_names: u32,
+    /// Finds the sandbox process behind each connection and DNS query ([`crate::owner`]);
+    /// `None` (the default) attributes events to the session only.
+    pub owners: Option<Arc<dyn SocketOwners>>,
 }
 
 impl GatewayConfig {
@@ -102,6 +106,7 @@ impl GatewayConfig {
             original_dst: Arc::new(SoOriginalDst),
             timeouts: Timeouts::default(),
             max_synthetic_names: 1 << 16,
+            owners: None,
         }
     }
 
@@ -123,6 +128,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("upstream", &self.upstream)
             .field("timeouts", &self.timeouts)
             .field("max_synthetic_names", &self.max_synthetic_names)
+            .field("owners", &self.owners.is_some())
             .finish_non_exhaustive()
     }
 }

@@ -41,6 +41,7 @@ pub(crate) struct Shared {
     pub attribution: Attribution,
     pub stats: StatsCounters,
     pub terminate_tx: mpsc::UnboundedSender<TerminateRequest>,
+    pub owners: Option<Arc<dyn crate::owner::SocketOwners>>,
 }
 
 /// State for one `serve` call: the shared state plus the sink and the cancellation token.

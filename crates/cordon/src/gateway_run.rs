@@ -56,6 +56,7 @@ impl RunningGateway {
         sockets: GatewaySockets,
         upstream_dns: &[std::net::SocketAddr],
         writer: Arc<AuditWriter>,
+        owners: Option<Arc<dyn cordon_gateway::SocketOwners>>,
     ) -> Result<RunningGateway, String> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -65,6 +66,7 @@ impl RunningGateway {
             .map_err(|e| format!("gateway runtime: {e}"))?;
         let mut config =
             GatewayConfig::new(policy.network.clone(), policy.response.clone(), session);
+        config.owners = owners;
         if !upstream_dns.is_empty() {
             config.upstream = Upstream::Nameservers(upstream_dns.to_vec());
         }

@@ -338,8 +338,27 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                     user: req.user.clone(),
                     code_sha256: req.code_sha256.clone(),
                 };
-                RunningGateway::start(policy, session, sockets, &req.upstream_dns, w.clone())
-                    .map(|g| (w, g))
+                // Which sandbox process made each request: looked up in the sandbox's /proc
+                // through its init. Without it events still name the session.
+                let owners = match crate::attribution::ProcSocketOwners::new(sandbox.pid as u32) {
+                    Ok(o) => Some(std::sync::Arc::new(o) as _),
+                    Err(e) => {
+                        eprintln!(
+                            "cordon: warning: events will not name the sandbox process: /proc/{}: {e}",
+                            sandbox.pid
+                        );
+                        None
+                    }
+                };
+                RunningGateway::start(
+                    policy,
+                    session,
+                    sockets,
+                    &req.upstream_dns,
+                    w.clone(),
+                    owners,
+                )
+                .map(|g| (w, g))
             });
         match started_gw {
             Ok((w, g)) => {
