@@ -11,6 +11,7 @@ use cordon_policy::{DetectPolicy, NetworkPolicy};
 
 use crate::event::SessionInfo;
 use crate::origdst::{OriginalDst, SoOriginalDst};
+use crate::owner::SocketOwners;
 use crate::resolve::Resolve;
 
 /// Who the traffic belongs to.
@@ -92,6 +93,9 @@ pub struct GatewayConfig {
     pub timeouts: Timeouts,
     /// Largest number of names the DNS server maps to synthetic addresses (at most 2^17 - 2).
     pub max_synthetic_names: u32,
+    /// Finds the sandbox process behind each connection and DNS query ([`crate::owner`]);
+    /// `None` (the default) attributes events to the session only.
+    pub owners: Option<Arc<dyn SocketOwners>>,
 }
 
 impl GatewayConfig {
@@ -106,6 +110,7 @@ impl GatewayConfig {
             original_dst: Arc::new(SoOriginalDst),
             timeouts: Timeouts::default(),
             max_synthetic_names: 1 << 16,
+            owners: None,
         }
     }
 
@@ -128,6 +133,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("upstream", &self.upstream)
             .field("timeouts", &self.timeouts)
             .field("max_synthetic_names", &self.max_synthetic_names)
+            .field("owners", &self.owners.is_some())
             .finish_non_exhaustive()
     }
 }

@@ -46,6 +46,7 @@ pub(crate) struct Shared {
     pub stats: StatsCounters,
     pub terminate_tx: mpsc::UnboundedSender<TerminateRequest>,
     pub detections_tx: mpsc::UnboundedSender<Detection>,
+    pub owners: Option<Arc<dyn crate::owner::SocketOwners>>,
 }
 
 /// State for one `serve` call: the shared state plus the sink and the cancellation token.

@@ -55,6 +55,7 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
 
 impl RunningGateway {
     /// Starts serving the sandbox's sockets.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         policy: &Policy,
         session: SessionInfo,
@@ -63,6 +64,7 @@ impl RunningGateway {
         writer: Arc<AuditWriter>,
         canaries: Vec<(String, String)>,
         alerts: Arc<Alerts>,
+        owners: Option<Arc<dyn cordon_gateway::SocketOwners>>,
     ) -> Result<RunningGateway, String> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -72,6 +74,7 @@ impl RunningGateway {
             .map_err(|e| format!("gateway runtime: {e}"))?;
         let mut config = GatewayConfig::new(policy.network.clone(), policy.detect.clone(), session);
         config.canaries = canaries;
+        config.owners = owners;
         if !upstream_dns.is_empty() {
             config.upstream = Upstream::Nameservers(upstream_dns.to_vec());
         }

@@ -1,6 +1,7 @@
 //! `cordon`: run untrusted code in a sandbox whose only way out is an audited egress gateway.
 
 mod alerts;
+mod attribution;
 mod audit_cmd;
 mod audit_sink;
 mod cli;
@@ -10,6 +11,7 @@ mod gateway_run;
 mod ids;
 mod result;
 mod session;
+mod teardown;
 mod workspace;
 
 use std::io::Write;
