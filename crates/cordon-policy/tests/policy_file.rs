@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cordon_policy::{
-    AllowEntry, ByteSize, Enforcement, ExtraMount, Layer, Limits, NetworkMode, NetworkPolicy,
-    OnExceed, Policy, RateLimits, ResponsePolicy, SandboxPolicy,
+    AllowEntry, AuditPolicy, ByteSize, Enforcement, ExtraMount, Layer, Limits, MinSeverity,
+    NetworkMode, NetworkPolicy, OnExceed, Policy, RateLimits, ResponsePolicy, SandboxPolicy,
+    SyslogTarget, SyslogTransport,
 };
 
 const FULL: &str = r#"
@@ -55,6 +56,10 @@ on_exceed = "terminate"
 
 [response]
 terminate_after_blocked = 0
+
+[audit]
+syslog = "udp://127.0.0.1:5514"
+syslog_min_severity = "high"
 "#;
 
 fn entries(raw: &[&str]) -> Vec<AllowEntry> {
@@ -120,6 +125,13 @@ fn full_policy() -> Policy {
         },
         response: ResponsePolicy {
             terminate_after_blocked: 0,
+        },
+        audit: AuditPolicy {
+            syslog: Some(SyslogTarget {
+                transport: SyslogTransport::Udp,
+                addr: "127.0.0.1:5514".parse().unwrap(),
+            }),
+            syslog_min_severity: MinSeverity::High,
         },
     }
 }

@@ -2293,3 +2293,47 @@ fn every_network_event_names_the_sandbox_process_by_its_real_executable() {
     );
     assert!(net.audit(&["verify"]).status.success());
 }
+
+#[test]
+fn blocked_attempts_reach_a_tcp_syslog_receiver_live_and_allowed_ones_are_filtered() {
+    let Some(net) =
+        enter("blocked_attempts_reach_a_tcp_syslog_receiver_live_and_allowed_ones_are_filtered")
+    else {
+        return;
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("tcp://{}", listener.local_addr().unwrap());
+    let policy = format!(
+        "[response]\nterminate_after_blocked = 0\n[audit]\nsyslog = \"{url}\"\nsyslog_min_severity = \"warning\"\n"
+    );
+    let r = net
+        .cordon()
+        .policy(&policy)
+        .allow(&["api.fake.test:80"])
+        .run(&[
+            "sh",
+            "-c",
+            "curl -sS -o /dev/null http://api.fake.test/ok; curl -sS -o /dev/null http://other.fake.test/no; true",
+        ])
+        .ok();
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut all = Vec::new();
+    let _ = conn.read_to_end(&mut all);
+    // Octet-counted frames: LEN SP MSG.
+    let mut messages = Vec::new();
+    let mut rest = &all[..];
+    while !rest.is_empty() {
+        let sp = rest.iter().position(|&b| b == b' ').unwrap();
+        let n: usize = std::str::from_utf8(&rest[..sp]).unwrap().parse().unwrap();
+        messages.push(String::from_utf8(rest[sp + 1..sp + 1 + n].to_vec()).unwrap());
+        rest = &rest[sp + 1 + n..];
+    }
+    assert_eq!(messages.len(), 1, "{messages:#?}");
+    let m = &messages[0];
+    assert!(m.starts_with("<108>1 "), "{m}");
+    assert!(m.contains(" blocked [cordon@32473 "), "{m}");
+    assert!(m.contains(&format!("session=\"{}\"", r.session())), "{m}");
+    assert!(m.contains("host=\"other.fake.test\""), "{m}");
+    assert!(m.contains("exe=\""), "the process is forwarded too: {m}");
+}
