@@ -10,6 +10,7 @@ mod gateway_run;
 mod ids;
 mod result;
 mod session;
+mod teardown;
 mod workspace;
 
 use std::io::Write;

@@ -410,8 +410,8 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         let _ = c.kill_all();
     }
     let workspace_desc = workspace.describe();
-    cleanup(cg, workspace);
-    marks.mark("supervisor: cgroup removed, workspace released");
+    let unreleased = finish(cg, workspace);
+    marks.mark("supervisor: cgroup removed, workspace committed");
     drop(signals);
     if let Some(reason) = &terminated {
         eprintln!("cordon: session {} terminated: {reason}", req.session_id);
@@ -520,6 +520,15 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         }
     }
     marks.mark("supervisor: audit recorded");
+    // Everything the result depends on is done: the volume's release (and the sweep for other
+    // sessions' leftovers) finishes in a detached child while we exit.
+    if let Some(workspace) = unreleased {
+        crate::teardown::hand_off(move || {
+            let _ = workspace.release();
+            remove_stale_cgroups();
+        });
+        marks.mark("supervisor: workspace release handed off");
+    }
     marks.extend(&outcome.marks);
     marks.report(started);
     if let Some(err) = outcome.setup_failed {
@@ -637,6 +646,28 @@ fn cgroup_for(session_id: &str, limits: &CgroupLimits) -> Result<Box<dyn Session
         }
     }
     cgroup::create(&detected, session_id, limits).map_err(|e| e.to_string())
+}
+
+/// A finished session's teardown, as far as its result depends on it: the cgroup removed, a
+/// host workspace directory committed. A workspace whose release is slow (an ext4 volume) is
+/// returned for [`crate::teardown::hand_off`]; anything else is released here.
+fn finish(cg: Option<Box<dyn SessionCgroup>>, mut workspace: Workspace) -> Option<Workspace> {
+    if let Some(c) = cg {
+        if let Err(e) = c.remove() {
+            eprintln!("cordon: warning: removing the session cgroup: {e}");
+        }
+    }
+    if let Err(e) = workspace.commit() {
+        eprintln!("cordon: warning: workspace: {e}");
+    }
+    if workspace.slow_release() {
+        return Some(workspace);
+    }
+    if let Err(e) = workspace.release() {
+        eprintln!("cordon: warning: workspace: {e}");
+    }
+    remove_stale_cgroups();
+    None
 }
 
 fn cleanup(cg: Option<Box<dyn SessionCgroup>>, workspace: Workspace) {
