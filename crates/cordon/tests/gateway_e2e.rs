@@ -519,7 +519,9 @@ impl Run<'_> {
     }
 
     fn run<S: AsRef<str>>(self, command: &[S]) -> Ran {
-        let result = self.net.dir.path().join("result.json");
+        // A file of its own, so runs may go in parallel.
+        let n = self.net.policies.fetch_add(1, Ordering::Relaxed);
+        let result = self.net.dir.path().join(format!("result-{n}.json"));
         let _ = std::fs::remove_file(&result);
         let mut cmd = cordon_command();
         cmd.arg("run")
@@ -2336,4 +2338,84 @@ fn blocked_attempts_reach_a_tcp_syslog_receiver_live_and_allowed_ones_are_filter
     assert!(m.contains(&format!("session=\"{}\"", r.session())), "{m}");
     assert!(m.contains("host=\"other.fake.test\""), "{m}");
     assert!(m.contains("exe=\""), "the process is forwarded too: {m}");
+}
+
+// ------------------------------------------------------------------------------------------
+// Concurrent sessions, one store.
+
+#[test]
+fn parallel_sessions_writing_one_store_lose_nothing_and_keep_one_valid_chain() {
+    let Some(net) =
+        enter("parallel_sessions_writing_one_store_lose_nothing_and_keep_one_valid_chain")
+    else {
+        return;
+    };
+    const SESSIONS: usize = 6;
+    const REQUESTS: usize = 40;
+    let script = format!(
+        "import urllib.request\nfor i in range({REQUESTS}):\n    urllib.request.urlopen('http://api.fake.test/p%d' % i).read()\n"
+    );
+    let runs: Vec<Ran> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..SESSIONS)
+            .map(|i| {
+                let (net, script) = (&net, &script);
+                s.spawn(move || {
+                    net.cordon()
+                        .policy(NEVER_TERMINATE)
+                        .allow(&["api.fake.test:80"])
+                        .args(&["--user", &format!("user{i}")])
+                        .run(&[PY, "-c", script])
+                        .ok()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let all = json_lines(&net.audit(&["export"]).stdout);
+    // One chain: global ids 1..=N with no gap, whatever the interleaving.
+    let ids: Vec<u64> = all.iter().map(|e| e["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, (1..=all.len() as u64).collect::<Vec<_>>());
+    let mut interleaved = false;
+    for (i, r) in runs.iter().enumerate() {
+        let session = r.session();
+        let events: Vec<&Value> = all
+            .iter()
+            .filter(|e| e["session_id"] == session.as_str())
+            .collect();
+        // Everything each session did is there, in its own order.
+        let requests = records(&all, "http_request", Some("api.fake.test"))
+            .into_iter()
+            .filter(|e| e["session_id"] == session.as_str())
+            .count();
+        assert_eq!(requests, REQUESTS, "session {i}");
+        let seqs: Vec<u64> = events
+            .iter()
+            .map(|e| e["session_seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            seqs,
+            (1..=events.len() as u64).collect::<Vec<_>>(),
+            "session {i}"
+        );
+        assert_eq!(events[0]["kind"], "session_start");
+        assert_eq!(events[events.len() - 1]["kind"], "session_end");
+        assert!(events
+            .iter()
+            .all(|e| e["user_id"] == format!("user{i}").as_str()));
+        let first = events[0]["id"].as_u64().unwrap();
+        let last = events[events.len() - 1]["id"].as_u64().unwrap();
+        interleaved |= last - first + 1 != events.len() as u64;
+    }
+    assert!(
+        interleaved,
+        "the sessions did not overlap; the test proved nothing"
+    );
+    let f = net.audit(&["verify"]);
+    assert!(f.status.success(), "{}{}", f.stdout, f.stderr);
+    assert!(
+        f.stdout
+            .starts_with(&format!("ok: {} records verified", all.len())),
+        "{}",
+        f.stdout
+    );
 }
