@@ -16,8 +16,8 @@ use toml::{Spanned, Value};
 use crate::detect::{self, AlertsPolicy, DetectPolicy};
 use crate::error::{Location, PolicyError};
 use crate::model::{
-    Enforcement, ExtraMount, Layer, Limits, NetworkMode, NetworkPolicy, OnExceed, Policy,
-    RateLimits, Response, SandboxPolicy,
+    AuditPolicy, Enforcement, ExtraMount, Layer, Limits, MinSeverity, NetworkMode, NetworkPolicy,
+    OnExceed, Policy, RateLimits, Response, SandboxPolicy,
 };
 use crate::rules::{self, ValueError};
 use crate::size::ByteSize;
@@ -35,6 +35,7 @@ struct RawPolicy {
     response: Option<RawResponse>,
     detect: Option<RawDetect>,
     alerts: Option<RawAlerts>,
+    audit: Option<RawAudit>,
     /// Only read to refuse it with a clear error.
     credentials: Option<Spanned<Value>>,
 }
@@ -178,6 +179,13 @@ struct RawAlerts {
     retries: Leaf,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an [audit] table")]
+struct RawAudit {
+    syslog: Leaf,
+    syslog_min_severity: Leaf,
+}
+
 /// Parses and validates a policy; see the module documentation.
 pub(crate) fn parse(text: &str, source: Option<&str>) -> Result<Policy, PolicyError> {
     let cx = Cx { text, source };
@@ -206,6 +214,9 @@ pub(crate) fn parse(text: &str, source: Option<&str>) -> Result<Policy, PolicyEr
     }
     if let Some(alerts) = &raw.alerts {
         cx.alerts(alerts, &mut policy.alerts)?;
+    }
+    if let Some(audit) = &raw.audit {
+        cx.audit(audit, &mut policy.audit)?;
     }
     // Every field was checked above with its position; this is the backstop for the rules that
     // span fields, so that no path builds a policy `validate` would refuse.
@@ -644,6 +655,20 @@ impl Cx<'_> {
             }
             self.response_of(&c.response, "detect.canary.response", &mut o.response)?;
             self.enabled(&c.alert, "detect.canary.alert", &mut o.alert)?;
+        }
+        Ok(())
+    }
+
+    fn audit(&self, raw: &RawAudit, out: &mut AuditPolicy) -> Result<(), PolicyError> {
+        if let Some(v) = &raw.syslog {
+            out.syslog = Some(self.check(v, "audit.syslog", |v| {
+                rules::syslog(string(v, "a string like \"udp://127.0.0.1:514\"")?)
+            })?);
+        }
+        if let Some(v) = &raw.syslog_min_severity {
+            out.syslog_min_severity = self.check(v, "audit.syslog_min_severity", |v| {
+                Ok(string(v, "a severity name")?.parse::<MinSeverity>()?)
+            })?;
         }
         Ok(())
     }

@@ -41,8 +41,9 @@ pub use error::{Location, PolicyError};
 pub use host::{HostError, HostName};
 pub use ip::{parse_ip_literal, IpLiteral, IpLiteralError};
 pub use model::{
-    Enforcement, ExtraMount, Layer, Limits, NetworkMode, NetworkPolicy, OnExceed, Policy,
-    RateLimits, Response, SandboxPolicy, UnknownChoice, DEFAULT_HOST_ID,
+    AuditPolicy, Enforcement, ExtraMount, Layer, Limits, MinSeverity, NetworkMode, NetworkPolicy,
+    OnExceed, Policy, RateLimits, Response, SandboxPolicy, SyslogTarget, SyslogTargetError,
+    SyslogTransport, UnknownChoice, DEFAULT_HOST_ID,
 };
 pub use overrides::Overrides;
 pub use size::{ByteSize, SizeError};

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use cordon_policy::{AlertsPolicy, BlockedRule, DetectPolicy, Response};
 use cordon_policy::{
-    AllowEntry, ByteSize, Enforcement, ExtraMount, Layer, Limits, NetworkMode, NetworkPolicy,
-    OnExceed, Policy, RateLimits, SandboxPolicy,
+    AllowEntry, AuditPolicy, ByteSize, Enforcement, ExtraMount, Layer, Limits, MinSeverity,
+    NetworkMode, NetworkPolicy, OnExceed, Policy, RateLimits, SandboxPolicy, SyslogTarget,
+    SyslogTransport,
 };
 
 const FULL: &str = r#"
@@ -56,6 +57,10 @@ on_exceed = "terminate"
 
 [response]
 terminate_after_blocked = 0
+
+[audit]
+syslog = "udp://127.0.0.1:5514"
+syslog_min_severity = "high"
 "#;
 
 fn entries(raw: &[&str]) -> Vec<AllowEntry> {
@@ -129,6 +134,13 @@ fn full_policy() -> Policy {
             ..DetectPolicy::default()
         },
         alerts: AlertsPolicy::default(),
+        audit: AuditPolicy {
+            syslog: Some(SyslogTarget {
+                transport: SyslogTransport::Udp,
+                addr: "127.0.0.1:5514".parse().unwrap(),
+            }),
+            syslog_min_severity: MinSeverity::High,
+        },
     }
 }
 

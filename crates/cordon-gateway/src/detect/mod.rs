@@ -66,6 +66,8 @@ impl Rule {
 pub enum Severity {
     Medium,
     High,
+    /// A honey token left: no benign explanation.
+    Critical,
 }
 
 /// One value of a firing's evidence.
@@ -262,7 +264,7 @@ impl Detector {
         Some(Detection::new(
             Rule::Canary,
             "token",
-            Severity::High,
+            Severity::Critical,
             c.response,
             c.alert,
             session,

@@ -319,7 +319,7 @@ fn a_canary_in_a_dns_name_or_request_bytes_is_a_high_severity_firing() {
     let _ = x;
     let head = format!("GET / HTTP/1.1\r\nX-Key: {token}\r\n\r\n");
     let x = d.scan(&session(), head.as_bytes(), "request head").unwrap();
-    assert_eq!((x.rule, x.severity), (Rule::Canary, Severity::High));
+    assert_eq!((x.rule, x.severity), (Rule::Canary, Severity::Critical));
     assert_eq!(
         x.summary,
         "canary credential AWS_SECRET_ACCESS_KEY sent out (request head)"
