@@ -40,6 +40,8 @@ pub(crate) struct Shared {
     pub original_dst: Arc<dyn crate::origdst::OriginalDst>,
     pub attribution: Attribution,
     pub stats: StatsCounters,
+    /// TLS interception, credentials and scanning, when the session has any.
+    pub intercept: Option<Arc<crate::intercept::Runtime>>,
     pub terminate_tx: mpsc::UnboundedSender<TerminateRequest>,
 }
 
@@ -70,7 +72,8 @@ impl Ctx {
         self.shared.stats.count(&e);
         // DNS refusals are audited but not counted toward terminate_after_blocked: resolvers ask
         // A and AAAA (and retry) for one attempt, so the count would mean nothing.
-        let counts_toward_terminate = e.verdict == Verdict::Block && e.via != Via::Dns;
+        let counts_toward_terminate =
+            e.verdict == Verdict::Block && e.via != Via::Dns && e.kind != EventKind::Alert;
         self.sink.record(e);
         if counts_toward_terminate {
             let n = session.note_blocked();

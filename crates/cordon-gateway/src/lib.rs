@@ -55,10 +55,13 @@ pub mod authority;
 mod budget;
 pub mod config;
 mod core;
+pub mod creds;
+pub mod dlp;
 mod dns;
 pub mod event;
 mod h1;
 mod http;
+mod intercept;
 mod io;
 pub mod origdst;
 mod policy;
@@ -69,6 +72,7 @@ pub mod sni;
 mod splice;
 mod stats;
 pub mod synthetic;
+pub mod tls;
 mod tokens;
 mod transparent;
 mod tunnel;
@@ -82,7 +86,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use crate::config::{Clients, GatewayConfig, Timeouts, Upstream};
+pub use crate::config::{
+    Clients, GatewayConfig, InterceptConfig, Timeouts, Upstream, DEFAULT_MAX_SCAN_BYTES,
+};
 pub use crate::core::TerminateRequest;
 pub use crate::event::{
     ChannelSink, EventKind, EventSink, MemorySink, NetEvent, NoopSink, SessionInfo, Verdict, Via,
@@ -172,6 +178,9 @@ impl Gateway {
                 original_dst: config.original_dst,
                 attribution,
                 stats: Default::default(),
+                intercept: config
+                    .intercept
+                    .map(|c| Arc::new(crate::intercept::Runtime::new(c))),
                 terminate_tx,
             }),
             terminate_rx: Arc::new(Mutex::new(Some(terminate_rx))),
