@@ -18,10 +18,12 @@
 //! - Outbound scanning: the request line and headers for the session's secret values, canaries
 //!   and secret formats (before credentials are swapped in), then, after the swap, for any
 //!   placeholder left (a placeholder anywhere but where its credential goes, or to a host it is
-//!   not bound to); the body (fixed-length or chunked, decoded) for all of them, streaming with a
-//!   hold-back so no byte of a match is sent. A finding refuses the request (`403`) and records a
-//!   `Blocked` event and an `Alert` naming the pattern, never the value. A request body larger
-//!   than the scan limit is refused.
+//!   not bound to); the body for all of them. A body of known length up to 1 MiB is read and
+//!   scanned whole before anything of the request goes upstream; larger and chunked bodies are
+//!   scanned as they stream, with a hold-back so no byte of a match is sent (on a finding the
+//!   upstream connection is cut mid-body: the server sees an incomplete request). A finding
+//!   refuses the request (`403`) and records a `Blocked` event and an `Alert` naming the
+//!   pattern, never the value. A request body larger than the scan limit is refused.
 //! - Responses are scanned for the session's secret values, which are redacted (same length) in
 //!   the head and the body before the sandbox sees them, with an `Alert`.
 //! - Each request produces one `HttpRequest` event (method, path, bytes, the credentials used by
@@ -57,6 +59,9 @@ use crate::sni::{Peek, SniError};
 use crate::tunnel::{check_first_bytes, emit_blocked};
 
 const READ_CHUNK: usize = 64 * 1024;
+/// Request bodies of a known length up to this size are read and scanned whole before anything
+/// of the request goes upstream; larger and chunked bodies are scanned as they stream.
+const PREREAD_MAX: u64 = 1024 * 1024;
 
 /// Interception state for the gateway's life: the configuration and its compiled scanners.
 pub(crate) struct Runtime {
@@ -775,6 +780,50 @@ impl Conn<'_> {
                     .await;
             }
         }
+        // A small body is read and scanned before the request goes anywhere.
+        let has_body = !matches!(info.body, BodyLen::Empty | BodyLen::Length(0));
+        let mut continued = false;
+        let mut preread: Option<BytesMut> = None;
+        if let BodyLen::Length(n) = info.body {
+            if n > 0 && n <= PREREAD_MAX {
+                let n = n as usize;
+                if info.expect_continue && self.buf.len() < n {
+                    if self
+                        .client
+                        .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        .await
+                        .is_err()
+                    {
+                        return false;
+                    }
+                    let _ = self.client.flush().await;
+                    continued = true;
+                }
+                while self.buf.len() < n {
+                    match fill(&mut self.client, &mut self.buf).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(_) => {}
+                    }
+                }
+                let body = self.buf.split_to(n);
+                let mut scan = Stream::new(&self.rt.body, self.rt.cfg.max_scan_bytes, false);
+                if let Some(f) = scan.push(&body).and_then(|_| scan.finish()).err() {
+                    let reason = format!("blocked by outbound scanning: {}", alert_reason(&f));
+                    return self
+                        .refuse(
+                            Some(&info),
+                            &method,
+                            &path,
+                            403,
+                            alert_rule(&f),
+                            reason,
+                            Some(&f),
+                        )
+                        .await;
+                }
+                preread = Some(body);
+            }
+        }
         // Upstream.
         if self.upstream.as_ref().is_some_and(|u| !u.buf.is_empty()) {
             self.upstream = None;
@@ -824,8 +873,12 @@ impl Conn<'_> {
             let _ = self.reply(502, &reason, true).await;
             return false;
         }
-        let has_body = !matches!(info.body, BodyLen::Empty | BodyLen::Length(0));
-        if has_body && info.expect_continue && self.buf.is_empty() {
+        if has_body
+            && info.expect_continue
+            && !continued
+            && preread.is_none()
+            && self.buf.is_empty()
+        {
             if self
                 .client
                 .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -837,15 +890,23 @@ impl Conn<'_> {
             let _ = self.client.flush().await;
         }
         let mut scan = Stream::new(&self.rt.body, self.rt.cfg.max_scan_bytes, false);
-        let sent = relay_body(
-            &mut self.client,
-            &mut self.buf,
-            &mut up.tls,
-            info.body,
-            info.body == BodyLen::Chunked,
-            Some(&mut scan),
-        )
-        .await;
+        let sent = match &preread {
+            Some(body) => match up.tls.write_all(body).await {
+                Ok(()) => up.tls.flush().await.map_err(BodyError::Dst),
+                Err(e) => Err(BodyError::Dst(e)),
+            },
+            None => {
+                relay_body(
+                    &mut self.client,
+                    &mut self.buf,
+                    &mut up.tls,
+                    info.body,
+                    info.body == BodyLen::Chunked,
+                    Some(&mut scan),
+                )
+                .await
+            }
+        };
         match sent {
             Ok(()) => {}
             Err(BodyError::Found(f)) => {

@@ -55,6 +55,7 @@ impl RunningGateway {
         session: SessionInfo,
         sockets: GatewaySockets,
         upstream_dns: &[std::net::SocketAddr],
+        intercept: Option<Arc<cordon_gateway::InterceptConfig>>,
         writer: Arc<AuditWriter>,
     ) -> Result<RunningGateway, String> {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -68,6 +69,7 @@ impl RunningGateway {
         if !upstream_dns.is_empty() {
             config.upstream = Upstream::Nameservers(upstream_dns.to_vec());
         }
+        config.intercept = intercept;
         let gateway = {
             let _guard = rt.enter();
             Gateway::new(config).map_err(|e| format!("gateway: {e}"))?
