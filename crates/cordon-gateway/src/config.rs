@@ -11,6 +11,7 @@ use cordon_policy::{NetworkPolicy, ResponsePolicy};
 
 use crate::event::SessionInfo;
 use crate::origdst::{OriginalDst, SoOriginalDst};
+use crate::owner::SocketOwners;
 use crate::resolve::Resolve;
 
 /// Who the traffic belongs to.
@@ -91,6 +92,9 @@ pub struct GatewayConfig {
     pub max_synthetic_names: u32,
     /// TLS interception, credentials and DLP; `None`: no interception (TLS is tunnelled).
     pub intercept: Option<Arc<InterceptConfig>>,
+    /// Finds the sandbox process behind each connection and DNS query ([`crate::owner`]);
+    /// `None` (the default) attributes events to the session only.
+    pub owners: Option<Arc<dyn SocketOwners>>,
 }
 
 /// What the gateway needs to intercept TLS: built by the supervisor for one session.
@@ -171,6 +175,7 @@ impl GatewayConfig {
             timeouts: Timeouts::default(),
             max_synthetic_names: 1 << 16,
             intercept: None,
+            owners: None,
         }
     }
 
@@ -193,6 +198,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("timeouts", &self.timeouts)
             .field("max_synthetic_names", &self.max_synthetic_names)
             .field("intercept", &self.intercept)
+            .field("owners", &self.owners.is_some())
             .finish_non_exhaustive()
     }
 }

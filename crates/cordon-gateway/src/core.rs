@@ -43,6 +43,7 @@ pub(crate) struct Shared {
     /// TLS interception, credentials and scanning, when the session has any.
     pub intercept: Option<Arc<crate::intercept::Runtime>>,
     pub terminate_tx: mpsc::UnboundedSender<TerminateRequest>,
+    pub owners: Option<Arc<dyn crate::owner::SocketOwners>>,
 }
 
 /// State for one `serve` call: the shared state plus the sink and the cancellation token.

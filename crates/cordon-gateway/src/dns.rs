@@ -191,7 +191,11 @@ pub(crate) async fn serve_udp(ctx: Arc<Ctx>, session: Arc<Session>, socket: UdpS
             },
             _ = ctx.cancel.cancelled() => return,
         };
-        if let Some(resp) = handle(&ctx, &session, &buf[..n]) {
+        let owner = match &ctx.shared.owners {
+            Some(owners) => crate::owner::look_up(owners, crate::owner::Transport::Udp, peer).await,
+            None => None,
+        };
+        if let Some(resp) = crate::owner::sync_with(owner, || handle(&ctx, &session, &buf[..n])) {
             // Responses to A/AAAA are far below 512 bytes; no truncation logic is needed.
             if let Err(e) = socket.send_to(&resp, peer).await {
                 tracing::debug!(error = %e, "dns udp send");
@@ -205,7 +209,7 @@ pub(crate) async fn serve_tcp(ctx: Arc<Ctx>, session: Arc<Session>, listener: Tc
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok(x) => x,
                 Err(e) => {
                     tracing::debug!(error = %e, "dns tcp accept");
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -218,12 +222,20 @@ pub(crate) async fn serve_tcp(ctx: Arc<Ctx>, session: Arc<Session>, listener: Tc
             // Too many idle DNS connections: drop this one rather than queue it.
             continue;
         };
+        let (stream, client) = stream;
         let ctx2 = ctx.clone();
         let session = session.clone();
         ctx.tasks.spawn(async move {
             let _permit = permit;
+            let owners = ctx2.shared.owners.clone();
+            let served = crate::owner::with_owner(
+                owners,
+                crate::owner::Transport::Tcp,
+                Some(client),
+                tcp_client(&ctx2, &session, stream),
+            );
             tokio::select! {
-                _ = tcp_client(&ctx2, &session, stream) => {}
+                _ = served => {}
                 _ = ctx2.cancel.cancelled() => {}
             }
         });

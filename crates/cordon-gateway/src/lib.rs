@@ -64,6 +64,7 @@ mod http;
 mod intercept;
 mod io;
 pub mod origdst;
+pub mod owner;
 mod policy;
 pub mod resolve;
 mod route;
@@ -94,6 +95,7 @@ pub use crate::event::{
     ChannelSink, EventKind, EventSink, MemorySink, NetEvent, NoopSink, SessionInfo, Verdict, Via,
 };
 pub use crate::origdst::{FixedOriginalDst, OriginalDst, SoOriginalDst};
+pub use crate::owner::{ProcessInfo, SocketOwners, Transport};
 pub use crate::resolve::{Resolve, ResolveError, ResolveFuture, UpstreamResolver};
 pub use crate::stats::GatewayStats;
 pub use crate::tokens::{TokenError, TOKEN_USER};
@@ -182,6 +184,7 @@ impl Gateway {
                     .intercept
                     .map(|c| Arc::new(crate::intercept::Runtime::new(c))),
                 terminate_tx,
+                owners: config.owners,
             }),
             terminate_rx: Arc::new(Mutex::new(Some(terminate_rx))),
         })
@@ -288,7 +291,7 @@ async fn serve_proxy(ctx: Arc<Ctx>, listener: TcpListener) {
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok(x) => x,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::debug!(error = %e, "proxy accept");
@@ -298,8 +301,14 @@ async fn serve_proxy(ctx: Arc<Ctx>, listener: TcpListener) {
             },
             _ = ctx.cancel.cancelled() => return,
         };
+        let (stream, client) = stream;
         let _ = stream.set_nodelay(true);
         let conn = ClientConn::new(ConnMode::Proxy, stream, &[]);
-        ctx.tasks.spawn(http::serve_client(ctx.clone(), conn));
+        ctx.tasks.spawn(owner::with_owner(
+            ctx.shared.owners.clone(),
+            owner::Transport::Tcp,
+            Some(client),
+            http::serve_client(ctx.clone(), conn),
+        ));
     }
 }

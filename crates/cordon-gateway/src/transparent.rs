@@ -32,7 +32,7 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, session: Arc<Session>, listener: TcpLis
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok(x) => x,
                 Err(e) => {
                     tracing::debug!(error = %e, "transparent accept");
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -41,12 +41,20 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, session: Arc<Session>, listener: TcpLis
             },
             _ = ctx.cancel.cancelled() => return,
         };
+        let (stream, client) = stream;
         let ctx2 = ctx.clone();
         let session = session.clone();
         ctx.tasks.spawn(async move {
             // Not raced against the token from outside: every wait in `handle` ends on the
             // token (or a short timeout) by itself, so a running splice still records its event.
-            handle(&ctx2, &session, stream).await;
+            let owners = ctx2.shared.owners.clone();
+            crate::owner::with_owner(
+                owners,
+                crate::owner::Transport::Tcp,
+                Some(client),
+                handle(&ctx2, &session, stream),
+            )
+            .await;
         });
     }
 }

@@ -53,6 +53,11 @@ pub fn to_audit(e: NetEvent) -> Event {
     ev.rule = Some(e.rule);
     ev.reason = e.reason;
     ev.detail = serde_json::json!({ "via": e.via });
+    ev.process = e.process.map(|p| cordon_audit::ProcessInfo {
+        pid: p.pid,
+        exe: p.exe.clone(),
+        cmdline: p.cmdline.clone(),
+    });
     ev
 }
 

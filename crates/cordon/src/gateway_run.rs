@@ -57,6 +57,7 @@ impl RunningGateway {
         upstream_dns: &[std::net::SocketAddr],
         intercept: Option<Arc<cordon_gateway::InterceptConfig>>,
         writer: Arc<AuditWriter>,
+        owners: Option<Arc<dyn cordon_gateway::SocketOwners>>,
     ) -> Result<RunningGateway, String> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -66,6 +67,7 @@ impl RunningGateway {
             .map_err(|e| format!("gateway runtime: {e}"))?;
         let mut config =
             GatewayConfig::new(policy.network.clone(), policy.response.clone(), session);
+        config.owners = owners;
         if !upstream_dns.is_empty() {
             config.upstream = Upstream::Nameservers(upstream_dns.to_vec());
         }

@@ -1,5 +1,6 @@
 //! `cordon`: run untrusted code in a sandbox whose only way out is an audited egress gateway.
 
+mod attribution;
 mod audit_cmd;
 mod audit_sink;
 mod cli;
@@ -10,6 +11,7 @@ mod ids;
 mod intercept_setup;
 mod result;
 mod session;
+mod teardown;
 mod workspace;
 
 use std::io::Write;

@@ -237,12 +237,29 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     };
 
     marks.mark("supervisor: plan built");
+    // On a cgroup v2 host the session cgroup is made first and the sandbox is born in it
+    // (clone3 CLONE_INTO_CGROUP: no cgroup.procs write, so no wait for the kernel's attach
+    // lock). On cgroup v1 the cgroup is made and joined after the clone, while the init builds
+    // its filesystem.
+    let early_cg = cgroup::unified_host().then(|| cgroup_for(&req.session_id, &limits));
+    if early_cg.is_some() {
+        marks.mark("supervisor: cgroup created");
+    }
+    let into = match &early_cg {
+        Some(Ok(cg)) => cg.clone_into_fd(),
+        _ => None,
+    };
     let signals = SignalGuard::block()?;
-    let spawned = spawn::spawn(&sandbox_plan, filter.as_ref(), workspace.detached_fd());
+    let spawned = spawn::spawn(
+        &sandbox_plan,
+        filter.as_ref(),
+        workspace.detached_fd(),
+        into,
+    );
     let sandbox = match spawned {
         Ok(s) => s,
         Err(e) => {
-            cleanup(None, workspace);
+            cleanup(early_cg.and_then(Result::ok), workspace);
             return Err(RunError::cordon(e.to_string()));
         }
     };
@@ -254,13 +271,20 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     marks.mark("supervisor: cloned, id maps, go sent");
     // The init builds its filesystem meanwhile; it waits for "cgroup ready" before it starts
     // the command, so the command and everything it forks run inside the session's cgroup.
-    let cg: Option<Box<dyn SessionCgroup>> = match cgroup_for(&req.session_id, &limits).and_then(
-        |c| {
-            c.add_pid(sandbox.pid)
-                .map(|()| c)
-                .map_err(|e| e.to_string())
-        },
-    ) {
+    let joined = match early_cg {
+        Some(Ok(c)) if sandbox.in_cgroup => Ok(c),
+        Some(made) => made,
+        None => cgroup_for(&req.session_id, &limits),
+    }
+    .and_then(|c| {
+        if sandbox.in_cgroup {
+            return Ok(c);
+        }
+        c.add_pid(sandbox.pid)
+            .map(|()| c)
+            .map_err(|e| e.to_string())
+    });
+    let cg: Option<Box<dyn SessionCgroup>> = match joined {
         Ok(cg) => {
             layers.cgroup = Some(format!("{:?}", cg.version()).to_lowercase());
             Some(cg)
@@ -280,14 +304,15 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             None
         }
     };
-    if let Err(e) = spawn::send(&sandbox, &cordon_sandbox::proto::ToInit::CgroupReady) {
-        kill(&sandbox);
-        cleanup(cg, workspace);
-        return Err(RunError::cordon(format!("sandbox set-up: {e}")));
+    if !sandbox.in_cgroup {
+        if let Err(e) = spawn::send(&sandbox, &cordon_sandbox::proto::ToInit::CgroupReady) {
+            kill(&sandbox);
+            cleanup(cg, workspace);
+            return Err(RunError::cordon(format!("sandbox set-up: {e}")));
+        }
+        marks.mark("supervisor: cgroup created and joined");
     }
-    marks.mark("supervisor: cgroup created and joined");
     let deadline = started + policy.sandbox.timeout;
-    marks.mark("supervisor: cloned, id maps, go sent");
     let sockets = match handshake(&sandbox, &sandbox_plan, &mut workspace, deadline) {
         Ok(s) => s,
         Err(e) => {
@@ -324,6 +349,18 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                     user: req.user.clone(),
                     code_sha256: req.code_sha256.clone(),
                 };
+                // Which sandbox process made each request: looked up in the sandbox's /proc
+                // through its init. Without it events still name the session.
+                let owners = match crate::attribution::ProcSocketOwners::new(sandbox.pid as u32) {
+                    Ok(o) => Some(std::sync::Arc::new(o) as _),
+                    Err(e) => {
+                        eprintln!(
+                            "cordon: warning: events will not name the sandbox process: /proc/{}: {e}",
+                            sandbox.pid
+                        );
+                        None
+                    }
+                };
                 RunningGateway::start(
                     policy,
                     session,
@@ -331,6 +368,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                     &req.upstream_dns,
                     intercept.as_ref().map(|i| i.config.clone()),
                     w.clone(),
+                    owners,
                 )
                 .map(|g| (w, g))
             });
@@ -363,8 +401,8 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         let _ = c.kill_all();
     }
     let workspace_desc = workspace.describe();
-    cleanup(cg, workspace);
-    marks.mark("supervisor: cgroup removed, workspace released");
+    let unreleased = finish(cg, workspace);
+    marks.mark("supervisor: cgroup removed, workspace committed");
     drop(signals);
     if let Some(reason) = &terminated {
         eprintln!("cordon: session {} terminated: {reason}", req.session_id);
@@ -453,6 +491,15 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     }
 
     marks.mark("supervisor: audit recorded");
+    // Everything the result depends on is done: the volume's release (and the sweep for other
+    // sessions' leftovers) finishes in a detached child while we exit.
+    if let Some(workspace) = unreleased {
+        crate::teardown::hand_off(move || {
+            let _ = workspace.release();
+            remove_stale_cgroups();
+        });
+        marks.mark("supervisor: workspace release handed off");
+    }
     marks.extend(&outcome.marks);
     marks.report(started);
     if let Some(err) = outcome.setup_failed {
@@ -511,6 +558,15 @@ fn start_detail(layers: &Layers, policy: &Policy) -> serde_json::Map<String, ser
             .collect::<Vec<_>>()),
     );
     m.insert(
+        cordon_audit::report::ALLOW_PRIVATE.into(),
+        serde_json::json!(policy
+            .network
+            .allow_private
+            .iter()
+            .map(|a| a.raw().to_string())
+            .collect::<Vec<_>>()),
+    );
+    m.insert(
         "mode".into(),
         serde_json::json!(policy.network.mode.as_str()),
     );
@@ -535,6 +591,14 @@ fn start_detail(layers: &Layers, policy: &Policy) -> serde_json::Map<String, ser
             serde_json::json!(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>()),
         );
     }
+    // Identifies the effective policy (file plus flags) for `cordon audit report`. Serialising
+    // the policy model cannot fail; if it ever did, the report groups the session under no policy.
+    if let Ok(json) = serde_json::to_vec(policy) {
+        m.insert(
+            cordon_audit::report::POLICY_SHA256.into(),
+            serde_json::json!(cordon_audit::sha256_hex(&json)),
+        );
+    }
     m
 }
 
@@ -548,6 +612,28 @@ fn cgroup_for(session_id: &str, limits: &CgroupLimits) -> Result<Box<dyn Session
         }
     }
     cgroup::create(&detected, session_id, limits).map_err(|e| e.to_string())
+}
+
+/// A finished session's teardown, as far as its result depends on it: the cgroup removed, a
+/// host workspace directory committed. A workspace whose release is slow (an ext4 volume) is
+/// returned for [`crate::teardown::hand_off`]; anything else is released here.
+fn finish(cg: Option<Box<dyn SessionCgroup>>, mut workspace: Workspace) -> Option<Workspace> {
+    if let Some(c) = cg {
+        if let Err(e) = c.remove() {
+            eprintln!("cordon: warning: removing the session cgroup: {e}");
+        }
+    }
+    if let Err(e) = workspace.commit() {
+        eprintln!("cordon: warning: workspace: {e}");
+    }
+    if workspace.slow_release() {
+        return Some(workspace);
+    }
+    if let Err(e) = workspace.release() {
+        eprintln!("cordon: warning: workspace: {e}");
+    }
+    remove_stale_cgroups();
+    None
 }
 
 fn cleanup(cg: Option<Box<dyn SessionCgroup>>, workspace: Workspace) {

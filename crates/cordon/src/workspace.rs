@@ -193,20 +193,40 @@ impl Workspace {
 
     /// Ends the session's use of the workspace: the changes go back to the host directory
     /// (or, for a throwaway workspace, everything is dropped).
-    pub fn finish(self) -> Result<(), String> {
+    pub fn finish(mut self) -> Result<(), String> {
+        let committed = self.commit();
+        let released = self.release();
+        committed.and(released)
+    }
+
+    /// Copies the sandbox's changes back to the host directory (nothing for a throwaway
+    /// workspace or a directly bound one). Call once, after the sandbox is gone, then
+    /// [`release`](Self::release).
+    pub fn commit(&mut self) -> Result<(), String> {
+        if let (Kind::Volume { volume, .. }, WorkspaceSource::HostDir(_)) =
+            (&mut self.kind, &self.source)
+        {
+            let stats = volume.commit_changes().map_err(|e| e.to_string())?;
+            for s in &stats.skipped {
+                eprintln!("cordon: workspace: not copied back: {s:?}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether releasing takes real time (an ext4 volume: unmount and loop device detach), so
+    /// it is worth handing to a detached process (see `teardown`).
+    pub fn slow_release(&self) -> bool {
+        matches!(&self.kind, Kind::Volume { volume, .. } if volume.loop_index().is_some())
+    }
+
+    /// Releases what the workspace holds, copying nothing: a volume is unmounted and its loop
+    /// device freed, a throwaway scratch directory removed.
+    pub fn release(self) -> Result<(), String> {
         match self.kind {
             Kind::Volume { volume, detached } => {
                 drop(detached);
-                match self.source {
-                    WorkspaceSource::Throwaway => volume.discard().map_err(|e| e.to_string()),
-                    WorkspaceSource::HostDir(_) => {
-                        let stats = volume.commit().map_err(|e| e.to_string())?;
-                        for s in &stats.skipped {
-                            eprintln!("cordon: workspace: not copied back: {s:?}");
-                        }
-                        Ok(())
-                    }
-                }
+                volume.discard().map_err(|e| e.to_string())
             }
             Kind::Bind {
                 path,

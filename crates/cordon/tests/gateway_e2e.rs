@@ -2558,3 +2558,116 @@ fn no_sandbox_process_shows_the_secret_in_its_environment_or_command_line() {
     );
     assert!(!f.stdout.contains(&secret) && !f.stderr.contains(&secret));
 }
+
+// ------------------------------------------------------------------------------------------
+// Process attribution.
+
+/// Runs in the sandbox: curl through the proxy, python3's urllib, a python3 that calls itself
+/// `sshd` (argv[0]) and `kworker` (its thread name), curl with every proxy ignored (its DNS query
+/// and transparent connection), and a blocked request.
+const ATTRIBUTION_SCRIPT: &str = r#"
+set -e
+curl -sS -o /dev/null http://api.fake.test/by-curl
+/usr/bin/python3 -c 'import urllib.request; urllib.request.urlopen("http://api.fake.test/by-python").read()'
+/usr/bin/python3 -c 'import os; os.execv("/usr/bin/python3", ["sshd", "-c", "import ctypes, urllib.request; ctypes.CDLL(None).prctl(15, b\"kworker\", 0, 0, 0); urllib.request.urlopen(\"http://api.fake.test/by-liar\").read()"])'
+curl -sS -o /dev/null --noproxy '*' http://api.fake.test/by-curl-direct
+curl -sS -o /dev/null http://other.fake.test/by-curl-blocked || true
+"#;
+
+#[test]
+fn every_network_event_names_the_sandbox_process_by_its_real_executable() {
+    let Some(net) = enter("every_network_event_names_the_sandbox_process_by_its_real_executable")
+    else {
+        return;
+    };
+    let r = net
+        .cordon()
+        .policy(NEVER_TERMINATE)
+        .allow(&["api.fake.test:80"])
+        .run(&["sh", "-c", ATTRIBUTION_SCRIPT])
+        .ok();
+    let events = net.audit_events(&r.session());
+    let curl_exe = std::fs::canonicalize("/usr/bin/curl").unwrap();
+    let python_exe = std::fs::canonicalize(PY).unwrap();
+    let by_path = |path: &str| -> &Value {
+        events
+            .iter()
+            .find(|e| e["path"] == path)
+            .unwrap_or_else(|| panic!("no event for {path}: {events:#?}"))
+    };
+    let process = |e: &Value| -> (u64, String, Vec<String>) {
+        let p = &e["process"];
+        assert!(p.is_object(), "no process in {e}");
+        (
+            p["pid"].as_u64().unwrap(),
+            p["exe"].as_str().unwrap().to_owned(),
+            p["cmdline"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap().to_owned())
+                .collect(),
+        )
+    };
+
+    let (curl_pid, exe, cmdline) = process(by_path("/by-curl"));
+    assert_eq!(Path::new(&exe), curl_exe);
+    assert_eq!(cmdline[0], "curl");
+    assert!(cmdline.contains(&"http://api.fake.test/by-curl".to_owned()));
+    // A pid of the sandbox's own namespace: its init is 1, the shell 2 or so.
+    assert!(curl_pid > 1 && curl_pid < 100, "{curl_pid}");
+
+    let (python_pid, exe, cmdline) = process(by_path("/by-python"));
+    assert_eq!(Path::new(&exe), python_exe);
+    assert_eq!(cmdline[..2], [PY.to_owned(), "-c".to_owned()]);
+    assert_ne!(python_pid, curl_pid);
+
+    // The liar: argv[0] and the thread name say otherwise, the executable does not.
+    let (liar_pid, exe, cmdline) = process(by_path("/by-liar"));
+    assert_eq!(Path::new(&exe), python_exe);
+    assert_eq!(cmdline[0], "sshd");
+    assert!(![curl_pid, python_pid].contains(&liar_pid));
+
+    // Transparent capture: the DNS query and the connection are curl's too.
+    let (direct_pid, exe, _) = process(by_path("/by-curl-direct"));
+    assert_eq!(Path::new(&exe), curl_exe);
+    let dns: Vec<&Value> = records(&events, "dns_query", Some("api.fake.test"));
+    assert!(!dns.is_empty(), "{events:#?}");
+    for q in &dns {
+        let (pid, exe, _) = process(q);
+        assert_eq!(
+            (pid, Path::new(&exe)),
+            (direct_pid, curl_exe.as_path()),
+            "{q}"
+        );
+    }
+
+    // A blocked attempt names its process as well.
+    let blocked = by_path("/by-curl-blocked");
+    assert_eq!(blocked["verdict"], "block");
+    assert_eq!(Path::new(&process(blocked).1), curl_exe);
+
+    // Session records have no process; every network record has one.
+    for e in &events {
+        let network = !matches!(e["kind"].as_str(), Some("session_start" | "session_end"));
+        assert_eq!(e["process"].is_object(), network, "{e}");
+    }
+
+    // People see it too, and the chain covers it.
+    let table = net.audit(&["events", &r.session()]);
+    assert!(
+        table.stdout.lines().any(|l| l.contains("/by-liar")
+            && l.contains(&format!("{liar_pid} python3"))
+            && !l.contains("sshd")),
+        "{}",
+        table.stdout
+    );
+    let cef = net.audit(&["export", "--format", "cef", "--session", &r.session()]);
+    assert!(
+        cef.stdout
+            .contains(&format!("spid={curl_pid} sproc={}", curl_exe.display())),
+        "{}",
+        cef.stdout
+    );
+    assert!(net.audit(&["verify"]).status.success());
+}
