@@ -19,8 +19,8 @@ use crate::error::{Location, PolicyError};
 use crate::host::HostName;
 use crate::http_rules::{self, HttpRule};
 use crate::model::{
-    Enforcement, ExtraMount, Layer, Limits, NetworkMode, NetworkPolicy, OnExceed, Policy,
-    RateLimits, ResponsePolicy, SandboxPolicy,
+    AuditPolicy, Enforcement, ExtraMount, Layer, Limits, MinSeverity, NetworkMode, NetworkPolicy,
+    OnExceed, Policy, RateLimits, ResponsePolicy, SandboxPolicy,
 };
 use crate::rules::{self, ValueError};
 use crate::size::ByteSize;
@@ -35,6 +35,7 @@ struct RawPolicy {
     limits: Option<RawLimits>,
     network: Option<RawNetwork>,
     response: Option<RawResponse>,
+    audit: Option<RawAudit>,
     credentials: Option<Vec<Spanned<RawCredential>>>,
 }
 
@@ -126,6 +127,13 @@ struct RawResponse {
     terminate_after_blocked: Leaf,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an [audit] table")]
+struct RawAudit {
+    syslog: Leaf,
+    syslog_min_severity: Leaf,
+}
+
 /// Parses and validates a policy; see the module documentation.
 pub(crate) fn parse(text: &str, source: Option<&str>) -> Result<Policy, PolicyError> {
     let cx = Cx { text, source };
@@ -142,6 +150,9 @@ pub(crate) fn parse(text: &str, source: Option<&str>) -> Result<Policy, PolicyEr
     }
     if let Some(response) = &raw.response {
         cx.response(response, &mut policy.response)?;
+    }
+    if let Some(audit) = &raw.audit {
+        cx.audit(audit, &mut policy.audit)?;
     }
     if let Some(rules) = raw.network.as_ref().and_then(|n| n.rules.as_ref()) {
         cx.http_rules(rules, &mut policy.network)?;
@@ -671,6 +682,20 @@ impl Cx<'_> {
         if let Some(v) = &raw.on_exceed {
             out.on_exceed = self.check(v, "network.rate.on_exceed", |v| {
                 Ok(string(v, "\"block\" or \"terminate\"")?.parse::<OnExceed>()?)
+            })?;
+        }
+        Ok(())
+    }
+
+    fn audit(&self, raw: &RawAudit, out: &mut AuditPolicy) -> Result<(), PolicyError> {
+        if let Some(v) = &raw.syslog {
+            out.syslog = Some(self.check(v, "audit.syslog", |v| {
+                rules::syslog(string(v, "a string like \"udp://127.0.0.1:514\"")?)
+            })?);
+        }
+        if let Some(v) = &raw.syslog_min_severity {
+            out.syslog_min_severity = self.check(v, "audit.syslog_min_severity", |v| {
+                Ok(string(v, "a severity name")?.parse::<MinSeverity>()?)
             })?;
         }
         Ok(())

@@ -40,8 +40,9 @@ pub use host::{HostError, HostName};
 pub use http_rules::{normalize_path, HttpRule, PathError};
 pub use ip::{parse_ip_literal, IpLiteral, IpLiteralError};
 pub use model::{
-    Enforcement, ExtraMount, Layer, Limits, NetworkMode, NetworkPolicy, OnExceed, Policy,
-    RateLimits, ResponsePolicy, SandboxPolicy, UnknownChoice, DEFAULT_HOST_ID,
+    AuditPolicy, Enforcement, ExtraMount, Layer, Limits, MinSeverity, NetworkMode, NetworkPolicy,
+    OnExceed, Policy, RateLimits, ResponsePolicy, SandboxPolicy, SyslogTarget, SyslogTargetError,
+    SyslogTransport, UnknownChoice, DEFAULT_HOST_ID,
 };
 pub use overrides::Overrides;
 pub use size::{ByteSize, SizeError};

@@ -27,6 +27,7 @@ pub struct Policy {
     pub limits: Limits,
     pub network: NetworkPolicy,
     pub response: ResponsePolicy,
+    pub audit: AuditPolicy,
     /// `[[credentials]]`: secrets the gateway injects; the sandbox sees only placeholders.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub credentials: Vec<Credential>,
@@ -227,6 +228,9 @@ macro_rules! choice {
 
 choice!(NetworkMode, "none, gateway", NetworkMode::None => "none", NetworkMode::Gateway => "gateway");
 choice!(Enforcement, "enforce, report", Enforcement::Enforce => "enforce", Enforcement::Report => "report");
+choice!(MinSeverity, "info, notice, warning, high, critical",
+    MinSeverity::Info => "info", MinSeverity::Notice => "notice", MinSeverity::Warning => "warning",
+    MinSeverity::High => "high", MinSeverity::Critical => "critical");
 choice!(OnExceed, "block, terminate", OnExceed::Block => "block", OnExceed::Terminate => "terminate");
 
 /// `[limits]`: resource limits for everything in the sandbox.
@@ -299,6 +303,101 @@ impl Default for RateLimits {
             max_bytes_in: ByteSize::gib(1),
             on_exceed: OnExceed::Block,
         }
+    }
+}
+
+/// `[audit]`: where audit events go besides the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuditPolicy {
+    /// Forward every event, as it is recorded, to this syslog receiver (RFC 5424).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_opt_display"
+    )]
+    pub syslog: Option<SyslogTarget>,
+    /// Forward only events at least this severe (`info` forwards everything; alerts are
+    /// `high` or `critical`).
+    pub syslog_min_severity: MinSeverity,
+}
+
+/// How much an event must matter to be forwarded, lowest first (the audit's severities).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MinSeverity {
+    #[default]
+    Info,
+    Notice,
+    Warning,
+    High,
+    Critical,
+}
+
+/// The transport of a syslog receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SyslogTransport {
+    /// One datagram per message (RFC 5426).
+    Udp,
+    /// Octet-counted framing over a stream (RFC 6587, section 3.4.1).
+    Tcp,
+}
+
+/// `udp://ADDRESS:PORT` or `tcp://ADDRESS:PORT`, with an IP address (`[::1]:514` for IPv6):
+/// the receiver is fixed when the policy is read, never resolved through DNS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SyslogTarget {
+    pub transport: SyslogTransport,
+    pub addr: std::net::SocketAddr,
+}
+
+impl fmt::Display for SyslogTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = match self.transport {
+            SyslogTransport::Udp => "udp",
+            SyslogTransport::Tcp => "tcp",
+        };
+        write!(f, "{scheme}://{}", self.addr)
+    }
+}
+
+/// Why a syslog address was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{got:?} is not a syslog address: {why} (expected udp://ADDRESS:PORT or tcp://ADDRESS:PORT with an IP address, like udp://127.0.0.1:514)")]
+pub struct SyslogTargetError {
+    pub got: String,
+    pub why: &'static str,
+}
+
+impl FromStr for SyslogTarget {
+    type Err = SyslogTargetError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |why| SyslogTargetError {
+            got: s.to_owned(),
+            why,
+        };
+        let (scheme, rest) = s.split_once("://").ok_or_else(|| err("no scheme"))?;
+        let transport = match scheme {
+            "udp" => SyslogTransport::Udp,
+            "tcp" => SyslogTransport::Tcp,
+            _ => return Err(err("the scheme must be udp or tcp")),
+        };
+        let addr: std::net::SocketAddr = rest
+            .parse()
+            .map_err(|_| err("not an IP address and port"))?;
+        if addr.port() == 0 {
+            return Err(err("port 0"));
+        }
+        Ok(SyslogTarget { transport, addr })
+    }
+}
+
+fn serialize_opt_display<S: serde::Serializer, T: fmt::Display>(
+    v: &Option<T>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_none(),
     }
 }
 

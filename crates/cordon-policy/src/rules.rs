@@ -36,8 +36,15 @@ pub(crate) enum ValueError {
     },
     #[error("must be {expected}, got {got}")]
     Range { expected: String, got: String },
+    #[error(transparent)]
+    Syslog(#[from] crate::model::SyslogTargetError),
     #[error("{0}")]
     Other(String),
+}
+
+/// A syslog receiver address (`udp://…` or `tcp://…`).
+pub(crate) fn syslog(text: &str) -> Result<crate::model::SyslogTarget, ValueError> {
+    Ok(text.parse()?)
 }
 
 fn range(expected: impl Into<String>, got: impl ToString) -> ValueError {

@@ -595,3 +595,66 @@ fn validate_catches_bad_values_built_in_code() {
         Some("sandbox.host_uid")
     );
 }
+
+#[test]
+fn bad_audit_settings_name_file_line_column_and_key() {
+    assert_error(
+        "[audit]\nsyslog = \"syslog.example.com:514\"\n",
+        "policy.toml:2:10: audit.syslog: \"syslog.example.com:514\" is not a syslog address: no scheme (expected udp://ADDRESS:PORT or tcp://ADDRESS:PORT with an IP address, like udp://127.0.0.1:514)",
+    );
+    assert_error(
+        "\n[audit]\nsyslog = \"tls://127.0.0.1:6514\"\n",
+        "policy.toml:3:10: audit.syslog: \"tls://127.0.0.1:6514\" is not a syslog address: the scheme must be udp or tcp (expected udp://ADDRESS:PORT or tcp://ADDRESS:PORT with an IP address, like udp://127.0.0.1:514)",
+    );
+    for (value, why) in [
+        ("udp://logs.example.com:514", "not an IP address and port"),
+        ("udp://127.0.0.1", "not an IP address and port"),
+        ("tcp://::1:514", "not an IP address and port"),
+        ("udp://127.0.0.1:0", "port 0"),
+    ] {
+        let text = error(&format!("[audit]\nsyslog = \"{value}\"\n"));
+        assert!(
+            text.starts_with(&format!(
+                "policy.toml:2:10: audit.syslog: \"{value}\" is not a syslog address: {why} ("
+            )),
+            "{text}"
+        );
+    }
+    assert_error(
+        "[audit]\nsyslog = 514\n",
+        "policy.toml:2:10: audit.syslog: expected a string like \"udp://127.0.0.1:514\", found an integer",
+    );
+    assert_error(
+        "[audit]\nsyslog_min_severity = \"loud\"\n",
+        "policy.toml:2:23: audit.syslog_min_severity: \"loud\" is not one of: info, notice, warning, high, critical",
+    );
+    assert!(error("[audit]\nsylog = \"udp://127.0.0.1:514\"\n")
+        .starts_with("policy.toml:2:1: audit: unknown key `sylog`, expected `syslog`"));
+}
+
+#[test]
+fn bad_audit_flags_name_the_flag() {
+    let mut policy = Policy::default();
+    let err = policy
+        .apply(&Overrides {
+            syslog: Some("udp://localhost:514".into()),
+            ..Overrides::default()
+        })
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("--syslog: \"udp://localhost:514\" is not a syslog address"),
+        "{err}"
+    );
+    let err = policy
+        .apply(&Overrides {
+            syslog_min_severity: Some("debug".into()),
+            ..Overrides::default()
+        })
+        .unwrap_err();
+    assert!(
+        err.to_string().starts_with("--syslog-min-severity: "),
+        "{err}"
+    );
+    assert_eq!(policy, Policy::default());
+}

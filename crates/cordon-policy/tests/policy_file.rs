@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cordon_policy::{
-    AllowEntry, ByteSize, Credential, Enforcement, ExtraMount, HostName, HttpRule, Injection,
-    InterceptHost, Layer, Limits, NetworkMode, NetworkPolicy, OnExceed, Policy, RateLimits,
-    ResponsePolicy, SandboxPolicy, SecretSource,
+    AllowEntry, AuditPolicy, ByteSize, Credential, Enforcement, ExtraMount, HostName, HttpRule,
+    Injection, InterceptHost, Layer, Limits, MinSeverity, NetworkMode, NetworkPolicy, OnExceed,
+    Policy, RateLimits, ResponsePolicy, SandboxPolicy, SecretSource, SyslogTarget, SyslogTransport,
 };
 
 const FULL: &str = r#"
@@ -66,6 +66,10 @@ on_exceed = "terminate"
 
 [response]
 terminate_after_blocked = 0
+
+[audit]
+syslog = "udp://127.0.0.1:5514"
+syslog_min_severity = "high"
 
 [[credentials]]
 name = "github"
@@ -175,6 +179,13 @@ fn full_policy() -> Policy {
         },
         response: ResponsePolicy {
             terminate_after_blocked: 0,
+        },
+        audit: AuditPolicy {
+            syslog: Some(SyslogTarget {
+                transport: SyslogTransport::Udp,
+                addr: "127.0.0.1:5514".parse().unwrap(),
+            }),
+            syslog_min_severity: MinSeverity::High,
         },
         credentials: vec![
             Credential {

@@ -324,11 +324,28 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     // Threads may start now: the sandbox is spawned.
     let mut writer = None;
     let mut gateway = None;
+    // The live copy of the audit the policy asks for (`[audit] syslog`, `--syslog`).
+    let syslog = match policy
+        .audit
+        .syslog
+        .map(|t| start_syslog(t, policy))
+        .transpose()
+    {
+        Ok(s) => s,
+        Err(e) => {
+            kill(&sandbox);
+            cleanup(cg, workspace);
+            return Err(RunError::cordon(e));
+        }
+    };
     // A network-less session has only its start and end to record: open the store and write
     // the start while the sandbox runs, off the critical path.
     let quiet_audit = (!gateway_mode).then(|| {
         let path = audit_path.clone();
         let start = attribution.session_start(&req.argv, start_detail(&layers, policy));
+        if let Some(s) = &syslog {
+            s.offer(&start);
+        }
         std::thread::spawn(move || -> Result<cordon_audit::Store, String> {
             let mut store = cordon_audit::Store::open(&path)
                 .map_err(|e| format!("audit store {}: {e}", path.display()))?;
@@ -342,6 +359,10 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         let started_gw = cordon_audit::AuditWriter::open(&audit_path)
             .map_err(|e| format!("audit store {}: {e}", audit_path.display()))
             .and_then(|w| {
+                let w = match &syslog {
+                    Some(s) => w.with_tap(s.clone()),
+                    None => w,
+                };
                 let w = std::sync::Arc::new(w);
                 w.record(attribution.session_start(&req.argv, start_detail(&layers, policy)));
                 let session = cordon_gateway::SessionInfo {
@@ -452,7 +473,15 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     if let Some(r) = &terminated {
         end_detail.insert("terminated".into(), serde_json::json!(r));
     }
+    if let Some(s) = &syslog {
+        // Losses so far: the end record itself is forwarded after this count.
+        end_detail.insert("syslog".into(), serde_json::json!(s.stats()));
+    }
     let end = attribution.session_end(end_status, limit_name.as_deref(), end_detail);
+    if let (Some(s), None) = (&syslog, &writer) {
+        // The writer's tap forwards it otherwise.
+        s.offer(&end);
+    }
     match writer.take() {
         Some(w) => {
             w.record(end);
@@ -490,6 +519,18 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         }
     }
 
+    if let Some(s) = &syslog {
+        let stats = s.close(SYSLOG_CLOSE);
+        if stats.dropped > 0 || stats.failed > 0 {
+            eprintln!(
+                "cordon: warning: syslog: {} audit event(s) not forwarded to {} ({} dropped: receiver too slow, {} failed to send); the audit store has them all",
+                stats.dropped + stats.failed,
+                policy.audit.syslog.map(|t| t.to_string()).unwrap_or_default(),
+                stats.dropped,
+                stats.failed
+            );
+        }
+    }
     marks.mark("supervisor: audit recorded");
     // Everything the result depends on is done: the volume's release (and the sweep for other
     // sessions' leftovers) finishes in a detached child while we exit.
@@ -539,6 +580,32 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         network,
         terminated,
     })
+}
+
+/// How long the end of a session waits for queued syslog messages.
+const SYSLOG_CLOSE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Starts the live syslog copy of the audit.
+fn start_syslog(
+    target: cordon_policy::SyslogTarget,
+    policy: &Policy,
+) -> Result<std::sync::Arc<cordon_audit::syslog::SyslogSink>, String> {
+    use cordon_audit::syslog::{SyslogConfig, SyslogSink, Transport};
+    use cordon_audit::Severity;
+    let transport = match target.transport {
+        cordon_policy::SyslogTransport::Udp => Transport::Udp,
+        cordon_policy::SyslogTransport::Tcp => Transport::Tcp,
+    };
+    let min = match policy.audit.syslog_min_severity {
+        cordon_policy::MinSeverity::Info => Severity::Info,
+        cordon_policy::MinSeverity::Notice => Severity::Notice,
+        cordon_policy::MinSeverity::Warning => Severity::Warning,
+        cordon_policy::MinSeverity::High => Severity::High,
+        cordon_policy::MinSeverity::Critical => Severity::Critical,
+    };
+    SyslogSink::start(SyslogConfig::new(transport, target.addr, min))
+        .map(std::sync::Arc::new)
+        .map_err(|e| e.to_string())
 }
 
 /// What the session starts with: its policy's network part and the layers decided so far (the

@@ -538,7 +538,9 @@ impl Run<'_> {
     }
 
     fn run<S: AsRef<str>>(self, command: &[S]) -> Ran {
-        let result = self.net.dir.path().join("result.json");
+        // A file of its own, so runs may go in parallel.
+        let n = self.net.policies.fetch_add(1, Ordering::Relaxed);
+        let result = self.net.dir.path().join(format!("result-{n}.json"));
         let _ = std::fs::remove_file(&result);
         let mut cmd = cordon_command();
         cmd.arg("run")
@@ -2670,4 +2672,128 @@ fn every_network_event_names_the_sandbox_process_by_its_real_executable() {
         cef.stdout
     );
     assert!(net.audit(&["verify"]).status.success());
+}
+
+#[test]
+fn blocked_attempts_reach_a_tcp_syslog_receiver_live_and_allowed_ones_are_filtered() {
+    let Some(net) =
+        enter("blocked_attempts_reach_a_tcp_syslog_receiver_live_and_allowed_ones_are_filtered")
+    else {
+        return;
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("tcp://{}", listener.local_addr().unwrap());
+    let policy = format!(
+        "[response]\nterminate_after_blocked = 0\n[audit]\nsyslog = \"{url}\"\nsyslog_min_severity = \"warning\"\n"
+    );
+    let r = net
+        .cordon()
+        .policy(&policy)
+        .allow(&["api.fake.test:80"])
+        .run(&[
+            "sh",
+            "-c",
+            "curl -sS -o /dev/null http://api.fake.test/ok; curl -sS -o /dev/null http://other.fake.test/no; true",
+        ])
+        .ok();
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut all = Vec::new();
+    let _ = conn.read_to_end(&mut all);
+    // Octet-counted frames: LEN SP MSG.
+    let mut messages = Vec::new();
+    let mut rest = &all[..];
+    while !rest.is_empty() {
+        let sp = rest.iter().position(|&b| b == b' ').unwrap();
+        let n: usize = std::str::from_utf8(&rest[..sp]).unwrap().parse().unwrap();
+        messages.push(String::from_utf8(rest[sp + 1..sp + 1 + n].to_vec()).unwrap());
+        rest = &rest[sp + 1 + n..];
+    }
+    assert_eq!(messages.len(), 1, "{messages:#?}");
+    let m = &messages[0];
+    assert!(m.starts_with("<108>1 "), "{m}");
+    assert!(m.contains(" blocked [cordon@32473 "), "{m}");
+    assert!(m.contains(&format!("session=\"{}\"", r.session())), "{m}");
+    assert!(m.contains("host=\"other.fake.test\""), "{m}");
+    assert!(m.contains("exe=\""), "the process is forwarded too: {m}");
+}
+
+// ------------------------------------------------------------------------------------------
+// Concurrent sessions, one store.
+
+#[test]
+fn parallel_sessions_writing_one_store_lose_nothing_and_keep_one_valid_chain() {
+    let Some(net) =
+        enter("parallel_sessions_writing_one_store_lose_nothing_and_keep_one_valid_chain")
+    else {
+        return;
+    };
+    const SESSIONS: usize = 6;
+    const REQUESTS: usize = 40;
+    let script = format!(
+        "import urllib.request\nfor i in range({REQUESTS}):\n    urllib.request.urlopen('http://api.fake.test/p%d' % i).read()\n"
+    );
+    let runs: Vec<Ran> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..SESSIONS)
+            .map(|i| {
+                let (net, script) = (&net, &script);
+                s.spawn(move || {
+                    net.cordon()
+                        .policy(NEVER_TERMINATE)
+                        .allow(&["api.fake.test:80"])
+                        .args(&["--user", &format!("user{i}")])
+                        .run(&[PY, "-c", script])
+                        .ok()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let all = json_lines(&net.audit(&["export"]).stdout);
+    // One chain: global ids 1..=N with no gap, whatever the interleaving.
+    let ids: Vec<u64> = all.iter().map(|e| e["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, (1..=all.len() as u64).collect::<Vec<_>>());
+    let mut interleaved = false;
+    for (i, r) in runs.iter().enumerate() {
+        let session = r.session();
+        let events: Vec<&Value> = all
+            .iter()
+            .filter(|e| e["session_id"] == session.as_str())
+            .collect();
+        // Everything each session did is there, in its own order.
+        let requests = records(&all, "http_request", Some("api.fake.test"))
+            .into_iter()
+            .filter(|e| e["session_id"] == session.as_str())
+            .count();
+        assert_eq!(requests, REQUESTS, "session {i}");
+        let seqs: Vec<u64> = events
+            .iter()
+            .map(|e| e["session_seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            seqs,
+            (1..=events.len() as u64).collect::<Vec<_>>(),
+            "session {i}"
+        );
+        assert_eq!(events[0]["kind"], "session_start");
+        assert_eq!(events[events.len() - 1]["kind"], "session_end");
+        assert!(events
+            .iter()
+            .all(|e| e["user_id"] == format!("user{i}").as_str()));
+        let first = events[0]["id"].as_u64().unwrap();
+        let last = events[events.len() - 1]["id"].as_u64().unwrap();
+        interleaved |= last - first + 1 != events.len() as u64;
+    }
+    assert!(
+        interleaved,
+        "the sessions did not overlap; the test proved nothing"
+    );
+    let f = net.audit(&["verify"]);
+    assert!(f.status.success(), "{}{}", f.stdout, f.stderr);
+    assert!(
+        f.stdout
+            .starts_with(&format!("ok: {} records verified", all.len())),
+        "{}",
+        f.stdout
+    );
 }
