@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cordon_policy::{NetworkPolicy, ResponsePolicy};
+use cordon_policy::{DetectPolicy, NetworkPolicy};
 
 use crate::event::SessionInfo;
 use crate::origdst::{OriginalDst, SoOriginalDst};
@@ -82,7 +82,10 @@ impl Default for Timeouts {
 #[derive(Clone)]
 pub struct GatewayConfig {
     pub policy: NetworkPolicy,
-    pub response: ResponsePolicy,
+    /// The detection rules of every session.
+    pub detect: DetectPolicy,
+    /// Honey tokens placed in the sandbox (variable name, value); sandbox mode only.
+    pub canaries: Vec<(String, String)>,
     pub clients: Clients,
     pub upstream: Upstream,
     /// How the transparent listener learns where a connection was going.
@@ -106,8 +109,6 @@ pub struct InterceptConfig {
     pub hosts: Vec<cordon_policy::InterceptHost>,
     /// Credentials with their placeholders and secrets.
     pub credentials: Vec<crate::creds::LiveCredential>,
-    /// Canary tokens `(name, value)`: never legitimately sent anywhere.
-    pub canaries: Vec<(String, String)>,
     /// Verification of upstream servers: the host's trust store plus any extra roots the
     /// operator configured (see [`crate::tls::upstream_config`]).
     pub upstream: Arc<rustls::ClientConfig>,
@@ -165,10 +166,11 @@ impl std::fmt::Debug for InterceptConfig {
 
 impl GatewayConfig {
     /// A sandbox-mode gateway for `session`: system resolver, `SO_ORIGINAL_DST`, default timeouts.
-    pub fn new(policy: NetworkPolicy, response: ResponsePolicy, session: SessionInfo) -> Self {
+    pub fn new(policy: NetworkPolicy, detect: DetectPolicy, session: SessionInfo) -> Self {
         GatewayConfig {
             policy,
-            response,
+            detect,
+            canaries: Vec::new(),
             clients: Clients::Session(session),
             upstream: Upstream::System,
             original_dst: Arc::new(SoOriginalDst),
@@ -180,10 +182,10 @@ impl GatewayConfig {
     }
 
     /// A standalone gateway whose clients authenticate with tokens.
-    pub fn standalone(policy: NetworkPolicy, response: ResponsePolicy) -> Self {
+    pub fn standalone(policy: NetworkPolicy, detect: DetectPolicy) -> Self {
         GatewayConfig {
             clients: Clients::Tokens,
-            ..Self::new(policy, response, SessionInfo::unauthenticated())
+            ..Self::new(policy, detect, SessionInfo::unauthenticated())
         }
     }
 }
@@ -192,7 +194,8 @@ impl std::fmt::Debug for GatewayConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GatewayConfig")
             .field("policy", &self.policy)
-            .field("response", &self.response)
+            .field("detect", &self.detect)
+            .field("canaries", &self.canaries.len())
             .field("clients", &self.clients)
             .field("upstream", &self.upstream)
             .field("timeouts", &self.timeouts)

@@ -77,7 +77,9 @@ pub(crate) struct Runtime {
 }
 
 impl Runtime {
-    pub fn new(cfg: Arc<InterceptConfig>) -> Runtime {
+    /// `canaries`: the detection engine's honey tokens (`GatewayConfig::canaries`), also looked
+    /// for in streamed bodies, where the engine's own check does not reach.
+    pub fn new(cfg: Arc<InterceptConfig>, canaries: &[(String, String)]) -> Runtime {
         let secrets: Vec<_> = cfg
             .credentials
             .iter()
@@ -89,8 +91,7 @@ impl Runtime {
                 )
             })
             .collect();
-        let canaries: Vec<_> = cfg
-            .canaries
+        let canaries: Vec<_> = canaries
             .iter()
             .map(|(n, v)| (Kind::Canary, format!("canary:{n}"), v.as_bytes().to_vec()))
             .collect();
@@ -704,6 +705,24 @@ impl Conn<'_> {
             raw_head.extend_from_slice(v);
             raw_head.push(b'\n');
         }
+        // Honey tokens of the detection engine (`[detect.canary]`), in the decrypted head.
+        if self
+            .ctx
+            .canary_in(self.session, &raw_head, "intercepted request head")
+        {
+            let reason = "a canary credential was in the request".to_owned();
+            return self
+                .refuse(
+                    Some(&info),
+                    &method,
+                    &path,
+                    403,
+                    "detect.canary".into(),
+                    reason,
+                    None,
+                )
+                .await;
+        }
         if let Some(f) = self.rt.head.find(&raw_head) {
             let reason = format!("blocked by outbound scanning: {}", alert_reason(&f));
             return self
@@ -806,6 +825,23 @@ impl Conn<'_> {
                     }
                 }
                 let body = self.buf.split_to(n);
+                if self
+                    .ctx
+                    .canary_in(self.session, &body, "intercepted request body")
+                {
+                    let reason = "a canary credential was in the request".to_owned();
+                    return self
+                        .refuse(
+                            Some(&info),
+                            &method,
+                            &path,
+                            403,
+                            "detect.canary".into(),
+                            reason,
+                            None,
+                        )
+                        .await;
+                }
                 let mut scan = Stream::new(&self.rt.body, self.rt.cfg.max_scan_bytes, false);
                 if let Some(f) = scan.push(&body).and_then(|_| scan.finish()).err() {
                     let reason = format!("blocked by outbound scanning: {}", alert_reason(&f));

@@ -105,13 +105,13 @@ async fn world(require: bool) -> World {
         ca,
         hosts,
         credentials: creds,
-        canaries: vec![("seeded".into(), "CANARY-7f3a9c1e55d2".into())],
         // The test's upstream CA stands in for the host trust store: no system roots at all.
         upstream: upstream_config(&[], &pem_certs(upstream_ca.pem.as_bytes())).unwrap(),
         max_scan_bytes: DEFAULT_MAX_SCAN_BYTES,
     };
     let opts = Options {
         intercept: Some(Arc::new(intercept)),
+        canaries: vec![("SEEDED".into(), "CANARY7f3a9c1e55d2x0q".into())],
         ..Options::default()
     };
     let gw = Running::start(network, dns.addr, opts).await;
@@ -400,9 +400,17 @@ async fn dlp_finds_seeded_secrets_in_headers_queries_bodies_and_chunked_bodies()
             "dlp:aws_access_key_id",
         ),
         (s(&["--data-binary", SECRET, &url]), "dlp:secret:gh"),
+        // The detection engine's honey token at the end of a large chunked body: the streaming
+        // scan finds it (its head check is below: it quarantines the session).
         (
-            s(&["--data-binary", "note CANARY-7f3a9c1e55d2", &url]),
-            "dlp:canary:seeded",
+            s(&[
+                "-H",
+                "Transfer-Encoding: chunked",
+                "--data-binary",
+                &format!("{} CANARY7f3a9c1e55d2x0q", "z".repeat(100_000)),
+                &url,
+            ]),
+            "dlp:canary:SEEDED",
         ),
     ];
     for (args, rule) in cases {
@@ -413,8 +421,14 @@ async fn dlp_finds_seeded_secrets_in_headers_queries_bodies_and_chunked_bodies()
         let shown: String = format!("{args:?}").chars().take(200).collect();
         let out: String = out.chars().take(300).collect();
         assert!(out.starts_with("HTTP/1.1 403"), "{shown}: {out} {err}");
-        w.gw.wait_event(|e| e.kind == EventKind::Alert && e.rule == rule)
-            .await;
+        if rule.starts_with("detect") {
+            // The detection engine's firing goes to its own channel; the refusal is audited.
+            w.gw.wait_event(|e| e.kind == EventKind::Blocked && e.rule == rule)
+                .await;
+        } else {
+            w.gw.wait_event(|e| e.kind == EventKind::Alert && e.rule == rule)
+                .await;
+        }
     }
     for seen in w.other.seen() {
         let all = format!("{seen:?}");
@@ -435,6 +449,19 @@ async fn dlp_finds_seeded_secrets_in_headers_queries_bodies_and_chunked_bodies()
         .await;
     assert!(ok, "{err}");
     assert!(w.other.seen().iter().any(|s| s.body.len() == 300_000));
+    // The detection engine's own check on a decrypted head: refused, and its response
+    // (quarantine by default) refuses the session's later requests too.
+    let (_, out, _) = w
+        .curl(s(&["-D", "-", "-H", "X-Note: CANARY7f3a9c1e55d2x0q", &url]))
+        .await;
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    w.gw.wait_event(|e| e.kind == EventKind::Blocked && e.rule == "detect.canary")
+        .await;
+    assert!(!w
+        .other
+        .seen()
+        .iter()
+        .any(|s| format!("{s:?}").contains("CANARY7f3a")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

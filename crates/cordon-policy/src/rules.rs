@@ -502,6 +502,13 @@ pub(crate) fn policy(p: &Policy) -> Result<(), PolicyError> {
             )?;
         }
     }
+    crate::detect::check(&p.detect, &p.alerts, &s.env).map_err(|(key, e)| {
+        PolicyError::Invalid {
+            at: Location::nowhere(),
+            key,
+            message: e.to_string(),
+        }
+    })?;
     Ok(())
 }
 

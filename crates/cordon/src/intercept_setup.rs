@@ -133,7 +133,6 @@ pub fn prepare(
         ca,
         hosts,
         credentials,
-        canaries: Vec::new(),
         upstream,
         max_scan_bytes: DEFAULT_MAX_SCAN_BYTES,
     };

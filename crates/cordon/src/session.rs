@@ -16,6 +16,7 @@ use cordon_sandbox::plan::{self, MountOptions, SandboxPlan};
 use cordon_sandbox::proto::{self, ExitStatus, ToSupervisor};
 use cordon_sandbox::{landlock, probe, seccomp, spawn};
 
+use crate::alerts::Alerts;
 use crate::gateway_run::{self, RunningGateway};
 use crate::result::{Layers, LimitHit, RunResult, SeccompInfo};
 use crate::workspace::Workspace;
@@ -192,6 +193,14 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone())),
     );
+    // Honey tokens: fresh per session, known only to this supervisor and the sandbox.
+    let mut canaries = Vec::new();
+    for name in &policy.detect.canary.env {
+        let token = cordon_gateway::detect::canary::new_token()
+            .map_err(|e| RunError::cordon(format!("canary token: {e}")))?;
+        canaries.push((name.clone(), token));
+    }
+    policy_env.extend(canaries.iter().cloned());
     let sandbox_plan = SandboxPlan {
         session_id: req.session_id.clone(),
         argv: req.argv.clone(),
@@ -230,6 +239,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         user_id: req.user.clone(),
         code_sha256: req.code_sha256.clone(),
     };
+    let alerts = Alerts::new(attribution.clone(), &policy.alerts);
     let audit_path = match &req.audit {
         Some(p) => p.clone(),
         None => cordon_audit::default_path()
@@ -322,6 +332,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         }
     };
     // Threads may start now: the sandbox is spawned.
+    alerts.start();
     let mut writer = None;
     let mut gateway = None;
     // The live copy of the audit the policy asks for (`[audit] syslog`, `--syslog`).
@@ -365,6 +376,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                 };
                 let w = std::sync::Arc::new(w);
                 w.record(attribution.session_start(&req.argv, start_detail(&layers, policy)));
+                alerts.set_writer(w.clone());
                 let session = cordon_gateway::SessionInfo {
                     id: req.session_id.clone(),
                     user: req.user.clone(),
@@ -389,6 +401,8 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                     &req.upstream_dns,
                     intercept.as_ref().map(|i| i.config.clone()),
                     w.clone(),
+                    std::mem::take(&mut canaries),
+                    alerts.clone(),
                     owners,
                 )
                 .map(|g| (w, g))
@@ -405,14 +419,27 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             }
         }
     }
-    let outcome = supervise(
+    let watch = LimitWatch {
+        rule: &policy.detect.sandbox,
+        alerts: &alerts,
+        session: cordon_gateway::SessionInfo {
+            id: req.session_id.clone(),
+            user: req.user.clone(),
+            code_sha256: req.code_sha256.clone(),
+        },
+    };
+    let mut outcome = supervise(
         &sandbox,
         &signals,
         deadline,
         cg.as_deref(),
         gateway.as_ref().map(|g| g.wake_fd()),
+        &watch,
     );
-    let terminated = gateway.as_ref().and_then(|g| g.terminate_reason());
+    let terminated = gateway
+        .as_ref()
+        .and_then(|g| g.terminate_reason())
+        .or_else(|| outcome.terminated_reason.clone());
     let network = gateway.map(RunningGateway::stop);
     // The init is reaped: everything in its pid namespace is gone. The cgroup may still hold
     // nothing, but kill it anyway before removal in case the kernel is slower than we think.
@@ -444,6 +471,29 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     if !outcome.full.is_empty() {
         limits_hit.push(LimitHit::Disk);
     }
+    // Limits first seen at the end (or on a host whose cgroup could not be watched), and
+    // processes that tried to outlive the command, are firings of the sandbox rule too.
+    if let Some(s) = &stats {
+        watch.check(s, &mut outcome.fired);
+    }
+    if !outcome.full.is_empty() {
+        watch.fire(
+            "disk",
+            format!("disk full: {}", outcome.full.join(", ")),
+            &mut outcome.fired,
+        );
+    }
+    if outcome.lingering > 0 && watch.rule.enabled && watch.rule.lingering {
+        watch.fire(
+            "lingering",
+            format!(
+                "{} processes were still running when the command exited (killed with the session)",
+                outcome.lingering
+            ),
+            &mut outcome.fired,
+        );
+    }
+    alerts.finish();
     if let Some(a) = &outcome.applied {
         layers.landlock_abi = a.0;
         layers.landlock_enforced = a.1;
@@ -499,6 +549,8 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             }
         }
         None => {
+            let mut events = alerts.take_pending();
+            events.push(end);
             let stored = quiet_audit
                 .map(|t| {
                     t.join()
@@ -507,7 +559,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                 .unwrap_or_else(|| Err("no audit thread".into()))
                 .and_then(|mut store| {
                     store
-                        .append(&[end])
+                        .append(&events)
                         .map(drop)
                         .map_err(|e| format!("audit store {}: {e}", audit_path.display()))
                 });
@@ -579,6 +631,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         layers,
         network,
         terminated,
+        alerts: alerts.fired(),
     })
 }
 
@@ -755,7 +808,71 @@ struct Outcome {
     exec_failed: Option<(i32, String)>,
     applied: Option<(u32, bool, bool)>,
     terminated: bool,
+    /// Why the supervisor itself ended the session (a sandbox-rule firing).
+    terminated_reason: Option<String>,
+    /// Sandbox-rule signals already fired (each fires once).
+    fired: Vec<&'static str>,
+    /// Processes other than the command still alive when it exited.
+    lingering: u32,
     marks: Vec<(String, u64)>,
+}
+
+/// The sandbox rule, watched by the supervision loop.
+struct LimitWatch<'a> {
+    rule: &'a cordon_policy::SandboxRule,
+    alerts: &'a Alerts,
+    session: cordon_gateway::SessionInfo,
+}
+
+/// How often the supervision loop reads the cgroup's limit counters.
+const LIMIT_POLL: Duration = Duration::from_millis(100);
+
+impl LimitWatch<'_> {
+    fn watching(&self) -> bool {
+        self.rule.enabled && self.rule.limits
+    }
+
+    /// Fires `signal` unless it already fired; returns whether the response is terminate.
+    fn fire(&self, signal: &'static str, summary: String, fired: &mut Vec<&'static str>) -> bool {
+        if !self.rule.enabled || fired.contains(&signal) {
+            return false;
+        }
+        fired.push(signal);
+        let d = cordon_gateway::Detection::new(
+            cordon_gateway::Rule::Sandbox,
+            signal,
+            cordon_gateway::Severity::Medium,
+            self.rule.response,
+            self.rule.alert,
+            &self.session,
+            summary,
+            [],
+        );
+        self.alerts.fire(&d);
+        self.rule.response == cordon_policy::Response::Terminate
+    }
+
+    /// Fires for the limits `stats` show were hit; returns the first summary whose response
+    /// is terminate.
+    fn check(&self, stats: &cgroup::CgroupStats, fired: &mut Vec<&'static str>) -> Option<String> {
+        if !self.watching() {
+            return None;
+        }
+        let mut terminate = None;
+        if stats.pids_limit_hit {
+            let s = "pids limit hit (a fork failed: fork bomb or runaway process creation)";
+            if self.fire("pids", s.into(), fired) {
+                terminate.get_or_insert(s.to_owned());
+            }
+        }
+        if stats.oom_killed {
+            let s = "memory limit hit (the OOM killer killed a process)";
+            if self.fire("oom", s.into(), fired) {
+                terminate.get_or_insert(s.to_owned());
+            }
+        }
+        terminate
+    }
 }
 
 /// Where a session's time went, printed on stderr when `CORDON_TIMING` is set (see
@@ -886,9 +1003,12 @@ fn supervise(
     deadline: Instant,
     cg: Option<&dyn SessionCgroup>,
     wake: Option<BorrowedFd<'_>>,
+    watch: &LimitWatch<'_>,
 ) -> Outcome {
     let mut out = Outcome::default();
     let mut kill_at: Option<Instant> = None;
+    let watched = cg.filter(|_| watch.watching());
+    let mut next_poll = Instant::now() + LIMIT_POLL;
     let mut chan_open = true;
     let mut buf = vec![0u8; proto::MAX_MESSAGE];
     loop {
@@ -903,6 +1023,23 @@ fn supervise(
                 let _ = c.kill_all();
             }
             kill_at = Some(now + Duration::from_secs(3600));
+        }
+        if let Some(c) = watched {
+            if now >= next_poll {
+                next_poll = now + LIMIT_POLL;
+                if let Some(reason) = watch.check(&c.stats(), &mut out.fired) {
+                    if kill_at.is_none_or(|k| k > now) && out.status.is_none() {
+                        kill_at = Some(now);
+                        out.terminated = true;
+                        out.terminated_reason = Some(reason);
+                        continue;
+                    }
+                }
+            }
+        }
+        let mut due = due;
+        if watched.is_some() {
+            due = due.min(next_poll);
         }
         let wait_ms = due.saturating_duration_since(now).as_millis().min(60_000) as i32;
         let mut fds = [
@@ -1085,9 +1222,14 @@ fn drain(chan: BorrowedFd<'_>, buf: &mut [u8], out: &mut Outcome) -> bool {
                 let code = if errno == libc::ENOENT { 127 } else { 126 };
                 out.exec_failed = Some((code, message));
             }
-            Some(ToSupervisor::Exited { status, full }) => {
+            Some(ToSupervisor::Exited {
+                status,
+                full,
+                lingering,
+            }) => {
                 out.status = Some(status);
                 out.full = full;
+                out.lingering = lingering;
             }
             Some(ToSupervisor::GatewaySockets { .. } | ToSupervisor::WorkspaceRoot) | None => {}
         }
