@@ -74,8 +74,9 @@ impl Sources {
 pub enum WorkspaceAttach<'a> {
     /// Bind the host directory opened in [`Sources`].
     Bind,
-    /// Attach the supervisor's detached volume mount.
-    Detached(BorrowedFd<'a>),
+    /// Attach the supervisor's detached volume mount, which `receive` waits for: the
+    /// supervisor prepares the volume while the rest of the filesystem is built.
+    Detached(&'a mut dyn FnMut() -> Result<OwnedFd, String>),
     /// Make a capped tmpfs here.
     Tmpfs { size_bytes: u64, nr_inodes: u64 },
 }
@@ -87,7 +88,7 @@ pub fn apply(
     ops: &[MountOp],
     sources: &Sources,
     root_size: u64,
-    workspace: &WorkspaceAttach<'_>,
+    mut workspace: WorkspaceAttach<'_>,
 ) -> Result<Option<OwnedFd>, MountError> {
     let root = Path::new(STAGING_ROOT);
     sys::mount(
@@ -109,18 +110,23 @@ pub fn apply(
 
     let mut handed_over = None;
     for op in ops {
-        match (op, workspace) {
+        match (op, &mut workspace) {
             (
                 MountOp::Bind {
                     source: BindSource::Workspace,
                     path,
                     ..
                 },
-                WorkspaceAttach::Detached(fd),
+                WorkspaceAttach::Detached(receive),
             ) => {
                 let p = root.join(path);
                 sys::mkdir_all(&p, 0o755).map_err(step("mkdir", &p))?;
-                attach(*fd, &p)?;
+                let fd = receive().map_err(|e| MountError::Step {
+                    step: "workspace-volume",
+                    path: p.clone(),
+                    source: io::Error::other(e),
+                })?;
+                attach(fd.as_fd(), &p)?;
             }
             (
                 MountOp::Bind {

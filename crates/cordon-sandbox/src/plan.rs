@@ -238,12 +238,6 @@ pub fn mount_plan(facts: &HostFacts, opts: &MountOptions) -> Vec<MountOp> {
         }
     }
 
-    ops.push(MountOp::Bind {
-        source: BindSource::Workspace,
-        path: rel("workspace"),
-        dir: true,
-        writable: true,
-    });
     ops.push(MountOp::Tmpfs {
         path: rel("tmp"),
         size: opts.tmp_size,
@@ -317,6 +311,14 @@ pub fn mount_plan(facts: &HostFacts, opts: &MountOptions) -> Vec<MountOp> {
             len: bytes.len(),
         });
     }
+    // The workspace comes last but for the extra binds (which may lie inside it): the
+    // supervisor prepares a workspace volume while the init mounts everything before it.
+    ops.push(MountOp::Bind {
+        source: BindSource::Workspace,
+        path: rel("workspace"),
+        dir: true,
+        writable: true,
+    });
     for extra in &opts.extra {
         ops.push(MountOp::Bind {
             source: BindSource::Host(extra.host.clone()),
