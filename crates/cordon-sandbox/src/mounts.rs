@@ -52,6 +52,15 @@ impl Sources {
     pub fn open(ops: &[MountOp], workspace: &WorkspaceMount) -> Result<Sources, MountError> {
         let mut fds = Vec::new();
         for op in ops {
+            if let MountOp::CopyFile { source, .. } = op {
+                // Readable if the sandbox user may read it (then it is copied); otherwise an
+                // O_PATH descriptor, which can only be bound.
+                let fd = sys::open_for_copy(source)
+                    .or_else(|_| sys::open_path(source))
+                    .map_err(step("open", source))?;
+                fds.push((BindSource::Host(source.clone()), fd));
+                continue;
+            }
             if let MountOp::Bind { source, .. } = op {
                 let host = match (source, workspace) {
                     (BindSource::Host(p), _) => p.as_path(),
@@ -228,6 +237,29 @@ fn apply_op(root: &Path, op: &MountOp, sources: &Sources) -> Result<(), MountErr
                 Some(&data),
             )
             .map_err(step("mount-tmpfs", &p))
+        }
+        MountOp::CopyFile {
+            source,
+            path,
+            max_bytes,
+        } => {
+            let p = root.join(path);
+            let key = BindSource::Host(source.clone());
+            let fd = sources.get(&key).ok_or_else(|| MountError::Step {
+                step: "copy-source",
+                path: p.clone(),
+                source: io::Error::from_raw_os_error(libc::ENOENT),
+            })?;
+            if sys::copy_small_file(fd, &p, *max_bytes).map_err(step("copy", &p))? {
+                return Ok(());
+            }
+            let bind = MountOp::Bind {
+                source: key,
+                path: path.clone(),
+                dir: false,
+                writable: false,
+            };
+            apply_op(root, &bind, sources)
         }
         MountOp::Bind {
             source,
