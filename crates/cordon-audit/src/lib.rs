@@ -48,6 +48,7 @@ pub mod query;
 pub mod report;
 mod schema;
 pub mod store;
+pub mod syslog;
 pub mod timestamp;
 pub mod verify;
 pub mod writer;
@@ -64,7 +65,7 @@ pub use report::{Report, ReportOptions};
 pub use store::{ChainHead, Store, StoreError, StoreOptions};
 pub use timestamp::{parse_age, parse_since, parse_since_at, TimeError, Timestamp};
 pub use verify::{Anchor, PruneReport, VerifyReport};
-pub use writer::{AuditWriter, WriterConfig, WriterError, WriterStats};
+pub use writer::{AuditWriter, EventTap, WriterConfig, WriterError, WriterStats};
 
 /// Any error of this crate.
 #[derive(Debug, thiserror::Error)]

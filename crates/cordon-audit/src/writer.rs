@@ -120,8 +120,15 @@ enum Msg {
     Flush(SyncSender<()>),
 }
 
+/// Sees every event [`AuditWriter::record`] is given, before it is queued (a live sink such as
+/// [`crate::syslog::SyslogSink`]). Implementations must return at once.
+pub trait EventTap: Send + Sync {
+    fn offer(&self, event: &Event);
+}
+
 /// Records events to an audit store without blocking the caller. Share it with `Arc`.
 pub struct AuditWriter {
+    tap: Option<Arc<dyn EventTap>>,
     tx: Option<SyncSender<Msg>>,
     thread: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
@@ -163,6 +170,7 @@ impl AuditWriter {
             .spawn(move || run(store, rx, &config, &thread_shared))
             .map_err(WriterError::Spawn)?;
         Ok(AuditWriter {
+            tap: None,
             tx: Some(tx),
             thread: Some(thread),
             shared,
@@ -170,8 +178,17 @@ impl AuditWriter {
         })
     }
 
+    /// Shows every event recorded from now on to `tap` as well.
+    pub fn with_tap(mut self, tap: Arc<dyn EventTap>) -> AuditWriter {
+        self.tap = Some(tap);
+        self
+    }
+
     /// Queues `event`; never blocks. See the module guarantees for what happens when full.
     pub fn record(&self, event: Event) {
+        if let Some(tap) = &self.tap {
+            tap.offer(&event);
+        }
         let sent = match &self.tx {
             Some(tx) => match tx.try_send(Msg::Event(Box::new(event))) {
                 Ok(()) => true,

@@ -307,3 +307,48 @@ fn a_record_appended_outside_the_writer_is_caught() {
     .unwrap();
     assert_eq!(first_bad(&store).0, 21);
 }
+
+/// The store of [`store_and_raw`] with its first 8 records pruned (an anchor at record 8).
+fn pruned() -> (tempfile::TempDir, Store, Connection) {
+    let (dir, mut store, raw) = store_and_raw();
+    let cutoff: i64 = raw
+        .query_row("SELECT ts_ms FROM events WHERE id = 9", [], |r| r.get(0))
+        .unwrap();
+    let report = store
+        .prune_before(cordon_audit::Timestamp::from_millis(cutoff))
+        .unwrap();
+    assert_eq!(report.deleted, 8);
+    assert!(store.verify().unwrap().is_ok());
+    (dir, store, raw)
+}
+
+#[test]
+fn a_deleted_anchor_leaves_the_pruned_records_missing() {
+    let (_dir, store, raw) = pruned();
+    raw.execute("DELETE FROM anchors", []).unwrap();
+    let (id, reason) = first_bad(&store);
+    assert_eq!(id, 1);
+    assert!(reason.contains("1..=8 are missing"), "{reason}");
+}
+
+#[test]
+fn an_edited_anchor_is_caught_at_the_first_remaining_record() {
+    let (_dir, store, raw) = pruned();
+    raw.execute("UPDATE anchors SET hash = ?1", [cordon_audit::GENESIS_HASH])
+        .unwrap();
+    assert_eq!(first_bad(&store).0, 9);
+    let (_dir, store, raw) = pruned();
+    raw.execute("UPDATE anchors SET seq = 7", []).unwrap();
+    assert_eq!(first_bad(&store).0, 8);
+}
+
+#[test]
+fn records_deleted_after_a_prune_are_still_named() {
+    let (_dir, store, raw) = pruned();
+    raw.execute("DELETE FROM events WHERE id = 12", []).unwrap();
+    assert_eq!(first_bad(&store).0, 12);
+    // Deleting the first remaining record looks like a gap right after the anchor.
+    let (_dir, store, raw) = pruned();
+    raw.execute("DELETE FROM events WHERE id = 9", []).unwrap();
+    assert_eq!(first_bad(&store).0, 9);
+}

@@ -36,8 +36,15 @@ pub(crate) enum ValueError {
     },
     #[error("must be {expected}, got {got}")]
     Range { expected: String, got: String },
+    #[error(transparent)]
+    Syslog(#[from] crate::model::SyslogTargetError),
     #[error("{0}")]
     Other(String),
+}
+
+/// A syslog receiver address (`udp://…` or `tcp://…`).
+pub(crate) fn syslog(text: &str) -> Result<crate::model::SyslogTarget, ValueError> {
+    Ok(text.parse()?)
 }
 
 fn range(expected: impl Into<String>, got: impl ToString) -> ValueError {
@@ -416,6 +423,13 @@ pub(crate) fn policy(p: &Policy) -> Result<(), PolicyError> {
     )?;
     at("network.rate.max_bytes_out", traffic(r.max_bytes_out))?;
     at("network.rate.max_bytes_in", traffic(r.max_bytes_in))?;
+    crate::detect::check(&p.detect, &p.alerts, &s.env).map_err(|(key, e)| {
+        PolicyError::Invalid {
+            at: Location::nowhere(),
+            key,
+            message: e.to_string(),
+        }
+    })?;
     Ok(())
 }
 

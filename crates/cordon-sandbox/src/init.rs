@@ -277,6 +277,7 @@ fn supervise(chan: BorrowedFd<'_>, child: libc::pid_t, set: &libc::sigset_t) -> 
                         &ToSupervisor::Exited {
                             status: st,
                             full: full_mounts(),
+                            lingering: lingering(),
                         },
                     );
                     return 0;
@@ -288,6 +289,35 @@ fn supervise(chan: BorrowedFd<'_>, child: libc::pid_t, set: &libc::sigset_t) -> 
             unsafe { libc::kill(-child, sig) };
         }
     }
+}
+
+/// Live processes in the sandbox's pid namespace besides the init (pid 1): numeric entries of
+/// its own /proc whose state is not zombie (`Z`) or dead (`X`).
+fn lingering() -> u32 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut n = 0;
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == 1 {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) S ...": the state follows the last ')'.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next());
+        if !matches!(state, Some('Z' | 'X') | None) {
+            n += 1;
+        }
+    }
+    n
 }
 
 /// The writable mounts that are full: less than 2% (at least 1 MiB) left. ext4 refuses writes

@@ -61,6 +61,10 @@ pub enum ToSupervisor {
     Exited {
         status: ExitStatus,
         full: Vec<String>,
+        /// Processes other than the init still alive (not zombies) when the command's main
+        /// process ended: something that tries to outlive its session. They die with the init.
+        #[serde(default)]
+        lingering: u32,
     },
 }
 

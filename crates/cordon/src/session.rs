@@ -16,6 +16,7 @@ use cordon_sandbox::plan::{self, MountOptions, SandboxPlan};
 use cordon_sandbox::proto::{self, ExitStatus, ToSupervisor};
 use cordon_sandbox::{landlock, probe, seccomp, spawn};
 
+use crate::alerts::Alerts;
 use crate::gateway_run::{self, RunningGateway};
 use crate::result::{Layers, LimitHit, RunResult, SeccompInfo};
 use crate::workspace::Workspace;
@@ -207,6 +208,14 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone())),
     );
+    // Honey tokens: fresh per session, known only to this supervisor and the sandbox.
+    let mut canaries = Vec::new();
+    for name in &policy.detect.canary.env {
+        let token = cordon_gateway::detect::canary::new_token()
+            .map_err(|e| RunError::cordon(format!("canary token: {e}")))?;
+        canaries.push((name.clone(), token));
+    }
+    policy_env.extend(canaries.iter().cloned());
     let sandbox_plan = SandboxPlan {
         session_id: req.session_id.clone(),
         argv: req.argv.clone(),
@@ -249,6 +258,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         user_id: req.user.clone(),
         code_sha256: req.code_sha256.clone(),
     };
+    let alerts = Alerts::new(attribution.clone(), &policy.alerts);
     let audit_path = match &req.audit {
         Some(p) => p.clone(),
         None => cordon_audit::default_path()
@@ -382,13 +392,31 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         }
     };
     // Threads may start now: the sandbox is spawned.
+    alerts.start();
     let mut writer = None;
     let mut gateway = None;
+    // The live copy of the audit the policy asks for (`[audit] syslog`, `--syslog`).
+    let syslog = match policy
+        .audit
+        .syslog
+        .map(|t| start_syslog(t, policy))
+        .transpose()
+    {
+        Ok(s) => s,
+        Err(e) => {
+            kill(&sandbox);
+            cleanup(cg, workspace);
+            return Err(RunError::cordon(e));
+        }
+    };
     // A network-less session has only its start and end to record: open the store and write
     // the start while the sandbox runs, off the critical path.
     let quiet_audit = (!gateway_mode).then(|| {
         let path = audit_path.clone();
         let start = attribution.session_start(&req.argv, start_detail(&layers, policy));
+        if let Some(s) = &syslog {
+            s.offer(&start);
+        }
         std::thread::spawn(move || -> Result<cordon_audit::Store, String> {
             let mut store = cordon_audit::Store::open(&path)
                 .map_err(|e| format!("audit store {}: {e}", path.display()))?;
@@ -402,8 +430,13 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         let started_gw = cordon_audit::AuditWriter::open(&audit_path)
             .map_err(|e| format!("audit store {}: {e}", audit_path.display()))
             .and_then(|w| {
+                let w = match &syslog {
+                    Some(s) => w.with_tap(s.clone()),
+                    None => w,
+                };
                 let w = std::sync::Arc::new(w);
                 w.record(attribution.session_start(&req.argv, start_detail(&layers, policy)));
+                alerts.set_writer(w.clone());
                 let session = cordon_gateway::SessionInfo {
                     id: req.session_id.clone(),
                     user: req.user.clone(),
@@ -427,6 +460,8 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                     sockets,
                     &req.upstream_dns,
                     w.clone(),
+                    std::mem::take(&mut canaries),
+                    alerts.clone(),
                     owners,
                 )
                 .map(|g| (w, g))
@@ -443,14 +478,27 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             }
         }
     }
-    let outcome = supervise(
+    let watch = LimitWatch {
+        rule: &policy.detect.sandbox,
+        alerts: &alerts,
+        session: cordon_gateway::SessionInfo {
+            id: req.session_id.clone(),
+            user: req.user.clone(),
+            code_sha256: req.code_sha256.clone(),
+        },
+    };
+    let mut outcome = supervise(
         &sandbox,
         &signals,
         deadline,
         cg.as_deref(),
         gateway.as_ref().map(|g| g.wake_fd()),
+        &watch,
     );
-    let terminated = gateway.as_ref().and_then(|g| g.terminate_reason());
+    let terminated = gateway
+        .as_ref()
+        .and_then(|g| g.terminate_reason())
+        .or_else(|| outcome.terminated_reason.clone());
     let network = gateway.map(RunningGateway::stop);
     // The init is reaped: everything in its pid namespace is gone. The cgroup may still hold
     // nothing, but kill it anyway before removal in case the kernel is slower than we think.
@@ -482,6 +530,29 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     if !outcome.full.is_empty() {
         limits_hit.push(LimitHit::Disk);
     }
+    // Limits first seen at the end (or on a host whose cgroup could not be watched), and
+    // processes that tried to outlive the command, are firings of the sandbox rule too.
+    if let Some(s) = &stats {
+        watch.check(s, &mut outcome.fired);
+    }
+    if !outcome.full.is_empty() {
+        watch.fire(
+            "disk",
+            format!("disk full: {}", outcome.full.join(", ")),
+            &mut outcome.fired,
+        );
+    }
+    if outcome.lingering > 0 && watch.rule.enabled && watch.rule.lingering {
+        watch.fire(
+            "lingering",
+            format!(
+                "{} processes were still running when the command exited (killed with the session)",
+                outcome.lingering
+            ),
+            &mut outcome.fired,
+        );
+    }
+    alerts.finish();
     if let Some(a) = &outcome.applied {
         layers.landlock_abi = a.0;
         layers.landlock_enforced = a.1;
@@ -511,7 +582,15 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     if let Some(r) = &terminated {
         end_detail.insert("terminated".into(), serde_json::json!(r));
     }
+    if let Some(s) = &syslog {
+        // Losses so far: the end record itself is forwarded after this count.
+        end_detail.insert("syslog".into(), serde_json::json!(s.stats()));
+    }
     let end = attribution.session_end(end_status, limit_name.as_deref(), end_detail);
+    if let (Some(s), None) = (&syslog, &writer) {
+        // The writer's tap forwards it otherwise.
+        s.offer(&end);
+    }
     match writer.take() {
         Some(w) => {
             w.record(end);
@@ -529,6 +608,8 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             }
         }
         None => {
+            let mut events = alerts.take_pending();
+            events.push(end);
             let stored = quiet_audit
                 .map(|t| {
                     t.join()
@@ -537,7 +618,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                 .unwrap_or_else(|| Err("no audit thread".into()))
                 .and_then(|mut store| {
                     store
-                        .append(&[end])
+                        .append(&events)
                         .map(drop)
                         .map_err(|e| format!("audit store {}: {e}", audit_path.display()))
                 });
@@ -549,6 +630,18 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         }
     }
 
+    if let Some(s) = &syslog {
+        let stats = s.close(SYSLOG_CLOSE);
+        if stats.dropped > 0 || stats.failed > 0 {
+            eprintln!(
+                "cordon: warning: syslog: {} audit event(s) not forwarded to {} ({} dropped: receiver too slow, {} failed to send); the audit store has them all",
+                stats.dropped + stats.failed,
+                policy.audit.syslog.map(|t| t.to_string()).unwrap_or_default(),
+                stats.dropped,
+                stats.failed
+            );
+        }
+    }
     marks.mark("supervisor: audit recorded");
     // Everything the result depends on is done: the volume's release (and the sweep for other
     // sessions' leftovers) finishes in a detached child while we exit.
@@ -597,7 +690,34 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         layers,
         network,
         terminated,
+        alerts: alerts.fired(),
     })
+}
+
+/// How long the end of a session waits for queued syslog messages.
+const SYSLOG_CLOSE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Starts the live syslog copy of the audit.
+fn start_syslog(
+    target: cordon_policy::SyslogTarget,
+    policy: &Policy,
+) -> Result<std::sync::Arc<cordon_audit::syslog::SyslogSink>, String> {
+    use cordon_audit::syslog::{SyslogConfig, SyslogSink, Transport};
+    use cordon_audit::Severity;
+    let transport = match target.transport {
+        cordon_policy::SyslogTransport::Udp => Transport::Udp,
+        cordon_policy::SyslogTransport::Tcp => Transport::Tcp,
+    };
+    let min = match policy.audit.syslog_min_severity {
+        cordon_policy::MinSeverity::Info => Severity::Info,
+        cordon_policy::MinSeverity::Notice => Severity::Notice,
+        cordon_policy::MinSeverity::Warning => Severity::Warning,
+        cordon_policy::MinSeverity::High => Severity::High,
+        cordon_policy::MinSeverity::Critical => Severity::Critical,
+    };
+    SyslogSink::start(SyslogConfig::new(transport, target.addr, min))
+        .map(std::sync::Arc::new)
+        .map_err(|e| e.to_string())
 }
 
 /// What the session starts with: its policy's network part and the layers decided so far (the
@@ -726,7 +846,71 @@ struct Outcome {
     exec_failed: Option<(i32, String)>,
     applied: Option<(u32, bool, bool)>,
     terminated: bool,
+    /// Why the supervisor itself ended the session (a sandbox-rule firing).
+    terminated_reason: Option<String>,
+    /// Sandbox-rule signals already fired (each fires once).
+    fired: Vec<&'static str>,
+    /// Processes other than the command still alive when it exited.
+    lingering: u32,
     marks: Vec<(String, u64)>,
+}
+
+/// The sandbox rule, watched by the supervision loop.
+struct LimitWatch<'a> {
+    rule: &'a cordon_policy::SandboxRule,
+    alerts: &'a Alerts,
+    session: cordon_gateway::SessionInfo,
+}
+
+/// How often the supervision loop reads the cgroup's limit counters.
+const LIMIT_POLL: Duration = Duration::from_millis(100);
+
+impl LimitWatch<'_> {
+    fn watching(&self) -> bool {
+        self.rule.enabled && self.rule.limits
+    }
+
+    /// Fires `signal` unless it already fired; returns whether the response is terminate.
+    fn fire(&self, signal: &'static str, summary: String, fired: &mut Vec<&'static str>) -> bool {
+        if !self.rule.enabled || fired.contains(&signal) {
+            return false;
+        }
+        fired.push(signal);
+        let d = cordon_gateway::Detection::new(
+            cordon_gateway::Rule::Sandbox,
+            signal,
+            cordon_gateway::Severity::Medium,
+            self.rule.response,
+            self.rule.alert,
+            &self.session,
+            summary,
+            [],
+        );
+        self.alerts.fire(&d);
+        self.rule.response == cordon_policy::Response::Terminate
+    }
+
+    /// Fires for the limits `stats` show were hit; returns the first summary whose response
+    /// is terminate.
+    fn check(&self, stats: &cgroup::CgroupStats, fired: &mut Vec<&'static str>) -> Option<String> {
+        if !self.watching() {
+            return None;
+        }
+        let mut terminate = None;
+        if stats.pids_limit_hit {
+            let s = "pids limit hit (a fork failed: fork bomb or runaway process creation)";
+            if self.fire("pids", s.into(), fired) {
+                terminate.get_or_insert(s.to_owned());
+            }
+        }
+        if stats.oom_killed {
+            let s = "memory limit hit (the OOM killer killed a process)";
+            if self.fire("oom", s.into(), fired) {
+                terminate.get_or_insert(s.to_owned());
+            }
+        }
+        terminate
+    }
 }
 
 /// Where a session's time went, printed on stderr when `CORDON_TIMING` is set (see
@@ -857,9 +1041,12 @@ fn supervise(
     deadline: Instant,
     cg: Option<&dyn SessionCgroup>,
     wake: Option<BorrowedFd<'_>>,
+    watch: &LimitWatch<'_>,
 ) -> Outcome {
     let mut out = Outcome::default();
     let mut kill_at: Option<Instant> = None;
+    let watched = cg.filter(|_| watch.watching());
+    let mut next_poll = Instant::now() + LIMIT_POLL;
     let mut chan_open = true;
     let mut buf = vec![0u8; proto::MAX_MESSAGE];
     loop {
@@ -874,6 +1061,23 @@ fn supervise(
                 let _ = c.kill_all();
             }
             kill_at = Some(now + Duration::from_secs(3600));
+        }
+        if let Some(c) = watched {
+            if now >= next_poll {
+                next_poll = now + LIMIT_POLL;
+                if let Some(reason) = watch.check(&c.stats(), &mut out.fired) {
+                    if kill_at.is_none_or(|k| k > now) && out.status.is_none() {
+                        kill_at = Some(now);
+                        out.terminated = true;
+                        out.terminated_reason = Some(reason);
+                        continue;
+                    }
+                }
+            }
+        }
+        let mut due = due;
+        if watched.is_some() {
+            due = due.min(next_poll);
         }
         let wait_ms = due.saturating_duration_since(now).as_millis().min(60_000) as i32;
         let mut fds = [
@@ -1056,9 +1260,14 @@ fn drain(chan: BorrowedFd<'_>, buf: &mut [u8], out: &mut Outcome) -> bool {
                 let code = if errno == libc::ENOENT { 127 } else { 126 };
                 out.exec_failed = Some((code, message));
             }
-            Some(ToSupervisor::Exited { status, full }) => {
+            Some(ToSupervisor::Exited {
+                status,
+                full,
+                lingering,
+            }) => {
                 out.status = Some(status);
                 out.full = full;
+                out.lingering = lingering;
             }
             Some(ToSupervisor::GatewaySockets { .. } | ToSupervisor::WorkspaceRoot) | None => {}
         }

@@ -514,6 +514,33 @@ fn verify_catches_a_deleted_record() {
 }
 
 #[test]
+fn verify_names_the_first_of_two_reordered_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = build_store(dir.path());
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    // Swap records 5 and 10 (an allowed connection moved after the blocked attempts).
+    raw.execute_batch(
+        "UPDATE events SET id = -1 WHERE id = 5;
+         UPDATE events SET id = 5 WHERE id = 10;
+         UPDATE events SET id = 10 WHERE id = -1;",
+    )
+    .unwrap();
+    drop(raw);
+    let bad = audit(&path, &["verify", "--json"]);
+    assert_eq!(bad.status.code(), Some(1));
+    let report: Value = serde_json::from_str(&stdout(&bad)).unwrap();
+    assert_eq!(report["first_bad"][0], 5, "{report}");
+    assert!(
+        report["first_bad"][1]
+            .as_str()
+            .unwrap()
+            .contains("reordered"),
+        "{report}"
+    );
+    assert_eq!(report["checked"], 13);
+}
+
+#[test]
 fn prune_drops_old_records_and_the_chain_still_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let path = build_store(dir.path());
