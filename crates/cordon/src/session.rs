@@ -405,7 +405,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         Ok(s) => s,
         Err(e) => {
             kill(&sandbox);
-            cleanup(cg, workspace);
+            cleanup(cg, Some(workspace));
             return Err(RunError::cordon(e));
         }
     };
