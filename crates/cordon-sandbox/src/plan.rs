@@ -135,6 +135,14 @@ pub enum MountOp {
         mode: u32,
         noexec: bool,
     },
+    /// Copy a small host file into the root (read-only once the root is), which costs a
+    /// fraction of a bind mount at start and at teardown; a file larger than `max_bytes`, or
+    /// one the sandbox user cannot read, is bound read-only instead.
+    CopyFile {
+        source: PathBuf,
+        path: PathBuf,
+        max_bytes: u64,
+    },
     /// Bind-mount a host directory or file (the mount point is created first).
     Bind {
         source: BindSource,
@@ -178,9 +186,14 @@ pub fn code_path(name: &str) -> PathBuf {
     Path::new("/.cordon").join(name)
 }
 
-/// The root tmpfs size a plan needs: room for the skeleton plus the code file.
+/// Largest `/etc` file copied into the root instead of bound ([`MountOp::CopyFile`]).
+pub const ETC_COPY_MAX_BYTES: u64 = 128 * 1024;
+
+/// The root tmpfs size a plan needs: room for the skeleton, the copied `/etc` files and the
+/// code file.
 pub fn root_size(opts: &MountOptions) -> u64 {
     4 * 1024 * 1024
+        + ETC_ALLOWLIST.len() as u64 * ETC_COPY_MAX_BYTES
         + opts.code.as_ref().map_or(0, |(_, b)| b.len() as u64)
         + opts.ca_bundle.as_ref().map_or(0, |b| b.len() as u64)
 }
@@ -252,11 +265,16 @@ pub fn mount_plan(facts: &HostFacts, opts: &MountOptions) -> Vec<MountOp> {
         }
         let path = rel("etc").join(name);
         match entry {
-            HostEntry::Dir | HostEntry::File => ops.push(MountOp::Bind {
+            HostEntry::Dir => ops.push(MountOp::Bind {
                 source: BindSource::Host(Path::new("/etc").join(name)),
                 path,
-                dir: *entry == HostEntry::Dir,
+                dir: true,
                 writable: false,
+            }),
+            HostEntry::File => ops.push(MountOp::CopyFile {
+                source: Path::new("/etc").join(name),
+                path,
+                max_bytes: ETC_COPY_MAX_BYTES,
             }),
             HostEntry::Symlink(target) => ops.push(MountOp::Symlink {
                 target: target.clone(),
@@ -266,12 +284,6 @@ pub fn mount_plan(facts: &HostFacts, opts: &MountOptions) -> Vec<MountOp> {
         }
     }
 
-    ops.push(MountOp::Bind {
-        source: BindSource::Workspace,
-        path: rel("workspace"),
-        dir: true,
-        writable: true,
-    });
     ops.push(MountOp::Tmpfs {
         path: rel("tmp"),
         size: opts.tmp_size,
@@ -345,6 +357,14 @@ pub fn mount_plan(facts: &HostFacts, opts: &MountOptions) -> Vec<MountOp> {
             len: bytes.len(),
         });
     }
+    // The workspace comes last but for the extra binds (which may lie inside it): the
+    // supervisor prepares a workspace volume while the init mounts everything before it.
+    ops.push(MountOp::Bind {
+        source: BindSource::Workspace,
+        path: rel("workspace"),
+        dir: true,
+        writable: true,
+    });
     for extra in &opts.extra {
         ops.push(MountOp::Bind {
             source: BindSource::Host(extra.host.clone()),
@@ -567,7 +587,6 @@ mod ca_bundle_tests {
     fn without_a_bundle_the_host_ssl_directory_is_bound() {
         let ops = mount_plan(&facts(), &opts(None));
         assert!(binds_host_ssl(&ops));
-        assert_eq!(root_size(&opts(None)), 4 * 1024 * 1024);
     }
 
     #[test]
@@ -599,10 +618,12 @@ mod ca_bundle_tests {
         let mkdir = ops.iter().position(|op| matches!(op, MountOp::Mkdir { path, .. } if path == Path::new("etc/ssl/certs"))).unwrap();
         let write = ops.iter().position(|op| matches!(op, MountOp::WriteFile { path, .. } if path == Path::new("etc/ssl/certs/ca-certificates.crt"))).unwrap();
         assert!(mkdir < write);
-        assert!(ops.iter().any(|op| matches!(op, MountOp::Bind { source: BindSource::Host(p), .. } if p == Path::new("/etc/os-release"))));
+        assert!(ops.iter().any(|op| matches!(op,
+            MountOp::Bind { source: BindSource::Host(p), .. } | MountOp::CopyFile { source: p, .. }
+                if p == Path::new("/etc/os-release"))));
         assert_eq!(
-            root_size(&opts(Some(pem))),
-            4 * 1024 * 1024 + pem.len() as u64
+            root_size(&opts(Some(pem))) - root_size(&opts(None)),
+            pem.len() as u64
         );
     }
 }

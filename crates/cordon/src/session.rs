@@ -139,23 +139,49 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         pids: Some(policy.limits.pids),
         cpu_cores: Some(policy.limits.cpu),
     };
-    let prepared = Workspace::prepare(policy, host_uid, host_gid);
-    let mut workspace = prepared.or_else(|e| match e {
-        crate::workspace::WorkspaceError::NoCap(reason) => {
-            lowered_or_fail(
-                policy,
-                Layer::WorkspaceCap,
-                &mut layers.lowered,
-                reason,
-                "run cordon as root (the cap uses a loop-mounted ext4 volume) or let it use a tmpfs",
-            )?;
-            Workspace::prepare_uncapped(policy, &req.session_id, host_uid, host_gid, rootful)
-                .map_err(|e| RunError::cordon(e.to_string()))
+    // An ext4 volume is built after the clone, while the init mounts everything else (the
+    // plan already says the init gets a detached volume); anything else is ready now.
+    let uncapped = |layers: &mut Layers, reason: String| {
+        lowered_or_fail(
+            policy,
+            Layer::WorkspaceCap,
+            &mut layers.lowered,
+            reason,
+            "run cordon as root (the cap uses a loop-mounted ext4 volume) or let it use a tmpfs",
+        )
+    };
+    let (mut early_ws, planned_ws) = match Workspace::plan(policy, host_uid, host_gid) {
+        Ok(p) if p.mount() == plan::WorkspaceMount::Detached => {
+            layers.workspace_cap = Some(p.cap_description());
+            (None, Some(p))
         }
-        other => Err(RunError::cordon(other.to_string())),
-    })?;
-    layers.workspace_cap = workspace.cap_description();
-    marks.mark("supervisor: workspace volume prepared");
+        Ok(p) => {
+            let ws = p.prepare().or_else(|e| match e {
+                crate::workspace::WorkspaceError::NoCap(reason) => {
+                    uncapped(&mut layers, reason)?;
+                    Workspace::prepare_uncapped(
+                        policy,
+                        &req.session_id,
+                        host_uid,
+                        host_gid,
+                        rootful,
+                    )
+                    .map_err(|e| RunError::cordon(e.to_string()))
+                }
+                other => Err(RunError::cordon(other.to_string())),
+            })?;
+            layers.workspace_cap = ws.cap_description();
+            (Some(ws), None)
+        }
+        Err(crate::workspace::WorkspaceError::NoCap(reason)) => {
+            uncapped(&mut layers, reason)?;
+            let ws =
+                Workspace::prepare_uncapped(policy, &req.session_id, host_uid, host_gid, rootful)
+                    .map_err(|e| RunError::cordon(e.to_string()))?;
+            (Some(ws), None)
+        }
+        Err(other) => return Err(RunError::cordon(other.to_string())),
+    };
     let facts = probe::host_facts(std::path::Path::new("/"));
     let extra: Vec<plan::ExtraBind> = policy
         .sandbox
@@ -211,7 +237,11 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             rootful,
         },
         hostname: policy.sandbox.hostname.clone(),
-        workspace: workspace.mount(),
+        workspace: match (&early_ws, &planned_ws) {
+            (Some(ws), _) => ws.mount(),
+            (None, Some(p)) => p.mount(),
+            (None, None) => plan::WorkspaceMount::Detached,
+        },
         mounts: plan::mount_plan(&facts, &opts),
         root_size: plan::root_size(&opts),
         network: if gateway_mode {
@@ -260,16 +290,11 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         _ => None,
     };
     let signals = SignalGuard::block()?;
-    let spawned = spawn::spawn(
-        &sandbox_plan,
-        filter.as_ref(),
-        workspace.detached_fd(),
-        into,
-    );
+    let spawned = spawn::spawn(&sandbox_plan, filter.as_ref(), into);
     let sandbox = match spawned {
         Ok(s) => s,
         Err(e) => {
-            cleanup(early_cg.and_then(Result::ok), workspace);
+            cleanup(early_cg.and_then(Result::ok), early_ws);
             return Err(RunError::cordon(e.to_string()));
         }
     };
@@ -279,21 +304,81 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         unsafe { libc::waitpid(sb.pid, std::ptr::null_mut(), 0) };
     };
     marks.mark("supervisor: cloned, id maps, go sent");
-    // The init builds its filesystem meanwhile; it waits for "cgroup ready" before it starts
-    // the command, so the command and everything it forks run inside the session's cgroup.
-    let joined = match early_cg {
-        Some(Ok(c)) if sandbox.in_cgroup => Ok(c),
-        Some(made) => made,
-        None => cgroup_for(&req.session_id, &limits),
-    }
-    .and_then(|c| {
-        if sandbox.in_cgroup {
-            return Ok(c);
-        }
-        c.add_pid(sandbox.pid)
-            .map(|()| c)
-            .map_err(|e| e.to_string())
+    // The init builds its filesystem meanwhile. Here, side by side: the workspace volume,
+    // which the init needs when it reaches /workspace, and the session's cgroup (v1: made and
+    // joined now), which it waits for before it starts the command, so the command and
+    // everything it forks run inside it.
+    let in_cgroup = sandbox.in_cgroup;
+    let (joined, handed) = std::thread::scope(|scope| {
+        let join = scope.spawn(|| {
+            match early_cg {
+                Some(Ok(c)) if in_cgroup => Ok(c),
+                Some(made) => made,
+                None => cgroup_for(&req.session_id, &limits),
+            }
+            .and_then(|c| {
+                if in_cgroup {
+                    return Ok(c);
+                }
+                c.add_pid(sandbox.pid)
+                    .map(|()| c)
+                    .map_err(|e| e.to_string())
+            })
+        });
+        let handed = planned_ws.map(|planned| {
+            let built = planned.prepare().or_else(|e| match e {
+                // The cap cannot be had after all: if the policy allows that, the init gets
+                // the directory as a detached bind instead of the volume it expects.
+                crate::workspace::WorkspaceError::NoCap(reason) => {
+                    uncapped(&mut layers, reason)?;
+                    layers.workspace_cap = None;
+                    Workspace::prepare_uncapped_detached(
+                        policy,
+                        &req.session_id,
+                        host_uid,
+                        host_gid,
+                        rootful,
+                    )
+                    .map_err(|e| RunError::cordon(e.to_string()))
+                }
+                other => Err(RunError::cordon(other.to_string())),
+            });
+            built.and_then(|ws| match ws.detached_fd() {
+                Some(fd) => match spawn::send_workspace(&sandbox, fd) {
+                    Ok(()) => Ok(ws),
+                    Err(e) => {
+                        cleanup(None, Some(ws));
+                        Err(RunError::cordon(format!("sandbox set-up: {e}")))
+                    }
+                },
+                None => {
+                    cleanup(None, Some(ws));
+                    Err(RunError::cordon("workspace: no volume to hand over"))
+                }
+            })
+        });
+        let joined = join
+            .join()
+            .unwrap_or_else(|_| Err("the cgroup set-up thread panicked".into()));
+        (joined, handed)
     });
+    match handed {
+        Some(Ok(ws)) => {
+            early_ws = Some(ws);
+            marks.mark("supervisor: workspace volume prepared and handed over");
+        }
+        Some(Err(e)) => {
+            kill(&sandbox);
+            cleanup(joined.ok(), None);
+            return Err(e);
+        }
+        None => {}
+    }
+    let Some(mut workspace) = early_ws else {
+        kill(&sandbox);
+        cleanup(joined.ok(), None);
+        return Err(RunError::cordon("workspace: none was prepared"));
+    };
     let cg: Option<Box<dyn SessionCgroup>> = match joined {
         Ok(cg) => {
             layers.cgroup = Some(format!("{:?}", cg.version()).to_lowercase());
@@ -308,7 +393,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                 "run as root or under a delegated cgroup v2 (systemd-run --user --scope -p Delegate=yes)",
             ) {
                 kill(&sandbox);
-                cleanup(None, workspace);
+                cleanup(None, Some(workspace));
                 return Err(err);
             }
             None
@@ -317,7 +402,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     if !sandbox.in_cgroup {
         if let Err(e) = spawn::send(&sandbox, &cordon_sandbox::proto::ToInit::CgroupReady) {
             kill(&sandbox);
-            cleanup(cg, workspace);
+            cleanup(cg, Some(workspace));
             return Err(RunError::cordon(format!("sandbox set-up: {e}")));
         }
         marks.mark("supervisor: cgroup created and joined");
@@ -327,7 +412,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         Ok(s) => s,
         Err(e) => {
             kill(&sandbox);
-            cleanup(cg, workspace);
+            cleanup(cg, Some(workspace));
             return Err(RunError::cordon(e));
         }
     };
@@ -345,7 +430,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         Ok(s) => s,
         Err(e) => {
             kill(&sandbox);
-            cleanup(cg, workspace);
+            cleanup(cg, Some(workspace));
             return Err(RunError::cordon(e));
         }
     };
@@ -414,7 +499,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             }
             Err(e) => {
                 kill(&sandbox);
-                cleanup(cg, workspace);
+                cleanup(cg, Some(workspace));
                 return Err(RunError::cordon(e));
             }
         }
@@ -756,7 +841,7 @@ fn finish(cg: Option<Box<dyn SessionCgroup>>, mut workspace: Workspace) -> Optio
     None
 }
 
-fn cleanup(cg: Option<Box<dyn SessionCgroup>>, workspace: Workspace) {
+fn cleanup(cg: Option<Box<dyn SessionCgroup>>, workspace: Option<Workspace>) {
     // Independent teardown steps, run side by side.
     std::thread::scope(|scope| {
         let cg_thread = scope.spawn(move || {
@@ -767,7 +852,7 @@ fn cleanup(cg: Option<Box<dyn SessionCgroup>>, workspace: Workspace) {
             remove_stale_cgroups();
             removed
         });
-        if let Err(e) = workspace.finish() {
+        if let Some(Err(e)) = workspace.map(Workspace::finish) {
             eprintln!("cordon: warning: workspace: {e}");
         }
         match cg_thread.join() {
