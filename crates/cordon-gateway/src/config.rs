@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cordon_policy::{NetworkPolicy, ResponsePolicy};
+use cordon_policy::{DetectPolicy, NetworkPolicy};
 
 use crate::event::SessionInfo;
 use crate::origdst::{OriginalDst, SoOriginalDst};
@@ -82,7 +82,10 @@ impl Default for Timeouts {
 #[derive(Clone)]
 pub struct GatewayConfig {
     pub policy: NetworkPolicy,
-    pub response: ResponsePolicy,
+    /// The detection rules of every session.
+    pub detect: DetectPolicy,
+    /// Honey tokens placed in the sandbox (variable name, value); sandbox mode only.
+    pub canaries: Vec<(String, String)>,
     pub clients: Clients,
     pub upstream: Upstream,
     /// How the transparent listener learns where a connection was going.
@@ -97,10 +100,11 @@ pub struct GatewayConfig {
 
 impl GatewayConfig {
     /// A sandbox-mode gateway for `session`: system resolver, `SO_ORIGINAL_DST`, default timeouts.
-    pub fn new(policy: NetworkPolicy, response: ResponsePolicy, session: SessionInfo) -> Self {
+    pub fn new(policy: NetworkPolicy, detect: DetectPolicy, session: SessionInfo) -> Self {
         GatewayConfig {
             policy,
-            response,
+            detect,
+            canaries: Vec::new(),
             clients: Clients::Session(session),
             upstream: Upstream::System,
             original_dst: Arc::new(SoOriginalDst),
@@ -111,10 +115,10 @@ impl GatewayConfig {
     }
 
     /// A standalone gateway whose clients authenticate with tokens.
-    pub fn standalone(policy: NetworkPolicy, response: ResponsePolicy) -> Self {
+    pub fn standalone(policy: NetworkPolicy, detect: DetectPolicy) -> Self {
         GatewayConfig {
             clients: Clients::Tokens,
-            ..Self::new(policy, response, SessionInfo::unauthenticated())
+            ..Self::new(policy, detect, SessionInfo::unauthenticated())
         }
     }
 }
@@ -123,7 +127,8 @@ impl std::fmt::Debug for GatewayConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GatewayConfig")
             .field("policy", &self.policy)
-            .field("response", &self.response)
+            .field("detect", &self.detect)
+            .field("canaries", &self.canaries.len())
             .field("clients", &self.clients)
             .field("upstream", &self.upstream)
             .field("timeouts", &self.timeouts)

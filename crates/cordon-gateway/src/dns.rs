@@ -267,23 +267,20 @@ async fn tcp_client(ctx: &Ctx, session: &Session, mut stream: TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cordon_policy::{AllowEntry, Enforcement, NetworkPolicy, ResponsePolicy};
+    use cordon_policy::{AllowEntry, Enforcement, NetworkPolicy};
     use hickory_proto::op::Query;
     use hickory_proto::rr::Name;
     use std::net::Ipv4Addr;
 
     fn view(allow: &[&str], mode: Enforcement) -> PolicyView {
-        PolicyView::new(
-            NetworkPolicy {
-                mode,
-                allow: allow
-                    .iter()
-                    .map(|a| AllowEntry::parse(a).unwrap())
-                    .collect(),
-                ..NetworkPolicy::default()
-            },
-            ResponsePolicy::default(),
-        )
+        PolicyView::new(NetworkPolicy {
+            mode,
+            allow: allow
+                .iter()
+                .map(|a| AllowEntry::parse(a).unwrap())
+                .collect(),
+            ..NetworkPolicy::default()
+        })
     }
 
     fn query(name: &str, qtype: RecordType) -> Vec<u8> {

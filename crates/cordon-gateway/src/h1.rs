@@ -101,6 +101,11 @@ impl Head {
         &self.raw[s.clone()]
     }
 
+    /// The head as received (request or status line and headers).
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+
     /// Every header as (name, value), in order.
     pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.headers

@@ -387,6 +387,17 @@ async fn handle_request(ctx: &Arc<Ctx>, conn: &mut ClientConn, req: &RequestHead
         }
     };
     let via = conn.via();
+    // Honey tokens: looked for in what the gateway can read before anything goes upstream.
+    if ctx.canary_in(&session, req.head.raw(), "request head")
+        || ctx.canary_in(&session, &conn.buf, "request body")
+    {
+        let v = verdicted(
+            "detect.canary",
+            "a canary credential was in the request".into(),
+        );
+        let reason = record_refusal(ctx, &session, via, None, None, None, req.method(), None, &v);
+        return refuse_with(conn, 403, &reason, None).await;
+    }
     let info = match h1::request_info(req) {
         Ok(i) => i,
         Err(e) => {

@@ -28,7 +28,7 @@
 //! #              dns_udp: std::net::UdpSocket, dns_tcp: std::net::TcpListener,
 //! #              transparent: std::net::TcpListener) -> Result<(), Box<dyn std::error::Error>> {
 //! let session = SessionInfo { id: "s-1".into(), user: "alice".into(), code_sha256: "…".into() };
-//! let gateway = Gateway::new(GatewayConfig::new(policy.network, policy.response, session))?;
+//! let gateway = Gateway::new(GatewayConfig::new(policy.network, policy.detect, session))?;
 //! let mut terminate = gateway.take_terminate_receiver().expect("taken once");
 //! let (sink, events) = ChannelSink::new(); // drain `events` on the audit writer thread
 //! let cancel = tokio_util::sync::CancellationToken::new();
@@ -55,6 +55,7 @@ pub mod authority;
 mod budget;
 pub mod config;
 mod core;
+pub mod detect;
 mod dns;
 pub mod event;
 mod h1;
@@ -85,6 +86,7 @@ use tokio_util::task::TaskTracker;
 
 pub use crate::config::{Clients, GatewayConfig, Timeouts, Upstream};
 pub use crate::core::TerminateRequest;
+pub use crate::detect::{Detection, Evidence, Rule, Severity};
 pub use crate::event::{
     ChannelSink, EventKind, EventSink, MemorySink, NetEvent, NoopSink, SessionInfo, Verdict, Via,
 };
@@ -95,6 +97,7 @@ pub use crate::stats::GatewayStats;
 pub use crate::tokens::{TokenError, TOKEN_USER};
 
 use crate::core::{Ctx, Shared};
+use crate::detect::Detector;
 use crate::http::{ClientConn, ConnMode};
 use crate::policy::PolicyView;
 use crate::session::Session;
@@ -130,6 +133,7 @@ pub struct Listeners {
 pub struct Gateway {
     shared: Arc<Shared>,
     terminate_rx: Arc<Mutex<Option<mpsc::UnboundedReceiver<TerminateRequest>>>>,
+    detections_rx: Arc<Mutex<Option<mpsc::UnboundedReceiver<Detection>>>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -144,7 +148,8 @@ impl Gateway {
     /// Builds a gateway. Fails only if the upstream resolver cannot be configured (for
     /// [`Upstream::System`], when `/etc/resolv.conf` cannot be read).
     pub fn new(config: GatewayConfig) -> Result<Gateway, GatewayError> {
-        let policy = PolicyView::new(config.policy, config.response);
+        let detect = config.detect.clone();
+        let policy = PolicyView::new(config.policy);
         let limits = policy.budget_limits();
         let enforce = policy.enforcing();
         let resolver: Arc<dyn Resolve> = match config.upstream {
@@ -156,15 +161,18 @@ impl Gateway {
         };
         let attribution = match config.clients {
             Clients::Session(info) => {
-                Attribution::Fixed(Arc::new(Session::new(info, limits, enforce)))
+                let detector = Detector::new(detect, &config.canaries);
+                Attribution::Fixed(Arc::new(Session::new(info, limits, enforce, detector)))
             }
             Clients::Tokens => Attribution::Tokens {
                 sessions: RwLock::new(HashMap::new()),
                 limits,
                 enforce,
+                detect: Box::new(detect),
             },
         };
         let (terminate_tx, terminate_rx) = mpsc::unbounded_channel();
+        let (detections_tx, detections_rx) = mpsc::unbounded_channel();
         Ok(Gateway {
             shared: Arc::new(Shared {
                 policy,
@@ -175,9 +183,11 @@ impl Gateway {
                 attribution,
                 stats: Default::default(),
                 terminate_tx,
+                detections_tx,
                 owners: config.owners,
             }),
             terminate_rx: Arc::new(Mutex::new(Some(terminate_rx))),
+            detections_rx: Arc::new(Mutex::new(Some(detections_rx))),
         })
     }
 
@@ -187,6 +197,32 @@ impl Gateway {
         match self.terminate_rx.lock() {
             Ok(mut g) => g.take(),
             Err(poisoned) => poisoned.into_inner().take(),
+        }
+    }
+
+    /// The channel on which the gateway reports every detection-rule firing (after carrying
+    /// out its block or terminate response), for the supervisor's alerts. Returns `Some` once.
+    pub fn take_detection_receiver(&self) -> Option<mpsc::UnboundedReceiver<Detection>> {
+        match self.detections_rx.lock() {
+            Ok(mut g) => g.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        }
+    }
+
+    /// Looks for the session's honey tokens in outbound bytes that the gateway has in the clear
+    /// (the TLS-interception path calls this on decrypted request heads and body prefixes).
+    /// A hit fires the canary rule with its response, exactly like a plain-HTTP hit; returns
+    /// whether the bytes must not be forwarded.
+    pub fn scan_outbound(&self, session_id: &str, bytes: &[u8], where_: &str) -> bool {
+        let Some(session) = self.shared.attribution.by_id(session_id) else {
+            return false;
+        };
+        match session.detector.scan(&session.info, bytes, where_) {
+            Some(d) => {
+                crate::core::detected(&self.shared, &session, d);
+                true
+            }
+            None => false,
         }
     }
 

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use cordon_policy::allow::{PortSpec, DEFAULT_PORT};
 use cordon_policy::decide::{decide, decide_resolved, Decision, Target};
 use cordon_policy::host::HostName;
-use cordon_policy::{Enforcement, NetworkPolicy, OnExceed, ResponsePolicy};
+use cordon_policy::{Enforcement, NetworkPolicy, OnExceed};
 
 use crate::budget::BudgetLimits;
 use crate::config::OnExceedAction;
@@ -79,12 +79,11 @@ impl Dest {
 #[derive(Debug, Clone)]
 pub(crate) struct PolicyView {
     network: NetworkPolicy,
-    response: ResponsePolicy,
 }
 
 impl PolicyView {
-    pub fn new(network: NetworkPolicy, response: ResponsePolicy) -> Self {
-        PolicyView { network, response }
+    pub fn new(network: NetworkPolicy) -> Self {
+        PolicyView { network }
     }
 
     /// Before resolution: may the sandbox go to `dest:port`?
@@ -137,11 +136,5 @@ impl PolicyView {
             OnExceed::Block => OnExceedAction::Block,
             OnExceed::Terminate => OnExceedAction::Terminate,
         }
-    }
-
-    /// `None` when the policy never terminates for blocked attempts.
-    pub fn terminate_after_blocked(&self) -> Option<u32> {
-        let n = self.response.terminate_after_blocked;
-        (n > 0).then_some(n)
     }
 }

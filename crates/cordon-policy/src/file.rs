@@ -13,10 +13,11 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
 use toml::{Spanned, Value};
 
+use crate::detect::{self, AlertsPolicy, DetectPolicy};
 use crate::error::{Location, PolicyError};
 use crate::model::{
     AuditPolicy, Enforcement, ExtraMount, Layer, Limits, MinSeverity, NetworkMode, NetworkPolicy,
-    OnExceed, Policy, RateLimits, ResponsePolicy, SandboxPolicy,
+    OnExceed, Policy, RateLimits, Response, SandboxPolicy,
 };
 use crate::rules::{self, ValueError};
 use crate::size::ByteSize;
@@ -30,7 +31,10 @@ struct RawPolicy {
     sandbox: Option<RawSandbox>,
     limits: Option<RawLimits>,
     network: Option<RawNetwork>,
+    /// The old home of `terminate_after_blocked`, read into `detect.blocked`.
     response: Option<RawResponse>,
+    detect: Option<RawDetect>,
+    alerts: Option<RawAlerts>,
     audit: Option<RawAudit>,
     /// Only read to refuse it with a clear error.
     credentials: Option<Spanned<Value>>,
@@ -98,6 +102,84 @@ struct RawResponse {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [detect] table")]
+struct RawDetect {
+    blocked: Option<Spanned<RawBlocked>>,
+    dns_tunnel: Option<RawDnsTunnel>,
+    exfil: Option<RawExfil>,
+    sandbox: Option<RawSandboxRule>,
+    canary: Option<RawCanary>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [detect.blocked] table")]
+struct RawBlocked {
+    enabled: Leaf,
+    threshold: Leaf,
+    window: Leaf,
+    response: Leaf,
+    alert: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [detect.dns_tunnel] table")]
+struct RawDnsTunnel {
+    enabled: Leaf,
+    window: Leaf,
+    distinct_names: Leaf,
+    max_name_length: Leaf,
+    long_names: Leaf,
+    entropy: Leaf,
+    high_entropy_labels: Leaf,
+    queries: Leaf,
+    nxdomain_ratio: Leaf,
+    min_names: Leaf,
+    other_types: Leaf,
+    response: Leaf,
+    alert: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [detect.exfil] table")]
+struct RawExfil {
+    enabled: Leaf,
+    window: Leaf,
+    bytes_out: Leaf,
+    max_request_body: Leaf,
+    small_requests: Leaf,
+    small_request_size: Leaf,
+    distinct_hosts: Leaf,
+    response: Leaf,
+    alert: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [detect.sandbox] table")]
+struct RawSandboxRule {
+    enabled: Leaf,
+    limits: Leaf,
+    lingering: Leaf,
+    response: Leaf,
+    alert: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [detect.canary] table")]
+struct RawCanary {
+    env: List,
+    response: Leaf,
+    alert: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an [alerts] table")]
+struct RawAlerts {
+    webhook: Leaf,
+    timeout: Leaf,
+    retries: Leaf,
+}
+
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields, expecting = "an [audit] table")]
 struct RawAudit {
     syslog: Leaf,
@@ -124,8 +206,14 @@ pub(crate) fn parse(text: &str, source: Option<&str>) -> Result<Policy, PolicyEr
     if let Some(network) = &raw.network {
         cx.network(network, &mut policy.network)?;
     }
+    if let Some(detect) = &raw.detect {
+        cx.detect(detect, &policy.sandbox.env, &mut policy.detect)?;
+    }
     if let Some(response) = &raw.response {
-        cx.response(response, &mut policy.response)?;
+        cx.response(response, raw.detect.as_ref(), &mut policy.detect)?;
+    }
+    if let Some(alerts) = &raw.alerts {
+        cx.alerts(alerts, &mut policy.alerts)?;
     }
     if let Some(audit) = &raw.audit {
         cx.audit(audit, &mut policy.audit)?;
@@ -376,6 +464,201 @@ impl Cx<'_> {
         Ok(())
     }
 
+    /// `[response] terminate_after_blocked = N` is the old spelling of `[detect.blocked]`:
+    /// N blocked attempts in the whole session (a 24h window, the longest session) end it; 0
+    /// turns the rule off. Both spellings at once is an error that names the new one.
+    fn response(
+        &self,
+        raw: &RawResponse,
+        detect: Option<&RawDetect>,
+        out: &mut DetectPolicy,
+    ) -> Result<(), PolicyError> {
+        let Some(v) = &raw.terminate_after_blocked else {
+            return Ok(());
+        };
+        let key = "response.terminate_after_blocked";
+        if detect.is_some_and(|d| d.blocked.is_some()) {
+            return Err(self.invalid(
+                v.span(),
+                key,
+                ValueError::Other(
+                    "replaced by [detect.blocked] (threshold, window, response); set only [detect.blocked]"
+                        .to_owned(),
+                ),
+            ));
+        }
+        let n = self.check(v, key, |v| rules::count(integer(v)?))?;
+        let b = &mut out.blocked;
+        b.enabled = n > 0;
+        if n > 0 {
+            b.threshold = n;
+        }
+        b.window = rules::MAX_TIMEOUT;
+        b.response = Response::Terminate;
+        Ok(())
+    }
+
+    fn enabled(&self, v: &Leaf, key: &str, out: &mut bool) -> Result<(), PolicyError> {
+        if let Some(v) = v {
+            *out = self.check(v, key, boolean)?;
+        }
+        Ok(())
+    }
+
+    fn response_of(&self, v: &Leaf, key: &str, out: &mut Response) -> Result<(), PolicyError> {
+        if let Some(v) = v {
+            *out = self.check(v, key, |v| {
+                Ok(string(v, "\"log\", \"block\" or \"terminate\"")?.parse::<Response>()?)
+            })?;
+        }
+        Ok(())
+    }
+
+    fn window(
+        &self,
+        v: &Leaf,
+        key: &str,
+        out: &mut std::time::Duration,
+    ) -> Result<(), PolicyError> {
+        if let Some(v) = v {
+            *out = self.check(v, key, |v| {
+                detect::window(crate::duration::parse_duration(string(
+                    v,
+                    "a duration like \"10s\"",
+                )?)?)
+            })?;
+        }
+        Ok(())
+    }
+
+    fn threshold(&self, v: &Leaf, key: &str, out: &mut u32) -> Result<(), PolicyError> {
+        if let Some(v) = v {
+            *out = self.check(v, key, |v| detect::threshold(integer(v)?))?;
+        }
+        Ok(())
+    }
+
+    fn bytes(&self, v: &Leaf, key: &str, out: &mut ByteSize) -> Result<(), PolicyError> {
+        if let Some(v) = v {
+            *out = self.check(v, key, |v| detect::bytes(size(v)?))?;
+        }
+        Ok(())
+    }
+
+    fn detect(
+        &self,
+        raw: &RawDetect,
+        sandbox_env: &BTreeMap<String, String>,
+        out: &mut DetectPolicy,
+    ) -> Result<(), PolicyError> {
+        if let Some(b) = &raw.blocked {
+            let (b, o) = (b.get_ref(), &mut out.blocked);
+            self.enabled(&b.enabled, "detect.blocked.enabled", &mut o.enabled)?;
+            self.threshold(&b.threshold, "detect.blocked.threshold", &mut o.threshold)?;
+            self.window(&b.window, "detect.blocked.window", &mut o.window)?;
+            self.response_of(&b.response, "detect.blocked.response", &mut o.response)?;
+            self.enabled(&b.alert, "detect.blocked.alert", &mut o.alert)?;
+        }
+        if let Some(t) = &raw.dns_tunnel {
+            let o = &mut out.dns_tunnel;
+            let k = |name: &str| format!("detect.dns_tunnel.{name}");
+            self.enabled(&t.enabled, &k("enabled"), &mut o.enabled)?;
+            self.window(&t.window, &k("window"), &mut o.window)?;
+            self.threshold(
+                &t.distinct_names,
+                &k("distinct_names"),
+                &mut o.distinct_names,
+            )?;
+            if let Some(v) = &t.max_name_length {
+                o.max_name_length = self.check(v, &k("max_name_length"), |v| {
+                    detect::name_length(integer(v)?)
+                })?;
+            }
+            self.threshold(&t.long_names, &k("long_names"), &mut o.long_names)?;
+            if let Some(v) = &t.entropy {
+                o.entropy = self.check(v, &k("entropy"), |v| detect::entropy(number(v)?))?;
+            }
+            self.threshold(
+                &t.high_entropy_labels,
+                &k("high_entropy_labels"),
+                &mut o.high_entropy_labels,
+            )?;
+            self.threshold(&t.queries, &k("queries"), &mut o.queries)?;
+            if let Some(v) = &t.nxdomain_ratio {
+                o.nxdomain_ratio =
+                    self.check(v, &k("nxdomain_ratio"), |v| detect::ratio(number(v)?))?;
+            }
+            self.threshold(&t.min_names, &k("min_names"), &mut o.min_names)?;
+            self.threshold(&t.other_types, &k("other_types"), &mut o.other_types)?;
+            self.response_of(&t.response, &k("response"), &mut o.response)?;
+            self.enabled(&t.alert, &k("alert"), &mut o.alert)?;
+        }
+        if let Some(x) = &raw.exfil {
+            let o = &mut out.exfil;
+            let k = |name: &str| format!("detect.exfil.{name}");
+            self.enabled(&x.enabled, &k("enabled"), &mut o.enabled)?;
+            self.window(&x.window, &k("window"), &mut o.window)?;
+            self.bytes(&x.bytes_out, &k("bytes_out"), &mut o.bytes_out)?;
+            self.bytes(
+                &x.max_request_body,
+                &k("max_request_body"),
+                &mut o.max_request_body,
+            )?;
+            self.threshold(
+                &x.small_requests,
+                &k("small_requests"),
+                &mut o.small_requests,
+            )?;
+            self.bytes(
+                &x.small_request_size,
+                &k("small_request_size"),
+                &mut o.small_request_size,
+            )?;
+            self.threshold(
+                &x.distinct_hosts,
+                &k("distinct_hosts"),
+                &mut o.distinct_hosts,
+            )?;
+            self.response_of(&x.response, &k("response"), &mut o.response)?;
+            self.enabled(&x.alert, &k("alert"), &mut o.alert)?;
+        }
+        if let Some(s) = &raw.sandbox {
+            let o = &mut out.sandbox;
+            let k = |name: &str| format!("detect.sandbox.{name}");
+            self.enabled(&s.enabled, &k("enabled"), &mut o.enabled)?;
+            self.enabled(&s.limits, &k("limits"), &mut o.limits)?;
+            self.enabled(&s.lingering, &k("lingering"), &mut o.lingering)?;
+            self.response_of(&s.response, &k("response"), &mut o.response)?;
+            self.enabled(&s.alert, &k("alert"), &mut o.alert)?;
+        }
+        if let Some(c) = &raw.canary {
+            let o = &mut out.canary;
+            if let Some(list) = &c.env {
+                for (i, v) in list.iter().enumerate() {
+                    let key = format!("detect.canary.env[{i}]");
+                    let name = self.check(v, &key, |v| {
+                        detect::canary_env(string(v, "an environment variable name")?)
+                    })?;
+                    let quoted = crate::error::quoted(&name);
+                    let clash = if o.env.contains(&name) {
+                        Some(format!("{quoted} is listed twice"))
+                    } else if sandbox_env.contains_key(&name) {
+                        Some(format!("{quoted} is also set in sandbox.env; a canary must be a value only cordon knows"))
+                    } else {
+                        None
+                    };
+                    if let Some(message) = clash {
+                        return Err(self.invalid(v.span(), key, ValueError::Other(message)));
+                    }
+                    o.env.push(name);
+                }
+            }
+            self.response_of(&c.response, "detect.canary.response", &mut o.response)?;
+            self.enabled(&c.alert, "detect.canary.alert", &mut o.alert)?;
+        }
+        Ok(())
+    }
+
     fn audit(&self, raw: &RawAudit, out: &mut AuditPolicy) -> Result<(), PolicyError> {
         if let Some(v) = &raw.syslog {
             out.syslog = Some(self.check(v, "audit.syslog", |v| {
@@ -390,12 +673,22 @@ impl Cx<'_> {
         Ok(())
     }
 
-    fn response(&self, raw: &RawResponse, out: &mut ResponsePolicy) -> Result<(), PolicyError> {
-        if let Some(v) = &raw.terminate_after_blocked {
-            out.terminate_after_blocked =
-                self.check(v, "response.terminate_after_blocked", |v| {
-                    rules::count(integer(v)?)
-                })?;
+    fn alerts(&self, raw: &RawAlerts, out: &mut AlertsPolicy) -> Result<(), PolicyError> {
+        if let Some(v) = &raw.webhook {
+            out.webhook = Some(self.check(v, "alerts.webhook", |v| {
+                detect::webhook(string(v, "a URL like \"http://127.0.0.1:9000/alerts\"")?)
+            })?);
+        }
+        if let Some(v) = &raw.timeout {
+            out.timeout = self.check(v, "alerts.timeout", |v| {
+                detect::alert_timeout(crate::duration::parse_duration(string(
+                    v,
+                    "a duration like \"5s\"",
+                )?)?)
+            })?;
+        }
+        if let Some(v) = &raw.retries {
+            out.retries = self.check(v, "alerts.retries", |v| detect::retries(integer(v)?))?;
         }
         Ok(())
     }

@@ -24,10 +24,15 @@ pub mod ip;
 pub mod size;
 pub mod ssrf;
 
+pub mod detect;
 mod file;
 mod model;
 mod overrides;
 mod rules;
+pub use detect::{
+    AlertsPolicy, BlockedRule, CanaryRule, DetectPolicy, DnsTunnelRule, ExfilRule, SandboxRule,
+    WebhookUrl,
+};
 
 pub use allow::{AllowEntry, AllowError, AllowHost, PortSpec};
 pub use decide::{decide, decide_resolved, Decision, Target};
@@ -37,7 +42,7 @@ pub use host::{HostError, HostName};
 pub use ip::{parse_ip_literal, IpLiteral, IpLiteralError};
 pub use model::{
     AuditPolicy, Enforcement, ExtraMount, Layer, Limits, MinSeverity, NetworkMode, NetworkPolicy,
-    OnExceed, Policy, RateLimits, ResponsePolicy, SandboxPolicy, SyslogTarget, SyslogTargetError,
+    OnExceed, Policy, RateLimits, Response, SandboxPolicy, SyslogTarget, SyslogTargetError,
     SyslogTransport, UnknownChoice, DEFAULT_HOST_ID,
 };
 pub use overrides::Overrides;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::allow::AllowEntry;
+use crate::detect::{AlertsPolicy, DetectPolicy};
 use crate::error::quoted;
 use crate::size::ByteSize;
 
@@ -24,7 +25,12 @@ pub struct Policy {
     pub sandbox: SandboxPolicy,
     pub limits: Limits,
     pub network: NetworkPolicy,
-    pub response: ResponsePolicy,
+    /// `[detect]`: anomaly rules and how each one responds. The old `[response]
+    /// terminate_after_blocked` key is read into `detect.blocked`.
+    pub detect: DetectPolicy,
+    /// `[alerts]`: where rule firings are sent besides the audit and stderr.
+    pub alerts: AlertsPolicy,
+    /// `[audit]`: where audit events go besides the store.
     pub audit: AuditPolicy,
 }
 
@@ -227,6 +233,22 @@ choice!(MinSeverity, "info, notice, warning, high, critical",
     MinSeverity::Info => "info", MinSeverity::Notice => "notice", MinSeverity::Warning => "warning",
     MinSeverity::High => "high", MinSeverity::Critical => "critical");
 choice!(OnExceed, "block, terminate", OnExceed::Block => "block", OnExceed::Terminate => "terminate");
+choice!(Response, "log, block, terminate", Response::Log => "log", Response::Block => "block", Response::Terminate => "terminate");
+
+/// What a detection rule does when it fires, from mildest to strongest.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    /// Record the firing (an `alert` audit event); nothing else changes.
+    #[default]
+    Log,
+    /// Deny all further egress of the session; the code keeps running.
+    Block,
+    /// Kill the whole sandbox now.
+    Terminate,
+}
 
 /// `[limits]`: resource limits for everything in the sandbox.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -388,21 +410,5 @@ fn serialize_opt_display<S: serde::Serializer, T: fmt::Display>(
     match v {
         Some(v) => s.collect_str(v),
         None => s.serialize_none(),
-    }
-}
-
-/// `[response]`: how the session reacts to suspicious behaviour.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ResponsePolicy {
-    /// End the session after this many blocked network attempts; 0 = never.
-    pub terminate_after_blocked: u32,
-}
-
-impl Default for ResponsePolicy {
-    fn default() -> Self {
-        ResponsePolicy {
-            terminate_after_blocked: 5,
-        }
     }
 }

@@ -423,6 +423,13 @@ pub(crate) fn policy(p: &Policy) -> Result<(), PolicyError> {
     )?;
     at("network.rate.max_bytes_out", traffic(r.max_bytes_out))?;
     at("network.rate.max_bytes_in", traffic(r.max_bytes_in))?;
+    crate::detect::check(&p.detect, &p.alerts, &s.env).map_err(|(key, e)| {
+        PolicyError::Invalid {
+            at: Location::nowhere(),
+            key,
+            message: e.to_string(),
+        }
+    })?;
     Ok(())
 }
 

@@ -480,6 +480,65 @@ fn validate_catches_bad_values_built_in_code() {
     );
 }
 
+/// Every `[detect]` and `[alerts]` value that cannot be used, one line each.
+const BAD_DETECT: &[(&str, &str)] = &[
+    ("[detect.blocked]\nthreshold = 0\n", "policy.toml:2:13: detect.blocked.threshold: must be between 1 and 4294967295, got 0"),
+    ("[detect.blocked]\nwindow = \"0s\"\n", "policy.toml:2:10: detect.blocked.window: must be more than 0 and at most 24h, got 0s"),
+    ("[detect.blocked]\nwindow = \"25h\"\n", "policy.toml:2:10: detect.blocked.window: must be more than 0 and at most 24h, got 25h"),
+    ("[detect.blocked]\nwindow = 10\n", "policy.toml:2:10: detect.blocked.window: expected a duration like \"10s\", found an integer"),
+    ("[detect.blocked]\nresponse = \"kill\"\n", "policy.toml:2:12: detect.blocked.response: \"kill\" is not one of: log, block, terminate"),
+    ("[detect.blocked]\nalert = \"yes\"\n", "policy.toml:2:9: detect.blocked.alert: expected true or false, found a string"),
+    ("[detect.blocked]\nenabled = 1\n", "policy.toml:2:11: detect.blocked.enabled: expected true or false, found an integer"),
+    ("[detect.blocked]\nthresold = 3\n", "policy.toml:2:1: detect.blocked: unknown key `thresold`, expected one of `enabled`, `threshold`, `window`, `response`, `alert`"),
+    ("[detect.dns_tunnel]\ndistinct_names = -1\n", "policy.toml:2:18: detect.dns_tunnel.distinct_names: must be between 1 and 4294967295, got -1"),
+    ("[detect.dns_tunnel]\nmax_name_length = 300\n", "policy.toml:2:19: detect.dns_tunnel.max_name_length: must be between 1 and 253 (the longest DNS name), got 300"),
+    ("[detect.dns_tunnel]\nentropy = 0\n", "policy.toml:2:11: detect.dns_tunnel.entropy: must be more than 0 and at most 6 bits per character, got 0"),
+    ("[detect.dns_tunnel]\nentropy = 7.5\n", "policy.toml:2:11: detect.dns_tunnel.entropy: must be more than 0 and at most 6 bits per character, got 7.5"),
+    ("[detect.dns_tunnel]\nnxdomain_ratio = 1.5\n", "policy.toml:2:18: detect.dns_tunnel.nxdomain_ratio: must be more than 0 and at most 1, got 1.5"),
+    ("[detect.dns_tunnel]\nnxdomain_ratio = nan\n", "policy.toml:2:18: detect.dns_tunnel.nxdomain_ratio: must be more than 0 and at most 1, got NaN"),
+    ("[detect.dns_tunnel]\nwindow = \"10\"\n", "policy.toml:2:10: detect.dns_tunnel.window: \"10\" is not a duration: expected numbers with units (h, m, s, ms), like \"500ms\", \"60s\" or \"1h30m\""),
+    ("[detect.dns_tunnel]\nother_types = 0\n", "policy.toml:2:15: detect.dns_tunnel.other_types: must be between 1 and 4294967295, got 0"),
+    ("[detect.exfil]\nbytes_out = \"0\"\n", "policy.toml:2:13: detect.exfil.bytes_out: must be at least 1 byte (there is no \"unlimited\"), got 0"),
+    ("[detect.exfil]\nmax_request_body = \"1.5M\"\n", "policy.toml:2:20: detect.exfil.max_request_body: \"1.5M\" is not a size: expected a number with an optional K/M/G/T suffix"),
+    ("[detect.exfil]\nsmall_requests = 0\n", "policy.toml:2:18: detect.exfil.small_requests: must be between 1 and 4294967295, got 0"),
+    ("[detect.exfil]\ndistinct_hosts = 0\n", "policy.toml:2:18: detect.exfil.distinct_hosts: must be between 1 and 4294967295, got 0"),
+    ("[detect.sandbox]\nlimits = \"on\"\n", "policy.toml:2:10: detect.sandbox.limits: expected true or false, found a string"),
+    ("[detect.canary]\nenv = [\"1BAD\"]\n", "policy.toml:2:8: detect.canary.env[0]: \"1BAD\" is not a valid environment variable name: use letters, digits and '_', not starting with a digit"),
+    ("[detect.canary]\nenv = [\"PATH\"]\n", "policy.toml:2:8: detect.canary.env[0]: \"PATH\" is set by cordon and cannot be a canary"),
+    ("[detect.canary]\nenv = [\"A\", \"A\"]\n", "policy.toml:2:13: detect.canary.env[1]: \"A\" is listed twice"),
+    ("[detect.canary]\nenv = \"A\"\n", "policy.toml:2:7: detect.canary.env: invalid type: string \"A\", expected a sequence"),
+    ("[detect]\nsandbox = 1\n", "policy.toml:2:11: detect.sandbox: invalid type: integer `1`, expected a [detect.sandbox] table"),
+    ("[alerts]\nwebhook = \"https://siem.example/hook\"\n", "policy.toml:2:11: alerts.webhook: \"https://siem.example/hook\": https webhooks are not supported by this version of cordon; use http:// (for example a relay on the host)"),
+    ("[alerts]\nwebhook = \"siem.example\"\n", "policy.toml:2:11: alerts.webhook: \"siem.example\" is not a webhook URL: expected http://host[:port]/path"),
+    ("[alerts]\nwebhook = \"http://h:0/\"\n", "policy.toml:2:11: alerts.webhook: \"http://h:0/\" is not a webhook URL: the port must be 1-65535"),
+    ("[alerts]\ntimeout = \"2m\"\n", "policy.toml:2:11: alerts.timeout: must be more than 0 and at most 1m, got 2m"),
+    ("[alerts]\nretries = 11\n", "policy.toml:2:11: alerts.retries: must be between 0 and 10, got 11"),
+    ("[response]\nterminate_after_blocked = 3\n[detect.blocked]\nthreshold = 4\n", "policy.toml:2:27: response.terminate_after_blocked: replaced by [detect.blocked] (threshold, window, response); set only [detect.blocked]"),
+];
+
+#[test]
+fn every_bad_detect_and_alerts_value_names_its_key_and_position() {
+    let mut wrong = Vec::new();
+    for (text, expected) in BAD_DETECT {
+        let got = error(text);
+        if got != *expected {
+            wrong.push(format!(
+                "policy:\n{text}expected: {expected}\n     got: {got}\n"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn a_canary_also_set_in_sandbox_env_is_refused() {
+    let text = "[sandbox]\nenv = { TOKEN = \"x\" }\n[detect.canary]\nenv = [\"TOKEN\"]\n";
+    assert_eq!(
+        error(text),
+        "policy.toml:4:8: detect.canary.env[0]: \"TOKEN\" is also set in sandbox.env; a canary must be a value only cordon knows"
+    );
+}
+
 #[test]
 fn bad_audit_settings_name_file_line_column_and_key() {
     assert_error(

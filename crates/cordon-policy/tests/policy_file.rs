@@ -5,10 +5,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use cordon_policy::{AlertsPolicy, BlockedRule, DetectPolicy, Response};
 use cordon_policy::{
     AllowEntry, AuditPolicy, ByteSize, Enforcement, ExtraMount, Layer, Limits, MinSeverity,
-    NetworkMode, NetworkPolicy, OnExceed, Policy, RateLimits, ResponsePolicy, SandboxPolicy,
-    SyslogTarget, SyslogTransport,
+    NetworkMode, NetworkPolicy, OnExceed, Policy, RateLimits, SandboxPolicy, SyslogTarget,
+    SyslogTransport,
 };
 
 const FULL: &str = r#"
@@ -123,9 +124,16 @@ fn full_policy() -> Policy {
                 on_exceed: OnExceed::Terminate,
             },
         },
-        response: ResponsePolicy {
-            terminate_after_blocked: 0,
+        // The old `[response] terminate_after_blocked = 0`: the blocked-attempts rule is off.
+        detect: DetectPolicy {
+            blocked: BlockedRule {
+                enabled: false,
+                window: Duration::from_secs(24 * 3600),
+                ..BlockedRule::default()
+            },
+            ..DetectPolicy::default()
         },
+        alerts: AlertsPolicy::default(),
         audit: AuditPolicy {
             syslog: Some(SyslogTarget {
                 transport: SyslogTransport::Udp,
@@ -180,12 +188,22 @@ fn an_empty_policy_is_the_safe_default() {
         }
     );
     assert_eq!(policy.network.mode, Enforcement::Enforce);
-    assert_eq!(policy.response.terminate_after_blocked, 5);
+    assert_eq!(
+        policy.detect.blocked,
+        BlockedRule {
+            enabled: true,
+            threshold: 5,
+            window: Duration::from_secs(60),
+            response: Response::Terminate,
+            alert: true,
+        }
+    );
+    assert_eq!(policy.alerts.webhook, None);
 }
 
 #[test]
 fn empty_tables_keep_the_defaults() {
-    let text = "[sandbox]\n[limits]\n[network]\n[network.rate]\n[response]\n";
+    let text = "[sandbox]\n[limits]\n[network]\n[network.rate]\n[response]\n[detect]\n[detect.blocked]\n[detect.dns_tunnel]\n[detect.exfil]\n[detect.sandbox]\n[detect.canary]\n[alerts]\n";
     assert_eq!(
         Policy::from_toml_str(text, None).unwrap(),
         Policy::default()
@@ -240,7 +258,11 @@ fn the_default_policy_round_trips_and_spells_out_every_value() {
         "cpu = 0.5",
         "on_exceed = \"block\"",
         "mode = \"enforce\"",
-        "terminate_after_blocked = 5",
+        "[detect.blocked]\nenabled = true\nthreshold = 5\nwindow = \"1m\"\nresponse = \"terminate\"\nalert = true",
+        "[detect.dns_tunnel]",
+        "nxdomain_ratio = 0.8",
+        "max_request_body = \"1M\"",
+        "[alerts]\ntimeout = \"5s\"\nretries = 3",
         "host_uid = 1900000",
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");

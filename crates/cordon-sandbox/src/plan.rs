@@ -135,6 +135,14 @@ pub enum MountOp {
         mode: u32,
         noexec: bool,
     },
+    /// Copy a small host file into the root (read-only once the root is), which costs a
+    /// fraction of a bind mount at start and at teardown; a file larger than `max_bytes`, or
+    /// one the sandbox user cannot read, is bound read-only instead.
+    CopyFile {
+        source: PathBuf,
+        path: PathBuf,
+        max_bytes: u64,
+    },
     /// Bind-mount a host directory or file (the mount point is created first).
     Bind {
         source: BindSource,
@@ -170,9 +178,15 @@ pub fn code_path(name: &str) -> PathBuf {
     Path::new("/.cordon").join(name)
 }
 
-/// The root tmpfs size a plan needs: room for the skeleton plus the code file.
+/// Largest `/etc` file copied into the root instead of bound ([`MountOp::CopyFile`]).
+pub const ETC_COPY_MAX_BYTES: u64 = 128 * 1024;
+
+/// The root tmpfs size a plan needs: room for the skeleton, the copied `/etc` files and the
+/// code file.
 pub fn root_size(opts: &MountOptions) -> u64 {
-    4 * 1024 * 1024 + opts.code.as_ref().map_or(0, |(_, b)| b.len() as u64)
+    4 * 1024 * 1024
+        + ETC_ALLOWLIST.len() as u64 * ETC_COPY_MAX_BYTES
+        + opts.code.as_ref().map_or(0, |(_, b)| b.len() as u64)
 }
 
 /// An extra bind from the policy.
@@ -224,11 +238,16 @@ pub fn mount_plan(facts: &HostFacts, opts: &MountOptions) -> Vec<MountOp> {
     for (name, entry) in &facts.etc {
         let path = rel("etc").join(name);
         match entry {
-            HostEntry::Dir | HostEntry::File => ops.push(MountOp::Bind {
+            HostEntry::Dir => ops.push(MountOp::Bind {
                 source: BindSource::Host(Path::new("/etc").join(name)),
                 path,
-                dir: *entry == HostEntry::Dir,
+                dir: true,
                 writable: false,
+            }),
+            HostEntry::File => ops.push(MountOp::CopyFile {
+                source: Path::new("/etc").join(name),
+                path,
+                max_bytes: ETC_COPY_MAX_BYTES,
             }),
             HostEntry::Symlink(target) => ops.push(MountOp::Symlink {
                 target: target.clone(),
@@ -238,12 +257,6 @@ pub fn mount_plan(facts: &HostFacts, opts: &MountOptions) -> Vec<MountOp> {
         }
     }
 
-    ops.push(MountOp::Bind {
-        source: BindSource::Workspace,
-        path: rel("workspace"),
-        dir: true,
-        writable: true,
-    });
     ops.push(MountOp::Tmpfs {
         path: rel("tmp"),
         size: opts.tmp_size,
@@ -317,6 +330,14 @@ pub fn mount_plan(facts: &HostFacts, opts: &MountOptions) -> Vec<MountOp> {
             len: bytes.len(),
         });
     }
+    // The workspace comes last but for the extra binds (which may lie inside it): the
+    // supervisor prepares a workspace volume while the init mounts everything before it.
+    ops.push(MountOp::Bind {
+        source: BindSource::Workspace,
+        path: rel("workspace"),
+        dir: true,
+        writable: true,
+    });
     for extra in &opts.extra {
         ops.push(MountOp::Bind {
             source: BindSource::Host(extra.host.clone()),

