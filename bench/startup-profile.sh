@@ -27,7 +27,7 @@ while [[ $# -gt 0 ]]; do
     *) sed -n '2,16p' "$0" >&2; exit 2 ;;
   esac
 done
-[[ -n "${CORDON_BIN:-}" ]] || cargo release-bin -q
+[[ -n "${CORDON_BIN:-}" ]] || cargo build --release --bin cordon -q
 cordon="${CORDON_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release/cordon}"
 work=$(mktemp -d /tmp/cordon-startup-profile.XXXXXX)
 trap 'rm -rf "$work"' EXIT

@@ -293,67 +293,81 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         unsafe { libc::waitpid(sb.pid, std::ptr::null_mut(), 0) };
     };
     marks.mark("supervisor: cloned, id maps, go sent");
-    if let Some(planned) = planned_ws {
-        let built = planned.prepare().or_else(|e| match e {
-            // The cap cannot be had after all: if the policy allows that, the init gets the
-            // directory as a detached bind instead of the volume it expects.
-            crate::workspace::WorkspaceError::NoCap(reason) => {
-                uncapped(&mut layers, reason)?;
-                layers.workspace_cap = None;
-                Workspace::prepare_uncapped_detached(
-                    policy,
-                    &req.session_id,
-                    host_uid,
-                    host_gid,
-                    rootful,
-                )
-                .map_err(|e| RunError::cordon(e.to_string()))
+    // The init builds its filesystem meanwhile. Here, side by side: the workspace volume,
+    // which the init needs when it reaches /workspace, and the session's cgroup (v1: made and
+    // joined now), which it waits for before it starts the command, so the command and
+    // everything it forks run inside it.
+    let in_cgroup = sandbox.in_cgroup;
+    let (joined, handed) = std::thread::scope(|scope| {
+        let join = scope.spawn(|| {
+            match early_cg {
+                Some(Ok(c)) if in_cgroup => Ok(c),
+                Some(made) => made,
+                None => cgroup_for(&req.session_id, &limits),
             }
-            other => Err(RunError::cordon(other.to_string())),
-        });
-        let handed = built.and_then(|ws| match ws.detached_fd() {
-            Some(fd) => match spawn::send_workspace(&sandbox, fd) {
-                Ok(()) => Ok(ws),
-                Err(e) => {
-                    cleanup(None, Some(ws));
-                    Err(RunError::cordon(format!("sandbox set-up: {e}")))
+            .and_then(|c| {
+                if in_cgroup {
+                    return Ok(c);
                 }
-            },
-            None => {
-                cleanup(None, Some(ws));
-                Err(RunError::cordon("workspace: no volume to hand over"))
-            }
+                c.add_pid(sandbox.pid)
+                    .map(|()| c)
+                    .map_err(|e| e.to_string())
+            })
         });
-        match handed {
-            Ok(ws) => early_ws = Some(ws),
-            Err(e) => {
-                kill(&sandbox);
-                cleanup(early_cg.and_then(Result::ok), None);
-                return Err(e);
-            }
+        let handed = planned_ws.map(|planned| {
+            let built = planned.prepare().or_else(|e| match e {
+                // The cap cannot be had after all: if the policy allows that, the init gets
+                // the directory as a detached bind instead of the volume it expects.
+                crate::workspace::WorkspaceError::NoCap(reason) => {
+                    uncapped(&mut layers, reason)?;
+                    layers.workspace_cap = None;
+                    Workspace::prepare_uncapped_detached(
+                        policy,
+                        &req.session_id,
+                        host_uid,
+                        host_gid,
+                        rootful,
+                    )
+                    .map_err(|e| RunError::cordon(e.to_string()))
+                }
+                other => Err(RunError::cordon(other.to_string())),
+            });
+            built.and_then(|ws| match ws.detached_fd() {
+                Some(fd) => match spawn::send_workspace(&sandbox, fd) {
+                    Ok(()) => Ok(ws),
+                    Err(e) => {
+                        cleanup(None, Some(ws));
+                        Err(RunError::cordon(format!("sandbox set-up: {e}")))
+                    }
+                },
+                None => {
+                    cleanup(None, Some(ws));
+                    Err(RunError::cordon("workspace: no volume to hand over"))
+                }
+            })
+        });
+        let joined = join
+            .join()
+            .unwrap_or_else(|_| Err("the cgroup set-up thread panicked".into()));
+        (joined, handed)
+    });
+    match handed {
+        Some(Ok(ws)) => {
+            early_ws = Some(ws);
+            marks.mark("supervisor: workspace volume prepared and handed over");
         }
-        marks.mark("supervisor: workspace volume prepared and handed over");
+        Some(Err(e)) => {
+            kill(&sandbox);
+            cleanup(joined.ok(), None);
+            return Err(e);
+        }
+        None => {}
     }
     let Some(mut workspace) = early_ws else {
         kill(&sandbox);
-        cleanup(early_cg.and_then(Result::ok), None);
+        cleanup(joined.ok(), None);
         return Err(RunError::cordon("workspace: none was prepared"));
     };
-    // The init builds its filesystem meanwhile; it waits for "cgroup ready" before it starts
-    // the command, so the command and everything it forks run inside the session's cgroup.
-    let joined = match early_cg {
-        Some(Ok(c)) if sandbox.in_cgroup => Ok(c),
-        Some(made) => made,
-        None => cgroup_for(&req.session_id, &limits),
-    }
-    .and_then(|c| {
-        if sandbox.in_cgroup {
-            return Ok(c);
-        }
-        c.add_pid(sandbox.pid)
-            .map(|()| c)
-            .map_err(|e| e.to_string())
-    });
     let cg: Option<Box<dyn SessionCgroup>> = match joined {
         Ok(cg) => {
             layers.cgroup = Some(format!("{:?}", cg.version()).to_lowercase());
