@@ -174,7 +174,9 @@ pub(crate) async fn serve_udp(ctx: Arc<Ctx>, session: Arc<Session>, socket: UdpS
             _ = ctx.cancel.cancelled() => return,
         };
         let owner = match &ctx.shared.owners {
-            Some(owners) => crate::owner::look_up(owners, crate::owner::Transport::Udp, peer).await,
+            Some(owners) => {
+                crate::owner::look_up(owners, crate::owner::Transport::Udp, peer, None).await
+            }
             None => None,
         };
         if let Some(resp) = crate::owner::sync_with(owner, || handle(&ctx, &session, &buf[..n])) {
@@ -210,10 +212,20 @@ pub(crate) async fn serve_tcp(ctx: Arc<Ctx>, session: Arc<Session>, listener: Tc
         ctx.tasks.spawn(async move {
             let _permit = permit;
             let owners = ctx2.shared.owners.clone();
+            // A query redirected to this listener: the client's socket is connected to the
+            // nameserver it meant to ask.
+            let server = owners.as_ref().and_then(|_| {
+                ctx2.shared
+                    .original_dst
+                    .original_dst(&stream)
+                    .or_else(|_| stream.local_addr())
+                    .ok()
+            });
             let served = crate::owner::with_owner(
                 owners,
                 crate::owner::Transport::Tcp,
                 Some(client),
+                server,
                 tcp_client(&ctx2, &session, stream),
             );
             tokio::select! {

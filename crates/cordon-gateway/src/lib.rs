@@ -330,11 +330,21 @@ async fn serve_proxy(ctx: Arc<Ctx>, listener: TcpListener) {
         };
         let (stream, client) = stream;
         let _ = stream.set_nodelay(true);
+        // Where the client's socket is connected: this listener, unless the connection was
+        // redirected (then its original destination; the same call answers both).
+        let server = ctx.shared.owners.as_ref().and_then(|_| {
+            ctx.shared
+                .original_dst
+                .original_dst(&stream)
+                .or_else(|_| stream.local_addr())
+                .ok()
+        });
         let conn = ClientConn::new(ConnMode::Proxy, stream, &[]);
         ctx.tasks.spawn(owner::with_owner(
             ctx.shared.owners.clone(),
             owner::Transport::Tcp,
             Some(client),
+            server,
             http::serve_client(ctx.clone(), conn),
         ));
     }

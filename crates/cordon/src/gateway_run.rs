@@ -88,6 +88,8 @@ impl RunningGateway {
             dns_tcp,
             transparent,
             netlink,
+            // The supervisor's attribution holds its own copy (see session.rs).
+            sock_diag: _,
         } = sockets;
         let listeners = Listeners {
             http: Some(std::net::TcpListener::from(http)),

@@ -458,7 +458,10 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                 };
                 // Which sandbox process made each request: looked up in the sandbox's /proc
                 // through its init. Without it events still name the session.
-                let owners = match crate::attribution::ProcSocketOwners::new(sandbox.pid as u32) {
+                let owners = match crate::attribution::ProcSocketOwners::new(
+                    sandbox.pid as u32,
+                    sockets.sock_diag.try_clone().ok(),
+                ) {
                     Ok(o) => Some(std::sync::Arc::new(o) as _),
                     Err(e) => {
                         eprintln!(

@@ -2640,6 +2640,14 @@ curl -sS -o /dev/null http://api.fake.test/by-curl
 /usr/bin/python3 -c 'import os; os.execv("/usr/bin/python3", ["sshd", "-c", "import ctypes, urllib.request; ctypes.CDLL(None).prctl(15, b\"kworker\", 0, 0, 0); urllib.request.urlopen(\"http://api.fake.test/by-liar\").read()"])'
 curl -sS -o /dev/null --noproxy '*' http://api.fake.test/by-curl-direct
 curl -sS -o /dev/null http://other.fake.test/by-curl-blocked || true
+/usr/bin/python3 -c '
+import socket, struct
+ns = [l.split()[1] for l in open("/etc/resolv.conf") if l.startswith("nameserver")][0]
+q = struct.pack(">HHHHHH", 7, 0x100, 1, 0, 0, 0) + b"\x08tcp-name\x04fake\x04test\x00" + struct.pack(">HH", 1, 1)
+s = socket.create_connection((ns, 53))
+s.sendall(struct.pack(">H", len(q)) + q)
+s.recv(512)
+'
 "#;
 
 #[test]
@@ -2709,6 +2717,15 @@ fn every_network_event_names_the_sandbox_process_by_its_real_executable() {
             "{q}"
         );
     }
+
+    // DNS over TCP (redirected to the gateway) is python's.
+    let tcp_dns = records(&events, "dns_query", Some("tcp-name.fake.test"));
+    assert_eq!(tcp_dns.len(), 1, "{events:#?}");
+    let (_, exe, cmdline) = process(tcp_dns[0]);
+    assert_eq!(
+        (Path::new(&exe), cmdline[0].as_str()),
+        (python_exe.as_path(), PY)
+    );
 
     // A blocked attempt names its process as well.
     let blocked = by_path("/by-curl-blocked");
