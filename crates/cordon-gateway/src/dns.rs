@@ -153,6 +153,24 @@ fn emit(ctx: &Ctx, session: &Session, o: DnsOutcome) {
 }
 
 fn handle(ctx: &Ctx, session: &Session, bytes: &[u8]) -> Option<Vec<u8>> {
+    // A credential placeholder (or secret, canary) in a query name is exfiltration by DNS:
+    // refused before the name is decided, so no allowed wildcard can answer it.
+    if let Some(rt) = ctx.shared.intercept.as_deref() {
+        if let Some(f) = rt.leak_in(bytes) {
+            crate::intercept::alert(ctx, session, Via::Dns, None, None, None, &f);
+            let mut e = NetEvent::new(EventKind::DnsQuery, &session.info, Via::Dns, Verdict::Block);
+            e.rule = format!("dns:{}", f.pattern);
+            e.reason = Some("a query name carried a credential placeholder or secret".into());
+            ctx.emit(session, e);
+            if bytes.len() < 2 {
+                return None;
+            }
+            let id = u16::from_be_bytes([bytes[0], bytes[1]]);
+            return Message::error_msg(id, OpCode::Query, ResponseCode::NXDomain)
+                .to_vec()
+                .ok();
+        }
+    }
     let (resp, outcome) = answer(bytes, &ctx.shared.policy, &ctx.shared.synthetic);
     if let Some(o) = outcome {
         emit(ctx, session, o);

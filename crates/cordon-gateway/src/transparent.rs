@@ -170,6 +170,23 @@ async fn handle(ctx: &Arc<Ctx>, session: &Arc<Session>, mut stream: TcpStream) {
             return;
         }
     };
+    if let Some(rt) = ctx.shared.intercept.as_deref() {
+        if let Some(host) = rt.intercepts(&route.dest) {
+            crate::intercept::serve(
+                ctx,
+                rt,
+                session,
+                Via::Transparent,
+                stream,
+                first,
+                peek,
+                route,
+                host,
+            )
+            .await;
+            return;
+        }
+    }
     if run_tunnel(
         ctx,
         session,

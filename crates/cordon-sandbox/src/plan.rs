@@ -171,7 +171,15 @@ pub struct MountOptions {
     pub extra: Vec<ExtraBind>,
     /// `(file name, bytes)` of the `--code` file, placed at `/.cordon/<name>`.
     pub code: Option<(String, Vec<u8>)>,
+    /// The sandbox's trust bundle (the host's bundle plus the session CA, PEM), written to
+    /// [`CA_BUNDLE_PATH`] instead of binding the host's `/etc/ssl`.
+    #[serde(skip)]
+    pub ca_bundle: Option<String>,
 }
+
+/// Where the generated trust bundle is placed (Debian's system bundle path, which OpenSSL,
+/// curl, Python, Node with `NODE_EXTRA_CA_CERTS`, pip and git read).
+pub const CA_BUNDLE_PATH: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// Where the `--code` file is placed inside the sandbox.
 pub fn code_path(name: &str) -> PathBuf {
@@ -187,6 +195,7 @@ pub fn root_size(opts: &MountOptions) -> u64 {
     4 * 1024 * 1024
         + ETC_ALLOWLIST.len() as u64 * ETC_COPY_MAX_BYTES
         + opts.code.as_ref().map_or(0, |(_, b)| b.len() as u64)
+        + opts.ca_bundle.as_ref().map_or(0, |b| b.len() as u64)
 }
 
 /// An extra bind from the policy.
@@ -235,7 +244,25 @@ pub fn mount_plan(facts: &HostFacts, opts: &MountOptions) -> Vec<MountOp> {
             mode: 0o644,
         });
     }
+    if let Some(bundle) = &opts.ca_bundle {
+        // The session CA goes into the bundle every TLS library here reads; the host's /etc/ssl
+        // is then not bound (a read-only bind could not take the file).
+        for dir in ["etc/ssl", "etc/ssl/certs"] {
+            ops.push(MountOp::Mkdir {
+                path: rel(dir),
+                mode: 0o755,
+            });
+        }
+        ops.push(MountOp::WriteFile {
+            path: rel(CA_BUNDLE_PATH),
+            contents: bundle.clone(),
+            mode: 0o644,
+        });
+    }
     for (name, entry) in &facts.etc {
+        if opts.ca_bundle.is_some() && name == "ssl" {
+            continue;
+        }
         let path = rel("etc").join(name);
         match entry {
             HostEntry::Dir => ops.push(MountOp::Bind {
@@ -520,5 +547,83 @@ pub fn landlock_plan(extra: &[ExtraBind], allow_tcp_connect: bool, code: bool) -
         allow_tcp_bind: false,
         scope_abstract_unix: true,
         scope_signals: true,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod ca_bundle_tests {
+    use super::*;
+
+    fn facts() -> HostFacts {
+        HostFacts {
+            system_dirs: vec![("usr".into(), HostEntry::Dir)],
+            etc: vec![
+                ("ssl".into(), HostEntry::Dir),
+                ("os-release".into(), HostEntry::File),
+            ],
+        }
+    }
+
+    fn opts(bundle: Option<&str>) -> MountOptions {
+        MountOptions {
+            tmp_size: 1 << 20,
+            shm_size: 1 << 20,
+            hostname: "cordon".into(),
+            gateway_dns: true,
+            extra: Vec::new(),
+            code: None,
+            ca_bundle: bundle.map(str::to_owned),
+        }
+    }
+
+    fn binds_host_ssl(ops: &[MountOp]) -> bool {
+        ops.iter().any(|op| {
+            matches!(op, MountOp::Bind { source: BindSource::Host(p), .. } if p == Path::new("/etc/ssl"))
+        })
+    }
+
+    #[test]
+    fn without_a_bundle_the_host_ssl_directory_is_bound() {
+        let ops = mount_plan(&facts(), &opts(None));
+        assert!(binds_host_ssl(&ops));
+    }
+
+    #[test]
+    fn a_session_bundle_replaces_the_host_ssl_directory_with_the_generated_file() {
+        let pem = "-----BEGIN CERTIFICATE-----\nhost\n-----END CERTIFICATE-----\n";
+        let ops = mount_plan(&facts(), &opts(Some(pem)));
+        assert!(!binds_host_ssl(&ops));
+        let written: Vec<_> = ops
+            .iter()
+            .filter_map(|op| match op {
+                MountOp::WriteFile {
+                    path,
+                    contents,
+                    mode,
+                } => Some((path.clone(), contents.clone(), *mode)),
+                _ => None,
+            })
+            .filter(|(p, _, _)| p == Path::new("etc/ssl/certs/ca-certificates.crt"))
+            .collect();
+        assert_eq!(
+            written,
+            vec![(
+                PathBuf::from("etc/ssl/certs/ca-certificates.crt"),
+                pem.to_owned(),
+                0o644
+            )]
+        );
+        // The directories exist before the file is written; other /etc entries are still bound.
+        let mkdir = ops.iter().position(|op| matches!(op, MountOp::Mkdir { path, .. } if path == Path::new("etc/ssl/certs"))).unwrap();
+        let write = ops.iter().position(|op| matches!(op, MountOp::WriteFile { path, .. } if path == Path::new("etc/ssl/certs/ca-certificates.crt"))).unwrap();
+        assert!(mkdir < write);
+        assert!(ops.iter().any(|op| matches!(op,
+            MountOp::Bind { source: BindSource::Host(p), .. } | MountOp::CopyFile { source: p, .. }
+                if p == Path::new("/etc/os-release"))));
+        assert_eq!(
+            root_size(&opts(Some(pem))) - root_size(&opts(None)),
+            pem.len() as u64
+        );
     }
 }

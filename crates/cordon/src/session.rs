@@ -34,6 +34,8 @@ pub struct RunRequest {
     pub audit: Option<PathBuf>,
     /// DNS servers the gateway asks (default: the host's `/etc/resolv.conf`).
     pub upstream_dns: Vec<std::net::SocketAddr>,
+    /// An extra CA upstream servers may be verified against (`--upstream-ca`, for tests).
+    pub upstream_ca: Option<PathBuf>,
 }
 
 /// A run that could not happen; `exit_code` is what cordon exits with.
@@ -92,6 +94,11 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         unsafe { (libc::getuid(), libc::getgid()) }
     };
 
+    // Secrets, placeholders and the session CA: before anything is created, so a missing
+    // secret changes nothing.
+    let intercept =
+        crate::intercept_setup::prepare(policy, &req.session_id, req.upstream_ca.as_deref())
+            .map_err(RunError::cordon)?;
     // Landlock and seccomp: decided and compiled before anything is spawned.
     marks.mark("supervisor: policy loaded");
     let abi = landlock::probe_abi();
@@ -195,11 +202,15 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         gateway_dns: gateway_mode,
         extra: extra.clone(),
         code: req.code.clone(),
+        ca_bundle: intercept.as_ref().map(|i| i.bundle.clone()),
     };
     let host_env = |k: &str| std::env::var(k).ok();
     let mut policy_env: Vec<(String, String)> = Vec::new();
     if gateway_mode {
         policy_env.extend(gateway_run::proxy_env());
+    }
+    if let Some(i) = &intercept {
+        policy_env.extend(i.env.iter().cloned());
     }
     policy_env.extend(
         policy
@@ -476,6 +487,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                     session,
                     sockets,
                     &req.upstream_dns,
+                    intercept.as_ref().map(|i| i.config.clone()),
                     w.clone(),
                     std::mem::take(&mut canaries),
                     alerts.clone(),
@@ -774,6 +786,27 @@ fn start_detail(layers: &Layers, policy: &Policy) -> serde_json::Map<String, ser
         "mode".into(),
         serde_json::json!(policy.network.mode.as_str()),
     );
+    // Names only: which credentials the gateway holds and which hosts it intercepts.
+    if !policy.credentials.is_empty() {
+        m.insert(
+            "credentials".into(),
+            serde_json::json!(policy
+                .credentials
+                .iter()
+                .map(|c| serde_json::json!({
+                    "name": c.name,
+                    "hosts": c.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+                }))
+                .collect::<Vec<_>>()),
+        );
+    }
+    let hosts = cordon_gateway::InterceptConfig::hosts_for(&policy.network, &policy.credentials);
+    if !hosts.is_empty() {
+        m.insert(
+            "intercept".into(),
+            serde_json::json!(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>()),
+        );
+    }
     // Identifies the effective policy (file plus flags) for `cordon audit report`. Serialising
     // the policy model cannot fail; if it ever did, the report groups the session under no policy.
     if let Ok(json) = serde_json::to_vec(policy) {
