@@ -59,6 +59,30 @@ fn events_are_committed_in_batches_of_at_most_max_batch() {
 }
 
 #[test]
+fn events_left_after_full_batches_are_committed_by_their_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.db");
+    let config = WriterConfig {
+        max_batch: 10,
+        max_delay: Duration::from_millis(100),
+        ..WriterConfig::default()
+    };
+    let writer = AuditWriter::open_with(&path, config).unwrap();
+    for e in sample_events("s", 15) {
+        writer.record(e);
+    }
+    // No flush: the 5 events behind the full batch must not wait for a 20th.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count(&path) < 15 {
+        assert!(Instant::now() < deadline, "{:?}", writer.stats());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stats = writer.stats();
+    assert_eq!((stats.committed, stats.batches), (15, 2), "{stats:?}");
+    writer.close().unwrap();
+}
+
+#[test]
 fn a_lone_event_is_committed_after_max_delay_without_a_flush() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.db");
