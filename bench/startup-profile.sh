@@ -27,8 +27,8 @@ while [[ $# -gt 0 ]]; do
     *) sed -n '2,16p' "$0" >&2; exit 2 ;;
   esac
 done
-cargo build --release --bin cordon -q
-cordon="${CARGO_TARGET_DIR:-$PWD/target}/release/cordon"
+[[ -n "${CORDON_BIN:-}" ]] || cargo build --release --bin cordon -q
+cordon="${CORDON_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release/cordon}"
 work=$(mktemp -d /tmp/cordon-startup-profile.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 cc -O2 -shared -fPIC -o "$work/trace_shim.so" bench/trace_shim.c -ldl

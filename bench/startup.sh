@@ -28,7 +28,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 scripts/deps.sh --bench
-cargo build --release --bin cordon -q
+cargo -q release-bin
 cordon="${CARGO_TARGET_DIR:-$PWD/target}/release/cordon"
 work=$(mktemp -d /tmp/cordon-bench-startup.XXXXXX)
 trap 'rm -rf "$work"' EXIT

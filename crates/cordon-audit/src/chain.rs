@@ -13,6 +13,12 @@
 //!   text; `0x03` + 8-byte big-endian IEEE-754 bits (real); `0x04` + 8-byte length + blob. The
 //!   encoding is injective, so no two different rows hash the same input, and verification never
 //!   re-serialises anything (the `detail` JSON is hashed as the stored text).
+//! - Schema 2 added the process attribution columns (`pid`, `exe`, `cmdline`, see
+//!   [`ATTRIBUTION_COLUMNS`]). They are appended to `canonical(fields)` only when at least one of
+//!   them is not NULL, so every record written before them keeps its hash (old stores verify
+//!   unchanged, nothing is re-hashed) while a record that has them cannot lose them unnoticed:
+//!   nulling them changes the encoding. The encoding stays injective: the first 19 items are
+//!   self-delimiting, after them come either nothing or exactly three more.
 //! - Changing any hashed column, its type, the id, or the link to the previous record changes the
 //!   hash. What the chain cannot do on its own is stop someone who rewrites *every* later hash:
 //!   see the crate README, "Security notes".
@@ -21,7 +27,8 @@ use rusqlite::types::ValueRef;
 use sha2::{Digest, Sha256};
 
 use crate::event::{
-    cut_chars, hex, truncate_path, Event, Verdict, MAX_HOST_CHARS, MAX_METHOD_CHARS,
+    cut_chars, hex, truncate_path, Event, ProcessInfo, Verdict, MAX_EXE_CHARS, MAX_HOST_CHARS,
+    MAX_METHOD_CHARS,
 };
 
 /// `prev_hash` of the very first record of a store.
@@ -29,8 +36,14 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 
 const DOMAIN: &[u8] = b"cordon-audit-chain-v1\n";
 
+/// How many of [`HASHED_COLUMNS`] are always encoded (the schema 1 columns).
+pub const BASE_COLUMNS: usize = 19;
+
+/// The attribution columns at the end of [`HASHED_COLUMNS`], encoded only when one is not NULL.
+pub const ATTRIBUTION_COLUMNS: [&str; 3] = ["pid", "exe", "cmdline"];
+
 /// The columns covered by the hash, in hashing order.
-pub const HASHED_COLUMNS: [&str; 19] = [
+pub const HASHED_COLUMNS: [&str; 22] = [
     "session_id",
     "session_seq",
     "kind",
@@ -50,6 +63,9 @@ pub const HASHED_COLUMNS: [&str; 19] = [
     "rule",
     "reason",
     "detail",
+    "pid",
+    "exe",
+    "cmdline",
 ];
 
 /// The text forms of an event's fields that are not stored verbatim; [`event_fields`] borrows
@@ -58,6 +74,7 @@ pub(crate) struct DerivedText {
     ts: String,
     ip: Option<String>,
     detail: Option<String>,
+    cmdline: Option<String>,
 }
 
 impl DerivedText {
@@ -70,6 +87,11 @@ impl DerivedText {
                 // Serialising a `serde_json::Value` cannot fail (its map keys are strings).
                 other => serde_json::to_string(other).ok(),
             },
+            // A list of strings always serialises.
+            cmdline: event
+                .process
+                .as_ref()
+                .and_then(|p| serde_json::to_string(&bounded_cmdline(p)).ok()),
         }
     }
 }
@@ -104,7 +126,7 @@ pub(crate) fn event_fields<'a>(
     event: &'a Event,
     derived: &'a DerivedText,
     session_seq: i64,
-) -> [ValueRef<'a>; 19] {
+) -> [ValueRef<'a>; 22] {
     fn text(s: Option<&str>) -> ValueRef<'_> {
         s.map_or(ValueRef::Null, |s| ValueRef::Text(s.as_bytes()))
     }
@@ -141,7 +163,29 @@ pub(crate) fn event_fields<'a>(
         text(event.rule.as_deref()),
         text(event.reason.as_deref()),
         text(derived.detail.as_deref()),
+        event
+            .process
+            .as_ref()
+            .map_or(ValueRef::Null, |p| ValueRef::Integer(i64::from(p.pid))),
+        text(
+            event
+                .process
+                .as_ref()
+                .map(|p| cut_chars(&p.exe, MAX_EXE_CHARS)),
+        ),
+        text(derived.cmdline.as_deref()),
     ]
+}
+
+/// The command line as stored: the bounds of [`ProcessInfo::bounded`] applied.
+fn bounded_cmdline(p: &ProcessInfo) -> Vec<String> {
+    ProcessInfo {
+        pid: p.pid,
+        exe: String::new(),
+        cmdline: p.cmdline.clone(),
+    }
+    .bounded()
+    .cmdline
 }
 
 /// The hash of record `id` whose stored fields are `fields` and whose predecessor's hash is
@@ -161,7 +205,11 @@ pub(crate) fn record_hash_with(
     buf.clear();
     buf.extend_from_slice(DOMAIN);
     buf.extend_from_slice(prev_hash);
-    canonical_into(buf, fields);
+    let (base, attribution) = fields.split_at(fields.len().min(BASE_COLUMNS));
+    canonical_into(buf, base);
+    if attribution.iter().any(|f| *f != ValueRef::Null) {
+        canonical_into(buf, attribution);
+    }
     buf.extend_from_slice(&id.to_be_bytes());
     hex(&Sha256::digest(&buf[..]))
 }
@@ -272,6 +320,41 @@ mod tests {
             record_hash(GENESIS_HASH.as_bytes(), &refs(&a), 1),
             record_hash(GENESIS_HASH.as_bytes(), &refs(&b), 1)
         );
+    }
+
+    #[test]
+    fn null_attribution_columns_hash_as_a_schema_1_record_and_any_value_changes_it() {
+        let mut base: Vec<Value> = (0..BASE_COLUMNS as i64).map(Value::Integer).collect();
+        let old = record_hash(GENESIS_HASH.as_bytes(), &refs(&base), 1);
+        base.extend([Value::Null, Value::Null, Value::Null]);
+        assert_eq!(record_hash(GENESIS_HASH.as_bytes(), &refs(&base), 1), old);
+        for i in 0..3 {
+            let mut with = base.clone();
+            with[BASE_COLUMNS + i] = Value::Integer(0);
+            assert_ne!(record_hash(GENESIS_HASH.as_bytes(), &refs(&with), 1), old);
+        }
+        // Attribution values cannot be moved into the detail column unnoticed.
+        let mut a = base.clone();
+        a[BASE_COLUMNS - 1] = Value::Text("x".into());
+        let mut b = base.clone();
+        b[BASE_COLUMNS + 1] = Value::Text("x".into());
+        assert_ne!(
+            record_hash(GENESIS_HASH.as_bytes(), &refs(&a), 1),
+            record_hash(GENESIS_HASH.as_bytes(), &refs(&b), 1)
+        );
+    }
+
+    #[test]
+    fn stored_attribution_applies_the_process_bounds() {
+        let mut e = Event::new(crate::EventKind::Connection, "s", "u", "c");
+        e.process = Some(ProcessInfo {
+            pid: 4,
+            exe: "e".repeat(5000),
+            cmdline: vec!["a".repeat(5000)],
+        });
+        let bounded = e.clone().bounded();
+        let (d1, d2) = (DerivedText::of(&e), DerivedText::of(&bounded));
+        assert_eq!(event_fields(&e, &d1, 1), event_fields(&bounded, &d2, 1));
     }
 
     #[test]

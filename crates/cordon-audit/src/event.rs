@@ -26,6 +26,12 @@ pub const MAX_PATH_CHARS: usize = 100;
 pub const MAX_HOST_CHARS: usize = 255;
 /// HTTP methods longer than this are cut (no real method comes close).
 pub const MAX_METHOD_CHARS: usize = 32;
+/// A process's executable path is cut to this many characters.
+pub const MAX_EXE_CHARS: usize = 512;
+/// A process's command line keeps at most this many arguments…
+pub const MAX_CMDLINE_ARGS: usize = 64;
+/// …and at most this many characters over all of them (later arguments are cut, then dropped).
+pub const MAX_CMDLINE_CHARS: usize = 1024;
 
 /// Conventional `detail` keys that the store reads to keep the sessions table.
 pub mod detail_keys {
@@ -245,6 +251,67 @@ pub struct Event {
     /// Anything else, as JSON (`null` when there is nothing). See [`detail_keys`].
     #[serde(default)]
     pub detail: serde_json::Value,
+    /// The sandbox process that made the network request, found by the supervisor from the
+    /// socket's owner (never from anything the sandboxed code says); `None` for events that are
+    /// not network events, for standalone-gateway events, and when the owner was gone before it
+    /// could be found. See [`ProcessInfo`].
+    #[serde(default)]
+    pub process: Option<ProcessInfo>,
+}
+
+/// A sandbox process, as the supervisor saw it in `/proc` when the connection (or DNS query)
+/// arrived.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    /// Its pid inside the sandbox's pid namespace (what `ps` in the sandbox shows).
+    pub pid: u32,
+    /// The executable the kernel ran (`/proc/PID/exe`), as a path inside the sandbox; the
+    /// process cannot change it by rewriting `argv[0]` or `prctl(PR_SET_NAME)`. Cut to
+    /// [`MAX_EXE_CHARS`] characters.
+    pub exe: String,
+    /// Its command line (`/proc/PID/cmdline`): what the process says about itself, so it can
+    /// lie; bounded by [`MAX_CMDLINE_ARGS`] and [`MAX_CMDLINE_CHARS`].
+    pub cmdline: Vec<String>,
+}
+
+impl ProcessInfo {
+    /// The same process with the length bounds applied.
+    pub fn bounded(mut self) -> Self {
+        self.exe = cut_chars(&self.exe, MAX_EXE_CHARS).to_owned();
+        let mut left = MAX_CMDLINE_CHARS;
+        let mut args = Vec::with_capacity(self.cmdline.len().min(MAX_CMDLINE_ARGS));
+        for arg in self.cmdline.into_iter().take(MAX_CMDLINE_ARGS) {
+            if left == 0 {
+                break;
+            }
+            let cut = cut_chars(&arg, left);
+            left -= cut.chars().count();
+            args.push(cut.to_owned());
+        }
+        self.cmdline = args;
+        self
+    }
+
+    /// The command line as one line: arguments joined by spaces, quoted where needed.
+    pub fn command_line(&self) -> String {
+        self.cmdline
+            .iter()
+            .map(|a| shell_quote(a))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// `s` as a shell word: as is when it is plain, otherwise single-quoted.
+pub(crate) fn shell_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_alphanumeric() || "-_./=:,+@%^".contains(c));
+    if plain {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
 }
 
 impl Event {
@@ -273,6 +340,7 @@ impl Event {
             rule: None,
             reason: None,
             detail: serde_json::Value::Null,
+            process: None,
         }
     }
 
@@ -291,6 +359,7 @@ impl Event {
             .method
             .map(|m| cut_chars(&m, MAX_METHOD_CHARS).to_owned());
         self.path = self.path.map(|p| truncate_path(&p).to_owned());
+        self.process = self.process.map(ProcessInfo::bounded);
         self
     }
 }
@@ -421,10 +490,40 @@ mod tests {
             "rule",
             "reason",
             "detail",
+            "process",
         ] {
             assert!(keys.contains(&key), "missing key {key}");
         }
         assert!(v["host"].is_null());
+    }
+
+    #[test]
+    fn a_long_command_line_is_bounded_in_arguments_and_characters() {
+        let p = ProcessInfo {
+            pid: 7,
+            exe: "x".repeat(2000),
+            cmdline: vec!["a".repeat(600), "b".repeat(600), "c".into()],
+        }
+        .bounded();
+        assert_eq!(p.exe.len(), MAX_EXE_CHARS);
+        assert_eq!(p.cmdline.len(), 2);
+        assert_eq!(p.cmdline[1].len(), MAX_CMDLINE_CHARS - 600);
+        let many = ProcessInfo {
+            pid: 7,
+            exe: "/bin/sh".into(),
+            cmdline: vec!["x".into(); 1000],
+        }
+        .bounded();
+        assert_eq!(many.cmdline.len(), MAX_CMDLINE_ARGS);
+        assert_eq!(
+            ProcessInfo {
+                pid: 1,
+                exe: "/usr/bin/python3".into(),
+                cmdline: vec!["python3".into(), "-c".into(), "print('hi')".into()],
+            }
+            .command_line(),
+            "python3 -c 'print('\\''hi'\\'')'"
+        );
     }
 
     proptest! {

@@ -184,7 +184,7 @@ pub fn sessions_table(sessions: &[SessionSummary]) -> String {
     out
 }
 
-const EVENT_COLUMNS: [Column; 10] = [
+const EVENT_COLUMNS: [Column; 11] = [
     left("TIME (UTC)", 23),
     right("SEQ", 5),
     left("KIND", 16),
@@ -194,6 +194,7 @@ const EVENT_COLUMNS: [Column; 10] = [
     left("PATH", 32),
     right("UP", 6),
     right("DOWN", 6),
+    left("PROCESS", 32),
     left("RULE / REASON", 60),
 ];
 
@@ -240,6 +241,19 @@ fn destination(r: &EventRecord) -> String {
     out
 }
 
+/// `PID EXE ARGS…`: the pid in the sandbox, the executable's file name (what the kernel ran,
+/// whatever `argv[0]` says), then the arguments after `argv[0]`.
+pub fn process_cell(p: &crate::event::ProcessInfo) -> String {
+    let exe = p.exe.rsplit('/').next().unwrap_or(&p.exe);
+    let exe = if exe.is_empty() { "?" } else { exe };
+    let mut out = format!("{} {exe}", p.pid);
+    for arg in p.cmdline.iter().skip(1) {
+        out.push(' ');
+        out.push_str(&crate::event::shell_quote(arg));
+    }
+    out
+}
+
 /// One event as a table row (ending in a newline).
 pub fn event_row(r: &EventRecord, with_session: bool) -> String {
     let e = &r.event;
@@ -259,6 +273,7 @@ pub fn event_row(r: &EventRecord, with_session: bool) -> String {
         e.path.clone().unwrap_or_default(),
         opt_bytes(e.bytes_up),
         opt_bytes(e.bytes_down),
+        e.process.as_ref().map(process_cell).unwrap_or_default(),
         rule_reason,
     ];
     if with_session {
@@ -273,6 +288,149 @@ pub fn events_table(events: &[EventRecord], with_session: bool) -> String {
     let mut out = events_header(with_session);
     for r in events {
         out.push_str(&event_row(r, with_session));
+    }
+    out
+}
+
+const HOST_COLUMNS: [Column; 7] = [
+    left("  ALLOWED DESTINATION", 40),
+    right("CONNS", 6),
+    right("REQUESTS", 8),
+    right("UP", 7),
+    right("DOWN", 7),
+    right("SESSIONS", 8),
+    left("RULE", 40),
+];
+
+const BLOCKED_COLUMNS: [Column; 5] = [
+    left("  BLOCKED DESTINATION", 40),
+    right("ATTEMPTS", 8),
+    right("SESSIONS", 8),
+    left("LAST SEEN (UTC)", 19),
+    left("LAST REASON", 60),
+];
+
+const TERMINATED_COLUMNS: [Column; 5] = [
+    left("  SESSION", 28),
+    left("USER", 12),
+    left("ENDED (UTC)", 19),
+    right("EXIT", 4),
+    left("REASON", 80),
+];
+
+fn titles(columns: &[Column]) -> Vec<String> {
+    columns.iter().map(|c| c.title.to_owned()).collect()
+}
+
+/// What `cordon audit report` prints: per user and policy the allowed destinations used and the
+/// allowlist entries nothing used, then the top blocked destinations, then terminated sessions.
+pub fn report_text(r: &crate::report::Report) -> String {
+    let window = match (r.since, r.until) {
+        (Some(s), Some(u)) => format!("{} to {}", time_to_second(s), time_to_second(u)),
+        (Some(s), None) => format!("since {}", time_to_second(s)),
+        (None, Some(u)) => format!("until {}", time_to_second(u)),
+        (None, None) => "all time".to_owned(),
+    };
+    let mut out = format!(
+        "audit report, {window} (UTC): {} sessions, {} events
+",
+        r.sessions, r.events
+    );
+    for g in &r.usage {
+        let policy = g
+            .policy_sha256
+            .as_deref()
+            .map(|p| cut(p, 12))
+            .unwrap_or_else(|| "(not recorded)".to_owned());
+        out.push_str(&format!(
+            "
+user {}, policy {policy}: {} session(s)
+",
+            sanitize(&g.user_id),
+            g.sessions
+        ));
+        if g.hosts.is_empty() {
+            out.push_str(
+                "  no allowed connection or request
+",
+            );
+        } else {
+            out.push_str(&line(&HOST_COLUMNS, &titles(&HOST_COLUMNS)));
+            for h in &g.hosts {
+                out.push_str(&line(
+                    &HOST_COLUMNS,
+                    &[
+                        format!("  {}", h.destination),
+                        h.connections.to_string(),
+                        h.requests.to_string(),
+                        human_bytes(h.bytes_up),
+                        human_bytes(h.bytes_down),
+                        h.sessions.to_string(),
+                        h.rules.join(", "),
+                    ],
+                ));
+            }
+        }
+        if !g.unused_allow.is_empty() {
+            let unused: Vec<String> = g.unused_allow.iter().map(|e| sanitize(e)).collect();
+            out.push_str(&format!(
+                "  never used (candidates to remove): {}
+",
+                unused.join(", ")
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "
+top blocked destinations ({} distinct)
+",
+        r.blocked_destinations
+    ));
+    if r.top_blocked.is_empty() {
+        out.push_str(
+            "  none
+",
+        );
+    } else {
+        out.push_str(&line(&BLOCKED_COLUMNS, &titles(&BLOCKED_COLUMNS)));
+        for b in &r.top_blocked {
+            out.push_str(&line(
+                &BLOCKED_COLUMNS,
+                &[
+                    format!("  {}", b.destination),
+                    b.attempts.to_string(),
+                    b.sessions.to_string(),
+                    time_to_second(b.last_seen),
+                    b.last_reason.clone().unwrap_or_default(),
+                ],
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "
+sessions terminated ({})
+",
+        r.terminated.len()
+    ));
+    if r.terminated.is_empty() {
+        out.push_str(
+            "  none
+",
+        );
+    } else {
+        out.push_str(&line(&TERMINATED_COLUMNS, &titles(&TERMINATED_COLUMNS)));
+        for t in &r.terminated {
+            out.push_str(&line(
+                &TERMINATED_COLUMNS,
+                &[
+                    format!("  {}", t.session_id),
+                    t.user_id.clone(),
+                    time_to_second(t.ended),
+                    t.exit_status.map(|c| c.to_string()).unwrap_or_default(),
+                    t.reason.clone(),
+                ],
+            ));
+        }
     }
     out
 }
@@ -339,6 +497,22 @@ mod tests {
             false
         )
         .contains('\x1b'));
+    }
+
+    #[test]
+    fn the_process_column_names_the_real_executable_then_the_arguments() {
+        let mut r = record();
+        r.event.process = Some(crate::event::ProcessInfo {
+            pid: 42,
+            exe: "/usr/bin/python3.11".into(),
+            cmdline: vec!["sshd".into(), "injected.py".into(), "a b".into()],
+        });
+        let row = event_row(&r, false);
+        let header = events_header(false);
+        let col = header.find("PROCESS").unwrap();
+        let at = row.find("42 python3.11 injected.py 'a b' ").unwrap();
+        assert_eq!(row[..at].chars().count(), header[..col].chars().count());
+        assert!(!row.contains("sshd"));
     }
 
     #[test]

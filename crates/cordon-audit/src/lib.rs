@@ -41,26 +41,31 @@
 
 pub mod chain;
 pub mod event;
+pub mod export;
 pub mod format;
 pub mod paths;
 pub mod query;
+pub mod report;
 mod schema;
 pub mod store;
+pub mod syslog;
 pub mod timestamp;
 pub mod verify;
 pub mod writer;
 
 pub use chain::GENESIS_HASH;
 pub use event::{
-    sha256_hex, truncate_path, Attribution, Event, EventKind, EventRecord, UnknownName, Verdict,
-    MAX_PATH_CHARS,
+    sha256_hex, truncate_path, Attribution, Event, EventKind, EventRecord, ProcessInfo,
+    UnknownName, Verdict, MAX_PATH_CHARS,
 };
+pub use export::{cef_line, severity, Severity};
 pub use paths::{default_path, default_path_for, PathError};
 pub use query::{EventFilter, SessionFilter, SessionSummary};
+pub use report::{Report, ReportOptions};
 pub use store::{ChainHead, Store, StoreError, StoreOptions};
 pub use timestamp::{parse_age, parse_since, parse_since_at, TimeError, Timestamp};
 pub use verify::{Anchor, PruneReport, VerifyReport};
-pub use writer::{AuditWriter, WriterConfig, WriterError, WriterStats};
+pub use writer::{AuditWriter, EventTap, WriterConfig, WriterError, WriterStats};
 
 /// Any error of this crate.
 #[derive(Debug, thiserror::Error)]

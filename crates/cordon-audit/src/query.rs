@@ -370,6 +370,19 @@ impl Store {
             Some(json) => serde_json::from_str(&json).map_err(|e| bad(format!("detail: {e}")))?,
         };
         let ts_ms = int("ts_ms")?.ok_or_else(|| bad("ts_ms is NULL".into()))?;
+        let process = match int("pid")? {
+            None => None,
+            Some(pid) => Some(crate::event::ProcessInfo {
+                pid: u32::try_from(pid).map_err(|e| bad(format!("pid: {e}")))?,
+                exe: text("exe")?.unwrap_or_default(),
+                cmdline: match text("cmdline")? {
+                    None => Vec::new(),
+                    Some(json) => {
+                        serde_json::from_str(&json).map_err(|e| bad(format!("cmdline: {e}")))?
+                    }
+                },
+            }),
+        };
         let n = HASHED_COLUMNS.len();
         Ok(EventRecord {
             id,
@@ -392,6 +405,7 @@ impl Store {
                 rule: text("rule")?,
                 reason: text("reason")?,
                 detail,
+                process,
             },
             prev_hash: row.get(n + 1).map_err(|e| bad(format!("prev_hash: {e}")))?,
             hash: row.get(n + 2).map_err(|e| bad(format!("hash: {e}")))?,

@@ -7,11 +7,15 @@
 //!   refused rather than misread.
 //! - `events` is the record (hash-chained, see [`crate::chain`]). `sessions` is a summary kept in
 //!   the same transactions as the events it summarises, so listing sessions never scans events;
-//!   it is not covered by the chain. `chain_head` holds the newest record's id and hash, so
+//!   it is not covered by the chain.
+//! - Version 2 added the process attribution columns `pid`, `exe` and `cmdline` (a JSON array of
+//!   strings) to `events`. A version 1 store is migrated in place by [`MIGRATE_1_TO_2`], inside
+//!   the same transaction that reads the version, so its records keep their hashes (see
+//!   [`crate::chain`]) and every process sees either the old schema or the new one. `chain_head` holds the newest record's id and hash, so
 //!   deleting records from the end of the chain is detectable. `anchors` holds one row per prune.
 
 /// The schema version this code writes and understands.
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+pub(crate) const SCHEMA_VERSION: i64 = 2;
 
 pub(crate) const CREATE: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -35,6 +39,9 @@ CREATE TABLE IF NOT EXISTS events (
     rule        TEXT,
     reason      TEXT,
     detail      TEXT,
+    pid         INTEGER,
+    exe         TEXT,
+    cmdline     TEXT,
     prev_hash   TEXT NOT NULL,
     hash        TEXT NOT NULL
 );
@@ -76,6 +83,13 @@ CREATE TABLE IF NOT EXISTS anchors (
     created_ms INTEGER NOT NULL,
     deleted    INTEGER NOT NULL
 );
+";
+
+/// From version 1 to 2: the process attribution columns.
+pub(crate) const MIGRATE_1_TO_2: &str = "
+ALTER TABLE events ADD COLUMN pid INTEGER;
+ALTER TABLE events ADD COLUMN exe TEXT;
+ALTER TABLE events ADD COLUMN cmdline TEXT;
 ";
 
 /// The SQL form of [`crate::Event::is_blocked`]; the query tests pin the two together.

@@ -22,7 +22,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
 
 use crate::chain::{event_fields, record_hash_with, DerivedText, GENESIS_HASH, HASHED_COLUMNS};
-use crate::event::{detail_keys, Event, EventKind, Verdict};
+use crate::event::{detail_keys, shell_quote, Event, EventKind, Verdict};
 use crate::schema;
 
 /// Why the store could not be opened, read or written.
@@ -267,6 +267,10 @@ impl Store {
             let path = path.clone();
             move |source| StoreError::Sql { path, step, source }
         };
+        if version == 1 {
+            tx.execute_batch(schema::MIGRATE_1_TO_2)
+                .map_err(sql_err("migrate schema 1 to 2"))?;
+        }
         tx.execute_batch(schema::CREATE)
             .map_err(sql_err("create schema"))?;
         tx.execute(
@@ -329,14 +333,15 @@ impl Store {
                 let derived = DerivedText::of(event);
                 let fields = event_fields(event, &derived, session_seq);
                 let hash = record_hash_with(&mut scratch, head.hash.as_bytes(), &fields, id);
-                let mut params: [ToSqlOutput<'_>; 22] =
+                let mut params: [ToSqlOutput<'_>; HASHED_COLUMNS.len() + 3] =
                     std::array::from_fn(|_| ToSqlOutput::Borrowed(ValueRef::Null));
                 params[0] = ToSqlOutput::Borrowed(ValueRef::Integer(id));
                 for (slot, field) in params[1..].iter_mut().zip(fields) {
                     *slot = ToSqlOutput::Borrowed(field);
                 }
-                params[20] = ToSqlOutput::Borrowed(ValueRef::Text(head.hash.as_bytes()));
-                params[21] = ToSqlOutput::Borrowed(ValueRef::Text(hash.as_bytes()));
+                let n = HASHED_COLUMNS.len();
+                params[n + 1] = ToSqlOutput::Borrowed(ValueRef::Text(head.hash.as_bytes()));
+                params[n + 2] = ToSqlOutput::Borrowed(ValueRef::Text(hash.as_bytes()));
                 insert
                     .execute(rusqlite::params_from_iter(params.iter()))
                     .map_err(sql_err("insert event"))?;
@@ -523,17 +528,6 @@ fn command_text(v: &serde_json::Value) -> Option<String> {
                 .join(" "),
         ),
         _ => None,
-    }
-}
-
-fn shell_quote(s: &str) -> String {
-    let plain = !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_alphanumeric() || "-_./=:,+@%^".contains(c));
-    if plain {
-        s.to_owned()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
     }
 }
 

@@ -136,8 +136,15 @@ impl Shared {
     }
 }
 
+/// Sees every event [`AuditWriter::record`] is given, before it is queued (a live sink such as
+/// [`crate::syslog::SyslogSink`]). Implementations must return at once.
+pub trait EventTap: Send + Sync {
+    fn offer(&self, event: &Event);
+}
+
 /// Records events to an audit store without blocking the caller. Share it with `Arc`.
 pub struct AuditWriter {
+    tap: Option<Arc<dyn EventTap>>,
     thread: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
     capacity: usize,
@@ -181,6 +188,7 @@ impl AuditWriter {
             .spawn(move || run(store, &config, &thread_shared))
             .map_err(WriterError::Spawn)?;
         Ok(AuditWriter {
+            tap: None,
             thread: Some(thread),
             shared,
             capacity,
@@ -189,9 +197,18 @@ impl AuditWriter {
         })
     }
 
+    /// Shows every event recorded from now on to `tap` as well.
+    pub fn with_tap(mut self, tap: Arc<dyn EventTap>) -> AuditWriter {
+        self.tap = Some(tap);
+        self
+    }
+
     /// Queues `event`; never blocks on the store. See the module guarantees for what happens
     /// when the queue is full.
     pub fn record(&self, event: Event) {
+        if let Some(tap) = &self.tap {
+            tap.offer(&event);
+        }
         let mut q = self.shared.queue();
         if q.closed || q.events.len() >= self.capacity {
             drop(q);

@@ -122,6 +122,50 @@ fn a_store_from_a_newer_cordon_is_refused() {
 }
 
 #[test]
+fn a_schema_1_store_is_migrated_in_place_and_its_chain_still_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.db");
+    // A version 1 store: the same records without the attribution columns.
+    let mut old = sample_events("01JOLD", 12);
+    for e in &mut old {
+        e.process = None;
+    }
+    Store::open(&path).unwrap().append(&old).unwrap();
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute_batch(
+        "ALTER TABLE events DROP COLUMN pid;
+         ALTER TABLE events DROP COLUMN exe;
+         ALTER TABLE events DROP COLUMN cmdline;
+         PRAGMA user_version = 1;",
+    )
+    .unwrap();
+    drop(raw);
+
+    let mut store = Store::open(&path).unwrap();
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    let version: i64 = raw
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 2);
+    assert!(store.verify().unwrap().is_ok());
+    let new = sample_events("01JNEW", 6);
+    assert!(new.iter().any(|e| e.process.is_some()));
+    store.append(&new).unwrap();
+    let report = store.verify().unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(report.checked, 18);
+    let back: Vec<Event> = store
+        .events(&EventFilter::default())
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event)
+        .collect();
+    let mut expected = old;
+    expected.extend(new);
+    assert_eq!(back, expected);
+}
+
+#[test]
 fn the_store_is_in_wal_mode() {
     let (_dir, store) = temp_store();
     let raw = rusqlite::Connection::open(store.path()).unwrap();
@@ -404,6 +448,7 @@ fn jsonl_export_round_trips_through_serde_with_stable_keys() {
         "rule",
         "reason",
         "detail",
+        "process",
         "prev_hash",
         "hash",
     ];

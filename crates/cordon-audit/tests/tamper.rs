@@ -37,7 +37,7 @@ fn first_bad(store: &Store) -> (i64, String) {
         .unwrap_or_else(|| panic!("tampering not detected: {report:?}"))
 }
 
-const COLUMNS: [&str; 19] = [
+const COLUMNS: [&str; 22] = [
     "session_id",
     "session_seq",
     "kind",
@@ -57,7 +57,13 @@ const COLUMNS: [&str; 19] = [
     "rule",
     "reason",
     "detail",
+    "pid",
+    "exe",
+    "cmdline",
 ];
+
+/// The schema 1 columns, always hashed; the last three only when one of them is not NULL.
+const BASE: usize = 19;
 
 /// The record hash exactly as the `chain` module documents it, written independently here: an
 /// outside verifier (or an attacker) can compute it from the docs alone.
@@ -71,7 +77,10 @@ fn documented_hash(raw: &Connection, id: i64) -> String {
         h.update(b"cordon-audit-chain-v1\n");
         let prev: String = row.get(COLUMNS.len())?;
         h.update(prev.as_bytes());
-        for i in 0..COLUMNS.len() {
+        let attributed =
+            (BASE..COLUMNS.len()).any(|i| !matches!(row.get_ref(i), Ok(ValueRef::Null)));
+        let hashed = if attributed { COLUMNS.len() } else { BASE };
+        for i in 0..hashed {
             match row.get_ref(i)? {
                 ValueRef::Null => h.update([0u8]),
                 ValueRef::Integer(n) => {
@@ -146,6 +155,54 @@ fn edits_that_keep_the_meaning_are_still_caught() {
     raw.execute("UPDATE events SET ts = ts || ' ' WHERE id = 3", [])
         .unwrap();
     assert_eq!(first_bad(&store).0, 3);
+}
+
+#[test]
+fn the_sample_has_records_with_and_without_a_process() {
+    let (_dir, _store, raw) = store_and_raw();
+    let (with, without): (i64, i64) = raw
+        .query_row(
+            "SELECT SUM(pid IS NOT NULL), SUM(pid IS NULL) FROM events",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(with > 0 && without > 0, "{with} {without}");
+}
+
+#[test]
+fn an_edited_or_removed_process_attribution_is_named_by_verify() {
+    let attributed = |raw: &Connection| -> i64 {
+        raw.query_row(
+            "SELECT MIN(id) FROM events WHERE pid IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    for edit in [
+        "UPDATE events SET exe = '/usr/bin/pip' WHERE id = ?1",
+        "UPDATE events SET pid = pid + 1 WHERE id = ?1",
+        "UPDATE events SET cmdline = '[\"pip\",\"install\"]' WHERE id = ?1",
+        "UPDATE events SET pid = NULL, exe = NULL, cmdline = NULL WHERE id = ?1",
+    ] {
+        let (_dir, store, raw) = store_and_raw();
+        let id = attributed(&raw);
+        raw.execute(edit, [id]).unwrap();
+        let (bad, reason) = first_bad(&store);
+        assert_eq!(bad, id, "{edit}");
+        assert!(reason.contains("edited"), "{edit}: {reason}");
+    }
+    // Adding an attribution to a record that had none is an edit too.
+    let (_dir, store, raw) = store_and_raw();
+    let id: i64 = raw
+        .query_row("SELECT MIN(id) FROM events WHERE pid IS NULL", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    raw.execute("UPDATE events SET pid = 1 WHERE id = ?1", [id])
+        .unwrap();
+    assert_eq!(first_bad(&store).0, id);
 }
 
 #[test]
@@ -244,9 +301,54 @@ fn a_record_appended_outside_the_writer_is_caught() {
     raw.execute(
         "INSERT INTO events SELECT 21, session_id, 99, kind, user_id, code_sha256, ts, ts_ms, host, ip, port,
                 method, path, bytes_up, bytes_down, duration_ms, verdict, rule, reason, detail,
-                hash, hash FROM events WHERE id = 20",
+                pid, exe, cmdline, hash, hash FROM events WHERE id = 20",
         [],
     )
     .unwrap();
     assert_eq!(first_bad(&store).0, 21);
+}
+
+/// The store of [`store_and_raw`] with its first 8 records pruned (an anchor at record 8).
+fn pruned() -> (tempfile::TempDir, Store, Connection) {
+    let (dir, mut store, raw) = store_and_raw();
+    let cutoff: i64 = raw
+        .query_row("SELECT ts_ms FROM events WHERE id = 9", [], |r| r.get(0))
+        .unwrap();
+    let report = store
+        .prune_before(cordon_audit::Timestamp::from_millis(cutoff))
+        .unwrap();
+    assert_eq!(report.deleted, 8);
+    assert!(store.verify().unwrap().is_ok());
+    (dir, store, raw)
+}
+
+#[test]
+fn a_deleted_anchor_leaves_the_pruned_records_missing() {
+    let (_dir, store, raw) = pruned();
+    raw.execute("DELETE FROM anchors", []).unwrap();
+    let (id, reason) = first_bad(&store);
+    assert_eq!(id, 1);
+    assert!(reason.contains("1..=8 are missing"), "{reason}");
+}
+
+#[test]
+fn an_edited_anchor_is_caught_at_the_first_remaining_record() {
+    let (_dir, store, raw) = pruned();
+    raw.execute("UPDATE anchors SET hash = ?1", [cordon_audit::GENESIS_HASH])
+        .unwrap();
+    assert_eq!(first_bad(&store).0, 9);
+    let (_dir, store, raw) = pruned();
+    raw.execute("UPDATE anchors SET seq = 7", []).unwrap();
+    assert_eq!(first_bad(&store).0, 8);
+}
+
+#[test]
+fn records_deleted_after_a_prune_are_still_named() {
+    let (_dir, store, raw) = pruned();
+    raw.execute("DELETE FROM events WHERE id = 12", []).unwrap();
+    assert_eq!(first_bad(&store).0, 12);
+    // Deleting the first remaining record looks like a gap right after the anchor.
+    let (_dir, store, raw) = pruned();
+    raw.execute("DELETE FROM events WHERE id = 9", []).unwrap();
+    assert_eq!(first_bad(&store).0, 9);
 }

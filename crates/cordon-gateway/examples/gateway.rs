@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release -p cordon-gateway --example gateway -- \
 //!     --listen 127.0.0.1:3128 --allow-private 127.0.0.1/32:18080 [--allow ENTRY]... \
-//!     [--sink noop|jsonl:PATH|audit:PATH] [--threads N] [--runtime multi|current]
+//!     [--sink noop|jsonl:PATH|audit:PATH] [--threads N] [--runtime multi|current] [--detect on|off]
 //! ```
 //!
 //! Budgets are set high enough not to interfere with a benchmark. `--sink noop` drops events;
@@ -11,8 +11,11 @@
 //! JSON line per event to PATH; `--sink audit:PATH` records them in a cordon audit store at PATH
 //! through `cordon_audit::AuditWriter` (SQLite, hash-chained, batched on its own thread), with
 //! the same conversion the `cordon` binary uses — auditing as in production. `--runtime
-//! current` serves on a single-threaded runtime (`--threads` is then ignored). Ctrl-C stops it
-//! and prints the gateway's totals (and the audit writer's).
+//! current` serves on a single-threaded runtime (`--threads` is then ignored). `--detect on`
+//! (the default) runs every detection rule at its default thresholds with `response = "log"`
+//! and the byte thresholds out of reach, so the rules count every event but never change the
+//! data path; `--detect off` disables them all. Ctrl-C stops it and prints the gateway's totals
+//! (and the audit writer's).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -21,7 +24,7 @@ use cordon_gateway::{
     ChannelSink, EventSink, Gateway, GatewayConfig, Listeners, NetEvent, NoopSink, SessionInfo,
 };
 use cordon_policy::size::ByteSize;
-use cordon_policy::{AllowEntry, NetworkPolicy, OnExceed, RateLimits, ResponsePolicy};
+use cordon_policy::{AllowEntry, DetectPolicy, NetworkPolicy, OnExceed, RateLimits, Response};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> anyhow::Result<()> {
@@ -31,6 +34,7 @@ fn main() -> anyhow::Result<()> {
     let mut sink_spec = "noop".to_owned();
     let mut threads = 1usize;
     let mut current = false;
+    let mut detect = true;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || {
@@ -43,6 +47,13 @@ fn main() -> anyhow::Result<()> {
             "--allow-private" => allow_private.push(AllowEntry::parse(&value()?)?),
             "--sink" => sink_spec = value()?,
             "--threads" => threads = value()?.parse()?,
+            "--detect" => {
+                detect = match value()?.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    other => anyhow::bail!("--detect must be on or off, not {other}"),
+                }
+            }
             "--runtime" => {
                 current = match value()?.as_str() {
                     "current" => true,
@@ -71,13 +82,17 @@ fn main() -> anyhow::Result<()> {
         user: "bench".into(),
         code_sha256: String::new(),
     };
-    let config = GatewayConfig::new(
-        policy,
-        ResponsePolicy {
-            terminate_after_blocked: 0,
-        },
-        session,
-    );
+    let mut rules = DetectPolicy::default();
+    rules.blocked.enabled = false;
+    rules.dns_tunnel.enabled = detect;
+    rules.exfil.enabled = detect;
+    rules.exfil.response = Response::Log;
+    rules.exfil.bytes_out = ByteSize(u64::MAX);
+    rules.exfil.max_request_body = ByteSize(u64::MAX);
+    rules.exfil.distinct_hosts = u32::MAX;
+    rules.exfil.small_requests = u32::MAX;
+    rules.sandbox.enabled = false;
+    let config = GatewayConfig::new(policy, rules, session);
 
     let mut writer: Option<std::thread::JoinHandle<u64>> = None;
     let mut audit: Option<Arc<cordon_audit::AuditWriter>> = None;
@@ -159,6 +174,7 @@ impl EventSink for AuditSink {
             gw::EventKind::HttpRequest => EventKind::HttpRequest,
             gw::EventKind::Blocked => EventKind::Blocked,
             gw::EventKind::BudgetExhausted => EventKind::BudgetExhausted,
+            gw::EventKind::Alert => EventKind::Alert,
         };
         let mut ev = Event::new(kind, e.session.id, e.session.user, e.session.code_sha256);
         let ms =

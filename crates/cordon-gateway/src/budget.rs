@@ -53,6 +53,8 @@ pub(crate) enum Limit {
     Connections(u32),
     BytesOut(u64),
     BytesIn(u64),
+    /// A detection rule blocked the session's egress.
+    Quarantined,
 }
 
 impl Limit {
@@ -64,6 +66,7 @@ impl Limit {
             Limit::Connections(_) => "network.rate.max_connections",
             Limit::BytesOut(_) => "network.rate.max_bytes_out",
             Limit::BytesIn(_) => "network.rate.max_bytes_in",
+            Limit::Quarantined => "detect",
         }
     }
 
@@ -77,6 +80,7 @@ impl Limit {
             },
             Limit::Connections(n) => format!("connection limit reached ({n} concurrent)"),
             Limit::BytesOut(_) | Limit::BytesIn(_) => "byte budget exhausted".into(),
+            Limit::Quarantined => "egress blocked for this session by a detection rule".into(),
         }
     }
 }
@@ -106,6 +110,8 @@ pub(crate) struct Budget {
     bytes_out: AtomicU64,
     bytes_in: AtomicU64,
     checks: AtomicU64,
+    /// Set by a detection rule's `block` or `terminate` response: no more egress.
+    quarantined: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Budget {
@@ -137,6 +143,7 @@ impl Budget {
             bytes_out: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             checks: AtomicU64::new(0),
+            quarantined: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -144,8 +151,20 @@ impl Budget {
         self.limits
     }
 
+    /// Blocks all further egress (a detection rule's response); enforced in report mode too.
+    pub fn quarantine(&self) {
+        self.quarantined.store(true, Ordering::Release);
+    }
+
+    pub fn quarantined(&self) -> bool {
+        self.quarantined.load(Ordering::Relaxed)
+    }
+
     /// Counts one request to `host` against the rate limits.
     pub fn check_request(&self, host: &str) -> RateCheck {
+        if self.quarantined() {
+            return RateCheck::Refused(Limit::Quarantined);
+        }
         // A quota of zero has no GCRA form: it refuses every request.
         if self.limits.requests_per_minute == Some(0) {
             return self.refuse_or_report(Limit::RequestsPerMinute(0));
@@ -181,6 +200,9 @@ impl Budget {
 
     /// Takes a connection slot, or says why not.
     pub fn acquire_connection(&self) -> ConnCheck {
+        if self.quarantined() {
+            return ConnCheck::Refused(Limit::Quarantined);
+        }
         let (Some(sem), Some(n)) = (&self.conns, self.limits.max_connections) else {
             return ConnCheck::Ok(None);
         };
@@ -219,6 +241,9 @@ impl Budget {
 
     /// Reserves up to `want` bytes in direction `d`.
     pub fn reserve_bytes(&self, d: ByteDirection, want: u64) -> Grant {
+        if d == ByteDirection::Out && self.quarantined() {
+            return Grant::Exhausted;
+        }
         let (counter, max) = self.counter(d);
         let Some(max) = max else {
             counter.fetch_add(want, Ordering::Relaxed);

@@ -7,10 +7,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cordon_policy::{NetworkPolicy, ResponsePolicy};
+use cordon_policy::{DetectPolicy, NetworkPolicy};
 
 use crate::event::SessionInfo;
 use crate::origdst::{OriginalDst, SoOriginalDst};
+use crate::owner::SocketOwners;
 use crate::resolve::Resolve;
 
 /// Who the traffic belongs to.
@@ -81,7 +82,10 @@ impl Default for Timeouts {
 #[derive(Clone)]
 pub struct GatewayConfig {
     pub policy: NetworkPolicy,
-    pub response: ResponsePolicy,
+    /// The detection rules of every session.
+    pub detect: DetectPolicy,
+    /// Honey tokens placed in the sandbox (variable name, value); sandbox mode only.
+    pub canaries: Vec<(String, String)>,
     pub clients: Clients,
     pub upstream: Upstream,
     /// How the transparent listener learns where a connection was going.
@@ -89,27 +93,99 @@ pub struct GatewayConfig {
     pub timeouts: Timeouts,
     /// Largest number of names the DNS server maps to synthetic addresses (at most 2^17 - 2).
     pub max_synthetic_names: u32,
+    /// TLS interception, credentials and DLP; `None`: no interception (TLS is tunnelled).
+    pub intercept: Option<Arc<InterceptConfig>>,
+    /// Finds the sandbox process behind each connection and DNS query ([`crate::owner`]);
+    /// `None` (the default) attributes events to the session only.
+    pub owners: Option<Arc<dyn SocketOwners>>,
+}
+
+/// What the gateway needs to intercept TLS: built by the supervisor for one session.
+pub struct InterceptConfig {
+    /// The session CA: leaf certificates for intercepted hosts.
+    pub ca: crate::tls::SessionCa,
+    /// Hosts whose TLS is terminated: the policy's `network.intercept`, plus every host a
+    /// credential or an HTTP rule names.
+    pub hosts: Vec<cordon_policy::InterceptHost>,
+    /// Credentials with their placeholders and secrets.
+    pub credentials: Vec<crate::creds::LiveCredential>,
+    /// Verification of upstream servers: the host's trust store plus any extra roots the
+    /// operator configured (see [`crate::tls::upstream_config`]).
+    pub upstream: Arc<rustls::ClientConfig>,
+    /// Largest request body scanned; a larger request body is refused.
+    pub max_scan_bytes: u64,
+}
+
+/// Default for [`InterceptConfig::max_scan_bytes`].
+pub const DEFAULT_MAX_SCAN_BYTES: u64 = 16 * 1024 * 1024;
+
+impl InterceptConfig {
+    /// The hosts a session intercepts: `network.intercept`, credential hosts and rule hosts.
+    pub fn hosts_for(
+        network: &NetworkPolicy,
+        credentials: &[cordon_policy::Credential],
+    ) -> Vec<cordon_policy::InterceptHost> {
+        use cordon_policy::InterceptHost;
+        let mut hosts: Vec<InterceptHost> = network.intercept.clone();
+        let named = credentials
+            .iter()
+            .flat_map(|c| c.hosts.iter())
+            .chain(network.rules.iter().map(|r| &r.host));
+        for h in named {
+            let entry = InterceptHost::Name(h.clone());
+            if !hosts.contains(&entry) {
+                hosts.push(entry);
+            }
+        }
+        hosts
+    }
+
+    /// True if the gateway terminates TLS for `host`.
+    pub fn intercepts(&self, host: &cordon_policy::host::HostName) -> bool {
+        self.hosts.iter().any(|h| h.matches(host))
+    }
+}
+
+impl std::fmt::Debug for InterceptConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secrets: names only.
+        f.debug_struct("InterceptConfig")
+            .field("hosts", &self.hosts)
+            .field(
+                "credentials",
+                &self
+                    .credentials
+                    .iter()
+                    .map(|c| &c.spec.name)
+                    .collect::<Vec<_>>(),
+            )
+            .field("max_scan_bytes", &self.max_scan_bytes)
+            .finish_non_exhaustive()
+    }
 }
 
 impl GatewayConfig {
     /// A sandbox-mode gateway for `session`: system resolver, `SO_ORIGINAL_DST`, default timeouts.
-    pub fn new(policy: NetworkPolicy, response: ResponsePolicy, session: SessionInfo) -> Self {
+    pub fn new(policy: NetworkPolicy, detect: DetectPolicy, session: SessionInfo) -> Self {
         GatewayConfig {
             policy,
-            response,
+            detect,
+            canaries: Vec::new(),
             clients: Clients::Session(session),
             upstream: Upstream::System,
             original_dst: Arc::new(SoOriginalDst),
             timeouts: Timeouts::default(),
             max_synthetic_names: 1 << 16,
+            intercept: None,
+            owners: None,
         }
     }
 
     /// A standalone gateway whose clients authenticate with tokens.
-    pub fn standalone(policy: NetworkPolicy, response: ResponsePolicy) -> Self {
+    pub fn standalone(policy: NetworkPolicy, detect: DetectPolicy) -> Self {
         GatewayConfig {
             clients: Clients::Tokens,
-            ..Self::new(policy, response, SessionInfo::unauthenticated())
+            ..Self::new(policy, detect, SessionInfo::unauthenticated())
         }
     }
 }
@@ -118,11 +194,14 @@ impl std::fmt::Debug for GatewayConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GatewayConfig")
             .field("policy", &self.policy)
-            .field("response", &self.response)
+            .field("detect", &self.detect)
+            .field("canaries", &self.canaries.len())
             .field("clients", &self.clients)
             .field("upstream", &self.upstream)
             .field("timeouts", &self.timeouts)
             .field("max_synthetic_names", &self.max_synthetic_names)
+            .field("intercept", &self.intercept)
+            .field("owners", &self.owners.is_some())
             .finish_non_exhaustive()
     }
 }

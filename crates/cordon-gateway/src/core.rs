@@ -3,7 +3,10 @@
 //!
 //! Guarantees:
 //! - Every event goes through [`Ctx::emit`], which counts it in the stats, hands it to the sink,
-//!   and applies `terminate_after_blocked`; no path writes to the sink directly.
+//!   and feeds the session's detector; no path writes to the sink directly.
+//! - A detection firing is carried out by [`detected`] exactly once per rule and session: `block`
+//!   quarantines the session's egress, `terminate` also asks the supervisor to end it, and every
+//!   firing goes to the detection channel for the supervisor's alerts.
 //! - A [`TerminateRequest`] is sent at most once per session.
 
 use std::net::IpAddr;
@@ -16,6 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::budget::{ByteDirection, Limit};
 use crate::config::{OnExceedAction, Timeouts};
+use crate::detect::{Detection, Evidence, Rule, Severity};
 use crate::event::{EventKind, EventSink, NetEvent, Verdict, Via};
 use crate::policy::PolicyView;
 use crate::resolve::Resolve;
@@ -40,7 +44,11 @@ pub(crate) struct Shared {
     pub original_dst: Arc<dyn crate::origdst::OriginalDst>,
     pub attribution: Attribution,
     pub stats: StatsCounters,
+    /// TLS interception, credentials and scanning, when the session has any.
+    pub intercept: Option<Arc<crate::intercept::Runtime>>,
     pub terminate_tx: mpsc::UnboundedSender<TerminateRequest>,
+    pub detections_tx: mpsc::UnboundedSender<Detection>,
+    pub owners: Option<Arc<dyn crate::owner::SocketOwners>>,
 }
 
 /// State for one `serve` call: the shared state plus the sink and the cancellation token.
@@ -65,23 +73,31 @@ impl Ctx {
         &self.shared.policy
     }
 
-    /// Records `e`: stats, sink, and the blocked-attempt counter of `session`.
+    /// Records `e`: stats, sink, and the session's detector (which may fire a rule).
     pub fn emit(&self, session: &Session, e: NetEvent) {
         self.shared.stats.count(&e);
-        // DNS refusals are audited but not counted toward terminate_after_blocked: resolvers ask
-        // A and AAAA (and retry) for one attempt, so the count would mean nothing.
-        let counts_toward_terminate = e.verdict == Verdict::Block && e.via != Via::Dns;
+        // An alert accompanies a `Blocked` event for the same request, which is what the
+        // detection rules count.
+        let fired = if e.kind == EventKind::Alert {
+            None
+        } else {
+            session.detector.observe(&e)
+        };
         self.sink.record(e);
-        if counts_toward_terminate {
-            let n = session.note_blocked();
-            if let Some(max) = self.shared.policy.terminate_after_blocked() {
-                if n >= u64::from(max) {
-                    self.terminate(
-                        session,
-                        format!("{n} blocked network attempts (terminate_after_blocked = {max})"),
-                    );
-                }
+        if let Some(d) = fired {
+            detected(&self.shared, session, d);
+        }
+    }
+
+    /// Looks for honey tokens in bytes about to go upstream; `true` (the rule fired and was
+    /// carried out) means they must not be sent.
+    pub fn canary_in(&self, session: &Session, bytes: &[u8], where_: &str) -> bool {
+        match session.detector.scan(&session.info, bytes, where_) {
+            Some(d) => {
+                detected(&self.shared, session, d);
+                true
             }
+            None => false,
         }
     }
 
@@ -89,19 +105,6 @@ impl Ctx {
     pub fn emit_unattributed(&self, e: NetEvent) {
         self.shared.stats.count(&e);
         self.sink.record(e);
-    }
-
-    /// Sends a terminate request for `session` unless one was already sent.
-    pub fn terminate(&self, session: &Session, reason: String) {
-        if session.claim_terminate() {
-            tracing::warn!(session = %session.info.id, %reason, "asking the supervisor to terminate the session");
-            // The receiver may be gone (nobody listens, e.g. standalone benchmarks); the
-            // request is also visible in the audit as the event that caused it.
-            let _ = self.shared.terminate_tx.send(TerminateRequest {
-                session: session.info.clone(),
-                reason,
-            });
-        }
     }
 
     /// Records a refused (or, in report mode, would-be-refused) attempt because of `limit`, and
@@ -119,8 +122,24 @@ impl Ctx {
         e.rule = limit.rule().to_owned();
         e.reason = Some(limit.reason(hit.host.as_deref()));
         self.emit(session, e);
-        if !report && self.shared.policy.on_exceed() == OnExceedAction::Terminate {
-            self.terminate(session, format!("budget exceeded: {}", limit.rule()));
+        if !report
+            && self.shared.policy.on_exceed() == OnExceedAction::Terminate
+            && !matches!(limit, Limit::Quarantined)
+        {
+            let d = Detection::new(
+                Rule::Budget,
+                limit.rule(),
+                Severity::Medium,
+                cordon_policy::Response::Terminate,
+                /*alert*/ true,
+                &session.info,
+                format!("budget exceeded: {}", limit.rule()),
+                [
+                    ("limit", Evidence::from(limit.rule())),
+                    ("reason", limit.reason(hit.host.as_deref()).into()),
+                ],
+            );
+            detected(&self.shared, session, d);
         }
     }
 
@@ -134,11 +153,44 @@ impl Ctx {
     ) {
         let limits = session.budget.limits();
         let limit = match direction {
+            _ if session.budget.quarantined() => Limit::Quarantined,
             ByteDirection::Out => Limit::BytesOut(limits.max_bytes_out.unwrap_or(0)),
             ByteDirection::In => Limit::BytesIn(limits.max_bytes_in.unwrap_or(0)),
         };
         self.budget_refused(session, &limit, hit, report);
     }
+}
+
+/// Sends a terminate request for `session` unless one was already sent.
+pub(crate) fn terminate(shared: &Shared, session: &Session, reason: String) {
+    if session.claim_terminate() {
+        tracing::warn!(session = %session.info.id, %reason, "asking the supervisor to terminate the session");
+        // The receiver may be gone (nobody listens, e.g. standalone benchmarks); the request is
+        // also visible in the audit as the event that caused it.
+        let _ = shared.terminate_tx.send(TerminateRequest {
+            session: session.info.clone(),
+            reason,
+        });
+    }
+}
+
+/// Carries out a rule firing, once per rule and session: `block` stops the session's egress
+/// (new requests and connections are refused, open ones stop moving bytes), `terminate` does
+/// that and asks the supervisor to kill the sandbox; then the firing goes to the supervisor.
+pub(crate) fn detected(shared: &Shared, session: &Session, d: Detection) {
+    if !session.detector.claim(d.rule) {
+        return;
+    }
+    tracing::warn!(session = %session.info.id, rule = d.rule.as_str(), summary = %d.summary, "detection rule fired");
+    match d.response {
+        cordon_policy::Response::Log => {}
+        cordon_policy::Response::Block => session.budget.quarantine(),
+        cordon_policy::Response::Terminate => {
+            session.budget.quarantine();
+            terminate(shared, session, d.summary.clone());
+        }
+    }
+    let _ = shared.detections_tx.send(d);
 }
 
 /// Milliseconds since `start`, saturating.
@@ -197,7 +249,13 @@ pub(crate) mod testing {
             max_bytes_in: inbound,
             ..BudgetLimits::default()
         };
-        let session = Arc::new(Session::new(SessionInfo::unauthenticated(), limits, true));
+        let detector = crate::detect::Detector::new(Default::default(), &[]);
+        let session = Arc::new(Session::new(
+            SessionInfo::unauthenticated(),
+            limits,
+            true,
+            detector,
+        ));
         let meter = Meter::new(MeterTarget {
             ctx,
             session,

@@ -10,10 +10,12 @@
 //! - Paths are cut to [`MAX_PATH_CHARS`] characters before they leave the gateway.
 
 use std::net::IpAddr;
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::SystemTime;
 
 use serde::Serialize;
+
+use crate::owner::ProcessInfo;
 
 /// Request paths in events are cut to this many characters.
 pub const MAX_PATH_CHARS: usize = 100;
@@ -45,6 +47,9 @@ pub enum EventKind {
     HttpRequest,
     Blocked,
     BudgetExhausted,
+    /// High severity: a secret, placeholder, canary or secret-shaped value seen leaving where it
+    /// must not (the request itself is also recorded as `Blocked`). `rule` names the pattern.
+    Alert,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -86,6 +91,17 @@ pub struct NetEvent {
     pub rule: String,
     pub reason: Option<String>,
     pub via: Via,
+    /// The sandbox process that owns the client socket, when the embedder looks it up
+    /// ([`crate::owner`]).
+    #[serde(serialize_with = "serialize_process")]
+    pub process: Option<Arc<ProcessInfo>>,
+}
+
+fn serialize_process<S: serde::Serializer>(
+    p: &Option<Arc<ProcessInfo>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    p.as_deref().serialize(s)
 }
 
 impl NetEvent {
@@ -106,6 +122,7 @@ impl NetEvent {
             rule: String::new(),
             reason: None,
             via,
+            process: crate::owner::current(),
         }
     }
 }

@@ -387,6 +387,17 @@ async fn handle_request(ctx: &Arc<Ctx>, conn: &mut ClientConn, req: &RequestHead
         }
     };
     let via = conn.via();
+    // Honey tokens: looked for in what the gateway can read before anything goes upstream.
+    if ctx.canary_in(&session, req.head.raw(), "request head")
+        || ctx.canary_in(&session, &conn.buf, "request body")
+    {
+        let v = verdicted(
+            "detect.canary",
+            "a canary credential was in the request".into(),
+        );
+        let reason = record_refusal(ctx, &session, via, None, None, None, req.method(), None, &v);
+        return refuse_with(conn, 403, &reason, None).await;
+    }
     let info = match h1::request_info(req) {
         Ok(i) => i,
         Err(e) => {
@@ -456,6 +467,13 @@ async fn handle_request(ctx: &Arc<Ctx>, conn: &mut ClientConn, req: &RequestHead
             return refuse_with(conn, status, &reason, Some(&info)).await;
         }
     };
+    if ctx.shared.intercept.is_some() || !ctx.policy().network().rules.is_empty() {
+        if let Some((status, reason)) =
+            crate::intercept::check_plain(ctx, &session, via, &memo.dest, req, path)
+        {
+            return refuse_with(conn, status, &reason, Some(&info)).await;
+        }
+    }
     let next = forward(ctx, conn, &memo, session, via, path, req, &info).await;
     // An unmapped synthetic address may be mapped to a name later: decide it afresh each time.
     if !matches!(memo.dest, Dest::Addr(ip) if is_synthetic(ip)) {

@@ -28,7 +28,7 @@
 //! #              dns_udp: std::net::UdpSocket, dns_tcp: std::net::TcpListener,
 //! #              transparent: std::net::TcpListener) -> Result<(), Box<dyn std::error::Error>> {
 //! let session = SessionInfo { id: "s-1".into(), user: "alice".into(), code_sha256: "…".into() };
-//! let gateway = Gateway::new(GatewayConfig::new(policy.network, policy.response, session))?;
+//! let gateway = Gateway::new(GatewayConfig::new(policy.network, policy.detect, session))?;
 //! let mut terminate = gateway.take_terminate_receiver().expect("taken once");
 //! let (sink, events) = ChannelSink::new(); // drain `events` on the audit writer thread
 //! let cancel = tokio_util::sync::CancellationToken::new();
@@ -55,12 +55,17 @@ pub mod authority;
 mod budget;
 pub mod config;
 mod core;
+pub mod creds;
+pub mod detect;
+pub mod dlp;
 mod dns;
 pub mod event;
 mod h1;
 mod http;
+mod intercept;
 mod io;
 pub mod origdst;
+pub mod owner;
 mod policy;
 pub mod resolve;
 mod route;
@@ -69,6 +74,7 @@ pub mod sni;
 mod splice;
 mod stats;
 pub mod synthetic;
+pub mod tls;
 mod tokens;
 mod transparent;
 mod tunnel;
@@ -82,17 +88,22 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use crate::config::{Clients, GatewayConfig, Timeouts, Upstream};
+pub use crate::config::{
+    Clients, GatewayConfig, InterceptConfig, Timeouts, Upstream, DEFAULT_MAX_SCAN_BYTES,
+};
 pub use crate::core::TerminateRequest;
+pub use crate::detect::{Detection, Evidence, Rule, Severity};
 pub use crate::event::{
     ChannelSink, EventKind, EventSink, MemorySink, NetEvent, NoopSink, SessionInfo, Verdict, Via,
 };
 pub use crate::origdst::{FixedOriginalDst, OriginalDst, SoOriginalDst};
+pub use crate::owner::{ProcessInfo, SocketOwners, Transport};
 pub use crate::resolve::{Resolve, ResolveError, ResolveFuture, UpstreamResolver};
 pub use crate::stats::GatewayStats;
 pub use crate::tokens::{TokenError, TOKEN_USER};
 
 use crate::core::{Ctx, Shared};
+use crate::detect::Detector;
 use crate::http::{ClientConn, ConnMode};
 use crate::policy::PolicyView;
 use crate::session::Session;
@@ -128,6 +139,7 @@ pub struct Listeners {
 pub struct Gateway {
     shared: Arc<Shared>,
     terminate_rx: Arc<Mutex<Option<mpsc::UnboundedReceiver<TerminateRequest>>>>,
+    detections_rx: Arc<Mutex<Option<mpsc::UnboundedReceiver<Detection>>>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -142,7 +154,8 @@ impl Gateway {
     /// Builds a gateway. Fails only if the upstream resolver cannot be configured (for
     /// [`Upstream::System`], when `/etc/resolv.conf` cannot be read).
     pub fn new(config: GatewayConfig) -> Result<Gateway, GatewayError> {
-        let policy = PolicyView::new(config.policy, config.response);
+        let detect = config.detect.clone();
+        let policy = PolicyView::new(config.policy);
         let limits = policy.budget_limits();
         let enforce = policy.enforcing();
         let resolver: Arc<dyn Resolve> = match config.upstream {
@@ -154,15 +167,18 @@ impl Gateway {
         };
         let attribution = match config.clients {
             Clients::Session(info) => {
-                Attribution::Fixed(Arc::new(Session::new(info, limits, enforce)))
+                let detector = Detector::new(detect, &config.canaries);
+                Attribution::Fixed(Arc::new(Session::new(info, limits, enforce, detector)))
             }
             Clients::Tokens => Attribution::Tokens {
                 sessions: RwLock::new(HashMap::new()),
                 limits,
                 enforce,
+                detect: Box::new(detect),
             },
         };
         let (terminate_tx, terminate_rx) = mpsc::unbounded_channel();
+        let (detections_tx, detections_rx) = mpsc::unbounded_channel();
         Ok(Gateway {
             shared: Arc::new(Shared {
                 policy,
@@ -172,9 +188,15 @@ impl Gateway {
                 original_dst: config.original_dst,
                 attribution,
                 stats: Default::default(),
+                intercept: config
+                    .intercept
+                    .map(|c| Arc::new(crate::intercept::Runtime::new(c, &config.canaries))),
                 terminate_tx,
+                detections_tx,
+                owners: config.owners,
             }),
             terminate_rx: Arc::new(Mutex::new(Some(terminate_rx))),
+            detections_rx: Arc::new(Mutex::new(Some(detections_rx))),
         })
     }
 
@@ -184,6 +206,32 @@ impl Gateway {
         match self.terminate_rx.lock() {
             Ok(mut g) => g.take(),
             Err(poisoned) => poisoned.into_inner().take(),
+        }
+    }
+
+    /// The channel on which the gateway reports every detection-rule firing (after carrying
+    /// out its block or terminate response), for the supervisor's alerts. Returns `Some` once.
+    pub fn take_detection_receiver(&self) -> Option<mpsc::UnboundedReceiver<Detection>> {
+        match self.detections_rx.lock() {
+            Ok(mut g) => g.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        }
+    }
+
+    /// Looks for the session's honey tokens in outbound bytes that the gateway has in the clear
+    /// (the TLS-interception path calls this on decrypted request heads and body prefixes).
+    /// A hit fires the canary rule with its response, exactly like a plain-HTTP hit; returns
+    /// whether the bytes must not be forwarded.
+    pub fn scan_outbound(&self, session_id: &str, bytes: &[u8], where_: &str) -> bool {
+        let Some(session) = self.shared.attribution.by_id(session_id) else {
+            return false;
+        };
+        match session.detector.scan(&session.info, bytes, where_) {
+            Some(d) => {
+                crate::core::detected(&self.shared, &session, d);
+                true
+            }
+            None => false,
         }
     }
 
@@ -279,7 +327,7 @@ async fn serve_proxy(ctx: Arc<Ctx>, listener: TcpListener) {
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok(x) => x,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::debug!(error = %e, "proxy accept");
@@ -289,8 +337,24 @@ async fn serve_proxy(ctx: Arc<Ctx>, listener: TcpListener) {
             },
             _ = ctx.cancel.cancelled() => return,
         };
+        let (stream, client) = stream;
         let _ = stream.set_nodelay(true);
+        // Where the client's socket is connected: this listener, unless the connection was
+        // redirected (then its original destination; the same call answers both).
+        let server = ctx.shared.owners.as_ref().and_then(|_| {
+            ctx.shared
+                .original_dst
+                .original_dst(&stream)
+                .or_else(|_| stream.local_addr())
+                .ok()
+        });
         let conn = ClientConn::new(ConnMode::Proxy, stream, &[]);
-        ctx.tasks.spawn(http::serve_client(ctx.clone(), conn));
+        ctx.tasks.spawn(owner::with_owner(
+            ctx.shared.owners.clone(),
+            owner::Transport::Tcp,
+            Some(client),
+            server,
+            http::serve_client(ctx.clone(), conn),
+        ));
     }
 }

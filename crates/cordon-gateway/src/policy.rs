@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use cordon_policy::allow::{PortSpec, DEFAULT_PORT};
 use cordon_policy::decide::{decide, decide_resolved, Decision, Target};
 use cordon_policy::host::HostName;
-use cordon_policy::{Enforcement, NetworkPolicy, OnExceed, ResponsePolicy};
+use cordon_policy::{Enforcement, NetworkPolicy, OnExceed};
 
 use crate::budget::BudgetLimits;
 use crate::config::OnExceedAction;
@@ -79,12 +79,11 @@ impl Dest {
 #[derive(Debug, Clone)]
 pub(crate) struct PolicyView {
     network: NetworkPolicy,
-    response: ResponsePolicy,
 }
 
 impl PolicyView {
-    pub fn new(network: NetworkPolicy, response: ResponsePolicy) -> Self {
-        PolicyView { network, response }
+    pub fn new(network: NetworkPolicy) -> Self {
+        PolicyView { network }
     }
 
     /// Before resolution: may the sandbox go to `dest:port`?
@@ -115,6 +114,11 @@ impl PolicyView {
         decide(&self.network, target, port).into()
     }
 
+    /// The network policy (for [`cordon_policy::decide_request`]).
+    pub fn network(&self) -> &NetworkPolicy {
+        &self.network
+    }
+
     pub fn enforcing(&self) -> bool {
         self.network.mode == Enforcement::Enforce
     }
@@ -137,11 +141,5 @@ impl PolicyView {
             OnExceed::Block => OnExceedAction::Block,
             OnExceed::Terminate => OnExceedAction::Terminate,
         }
-    }
-
-    /// `None` when the policy never terminates for blocked attempts.
-    pub fn terminate_after_blocked(&self) -> Option<u32> {
-        let n = self.response.terminate_after_blocked;
-        (n > 0).then_some(n)
     }
 }

@@ -158,7 +158,7 @@ mod tests {
     use super::*;
     use crate::resolve::ResolveFuture;
     use cordon_policy::host::HostName;
-    use cordon_policy::{AllowEntry, Enforcement, NetworkPolicy, ResponsePolicy};
+    use cordon_policy::{AllowEntry, Enforcement, NetworkPolicy};
     use std::sync::Mutex;
 
     /// Answers from a table and counts lookups.
@@ -184,15 +184,12 @@ mod tests {
 
     fn view(allow: &[&str], allow_private: &[&str], mode: Enforcement) -> PolicyView {
         let parse = |v: &[&str]| v.iter().map(|a| AllowEntry::parse(a).unwrap()).collect();
-        PolicyView::new(
-            NetworkPolicy {
-                mode,
-                allow: parse(allow),
-                allow_private: parse(allow_private),
-                ..NetworkPolicy::default()
-            },
-            ResponsePolicy::default(),
-        )
+        PolicyView::new(NetworkPolicy {
+            mode,
+            allow: parse(allow),
+            allow_private: parse(allow_private),
+            ..NetworkPolicy::default()
+        })
     }
 
     fn name(s: &str) -> Dest {

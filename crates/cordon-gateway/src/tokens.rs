@@ -33,6 +33,7 @@ pub(crate) enum Attribution {
         sessions: RwLock<HashMap<String, Arc<Session>>>,
         limits: BudgetLimits,
         enforce: bool,
+        detect: Box<cordon_policy::DetectPolicy>,
     },
 }
 
@@ -71,6 +72,20 @@ impl Attribution {
         }
     }
 
+    /// The session whose id is `id` (sandbox mode: the one session; standalone: any issued one).
+    pub fn by_id(&self, id: &str) -> Option<Arc<Session>> {
+        match self {
+            Attribution::Fixed(s) => (s.info.id == id).then(|| s.clone()),
+            Attribution::Tokens { sessions, .. } => {
+                let map = match sessions.read() {
+                    Ok(g) => g,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                map.values().find(|s| s.info.id == id).cloned()
+            }
+        }
+    }
+
     /// Makes a new session with its own budgets and returns its token.
     pub fn issue(&self, info: SessionInfo) -> Result<String, TokenError> {
         let mut raw = [0u8; 32];
@@ -80,9 +95,11 @@ impl Attribution {
             sessions,
             limits,
             enforce,
+            detect,
         } = self
         {
-            let session = Arc::new(Session::new(info, *limits, *enforce));
+            let detector = crate::detect::Detector::new((**detect).clone(), &[]);
+            let session = Arc::new(Session::new(info, *limits, *enforce, detector));
             let mut map = match sessions.write() {
                 Ok(g) => g,
                 Err(poisoned) => poisoned.into_inner(),
@@ -135,6 +152,7 @@ mod tests {
             sessions: RwLock::new(HashMap::new()),
             limits: BudgetLimits::default(),
             enforce: true,
+            detect: Default::default(),
         }
     }
 

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use common::*;
 use cordon_gateway::{EventKind, Verdict};
 use cordon_policy::size::ByteSize;
-use cordon_policy::{Enforcement, NetworkPolicy, OnExceed, ResponsePolicy};
+use cordon_policy::{Enforcement, NetworkPolicy, OnExceed};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 
@@ -289,8 +289,11 @@ async fn on_exceed_terminate_asks_the_supervisor_to_end_the_session_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminate_after_blocked_fires_on_the_nth_blocked_attempt() {
     let opts = Options {
-        response: ResponsePolicy {
-            terminate_after_blocked: 2,
+        detect: {
+            let mut d = common::quiet_detection();
+            d.blocked.enabled = true;
+            d.blocked.threshold = 2;
+            d
         },
         ..Options::default()
     };
@@ -304,7 +307,7 @@ async fn terminate_after_blocked_fires_on_the_nth_blocked_attempt() {
         .unwrap();
     assert_eq!(
         t.reason,
-        "2 blocked network attempts (terminate_after_blocked = 2)"
+        "2 blocked network attempts in 1m (detect.blocked.threshold = 2)"
     );
     w.gw.stop().await;
 }

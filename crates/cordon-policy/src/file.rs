@@ -1,8 +1,8 @@
 //! Reading a policy from TOML text.
 //!
 //! Guarantees: every table refuses keys it does not know (`deny_unknown_fields`); every error
-//! carries the line and column of the bad key or value and its dotted key; `[[credentials]]` is
-//! refused, never ignored; every value goes through [`crate::rules`]; a key that is absent keeps
+//! carries the line and column of the bad key or value and its dotted key; every value goes
+//! through [`crate::rules`] (credentials and HTTP rules through their own modules); a key that is absent keeps
 //! its safe default. Values are read as `Spanned<toml::Value>` and checked here rather than typed
 //! by serde, so that type errors name the key and say what was expected in plain words.
 
@@ -13,10 +13,15 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
 use toml::{Spanned, Value};
 
+use crate::credentials::{self, Credential, Injection, InterceptHost, SecretSource, SECRET_MARK};
+use crate::decide::Target;
+use crate::detect::{self, AlertsPolicy, DetectPolicy};
 use crate::error::{Location, PolicyError};
+use crate::host::HostName;
+use crate::http_rules::{self, HttpRule};
 use crate::model::{
-    Enforcement, ExtraMount, Layer, Limits, NetworkMode, NetworkPolicy, OnExceed, Policy,
-    RateLimits, ResponsePolicy, SandboxPolicy,
+    AuditPolicy, Enforcement, ExtraMount, Layer, Limits, MinSeverity, NetworkMode, NetworkPolicy,
+    OnExceed, Policy, RateLimits, Response, SandboxPolicy,
 };
 use crate::rules::{self, ValueError};
 use crate::size::ByteSize;
@@ -30,9 +35,37 @@ struct RawPolicy {
     sandbox: Option<RawSandbox>,
     limits: Option<RawLimits>,
     network: Option<RawNetwork>,
+    /// The old home of `terminate_after_blocked`, read into `detect.blocked`.
     response: Option<RawResponse>,
-    /// Only read to refuse it with a clear error.
-    credentials: Option<Spanned<Value>>,
+    detect: Option<RawDetect>,
+    alerts: Option<RawAlerts>,
+    audit: Option<RawAudit>,
+    credentials: Option<Vec<Spanned<RawCredential>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [[credentials]] table")]
+struct RawCredential {
+    name: Leaf,
+    hosts: List,
+    header: Leaf,
+    query: Leaf,
+    basic_auth: Leaf,
+    any_header: Leaf,
+    format: Leaf,
+    from_env: Leaf,
+    from_file: Leaf,
+    from_command: List,
+    env: Leaf,
+    require: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [[network.rules]] table")]
+struct RawRule {
+    host: Leaf,
+    methods: List,
+    paths: List,
 }
 
 #[derive(Deserialize)]
@@ -76,7 +109,9 @@ struct RawNetwork {
     mode: Leaf,
     allow: List,
     allow_private: List,
+    intercept: List,
     rate: Option<RawRate>,
+    rules: Option<Vec<Spanned<RawRule>>>,
 }
 
 #[derive(Deserialize)]
@@ -96,16 +131,95 @@ struct RawResponse {
     terminate_after_blocked: Leaf,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [detect] table")]
+struct RawDetect {
+    blocked: Option<Spanned<RawBlocked>>,
+    dns_tunnel: Option<RawDnsTunnel>,
+    exfil: Option<RawExfil>,
+    sandbox: Option<RawSandboxRule>,
+    canary: Option<RawCanary>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [detect.blocked] table")]
+struct RawBlocked {
+    enabled: Leaf,
+    threshold: Leaf,
+    window: Leaf,
+    response: Leaf,
+    alert: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [detect.dns_tunnel] table")]
+struct RawDnsTunnel {
+    enabled: Leaf,
+    window: Leaf,
+    distinct_names: Leaf,
+    max_name_length: Leaf,
+    long_names: Leaf,
+    entropy: Leaf,
+    high_entropy_labels: Leaf,
+    queries: Leaf,
+    nxdomain_ratio: Leaf,
+    min_names: Leaf,
+    other_types: Leaf,
+    response: Leaf,
+    alert: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [detect.exfil] table")]
+struct RawExfil {
+    enabled: Leaf,
+    window: Leaf,
+    bytes_out: Leaf,
+    max_request_body: Leaf,
+    small_requests: Leaf,
+    small_request_size: Leaf,
+    distinct_hosts: Leaf,
+    response: Leaf,
+    alert: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [detect.sandbox] table")]
+struct RawSandboxRule {
+    enabled: Leaf,
+    limits: Leaf,
+    lingering: Leaf,
+    response: Leaf,
+    alert: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [detect.canary] table")]
+struct RawCanary {
+    env: List,
+    response: Leaf,
+    alert: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an [alerts] table")]
+struct RawAlerts {
+    webhook: Leaf,
+    timeout: Leaf,
+    retries: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an [audit] table")]
+struct RawAudit {
+    syslog: Leaf,
+    syslog_min_severity: Leaf,
+}
+
 /// Parses and validates a policy; see the module documentation.
 pub(crate) fn parse(text: &str, source: Option<&str>) -> Result<Policy, PolicyError> {
     let cx = Cx { text, source };
     let raw: RawPolicy = toml::from_str(text).map_err(|e| cx.toml_error(&e))?;
-    if let Some(credentials) = &raw.credentials {
-        return Err(PolicyError::Unsupported {
-            at: cx.at(credentials.span()),
-            key: "credentials".to_owned(),
-        });
-    }
     let mut policy = Policy::default();
     if let Some(sandbox) = &raw.sandbox {
         cx.sandbox(sandbox, &mut policy.sandbox)?;
@@ -116,8 +230,23 @@ pub(crate) fn parse(text: &str, source: Option<&str>) -> Result<Policy, PolicyEr
     if let Some(network) = &raw.network {
         cx.network(network, &mut policy.network)?;
     }
+    if let Some(detect) = &raw.detect {
+        cx.detect(detect, &policy.sandbox.env, &mut policy.detect)?;
+    }
     if let Some(response) = &raw.response {
-        cx.response(response, &mut policy.response)?;
+        cx.response(response, raw.detect.as_ref(), &mut policy.detect)?;
+    }
+    if let Some(alerts) = &raw.alerts {
+        cx.alerts(alerts, &mut policy.alerts)?;
+    }
+    if let Some(audit) = &raw.audit {
+        cx.audit(audit, &mut policy.audit)?;
+    }
+    if let Some(rules) = raw.network.as_ref().and_then(|n| n.rules.as_ref()) {
+        cx.http_rules(rules, &mut policy.network)?;
+    }
+    if let Some(credentials) = &raw.credentials {
+        cx.credentials(credentials, &mut policy)?;
     }
     // Every field was checked above with its position; this is the backstop for the rules that
     // span fields, so that no path builds a policy `validate` would refuse.
@@ -330,8 +459,289 @@ impl Cx<'_> {
                 )?);
             }
         }
+        if let Some(list) = &raw.intercept {
+            for (i, v) in list.iter().enumerate() {
+                out.intercept
+                    .push(self.check(v, &format!("network.intercept[{i}]"), |v| {
+                        InterceptHost::parse(string(v, "a host name like \"api.example.com\"")?)
+                            .map_err(ValueError::Other)
+                    })?);
+            }
+        }
         if let Some(rate) = &raw.rate {
             self.rate(rate, &mut out.rate)?;
+        }
+        Ok(())
+    }
+
+    /// A host that must be reachable: a host name (no wildcard) some `network.allow` entry names.
+    fn allowed_host(
+        &self,
+        v: &Spanned<Value>,
+        key: &str,
+        network: &NetworkPolicy,
+    ) -> Result<HostName, PolicyError> {
+        self.check(v, key, |v| {
+            let text = string(v, "a host name like \"api.github.com\"")?;
+            let host = HostName::parse(text).map_err(|e| ValueError::Other(e.to_string()))?;
+            if !network
+                .allow
+                .iter()
+                .any(|e| e.matches_host(Target::Name(&host)))
+            {
+                return Err(ValueError::Other(format!(
+                    "{} is not in network.allow, so the sandbox could never reach it",
+                    crate::error::quoted(text)
+                )));
+            }
+            Ok(host)
+        })
+    }
+
+    fn string_list(
+        &self,
+        list: &[Spanned<Value>],
+        key: &str,
+        expected: &'static str,
+        rule: impl Fn(&str) -> Result<String, String>,
+    ) -> Result<Vec<String>, PolicyError> {
+        list.iter()
+            .enumerate()
+            .map(|(i, v)| {
+                self.check(v, &format!("{key}[{i}]"), |v| {
+                    rule(string(v, expected)?).map_err(ValueError::Other)
+                })
+            })
+            .collect()
+    }
+
+    fn http_rules(
+        &self,
+        rules: &[Spanned<RawRule>],
+        out: &mut NetworkPolicy,
+    ) -> Result<(), PolicyError> {
+        for (i, rule) in rules.iter().enumerate() {
+            let key = format!("network.rules[{i}]");
+            let raw = rule.get_ref();
+            let whole = |message: &str| {
+                self.invalid(
+                    rule.span(),
+                    key.clone(),
+                    ValueError::Other(message.to_owned()),
+                )
+            };
+            let host = raw.host.as_ref().ok_or_else(|| whole("missing \"host\""))?;
+            let host = self.allowed_host(host, &format!("{key}.host"), out)?;
+            if raw.methods.is_none() && raw.paths.is_none() {
+                return Err(whole("give \"methods\", \"paths\" or both"));
+            }
+            let methods = match &raw.methods {
+                Some(list) => self.string_list(
+                    list,
+                    &format!("{key}.methods"),
+                    "a method like \"GET\"",
+                    http_rules::method,
+                )?,
+                None => vec!["*".to_owned()],
+            };
+            let paths = match &raw.paths {
+                Some(list) => self.string_list(
+                    list,
+                    &format!("{key}.paths"),
+                    "a path glob like \"/repos/*\"",
+                    http_rules::path_glob,
+                )?,
+                None => vec!["/*".to_owned()],
+            };
+            if methods.is_empty() {
+                return Err(whole("\"methods\" is empty, so the rule allows nothing"));
+            }
+            if paths.is_empty() {
+                return Err(whole("\"paths\" is empty, so the rule allows nothing"));
+            }
+            out.rules.push(HttpRule {
+                host,
+                methods,
+                paths,
+            });
+        }
+        Ok(())
+    }
+
+    fn credentials(
+        &self,
+        list: &[Spanned<RawCredential>],
+        out: &mut Policy,
+    ) -> Result<(), PolicyError> {
+        for (i, cred) in list.iter().enumerate() {
+            let key = format!("credentials[{i}]");
+            let raw = cred.get_ref();
+            let whole = |message: String| {
+                self.invalid(cred.span(), key.clone(), ValueError::Other(message))
+            };
+            let name_v = raw
+                .name
+                .as_ref()
+                .ok_or_else(|| whole("missing \"name\"".into()))?;
+            let name = self.check(name_v, &format!("{key}.name"), |v| {
+                credentials::name(string(v, "a name")?).map_err(ValueError::Other)
+            })?;
+            if out.credentials.iter().any(|c| c.name == name) {
+                return Err(self.invalid(
+                    name_v.span(),
+                    format!("{key}.name"),
+                    ValueError::Other(format!(
+                        "another credential is already called {}",
+                        crate::error::quoted(&name)
+                    )),
+                ));
+            }
+            let hosts_v = raw
+                .hosts
+                .as_ref()
+                .ok_or_else(|| whole("missing \"hosts\"".into()))?;
+            if hosts_v.is_empty() {
+                return Err(whole(
+                    "\"hosts\" is empty: bind the credential to at least one host".into(),
+                ));
+            }
+            let mut hosts = Vec::new();
+            for (j, v) in hosts_v.iter().enumerate() {
+                hosts.push(self.allowed_host(v, &format!("{key}.hosts[{j}]"), &out.network)?);
+            }
+
+            let mut injections = Vec::new();
+            if let Some(v) = &raw.header {
+                injections.push(self.check(v, &format!("{key}.header"), |v| {
+                    Ok(Injection::Header(
+                        credentials::header(string(v, "a header name")?)
+                            .map_err(ValueError::Other)?,
+                    ))
+                })?);
+            }
+            if let Some(v) = &raw.query {
+                injections.push(self.check(v, &format!("{key}.query"), |v| {
+                    Ok(Injection::Query(
+                        credentials::query(string(v, "a query parameter name")?)
+                            .map_err(ValueError::Other)?,
+                    ))
+                })?);
+            }
+            for (field, v, inject) in [
+                ("basic_auth", &raw.basic_auth, Injection::BasicAuth),
+                ("any_header", &raw.any_header, Injection::AnyHeader),
+            ] {
+                if let Some(v) = v {
+                    let on = self.check(v, &format!("{key}.{field}"), |v| match boolean(v)? {
+                        true => Ok(true),
+                        false => Err(ValueError::Other(
+                            "only `true` is meaningful; leave it out otherwise".into(),
+                        )),
+                    })?;
+                    if on {
+                        injections.push(inject);
+                    }
+                }
+            }
+            let inject = match injections.len() {
+                1 => injections.remove(0),
+                0 => return Err(whole("say where the secret goes: one of \"header\", \"query\", \"basic_auth\" or \"any_header\"".into())),
+                _ => return Err(whole("give only one of \"header\", \"query\", \"basic_auth\" and \"any_header\"".into())),
+            };
+            let format = match &raw.format {
+                Some(v) => {
+                    let f = self.check(v, &format!("{key}.format"), |v| {
+                        credentials::format(string(v, "a string with {secret}")?)
+                            .map_err(ValueError::Other)
+                    })?;
+                    if matches!(inject, Injection::BasicAuth | Injection::AnyHeader)
+                        && f != SECRET_MARK
+                    {
+                        return Err(self.invalid(v.span(), format!("{key}.format"), ValueError::Other(format!("{inject} replaces the placeholder where the sandbox put it; \"format\" applies only to \"header\" and \"query\""))));
+                    }
+                    f
+                }
+                None => SECRET_MARK.to_owned(),
+            };
+
+            let mut sources = Vec::new();
+            if let Some(v) = &raw.from_env {
+                sources.push(self.check(v, &format!("{key}.from_env"), |v| {
+                    let n = string(v, "an environment variable name")?;
+                    rules::env_name(n)?;
+                    Ok(SecretSource::Env(n.to_owned()))
+                })?);
+            }
+            if let Some(v) = &raw.from_file {
+                sources.push(self.check(v, &format!("{key}.from_file"), |v| {
+                    Ok(SecretSource::File(rules::mount_host(string(
+                        v,
+                        "an absolute path",
+                    )?)?))
+                })?);
+            }
+            if let Some(list) = &raw.from_command {
+                let argv =
+                    self.string_list(list, &format!("{key}.from_command"), "a string", |s| {
+                        Ok(s.to_owned())
+                    })?;
+                let argv =
+                    credentials::command(&argv).map_err(|m| whole(format!("from_command: {m}")))?;
+                sources.push(SecretSource::Command(argv));
+            }
+            let source = match sources.len() {
+                1 => sources.remove(0),
+                0 => return Err(whole("say where the secret comes from: one of \"from_env\", \"from_file\" or \"from_command\"".into())),
+                _ => return Err(whole("give only one of \"from_env\", \"from_file\" and \"from_command\"".into())),
+            };
+            let env = match (&raw.env, &source) {
+                (Some(v), _) => {
+                    let name = self.check(v, &format!("{key}.env"), |v| {
+                        let n = string(v, "an environment variable name")?;
+                        rules::env_name(n)?;
+                        Ok(n.to_owned())
+                    })?;
+                    let clash = out.credentials.iter().any(|c| c.env == name)
+                        || out.sandbox.env.contains_key(&name);
+                    if clash {
+                        return Err(self.invalid(
+                            v.span(),
+                            format!("{key}.env"),
+                            ValueError::Other(format!(
+                                "{} is already set by sandbox.env or another credential",
+                                crate::error::quoted(&name)
+                            )),
+                        ));
+                    }
+                    name
+                }
+                (None, SecretSource::Env(n)) => {
+                    let clash = out.credentials.iter().any(|c| c.env == *n)
+                        || out.sandbox.env.contains_key(n);
+                    if clash {
+                        return Err(whole(format!("{} is already set by sandbox.env or another credential; name the placeholder variable with \"env\"", crate::error::quoted(n))));
+                    }
+                    n.clone()
+                }
+                (None, _) => {
+                    return Err(whole(
+                        "missing \"env\": the sandbox variable that holds the placeholder".into(),
+                    ))
+                }
+            };
+            let require = match &raw.require {
+                Some(v) => self.check(v, &format!("{key}.require"), boolean)?,
+                None => false,
+            };
+            out.credentials.push(Credential {
+                name,
+                hosts,
+                inject,
+                format,
+                source,
+                env,
+                require,
+            });
         }
         Ok(())
     }
@@ -365,12 +775,231 @@ impl Cx<'_> {
         Ok(())
     }
 
-    fn response(&self, raw: &RawResponse, out: &mut ResponsePolicy) -> Result<(), PolicyError> {
-        if let Some(v) = &raw.terminate_after_blocked {
-            out.terminate_after_blocked =
-                self.check(v, "response.terminate_after_blocked", |v| {
-                    rules::count(integer(v)?)
+    /// `[response] terminate_after_blocked = N` is the old spelling of `[detect.blocked]`:
+    /// N blocked attempts in the whole session (a 24h window, the longest session) end it; 0
+    /// turns the rule off. Both spellings at once is an error that names the new one.
+    fn response(
+        &self,
+        raw: &RawResponse,
+        detect: Option<&RawDetect>,
+        out: &mut DetectPolicy,
+    ) -> Result<(), PolicyError> {
+        let Some(v) = &raw.terminate_after_blocked else {
+            return Ok(());
+        };
+        let key = "response.terminate_after_blocked";
+        if detect.is_some_and(|d| d.blocked.is_some()) {
+            return Err(self.invalid(
+                v.span(),
+                key,
+                ValueError::Other(
+                    "replaced by [detect.blocked] (threshold, window, response); set only [detect.blocked]"
+                        .to_owned(),
+                ),
+            ));
+        }
+        let n = self.check(v, key, |v| rules::count(integer(v)?))?;
+        let b = &mut out.blocked;
+        b.enabled = n > 0;
+        if n > 0 {
+            b.threshold = n;
+        }
+        b.window = rules::MAX_TIMEOUT;
+        b.response = Response::Terminate;
+        Ok(())
+    }
+
+    fn enabled(&self, v: &Leaf, key: &str, out: &mut bool) -> Result<(), PolicyError> {
+        if let Some(v) = v {
+            *out = self.check(v, key, boolean)?;
+        }
+        Ok(())
+    }
+
+    fn response_of(&self, v: &Leaf, key: &str, out: &mut Response) -> Result<(), PolicyError> {
+        if let Some(v) = v {
+            *out = self.check(v, key, |v| {
+                Ok(string(v, "\"log\", \"block\" or \"terminate\"")?.parse::<Response>()?)
+            })?;
+        }
+        Ok(())
+    }
+
+    fn window(
+        &self,
+        v: &Leaf,
+        key: &str,
+        out: &mut std::time::Duration,
+    ) -> Result<(), PolicyError> {
+        if let Some(v) = v {
+            *out = self.check(v, key, |v| {
+                detect::window(crate::duration::parse_duration(string(
+                    v,
+                    "a duration like \"10s\"",
+                )?)?)
+            })?;
+        }
+        Ok(())
+    }
+
+    fn threshold(&self, v: &Leaf, key: &str, out: &mut u32) -> Result<(), PolicyError> {
+        if let Some(v) = v {
+            *out = self.check(v, key, |v| detect::threshold(integer(v)?))?;
+        }
+        Ok(())
+    }
+
+    fn bytes(&self, v: &Leaf, key: &str, out: &mut ByteSize) -> Result<(), PolicyError> {
+        if let Some(v) = v {
+            *out = self.check(v, key, |v| detect::bytes(size(v)?))?;
+        }
+        Ok(())
+    }
+
+    fn detect(
+        &self,
+        raw: &RawDetect,
+        sandbox_env: &BTreeMap<String, String>,
+        out: &mut DetectPolicy,
+    ) -> Result<(), PolicyError> {
+        if let Some(b) = &raw.blocked {
+            let (b, o) = (b.get_ref(), &mut out.blocked);
+            self.enabled(&b.enabled, "detect.blocked.enabled", &mut o.enabled)?;
+            self.threshold(&b.threshold, "detect.blocked.threshold", &mut o.threshold)?;
+            self.window(&b.window, "detect.blocked.window", &mut o.window)?;
+            self.response_of(&b.response, "detect.blocked.response", &mut o.response)?;
+            self.enabled(&b.alert, "detect.blocked.alert", &mut o.alert)?;
+        }
+        if let Some(t) = &raw.dns_tunnel {
+            let o = &mut out.dns_tunnel;
+            let k = |name: &str| format!("detect.dns_tunnel.{name}");
+            self.enabled(&t.enabled, &k("enabled"), &mut o.enabled)?;
+            self.window(&t.window, &k("window"), &mut o.window)?;
+            self.threshold(
+                &t.distinct_names,
+                &k("distinct_names"),
+                &mut o.distinct_names,
+            )?;
+            if let Some(v) = &t.max_name_length {
+                o.max_name_length = self.check(v, &k("max_name_length"), |v| {
+                    detect::name_length(integer(v)?)
                 })?;
+            }
+            self.threshold(&t.long_names, &k("long_names"), &mut o.long_names)?;
+            if let Some(v) = &t.entropy {
+                o.entropy = self.check(v, &k("entropy"), |v| detect::entropy(number(v)?))?;
+            }
+            self.threshold(
+                &t.high_entropy_labels,
+                &k("high_entropy_labels"),
+                &mut o.high_entropy_labels,
+            )?;
+            self.threshold(&t.queries, &k("queries"), &mut o.queries)?;
+            if let Some(v) = &t.nxdomain_ratio {
+                o.nxdomain_ratio =
+                    self.check(v, &k("nxdomain_ratio"), |v| detect::ratio(number(v)?))?;
+            }
+            self.threshold(&t.min_names, &k("min_names"), &mut o.min_names)?;
+            self.threshold(&t.other_types, &k("other_types"), &mut o.other_types)?;
+            self.response_of(&t.response, &k("response"), &mut o.response)?;
+            self.enabled(&t.alert, &k("alert"), &mut o.alert)?;
+        }
+        if let Some(x) = &raw.exfil {
+            let o = &mut out.exfil;
+            let k = |name: &str| format!("detect.exfil.{name}");
+            self.enabled(&x.enabled, &k("enabled"), &mut o.enabled)?;
+            self.window(&x.window, &k("window"), &mut o.window)?;
+            self.bytes(&x.bytes_out, &k("bytes_out"), &mut o.bytes_out)?;
+            self.bytes(
+                &x.max_request_body,
+                &k("max_request_body"),
+                &mut o.max_request_body,
+            )?;
+            self.threshold(
+                &x.small_requests,
+                &k("small_requests"),
+                &mut o.small_requests,
+            )?;
+            self.bytes(
+                &x.small_request_size,
+                &k("small_request_size"),
+                &mut o.small_request_size,
+            )?;
+            self.threshold(
+                &x.distinct_hosts,
+                &k("distinct_hosts"),
+                &mut o.distinct_hosts,
+            )?;
+            self.response_of(&x.response, &k("response"), &mut o.response)?;
+            self.enabled(&x.alert, &k("alert"), &mut o.alert)?;
+        }
+        if let Some(s) = &raw.sandbox {
+            let o = &mut out.sandbox;
+            let k = |name: &str| format!("detect.sandbox.{name}");
+            self.enabled(&s.enabled, &k("enabled"), &mut o.enabled)?;
+            self.enabled(&s.limits, &k("limits"), &mut o.limits)?;
+            self.enabled(&s.lingering, &k("lingering"), &mut o.lingering)?;
+            self.response_of(&s.response, &k("response"), &mut o.response)?;
+            self.enabled(&s.alert, &k("alert"), &mut o.alert)?;
+        }
+        if let Some(c) = &raw.canary {
+            let o = &mut out.canary;
+            if let Some(list) = &c.env {
+                for (i, v) in list.iter().enumerate() {
+                    let key = format!("detect.canary.env[{i}]");
+                    let name = self.check(v, &key, |v| {
+                        detect::canary_env(string(v, "an environment variable name")?)
+                    })?;
+                    let quoted = crate::error::quoted(&name);
+                    let clash = if o.env.contains(&name) {
+                        Some(format!("{quoted} is listed twice"))
+                    } else if sandbox_env.contains_key(&name) {
+                        Some(format!("{quoted} is also set in sandbox.env; a canary must be a value only cordon knows"))
+                    } else {
+                        None
+                    };
+                    if let Some(message) = clash {
+                        return Err(self.invalid(v.span(), key, ValueError::Other(message)));
+                    }
+                    o.env.push(name);
+                }
+            }
+            self.response_of(&c.response, "detect.canary.response", &mut o.response)?;
+            self.enabled(&c.alert, "detect.canary.alert", &mut o.alert)?;
+        }
+        Ok(())
+    }
+
+    fn audit(&self, raw: &RawAudit, out: &mut AuditPolicy) -> Result<(), PolicyError> {
+        if let Some(v) = &raw.syslog {
+            out.syslog = Some(self.check(v, "audit.syslog", |v| {
+                rules::syslog(string(v, "a string like \"udp://127.0.0.1:514\"")?)
+            })?);
+        }
+        if let Some(v) = &raw.syslog_min_severity {
+            out.syslog_min_severity = self.check(v, "audit.syslog_min_severity", |v| {
+                Ok(string(v, "a severity name")?.parse::<MinSeverity>()?)
+            })?;
+        }
+        Ok(())
+    }
+
+    fn alerts(&self, raw: &RawAlerts, out: &mut AlertsPolicy) -> Result<(), PolicyError> {
+        if let Some(v) = &raw.webhook {
+            out.webhook = Some(self.check(v, "alerts.webhook", |v| {
+                detect::webhook(string(v, "a URL like \"http://127.0.0.1:9000/alerts\"")?)
+            })?);
+        }
+        if let Some(v) = &raw.timeout {
+            out.timeout = self.check(v, "alerts.timeout", |v| {
+                detect::alert_timeout(crate::duration::parse_duration(string(
+                    v,
+                    "a duration like \"5s\"",
+                )?)?)
+            })?;
+        }
+        if let Some(v) = &raw.retries {
+            out.retries = self.check(v, "alerts.retries", |v| detect::retries(integer(v)?))?;
         }
         Ok(())
     }

@@ -14,7 +14,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::allow::AllowEntry;
+use crate::credentials::{Credential, InterceptHost};
+use crate::detect::{AlertsPolicy, DetectPolicy};
 use crate::error::quoted;
+use crate::http_rules::HttpRule;
 use crate::size::ByteSize;
 
 /// A whole policy.
@@ -24,7 +27,16 @@ pub struct Policy {
     pub sandbox: SandboxPolicy,
     pub limits: Limits,
     pub network: NetworkPolicy,
-    pub response: ResponsePolicy,
+    /// `[detect]`: anomaly rules and how each one responds. The old `[response]
+    /// terminate_after_blocked` key is read into `detect.blocked`.
+    pub detect: DetectPolicy,
+    /// `[alerts]`: where rule firings are sent besides the audit and stderr.
+    pub alerts: AlertsPolicy,
+    /// `[audit]`: where audit events go besides the store.
+    pub audit: AuditPolicy,
+    /// `[[credentials]]`: secrets the gateway injects; the sandbox sees only placeholders.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub credentials: Vec<Credential>,
 }
 
 /// `[sandbox]`: what the sandbox looks like from inside.
@@ -222,7 +234,26 @@ macro_rules! choice {
 
 choice!(NetworkMode, "none, gateway", NetworkMode::None => "none", NetworkMode::Gateway => "gateway");
 choice!(Enforcement, "enforce, report", Enforcement::Enforce => "enforce", Enforcement::Report => "report");
+choice!(MinSeverity, "info, notice, warning, high, critical",
+    MinSeverity::Info => "info", MinSeverity::Notice => "notice", MinSeverity::Warning => "warning",
+    MinSeverity::High => "high", MinSeverity::Critical => "critical");
 choice!(OnExceed, "block, terminate", OnExceed::Block => "block", OnExceed::Terminate => "terminate");
+choice!(Response, "log, block, terminate", Response::Log => "log", Response::Block => "block", Response::Terminate => "terminate");
+
+/// What a detection rule does when it fires, from mildest to strongest.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    /// Record the firing (an `alert` audit event); nothing else changes.
+    #[default]
+    Log,
+    /// Deny all further egress of the session; the code keeps running.
+    Block,
+    /// Kill the whole sandbox now.
+    Terminate,
+}
 
 /// `[limits]`: resource limits for everything in the sandbox.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -264,7 +295,12 @@ pub struct NetworkPolicy {
     pub allow: Vec<AllowEntry>,
     /// The only way to reach an address in a blocked range (see [`crate::ssrf`]).
     pub allow_private: Vec<AllowEntry>,
+    /// Hosts whose TLS the gateway terminates even without credentials or rules.
+    pub intercept: Vec<InterceptHost>,
     pub rate: RateLimits,
+    /// `[[network.rules]]`: method/path rules per host.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<HttpRule>,
 }
 
 /// `[network.rate]`: per-session traffic limits. Every limit is a positive number.
@@ -292,18 +328,97 @@ impl Default for RateLimits {
     }
 }
 
-/// `[response]`: how the session reacts to suspicious behaviour.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// `[audit]`: where audit events go besides the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct ResponsePolicy {
-    /// End the session after this many blocked network attempts; 0 = never.
-    pub terminate_after_blocked: u32,
+pub struct AuditPolicy {
+    /// Forward every event, as it is recorded, to this syslog receiver (RFC 5424).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_opt_display"
+    )]
+    pub syslog: Option<SyslogTarget>,
+    /// Forward only events at least this severe (`info` forwards everything; alerts are
+    /// `high` or `critical`).
+    pub syslog_min_severity: MinSeverity,
 }
 
-impl Default for ResponsePolicy {
-    fn default() -> Self {
-        ResponsePolicy {
-            terminate_after_blocked: 5,
+/// How much an event must matter to be forwarded, lowest first (the audit's severities).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MinSeverity {
+    #[default]
+    Info,
+    Notice,
+    Warning,
+    High,
+    Critical,
+}
+
+/// The transport of a syslog receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SyslogTransport {
+    /// One datagram per message (RFC 5426).
+    Udp,
+    /// Octet-counted framing over a stream (RFC 6587, section 3.4.1).
+    Tcp,
+}
+
+/// `udp://ADDRESS:PORT` or `tcp://ADDRESS:PORT`, with an IP address (`[::1]:514` for IPv6):
+/// the receiver is fixed when the policy is read, never resolved through DNS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SyslogTarget {
+    pub transport: SyslogTransport,
+    pub addr: std::net::SocketAddr,
+}
+
+impl fmt::Display for SyslogTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = match self.transport {
+            SyslogTransport::Udp => "udp",
+            SyslogTransport::Tcp => "tcp",
+        };
+        write!(f, "{scheme}://{}", self.addr)
+    }
+}
+
+/// Why a syslog address was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{got:?} is not a syslog address: {why} (expected udp://ADDRESS:PORT or tcp://ADDRESS:PORT with an IP address, like udp://127.0.0.1:514)")]
+pub struct SyslogTargetError {
+    pub got: String,
+    pub why: &'static str,
+}
+
+impl FromStr for SyslogTarget {
+    type Err = SyslogTargetError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |why| SyslogTargetError {
+            got: s.to_owned(),
+            why,
+        };
+        let (scheme, rest) = s.split_once("://").ok_or_else(|| err("no scheme"))?;
+        let transport = match scheme {
+            "udp" => SyslogTransport::Udp,
+            "tcp" => SyslogTransport::Tcp,
+            _ => return Err(err("the scheme must be udp or tcp")),
+        };
+        let addr: std::net::SocketAddr = rest
+            .parse()
+            .map_err(|_| err("not an IP address and port"))?;
+        if addr.port() == 0 {
+            return Err(err("port 0"));
         }
+        Ok(SyslogTarget { transport, addr })
+    }
+}
+
+fn serialize_opt_display<S: serde::Serializer, T: fmt::Display>(
+    v: &Option<T>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_none(),
     }
 }

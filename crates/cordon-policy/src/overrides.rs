@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use crate::error::PolicyError;
-use crate::model::{Enforcement, Layer, NetworkMode, Policy};
+use crate::model::{Enforcement, Layer, MinSeverity, NetworkMode, Policy};
 use crate::rules::{self, ValueError};
 use crate::size::ByteSize;
 
@@ -50,6 +50,10 @@ pub struct Overrides {
     pub allow_missing: Vec<String>,
     /// `--mode`: `"enforce"` or `"report"`.
     pub mode: Option<String>,
+    /// `--syslog`: `"udp://ADDRESS:PORT"` or `"tcp://ADDRESS:PORT"`.
+    pub syslog: Option<String>,
+    /// `--syslog-min-severity`: `"info"` … `"critical"`.
+    pub syslog_min_severity: Option<String>,
 }
 
 fn flag<T>(name: &str, result: Result<T, ValueError>) -> Result<T, PolicyError> {
@@ -134,6 +138,15 @@ pub(crate) fn apply(p: &mut Policy, o: &Overrides) -> Result<(), PolicyError> {
             name.parse::<Layer>().map_err(ValueError::from),
         )?;
         p.sandbox.allow_missing.insert(layer);
+    }
+    if let Some(text) = &o.syslog {
+        p.audit.syslog = Some(flag("--syslog", rules::syslog(text))?);
+    }
+    if let Some(text) = &o.syslog_min_severity {
+        p.audit.syslog_min_severity = flag(
+            "--syslog-min-severity",
+            text.parse::<MinSeverity>().map_err(ValueError::from),
+        )?;
     }
     if let Some(text) = &o.mode {
         p.network.mode = flag(

@@ -81,11 +81,127 @@ fn broken_toml_is_an_error_with_a_position() {
     );
 }
 
+const ALLOW: &str = "[network]\nallow = [\"api.github.com\", \"*.example.com\"]\n";
+
+fn cred(body: &str) -> String {
+    format!("{ALLOW}\n[[credentials]]\n{body}")
+}
+
 #[test]
-fn credentials_are_refused_not_ignored() {
+fn every_bad_credential_value_is_an_error_at_its_position() {
+    let ok = "name = \"gh\"\nhosts = [\"api.github.com\"]\nheader = \"Authorization\"\nformat = \"Bearer {secret}\"\nfrom_env = \"GITHUB_TOKEN\"\n";
+    assert!(Policy::from_toml_str(&cred(ok), None).is_ok());
+    let cases: &[(&str, &str)] = &[
+        ("name = \"g h\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\nfrom_env = \"T\"\n",
+         "policy.toml:5:8: credentials[0].name: \"g h\" is not a credential name: 1 to 64 letters, digits, '-' or '_'"),
+        ("name = \"g\"\nhosts = [\"evil.com\"]\nheader = \"A\"\nfrom_env = \"T\"\n",
+         "policy.toml:6:10: credentials[0].hosts[0]: \"evil.com\" is not in network.allow, so the sandbox could never reach it"),
+        ("name = \"g\"\nhosts = [\"a b\"]\nheader = \"A\"\nfrom_env = \"T\"\n",
+         "policy.toml:6:10: credentials[0].hosts[0]: \"a b\" is not a host name: it contains ' '"),
+        ("name = \"g\"\nhosts = []\nheader = \"A\"\nfrom_env = \"T\"\n",
+         "policy.toml:4:1: credentials[0]: \"hosts\" is empty: bind the credential to at least one host"),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"Host\"\nfrom_env = \"T\"\n",
+         "policy.toml:7:10: credentials[0].header: \"Host\" frames or routes the request; a credential cannot go there"),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nquery = \"a&b\"\nfrom_env = \"T\"\n",
+         "policy.toml:7:9: credentials[0].query: \"a&b\" is not a query parameter name: letters, digits, '-', '.', '_' or '~'"),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nfrom_env = \"T\"\n",
+         "policy.toml:4:1: credentials[0]: say where the secret goes: one of \"header\", \"query\", \"basic_auth\" or \"any_header\""),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\nquery = \"q\"\nfrom_env = \"T\"\n",
+         "policy.toml:4:1: credentials[0]: give only one of \"header\", \"query\", \"basic_auth\" and \"any_header\""),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nbasic_auth = false\nfrom_env = \"T\"\n",
+         "policy.toml:7:14: credentials[0].basic_auth: only `true` is meaningful; leave it out otherwise"),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\nformat = \"Bearer\"\nfrom_env = \"T\"\n",
+         "policy.toml:8:10: credentials[0].format: \"Bearer\" must contain {secret} exactly once"),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nbasic_auth = true\nformat = \"x{secret}\"\nfrom_env = \"T\"\n",
+         "policy.toml:8:10: credentials[0].format: basic auth replaces the placeholder where the sandbox put it; \"format\" applies only to \"header\" and \"query\""),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\n",
+         "policy.toml:4:1: credentials[0]: say where the secret comes from: one of \"from_env\", \"from_file\" or \"from_command\""),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\nfrom_env = \"T\"\nfrom_file = \"/s\"\n",
+         "policy.toml:4:1: credentials[0]: give only one of \"from_env\", \"from_file\" and \"from_command\""),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\nfrom_env = \"1T\"\n",
+         "policy.toml:8:12: credentials[0].from_env: \"1T\" is not a valid environment variable name: use letters, digits and '_', not starting with a digit"),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\nfrom_file = \"rel/path\"\nenv = \"T\"\n",
+         "policy.toml:8:13: credentials[0].from_file: the host path \"rel/path\" must be an absolute path"),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\nfrom_command = []\nenv = \"T\"\n",
+         "policy.toml:4:1: credentials[0]: from_command: needs a program: [\"program\", \"arg\", ...]"),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\nfrom_command = [\"/bin/pass\"]\n",
+         "policy.toml:4:1: credentials[0]: missing \"env\": the sandbox variable that holds the placeholder"),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\nfrom_env = \"T\"\nrequire = \"yes\"\n",
+         "policy.toml:9:11: credentials[0].require: expected true or false, found a string"),
+        ("hosts = [\"api.github.com\"]\nheader = \"A\"\nfrom_env = \"T\"\n",
+         "policy.toml:4:1: credentials[0]: missing \"name\""),
+        ("name = \"g\"\nheader = \"A\"\nfrom_env = \"T\"\n",
+         "policy.toml:4:1: credentials[0]: missing \"hosts\""),
+    ];
+    let mut wrong = Vec::new();
+    for (body, expected) in cases {
+        let got = error(&cred(body));
+        if got != *expected {
+            wrong.push(format!("got:  {got}\nwant: {expected}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    assert!(
+        error(&cred("name = \"g\"\nhost = \"api.github.com\"\n"))
+            .starts_with("policy.toml:6:1: credentials[0]: unknown key `host`"),
+        "{}",
+        error(&cred("name = \"g\"\nhost = \"x\"\n"))
+    );
+}
+
+#[test]
+fn credential_names_and_placeholder_variables_are_unique() {
+    let one = "[[credentials]]\nname = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\nfrom_env = \"T\"\n";
     assert_error(
-        "[sandbox]\ntimeout = \"5s\"\n\n[[credentials]]\nname = \"github\"\nhost = \"api.github.com\"\n",
-        "policy.toml:4:1: credentials are not supported by this version of cordon",
+        &format!("{ALLOW}\n{one}{one}"),
+        "policy.toml:10:8: credentials[1].name: another credential is already called \"g\"",
+    );
+    let other = "[[credentials]]\nname = \"h\"\nhosts = [\"api.github.com\"]\nheader = \"B\"\nfrom_file = \"/s\"\nenv = \"T\"\n";
+    assert_error(
+        &format!("{ALLOW}\n{one}{other}"),
+        "policy.toml:14:7: credentials[1].env: \"T\" is already set by sandbox.env or another credential",
+    );
+}
+
+#[test]
+fn every_bad_http_rule_value_is_an_error_at_its_position() {
+    let rule = |body: &str| format!("{ALLOW}\n[[network.rules]]\n{body}");
+    assert!(Policy::from_toml_str(
+        &rule("host = \"api.github.com\"\nmethods = [\"GET\"]\npaths = [\"/repos/*\"]\n"),
+        None
+    )
+    .is_ok());
+    let cases: &[(&str, &str)] = &[
+        ("host = \"evil.com\"\nmethods = [\"GET\"]\n",
+         "policy.toml:5:8: network.rules[0].host: \"evil.com\" is not in network.allow, so the sandbox could never reach it"),
+        ("methods = [\"GET\"]\n", "policy.toml:4:1: network.rules[0]: missing \"host\""),
+        ("host = \"api.github.com\"\n", "policy.toml:4:1: network.rules[0]: give \"methods\", \"paths\" or both"),
+        ("host = \"api.github.com\"\nmethods = [\"get\"]\n",
+         "policy.toml:6:12: network.rules[0].methods[0]: \"get\" is not an HTTP method: use upper-case letters like \"GET\", or \"*\""),
+        ("host = \"api.github.com\"\nmethods = []\n", "policy.toml:4:1: network.rules[0]: \"methods\" is empty, so the rule allows nothing"),
+        ("host = \"api.github.com\"\npaths = [\"repos\"]\n",
+         "policy.toml:6:10: network.rules[0].paths[0]: \"repos\" must start with '/' (a path glob like \"/repos/*\")"),
+        ("host = \"api.github.com\"\npaths = [\"/a%2Fb\"]\n",
+         "policy.toml:6:10: network.rules[0].paths[0]: \"/a%2Fb\" must be written decoded, without '%', '?', '#' or '\\' (paths are percent-decoded before matching)"),
+        ("host = \"api.github.com\"\npaths = [\"/a/../b\"]\n",
+         "policy.toml:6:10: network.rules[0].paths[0]: \"/a/../b\" must be normalised: no \"//\", \".\" or \"..\" segments (requests are normalised before matching)"),
+        ("host = \"api.github.com\"\npaths = [1]\n",
+         "policy.toml:6:10: network.rules[0].paths[0]: expected a path glob like \"/repos/*\", found an integer"),
+    ];
+    for (body, expected) in cases {
+        assert_error(&rule(body), expected);
+    }
+}
+
+#[test]
+fn bad_intercept_entries_are_errors_at_their_position() {
+    assert_error(
+        "[network]\nintercept = [\"ok.example.com\", \"*.com\"]\n",
+        "policy.toml:2:32: network.intercept[1]: \"*.com\" is too broad: name a registered domain (\"*.example.com\")",
+    );
+    assert_error(
+        "[network]\nintercept = [\"a/b\"]\n",
+        "policy.toml:2:14: network.intercept[0]: \"a/b\" is not a host name: it contains '/'",
     );
 }
 
@@ -478,4 +594,126 @@ fn validate_catches_bad_values_built_in_code() {
         policy.validate().unwrap_err().key(),
         Some("sandbox.host_uid")
     );
+}
+
+/// Every `[detect]` and `[alerts]` value that cannot be used, one line each.
+const BAD_DETECT: &[(&str, &str)] = &[
+    ("[detect.blocked]\nthreshold = 0\n", "policy.toml:2:13: detect.blocked.threshold: must be between 1 and 4294967295, got 0"),
+    ("[detect.blocked]\nwindow = \"0s\"\n", "policy.toml:2:10: detect.blocked.window: must be more than 0 and at most 24h, got 0s"),
+    ("[detect.blocked]\nwindow = \"25h\"\n", "policy.toml:2:10: detect.blocked.window: must be more than 0 and at most 24h, got 25h"),
+    ("[detect.blocked]\nwindow = 10\n", "policy.toml:2:10: detect.blocked.window: expected a duration like \"10s\", found an integer"),
+    ("[detect.blocked]\nresponse = \"kill\"\n", "policy.toml:2:12: detect.blocked.response: \"kill\" is not one of: log, block, terminate"),
+    ("[detect.blocked]\nalert = \"yes\"\n", "policy.toml:2:9: detect.blocked.alert: expected true or false, found a string"),
+    ("[detect.blocked]\nenabled = 1\n", "policy.toml:2:11: detect.blocked.enabled: expected true or false, found an integer"),
+    ("[detect.blocked]\nthresold = 3\n", "policy.toml:2:1: detect.blocked: unknown key `thresold`, expected one of `enabled`, `threshold`, `window`, `response`, `alert`"),
+    ("[detect.dns_tunnel]\ndistinct_names = -1\n", "policy.toml:2:18: detect.dns_tunnel.distinct_names: must be between 1 and 4294967295, got -1"),
+    ("[detect.dns_tunnel]\nmax_name_length = 300\n", "policy.toml:2:19: detect.dns_tunnel.max_name_length: must be between 1 and 253 (the longest DNS name), got 300"),
+    ("[detect.dns_tunnel]\nentropy = 0\n", "policy.toml:2:11: detect.dns_tunnel.entropy: must be more than 0 and at most 6 bits per character, got 0"),
+    ("[detect.dns_tunnel]\nentropy = 7.5\n", "policy.toml:2:11: detect.dns_tunnel.entropy: must be more than 0 and at most 6 bits per character, got 7.5"),
+    ("[detect.dns_tunnel]\nnxdomain_ratio = 1.5\n", "policy.toml:2:18: detect.dns_tunnel.nxdomain_ratio: must be more than 0 and at most 1, got 1.5"),
+    ("[detect.dns_tunnel]\nnxdomain_ratio = nan\n", "policy.toml:2:18: detect.dns_tunnel.nxdomain_ratio: must be more than 0 and at most 1, got NaN"),
+    ("[detect.dns_tunnel]\nwindow = \"10\"\n", "policy.toml:2:10: detect.dns_tunnel.window: \"10\" is not a duration: expected numbers with units (h, m, s, ms), like \"500ms\", \"60s\" or \"1h30m\""),
+    ("[detect.dns_tunnel]\nother_types = 0\n", "policy.toml:2:15: detect.dns_tunnel.other_types: must be between 1 and 4294967295, got 0"),
+    ("[detect.exfil]\nbytes_out = \"0\"\n", "policy.toml:2:13: detect.exfil.bytes_out: must be at least 1 byte (there is no \"unlimited\"), got 0"),
+    ("[detect.exfil]\nmax_request_body = \"1.5M\"\n", "policy.toml:2:20: detect.exfil.max_request_body: \"1.5M\" is not a size: expected a number with an optional K/M/G/T suffix"),
+    ("[detect.exfil]\nsmall_requests = 0\n", "policy.toml:2:18: detect.exfil.small_requests: must be between 1 and 4294967295, got 0"),
+    ("[detect.exfil]\ndistinct_hosts = 0\n", "policy.toml:2:18: detect.exfil.distinct_hosts: must be between 1 and 4294967295, got 0"),
+    ("[detect.sandbox]\nlimits = \"on\"\n", "policy.toml:2:10: detect.sandbox.limits: expected true or false, found a string"),
+    ("[detect.canary]\nenv = [\"1BAD\"]\n", "policy.toml:2:8: detect.canary.env[0]: \"1BAD\" is not a valid environment variable name: use letters, digits and '_', not starting with a digit"),
+    ("[detect.canary]\nenv = [\"PATH\"]\n", "policy.toml:2:8: detect.canary.env[0]: \"PATH\" is set by cordon and cannot be a canary"),
+    ("[detect.canary]\nenv = [\"A\", \"A\"]\n", "policy.toml:2:13: detect.canary.env[1]: \"A\" is listed twice"),
+    ("[detect.canary]\nenv = \"A\"\n", "policy.toml:2:7: detect.canary.env: invalid type: string \"A\", expected a sequence"),
+    ("[detect]\nsandbox = 1\n", "policy.toml:2:11: detect.sandbox: invalid type: integer `1`, expected a [detect.sandbox] table"),
+    ("[alerts]\nwebhook = \"https://siem.example/hook\"\n", "policy.toml:2:11: alerts.webhook: \"https://siem.example/hook\": https webhooks are not supported by this version of cordon; use http:// (for example a relay on the host)"),
+    ("[alerts]\nwebhook = \"siem.example\"\n", "policy.toml:2:11: alerts.webhook: \"siem.example\" is not a webhook URL: expected http://host[:port]/path"),
+    ("[alerts]\nwebhook = \"http://h:0/\"\n", "policy.toml:2:11: alerts.webhook: \"http://h:0/\" is not a webhook URL: the port must be 1-65535"),
+    ("[alerts]\ntimeout = \"2m\"\n", "policy.toml:2:11: alerts.timeout: must be more than 0 and at most 1m, got 2m"),
+    ("[alerts]\nretries = 11\n", "policy.toml:2:11: alerts.retries: must be between 0 and 10, got 11"),
+    ("[response]\nterminate_after_blocked = 3\n[detect.blocked]\nthreshold = 4\n", "policy.toml:2:27: response.terminate_after_blocked: replaced by [detect.blocked] (threshold, window, response); set only [detect.blocked]"),
+];
+
+#[test]
+fn every_bad_detect_and_alerts_value_names_its_key_and_position() {
+    let mut wrong = Vec::new();
+    for (text, expected) in BAD_DETECT {
+        let got = error(text);
+        if got != *expected {
+            wrong.push(format!(
+                "policy:\n{text}expected: {expected}\n     got: {got}\n"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn a_canary_also_set_in_sandbox_env_is_refused() {
+    let text = "[sandbox]\nenv = { TOKEN = \"x\" }\n[detect.canary]\nenv = [\"TOKEN\"]\n";
+    assert_eq!(
+        error(text),
+        "policy.toml:4:8: detect.canary.env[0]: \"TOKEN\" is also set in sandbox.env; a canary must be a value only cordon knows"
+    );
+}
+
+#[test]
+fn bad_audit_settings_name_file_line_column_and_key() {
+    assert_error(
+        "[audit]\nsyslog = \"syslog.example.com:514\"\n",
+        "policy.toml:2:10: audit.syslog: \"syslog.example.com:514\" is not a syslog address: no scheme (expected udp://ADDRESS:PORT or tcp://ADDRESS:PORT with an IP address, like udp://127.0.0.1:514)",
+    );
+    assert_error(
+        "\n[audit]\nsyslog = \"tls://127.0.0.1:6514\"\n",
+        "policy.toml:3:10: audit.syslog: \"tls://127.0.0.1:6514\" is not a syslog address: the scheme must be udp or tcp (expected udp://ADDRESS:PORT or tcp://ADDRESS:PORT with an IP address, like udp://127.0.0.1:514)",
+    );
+    for (value, why) in [
+        ("udp://logs.example.com:514", "not an IP address and port"),
+        ("udp://127.0.0.1", "not an IP address and port"),
+        ("tcp://::1:514", "not an IP address and port"),
+        ("udp://127.0.0.1:0", "port 0"),
+    ] {
+        let text = error(&format!("[audit]\nsyslog = \"{value}\"\n"));
+        assert!(
+            text.starts_with(&format!(
+                "policy.toml:2:10: audit.syslog: \"{value}\" is not a syslog address: {why} ("
+            )),
+            "{text}"
+        );
+    }
+    assert_error(
+        "[audit]\nsyslog = 514\n",
+        "policy.toml:2:10: audit.syslog: expected a string like \"udp://127.0.0.1:514\", found an integer",
+    );
+    assert_error(
+        "[audit]\nsyslog_min_severity = \"loud\"\n",
+        "policy.toml:2:23: audit.syslog_min_severity: \"loud\" is not one of: info, notice, warning, high, critical",
+    );
+    assert!(error("[audit]\nsylog = \"udp://127.0.0.1:514\"\n")
+        .starts_with("policy.toml:2:1: audit: unknown key `sylog`, expected `syslog`"));
+}
+
+#[test]
+fn bad_audit_flags_name_the_flag() {
+    let mut policy = Policy::default();
+    let err = policy
+        .apply(&Overrides {
+            syslog: Some("udp://localhost:514".into()),
+            ..Overrides::default()
+        })
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("--syslog: \"udp://localhost:514\" is not a syslog address"),
+        "{err}"
+    );
+    let err = policy
+        .apply(&Overrides {
+            syslog_min_severity: Some("debug".into()),
+            ..Overrides::default()
+        })
+        .unwrap_err();
+    assert!(
+        err.to_string().starts_with("--syslog-min-severity: "),
+        "{err}"
+    );
+    assert_eq!(policy, Policy::default());
 }

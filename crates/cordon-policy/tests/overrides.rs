@@ -5,7 +5,9 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cordon_policy::{AllowEntry, ByteSize, Enforcement, Layer, NetworkMode, Overrides, Policy};
+use cordon_policy::{
+    AllowEntry, ByteSize, Enforcement, Layer, MinSeverity, NetworkMode, Overrides, Policy,
+};
 
 const FILE: &str = r#"
 [sandbox]
@@ -39,6 +41,8 @@ fn every_flag_replaces_or_extends_the_file_value() {
         host_gid: Some(3000),
         allow_missing: vec!["landlock".into()],
         mode: Some("report".into()),
+        syslog: Some("tcp://[::1]:6514".into()),
+        syslog_min_severity: Some("warning".into()),
     };
     policy.apply(&overrides).unwrap();
 
@@ -64,6 +68,8 @@ fn every_flag_replaces_or_extends_the_file_value() {
         .insert("LANG".into(), "en_US.UTF-8".into());
     expected.sandbox.env.insert("EMPTY".into(), String::new());
     expected.sandbox.env.insert("EQ".into(), "a=b".into());
+    expected.audit.syslog = Some("tcp://[::1]:6514".parse().unwrap());
+    expected.audit.syslog_min_severity = MinSeverity::Warning;
     expected.sandbox.tty = true;
     expected.sandbox.host_uid = 2000;
     expected.sandbox.host_gid = 3000;

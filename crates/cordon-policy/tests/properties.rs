@@ -418,7 +418,8 @@ fn policy() -> impl Strategy<Value = Policy> {
         } else {
             OnExceed::Block
         };
-        p.response.terminate_after_blocked = n.4;
+        p.detect.blocked.enabled = n.4 > 0;
+        p.detect.blocked.threshold = n.4.max(1);
         p
     })
 }

@@ -29,9 +29,6 @@ pub struct InitContext<'a> {
     pub chan: OwnedFd,
     /// The seccomp filter, compiled by the supervisor before `clone`.
     pub filter: Option<&'a CompiledFilter>,
-    /// The supervisor's detached workspace volume (inherited through `clone`), when the plan's
-    /// workspace is [`WorkspaceMount::Detached`].
-    pub workspace_fd: Option<BorrowedFd<'a>>,
 }
 
 /// Set-up milestones, reported with `Applied` (the init's marks are inherited by the command's
@@ -98,30 +95,27 @@ struct Inbox {
 }
 
 impl Inbox {
-    fn wait_for(&mut self, chan: BorrowedFd<'_>, expected: ToInit) -> Result<(), SetupError> {
+    /// Waits for `expected` and returns the descriptors that came with it.
+    fn wait_for(
+        &mut self,
+        chan: BorrowedFd<'_>,
+        expected: ToInit,
+    ) -> Result<Vec<OwnedFd>, SetupError> {
         if expected == ToInit::CgroupReady && self.cgroup_ready {
-            return Ok(());
+            return Ok(Vec::new());
         }
+        let gone = || SetupError {
+            layer: "supervisor",
+            message: "the supervisor went away before the sandbox was ready".into(),
+        };
         loop {
-            let mut buf = [0u8; 64];
-            // SAFETY: `buf` is a valid writable buffer of the given length.
-            let n = unsafe {
-                libc::recv(
-                    chan.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    0,
-                )
-            };
-            if n <= 0 {
-                return Err(SetupError {
-                    layer: "supervisor",
-                    message: "the supervisor went away before the sandbox was ready".into(),
-                });
+            let (payload, fds) = fdpass::recv_fds(chan, 64, 1).map_err(|_| gone())?;
+            if payload.is_empty() {
+                return Err(gone());
             }
-            match proto::decode::<ToInit>(&buf[..n as usize]) {
-                Some(m) if m == expected => return Ok(()),
-                Some(ToInit::CgroupReady) => self.cgroup_ready = true,
+            match proto::decode::<ToInit>(&payload) {
+                Some(m) if m == expected => return Ok(fds),
+                Some(ToInit::CgroupReady) if fds.is_empty() => self.cgroup_ready = true,
                 _ => {
                     return Err(SetupError {
                         layer: "supervisor",
@@ -129,6 +123,17 @@ impl Inbox {
                     })
                 }
             }
+        }
+    }
+
+    /// Waits for the workspace volume (exactly one descriptor).
+    fn workspace_volume(&mut self, chan: BorrowedFd<'_>) -> Result<OwnedFd, String> {
+        let mut fds = self
+            .wait_for(chan, ToInit::WorkspaceVolume)
+            .map_err(|e| e.message)?;
+        match (fds.pop(), fds.is_empty()) {
+            (Some(fd), true) => Ok(fd),
+            _ => Err("the workspace volume message carried no descriptor".into()),
         }
     }
 }
@@ -153,28 +158,20 @@ fn run(ctx: &InitContext<'_>) -> Result<i32, SetupError> {
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
 
     let sources = Sources::open(&plan.mounts, &plan.workspace).map_err(fail("mounts"))?;
-    let attach = match (&plan.workspace, ctx.workspace_fd) {
-        (WorkspaceMount::Bind(_), _) => WorkspaceAttach::Bind,
-        (WorkspaceMount::Detached, Some(fd)) => WorkspaceAttach::Detached(fd),
-        (WorkspaceMount::Detached, None) => {
-            return Err(SetupError {
-                layer: "workspace",
-                message: "no workspace volume was handed over".into(),
-            })
-        }
-        (
-            WorkspaceMount::Tmpfs {
-                size_bytes,
-                nr_inodes,
-            },
-            _,
-        ) => WorkspaceAttach::Tmpfs {
+    let mut receive_volume = || inbox.workspace_volume(chan);
+    let attach = match &plan.workspace {
+        WorkspaceMount::Bind(_) => WorkspaceAttach::Bind,
+        WorkspaceMount::Detached => WorkspaceAttach::Detached(&mut receive_volume),
+        WorkspaceMount::Tmpfs {
+            size_bytes,
+            nr_inodes,
+        } => WorkspaceAttach::Tmpfs {
             size_bytes: *size_bytes,
             nr_inodes: *nr_inodes,
         },
     };
     let handed_over =
-        mounts::apply(&plan.mounts, &sources, plan.root_size, &attach).map_err(fail("mounts"))?;
+        mounts::apply(&plan.mounts, &sources, plan.root_size, attach).map_err(fail("mounts"))?;
     drop(sources);
     mark("init: mounts and pivot_root");
     if let Some(root) = handed_over {
@@ -280,6 +277,7 @@ fn supervise(chan: BorrowedFd<'_>, child: libc::pid_t, set: &libc::sigset_t) -> 
                         &ToSupervisor::Exited {
                             status: st,
                             full: full_mounts(),
+                            lingering: lingering(),
                         },
                     );
                     return 0;
@@ -291,6 +289,35 @@ fn supervise(chan: BorrowedFd<'_>, child: libc::pid_t, set: &libc::sigset_t) -> 
             unsafe { libc::kill(-child, sig) };
         }
     }
+}
+
+/// Live processes in the sandbox's pid namespace besides the init (pid 1): numeric entries of
+/// its own /proc whose state is not zombie (`Z`) or dead (`X`).
+fn lingering() -> u32 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut n = 0;
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == 1 {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) S ...": the state follows the last ')'.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next());
+        if !matches!(state, Some('Z' | 'X') | None) {
+            n += 1;
+        }
+    }
+    n
 }
 
 /// The writable mounts that are full: less than 2% (at least 1 MiB) left. ext4 refuses writes

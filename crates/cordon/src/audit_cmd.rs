@@ -1,13 +1,13 @@
 //! `cordon audit`: read, export, verify and prune the audit store.
 //!
 //! Guarantees:
-//! - **No store is ever created by reading.** `sessions`, `events`, `export`, `tail`, `verify`
+//! - **No store is ever created by reading.** `sessions`, `events`, `export`, `report`, `tail`, `verify`
 //!   and `prune` open an existing store only; a missing one is a single line on stderr
 //!   (`cordon: no audit store at PATH (…)`) and exit status 1.
 //! - **Exit status.** 0: done (`verify`: the chain is intact). 1: something named does not exist
 //!   (the store, a session), the store cannot be read or written, or `verify` found a bad record.
 //!   2: bad usage — a flag value that does not parse (`--since`, `--until`, `--older-than`,
-//!   `--kind`, `--verdict`, `--limit`, `--lines`, `--format`), a missing `--older-than`, or a
+//!   `--kind`, `--verdict`, `--limit`, `--lines`, `--format`, `--top`), a missing `--older-than`, or a
 //!   session prefix that matches several sessions. Every error is one line on stderr starting
 //!   `cordon: `, and bad input changes nothing (every flag is checked before the store is opened).
 //! - **People and programs.** By default output is a table for people (from
@@ -32,8 +32,8 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use cordon_audit::{
-    format, parse_age, parse_since_at, EventFilter, EventKind, EventRecord, SessionFilter, Store,
-    StoreError, TimeError, Timestamp, Verdict,
+    format, parse_age, parse_since_at, EventFilter, EventKind, EventRecord, ReportOptions,
+    SessionFilter, Store, StoreError, TimeError, Timestamp, Verdict,
 };
 use serde::Serialize;
 
@@ -43,6 +43,10 @@ const FOLLOW_POLL: Duration = Duration::from_millis(200);
 const DEFAULT_SESSION_LIMIT: usize = 50;
 /// Events `tail` shows before following, when `--lines` is not given.
 const DEFAULT_TAIL_LINES: usize = 10;
+/// The window of `report` when `--since` is not given.
+const DEFAULT_REPORT_SINCE: &str = "30d";
+/// Blocked destinations `report` lists when `--top` is not given.
+const DEFAULT_REPORT_TOP: usize = 10;
 
 /// `cordon audit [--audit PATH] COMMAND`.
 #[derive(Args, Debug)]
@@ -70,6 +74,25 @@ pub enum AuditCommand {
     Prune(PruneArgs),
     /// The newest events of every session (or one); --follow prints new ones as they land.
     Tail(TailArgs),
+    /// Review: per user and policy, the allowed destinations used (how often, how many bytes)
+    /// and the allowlist entries never used; the top blocked destinations; terminated sessions.
+    Report(ReportArgs),
+}
+
+#[derive(Args, Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReportArgs {
+    /// Events at or after this (an age like 30d, an RFC 3339 timestamp, or a date). Default 30d.
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
+    /// Events before this (same forms as --since).
+    #[arg(long, value_name = "WHEN")]
+    pub until: Option<String>,
+    /// How many blocked destinations to list (default 10).
+    #[arg(long, value_name = "N")]
+    pub top: Option<String>,
+    /// The report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Default, Clone, PartialEq, Eq)]
@@ -138,7 +161,8 @@ pub struct ExportArgs {
     /// Only events of this kind.
     #[arg(long, value_name = "KIND")]
     pub kind: Option<String>,
-    /// Output format: jsonl (one JSON object per line).
+    /// Output format: jsonl (one JSON object per line, the default) or cef (ArcSight CEF, one
+    /// event per line).
     #[arg(long, value_name = "FORMAT")]
     pub format: Option<String>,
 }
@@ -266,7 +290,7 @@ fn execute(args: AuditArgs) -> Result<i32> {
     let status = match plan {
         Plan::Sessions { filter, json } => sessions(&store, &filter, json, &mut out)?,
         Plan::Events { filter, json } => events(&store, filter, json, &mut out)?,
-        Plan::Export { filter } => export(&store, filter, &mut out)?,
+        Plan::Export { filter, format } => export(&store, filter, format, &mut out)?,
         Plan::Verify { json } => verify(&store, json, &mut out)?,
         Plan::Prune { cutoff, json } => prune(&mut store, cutoff, json, &mut out)?,
         Plan::Tail {
@@ -275,9 +299,19 @@ fn execute(args: AuditArgs) -> Result<i32> {
             follow,
             json,
         } => tail(&store, filter, lines, follow, json, &mut out)?,
+        Plan::Report { options, json } => report(&store, &options, json, &mut out)?,
     };
     out.flush().map_err(AuditCmdError::Output)?;
     Ok(status)
+}
+
+/// How `export` writes each event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ExportFormat {
+    /// One [`EventRecord`] as JSON per line.
+    Jsonl,
+    /// One CEF line per event ([`cordon_audit::export`]).
+    Cef,
 }
 
 /// What to do, with every flag parsed: a pure function of the arguments and the time.
@@ -294,6 +328,7 @@ enum Plan {
     },
     Export {
         filter: EventFilter,
+        format: ExportFormat,
     },
     Verify {
         json: bool,
@@ -306,6 +341,10 @@ enum Plan {
         filter: EventFilter,
         lines: usize,
         follow: bool,
+        json: bool,
+    },
+    Report {
+        options: ReportOptions,
         json: bool,
     },
 }
@@ -339,17 +378,19 @@ fn plan(command: &AuditCommand, now: Timestamp) -> Result<Plan> {
             json: a.json,
         },
         AuditCommand::Export(a) => {
-            match a.format.as_deref() {
-                None | Some("jsonl") => {}
+            let format = match a.format.as_deref() {
+                None | Some("jsonl") => ExportFormat::Jsonl,
+                Some("cef") => ExportFormat::Cef,
                 Some(other) => {
                     return Err(AuditCmdError::BadValue {
                         flag: "--format",
                         input: other.to_owned(),
-                        hint: "the only export format is jsonl".to_owned(),
+                        hint: "expected jsonl or cef".to_owned(),
                     })
                 }
-            }
+            };
             Plan::Export {
+                format,
                 filter: EventFilter {
                     session: a.session.clone(),
                     user: a.user.clone(),
@@ -384,7 +425,34 @@ fn plan(command: &AuditCommand, now: Timestamp) -> Result<Plan> {
             follow: a.follow,
             json: a.json,
         },
+        AuditCommand::Report(a) => Plan::Report {
+            options: ReportOptions {
+                since: when(
+                    "--since",
+                    Some(a.since.as_deref().unwrap_or(DEFAULT_REPORT_SINCE)),
+                    now,
+                )?,
+                until: when("--until", a.until.as_deref(), now)?,
+                top_blocked: count("--top", a.top.as_deref())?.unwrap_or(DEFAULT_REPORT_TOP),
+            },
+            json: a.json,
+        },
     })
+}
+
+fn report<W: Write>(
+    store: &Store,
+    options: &ReportOptions,
+    json: bool,
+    out: &mut W,
+) -> Result<i32> {
+    let report = store.report(options)?;
+    if json {
+        json_line(out, &report)?;
+    } else {
+        text(out, &format::report_text(&report))?;
+    }
+    Ok(0)
 }
 
 fn bad_time(flag: &'static str, input: &str, e: &TimeError) -> AuditCmdError {
@@ -612,9 +680,21 @@ fn events<W: Write>(
     Ok(0)
 }
 
-fn export<W: Write>(store: &Store, mut filter: EventFilter, out: &mut W) -> Result<i32> {
+fn export<W: Write>(
+    store: &Store,
+    mut filter: EventFilter,
+    format: ExportFormat,
+    out: &mut W,
+) -> Result<i32> {
     let session = resolve(store, &mut filter)?;
-    stream_events(store, &filter, session.as_ref(), |r| json_line(out, r))?;
+    stream_events(store, &filter, session.as_ref(), |r| match format {
+        ExportFormat::Jsonl => json_line(out, r),
+        ExportFormat::Cef => {
+            let mut line = cordon_audit::cef_line(r);
+            line.push('\n');
+            text(out, &line)
+        }
+    })?;
     Ok(0)
 }
 
@@ -799,6 +879,7 @@ mod tests {
         assert_eq!(
             p,
             Plan::Export {
+                format: ExportFormat::Jsonl,
                 filter: EventFilter {
                     session: Some("01J".into()),
                     user: Some("bob".into()),
@@ -846,6 +927,32 @@ mod tests {
                 json: false
             }
         );
+    }
+
+    #[test]
+    fn report_covers_thirty_days_and_ten_destinations_by_default() {
+        let p = plan_of(AuditCommand::Report(ReportArgs::default())).unwrap();
+        assert_eq!(
+            p,
+            Plan::Report {
+                options: ReportOptions {
+                    since: Some(NOW.minus_millis(30 * 24 * HOUR)),
+                    until: None,
+                    top_blocked: 10,
+                },
+                json: false
+            }
+        );
+        let err = plan_of(AuditCommand::Report(ReportArgs {
+            top: Some("many".into()),
+            ..ReportArgs::default()
+        }))
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid --top \"many\": expected a whole number"
+        );
+        assert_eq!(err.exit_code(), 2);
     }
 
     #[test]
@@ -903,10 +1010,10 @@ mod tests {
             ),
             (
                 AuditCommand::Export(ExportArgs {
-                    format: Some("cef".into()),
+                    format: Some("xml".into()),
                     ..ExportArgs::default()
                 }),
-                "invalid --format \"cef\": the only export format is jsonl",
+                "invalid --format \"xml\": expected jsonl or cef",
             ),
             (
                 AuditCommand::Events(EventsArgs {

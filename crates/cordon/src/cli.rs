@@ -124,9 +124,20 @@ struct RunArgs {
     /// ~/.local/state/cordon/audit.db).
     #[arg(long, value_name = "PATH")]
     audit: Option<PathBuf>,
+    /// Also forward audit events live to a syslog receiver (RFC 5424): udp://ADDR:PORT or
+    /// tcp://ADDR:PORT, with an IP address.
+    #[arg(long, value_name = "URL")]
+    syslog: Option<String>,
+    /// Forward only events at least this severe: info (all), notice, warning, high, critical.
+    #[arg(long, value_name = "LEVEL")]
+    syslog_min_severity: Option<String>,
     /// DNS server the gateway asks for real addresses (default: the host's resolv.conf).
     #[arg(long, value_name = "ADDR")]
     upstream_dns: Vec<std::net::SocketAddr>,
+    /// Also trust the CA certificates in FILE (PEM) when verifying upstream servers of
+    /// intercepted TLS, besides the host's trust store. Meant for tests with fake upstreams.
+    #[arg(long, value_name = "FILE")]
+    upstream_ca: Option<PathBuf>,
     /// The command and its arguments.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -196,6 +207,8 @@ fn load_policy(args: &RunArgs) -> Result<Policy, String> {
         host_gid: args.host_gid,
         allow_missing: args.allow_missing.clone(),
         mode: args.mode.clone(),
+        syslog: args.syslog.clone(),
+        syslog_min_severity: args.syslog_min_severity.clone(),
     };
     policy.apply(&overrides).map_err(|e| e.to_string())?;
     Ok(policy)
@@ -309,6 +322,7 @@ fn run(args: RunArgs) -> i32 {
         session_id: crate::ids::new_session_id(),
         audit: args.audit.clone(),
         upstream_dns: args.upstream_dns.clone(),
+        upstream_ca: args.upstream_ca.clone(),
     };
     match session::run(req) {
         Ok(result) => {

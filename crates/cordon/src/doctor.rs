@@ -122,6 +122,128 @@ fn workspace_row() -> Row {
     }
 }
 
+/// How a sandbox joins its cgroup here, decided from the cgroup mounts (`/proc/self/mounts`
+/// text), whether `/sys/fs/cgroup` is cgroup v2, and which cgroup version cordon uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Attach {
+    /// cgroup v2 at `/sys/fs/cgroup`: the sandbox is born in its cgroup (clone3).
+    CloneIntoCgroup,
+    /// A `cgroup.procs` write, cheap because a cgroup mount has `favordynmods`.
+    FavorDynMods { mount: String },
+    /// A `cgroup.procs` write that waits for an RCU grace period; `cgroup2` is the v2 mount to
+    /// remount with `favordynmods`, if there is one.
+    GracePeriod { cgroup2: Option<String> },
+}
+
+fn attach_mode(mounts: &str, unified: bool, version: Option<cgroup::CgroupVersion>) -> Attach {
+    if unified && version == Some(cgroup::CgroupVersion::V2) {
+        return Attach::CloneIntoCgroup;
+    }
+    let cgroup_mounts = mounts.lines().filter_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        match f.as_slice() {
+            [_, point, fs @ ("cgroup" | "cgroup2"), opts, ..] => Some((*point, *fs, *opts)),
+            _ => None,
+        }
+    });
+    let mut cgroup2 = None;
+    for (point, fs, opts) in cgroup_mounts {
+        if opts.split(',').any(|o| o == "favordynmods") {
+            return Attach::FavorDynMods {
+                mount: point.to_string(),
+            };
+        }
+        if fs == "cgroup2" && cgroup2.is_none() {
+            cgroup2 = Some(point.to_string());
+        }
+    }
+    Attach::GracePeriod { cgroup2 }
+}
+
+/// Times one `cgroup.procs` write of a sleeping child into a throwaway session cgroup, after a
+/// pause long enough for any earlier cgroup write's fast path to lapse. `None` when no cgroup
+/// can be made here (the cgroups row says why).
+fn measure_attach_ms() -> Option<f64> {
+    let detected = cgroup::detect_host().ok()?;
+    detected.version?;
+    // A session id like any other, so a crash here leaves a cgroup the stale cleanup removes.
+    let id = crate::ids::new_session_id();
+    let cg = cgroup::create(&detected, &id, &cgroup::CgroupLimits::default()).ok()?;
+    // SAFETY: doctor is single-threaded here; the child only waits for its signal.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        let _ = cg.remove();
+        return None;
+    }
+    if child == 0 {
+        // SAFETY: pause and _exit are async-signal-safe.
+        unsafe {
+            libc::pause();
+            libc::_exit(0)
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let t = std::time::Instant::now();
+    let added = cg.add_pid(child);
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    // SAFETY: our own child, killed and reaped by pid.
+    unsafe {
+        libc::kill(child, libc::SIGKILL);
+        libc::waitpid(child, std::ptr::null_mut(), 0);
+    }
+    let _ = cg.kill_all();
+    let _ = cg.remove();
+    added.ok().map(|()| ms)
+}
+
+fn attach_row() -> Row {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let version = cgroup::detect_host().ok().and_then(|d| d.version);
+    let mode = attach_mode(&mounts, cgroup::unified_host(), version);
+    let measured = match mode {
+        Attach::CloneIntoCgroup => None,
+        _ => measure_attach_ms(),
+    };
+    let took = measured.map_or(String::new(), |ms| format!(" (measured: {ms:.2} ms)"));
+    let (ok, detail) = match mode {
+        Attach::CloneIntoCgroup => (
+            true,
+            "cgroup v2: sandboxes start inside their cgroup (clone3 CLONE_INTO_CGROUP)".into(),
+        ),
+        Attach::FavorDynMods { mount } => (
+            true,
+            format!("{mount} has favordynmods: joining the cgroup does not wait{took}"),
+        ),
+        // Kernels 6.18+ keep the fast path once favordynmods was ever set since boot, even
+        // after a remount without it: the measurement tells.
+        Attach::GracePeriod { .. } if measured.is_some_and(|ms| ms < 1.0) => (
+            true,
+            format!(
+                "no cgroup mount has favordynmods, but joining the cgroup does not wait{took} \
+                 (the kernel keeps the fast path once favordynmods was set since boot)"
+            ),
+        ),
+        Attach::GracePeriod { cgroup2 } => (
+            false,
+            format!(
+                "each start writes cgroup.procs, which waits for an RCU grace period (10-20 ms \
+                 when the host is idle){took}; to avoid it: {}. It makes fork and exit a \
+                 little slower host-wide; cordon never changes the host's mounts itself",
+                match cgroup2 {
+                    Some(m) => format!("mount -o remount,favordynmods {m} (Linux 6.1+)"),
+                    None => "mount the cgroup hierarchies with -o favordynmods (Linux 6.1+)".into(),
+                }
+            ),
+        ),
+    };
+    Row {
+        layer: "cgroup attach",
+        ok,
+        required: false,
+        detail,
+    }
+}
+
 /// The self-test: a real sandbox, asserting its own isolation from the inside.
 fn self_test() -> Row {
     let listener = match TcpListener::bind("127.0.0.1:0") {
@@ -223,6 +345,7 @@ pub fn doctor() -> i32 {
         landlock_row(),
         seccomp_row(),
         cgroup_row(),
+        attach_row(),
         workspace_row(),
     ];
     let uname = nix::sys::utsname::uname()
@@ -240,7 +363,11 @@ pub fn doctor() -> i32 {
     rows.push(self_test());
     let _ = writeln!(out, "{:<16} {:<8} detail", "layer", "status");
     for r in &rows {
-        let status = if r.ok { "ok" } else { "MISSING" };
+        let status = match (r.ok, r.required) {
+            (true, _) => "ok",
+            (false, true) => "MISSING",
+            (false, false) => "advice",
+        };
         let _ = writeln!(out, "{:<16} {:<8} {}", r.layer, status, r.detail);
     }
     let failed = rows.iter().filter(|r| r.required && !r.ok).count();
@@ -252,5 +379,59 @@ pub fn doctor() -> i32 {
         1
     } else {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cordon_sandbox::cgroup::CgroupVersion;
+
+    const HYBRID: &str = "tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0\n\
+        cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0\n\
+        cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0\n";
+
+    #[test]
+    fn a_pure_v2_host_clones_into_the_cgroup_whatever_the_mount_options() {
+        let mounts = "cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec,relatime 0 0\n";
+        assert_eq!(
+            attach_mode(mounts, true, Some(CgroupVersion::V2)),
+            Attach::CloneIntoCgroup
+        );
+    }
+
+    #[test]
+    fn a_v1_host_without_favordynmods_is_told_which_mount_to_remount() {
+        assert_eq!(
+            attach_mode(HYBRID, false, Some(CgroupVersion::V1)),
+            Attach::GracePeriod {
+                cgroup2: Some("/sys/fs/cgroup/unified".into())
+            }
+        );
+    }
+
+    #[test]
+    fn favordynmods_on_any_cgroup_mount_is_seen() {
+        let mounts = HYBRID.replace("cgroup2 rw,relatime", "cgroup2 rw,relatime,favordynmods");
+        assert_eq!(
+            attach_mode(&mounts, false, Some(CgroupVersion::V1)),
+            Attach::FavorDynMods {
+                mount: "/sys/fs/cgroup/unified".into()
+            }
+        );
+        // An option that merely contains the word does not count.
+        let mounts = HYBRID.replace("relatime,memory", "relatime,memory,nofavordynmods");
+        assert!(matches!(
+            attach_mode(&mounts, false, Some(CgroupVersion::V1)),
+            Attach::GracePeriod { .. }
+        ));
+    }
+
+    #[test]
+    fn a_v2_mount_that_is_not_at_sys_fs_cgroup_still_pays_the_write() {
+        assert!(matches!(
+            attach_mode(HYBRID, false, Some(CgroupVersion::V2)),
+            Attach::GracePeriod { .. }
+        ));
     }
 }

@@ -6,7 +6,8 @@
 //! only after the sandbox is gone, so no connection outlives its session. If the gateway dies,
 //! its sockets close with it and the sandbox is left with no network at all. Every gateway
 //! event goes to the audit store with the session's attribution; a terminate request (budget,
-//! blocked-attempt threshold) wakes the supervision loop through a pipe.
+//! detection rule with `response = "terminate"`) wakes the supervision loop through a pipe, and
+//! every detection firing is handed to the session's [`Alerts`].
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
@@ -14,6 +15,8 @@ use std::sync::{Arc, Mutex};
 use cordon_audit::AuditWriter;
 use cordon_gateway::{Gateway, GatewayConfig, GatewayStats, Listeners, SessionInfo, Upstream};
 use cordon_policy::Policy;
+
+use crate::alerts::Alerts;
 use cordon_sandbox::netns::{self, DropCounters, GatewaySockets};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -37,6 +40,8 @@ pub struct NetworkSummary {
 pub struct RunningGateway {
     rt: tokio::runtime::Runtime,
     served: tokio::task::JoinHandle<Result<GatewayStats, cordon_gateway::GatewayError>>,
+    /// Forwards detections to the alerts; ends when the gateway is gone.
+    forward: Option<tokio::task::JoinHandle<()>>,
     cancel: CancellationToken,
     wake_read: OwnedFd,
     reason: Arc<Mutex<Option<String>>>,
@@ -50,12 +55,17 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
 
 impl RunningGateway {
     /// Starts serving the sandbox's sockets.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         policy: &Policy,
         session: SessionInfo,
         sockets: GatewaySockets,
         upstream_dns: &[std::net::SocketAddr],
+        intercept: Option<Arc<cordon_gateway::InterceptConfig>>,
         writer: Arc<AuditWriter>,
+        canaries: Vec<(String, String)>,
+        alerts: Arc<Alerts>,
+        owners: Option<Arc<dyn cordon_gateway::SocketOwners>>,
     ) -> Result<RunningGateway, String> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -63,11 +73,13 @@ impl RunningGateway {
             .enable_all()
             .build()
             .map_err(|e| format!("gateway runtime: {e}"))?;
-        let mut config =
-            GatewayConfig::new(policy.network.clone(), policy.response.clone(), session);
+        let mut config = GatewayConfig::new(policy.network.clone(), policy.detect.clone(), session);
+        config.canaries = canaries;
+        config.owners = owners;
         if !upstream_dns.is_empty() {
             config.upstream = Upstream::Nameservers(upstream_dns.to_vec());
         }
+        config.intercept = intercept;
         let gateway = {
             let _guard = rt.enter();
             Gateway::new(config).map_err(|e| format!("gateway: {e}"))?
@@ -78,6 +90,8 @@ impl RunningGateway {
             dns_tcp,
             transparent,
             netlink,
+            // The supervisor's attribution holds its own copy (see session.rs).
+            sock_diag: _,
         } = sockets;
         let listeners = Listeners {
             http: Some(std::net::TcpListener::from(http)),
@@ -90,6 +104,13 @@ impl RunningGateway {
         let served = rt.spawn({
             let (gateway, cancel) = (gateway.clone(), cancel.clone());
             async move { gateway.serve(listeners, sink, cancel).await }
+        });
+        let forward = gateway.take_detection_receiver().map(|mut rx| {
+            rt.spawn(async move {
+                while let Some(d) = rx.recv().await {
+                    alerts.fire(&d);
+                }
+            })
         });
         let (wake_read, wake_write) = pipe()?;
         let reason = Arc::new(Mutex::new(None));
@@ -107,6 +128,7 @@ impl RunningGateway {
         Ok(RunningGateway {
             rt,
             served,
+            forward,
             cancel,
             wake_read,
             reason,
@@ -134,6 +156,10 @@ impl RunningGateway {
             .ok()
             .and_then(Result::ok)
             .unwrap_or_default();
+        // Every sender is gone with the gateway: the forwarder drains what is left and ends.
+        if let Some(f) = self.forward {
+            let _ = self.rt.block_on(f);
+        }
         self.rt.shutdown_timeout(std::time::Duration::from_secs(2));
         let _ = self.wake_read.as_raw_fd();
         NetworkSummary {

@@ -1,5 +1,7 @@
 //! `cordon`: run untrusted code in a sandbox whose only way out is an audited egress gateway.
 
+mod alerts;
+mod attribution;
 mod audit_cmd;
 mod audit_sink;
 mod cli;
@@ -7,8 +9,10 @@ mod doctor;
 mod gateway_cmd;
 mod gateway_run;
 mod ids;
+mod intercept_setup;
 mod result;
 mod session;
+mod teardown;
 mod workspace;
 
 use std::io::Write;

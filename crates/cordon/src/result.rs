@@ -62,4 +62,6 @@ pub struct RunResult {
     pub network: Option<crate::gateway_run::NetworkSummary>,
     /// Why the gateway ended the session, when it did.
     pub terminated: Option<String>,
+    /// Every detection-rule firing of the session, in order (also `alert` audit events).
+    pub alerts: Vec<crate::alerts::Fired>,
 }

@@ -16,6 +16,7 @@ use cordon_sandbox::plan::{self, MountOptions, SandboxPlan};
 use cordon_sandbox::proto::{self, ExitStatus, ToSupervisor};
 use cordon_sandbox::{landlock, probe, seccomp, spawn};
 
+use crate::alerts::Alerts;
 use crate::gateway_run::{self, RunningGateway};
 use crate::result::{Layers, LimitHit, RunResult, SeccompInfo};
 use crate::workspace::Workspace;
@@ -33,6 +34,8 @@ pub struct RunRequest {
     pub audit: Option<PathBuf>,
     /// DNS servers the gateway asks (default: the host's `/etc/resolv.conf`).
     pub upstream_dns: Vec<std::net::SocketAddr>,
+    /// An extra CA upstream servers may be verified against (`--upstream-ca`, for tests).
+    pub upstream_ca: Option<PathBuf>,
 }
 
 /// A run that could not happen; `exit_code` is what cordon exits with.
@@ -91,6 +94,11 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         unsafe { (libc::getuid(), libc::getgid()) }
     };
 
+    // Secrets, placeholders and the session CA: before anything is created, so a missing
+    // secret changes nothing.
+    let intercept =
+        crate::intercept_setup::prepare(policy, &req.session_id, req.upstream_ca.as_deref())
+            .map_err(RunError::cordon)?;
     // Landlock and seccomp: decided and compiled before anything is spawned.
     marks.mark("supervisor: policy loaded");
     let abi = landlock::probe_abi();
@@ -131,23 +139,49 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         pids: Some(policy.limits.pids),
         cpu_cores: Some(policy.limits.cpu),
     };
-    let prepared = Workspace::prepare(policy, host_uid, host_gid);
-    let mut workspace = prepared.or_else(|e| match e {
-        crate::workspace::WorkspaceError::NoCap(reason) => {
-            lowered_or_fail(
-                policy,
-                Layer::WorkspaceCap,
-                &mut layers.lowered,
-                reason,
-                "run cordon as root (the cap uses a loop-mounted ext4 volume) or let it use a tmpfs",
-            )?;
-            Workspace::prepare_uncapped(policy, &req.session_id, host_uid, host_gid, rootful)
-                .map_err(|e| RunError::cordon(e.to_string()))
+    // An ext4 volume is built after the clone, while the init mounts everything else (the
+    // plan already says the init gets a detached volume); anything else is ready now.
+    let uncapped = |layers: &mut Layers, reason: String| {
+        lowered_or_fail(
+            policy,
+            Layer::WorkspaceCap,
+            &mut layers.lowered,
+            reason,
+            "run cordon as root (the cap uses a loop-mounted ext4 volume) or let it use a tmpfs",
+        )
+    };
+    let (mut early_ws, planned_ws) = match Workspace::plan(policy, host_uid, host_gid) {
+        Ok(p) if p.mount() == plan::WorkspaceMount::Detached => {
+            layers.workspace_cap = Some(p.cap_description());
+            (None, Some(p))
         }
-        other => Err(RunError::cordon(other.to_string())),
-    })?;
-    layers.workspace_cap = workspace.cap_description();
-    marks.mark("supervisor: workspace volume prepared");
+        Ok(p) => {
+            let ws = p.prepare().or_else(|e| match e {
+                crate::workspace::WorkspaceError::NoCap(reason) => {
+                    uncapped(&mut layers, reason)?;
+                    Workspace::prepare_uncapped(
+                        policy,
+                        &req.session_id,
+                        host_uid,
+                        host_gid,
+                        rootful,
+                    )
+                    .map_err(|e| RunError::cordon(e.to_string()))
+                }
+                other => Err(RunError::cordon(other.to_string())),
+            })?;
+            layers.workspace_cap = ws.cap_description();
+            (Some(ws), None)
+        }
+        Err(crate::workspace::WorkspaceError::NoCap(reason)) => {
+            uncapped(&mut layers, reason)?;
+            let ws =
+                Workspace::prepare_uncapped(policy, &req.session_id, host_uid, host_gid, rootful)
+                    .map_err(|e| RunError::cordon(e.to_string()))?;
+            (Some(ws), None)
+        }
+        Err(other) => return Err(RunError::cordon(other.to_string())),
+    };
     let facts = probe::host_facts(std::path::Path::new("/"));
     let extra: Vec<plan::ExtraBind> = policy
         .sandbox
@@ -168,11 +202,15 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         gateway_dns: gateway_mode,
         extra: extra.clone(),
         code: req.code.clone(),
+        ca_bundle: intercept.as_ref().map(|i| i.bundle.clone()),
     };
     let host_env = |k: &str| std::env::var(k).ok();
     let mut policy_env: Vec<(String, String)> = Vec::new();
     if gateway_mode {
         policy_env.extend(gateway_run::proxy_env());
+    }
+    if let Some(i) = &intercept {
+        policy_env.extend(i.env.iter().cloned());
     }
     policy_env.extend(
         policy
@@ -181,6 +219,14 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone())),
     );
+    // Honey tokens: fresh per session, known only to this supervisor and the sandbox.
+    let mut canaries = Vec::new();
+    for name in &policy.detect.canary.env {
+        let token = cordon_gateway::detect::canary::new_token()
+            .map_err(|e| RunError::cordon(format!("canary token: {e}")))?;
+        canaries.push((name.clone(), token));
+    }
+    policy_env.extend(canaries.iter().cloned());
     let sandbox_plan = SandboxPlan {
         session_id: req.session_id.clone(),
         argv: req.argv.clone(),
@@ -191,7 +237,11 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             rootful,
         },
         hostname: policy.sandbox.hostname.clone(),
-        workspace: workspace.mount(),
+        workspace: match (&early_ws, &planned_ws) {
+            (Some(ws), _) => ws.mount(),
+            (None, Some(p)) => p.mount(),
+            (None, None) => plan::WorkspaceMount::Detached,
+        },
         mounts: plan::mount_plan(&facts, &opts),
         root_size: plan::root_size(&opts),
         network: if gateway_mode {
@@ -219,6 +269,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         user_id: req.user.clone(),
         code_sha256: req.code_sha256.clone(),
     };
+    let alerts = Alerts::new(attribution.clone(), &policy.alerts);
     let audit_path = match &req.audit {
         Some(p) => p.clone(),
         None => cordon_audit::default_path()
@@ -226,12 +277,24 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     };
 
     marks.mark("supervisor: plan built");
+    // On a cgroup v2 host the session cgroup is made first and the sandbox is born in it
+    // (clone3 CLONE_INTO_CGROUP: no cgroup.procs write, so no wait for the kernel's attach
+    // lock). On cgroup v1 the cgroup is made and joined after the clone, while the init builds
+    // its filesystem.
+    let early_cg = cgroup::unified_host().then(|| cgroup_for(&req.session_id, &limits));
+    if early_cg.is_some() {
+        marks.mark("supervisor: cgroup created");
+    }
+    let into = match &early_cg {
+        Some(Ok(cg)) => cg.clone_into_fd(),
+        _ => None,
+    };
     let signals = SignalGuard::block()?;
-    let spawned = spawn::spawn(&sandbox_plan, filter.as_ref(), workspace.detached_fd());
+    let spawned = spawn::spawn(&sandbox_plan, filter.as_ref(), into);
     let sandbox = match spawned {
         Ok(s) => s,
         Err(e) => {
-            cleanup(None, workspace);
+            cleanup(early_cg.and_then(Result::ok), early_ws);
             return Err(RunError::cordon(e.to_string()));
         }
     };
@@ -241,15 +304,82 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         unsafe { libc::waitpid(sb.pid, std::ptr::null_mut(), 0) };
     };
     marks.mark("supervisor: cloned, id maps, go sent");
-    // The init builds its filesystem meanwhile; it waits for "cgroup ready" before it starts
-    // the command, so the command and everything it forks run inside the session's cgroup.
-    let cg: Option<Box<dyn SessionCgroup>> = match cgroup_for(&req.session_id, &limits).and_then(
-        |c| {
-            c.add_pid(sandbox.pid)
-                .map(|()| c)
-                .map_err(|e| e.to_string())
-        },
-    ) {
+    // The init builds its filesystem meanwhile. Here, side by side: the workspace volume,
+    // which the init needs when it reaches /workspace, and the session's cgroup (v1: made and
+    // joined now), which it waits for before it starts the command, so the command and
+    // everything it forks run inside it.
+    let in_cgroup = sandbox.in_cgroup;
+    let (joined, handed) = std::thread::scope(|scope| {
+        let join = scope.spawn(|| {
+            match early_cg {
+                Some(Ok(c)) if in_cgroup => Ok(c),
+                Some(made) => made,
+                None => cgroup_for(&req.session_id, &limits),
+            }
+            .and_then(|c| {
+                if in_cgroup {
+                    return Ok(c);
+                }
+                c.add_pid(sandbox.pid)
+                    .map(|()| c)
+                    .map_err(|e| e.to_string())
+            })
+        });
+        let handed = planned_ws.map(|planned| {
+            let built = planned.prepare().or_else(|e| match e {
+                // The cap cannot be had after all: if the policy allows that, the init gets
+                // the directory as a detached bind instead of the volume it expects.
+                crate::workspace::WorkspaceError::NoCap(reason) => {
+                    uncapped(&mut layers, reason)?;
+                    layers.workspace_cap = None;
+                    Workspace::prepare_uncapped_detached(
+                        policy,
+                        &req.session_id,
+                        host_uid,
+                        host_gid,
+                        rootful,
+                    )
+                    .map_err(|e| RunError::cordon(e.to_string()))
+                }
+                other => Err(RunError::cordon(other.to_string())),
+            });
+            built.and_then(|ws| match ws.detached_fd() {
+                Some(fd) => match spawn::send_workspace(&sandbox, fd) {
+                    Ok(()) => Ok(ws),
+                    Err(e) => {
+                        cleanup(None, Some(ws));
+                        Err(RunError::cordon(format!("sandbox set-up: {e}")))
+                    }
+                },
+                None => {
+                    cleanup(None, Some(ws));
+                    Err(RunError::cordon("workspace: no volume to hand over"))
+                }
+            })
+        });
+        let joined = join
+            .join()
+            .unwrap_or_else(|_| Err("the cgroup set-up thread panicked".into()));
+        (joined, handed)
+    });
+    match handed {
+        Some(Ok(ws)) => {
+            early_ws = Some(ws);
+            marks.mark("supervisor: workspace volume prepared and handed over");
+        }
+        Some(Err(e)) => {
+            kill(&sandbox);
+            cleanup(joined.ok(), None);
+            return Err(e);
+        }
+        None => {}
+    }
+    let Some(mut workspace) = early_ws else {
+        kill(&sandbox);
+        cleanup(joined.ok(), None);
+        return Err(RunError::cordon("workspace: none was prepared"));
+    };
+    let cg: Option<Box<dyn SessionCgroup>> = match joined {
         Ok(cg) => {
             layers.cgroup = Some(format!("{:?}", cg.version()).to_lowercase());
             Some(cg)
@@ -263,36 +393,55 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                 "run as root or under a delegated cgroup v2 (systemd-run --user --scope -p Delegate=yes)",
             ) {
                 kill(&sandbox);
-                cleanup(None, workspace);
+                cleanup(None, Some(workspace));
                 return Err(err);
             }
             None
         }
     };
-    if let Err(e) = spawn::send(&sandbox, &cordon_sandbox::proto::ToInit::CgroupReady) {
-        kill(&sandbox);
-        cleanup(cg, workspace);
-        return Err(RunError::cordon(format!("sandbox set-up: {e}")));
+    if !sandbox.in_cgroup {
+        if let Err(e) = spawn::send(&sandbox, &cordon_sandbox::proto::ToInit::CgroupReady) {
+            kill(&sandbox);
+            cleanup(cg, Some(workspace));
+            return Err(RunError::cordon(format!("sandbox set-up: {e}")));
+        }
+        marks.mark("supervisor: cgroup created and joined");
     }
-    marks.mark("supervisor: cgroup created and joined");
     let deadline = started + policy.sandbox.timeout;
-    marks.mark("supervisor: cloned, id maps, go sent");
     let sockets = match handshake(&sandbox, &sandbox_plan, &mut workspace, deadline) {
         Ok(s) => s,
         Err(e) => {
             kill(&sandbox);
-            cleanup(cg, workspace);
+            cleanup(cg, Some(workspace));
             return Err(RunError::cordon(e));
         }
     };
     // Threads may start now: the sandbox is spawned.
+    alerts.start();
     let mut writer = None;
     let mut gateway = None;
+    // The live copy of the audit the policy asks for (`[audit] syslog`, `--syslog`).
+    let syslog = match policy
+        .audit
+        .syslog
+        .map(|t| start_syslog(t, policy))
+        .transpose()
+    {
+        Ok(s) => s,
+        Err(e) => {
+            kill(&sandbox);
+            cleanup(cg, Some(workspace));
+            return Err(RunError::cordon(e));
+        }
+    };
     // A network-less session has only its start and end to record: open the store and write
     // the start while the sandbox runs, off the critical path.
     let quiet_audit = (!gateway_mode).then(|| {
         let path = audit_path.clone();
         let start = attribution.session_start(&req.argv, start_detail(&layers, policy));
+        if let Some(s) = &syslog {
+            s.offer(&start);
+        }
         std::thread::spawn(move || -> Result<cordon_audit::Store, String> {
             let mut store = cordon_audit::Store::open(&path)
                 .map_err(|e| format!("audit store {}: {e}", path.display()))?;
@@ -306,15 +455,45 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         let started_gw = cordon_audit::AuditWriter::open(&audit_path)
             .map_err(|e| format!("audit store {}: {e}", audit_path.display()))
             .and_then(|w| {
+                let w = match &syslog {
+                    Some(s) => w.with_tap(s.clone()),
+                    None => w,
+                };
                 let w = std::sync::Arc::new(w);
                 w.record(attribution.session_start(&req.argv, start_detail(&layers, policy)));
+                alerts.set_writer(w.clone());
                 let session = cordon_gateway::SessionInfo {
                     id: req.session_id.clone(),
                     user: req.user.clone(),
                     code_sha256: req.code_sha256.clone(),
                 };
-                RunningGateway::start(policy, session, sockets, &req.upstream_dns, w.clone())
-                    .map(|g| (w, g))
+                // Which sandbox process made each request: looked up in the sandbox's /proc
+                // through its init. Without it events still name the session.
+                let owners = match crate::attribution::ProcSocketOwners::new(
+                    sandbox.pid as u32,
+                    sockets.sock_diag.try_clone().ok(),
+                ) {
+                    Ok(o) => Some(std::sync::Arc::new(o) as _),
+                    Err(e) => {
+                        eprintln!(
+                            "cordon: warning: events will not name the sandbox process: /proc/{}: {e}",
+                            sandbox.pid
+                        );
+                        None
+                    }
+                };
+                RunningGateway::start(
+                    policy,
+                    session,
+                    sockets,
+                    &req.upstream_dns,
+                    intercept.as_ref().map(|i| i.config.clone()),
+                    w.clone(),
+                    std::mem::take(&mut canaries),
+                    alerts.clone(),
+                    owners,
+                )
+                .map(|g| (w, g))
             });
         match started_gw {
             Ok((w, g)) => {
@@ -323,19 +502,32 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             }
             Err(e) => {
                 kill(&sandbox);
-                cleanup(cg, workspace);
+                cleanup(cg, Some(workspace));
                 return Err(RunError::cordon(e));
             }
         }
     }
-    let outcome = supervise(
+    let watch = LimitWatch {
+        rule: &policy.detect.sandbox,
+        alerts: &alerts,
+        session: cordon_gateway::SessionInfo {
+            id: req.session_id.clone(),
+            user: req.user.clone(),
+            code_sha256: req.code_sha256.clone(),
+        },
+    };
+    let mut outcome = supervise(
         &sandbox,
         &signals,
         deadline,
         cg.as_deref(),
         gateway.as_ref().map(|g| g.wake_fd()),
+        &watch,
     );
-    let terminated = gateway.as_ref().and_then(|g| g.terminate_reason());
+    let terminated = gateway
+        .as_ref()
+        .and_then(|g| g.terminate_reason())
+        .or_else(|| outcome.terminated_reason.clone());
     let network = gateway.map(RunningGateway::stop);
     // The init is reaped: everything in its pid namespace is gone. The cgroup may still hold
     // nothing, but kill it anyway before removal in case the kernel is slower than we think.
@@ -345,8 +537,8 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         let _ = c.kill_all();
     }
     let workspace_desc = workspace.describe();
-    cleanup(cg, workspace);
-    marks.mark("supervisor: cgroup removed, workspace released");
+    let unreleased = finish(cg, workspace);
+    marks.mark("supervisor: cgroup removed, workspace committed");
     drop(signals);
     if let Some(reason) = &terminated {
         eprintln!("cordon: session {} terminated: {reason}", req.session_id);
@@ -367,6 +559,29 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     if !outcome.full.is_empty() {
         limits_hit.push(LimitHit::Disk);
     }
+    // Limits first seen at the end (or on a host whose cgroup could not be watched), and
+    // processes that tried to outlive the command, are firings of the sandbox rule too.
+    if let Some(s) = &stats {
+        watch.check(s, &mut outcome.fired);
+    }
+    if !outcome.full.is_empty() {
+        watch.fire(
+            "disk",
+            format!("disk full: {}", outcome.full.join(", ")),
+            &mut outcome.fired,
+        );
+    }
+    if outcome.lingering > 0 && watch.rule.enabled && watch.rule.lingering {
+        watch.fire(
+            "lingering",
+            format!(
+                "{} processes were still running when the command exited (killed with the session)",
+                outcome.lingering
+            ),
+            &mut outcome.fired,
+        );
+    }
+    alerts.finish();
     if let Some(a) = &outcome.applied {
         layers.landlock_abi = a.0;
         layers.landlock_enforced = a.1;
@@ -396,7 +611,15 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     if let Some(r) = &terminated {
         end_detail.insert("terminated".into(), serde_json::json!(r));
     }
+    if let Some(s) = &syslog {
+        // Losses so far: the end record itself is forwarded after this count.
+        end_detail.insert("syslog".into(), serde_json::json!(s.stats()));
+    }
     let end = attribution.session_end(end_status, limit_name.as_deref(), end_detail);
+    if let (Some(s), None) = (&syslog, &writer) {
+        // The writer's tap forwards it otherwise.
+        s.offer(&end);
+    }
     match writer.take() {
         Some(w) => {
             w.record(end);
@@ -414,6 +637,8 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             }
         }
         None => {
+            let mut events = alerts.take_pending();
+            events.push(end);
             let stored = quiet_audit
                 .map(|t| {
                     t.join()
@@ -422,7 +647,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                 .unwrap_or_else(|| Err("no audit thread".into()))
                 .and_then(|mut store| {
                     store
-                        .append(&[end])
+                        .append(&events)
                         .map(drop)
                         .map_err(|e| format!("audit store {}: {e}", audit_path.display()))
                 });
@@ -434,7 +659,28 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         }
     }
 
+    if let Some(s) = &syslog {
+        let stats = s.close(SYSLOG_CLOSE);
+        if stats.dropped > 0 || stats.failed > 0 {
+            eprintln!(
+                "cordon: warning: syslog: {} audit event(s) not forwarded to {} ({} dropped: receiver too slow, {} failed to send); the audit store has them all",
+                stats.dropped + stats.failed,
+                policy.audit.syslog.map(|t| t.to_string()).unwrap_or_default(),
+                stats.dropped,
+                stats.failed
+            );
+        }
+    }
     marks.mark("supervisor: audit recorded");
+    // Everything the result depends on is done: the volume's release (and the sweep for other
+    // sessions' leftovers) finishes in a detached child while we exit.
+    if let Some(workspace) = unreleased {
+        crate::teardown::hand_off(move || {
+            let _ = workspace.release();
+            remove_stale_cgroups();
+        });
+        marks.mark("supervisor: workspace release handed off");
+    }
     marks.extend(&outcome.marks);
     marks.report(started);
     if let Some(err) = outcome.setup_failed {
@@ -473,7 +719,34 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         layers,
         network,
         terminated,
+        alerts: alerts.fired(),
     })
+}
+
+/// How long the end of a session waits for queued syslog messages.
+const SYSLOG_CLOSE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Starts the live syslog copy of the audit.
+fn start_syslog(
+    target: cordon_policy::SyslogTarget,
+    policy: &Policy,
+) -> Result<std::sync::Arc<cordon_audit::syslog::SyslogSink>, String> {
+    use cordon_audit::syslog::{SyslogConfig, SyslogSink, Transport};
+    use cordon_audit::Severity;
+    let transport = match target.transport {
+        cordon_policy::SyslogTransport::Udp => Transport::Udp,
+        cordon_policy::SyslogTransport::Tcp => Transport::Tcp,
+    };
+    let min = match policy.audit.syslog_min_severity {
+        cordon_policy::MinSeverity::Info => Severity::Info,
+        cordon_policy::MinSeverity::Notice => Severity::Notice,
+        cordon_policy::MinSeverity::Warning => Severity::Warning,
+        cordon_policy::MinSeverity::High => Severity::High,
+        cordon_policy::MinSeverity::Critical => Severity::Critical,
+    };
+    SyslogSink::start(SyslogConfig::new(transport, target.addr, min))
+        .map(std::sync::Arc::new)
+        .map_err(|e| e.to_string())
 }
 
 /// What the session starts with: its policy's network part and the layers decided so far (the
@@ -493,9 +766,47 @@ fn start_detail(layers: &Layers, policy: &Policy) -> serde_json::Map<String, ser
             .collect::<Vec<_>>()),
     );
     m.insert(
+        cordon_audit::report::ALLOW_PRIVATE.into(),
+        serde_json::json!(policy
+            .network
+            .allow_private
+            .iter()
+            .map(|a| a.raw().to_string())
+            .collect::<Vec<_>>()),
+    );
+    m.insert(
         "mode".into(),
         serde_json::json!(policy.network.mode.as_str()),
     );
+    // Names only: which credentials the gateway holds and which hosts it intercepts.
+    if !policy.credentials.is_empty() {
+        m.insert(
+            "credentials".into(),
+            serde_json::json!(policy
+                .credentials
+                .iter()
+                .map(|c| serde_json::json!({
+                    "name": c.name,
+                    "hosts": c.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+                }))
+                .collect::<Vec<_>>()),
+        );
+    }
+    let hosts = cordon_gateway::InterceptConfig::hosts_for(&policy.network, &policy.credentials);
+    if !hosts.is_empty() {
+        m.insert(
+            "intercept".into(),
+            serde_json::json!(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>()),
+        );
+    }
+    // Identifies the effective policy (file plus flags) for `cordon audit report`. Serialising
+    // the policy model cannot fail; if it ever did, the report groups the session under no policy.
+    if let Ok(json) = serde_json::to_vec(policy) {
+        m.insert(
+            cordon_audit::report::POLICY_SHA256.into(),
+            serde_json::json!(cordon_audit::sha256_hex(&json)),
+        );
+    }
     m
 }
 
@@ -511,7 +822,29 @@ fn cgroup_for(session_id: &str, limits: &CgroupLimits) -> Result<Box<dyn Session
     cgroup::create(&detected, session_id, limits).map_err(|e| e.to_string())
 }
 
-fn cleanup(cg: Option<Box<dyn SessionCgroup>>, workspace: Workspace) {
+/// A finished session's teardown, as far as its result depends on it: the cgroup removed, a
+/// host workspace directory committed. A workspace whose release is slow (an ext4 volume) is
+/// returned for [`crate::teardown::hand_off`]; anything else is released here.
+fn finish(cg: Option<Box<dyn SessionCgroup>>, mut workspace: Workspace) -> Option<Workspace> {
+    if let Some(c) = cg {
+        if let Err(e) = c.remove() {
+            eprintln!("cordon: warning: removing the session cgroup: {e}");
+        }
+    }
+    if let Err(e) = workspace.commit() {
+        eprintln!("cordon: warning: workspace: {e}");
+    }
+    if workspace.slow_release() {
+        return Some(workspace);
+    }
+    if let Err(e) = workspace.release() {
+        eprintln!("cordon: warning: workspace: {e}");
+    }
+    remove_stale_cgroups();
+    None
+}
+
+fn cleanup(cg: Option<Box<dyn SessionCgroup>>, workspace: Option<Workspace>) {
     // Independent teardown steps, run side by side.
     std::thread::scope(|scope| {
         let cg_thread = scope.spawn(move || {
@@ -522,7 +855,7 @@ fn cleanup(cg: Option<Box<dyn SessionCgroup>>, workspace: Workspace) {
             remove_stale_cgroups();
             removed
         });
-        if let Err(e) = workspace.finish() {
+        if let Some(Err(e)) = workspace.map(Workspace::finish) {
             eprintln!("cordon: warning: workspace: {e}");
         }
         match cg_thread.join() {
@@ -563,7 +896,71 @@ struct Outcome {
     exec_failed: Option<(i32, String)>,
     applied: Option<(u32, bool, bool)>,
     terminated: bool,
+    /// Why the supervisor itself ended the session (a sandbox-rule firing).
+    terminated_reason: Option<String>,
+    /// Sandbox-rule signals already fired (each fires once).
+    fired: Vec<&'static str>,
+    /// Processes other than the command still alive when it exited.
+    lingering: u32,
     marks: Vec<(String, u64)>,
+}
+
+/// The sandbox rule, watched by the supervision loop.
+struct LimitWatch<'a> {
+    rule: &'a cordon_policy::SandboxRule,
+    alerts: &'a Alerts,
+    session: cordon_gateway::SessionInfo,
+}
+
+/// How often the supervision loop reads the cgroup's limit counters.
+const LIMIT_POLL: Duration = Duration::from_millis(100);
+
+impl LimitWatch<'_> {
+    fn watching(&self) -> bool {
+        self.rule.enabled && self.rule.limits
+    }
+
+    /// Fires `signal` unless it already fired; returns whether the response is terminate.
+    fn fire(&self, signal: &'static str, summary: String, fired: &mut Vec<&'static str>) -> bool {
+        if !self.rule.enabled || fired.contains(&signal) {
+            return false;
+        }
+        fired.push(signal);
+        let d = cordon_gateway::Detection::new(
+            cordon_gateway::Rule::Sandbox,
+            signal,
+            cordon_gateway::Severity::Medium,
+            self.rule.response,
+            self.rule.alert,
+            &self.session,
+            summary,
+            [],
+        );
+        self.alerts.fire(&d);
+        self.rule.response == cordon_policy::Response::Terminate
+    }
+
+    /// Fires for the limits `stats` show were hit; returns the first summary whose response
+    /// is terminate.
+    fn check(&self, stats: &cgroup::CgroupStats, fired: &mut Vec<&'static str>) -> Option<String> {
+        if !self.watching() {
+            return None;
+        }
+        let mut terminate = None;
+        if stats.pids_limit_hit {
+            let s = "pids limit hit (a fork failed: fork bomb or runaway process creation)";
+            if self.fire("pids", s.into(), fired) {
+                terminate.get_or_insert(s.to_owned());
+            }
+        }
+        if stats.oom_killed {
+            let s = "memory limit hit (the OOM killer killed a process)";
+            if self.fire("oom", s.into(), fired) {
+                terminate.get_or_insert(s.to_owned());
+            }
+        }
+        terminate
+    }
 }
 
 /// Where a session's time went, printed on stderr when `CORDON_TIMING` is set (see
@@ -694,9 +1091,12 @@ fn supervise(
     deadline: Instant,
     cg: Option<&dyn SessionCgroup>,
     wake: Option<BorrowedFd<'_>>,
+    watch: &LimitWatch<'_>,
 ) -> Outcome {
     let mut out = Outcome::default();
     let mut kill_at: Option<Instant> = None;
+    let watched = cg.filter(|_| watch.watching());
+    let mut next_poll = Instant::now() + LIMIT_POLL;
     let mut chan_open = true;
     let mut buf = vec![0u8; proto::MAX_MESSAGE];
     loop {
@@ -711,6 +1111,23 @@ fn supervise(
                 let _ = c.kill_all();
             }
             kill_at = Some(now + Duration::from_secs(3600));
+        }
+        if let Some(c) = watched {
+            if now >= next_poll {
+                next_poll = now + LIMIT_POLL;
+                if let Some(reason) = watch.check(&c.stats(), &mut out.fired) {
+                    if kill_at.is_none_or(|k| k > now) && out.status.is_none() {
+                        kill_at = Some(now);
+                        out.terminated = true;
+                        out.terminated_reason = Some(reason);
+                        continue;
+                    }
+                }
+            }
+        }
+        let mut due = due;
+        if watched.is_some() {
+            due = due.min(next_poll);
         }
         let wait_ms = due.saturating_duration_since(now).as_millis().min(60_000) as i32;
         let mut fds = [
@@ -893,9 +1310,14 @@ fn drain(chan: BorrowedFd<'_>, buf: &mut [u8], out: &mut Outcome) -> bool {
                 let code = if errno == libc::ENOENT { 127 } else { 126 };
                 out.exec_failed = Some((code, message));
             }
-            Some(ToSupervisor::Exited { status, full }) => {
+            Some(ToSupervisor::Exited {
+                status,
+                full,
+                lingering,
+            }) => {
                 out.status = Some(status);
                 out.full = full;
+                out.lingering = lingering;
             }
             Some(ToSupervisor::GatewaySockets { .. } | ToSupervisor::WorkspaceRoot) | None => {}
         }

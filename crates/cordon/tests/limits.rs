@@ -117,7 +117,14 @@ fn filling_the_workspace_ends_in_enospc_not_a_full_host_disk() {
             .any(|h| h == "disk"),
         "{result}"
     );
-    let after = free_bytes(dir.path());
+    // The volume's image goes back to the host when its release finishes, which may be just
+    // after cordon exits (src/teardown.rs).
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut after = free_bytes(dir.path());
+    while before.saturating_sub(after) >= 64 * 1024 * 1024 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+        after = free_bytes(dir.path());
+    }
     assert!(
         before.saturating_sub(after) < 64 * 1024 * 1024,
         "host lost {} bytes",
@@ -276,5 +283,100 @@ fn a_cgroup_left_by_a_killed_supervisor_is_removed_by_the_next_session() {
     std::fs::create_dir_all(&stale).unwrap();
     let out = run(&["--", "true"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    // The sweep runs in the session's teardown, which may finish just after cordon exits
+    // (src/teardown.rs): give it a moment.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while stale.exists() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     assert!(!stale.exists(), "the stale cgroup is still there");
+}
+
+/// The loop device behind a sandbox's `/workspace` (`major:minor` from the sandbox's own
+/// mountinfo), as `loopN`.
+fn workspace_loop_device(mountinfo: &str) -> Option<String> {
+    let line = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/workspace"))?;
+    let dev = line.split(' ').nth(2)?;
+    let target = std::fs::read_link(format!("/sys/dev/block/{dev}")).ok()?;
+    Some(target.file_name()?.to_string_lossy().into_owned())
+}
+
+#[test]
+fn the_workspace_volume_is_released_after_the_session_ends() {
+    if !is_root() {
+        eprintln!("SKIPPED: ext4 workspace volumes need root");
+        return;
+    }
+    let mut child = cordon()
+        .args([
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "cat /proc/self/mountinfo; echo END; read _; exit 0",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let mut mountinfo = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line == "END" {
+            break;
+        }
+        mountinfo.push_str(&line);
+        mountinfo.push('\n');
+    }
+    let dev = workspace_loop_device(&mountinfo).expect("no loop device behind /workspace");
+    let backing_path = format!("/sys/block/{dev}/loop/backing_file");
+    let backing = std::fs::read_to_string(&backing_path).unwrap();
+    assert!(
+        backing.contains("/volumes/"),
+        "{dev} is backed by {backing}"
+    );
+    drop(child.stdin.take()); // `read` ends: the command exits
+    assert!(child.wait().unwrap().success());
+    // The release may finish in the teardown child just after cordon exits (src/teardown.rs),
+    // but it must finish: this image's loop device is freed (another session may reuse it).
+    let until = Instant::now() + Duration::from_secs(5);
+    let still_bound =
+        || std::fs::read_to_string(&backing_path).is_ok_and(|b| b.trim() == backing.trim());
+    while still_bound() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!still_bound(), "{dev} still holds {backing}");
+}
+
+#[test]
+fn a_host_workspace_larger_than_its_cap_is_refused_and_the_started_sandbox_is_gone() {
+    if !is_root() {
+        eprintln!("SKIPPED: ext4 workspace volumes need root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ws = dir.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    std::fs::write(ws.join("big"), vec![7u8; 20 << 20]).unwrap();
+    let marker = format!("cap-refused-{}", rand_u32());
+    // The volume is built after the sandbox is cloned: its failure must stop that sandbox
+    // before the command runs.
+    let out = run(&[
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--workspace-size",
+        "16M",
+        "--",
+        "sh",
+        "-c",
+        &format!("echo {marker}"),
+    ]);
+    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    assert!(stderr(&out).contains("needs about"), "{}", stderr(&out));
+    assert!(!stdout(&out).contains(&marker));
+    assert!(processes_with(&marker).is_empty());
+    assert_eq!(std::fs::read_dir(&ws).unwrap().count(), 1);
 }

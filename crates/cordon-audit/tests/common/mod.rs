@@ -3,7 +3,7 @@
 // Test helpers: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use cordon_audit::{Event, EventFilter, EventKind, Store, Timestamp, Verdict};
+use cordon_audit::{Event, EventFilter, EventKind, ProcessInfo, Store, Timestamp, Verdict};
 
 /// Millisecond timestamp of 2023-11-14T22:13:20Z, a fixed base for deterministic events.
 pub const BASE_MS: i64 = 1_700_000_000_000;
@@ -46,6 +46,17 @@ pub fn sample_event(session: &str, i: usize) -> Event {
     }
     if i.is_multiple_of(6) {
         e.detail = serde_json::json!({"n": i, "nested": {"z": [1, 2, 3], "a": "ü"}});
+    }
+    if i % 3 == 1 {
+        e.process = Some(ProcessInfo {
+            pid: 10 + i as u32,
+            exe: "/usr/bin/python3.11".into(),
+            cmdline: vec![
+                "python3".into(),
+                "-c".into(),
+                format!("print('{i}', \"ü\")"),
+            ],
+        });
     }
     e
 }

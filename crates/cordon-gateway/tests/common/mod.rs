@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod origin;
+pub mod tls_origin;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -20,7 +21,7 @@ use cordon_gateway::{
     SessionInfo, TerminateRequest, Timeouts, Upstream,
 };
 use cordon_policy::size::ByteSize;
-use cordon_policy::{AllowEntry, Enforcement, NetworkPolicy, OnExceed, RateLimits, ResponsePolicy};
+use cordon_policy::{AllowEntry, DetectPolicy, Enforcement, NetworkPolicy, OnExceed, RateLimits};
 use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{RData, Record, RecordType};
@@ -53,6 +54,7 @@ pub fn policy(allow: &[&str], allow_private: &[&str]) -> NetworkPolicy {
             max_bytes_in: ByteSize(1 << 40),
             on_exceed: OnExceed::Block,
         },
+        ..NetworkPolicy::default()
     }
 }
 
@@ -273,28 +275,42 @@ pub struct Running {
     pub cancel: CancellationToken,
     pub handle: Option<JoinHandle<GatewayStats>>,
     pub terminate: UnboundedReceiver<TerminateRequest>,
+    pub detections: UnboundedReceiver<cordon_gateway::Detection>,
 }
 
 pub struct Options {
     pub clients: Clients,
-    pub response: ResponsePolicy,
+    pub detect: DetectPolicy,
+    /// Honey tokens (variable name, value).
+    pub canaries: Vec<(String, String)>,
     pub original_dst: Option<Arc<dyn OriginalDst>>,
     pub timeouts: Timeouts,
+    pub intercept: Option<Arc<cordon_gateway::InterceptConfig>>,
+}
+
+/// Every detection rule off: tests of other behaviour must not be cut short by one.
+pub fn quiet_detection() -> DetectPolicy {
+    let mut d = DetectPolicy::default();
+    d.blocked.enabled = false;
+    d.dns_tunnel.enabled = false;
+    d.exfil.enabled = false;
+    d.sandbox.enabled = false;
+    d
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             clients: Clients::Session(session()),
-            response: ResponsePolicy {
-                terminate_after_blocked: 0,
-            },
+            detect: quiet_detection(),
+            canaries: Vec::new(),
             original_dst: None,
             timeouts: Timeouts {
                 first_bytes: Duration::from_millis(300),
                 connect: Duration::from_secs(3),
                 ..Timeouts::default()
             },
+            intercept: None,
         }
     }
 }
@@ -302,15 +318,18 @@ impl Default for Options {
 impl Running {
     pub async fn start(policy: NetworkPolicy, upstream_dns: SocketAddr, opts: Options) -> Running {
         let sandbox_mode = matches!(opts.clients, Clients::Session(_));
-        let mut config = GatewayConfig::new(policy, opts.response, session());
+        let mut config = GatewayConfig::new(policy, opts.detect, session());
+        config.canaries = opts.canaries;
         config.clients = opts.clients;
         config.upstream = Upstream::Nameservers(vec![upstream_dns]);
         config.timeouts = opts.timeouts;
+        config.intercept = opts.intercept;
         if let Some(o) = opts.original_dst {
             config.original_dst = o;
         }
         let gateway = Gateway::new(config).unwrap();
         let terminate = gateway.take_terminate_receiver().unwrap();
+        let detections = gateway.take_detection_receiver().unwrap();
         let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let proxy = http.local_addr().unwrap();
         let mut listeners = Listeners {
@@ -345,6 +364,7 @@ impl Running {
             cancel,
             handle: Some(handle),
             terminate,
+            detections,
         }
     }
 

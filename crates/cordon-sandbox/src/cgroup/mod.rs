@@ -254,6 +254,15 @@ pub trait SessionCgroup: fmt::Debug + Send + Sync {
     }
 }
 
+/// Whether `/sys/fs/cgroup` is itself a cgroup v2 mount (a pure "unified" host, the common
+/// case on current distributions): then cordon creates the session cgroup before the clone and
+/// starts the sandbox inside it. One `statfs`, no detection; a host that mounts v2 elsewhere
+/// still works, the sandbox just joins its cgroup after the clone.
+pub fn unified_host() -> bool {
+    nix::sys::statfs::statfs("/sys/fs/cgroup")
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+}
+
 /// Creates the cgroup of session `session_id` with `limits`, using the version `detected`
 /// chose.
 pub fn create(

@@ -691,17 +691,24 @@ impl WorkspaceVolume {
     /// Copies the sandbox's changes back to the host dir (after the sandbox is gone), then
     /// releases the volume. A throwaway volume is just released.
     pub fn commit(mut self) -> Result<CommitStats, WorkspaceError> {
-        let result = match (&self.plan.source, &self.root, &self.host_dir) {
+        let result = self.commit_changes();
+        let released = self.release();
+        let stats = result?;
+        released?;
+        Ok(stats)
+    }
+
+    /// Copies the sandbox's changes back to the host dir (after the sandbox is gone) and keeps
+    /// the volume; [`discard`](Self::discard) releases it later. Nothing for a throwaway
+    /// volume.
+    pub fn commit_changes(&mut self) -> Result<CommitStats, WorkspaceError> {
+        match (&self.plan.source, &self.root, &self.host_dir) {
             (WorkspaceSource::HostDir(_), Some(root), Some(host)) => {
                 tree::commit_tree(root.as_fd(), host.as_fd(), &self.snapshot, self.plan.chown)
             }
             (WorkspaceSource::HostDir(_), None, _) => Err(WorkspaceError::NotAdopted),
             _ => Ok(CommitStats::default()),
-        };
-        let released = self.release();
-        let stats = result?;
-        released?;
-        Ok(stats)
+        }
     }
 
     /// Drops the volume and everything written to it.

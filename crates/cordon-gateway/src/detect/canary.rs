@@ -1,0 +1,152 @@
+//! Honey tokens: values only cordon and the sandbox's environment know, looked for in outbound
+//! traffic.
+//!
+//! Guarantees: [`Canaries::scan`] finds a token written as is or base64-encoded at any
+//! alignment (as in `Authorization: Basic …`), anywhere in the bytes it is given (a request
+//! head, a body prefix, a DNS name, or — once TLS interception lands — decrypted bytes). Tokens
+//! are random, so a match is not a coincidence: one hit is enough.
+
+use base64::Engine as _;
+use memchr::memmem;
+
+/// A fresh honey token: 40 random letters and digits, shaped like an API secret and saying
+/// nothing about being a canary.
+pub fn new_token() -> Result<String, getrandom::Error> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut raw = [0u8; 40];
+    getrandom::fill(&mut raw)?;
+    // 256 % 62 leaves a slight bias towards the first letters; irrelevant for a canary.
+    Ok(raw
+        .iter()
+        .map(|b| char::from(ALPHABET[usize::from(*b) % ALPHABET.len()]))
+        .collect())
+}
+
+/// How a token was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Plain,
+    Base64,
+}
+
+impl Encoding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::Plain => "plain",
+            Encoding::Base64 => "base64",
+        }
+    }
+}
+
+/// A token found in traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanaryHit {
+    /// Which token (index into the list given to [`Canaries::new`]).
+    pub token: usize,
+    pub encoding: Encoding,
+}
+
+/// The tokens of one session, ready to search for.
+#[derive(Default)]
+pub struct Canaries {
+    needles: Vec<(usize, Encoding, memmem::Finder<'static>)>,
+}
+
+impl std::fmt::Debug for Canaries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the tokens themselves.
+        f.debug_struct("Canaries")
+            .field("needles", &self.needles.len())
+            .finish()
+    }
+}
+
+impl Canaries {
+    pub fn new(tokens: &[String]) -> Canaries {
+        let mut needles = Vec::new();
+        let b64 = base64::engine::general_purpose::STANDARD_NO_PAD;
+        for (i, token) in tokens.iter().enumerate() {
+            if token.len() < 8 {
+                continue;
+            }
+            needles.push((
+                i,
+                Encoding::Plain,
+                memmem::Finder::new(token.as_bytes()).into_owned(),
+            ));
+            // The token at offset 0, 1 or 2 of a 3-byte group: the characters that encode only
+            // token bytes are the same whatever surrounds it.
+            for pad in 0..3usize {
+                let mut input = vec![b'\0'; pad];
+                input.extend_from_slice(token.as_bytes());
+                let enc = b64.encode(&input);
+                let start = if pad == 0 { 0 } else { 4 };
+                let end = enc.len().saturating_sub(4);
+                if end > start + 8 {
+                    let core = enc.as_bytes()[start..end].to_vec();
+                    needles.push((i, Encoding::Base64, memmem::Finder::new(&core).into_owned()));
+                }
+            }
+        }
+        Canaries { needles }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.needles.is_empty()
+    }
+
+    /// The first token found in `bytes`, if any.
+    pub fn scan(&self, bytes: &[u8]) -> Option<CanaryHit> {
+        self.needles
+            .iter()
+            .find(|(_, _, f)| f.find(bytes).is_some())
+            .map(|(token, encoding, _)| CanaryHit {
+                token: *token,
+                encoding: *encoding,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_found_plain_and_base64_encoded_at_every_alignment() {
+        let token = new_token().unwrap();
+        let c = Canaries::new(std::slice::from_ref(&token));
+        let plain = format!("GET /x?k={token} HTTP/1.1\r\n");
+        assert_eq!(
+            c.scan(plain.as_bytes()).map(|h| h.encoding),
+            Some(Encoding::Plain)
+        );
+        let b64 = base64::engine::general_purpose::STANDARD;
+        for prefix in ["", "u:", "us:", "use:"] {
+            let header = format!(
+                "Authorization: Basic {}\r\n",
+                b64.encode(format!("{prefix}{token}"))
+            );
+            assert_eq!(
+                c.scan(header.as_bytes()).map(|h| h.encoding),
+                Some(Encoding::Base64),
+                "prefix {prefix:?}"
+            );
+        }
+        assert_eq!(c.scan(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn a_partial_token_is_not_a_hit() {
+        let token = new_token().unwrap();
+        let c = Canaries::new(std::slice::from_ref(&token));
+        assert_eq!(c.scan(&token.as_bytes()[..30]), None);
+    }
+
+    #[test]
+    fn new_tokens_are_random_and_shaped_like_secrets() {
+        let (a, b) = (new_token().unwrap(), new_token().unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 40);
+        assert!(a.bytes().all(|c| c.is_ascii_alphanumeric()));
+    }
+}
