@@ -14,6 +14,8 @@
 //!   So no event waits more than `max_delay` (default 20 ms) before its commit starts, and a
 //!   `kill -9` loses at most what was queued or in the open transaction: the events of about the
 //!   last `max_delay` plus one commit. Everything committed before is in the file.
+//! - The writer thread runs under `SCHED_BATCH` (same nice value, same share of CPU), so its
+//!   commits do not preempt the threads that serve traffic when it wakes.
 //! - [`AuditWriter::flush`] returns once everything recorded before the call is committed.
 //!   [`AuditWriter::close`] and `Drop` commit everything recorded and join the thread, so a
 //!   normal exit, or a signal handler that calls `close`, loses nothing.
@@ -328,6 +330,7 @@ impl Drop for CloseOnPanic<'_> {
 /// The writer thread: wait for a batch, take it, commit it, answer flushes, until closed.
 fn run(mut store: Store, config: &WriterConfig, shared: &Shared) {
     let _guard = CloseOnPanic(shared);
+    batch_scheduling();
     let max_batch = config.max_batch.max(1);
     let mut batch: Vec<Event> = Vec::new();
     let mut flushes: Vec<SyncSender<()>> = Vec::new();
@@ -389,6 +392,17 @@ fn run(mut store: Store, config: &WriterConfig, shared: &Shared) {
             break;
         }
     }
+}
+
+/// Puts the calling thread under `SCHED_BATCH`: the same fair share of CPU as before (same
+/// nice value, so the writer keeps up exactly as well), but it no longer preempts a
+/// latency-sensitive thread (the gateway's workers, their clients) when it wakes. Best effort:
+/// a failure leaves the thread as it was.
+fn batch_scheduling() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `sched_setscheduler` with pid 0 changes only the calling thread's policy; `param`
+    // is a valid, initialised `sched_param` that outlives the call.
+    let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
 }
 
 fn commit(store: &mut Store, batch: &[Event], config: &WriterConfig, shared: &Shared) {
