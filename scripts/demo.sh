@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "demo.sh: needs the Rust toolchain (https://rustup.rs) and a C compiler" >&2; exit 1; }
 scripts/deps.sh
-cargo build --release --bin cordon
+cargo release-bin
 cordon="$PWD/target/release/cordon"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

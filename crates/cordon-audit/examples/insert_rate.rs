@@ -1,13 +1,15 @@
 //! Sustained insert rate through `AuditWriter` (quoted in docs/benchmarks.md).
 //!
 //! ```text
-//! cargo run --release -p cordon-audit --example insert_rate -- [EVENTS] [--producers N] [--sync-full] [--path FILE]
+//! cargo run --release -p cordon-audit --example insert_rate -- [EVENTS] [--producers N] [--sync-full] [--path FILE] [--process]
 //! ```
 //!
 //! Producers record realistic `http_request` events as fast as the writer commits them: each
 //! producer keeps the backlog (recorded − committed) under half the channel, so the number is the
 //! writer's sustained rate, not the rate of filling a queue. It also reports how long `record`
-//! itself takes (sampled), which is what the gateway's data path pays.
+//! itself takes (sampled), which is what the gateway's data path pays. `--process` gives every
+//! event a process attribution (pid, exe, a three-argument command line), as `cordon run`'s
+//! network events have.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +23,7 @@ struct Args {
     producers: usize,
     sync_full: bool,
     path: Option<std::path::PathBuf>,
+    process: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -29,6 +32,7 @@ fn parse_args() -> anyhow::Result<Args> {
         producers: 1,
         sync_full: false,
         path: None,
+        process: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -40,6 +44,7 @@ fn parse_args() -> anyhow::Result<Args> {
                     .parse()?;
             }
             "--sync-full" => args.sync_full = true,
+            "--process" => args.process = true,
             "--path" => {
                 args.path = Some(
                     it.next()
@@ -77,6 +82,11 @@ fn main() -> anyhow::Result<()> {
     let producers: Vec<_> = (0..args.producers)
         .map(|p| {
             let writer = Arc::clone(&writer);
+            let process = args.process.then(|| cordon_audit::ProcessInfo {
+                pid: 42,
+                exe: "/usr/bin/python3.11".into(),
+                cmdline: vec!["python3".into(), "fetch.py".into(), "--all".into()],
+            });
             std::thread::spawn(move || {
                 let who = Attribution {
                     session_id: format!("01JBENCH{p:04}"),
@@ -102,6 +112,7 @@ fn main() -> anyhow::Result<()> {
                     e.duration_ms = Some(12);
                     e.verdict = Some(Verdict::Allow);
                     e.rule = Some("allow api.github.com:443".into());
+                    e.process = process.clone();
                     if i % 100 == 0 {
                         let t = Instant::now();
                         writer.record(e);
@@ -126,8 +137,9 @@ fn main() -> anyhow::Result<()> {
     let pct = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
     let rate = total as f64 / elapsed.as_secs_f64();
     println!(
-        "insert_rate: {total} events, {} producer(s), synchronous={}: {rate:.0} events/s \
+        "insert_rate: {total} events{}, {} producer(s), synchronous={}: {rate:.0} events/s \
          ({:.2} s; {} transactions, {:.0} events/transaction; dropped {}, failed {})",
+        if args.process { " with a process" } else { "" },
         args.producers,
         if args.sync_full { "FULL" } else { "NORMAL" },
         elapsed.as_secs_f64(),

@@ -174,6 +174,7 @@ impl EventSink for AuditSink {
             gw::EventKind::HttpRequest => EventKind::HttpRequest,
             gw::EventKind::Blocked => EventKind::Blocked,
             gw::EventKind::BudgetExhausted => EventKind::BudgetExhausted,
+            gw::EventKind::Alert => EventKind::Alert,
         };
         let mut ev = Event::new(kind, e.session.id, e.session.user, e.session.code_sha256);
         let ms =

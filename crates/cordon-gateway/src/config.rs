@@ -93,9 +93,75 @@ pub struct GatewayConfig {
     pub timeouts: Timeouts,
     /// Largest number of names the DNS server maps to synthetic addresses (at most 2^17 - 2).
     pub max_synthetic_names: u32,
+    /// TLS interception, credentials and DLP; `None`: no interception (TLS is tunnelled).
+    pub intercept: Option<Arc<InterceptConfig>>,
     /// Finds the sandbox process behind each connection and DNS query ([`crate::owner`]);
     /// `None` (the default) attributes events to the session only.
     pub owners: Option<Arc<dyn SocketOwners>>,
+}
+
+/// What the gateway needs to intercept TLS: built by the supervisor for one session.
+pub struct InterceptConfig {
+    /// The session CA: leaf certificates for intercepted hosts.
+    pub ca: crate::tls::SessionCa,
+    /// Hosts whose TLS is terminated: the policy's `network.intercept`, plus every host a
+    /// credential or an HTTP rule names.
+    pub hosts: Vec<cordon_policy::InterceptHost>,
+    /// Credentials with their placeholders and secrets.
+    pub credentials: Vec<crate::creds::LiveCredential>,
+    /// Verification of upstream servers: the host's trust store plus any extra roots the
+    /// operator configured (see [`crate::tls::upstream_config`]).
+    pub upstream: Arc<rustls::ClientConfig>,
+    /// Largest request body scanned; a larger request body is refused.
+    pub max_scan_bytes: u64,
+}
+
+/// Default for [`InterceptConfig::max_scan_bytes`].
+pub const DEFAULT_MAX_SCAN_BYTES: u64 = 16 * 1024 * 1024;
+
+impl InterceptConfig {
+    /// The hosts a session intercepts: `network.intercept`, credential hosts and rule hosts.
+    pub fn hosts_for(
+        network: &NetworkPolicy,
+        credentials: &[cordon_policy::Credential],
+    ) -> Vec<cordon_policy::InterceptHost> {
+        use cordon_policy::InterceptHost;
+        let mut hosts: Vec<InterceptHost> = network.intercept.clone();
+        let named = credentials
+            .iter()
+            .flat_map(|c| c.hosts.iter())
+            .chain(network.rules.iter().map(|r| &r.host));
+        for h in named {
+            let entry = InterceptHost::Name(h.clone());
+            if !hosts.contains(&entry) {
+                hosts.push(entry);
+            }
+        }
+        hosts
+    }
+
+    /// True if the gateway terminates TLS for `host`.
+    pub fn intercepts(&self, host: &cordon_policy::host::HostName) -> bool {
+        self.hosts.iter().any(|h| h.matches(host))
+    }
+}
+
+impl std::fmt::Debug for InterceptConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secrets: names only.
+        f.debug_struct("InterceptConfig")
+            .field("hosts", &self.hosts)
+            .field(
+                "credentials",
+                &self
+                    .credentials
+                    .iter()
+                    .map(|c| &c.spec.name)
+                    .collect::<Vec<_>>(),
+            )
+            .field("max_scan_bytes", &self.max_scan_bytes)
+            .finish_non_exhaustive()
+    }
 }
 
 impl GatewayConfig {
@@ -110,6 +176,7 @@ impl GatewayConfig {
             original_dst: Arc::new(SoOriginalDst),
             timeouts: Timeouts::default(),
             max_synthetic_names: 1 << 16,
+            intercept: None,
             owners: None,
         }
     }
@@ -133,6 +200,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("upstream", &self.upstream)
             .field("timeouts", &self.timeouts)
             .field("max_synthetic_names", &self.max_synthetic_names)
+            .field("intercept", &self.intercept)
             .field("owners", &self.owners.is_some())
             .finish_non_exhaustive()
     }

@@ -44,6 +44,8 @@ pub(crate) struct Shared {
     pub original_dst: Arc<dyn crate::origdst::OriginalDst>,
     pub attribution: Attribution,
     pub stats: StatsCounters,
+    /// TLS interception, credentials and scanning, when the session has any.
+    pub intercept: Option<Arc<crate::intercept::Runtime>>,
     pub terminate_tx: mpsc::UnboundedSender<TerminateRequest>,
     pub detections_tx: mpsc::UnboundedSender<Detection>,
     pub owners: Option<Arc<dyn crate::owner::SocketOwners>>,
@@ -74,7 +76,13 @@ impl Ctx {
     /// Records `e`: stats, sink, and the session's detector (which may fire a rule).
     pub fn emit(&self, session: &Session, e: NetEvent) {
         self.shared.stats.count(&e);
-        let fired = session.detector.observe(&e);
+        // An alert accompanies a `Blocked` event for the same request, which is what the
+        // detection rules count.
+        let fired = if e.kind == EventKind::Alert {
+            None
+        } else {
+            session.detector.observe(&e)
+        };
         self.sink.record(e);
         if let Some(d) = fired {
             detected(&self.shared, session, d);

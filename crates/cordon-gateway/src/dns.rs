@@ -153,6 +153,24 @@ fn emit(ctx: &Ctx, session: &Session, o: DnsOutcome) {
 }
 
 fn handle(ctx: &Ctx, session: &Session, bytes: &[u8]) -> Option<Vec<u8>> {
+    // A credential placeholder (or secret, canary) in a query name is exfiltration by DNS:
+    // refused before the name is decided, so no allowed wildcard can answer it.
+    if let Some(rt) = ctx.shared.intercept.as_deref() {
+        if let Some(f) = rt.leak_in(bytes) {
+            crate::intercept::alert(ctx, session, Via::Dns, None, None, None, &f);
+            let mut e = NetEvent::new(EventKind::DnsQuery, &session.info, Via::Dns, Verdict::Block);
+            e.rule = format!("dns:{}", f.pattern);
+            e.reason = Some("a query name carried a credential placeholder or secret".into());
+            ctx.emit(session, e);
+            if bytes.len() < 2 {
+                return None;
+            }
+            let id = u16::from_be_bytes([bytes[0], bytes[1]]);
+            return Message::error_msg(id, OpCode::Query, ResponseCode::NXDomain)
+                .to_vec()
+                .ok();
+        }
+    }
     let (resp, outcome) = answer(bytes, &ctx.shared.policy, &ctx.shared.synthetic);
     if let Some(o) = outcome {
         emit(ctx, session, o);
@@ -174,7 +192,9 @@ pub(crate) async fn serve_udp(ctx: Arc<Ctx>, session: Arc<Session>, socket: UdpS
             _ = ctx.cancel.cancelled() => return,
         };
         let owner = match &ctx.shared.owners {
-            Some(owners) => crate::owner::look_up(owners, crate::owner::Transport::Udp, peer).await,
+            Some(owners) => {
+                crate::owner::look_up(owners, crate::owner::Transport::Udp, peer, None).await
+            }
             None => None,
         };
         if let Some(resp) = crate::owner::sync_with(owner, || handle(&ctx, &session, &buf[..n])) {
@@ -210,10 +230,20 @@ pub(crate) async fn serve_tcp(ctx: Arc<Ctx>, session: Arc<Session>, listener: Tc
         ctx.tasks.spawn(async move {
             let _permit = permit;
             let owners = ctx2.shared.owners.clone();
+            // A query redirected to this listener: the client's socket is connected to the
+            // nameserver it meant to ask.
+            let server = owners.as_ref().and_then(|_| {
+                ctx2.shared
+                    .original_dst
+                    .original_dst(&stream)
+                    .or_else(|_| stream.local_addr())
+                    .ok()
+            });
             let served = crate::owner::with_owner(
                 owners,
                 crate::owner::Transport::Tcp,
                 Some(client),
+                server,
                 tcp_client(&ctx2, &session, stream),
             );
             tokio::select! {

@@ -47,6 +47,9 @@ pub enum EventKind {
     HttpRequest,
     Blocked,
     BudgetExhausted,
+    /// High severity: a secret, placeholder, canary or secret-shaped value seen leaving where it
+    /// must not (the request itself is also recorded as `Blocked`). `rule` names the pattern.
+    Alert,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]

@@ -510,6 +510,45 @@ pub(crate) fn write_request_head(
     out.extend_from_slice(b"\r\n");
 }
 
+/// Like [`write_request_head`], for intercepted requests whose header values the gateway
+/// rewrites (credential injection): `map(index, name, value)` returns the value to send for the
+/// `index`-th header of `req` (counting every header), or `None` to send it unchanged.
+pub(crate) fn write_request_head_mapped(
+    out: &mut Vec<u8>,
+    req: &RequestHead,
+    info: &RequestInfo,
+    path: &[u8],
+    host: Option<&str>,
+    mut map: impl FnMut(usize, &[u8], &[u8]) -> Option<Vec<u8>>,
+) {
+    out.extend_from_slice(req.method().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let raw = &req.head.raw;
+    for (i, (n, v)) in req.head.headers().enumerate() {
+        if is_hop_by_hop(n, raw, &info.conn)
+            || (info.expect_continue && n.eq_ignore_ascii_case(b"expect"))
+        {
+            continue;
+        }
+        out.extend_from_slice(n);
+        out.extend_from_slice(b": ");
+        match map(i, n, v) {
+            Some(value) => out.extend_from_slice(&value),
+            None => out.extend_from_slice(v),
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(h) = host {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    write_framing(out, info.body);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// How the client connection ends a forwarded response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ClientEnd {

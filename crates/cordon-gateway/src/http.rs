@@ -467,6 +467,13 @@ async fn handle_request(ctx: &Arc<Ctx>, conn: &mut ClientConn, req: &RequestHead
             return refuse_with(conn, status, &reason, Some(&info)).await;
         }
     };
+    if ctx.shared.intercept.is_some() || !ctx.policy().network().rules.is_empty() {
+        if let Some((status, reason)) =
+            crate::intercept::check_plain(ctx, &session, via, &memo.dest, req, path)
+        {
+            return refuse_with(conn, status, &reason, Some(&info)).await;
+        }
+    }
     let next = forward(ctx, conn, &memo, session, via, path, req, &info).await;
     // An unmapped synthetic address may be mapped to a name later: decide it afresh each time.
     if !matches!(memo.dest, Dest::Addr(ip) if is_synthetic(ip)) {

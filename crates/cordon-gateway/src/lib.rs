@@ -55,11 +55,14 @@ pub mod authority;
 mod budget;
 pub mod config;
 mod core;
+pub mod creds;
 pub mod detect;
+pub mod dlp;
 mod dns;
 pub mod event;
 mod h1;
 mod http;
+mod intercept;
 mod io;
 pub mod origdst;
 pub mod owner;
@@ -71,6 +74,7 @@ pub mod sni;
 mod splice;
 mod stats;
 pub mod synthetic;
+pub mod tls;
 mod tokens;
 mod transparent;
 mod tunnel;
@@ -84,7 +88,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use crate::config::{Clients, GatewayConfig, Timeouts, Upstream};
+pub use crate::config::{
+    Clients, GatewayConfig, InterceptConfig, Timeouts, Upstream, DEFAULT_MAX_SCAN_BYTES,
+};
 pub use crate::core::TerminateRequest;
 pub use crate::detect::{Detection, Evidence, Rule, Severity};
 pub use crate::event::{
@@ -182,6 +188,9 @@ impl Gateway {
                 original_dst: config.original_dst,
                 attribution,
                 stats: Default::default(),
+                intercept: config
+                    .intercept
+                    .map(|c| Arc::new(crate::intercept::Runtime::new(c, &config.canaries))),
                 terminate_tx,
                 detections_tx,
                 owners: config.owners,
@@ -330,11 +339,21 @@ async fn serve_proxy(ctx: Arc<Ctx>, listener: TcpListener) {
         };
         let (stream, client) = stream;
         let _ = stream.set_nodelay(true);
+        // Where the client's socket is connected: this listener, unless the connection was
+        // redirected (then its original destination; the same call answers both).
+        let server = ctx.shared.owners.as_ref().and_then(|_| {
+            ctx.shared
+                .original_dst
+                .original_dst(&stream)
+                .or_else(|_| stream.local_addr())
+                .ok()
+        });
         let conn = ClientConn::new(ConnMode::Proxy, stream, &[]);
         ctx.tasks.spawn(owner::with_owner(
             ctx.shared.owners.clone(),
             owner::Transport::Tcp,
             Some(client),
+            server,
             http::serve_client(ctx.clone(), conn),
         ));
     }

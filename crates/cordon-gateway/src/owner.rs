@@ -38,9 +38,16 @@ pub enum Transport {
 /// `/proc`); the gateway calls them on the blocking pool.
 pub trait SocketOwners: Send + Sync {
     /// The process whose socket has local address `client` (the peer address of the accepted
-    /// connection, or the source of a datagram), or `None` when it cannot be found (it exited,
-    /// or `/proc` cannot be read).
-    fn owner(&self, transport: Transport, client: SocketAddr) -> Option<ProcessInfo>;
+    /// connection, or the source of a datagram) and, when known, remote address `server` (the
+    /// address the client connected to: the listener's, or the original destination of a
+    /// captured connection), or `None` when it cannot be found (it exited, or `/proc` cannot be
+    /// read).
+    fn owner(
+        &self,
+        transport: Transport,
+        client: SocketAddr,
+        server: Option<SocketAddr>,
+    ) -> Option<ProcessInfo>;
 }
 
 tokio::task_local! {
@@ -57,9 +64,10 @@ pub(crate) async fn look_up(
     owners: &Arc<dyn SocketOwners>,
     transport: Transport,
     client: SocketAddr,
+    server: Option<SocketAddr>,
 ) -> Option<Arc<ProcessInfo>> {
     let owners = owners.clone();
-    match tokio::task::spawn_blocking(move || owners.owner(transport, client)).await {
+    match tokio::task::spawn_blocking(move || owners.owner(transport, client, server)).await {
         Ok(found) => found.map(Arc::new),
         Err(e) => {
             tracing::debug!(error = %e, "socket owner lookup failed");
@@ -73,11 +81,12 @@ pub(crate) async fn with_owner<F: std::future::Future>(
     owners: Option<Arc<dyn SocketOwners>>,
     transport: Transport,
     client: Option<SocketAddr>,
+    server: Option<SocketAddr>,
     fut: F,
 ) -> F::Output {
     match (owners, client) {
         (Some(owners), Some(client)) => {
-            let owner = look_up(&owners, transport, client).await;
+            let owner = look_up(&owners, transport, client, server).await;
             OWNER.scope(owner, fut).await
         }
         _ => fut.await,
@@ -95,7 +104,12 @@ mod tests {
 
     struct Fixed;
     impl SocketOwners for Fixed {
-        fn owner(&self, transport: Transport, client: SocketAddr) -> Option<ProcessInfo> {
+        fn owner(
+            &self,
+            transport: Transport,
+            client: SocketAddr,
+            _server: Option<SocketAddr>,
+        ) -> Option<ProcessInfo> {
             (transport == Transport::Tcp).then(|| ProcessInfo {
                 pid: u32::from(client.port()),
                 exe: "/usr/bin/curl".into(),
@@ -108,15 +122,22 @@ mod tests {
     async fn the_owner_is_current_inside_the_connection_only() {
         let owners: Arc<dyn SocketOwners> = Arc::new(Fixed);
         let client: SocketAddr = "127.0.0.1:4242".parse().unwrap();
-        let seen = with_owner(Some(owners.clone()), Transport::Tcp, Some(client), async {
-            current().map(|p| p.pid)
-        })
+        let seen = with_owner(
+            Some(owners.clone()),
+            Transport::Tcp,
+            Some(client),
+            None,
+            async { current().map(|p| p.pid) },
+        )
         .await;
         assert_eq!(seen, Some(4242));
         assert_eq!(current(), None);
-        let none = with_owner(None, Transport::Tcp, Some(client), async { current() }).await;
+        let none = with_owner(None, Transport::Tcp, Some(client), None, async {
+            current()
+        })
+        .await;
         assert_eq!(none, None);
-        let udp = with_owner(Some(owners), Transport::Udp, Some(client), async {
+        let udp = with_owner(Some(owners), Transport::Udp, Some(client), None, async {
             current()
         })
         .await;

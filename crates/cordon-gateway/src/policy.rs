@@ -114,6 +114,11 @@ impl PolicyView {
         decide(&self.network, target, port).into()
     }
 
+    /// The network policy (for [`cordon_policy::decide_request`]).
+    pub fn network(&self) -> &NetworkPolicy {
+        &self.network
+    }
+
     pub fn enforcing(&self) -> bool {
         self.network.mode == Enforcement::Enforce
     }

@@ -41,6 +41,10 @@ pub(crate) struct StatsCounters {
 
 impl StatsCounters {
     pub fn count(&self, e: &NetEvent) {
+        // An alert accompanies a `Blocked` event for the same request, which is what counts.
+        if e.kind == EventKind::Alert {
+            return;
+        }
         let by_verdict = match e.verdict {
             Verdict::Allow => &self.allowed,
             Verdict::Block => &self.blocked,
@@ -52,7 +56,7 @@ impl StatsCounters {
             EventKind::Connection => &self.connections,
             EventKind::HttpRequest => &self.http_requests,
             EventKind::BudgetExhausted => &self.budget_exhausted,
-            EventKind::Blocked => return,
+            EventKind::Blocked | EventKind::Alert => return,
         };
         by_kind.fetch_add(1, Ordering::Relaxed);
         if matches!(e.kind, EventKind::Connection | EventKind::HttpRequest) {

@@ -48,10 +48,16 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, session: Arc<Session>, listener: TcpLis
             // Not raced against the token from outside: every wait in `handle` ends on the
             // token (or a short timeout) by itself, so a running splice still records its event.
             let owners = ctx2.shared.owners.clone();
+            // The client's socket is connected to where it meant to go, not to this listener.
+            let server = match owners {
+                Some(_) => ctx2.shared.original_dst.original_dst(&stream).ok(),
+                None => None,
+            };
             crate::owner::with_owner(
                 owners,
                 crate::owner::Transport::Tcp,
                 Some(client),
+                server,
                 handle(&ctx2, &session, stream),
             )
             .await;
@@ -164,6 +170,23 @@ async fn handle(ctx: &Arc<Ctx>, session: &Arc<Session>, mut stream: TcpStream) {
             return;
         }
     };
+    if let Some(rt) = ctx.shared.intercept.as_deref() {
+        if let Some(host) = rt.intercepts(&route.dest) {
+            crate::intercept::serve(
+                ctx,
+                rt,
+                session,
+                Via::Transparent,
+                stream,
+                first,
+                peek,
+                route,
+                host,
+            )
+            .await;
+            return;
+        }
+    }
     if run_tunnel(
         ctx,
         session,

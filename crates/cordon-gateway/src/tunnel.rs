@@ -176,6 +176,23 @@ pub(crate) async fn run_connect(
             Box::pin(crate::http::serve_client(ctx.clone(), conn)).await;
         }
         Ok((first, peek)) => {
+            if let Some(rt) = ctx.shared.intercept.as_deref() {
+                if let Some(host) = rt.intercepts(&route.dest) {
+                    crate::intercept::serve(
+                        ctx,
+                        rt,
+                        session,
+                        Via::Connect,
+                        client,
+                        first,
+                        peek,
+                        route,
+                        host,
+                    )
+                    .await;
+                    return;
+                }
+            }
             run_tunnel(
                 ctx,
                 session,

@@ -155,6 +155,48 @@ fn allowlist_verdict(policy: &NetworkPolicy, target: Target<'_>, port: u16) -> D
     }
 }
 
+/// The rule id of a request refused because rules exist for its host and none allows it.
+pub const NO_HTTP_RULE: &str = "http-rules:default-deny";
+
+/// Decides one HTTP request the gateway can read (plain HTTP, or TLS it intercepted) against
+/// `[[network.rules]]`, after the connection's destination was allowed by [`decide`]. `target`
+/// is the request target as sent (origin form); it is normalised
+/// ([`crate::http_rules::normalize_path`]) before matching, and a target that cannot be
+/// normalised is refused whenever rules exist for the host. A host with no rules: `None` (the
+/// destination's own decision stands).
+pub fn decide_request(
+    policy: &NetworkPolicy,
+    host: &HostName,
+    method: &str,
+    target: &str,
+) -> Option<Decision> {
+    let mut rules = policy.rules.iter().filter(|r| r.host == *host).peekable();
+    rules.peek()?;
+    let refuse = |reason: String| Decision {
+        allowed: policy.mode == Enforcement::Report,
+        enforced_allowed: false,
+        rule: NO_HTTP_RULE.to_owned(),
+        reason: Some(reason),
+    };
+    let path = match crate::http_rules::normalize_path(target) {
+        Ok(p) => p,
+        Err(e) => {
+            let mut d = refuse(format!("request path refused for {host}: {e}"));
+            // An unreadable path is never let through, even in report mode: there is nothing
+            // sound to compare with the rules.
+            d.allowed = false;
+            return Some(d);
+        }
+    };
+    if let Some(rule) = rules.find(|r| r.allows(method, &path)) {
+        return Some(allowed(rule.id()));
+    }
+    let shown: String = path.chars().take(100).collect();
+    Some(refuse(format!(
+        "no rule for {host} allows {method} {shown:?}"
+    )))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -195,6 +237,73 @@ mod tests {
             rule: rule.into(),
             reason: None,
         }
+    }
+
+    fn with_rules() -> NetworkPolicy {
+        let mut p = policy(&["api.github.com", "other.com"], &[], Enforcement::Enforce);
+        p.rules = vec![crate::HttpRule {
+            host: name("api.github.com"),
+            methods: vec!["GET".into()],
+            paths: vec!["/repos/*".into(), "/zen".into()],
+        }];
+        p
+    }
+
+    #[test]
+    fn http_rules_allow_only_their_methods_and_paths() {
+        let p = with_rules();
+        let gh = name("api.github.com");
+        assert_eq!(
+            decide_request(&p, &gh, "GET", "/zen"),
+            Some(allow("rules:api.github.com GET /repos/*,/zen"))
+        );
+        assert!(
+            decide_request(&p, &gh, "GET", "/repos/a/b?x=1")
+                .unwrap()
+                .allowed
+        );
+        for (method, target) in [("POST", "/zen"), ("GET", "/user"), ("GET", "/zen/x")] {
+            let d = decide_request(&p, &gh, method, target).unwrap();
+            assert!(!d.allowed, "{method} {target}");
+            assert_eq!(d.rule, NO_HTTP_RULE);
+        }
+        assert_eq!(decide_request(&p, &name("other.com"), "DELETE", "/x"), None);
+    }
+
+    #[test]
+    fn http_rules_hold_against_encoded_and_dot_segment_paths() {
+        let p = with_rules();
+        let gh = name("api.github.com");
+        for target in [
+            "/repos/../user",
+            "/repos/%2e%2e/user",
+            "/repos%2F..%2Fuser",
+            "/repos/..%5Cuser",
+            "//repos/../../user",
+            "/repos/%252e%252e/user",
+            "/repos/a%00",
+            "/repos/%zz",
+        ] {
+            let d = decide_request(&p, &gh, "GET", target).unwrap();
+            assert!(!d.allowed, "{target} must be refused: {d:?}");
+        }
+        assert!(decide_request(&p, &gh, "GET", "/%7Aen").unwrap().allowed);
+        assert!(decide_request(&p, &gh, "GET", "//zen").unwrap().allowed);
+        assert!(
+            decide_request(&p, &gh, "GET", "/repos/./a")
+                .unwrap()
+                .allowed
+        );
+    }
+
+    #[test]
+    fn http_rules_in_report_mode_record_but_never_pass_an_unreadable_path() {
+        let mut p = with_rules();
+        p.mode = Enforcement::Report;
+        let gh = name("api.github.com");
+        let d = decide_request(&p, &gh, "POST", "/zen").unwrap();
+        assert!(d.allowed && !d.enforced_allowed);
+        assert!(!decide_request(&p, &gh, "GET", "/%zz").unwrap().allowed);
     }
 
     #[test]

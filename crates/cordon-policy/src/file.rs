@@ -1,8 +1,8 @@
 //! Reading a policy from TOML text.
 //!
 //! Guarantees: every table refuses keys it does not know (`deny_unknown_fields`); every error
-//! carries the line and column of the bad key or value and its dotted key; `[[credentials]]` is
-//! refused, never ignored; every value goes through [`crate::rules`]; a key that is absent keeps
+//! carries the line and column of the bad key or value and its dotted key; every value goes
+//! through [`crate::rules`] (credentials and HTTP rules through their own modules); a key that is absent keeps
 //! its safe default. Values are read as `Spanned<toml::Value>` and checked here rather than typed
 //! by serde, so that type errors name the key and say what was expected in plain words.
 
@@ -13,8 +13,12 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
 use toml::{Spanned, Value};
 
+use crate::credentials::{self, Credential, Injection, InterceptHost, SecretSource, SECRET_MARK};
+use crate::decide::Target;
 use crate::detect::{self, AlertsPolicy, DetectPolicy};
 use crate::error::{Location, PolicyError};
+use crate::host::HostName;
+use crate::http_rules::{self, HttpRule};
 use crate::model::{
     AuditPolicy, Enforcement, ExtraMount, Layer, Limits, MinSeverity, NetworkMode, NetworkPolicy,
     OnExceed, Policy, RateLimits, Response, SandboxPolicy,
@@ -36,8 +40,32 @@ struct RawPolicy {
     detect: Option<RawDetect>,
     alerts: Option<RawAlerts>,
     audit: Option<RawAudit>,
-    /// Only read to refuse it with a clear error.
-    credentials: Option<Spanned<Value>>,
+    credentials: Option<Vec<Spanned<RawCredential>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [[credentials]] table")]
+struct RawCredential {
+    name: Leaf,
+    hosts: List,
+    header: Leaf,
+    query: Leaf,
+    basic_auth: Leaf,
+    any_header: Leaf,
+    format: Leaf,
+    from_env: Leaf,
+    from_file: Leaf,
+    from_command: List,
+    env: Leaf,
+    require: Leaf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [[network.rules]] table")]
+struct RawRule {
+    host: Leaf,
+    methods: List,
+    paths: List,
 }
 
 #[derive(Deserialize)]
@@ -81,7 +109,9 @@ struct RawNetwork {
     mode: Leaf,
     allow: List,
     allow_private: List,
+    intercept: List,
     rate: Option<RawRate>,
+    rules: Option<Vec<Spanned<RawRule>>>,
 }
 
 #[derive(Deserialize)]
@@ -191,12 +221,6 @@ struct RawAudit {
 pub(crate) fn parse(text: &str, source: Option<&str>) -> Result<Policy, PolicyError> {
     let cx = Cx { text, source };
     let raw: RawPolicy = toml::from_str(text).map_err(|e| cx.toml_error(&e))?;
-    if let Some(credentials) = &raw.credentials {
-        return Err(PolicyError::Unsupported {
-            at: cx.at(credentials.span()),
-            key: "credentials".to_owned(),
-        });
-    }
     let mut policy = Policy::default();
     if let Some(sandbox) = &raw.sandbox {
         cx.sandbox(sandbox, &mut policy.sandbox)?;
@@ -218,6 +242,12 @@ pub(crate) fn parse(text: &str, source: Option<&str>) -> Result<Policy, PolicyEr
     }
     if let Some(audit) = &raw.audit {
         cx.audit(audit, &mut policy.audit)?;
+    }
+    if let Some(rules) = raw.network.as_ref().and_then(|n| n.rules.as_ref()) {
+        cx.http_rules(rules, &mut policy.network)?;
+    }
+    if let Some(credentials) = &raw.credentials {
+        cx.credentials(credentials, &mut policy)?;
     }
     // Every field was checked above with its position; this is the backstop for the rules that
     // span fields, so that no path builds a policy `validate` would refuse.
@@ -430,8 +460,289 @@ impl Cx<'_> {
                 )?);
             }
         }
+        if let Some(list) = &raw.intercept {
+            for (i, v) in list.iter().enumerate() {
+                out.intercept
+                    .push(self.check(v, &format!("network.intercept[{i}]"), |v| {
+                        InterceptHost::parse(string(v, "a host name like \"api.example.com\"")?)
+                            .map_err(ValueError::Other)
+                    })?);
+            }
+        }
         if let Some(rate) = &raw.rate {
             self.rate(rate, &mut out.rate)?;
+        }
+        Ok(())
+    }
+
+    /// A host that must be reachable: a host name (no wildcard) some `network.allow` entry names.
+    fn allowed_host(
+        &self,
+        v: &Spanned<Value>,
+        key: &str,
+        network: &NetworkPolicy,
+    ) -> Result<HostName, PolicyError> {
+        self.check(v, key, |v| {
+            let text = string(v, "a host name like \"api.github.com\"")?;
+            let host = HostName::parse(text).map_err(|e| ValueError::Other(e.to_string()))?;
+            if !network
+                .allow
+                .iter()
+                .any(|e| e.matches_host(Target::Name(&host)))
+            {
+                return Err(ValueError::Other(format!(
+                    "{} is not in network.allow, so the sandbox could never reach it",
+                    crate::error::quoted(text)
+                )));
+            }
+            Ok(host)
+        })
+    }
+
+    fn string_list(
+        &self,
+        list: &[Spanned<Value>],
+        key: &str,
+        expected: &'static str,
+        rule: impl Fn(&str) -> Result<String, String>,
+    ) -> Result<Vec<String>, PolicyError> {
+        list.iter()
+            .enumerate()
+            .map(|(i, v)| {
+                self.check(v, &format!("{key}[{i}]"), |v| {
+                    rule(string(v, expected)?).map_err(ValueError::Other)
+                })
+            })
+            .collect()
+    }
+
+    fn http_rules(
+        &self,
+        rules: &[Spanned<RawRule>],
+        out: &mut NetworkPolicy,
+    ) -> Result<(), PolicyError> {
+        for (i, rule) in rules.iter().enumerate() {
+            let key = format!("network.rules[{i}]");
+            let raw = rule.get_ref();
+            let whole = |message: &str| {
+                self.invalid(
+                    rule.span(),
+                    key.clone(),
+                    ValueError::Other(message.to_owned()),
+                )
+            };
+            let host = raw.host.as_ref().ok_or_else(|| whole("missing \"host\""))?;
+            let host = self.allowed_host(host, &format!("{key}.host"), out)?;
+            if raw.methods.is_none() && raw.paths.is_none() {
+                return Err(whole("give \"methods\", \"paths\" or both"));
+            }
+            let methods = match &raw.methods {
+                Some(list) => self.string_list(
+                    list,
+                    &format!("{key}.methods"),
+                    "a method like \"GET\"",
+                    http_rules::method,
+                )?,
+                None => vec!["*".to_owned()],
+            };
+            let paths = match &raw.paths {
+                Some(list) => self.string_list(
+                    list,
+                    &format!("{key}.paths"),
+                    "a path glob like \"/repos/*\"",
+                    http_rules::path_glob,
+                )?,
+                None => vec!["/*".to_owned()],
+            };
+            if methods.is_empty() {
+                return Err(whole("\"methods\" is empty, so the rule allows nothing"));
+            }
+            if paths.is_empty() {
+                return Err(whole("\"paths\" is empty, so the rule allows nothing"));
+            }
+            out.rules.push(HttpRule {
+                host,
+                methods,
+                paths,
+            });
+        }
+        Ok(())
+    }
+
+    fn credentials(
+        &self,
+        list: &[Spanned<RawCredential>],
+        out: &mut Policy,
+    ) -> Result<(), PolicyError> {
+        for (i, cred) in list.iter().enumerate() {
+            let key = format!("credentials[{i}]");
+            let raw = cred.get_ref();
+            let whole = |message: String| {
+                self.invalid(cred.span(), key.clone(), ValueError::Other(message))
+            };
+            let name_v = raw
+                .name
+                .as_ref()
+                .ok_or_else(|| whole("missing \"name\"".into()))?;
+            let name = self.check(name_v, &format!("{key}.name"), |v| {
+                credentials::name(string(v, "a name")?).map_err(ValueError::Other)
+            })?;
+            if out.credentials.iter().any(|c| c.name == name) {
+                return Err(self.invalid(
+                    name_v.span(),
+                    format!("{key}.name"),
+                    ValueError::Other(format!(
+                        "another credential is already called {}",
+                        crate::error::quoted(&name)
+                    )),
+                ));
+            }
+            let hosts_v = raw
+                .hosts
+                .as_ref()
+                .ok_or_else(|| whole("missing \"hosts\"".into()))?;
+            if hosts_v.is_empty() {
+                return Err(whole(
+                    "\"hosts\" is empty: bind the credential to at least one host".into(),
+                ));
+            }
+            let mut hosts = Vec::new();
+            for (j, v) in hosts_v.iter().enumerate() {
+                hosts.push(self.allowed_host(v, &format!("{key}.hosts[{j}]"), &out.network)?);
+            }
+
+            let mut injections = Vec::new();
+            if let Some(v) = &raw.header {
+                injections.push(self.check(v, &format!("{key}.header"), |v| {
+                    Ok(Injection::Header(
+                        credentials::header(string(v, "a header name")?)
+                            .map_err(ValueError::Other)?,
+                    ))
+                })?);
+            }
+            if let Some(v) = &raw.query {
+                injections.push(self.check(v, &format!("{key}.query"), |v| {
+                    Ok(Injection::Query(
+                        credentials::query(string(v, "a query parameter name")?)
+                            .map_err(ValueError::Other)?,
+                    ))
+                })?);
+            }
+            for (field, v, inject) in [
+                ("basic_auth", &raw.basic_auth, Injection::BasicAuth),
+                ("any_header", &raw.any_header, Injection::AnyHeader),
+            ] {
+                if let Some(v) = v {
+                    let on = self.check(v, &format!("{key}.{field}"), |v| match boolean(v)? {
+                        true => Ok(true),
+                        false => Err(ValueError::Other(
+                            "only `true` is meaningful; leave it out otherwise".into(),
+                        )),
+                    })?;
+                    if on {
+                        injections.push(inject);
+                    }
+                }
+            }
+            let inject = match injections.len() {
+                1 => injections.remove(0),
+                0 => return Err(whole("say where the secret goes: one of \"header\", \"query\", \"basic_auth\" or \"any_header\"".into())),
+                _ => return Err(whole("give only one of \"header\", \"query\", \"basic_auth\" and \"any_header\"".into())),
+            };
+            let format = match &raw.format {
+                Some(v) => {
+                    let f = self.check(v, &format!("{key}.format"), |v| {
+                        credentials::format(string(v, "a string with {secret}")?)
+                            .map_err(ValueError::Other)
+                    })?;
+                    if matches!(inject, Injection::BasicAuth | Injection::AnyHeader)
+                        && f != SECRET_MARK
+                    {
+                        return Err(self.invalid(v.span(), format!("{key}.format"), ValueError::Other(format!("{inject} replaces the placeholder where the sandbox put it; \"format\" applies only to \"header\" and \"query\""))));
+                    }
+                    f
+                }
+                None => SECRET_MARK.to_owned(),
+            };
+
+            let mut sources = Vec::new();
+            if let Some(v) = &raw.from_env {
+                sources.push(self.check(v, &format!("{key}.from_env"), |v| {
+                    let n = string(v, "an environment variable name")?;
+                    rules::env_name(n)?;
+                    Ok(SecretSource::Env(n.to_owned()))
+                })?);
+            }
+            if let Some(v) = &raw.from_file {
+                sources.push(self.check(v, &format!("{key}.from_file"), |v| {
+                    Ok(SecretSource::File(rules::mount_host(string(
+                        v,
+                        "an absolute path",
+                    )?)?))
+                })?);
+            }
+            if let Some(list) = &raw.from_command {
+                let argv =
+                    self.string_list(list, &format!("{key}.from_command"), "a string", |s| {
+                        Ok(s.to_owned())
+                    })?;
+                let argv =
+                    credentials::command(&argv).map_err(|m| whole(format!("from_command: {m}")))?;
+                sources.push(SecretSource::Command(argv));
+            }
+            let source = match sources.len() {
+                1 => sources.remove(0),
+                0 => return Err(whole("say where the secret comes from: one of \"from_env\", \"from_file\" or \"from_command\"".into())),
+                _ => return Err(whole("give only one of \"from_env\", \"from_file\" and \"from_command\"".into())),
+            };
+            let env = match (&raw.env, &source) {
+                (Some(v), _) => {
+                    let name = self.check(v, &format!("{key}.env"), |v| {
+                        let n = string(v, "an environment variable name")?;
+                        rules::env_name(n)?;
+                        Ok(n.to_owned())
+                    })?;
+                    let clash = out.credentials.iter().any(|c| c.env == name)
+                        || out.sandbox.env.contains_key(&name);
+                    if clash {
+                        return Err(self.invalid(
+                            v.span(),
+                            format!("{key}.env"),
+                            ValueError::Other(format!(
+                                "{} is already set by sandbox.env or another credential",
+                                crate::error::quoted(&name)
+                            )),
+                        ));
+                    }
+                    name
+                }
+                (None, SecretSource::Env(n)) => {
+                    let clash = out.credentials.iter().any(|c| c.env == *n)
+                        || out.sandbox.env.contains_key(n);
+                    if clash {
+                        return Err(whole(format!("{} is already set by sandbox.env or another credential; name the placeholder variable with \"env\"", crate::error::quoted(n))));
+                    }
+                    n.clone()
+                }
+                (None, _) => {
+                    return Err(whole(
+                        "missing \"env\": the sandbox variable that holds the placeholder".into(),
+                    ))
+                }
+            };
+            let require = match &raw.require {
+                Some(v) => self.check(v, &format!("{key}.require"), boolean)?,
+                None => false,
+            };
+            out.credentials.push(Credential {
+                name,
+                hosts,
+                inject,
+                format,
+                source,
+                env,
+                require,
+            });
         }
         Ok(())
     }

@@ -7,19 +7,21 @@
 //! - **Safe defaults, strict input.** [`Policy::default`] is the safe policy (no network, no host
 //!   directory, small limits, every isolation layer required). Every table refuses unknown keys;
 //!   every bad value is an error that names the file, line, column and key (or the command-line
-//!   flag) — never a silent default. Features this version lacks (`[[credentials]]`) are refused.
+//!   flag) — never a silent default.
 //! - **Validated.** Every [`Policy`] returned by [`Policy::from_toml_str`] or changed by
 //!   [`Policy::apply`] passes [`Policy::validate`]; `apply` changes nothing when it fails.
 //! - **Round trip.** [`Policy::to_toml_string`] prints the effective policy as TOML that
 //!   [`Policy::from_toml_str`] reads back to an equal policy.
-//! - **One decision point.** [`decide::decide`] and [`decide::decide_resolved`] are the only
-//!   network verdicts; they use [`host`], [`ip`], [`ssrf`] and [`allow`] and nothing else.
+//! - **One decision point.** [`decide::decide`], [`decide::decide_resolved`] and
+//!   [`decide::decide_request`] (method/path rules) are the only network verdicts; they use [`host`], [`ip`], [`ssrf`] and [`allow`] and nothing else.
 
 pub mod allow;
+pub mod credentials;
 pub mod decide;
 pub mod duration;
 pub mod error;
 pub mod host;
+pub mod http_rules;
 pub mod ip;
 pub mod size;
 pub mod ssrf;
@@ -35,10 +37,12 @@ pub use detect::{
 };
 
 pub use allow::{AllowEntry, AllowError, AllowHost, PortSpec};
-pub use decide::{decide, decide_resolved, Decision, Target};
+pub use credentials::{Credential, Injection, InterceptHost, SecretSource};
+pub use decide::{decide, decide_request, decide_resolved, Decision, Target};
 pub use duration::{format_duration, parse_duration, DurationError};
 pub use error::{Location, PolicyError};
 pub use host::{HostError, HostName};
+pub use http_rules::{normalize_path, HttpRule, PathError};
 pub use ip::{parse_ip_literal, IpLiteral, IpLiteralError};
 pub use model::{
     AuditPolicy, Enforcement, ExtraMount, Layer, Limits, MinSeverity, NetworkMode, NetworkPolicy,

@@ -14,8 +14,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::allow::AllowEntry;
+use crate::credentials::{Credential, InterceptHost};
 use crate::detect::{AlertsPolicy, DetectPolicy};
 use crate::error::quoted;
+use crate::http_rules::HttpRule;
 use crate::size::ByteSize;
 
 /// A whole policy.
@@ -32,6 +34,9 @@ pub struct Policy {
     pub alerts: AlertsPolicy,
     /// `[audit]`: where audit events go besides the store.
     pub audit: AuditPolicy,
+    /// `[[credentials]]`: secrets the gateway injects; the sandbox sees only placeholders.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub credentials: Vec<Credential>,
 }
 
 /// `[sandbox]`: what the sandbox looks like from inside.
@@ -290,7 +295,12 @@ pub struct NetworkPolicy {
     pub allow: Vec<AllowEntry>,
     /// The only way to reach an address in a blocked range (see [`crate::ssrf`]).
     pub allow_private: Vec<AllowEntry>,
+    /// Hosts whose TLS the gateway terminates even without credentials or rules.
+    pub intercept: Vec<InterceptHost>,
     pub rate: RateLimits,
+    /// `[[network.rules]]`: method/path rules per host.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<HttpRule>,
 }
 
 /// `[network.rate]`: per-session traffic limits. Every limit is a positive number.

@@ -423,6 +423,85 @@ pub(crate) fn policy(p: &Policy) -> Result<(), PolicyError> {
     )?;
     at("network.rate.max_bytes_out", traffic(r.max_bytes_out))?;
     at("network.rate.max_bytes_in", traffic(r.max_bytes_in))?;
+    let reachable = |host: &crate::host::HostName| -> Result<(), ValueError> {
+        if n.allow
+            .iter()
+            .any(|e| e.matches_host(crate::decide::Target::Name(host)))
+        {
+            Ok(())
+        } else {
+            Err(ValueError::Other(format!(
+                "{} is not in network.allow, so the sandbox could never reach it",
+                quoted(host.as_str())
+            )))
+        }
+    };
+    for (i, rule) in n.rules.iter().enumerate() {
+        at(&format!("network.rules[{i}].host"), reachable(&rule.host))?;
+        let other = |m: String| ValueError::Other(m);
+        for m in &rule.methods {
+            at(
+                &format!("network.rules[{i}].methods"),
+                crate::http_rules::method(m).map_err(other),
+            )?;
+        }
+        for g in &rule.paths {
+            at(
+                &format!("network.rules[{i}].paths"),
+                crate::http_rules::path_glob(g).map_err(other),
+            )?;
+        }
+        if rule.methods.is_empty() || rule.paths.is_empty() {
+            at(
+                &format!("network.rules[{i}]"),
+                Err::<(), _>(other(
+                    "a rule with no methods or no paths allows nothing".into(),
+                )),
+            )?;
+        }
+    }
+    let mut names = std::collections::BTreeSet::new();
+    let mut envs = std::collections::BTreeSet::new();
+    for (i, c) in p.credentials.iter().enumerate() {
+        let key = |f: &str| format!("credentials[{i}].{f}");
+        let other = |m: String| ValueError::Other(m);
+        at(
+            &key("name"),
+            crate::credentials::name(&c.name).map_err(other),
+        )?;
+        if !names.insert(c.name.as_str()) {
+            at(
+                &key("name"),
+                Err::<(), _>(other(format!(
+                    "another credential is already called {}",
+                    quoted(&c.name)
+                ))),
+            )?;
+        }
+        if c.hosts.is_empty() {
+            at(
+                &key("hosts"),
+                Err::<(), _>(other("bind the credential to at least one host".into())),
+            )?;
+        }
+        for h in &c.hosts {
+            at(&key("hosts"), reachable(h))?;
+        }
+        at(
+            &key("format"),
+            crate::credentials::format(&c.format).map_err(other),
+        )?;
+        at(&key("env"), env_name(&c.env))?;
+        if !envs.insert(c.env.as_str()) || s.env.contains_key(&c.env) {
+            at(
+                &key("env"),
+                Err::<(), _>(other(format!(
+                    "{} is already set by sandbox.env or another credential",
+                    quoted(&c.env)
+                ))),
+            )?;
+        }
+    }
     crate::detect::check(&p.detect, &p.alerts, &s.env).map_err(|(key, e)| {
         PolicyError::Invalid {
             at: Location::nowhere(),

@@ -81,11 +81,127 @@ fn broken_toml_is_an_error_with_a_position() {
     );
 }
 
+const ALLOW: &str = "[network]\nallow = [\"api.github.com\", \"*.example.com\"]\n";
+
+fn cred(body: &str) -> String {
+    format!("{ALLOW}\n[[credentials]]\n{body}")
+}
+
 #[test]
-fn credentials_are_refused_not_ignored() {
+fn every_bad_credential_value_is_an_error_at_its_position() {
+    let ok = "name = \"gh\"\nhosts = [\"api.github.com\"]\nheader = \"Authorization\"\nformat = \"Bearer {secret}\"\nfrom_env = \"GITHUB_TOKEN\"\n";
+    assert!(Policy::from_toml_str(&cred(ok), None).is_ok());
+    let cases: &[(&str, &str)] = &[
+        ("name = \"g h\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\nfrom_env = \"T\"\n",
+         "policy.toml:5:8: credentials[0].name: \"g h\" is not a credential name: 1 to 64 letters, digits, '-' or '_'"),
+        ("name = \"g\"\nhosts = [\"evil.com\"]\nheader = \"A\"\nfrom_env = \"T\"\n",
+         "policy.toml:6:10: credentials[0].hosts[0]: \"evil.com\" is not in network.allow, so the sandbox could never reach it"),
+        ("name = \"g\"\nhosts = [\"a b\"]\nheader = \"A\"\nfrom_env = \"T\"\n",
+         "policy.toml:6:10: credentials[0].hosts[0]: \"a b\" is not a host name: it contains ' '"),
+        ("name = \"g\"\nhosts = []\nheader = \"A\"\nfrom_env = \"T\"\n",
+         "policy.toml:4:1: credentials[0]: \"hosts\" is empty: bind the credential to at least one host"),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"Host\"\nfrom_env = \"T\"\n",
+         "policy.toml:7:10: credentials[0].header: \"Host\" frames or routes the request; a credential cannot go there"),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nquery = \"a&b\"\nfrom_env = \"T\"\n",
+         "policy.toml:7:9: credentials[0].query: \"a&b\" is not a query parameter name: letters, digits, '-', '.', '_' or '~'"),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nfrom_env = \"T\"\n",
+         "policy.toml:4:1: credentials[0]: say where the secret goes: one of \"header\", \"query\", \"basic_auth\" or \"any_header\""),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\nquery = \"q\"\nfrom_env = \"T\"\n",
+         "policy.toml:4:1: credentials[0]: give only one of \"header\", \"query\", \"basic_auth\" and \"any_header\""),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nbasic_auth = false\nfrom_env = \"T\"\n",
+         "policy.toml:7:14: credentials[0].basic_auth: only `true` is meaningful; leave it out otherwise"),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\nformat = \"Bearer\"\nfrom_env = \"T\"\n",
+         "policy.toml:8:10: credentials[0].format: \"Bearer\" must contain {secret} exactly once"),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nbasic_auth = true\nformat = \"x{secret}\"\nfrom_env = \"T\"\n",
+         "policy.toml:8:10: credentials[0].format: basic auth replaces the placeholder where the sandbox put it; \"format\" applies only to \"header\" and \"query\""),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\n",
+         "policy.toml:4:1: credentials[0]: say where the secret comes from: one of \"from_env\", \"from_file\" or \"from_command\""),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\nfrom_env = \"T\"\nfrom_file = \"/s\"\n",
+         "policy.toml:4:1: credentials[0]: give only one of \"from_env\", \"from_file\" and \"from_command\""),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\nfrom_env = \"1T\"\n",
+         "policy.toml:8:12: credentials[0].from_env: \"1T\" is not a valid environment variable name: use letters, digits and '_', not starting with a digit"),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\nfrom_file = \"rel/path\"\nenv = \"T\"\n",
+         "policy.toml:8:13: credentials[0].from_file: the host path \"rel/path\" must be an absolute path"),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\nfrom_command = []\nenv = \"T\"\n",
+         "policy.toml:4:1: credentials[0]: from_command: needs a program: [\"program\", \"arg\", ...]"),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\nfrom_command = [\"/bin/pass\"]\n",
+         "policy.toml:4:1: credentials[0]: missing \"env\": the sandbox variable that holds the placeholder"),
+        ("name = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\nfrom_env = \"T\"\nrequire = \"yes\"\n",
+         "policy.toml:9:11: credentials[0].require: expected true or false, found a string"),
+        ("hosts = [\"api.github.com\"]\nheader = \"A\"\nfrom_env = \"T\"\n",
+         "policy.toml:4:1: credentials[0]: missing \"name\""),
+        ("name = \"g\"\nheader = \"A\"\nfrom_env = \"T\"\n",
+         "policy.toml:4:1: credentials[0]: missing \"hosts\""),
+    ];
+    let mut wrong = Vec::new();
+    for (body, expected) in cases {
+        let got = error(&cred(body));
+        if got != *expected {
+            wrong.push(format!("got:  {got}\nwant: {expected}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    assert!(
+        error(&cred("name = \"g\"\nhost = \"api.github.com\"\n"))
+            .starts_with("policy.toml:6:1: credentials[0]: unknown key `host`"),
+        "{}",
+        error(&cred("name = \"g\"\nhost = \"x\"\n"))
+    );
+}
+
+#[test]
+fn credential_names_and_placeholder_variables_are_unique() {
+    let one = "[[credentials]]\nname = \"g\"\nhosts = [\"api.github.com\"]\nheader = \"A\"\nfrom_env = \"T\"\n";
     assert_error(
-        "[sandbox]\ntimeout = \"5s\"\n\n[[credentials]]\nname = \"github\"\nhost = \"api.github.com\"\n",
-        "policy.toml:4:1: credentials are not supported by this version of cordon",
+        &format!("{ALLOW}\n{one}{one}"),
+        "policy.toml:10:8: credentials[1].name: another credential is already called \"g\"",
+    );
+    let other = "[[credentials]]\nname = \"h\"\nhosts = [\"api.github.com\"]\nheader = \"B\"\nfrom_file = \"/s\"\nenv = \"T\"\n";
+    assert_error(
+        &format!("{ALLOW}\n{one}{other}"),
+        "policy.toml:14:7: credentials[1].env: \"T\" is already set by sandbox.env or another credential",
+    );
+}
+
+#[test]
+fn every_bad_http_rule_value_is_an_error_at_its_position() {
+    let rule = |body: &str| format!("{ALLOW}\n[[network.rules]]\n{body}");
+    assert!(Policy::from_toml_str(
+        &rule("host = \"api.github.com\"\nmethods = [\"GET\"]\npaths = [\"/repos/*\"]\n"),
+        None
+    )
+    .is_ok());
+    let cases: &[(&str, &str)] = &[
+        ("host = \"evil.com\"\nmethods = [\"GET\"]\n",
+         "policy.toml:5:8: network.rules[0].host: \"evil.com\" is not in network.allow, so the sandbox could never reach it"),
+        ("methods = [\"GET\"]\n", "policy.toml:4:1: network.rules[0]: missing \"host\""),
+        ("host = \"api.github.com\"\n", "policy.toml:4:1: network.rules[0]: give \"methods\", \"paths\" or both"),
+        ("host = \"api.github.com\"\nmethods = [\"get\"]\n",
+         "policy.toml:6:12: network.rules[0].methods[0]: \"get\" is not an HTTP method: use upper-case letters like \"GET\", or \"*\""),
+        ("host = \"api.github.com\"\nmethods = []\n", "policy.toml:4:1: network.rules[0]: \"methods\" is empty, so the rule allows nothing"),
+        ("host = \"api.github.com\"\npaths = [\"repos\"]\n",
+         "policy.toml:6:10: network.rules[0].paths[0]: \"repos\" must start with '/' (a path glob like \"/repos/*\")"),
+        ("host = \"api.github.com\"\npaths = [\"/a%2Fb\"]\n",
+         "policy.toml:6:10: network.rules[0].paths[0]: \"/a%2Fb\" must be written decoded, without '%', '?', '#' or '\\' (paths are percent-decoded before matching)"),
+        ("host = \"api.github.com\"\npaths = [\"/a/../b\"]\n",
+         "policy.toml:6:10: network.rules[0].paths[0]: \"/a/../b\" must be normalised: no \"//\", \".\" or \"..\" segments (requests are normalised before matching)"),
+        ("host = \"api.github.com\"\npaths = [1]\n",
+         "policy.toml:6:10: network.rules[0].paths[0]: expected a path glob like \"/repos/*\", found an integer"),
+    ];
+    for (body, expected) in cases {
+        assert_error(&rule(body), expected);
+    }
+}
+
+#[test]
+fn bad_intercept_entries_are_errors_at_their_position() {
+    assert_error(
+        "[network]\nintercept = [\"ok.example.com\", \"*.com\"]\n",
+        "policy.toml:2:32: network.intercept[1]: \"*.com\" is too broad: name a registered domain (\"*.example.com\")",
+    );
+    assert_error(
+        "[network]\nintercept = [\"a/b\"]\n",
+        "policy.toml:2:14: network.intercept[0]: \"a/b\" is not a host name: it contains '/'",
     );
 }
 

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use cordon_policy::{AlertsPolicy, BlockedRule, DetectPolicy, Response};
 use cordon_policy::{
-    AllowEntry, AuditPolicy, ByteSize, Enforcement, ExtraMount, Layer, Limits, MinSeverity,
-    NetworkMode, NetworkPolicy, OnExceed, Policy, RateLimits, SandboxPolicy, SyslogTarget,
-    SyslogTransport,
+    AllowEntry, AuditPolicy, ByteSize, Credential, Enforcement, ExtraMount, HostName, HttpRule,
+    Injection, InterceptHost, Layer, Limits, MinSeverity, NetworkMode, NetworkPolicy, OnExceed,
+    Policy, RateLimits, SandboxPolicy, SecretSource, SyslogTarget, SyslogTransport,
 };
 
 const FULL: &str = r#"
@@ -46,6 +46,16 @@ file_size = 1048576
 mode = "report"
 allow = ["api.github.com", "api.github.com:8443", "*.githubusercontent.com:443", "example.org:*", "93.184.216.34:8080", "[2606:4700:4700::1111]:53"]
 allow_private = ["10.0.0.5:8080", "198.51.100.0/24:443", "203.0.113.7:8080"]
+intercept = ["example.org", "*.githubusercontent.com"]
+
+[[network.rules]]
+host = "api.github.com"
+methods = ["GET"]
+paths = ["/repos/*", "/zen"]
+
+[[network.rules]]
+host = "example.org"
+methods = ["POST", "PUT"]
 
 [network.rate]
 requests_per_minute = 60
@@ -61,6 +71,34 @@ terminate_after_blocked = 0
 [audit]
 syslog = "udp://127.0.0.1:5514"
 syslog_min_severity = "high"
+
+[[credentials]]
+name = "github"
+hosts = ["api.github.com"]
+header = "Authorization"
+format = "Bearer {secret}"
+from_env = "GITHUB_TOKEN"
+
+[[credentials]]
+name = "store"
+hosts = ["example.org"]
+query = "key"
+from_command = ["/usr/bin/pass", "show", "store"]
+env = "STORE_KEY"
+require = true
+
+[[credentials]]
+name = "basic"
+hosts = ["example.org"]
+basic_auth = true
+from_file = "/run/secrets/basic"
+env = "BASIC_PASSWORD"
+
+[[credentials]]
+name = "anywhere"
+hosts = ["api.github.com"]
+any_header = true
+from_env = "ANY"
 "#;
 
 fn entries(raw: &[&str]) -> Vec<AllowEntry> {
@@ -123,6 +161,22 @@ fn full_policy() -> Policy {
                 max_bytes_in: ByteSize(2 << 30),
                 on_exceed: OnExceed::Terminate,
             },
+            intercept: vec![
+                InterceptHost::parse("example.org").unwrap(),
+                InterceptHost::parse("*.githubusercontent.com").unwrap(),
+            ],
+            rules: vec![
+                HttpRule {
+                    host: HostName::parse("api.github.com").unwrap(),
+                    methods: vec!["GET".into()],
+                    paths: vec!["/repos/*".into(), "/zen".into()],
+                },
+                HttpRule {
+                    host: HostName::parse("example.org").unwrap(),
+                    methods: vec!["POST".into(), "PUT".into()],
+                    paths: vec!["/*".into()],
+                },
+            ],
         },
         // The old `[response] terminate_after_blocked = 0`: the blocked-attempts rule is off.
         detect: DetectPolicy {
@@ -141,6 +195,48 @@ fn full_policy() -> Policy {
             }),
             syslog_min_severity: MinSeverity::High,
         },
+        credentials: vec![
+            Credential {
+                name: "github".into(),
+                hosts: vec![HostName::parse("api.github.com").unwrap()],
+                inject: Injection::Header("Authorization".into()),
+                format: "Bearer {secret}".into(),
+                source: SecretSource::Env("GITHUB_TOKEN".into()),
+                env: "GITHUB_TOKEN".into(),
+                require: false,
+            },
+            Credential {
+                name: "store".into(),
+                hosts: vec![HostName::parse("example.org").unwrap()],
+                inject: Injection::Query("key".into()),
+                format: "{secret}".into(),
+                source: SecretSource::Command(vec![
+                    "/usr/bin/pass".into(),
+                    "show".into(),
+                    "store".into(),
+                ]),
+                env: "STORE_KEY".into(),
+                require: true,
+            },
+            Credential {
+                name: "basic".into(),
+                hosts: vec![HostName::parse("example.org").unwrap()],
+                inject: Injection::BasicAuth,
+                format: "{secret}".into(),
+                source: SecretSource::File(PathBuf::from("/run/secrets/basic")),
+                env: "BASIC_PASSWORD".into(),
+                require: false,
+            },
+            Credential {
+                name: "anywhere".into(),
+                hosts: vec![HostName::parse("api.github.com").unwrap()],
+                inject: Injection::AnyHeader,
+                format: "{secret}".into(),
+                source: SecretSource::Env("ANY".into()),
+                env: "ANY".into(),
+                require: false,
+            },
+        ],
     }
 }
 

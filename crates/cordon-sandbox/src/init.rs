@@ -29,9 +29,6 @@ pub struct InitContext<'a> {
     pub chan: OwnedFd,
     /// The seccomp filter, compiled by the supervisor before `clone`.
     pub filter: Option<&'a CompiledFilter>,
-    /// The supervisor's detached workspace volume (inherited through `clone`), when the plan's
-    /// workspace is [`WorkspaceMount::Detached`].
-    pub workspace_fd: Option<BorrowedFd<'a>>,
 }
 
 /// Set-up milestones, reported with `Applied` (the init's marks are inherited by the command's
@@ -98,30 +95,27 @@ struct Inbox {
 }
 
 impl Inbox {
-    fn wait_for(&mut self, chan: BorrowedFd<'_>, expected: ToInit) -> Result<(), SetupError> {
+    /// Waits for `expected` and returns the descriptors that came with it.
+    fn wait_for(
+        &mut self,
+        chan: BorrowedFd<'_>,
+        expected: ToInit,
+    ) -> Result<Vec<OwnedFd>, SetupError> {
         if expected == ToInit::CgroupReady && self.cgroup_ready {
-            return Ok(());
+            return Ok(Vec::new());
         }
+        let gone = || SetupError {
+            layer: "supervisor",
+            message: "the supervisor went away before the sandbox was ready".into(),
+        };
         loop {
-            let mut buf = [0u8; 64];
-            // SAFETY: `buf` is a valid writable buffer of the given length.
-            let n = unsafe {
-                libc::recv(
-                    chan.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    0,
-                )
-            };
-            if n <= 0 {
-                return Err(SetupError {
-                    layer: "supervisor",
-                    message: "the supervisor went away before the sandbox was ready".into(),
-                });
+            let (payload, fds) = fdpass::recv_fds(chan, 64, 1).map_err(|_| gone())?;
+            if payload.is_empty() {
+                return Err(gone());
             }
-            match proto::decode::<ToInit>(&buf[..n as usize]) {
-                Some(m) if m == expected => return Ok(()),
-                Some(ToInit::CgroupReady) => self.cgroup_ready = true,
+            match proto::decode::<ToInit>(&payload) {
+                Some(m) if m == expected => return Ok(fds),
+                Some(ToInit::CgroupReady) if fds.is_empty() => self.cgroup_ready = true,
                 _ => {
                     return Err(SetupError {
                         layer: "supervisor",
@@ -129,6 +123,17 @@ impl Inbox {
                     })
                 }
             }
+        }
+    }
+
+    /// Waits for the workspace volume (exactly one descriptor).
+    fn workspace_volume(&mut self, chan: BorrowedFd<'_>) -> Result<OwnedFd, String> {
+        let mut fds = self
+            .wait_for(chan, ToInit::WorkspaceVolume)
+            .map_err(|e| e.message)?;
+        match (fds.pop(), fds.is_empty()) {
+            (Some(fd), true) => Ok(fd),
+            _ => Err("the workspace volume message carried no descriptor".into()),
         }
     }
 }
@@ -153,28 +158,20 @@ fn run(ctx: &InitContext<'_>) -> Result<i32, SetupError> {
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
 
     let sources = Sources::open(&plan.mounts, &plan.workspace).map_err(fail("mounts"))?;
-    let attach = match (&plan.workspace, ctx.workspace_fd) {
-        (WorkspaceMount::Bind(_), _) => WorkspaceAttach::Bind,
-        (WorkspaceMount::Detached, Some(fd)) => WorkspaceAttach::Detached(fd),
-        (WorkspaceMount::Detached, None) => {
-            return Err(SetupError {
-                layer: "workspace",
-                message: "no workspace volume was handed over".into(),
-            })
-        }
-        (
-            WorkspaceMount::Tmpfs {
-                size_bytes,
-                nr_inodes,
-            },
-            _,
-        ) => WorkspaceAttach::Tmpfs {
+    let mut receive_volume = || inbox.workspace_volume(chan);
+    let attach = match &plan.workspace {
+        WorkspaceMount::Bind(_) => WorkspaceAttach::Bind,
+        WorkspaceMount::Detached => WorkspaceAttach::Detached(&mut receive_volume),
+        WorkspaceMount::Tmpfs {
+            size_bytes,
+            nr_inodes,
+        } => WorkspaceAttach::Tmpfs {
             size_bytes: *size_bytes,
             nr_inodes: *nr_inodes,
         },
     };
     let handed_over =
-        mounts::apply(&plan.mounts, &sources, plan.root_size, &attach).map_err(fail("mounts"))?;
+        mounts::apply(&plan.mounts, &sources, plan.root_size, attach).map_err(fail("mounts"))?;
     drop(sources);
     mark("init: mounts and pivot_root");
     if let Some(root) = handed_over {
@@ -222,15 +219,7 @@ fn run(ctx: &InitContext<'_>) -> Result<i32, SetupError> {
     }
     mark("init: in the session cgroup");
     let all = block_all_signals();
-    // SAFETY: the init is single-threaded, so fork is safe; the child only runs our code until
-    // exec.
-    let child = unsafe { libc::fork() };
-    if child < 0 {
-        return Err(fail("fork")(io::Error::last_os_error()));
-    }
-    if child == 0 {
-        command_main(ctx);
-    }
+    let child = start_command(ctx).map_err(fail("fork"))?;
 
     privs::drop_everything().map_err(fail("capabilities"))?;
     privs::set_non_dumpable().map_err(fail("capabilities"))?;
@@ -238,6 +227,61 @@ fn run(ctx: &InitContext<'_>) -> Result<i32, SetupError> {
         seccomp::install(filter).map_err(fail("seccomp"))?;
     }
     Ok(supervise(chan, child, &all))
+}
+
+/// Starts the command's process with `clone(CLONE_VM | CLONE_VFORK)` on a stack of its own, as
+/// `posix_spawn` does: the child borrows the init's memory until it execs or exits instead of
+/// getting a copy of the init's page tables (a `fork` of the init, a copy of the supervisor,
+/// took 0.4 ms), and the init sleeps until then. What the child changes before `exec` is state
+/// it does not share with the init: credentials, capabilities, Landlock and seccomp (per task),
+/// rlimits, session and process group (per process), its working directory and descriptor
+/// table (no `CLONE_FS`, no `CLONE_FILES`), its signal mask. What it writes to memory (the
+/// set-up marks, the buffers it allocates) it writes while the init sleeps, and the init never
+/// looks at it. Returns once the command runs (or has failed to).
+fn start_command(ctx: &InitContext<'_>) -> io::Result<libc::pid_t> {
+    const STACK_SIZE: usize = 1 << 20;
+    extern "C" fn entry(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the `InitContext` the init passed to clone below; the init sleeps
+        // (CLONE_VFORK) and keeps it alive until this process has exec'd or exited, which is
+        // all this reference is used for.
+        let ctx = unsafe { &*(arg as *const InitContext<'static>) };
+        command_main(ctx)
+    }
+    // SAFETY: a fresh anonymous private mapping; the result is checked below.
+    let stack = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            STACK_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        )
+    };
+    if stack == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // The stack grows down from the (16-byte aligned) end of the mapping.
+    let top = (stack as usize + STACK_SIZE) & !15;
+    // SAFETY: `entry` never returns into the init's frames: it runs on its own stack and ends in
+    // exec or _exit. CLONE_VFORK keeps the init asleep (and `ctx` and the stack alive) until
+    // then; the init is single-threaded, so no other thread runs on the shared memory meanwhile.
+    let pid = unsafe {
+        libc::clone(
+            entry,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            ctx as *const InitContext<'_> as *mut libc::c_void,
+        )
+    };
+    let err = io::Error::last_os_error();
+    // SAFETY: the child has exec'd (it has a new address space) or exited: nothing uses the
+    // stack any more.
+    unsafe { libc::munmap(stack, STACK_SIZE) };
+    if pid < 0 {
+        return Err(err);
+    }
+    Ok(pid)
 }
 
 fn block_all_signals() -> libc::sigset_t {

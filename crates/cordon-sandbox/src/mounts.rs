@@ -52,6 +52,15 @@ impl Sources {
     pub fn open(ops: &[MountOp], workspace: &WorkspaceMount) -> Result<Sources, MountError> {
         let mut fds = Vec::new();
         for op in ops {
+            if let MountOp::CopyFile { source, .. } = op {
+                // Readable if the sandbox user may read it (then it is copied); otherwise an
+                // O_PATH descriptor, which can only be bound.
+                let fd = sys::open_for_copy(source)
+                    .or_else(|_| sys::open_path(source))
+                    .map_err(step("open", source))?;
+                fds.push((BindSource::Host(source.clone()), fd));
+                continue;
+            }
             if let MountOp::Bind { source, .. } = op {
                 let host = match (source, workspace) {
                     (BindSource::Host(p), _) => p.as_path(),
@@ -74,8 +83,9 @@ impl Sources {
 pub enum WorkspaceAttach<'a> {
     /// Bind the host directory opened in [`Sources`].
     Bind,
-    /// Attach the supervisor's detached volume mount.
-    Detached(BorrowedFd<'a>),
+    /// Attach the supervisor's detached volume mount, which `receive` waits for: the
+    /// supervisor prepares the volume while the rest of the filesystem is built.
+    Detached(&'a mut dyn FnMut() -> Result<OwnedFd, String>),
     /// Make a capped tmpfs here.
     Tmpfs { size_bytes: u64, nr_inodes: u64 },
 }
@@ -87,7 +97,7 @@ pub fn apply(
     ops: &[MountOp],
     sources: &Sources,
     root_size: u64,
-    workspace: &WorkspaceAttach<'_>,
+    mut workspace: WorkspaceAttach<'_>,
 ) -> Result<Option<OwnedFd>, MountError> {
     let root = Path::new(STAGING_ROOT);
     sys::mount(
@@ -109,18 +119,23 @@ pub fn apply(
 
     let mut handed_over = None;
     for op in ops {
-        match (op, workspace) {
+        match (op, &mut workspace) {
             (
                 MountOp::Bind {
                     source: BindSource::Workspace,
                     path,
                     ..
                 },
-                WorkspaceAttach::Detached(fd),
+                WorkspaceAttach::Detached(receive),
             ) => {
                 let p = root.join(path);
                 sys::mkdir_all(&p, 0o755).map_err(step("mkdir", &p))?;
-                attach(*fd, &p)?;
+                let fd = receive().map_err(|e| MountError::Step {
+                    step: "workspace-volume",
+                    path: p.clone(),
+                    source: io::Error::other(e),
+                })?;
+                attach(fd.as_fd(), &p)?;
             }
             (
                 MountOp::Bind {
@@ -222,6 +237,29 @@ fn apply_op(root: &Path, op: &MountOp, sources: &Sources) -> Result<(), MountErr
                 Some(&data),
             )
             .map_err(step("mount-tmpfs", &p))
+        }
+        MountOp::CopyFile {
+            source,
+            path,
+            max_bytes,
+        } => {
+            let p = root.join(path);
+            let key = BindSource::Host(source.clone());
+            let fd = sources.get(&key).ok_or_else(|| MountError::Step {
+                step: "copy-source",
+                path: p.clone(),
+                source: io::Error::from_raw_os_error(libc::ENOENT),
+            })?;
+            if sys::copy_small_file(fd, &p, *max_bytes).map_err(step("copy", &p))? {
+                return Ok(());
+            }
+            let bind = MountOp::Bind {
+                source: key,
+                path: path.clone(),
+                dir: false,
+                writable: false,
+            };
+            apply_op(root, &bind, sources)
         }
         MountOp::Bind {
             source,

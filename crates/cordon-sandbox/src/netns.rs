@@ -659,25 +659,36 @@ pub struct GatewaySockets {
     pub transparent: OwnedFd,
     /// NETLINK_NETFILTER in this namespace, for [`read_drop_counters`].
     pub netlink: OwnedFd,
+    /// NETLINK_SOCK_DIAG in this namespace: the supervisor asks it which socket a connection
+    /// comes from (process attribution), without walking the host's socket tables.
+    pub sock_diag: OwnedFd,
 }
 
 impl GatewaySockets {
     /// Names in the order of [`GatewaySockets::as_fds`], to send alongside the descriptors.
-    pub const NAMES: [&'static str; 5] = ["http", "dns_udp", "dns_tcp", "transparent", "netlink"];
+    pub const NAMES: [&'static str; 6] = [
+        "http",
+        "dns_udp",
+        "dns_tcp",
+        "transparent",
+        "netlink",
+        "sock_diag",
+    ];
 
-    pub fn as_fds(&self) -> [BorrowedFd<'_>; 5] {
+    pub fn as_fds(&self) -> [BorrowedFd<'_>; 6] {
         [
             self.http.as_fd(),
             self.dns_udp.as_fd(),
             self.dns_tcp.as_fd(),
             self.transparent.as_fd(),
             self.netlink.as_fd(),
+            self.sock_diag.as_fd(),
         ]
     }
 
     /// Rebuilds the set from received descriptors and the names sent with them (any order).
     pub fn from_named(names: &[String], fds: Vec<OwnedFd>) -> Result<Self, NetnsError> {
-        let mut slots: [Option<OwnedFd>; 5] = Default::default();
+        let mut slots: [Option<OwnedFd>; 6] = Default::default();
         for (name, fd) in names.iter().zip(fds) {
             let i = Self::NAMES
                 .iter()
@@ -687,7 +698,7 @@ impl GatewaySockets {
                 return Err(NetnsError::SocketNames { name: name.clone() });
             }
         }
-        let [http, dns_udp, dns_tcp, transparent, netlink] = slots;
+        let [http, dns_udp, dns_tcp, transparent, netlink, sock_diag] = slots;
         let take = |fd: Option<OwnedFd>, i: usize| {
             fd.ok_or_else(|| NetnsError::SocketNames {
                 name: Self::NAMES[i].into(),
@@ -699,6 +710,7 @@ impl GatewaySockets {
             dns_tcp: take(dns_tcp, 2)?,
             transparent: take(transparent, 3)?,
             netlink: take(netlink, 4)?,
+            sock_diag: take(sock_diag, 5)?,
         })
     }
 }
@@ -773,12 +785,14 @@ fn bind_with(ports: &GatewayPorts, netlink: OwnedFd) -> Result<GatewaySockets, N
     )?;
     let dns_tcp = tcp_listener(ports.dns, "dns tcp")?;
     let transparent = tcp_listener(ports.transparent, "transparent")?;
+    let sock_diag = netlink_socket(SockProtocol::NetlinkSockDiag, "sock_diag")?;
     Ok(GatewaySockets {
         http,
         dns_udp,
         dns_tcp,
         transparent,
         netlink,
+        sock_diag,
     })
 }
 
@@ -1132,7 +1146,7 @@ mod tests {
     #[test]
     fn received_sockets_are_matched_by_name_and_a_missing_one_is_an_error() {
         let fds = || {
-            (0..5)
+            (0..GatewaySockets::NAMES.len())
                 .map(|_| std::fs::File::open("/dev/null").unwrap().into())
                 .collect::<Vec<OwnedFd>>()
         };
@@ -1142,7 +1156,7 @@ mod tests {
             .collect();
         names.reverse();
         assert!(GatewaySockets::from_named(&names, fds()).is_ok());
-        names[0] = "http".into(); // "netlink" is now missing and "http" is named twice
+        names[0] = "http".into(); // "sock_diag" is now missing and "http" is named twice
         assert!(matches!(
             GatewaySockets::from_named(&names, fds()),
             Err(NetnsError::SocketNames { .. })

@@ -135,6 +135,14 @@ pub enum MountOp {
         mode: u32,
         noexec: bool,
     },
+    /// Copy a small host file into the root (read-only once the root is), which costs a
+    /// fraction of a bind mount at start and at teardown; a file larger than `max_bytes`, or
+    /// one the sandbox user cannot read, is bound read-only instead.
+    CopyFile {
+        source: PathBuf,
+        path: PathBuf,
+        max_bytes: u64,
+    },
     /// Bind-mount a host directory or file (the mount point is created first).
     Bind {
         source: BindSource,
@@ -163,16 +171,31 @@ pub struct MountOptions {
     pub extra: Vec<ExtraBind>,
     /// `(file name, bytes)` of the `--code` file, placed at `/.cordon/<name>`.
     pub code: Option<(String, Vec<u8>)>,
+    /// The sandbox's trust bundle (the host's bundle plus the session CA, PEM), written to
+    /// [`CA_BUNDLE_PATH`] instead of binding the host's `/etc/ssl`.
+    #[serde(skip)]
+    pub ca_bundle: Option<String>,
 }
+
+/// Where the generated trust bundle is placed (Debian's system bundle path, which OpenSSL,
+/// curl, Python, Node with `NODE_EXTRA_CA_CERTS`, pip and git read).
+pub const CA_BUNDLE_PATH: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// Where the `--code` file is placed inside the sandbox.
 pub fn code_path(name: &str) -> PathBuf {
     Path::new("/.cordon").join(name)
 }
 
-/// The root tmpfs size a plan needs: room for the skeleton plus the code file.
+/// Largest `/etc` file copied into the root instead of bound ([`MountOp::CopyFile`]).
+pub const ETC_COPY_MAX_BYTES: u64 = 128 * 1024;
+
+/// The root tmpfs size a plan needs: room for the skeleton, the copied `/etc` files and the
+/// code file.
 pub fn root_size(opts: &MountOptions) -> u64 {
-    4 * 1024 * 1024 + opts.code.as_ref().map_or(0, |(_, b)| b.len() as u64)
+    4 * 1024 * 1024
+        + ETC_ALLOWLIST.len() as u64 * ETC_COPY_MAX_BYTES
+        + opts.code.as_ref().map_or(0, |(_, b)| b.len() as u64)
+        + opts.ca_bundle.as_ref().map_or(0, |b| b.len() as u64)
 }
 
 /// An extra bind from the policy.
@@ -221,14 +244,37 @@ pub fn mount_plan(facts: &HostFacts, opts: &MountOptions) -> Vec<MountOp> {
             mode: 0o644,
         });
     }
+    if let Some(bundle) = &opts.ca_bundle {
+        // The session CA goes into the bundle every TLS library here reads; the host's /etc/ssl
+        // is then not bound (a read-only bind could not take the file).
+        for dir in ["etc/ssl", "etc/ssl/certs"] {
+            ops.push(MountOp::Mkdir {
+                path: rel(dir),
+                mode: 0o755,
+            });
+        }
+        ops.push(MountOp::WriteFile {
+            path: rel(CA_BUNDLE_PATH),
+            contents: bundle.clone(),
+            mode: 0o644,
+        });
+    }
     for (name, entry) in &facts.etc {
+        if opts.ca_bundle.is_some() && name == "ssl" {
+            continue;
+        }
         let path = rel("etc").join(name);
         match entry {
-            HostEntry::Dir | HostEntry::File => ops.push(MountOp::Bind {
+            HostEntry::Dir => ops.push(MountOp::Bind {
                 source: BindSource::Host(Path::new("/etc").join(name)),
                 path,
-                dir: *entry == HostEntry::Dir,
+                dir: true,
                 writable: false,
+            }),
+            HostEntry::File => ops.push(MountOp::CopyFile {
+                source: Path::new("/etc").join(name),
+                path,
+                max_bytes: ETC_COPY_MAX_BYTES,
             }),
             HostEntry::Symlink(target) => ops.push(MountOp::Symlink {
                 target: target.clone(),
@@ -238,12 +284,6 @@ pub fn mount_plan(facts: &HostFacts, opts: &MountOptions) -> Vec<MountOp> {
         }
     }
 
-    ops.push(MountOp::Bind {
-        source: BindSource::Workspace,
-        path: rel("workspace"),
-        dir: true,
-        writable: true,
-    });
     ops.push(MountOp::Tmpfs {
         path: rel("tmp"),
         size: opts.tmp_size,
@@ -317,6 +357,14 @@ pub fn mount_plan(facts: &HostFacts, opts: &MountOptions) -> Vec<MountOp> {
             len: bytes.len(),
         });
     }
+    // The workspace comes last but for the extra binds (which may lie inside it): the
+    // supervisor prepares a workspace volume while the init mounts everything before it.
+    ops.push(MountOp::Bind {
+        source: BindSource::Workspace,
+        path: rel("workspace"),
+        dir: true,
+        writable: true,
+    });
     for extra in &opts.extra {
         ops.push(MountOp::Bind {
             source: BindSource::Host(extra.host.clone()),
@@ -499,5 +547,83 @@ pub fn landlock_plan(extra: &[ExtraBind], allow_tcp_connect: bool, code: bool) -
         allow_tcp_bind: false,
         scope_abstract_unix: true,
         scope_signals: true,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod ca_bundle_tests {
+    use super::*;
+
+    fn facts() -> HostFacts {
+        HostFacts {
+            system_dirs: vec![("usr".into(), HostEntry::Dir)],
+            etc: vec![
+                ("ssl".into(), HostEntry::Dir),
+                ("os-release".into(), HostEntry::File),
+            ],
+        }
+    }
+
+    fn opts(bundle: Option<&str>) -> MountOptions {
+        MountOptions {
+            tmp_size: 1 << 20,
+            shm_size: 1 << 20,
+            hostname: "cordon".into(),
+            gateway_dns: true,
+            extra: Vec::new(),
+            code: None,
+            ca_bundle: bundle.map(str::to_owned),
+        }
+    }
+
+    fn binds_host_ssl(ops: &[MountOp]) -> bool {
+        ops.iter().any(|op| {
+            matches!(op, MountOp::Bind { source: BindSource::Host(p), .. } if p == Path::new("/etc/ssl"))
+        })
+    }
+
+    #[test]
+    fn without_a_bundle_the_host_ssl_directory_is_bound() {
+        let ops = mount_plan(&facts(), &opts(None));
+        assert!(binds_host_ssl(&ops));
+    }
+
+    #[test]
+    fn a_session_bundle_replaces_the_host_ssl_directory_with_the_generated_file() {
+        let pem = "-----BEGIN CERTIFICATE-----\nhost\n-----END CERTIFICATE-----\n";
+        let ops = mount_plan(&facts(), &opts(Some(pem)));
+        assert!(!binds_host_ssl(&ops));
+        let written: Vec<_> = ops
+            .iter()
+            .filter_map(|op| match op {
+                MountOp::WriteFile {
+                    path,
+                    contents,
+                    mode,
+                } => Some((path.clone(), contents.clone(), *mode)),
+                _ => None,
+            })
+            .filter(|(p, _, _)| p == Path::new("etc/ssl/certs/ca-certificates.crt"))
+            .collect();
+        assert_eq!(
+            written,
+            vec![(
+                PathBuf::from("etc/ssl/certs/ca-certificates.crt"),
+                pem.to_owned(),
+                0o644
+            )]
+        );
+        // The directories exist before the file is written; other /etc entries are still bound.
+        let mkdir = ops.iter().position(|op| matches!(op, MountOp::Mkdir { path, .. } if path == Path::new("etc/ssl/certs"))).unwrap();
+        let write = ops.iter().position(|op| matches!(op, MountOp::WriteFile { path, .. } if path == Path::new("etc/ssl/certs/ca-certificates.crt"))).unwrap();
+        assert!(mkdir < write);
+        assert!(ops.iter().any(|op| matches!(op,
+            MountOp::Bind { source: BindSource::Host(p), .. } | MountOp::CopyFile { source: p, .. }
+                if p == Path::new("/etc/os-release"))));
+        assert_eq!(
+            root_size(&opts(Some(pem))) - root_size(&opts(None)),
+            pem.len() as u64
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! Messages between the supervisor and the sandbox's init over their SOCK_SEQPACKET pair.
 //!
 //! Guarantees: one message per datagram, JSON-encoded, at most [`MAX_MESSAGE`] bytes; file
-//! descriptors travel only with [`ToSupervisor::GatewaySockets`]. The sandboxed command never
+//! descriptors travel only with [`ToSupervisor::GatewaySockets`], [`ToSupervisor::WorkspaceRoot`]
+//! and [`ToInit::WorkspaceVolume`]. The sandboxed command never
 //! holds this socket: it is close-on-exec and closed before `exec`.
 
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,9 @@ pub enum ToInit {
     WorkspaceReady,
     /// The init is in the session's cgroup: it may start the command.
     CgroupReady,
+    /// The workspace volume, a detached mount, follows as SCM_RIGHTS (plan
+    /// `WorkspaceMount::Detached`): the supervisor prepares it while the init mounts the rest.
+    WorkspaceVolume,
 }
 
 /// From the sandbox (init or the command's process before `exec`) to the supervisor.

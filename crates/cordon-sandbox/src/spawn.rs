@@ -13,7 +13,7 @@
 //! gets [`SpawnError::Threaded`] instead of undefined behaviour.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use thiserror::Error;
 
@@ -81,7 +81,6 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 pub fn spawn(
     plan: &SandboxPlan,
     filter: Option<&CompiledFilter>,
-    workspace_fd: Option<BorrowedFd<'_>>,
     cgroup: Option<BorrowedFd<'_>>,
 ) -> Result<Sandbox, SpawnError> {
     let threads = thread_count();
@@ -117,7 +116,6 @@ pub fn spawn(
             plan,
             chan: theirs,
             filter,
-            workspace_fd,
         });
     }
     drop(theirs);
@@ -221,6 +219,17 @@ pub fn send(sb: &Sandbox, msg: &ToInit) -> Result<(), io::Error> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Hands the sandbox its workspace volume (a detached mount; plan `WorkspaceMount::Detached`),
+/// which the init waits for when it reaches `/workspace`.
+pub fn send_workspace(sb: &Sandbox, volume: BorrowedFd<'_>) -> Result<(), io::Error> {
+    crate::fdpass::send_fds(
+        sb.chan.as_fd(),
+        &proto::encode(&ToInit::WorkspaceVolume),
+        &[volume],
+    )
+    .map_err(|e| io::Error::other(e.to_string()))
 }
 
 fn write_id_maps(plan: &SandboxPlan, pid: i32) -> Result<(), SpawnError> {

@@ -116,6 +116,65 @@ pub fn open_path(path: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Opens a regular file for [`copy_small_file`]: read-only, never following a symlink, never
+/// blocking on a FIFO.
+pub fn open_for_copy(path: &Path) -> io::Result<OwnedFd> {
+    let p = cpath(path)?;
+    // SAFETY: valid C string; the returned fd is owned by the OwnedFd below.
+    let fd = unsafe {
+        libc::open(
+            p.as_ptr(),
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Copies the regular file open at `src` to a new file `dst` (permissions kept, minus
+/// set-id, sticky and write bits for group and others) when it holds at most `max_bytes`.
+/// `Ok(false)`, with nothing created, when it is larger, not a regular file, or not readable
+/// through `src` (an `O_PATH` descriptor): the caller binds it instead.
+pub fn copy_small_file(src: &OwnedFd, dst: &Path, max_bytes: u64) -> io::Result<bool> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let dup = src.try_clone()?;
+    let mut file = std::fs::File::from(dup);
+    let meta = match file.metadata() {
+        Ok(m) => m,
+        Err(_) => return Ok(false),
+    };
+    if !meta.is_file() || meta.len() > max_bytes {
+        return Ok(false);
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // One more byte than allowed tells a file that grew since the fstat.
+    match (&mut file).take(max_bytes + 1).read_to_end(&mut bytes) {
+        Ok(n) if n as u64 <= max_bytes => {}
+        Ok(_) => return Ok(false),
+        // EBADF: an O_PATH descriptor, the sandbox user may not read the file.
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    if let Some(parent) = dst.parent() {
+        mkdir_all(parent, 0o755)?;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = meta.permissions().mode() & 0o755;
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(dst)?;
+    out.write_all(&bytes)?;
+    // Exactly `mode`, whatever the umask.
+    out.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    Ok(true)
+}
+
 /// The `/proc/self/fd/N` path of an open descriptor, usable as a mount source even after the
 /// original path has been covered by another mount.
 pub fn fd_path(fd: &OwnedFd) -> std::path::PathBuf {
@@ -142,4 +201,52 @@ pub fn touch(path: &Path) -> io::Result<()> {
         .truncate(false)
         .open(path)
         .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_small_file_is_copied_with_its_mode_minus_setid_and_group_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::write(&src, b"hello\n").unwrap();
+        std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o4775)).unwrap();
+        let dst = dir.path().join("etc/dst");
+        let fd = open_for_copy(&src).unwrap();
+        assert!(copy_small_file(&fd, &dst, 6).unwrap());
+        assert_eq!(std::fs::read(&dst).unwrap(), b"hello\n");
+        assert_eq!(mode(&dst), 0o755);
+    }
+
+    #[test]
+    fn a_file_above_the_limit_a_fifo_or_an_unreadable_descriptor_is_left_to_a_bind() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big");
+        std::fs::write(&big, b"1234567").unwrap();
+        let dst = dir.path().join("dst");
+        assert!(!copy_small_file(&open_for_copy(&big).unwrap(), &dst, 6).unwrap());
+        assert!(!copy_small_file(&open_path(&big).unwrap(), &dst, 64).unwrap());
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(!copy_small_file(&open_for_copy(&fifo).unwrap(), &dst, 64).unwrap());
+        assert!(!dst.exists());
+    }
+
+    #[test]
+    fn a_symlink_is_not_followed_when_opening_for_a_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("target"), b"x").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink("target", &link).unwrap();
+        let err = open_for_copy(&link).err().map(|e| e.raw_os_error());
+        assert_eq!(err, Some(Some(libc::ELOOP)));
+    }
 }

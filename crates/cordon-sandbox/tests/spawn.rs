@@ -94,7 +94,7 @@ fn spawn_and_report(cgroup: Option<BorrowedFd<'_>>) -> String {
     if child == 0 {
         drop(rd);
         let plan = minimal_plan();
-        let report = match spawn::spawn(&plan, None, None, cgroup) {
+        let report = match spawn::spawn(&plan, None, cgroup) {
             Ok(sb) => {
                 let text =
                     std::fs::read_to_string(format!("/proc/{}/cgroup", sb.pid)).unwrap_or_default();

@@ -134,6 +134,10 @@ struct RunArgs {
     /// DNS server the gateway asks for real addresses (default: the host's resolv.conf).
     #[arg(long, value_name = "ADDR")]
     upstream_dns: Vec<std::net::SocketAddr>,
+    /// Also trust the CA certificates in FILE (PEM) when verifying upstream servers of
+    /// intercepted TLS, besides the host's trust store. Meant for tests with fake upstreams.
+    #[arg(long, value_name = "FILE")]
+    upstream_ca: Option<PathBuf>,
     /// The command and its arguments.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -318,6 +322,7 @@ fn run(args: RunArgs) -> i32 {
         session_id: crate::ids::new_session_id(),
         audit: args.audit.clone(),
         upstream_dns: args.upstream_dns.clone(),
+        upstream_ca: args.upstream_ca.clone(),
     };
     match session::run(req) {
         Ok(result) => {

@@ -103,6 +103,8 @@ pub enum GatewayCmdError {
     TooManySessions,
     #[error("--upstream-dns {0:?}: expected an IP address or IP:PORT")]
     UpstreamDns(String),
+    #[error("{0}: `cordon gateway` does not intercept TLS (it has no sandbox to hand a CA or placeholders to); use the policy with `cordon run`")]
+    NeedsSandbox(&'static str),
     #[error("--threads {0}: expected a number from 1 to 256")]
     Threads(usize),
     #[error("--token-file {}: {reason}", path.display())]
@@ -193,6 +195,17 @@ pub fn plan(
         mode: args.mode.clone(),
         ..Overrides::default()
     })?;
+    // Rules would be enforced on plain HTTP only while HTTPS to the same host tunnels through
+    // unchecked: refuse rather than half-enforce.
+    if !policy.credentials.is_empty() {
+        return Err(GatewayCmdError::NeedsSandbox("[[credentials]]"));
+    }
+    if !policy.network.rules.is_empty() {
+        return Err(GatewayCmdError::NeedsSandbox("[[network.rules]]"));
+    }
+    if !policy.network.intercept.is_empty() {
+        return Err(GatewayCmdError::NeedsSandbox("network.intercept"));
+    }
     let sessions = if args.sessions.is_empty() {
         vec![invoking_user.to_owned()]
     } else {

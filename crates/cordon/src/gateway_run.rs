@@ -61,6 +61,7 @@ impl RunningGateway {
         session: SessionInfo,
         sockets: GatewaySockets,
         upstream_dns: &[std::net::SocketAddr],
+        intercept: Option<Arc<cordon_gateway::InterceptConfig>>,
         writer: Arc<AuditWriter>,
         canaries: Vec<(String, String)>,
         alerts: Arc<Alerts>,
@@ -78,6 +79,7 @@ impl RunningGateway {
         if !upstream_dns.is_empty() {
             config.upstream = Upstream::Nameservers(upstream_dns.to_vec());
         }
+        config.intercept = intercept;
         let gateway = {
             let _guard = rt.enter();
             Gateway::new(config).map_err(|e| format!("gateway: {e}"))?
@@ -88,6 +90,8 @@ impl RunningGateway {
             dns_tcp,
             transparent,
             netlink,
+            // The supervisor's attribution holds its own copy (see session.rs).
+            sock_diag: _,
         } = sockets;
         let listeners = Listeners {
             http: Some(std::net::TcpListener::from(http)),

@@ -9,6 +9,7 @@ mod doctor;
 mod gateway_cmd;
 mod gateway_run;
 mod ids;
+mod intercept_setup;
 mod result;
 mod session;
 mod teardown;

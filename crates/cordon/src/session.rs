@@ -34,6 +34,8 @@ pub struct RunRequest {
     pub audit: Option<PathBuf>,
     /// DNS servers the gateway asks (default: the host's `/etc/resolv.conf`).
     pub upstream_dns: Vec<std::net::SocketAddr>,
+    /// An extra CA upstream servers may be verified against (`--upstream-ca`, for tests).
+    pub upstream_ca: Option<PathBuf>,
 }
 
 /// A run that could not happen; `exit_code` is what cordon exits with.
@@ -92,6 +94,11 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         unsafe { (libc::getuid(), libc::getgid()) }
     };
 
+    // Secrets, placeholders and the session CA: before anything is created, so a missing
+    // secret changes nothing.
+    let intercept =
+        crate::intercept_setup::prepare(policy, &req.session_id, req.upstream_ca.as_deref())
+            .map_err(RunError::cordon)?;
     // Landlock and seccomp: decided and compiled before anything is spawned.
     marks.mark("supervisor: policy loaded");
     let abi = landlock::probe_abi();
@@ -141,23 +148,49 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         pids: Some(policy.limits.pids),
         cpu_cores: Some(policy.limits.cpu),
     };
-    let prepared = Workspace::prepare(policy, host_uid, host_gid);
-    let mut workspace = prepared.or_else(|e| match e {
-        crate::workspace::WorkspaceError::NoCap(reason) => {
-            lowered_or_fail(
-                policy,
-                Layer::WorkspaceCap,
-                &mut layers.lowered,
-                reason,
-                "run cordon as root (the cap uses a loop-mounted ext4 volume) or let it use a tmpfs",
-            )?;
-            Workspace::prepare_uncapped(policy, &req.session_id, host_uid, host_gid, rootful)
-                .map_err(|e| RunError::cordon(e.to_string()))
+    // An ext4 volume is built after the clone, while the init mounts everything else (the
+    // plan already says the init gets a detached volume); anything else is ready now.
+    let uncapped = |layers: &mut Layers, reason: String| {
+        lowered_or_fail(
+            policy,
+            Layer::WorkspaceCap,
+            &mut layers.lowered,
+            reason,
+            "run cordon as root (the cap uses a loop-mounted ext4 volume) or let it use a tmpfs",
+        )
+    };
+    let (mut early_ws, planned_ws) = match Workspace::plan(policy, host_uid, host_gid) {
+        Ok(p) if p.mount() == plan::WorkspaceMount::Detached => {
+            layers.workspace_cap = Some(p.cap_description());
+            (None, Some(p))
         }
-        other => Err(RunError::cordon(other.to_string())),
-    })?;
-    layers.workspace_cap = workspace.cap_description();
-    marks.mark("supervisor: workspace volume prepared");
+        Ok(p) => {
+            let ws = p.prepare().or_else(|e| match e {
+                crate::workspace::WorkspaceError::NoCap(reason) => {
+                    uncapped(&mut layers, reason)?;
+                    Workspace::prepare_uncapped(
+                        policy,
+                        &req.session_id,
+                        host_uid,
+                        host_gid,
+                        rootful,
+                    )
+                    .map_err(|e| RunError::cordon(e.to_string()))
+                }
+                other => Err(RunError::cordon(other.to_string())),
+            })?;
+            layers.workspace_cap = ws.cap_description();
+            (Some(ws), None)
+        }
+        Err(crate::workspace::WorkspaceError::NoCap(reason)) => {
+            uncapped(&mut layers, reason)?;
+            let ws =
+                Workspace::prepare_uncapped(policy, &req.session_id, host_uid, host_gid, rootful)
+                    .map_err(|e| RunError::cordon(e.to_string()))?;
+            (Some(ws), None)
+        }
+        Err(other) => return Err(RunError::cordon(other.to_string())),
+    };
     let facts = probe::host_facts(std::path::Path::new("/"));
     let extra: Vec<plan::ExtraBind> = policy
         .sandbox
@@ -178,11 +211,15 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         gateway_dns: gateway_mode,
         extra: extra.clone(),
         code: req.code.clone(),
+        ca_bundle: intercept.as_ref().map(|i| i.bundle.clone()),
     };
     let host_env = |k: &str| std::env::var(k).ok();
     let mut policy_env: Vec<(String, String)> = Vec::new();
     if gateway_mode {
         policy_env.extend(gateway_run::proxy_env());
+    }
+    if let Some(i) = &intercept {
+        policy_env.extend(i.env.iter().cloned());
     }
     policy_env.extend(
         policy
@@ -209,7 +246,11 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             rootful,
         },
         hostname: policy.sandbox.hostname.clone(),
-        workspace: workspace.mount(),
+        workspace: match (&early_ws, &planned_ws) {
+            (Some(ws), _) => ws.mount(),
+            (None, Some(p)) => p.mount(),
+            (None, None) => plan::WorkspaceMount::Detached,
+        },
         mounts: plan::mount_plan(&facts, &opts),
         root_size: plan::root_size(&opts),
         network: if gateway_mode {
@@ -258,16 +299,11 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         _ => None,
     };
     let signals = SignalGuard::block()?;
-    let spawned = spawn::spawn(
-        &sandbox_plan,
-        filter.as_ref(),
-        workspace.detached_fd(),
-        into,
-    );
+    let spawned = spawn::spawn(&sandbox_plan, filter.as_ref(), into);
     let sandbox = match spawned {
         Ok(s) => s,
         Err(e) => {
-            cleanup(early_cg.and_then(Result::ok), workspace);
+            cleanup(early_cg.and_then(Result::ok), early_ws);
             return Err(RunError::cordon(e.to_string()));
         }
     };
@@ -277,21 +313,81 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         unsafe { libc::waitpid(sb.pid, std::ptr::null_mut(), 0) };
     };
     marks.mark("supervisor: cloned, id maps, go sent");
-    // The init builds its filesystem meanwhile; it waits for "cgroup ready" before it starts
-    // the command, so the command and everything it forks run inside the session's cgroup.
-    let joined = match early_cg {
-        Some(Ok(c)) if sandbox.in_cgroup => Ok(c),
-        Some(made) => made,
-        None => cgroup_for(&req.session_id, &limits),
-    }
-    .and_then(|c| {
-        if sandbox.in_cgroup {
-            return Ok(c);
-        }
-        c.add_pid(sandbox.pid)
-            .map(|()| c)
-            .map_err(|e| e.to_string())
+    // The init builds its filesystem meanwhile. Here, side by side: the workspace volume,
+    // which the init needs when it reaches /workspace, and the session's cgroup (v1: made and
+    // joined now), which it waits for before it starts the command, so the command and
+    // everything it forks run inside it.
+    let in_cgroup = sandbox.in_cgroup;
+    let (joined, handed) = std::thread::scope(|scope| {
+        let join = scope.spawn(|| {
+            match early_cg {
+                Some(Ok(c)) if in_cgroup => Ok(c),
+                Some(made) => made,
+                None => cgroup_for(&req.session_id, &limits),
+            }
+            .and_then(|c| {
+                if in_cgroup {
+                    return Ok(c);
+                }
+                c.add_pid(sandbox.pid)
+                    .map(|()| c)
+                    .map_err(|e| e.to_string())
+            })
+        });
+        let handed = planned_ws.map(|planned| {
+            let built = planned.prepare().or_else(|e| match e {
+                // The cap cannot be had after all: if the policy allows that, the init gets
+                // the directory as a detached bind instead of the volume it expects.
+                crate::workspace::WorkspaceError::NoCap(reason) => {
+                    uncapped(&mut layers, reason)?;
+                    layers.workspace_cap = None;
+                    Workspace::prepare_uncapped_detached(
+                        policy,
+                        &req.session_id,
+                        host_uid,
+                        host_gid,
+                        rootful,
+                    )
+                    .map_err(|e| RunError::cordon(e.to_string()))
+                }
+                other => Err(RunError::cordon(other.to_string())),
+            });
+            built.and_then(|ws| match ws.detached_fd() {
+                Some(fd) => match spawn::send_workspace(&sandbox, fd) {
+                    Ok(()) => Ok(ws),
+                    Err(e) => {
+                        cleanup(None, Some(ws));
+                        Err(RunError::cordon(format!("sandbox set-up: {e}")))
+                    }
+                },
+                None => {
+                    cleanup(None, Some(ws));
+                    Err(RunError::cordon("workspace: no volume to hand over"))
+                }
+            })
+        });
+        let joined = join
+            .join()
+            .unwrap_or_else(|_| Err("the cgroup set-up thread panicked".into()));
+        (joined, handed)
     });
+    match handed {
+        Some(Ok(ws)) => {
+            early_ws = Some(ws);
+            marks.mark("supervisor: workspace volume prepared and handed over");
+        }
+        Some(Err(e)) => {
+            kill(&sandbox);
+            cleanup(joined.ok(), None);
+            return Err(e);
+        }
+        None => {}
+    }
+    let Some(mut workspace) = early_ws else {
+        kill(&sandbox);
+        cleanup(joined.ok(), None);
+        return Err(RunError::cordon("workspace: none was prepared"));
+    };
     let cg: Option<Box<dyn SessionCgroup>> = match joined {
         Ok(cg) => {
             layers.cgroup = Some(format!("{:?}", cg.version()).to_lowercase());
@@ -306,7 +402,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                 "run as root or under a delegated cgroup v2 (systemd-run --user --scope -p Delegate=yes)",
             ) {
                 kill(&sandbox);
-                cleanup(None, workspace);
+                cleanup(None, Some(workspace));
                 return Err(err);
             }
             None
@@ -315,7 +411,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     if !sandbox.in_cgroup {
         if let Err(e) = spawn::send(&sandbox, &cordon_sandbox::proto::ToInit::CgroupReady) {
             kill(&sandbox);
-            cleanup(cg, workspace);
+            cleanup(cg, Some(workspace));
             return Err(RunError::cordon(format!("sandbox set-up: {e}")));
         }
         marks.mark("supervisor: cgroup created and joined");
@@ -325,7 +421,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         Ok(s) => s,
         Err(e) => {
             kill(&sandbox);
-            cleanup(cg, workspace);
+            cleanup(cg, Some(workspace));
             return Err(RunError::cordon(e));
         }
     };
@@ -343,7 +439,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         Ok(s) => s,
         Err(e) => {
             kill(&sandbox);
-            cleanup(cg, workspace);
+            cleanup(cg, Some(workspace));
             return Err(RunError::cordon(e));
         }
     };
@@ -382,7 +478,10 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                 };
                 // Which sandbox process made each request: looked up in the sandbox's /proc
                 // through its init. Without it events still name the session.
-                let owners = match crate::attribution::ProcSocketOwners::new(sandbox.pid as u32) {
+                let owners = match crate::attribution::ProcSocketOwners::new(
+                    sandbox.pid as u32,
+                    sockets.sock_diag.try_clone().ok(),
+                ) {
                     Ok(o) => Some(std::sync::Arc::new(o) as _),
                     Err(e) => {
                         eprintln!(
@@ -397,6 +496,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                     session,
                     sockets,
                     &req.upstream_dns,
+                    intercept.as_ref().map(|i| i.config.clone()),
                     w.clone(),
                     std::mem::take(&mut canaries),
                     alerts.clone(),
@@ -411,7 +511,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             }
             Err(e) => {
                 kill(&sandbox);
-                cleanup(cg, workspace);
+                cleanup(cg, Some(workspace));
                 return Err(RunError::cordon(e));
             }
         }
@@ -426,6 +526,10 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             code_sha256: req.code_sha256.clone(),
         },
     };
+    // Held until the teardown: when the init exits, the kernel then does not unmount the
+    // sandbox's ~40 mounts before telling us (exit_task_namespaces runs before the parent is
+    // notified); that happens when this descriptor closes, after the result is final.
+    let mount_ns = std::fs::File::open(format!("/proc/{}/ns/mnt", sandbox.pid)).ok();
     let mut outcome = supervise(
         &sandbox,
         &signals,
@@ -447,7 +551,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         let _ = c.kill_all();
     }
     let workspace_desc = workspace.describe();
-    let unreleased = finish(cg, workspace);
+    let unreleased = finish(cg, workspace, mount_ns);
     marks.mark("supervisor: cgroup removed, workspace committed");
     drop(signals);
     if let Some(reason) = &terminated {
@@ -590,12 +694,16 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     marks.mark("supervisor: audit recorded");
     // Everything the result depends on is done: the volume's release (and the sweep for other
     // sessions' leftovers) finishes in a detached child while we exit.
-    if let Some(workspace) = unreleased {
+    if let Some((mount_ns, workspace)) = unreleased {
         crate::teardown::hand_off(move || {
-            let _ = workspace.release();
+            // The sandbox's mounts go first: one of them holds the workspace volume.
+            drop(mount_ns);
+            if let Some(w) = workspace {
+                let _ = w.release();
+            }
             remove_stale_cgroups();
         });
-        marks.mark("supervisor: workspace release handed off");
+        marks.mark("supervisor: teardown handed off");
     }
     marks.extend(&outcome.marks);
     marks.report(started);
@@ -695,6 +803,27 @@ fn start_detail(layers: &Layers, policy: &Policy) -> serde_json::Map<String, ser
         "mode".into(),
         serde_json::json!(policy.network.mode.as_str()),
     );
+    // Names only: which credentials the gateway holds and which hosts it intercepts.
+    if !policy.credentials.is_empty() {
+        m.insert(
+            "credentials".into(),
+            serde_json::json!(policy
+                .credentials
+                .iter()
+                .map(|c| serde_json::json!({
+                    "name": c.name,
+                    "hosts": c.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+                }))
+                .collect::<Vec<_>>()),
+        );
+    }
+    let hosts = cordon_gateway::InterceptConfig::hosts_for(&policy.network, &policy.credentials);
+    if !hosts.is_empty() {
+        m.insert(
+            "intercept".into(),
+            serde_json::json!(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>()),
+        );
+    }
     // Identifies the effective policy (file plus flags) for `cordon audit report`. Serialising
     // the policy model cannot fail; if it ever did, the report groups the session under no policy.
     if let Ok(json) = serde_json::to_vec(policy) {
@@ -719,9 +848,15 @@ fn cgroup_for(session_id: &str, limits: &CgroupLimits) -> Result<Box<dyn Session
 }
 
 /// A finished session's teardown, as far as its result depends on it: the cgroup removed, a
-/// host workspace directory committed. A workspace whose release is slow (an ext4 volume) is
-/// returned for [`crate::teardown::hand_off`]; anything else is released here.
-fn finish(cg: Option<Box<dyn SessionCgroup>>, mut workspace: Workspace) -> Option<Workspace> {
+/// host workspace directory committed. What takes time and changes nothing the result says —
+/// the sandbox's mount namespace (its unmounts) and a slow workspace release (an ext4 volume)
+/// — is returned for [`crate::teardown::hand_off`]; anything else is released here.
+#[allow(clippy::type_complexity)]
+fn finish(
+    cg: Option<Box<dyn SessionCgroup>>,
+    mut workspace: Workspace,
+    mount_ns: Option<std::fs::File>,
+) -> Option<(Option<std::fs::File>, Option<Workspace>)> {
     if let Some(c) = cg {
         if let Err(e) = c.remove() {
             eprintln!("cordon: warning: removing the session cgroup: {e}");
@@ -731,16 +866,19 @@ fn finish(cg: Option<Box<dyn SessionCgroup>>, mut workspace: Workspace) -> Optio
         eprintln!("cordon: warning: workspace: {e}");
     }
     if workspace.slow_release() {
-        return Some(workspace);
+        return Some((mount_ns, Some(workspace)));
     }
     if let Err(e) = workspace.release() {
         eprintln!("cordon: warning: workspace: {e}");
+    }
+    if mount_ns.is_some() {
+        return Some((mount_ns, None));
     }
     remove_stale_cgroups();
     None
 }
 
-fn cleanup(cg: Option<Box<dyn SessionCgroup>>, workspace: Workspace) {
+fn cleanup(cg: Option<Box<dyn SessionCgroup>>, workspace: Option<Workspace>) {
     // Independent teardown steps, run side by side.
     std::thread::scope(|scope| {
         let cg_thread = scope.spawn(move || {
@@ -751,7 +889,7 @@ fn cleanup(cg: Option<Box<dyn SessionCgroup>>, workspace: Workspace) {
             remove_stale_cgroups();
             removed
         });
-        if let Err(e) = workspace.finish() {
+        if let Some(Err(e)) = workspace.map(Workspace::finish) {
             eprintln!("cordon: warning: workspace: {e}");
         }
         match cg_thread.join() {

@@ -20,7 +20,7 @@ const TITLE: &[u8] = b"cordon: releasing workspace";
 /// Runs `work` in a detached child and returns at once, or runs it here when a child cannot be
 /// made safely.
 pub fn hand_off(work: impl FnOnce()) {
-    if thread_count() != 1 {
+    if !single_threaded() {
         work();
         return;
     }
@@ -40,6 +40,18 @@ pub fn hand_off(work: impl FnOnce()) {
         p if p < 0 => work(),
         _ => {}
     }
+}
+
+/// Whether this is the only thread left. A thread that was just joined may still be listed
+/// for a few microseconds while the kernel finishes its exit, so look again briefly.
+fn single_threaded() -> bool {
+    for _ in 0..20 {
+        if thread_count() == 1 {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+    false
 }
 
 fn thread_count() -> usize {

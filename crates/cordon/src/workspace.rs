@@ -37,7 +37,74 @@ enum Kind {
     Bind {
         path: PathBuf,
         throwaway: bool,
+        /// A detached bind of `path` handed to the sandbox, when the plan already promised it
+        /// a detached volume (the volume failed after the clone and the cap may be missing).
+        detached: Option<OwnedFd>,
     },
+}
+
+/// A workspace decided but not yet built: the sandbox can be cloned meanwhile, since what it
+/// mounts at `/workspace` ([`PlannedWorkspace::mount`]) is already known.
+pub struct PlannedWorkspace {
+    plan: volume::VolumePlan,
+    source: WorkspaceSource,
+}
+
+impl PlannedWorkspace {
+    /// What the sandbox's init mounts at `/workspace`.
+    pub fn mount(&self) -> WorkspaceMount {
+        match self.plan.backend {
+            VolumeBackend::LoopExt4 => WorkspaceMount::Detached,
+            VolumeBackend::Tmpfs => WorkspaceMount::Tmpfs {
+                size_bytes: self.plan.cap_bytes,
+                nr_inodes: self.plan.nr_inodes,
+            },
+        }
+    }
+
+    /// The cap and backend, for the result.
+    pub fn cap_description(&self) -> String {
+        cap_description(&self.plan)
+    }
+
+    /// Builds the volume (an ext4 volume: image, loop device, mount, copy-in).
+    pub fn prepare(self) -> Result<Workspace, WorkspaceError> {
+        let volume = WorkspaceVolume::prepare(&self.plan).map_err(|e| match e {
+            volume::WorkspaceError::TooLarge { .. } => WorkspaceError::Other {
+                path: match &self.source {
+                    WorkspaceSource::HostDir(p) => p.clone(),
+                    WorkspaceSource::Throwaway => PathBuf::new(),
+                },
+                message: e.to_string(),
+            },
+            other => WorkspaceError::NoCap(other.to_string()),
+        })?;
+        let detached = match volume
+            .sandbox_mount()
+            .map_err(|e| WorkspaceError::NoCap(e.to_string()))?
+        {
+            SandboxMount::Detached(fd) => Some(fd),
+            SandboxMount::Tmpfs { .. } => None,
+        };
+        Ok(Workspace {
+            kind: Kind::Volume {
+                volume: Box::new(volume),
+                detached,
+            },
+            source: self.source,
+        })
+    }
+}
+
+fn cap_description(p: &volume::VolumePlan) -> String {
+    let backend = match p.backend {
+        VolumeBackend::LoopExt4 => "ext4 volume",
+        VolumeBackend::Tmpfs => "tmpfs",
+    };
+    match &p.note {
+        Some(n) => format!("{} bytes ({backend}; {n})", p.cap_bytes),
+        None => format!("{} bytes ({backend})", p.cap_bytes),
+    }
 }
 
 /// A prepared workspace.
@@ -72,8 +139,9 @@ fn source_of(policy: &Policy) -> Result<WorkspaceSource, WorkspaceError> {
 }
 
 impl Workspace {
-    /// A workspace with the policy's size cap.
-    pub fn prepare(policy: &Policy, uid: u32, gid: u32) -> Result<Workspace, WorkspaceError> {
+    /// Decides the workspace with the policy's size cap (checks only; see
+    /// [`PlannedWorkspace::prepare`]).
+    pub fn plan(policy: &Policy, uid: u32, gid: u32) -> Result<PlannedWorkspace, WorkspaceError> {
         let source = source_of(policy)?;
         let req = VolumeRequest {
             source: source.clone(),
@@ -84,27 +152,7 @@ impl Workspace {
         };
         let plan = volume::plan_volume(&req, &HostFacts::probe())
             .map_err(|e| WorkspaceError::NoCap(e.to_string()))?;
-        let volume = WorkspaceVolume::prepare(&plan).map_err(|e| match e {
-            volume::WorkspaceError::TooLarge { .. } => WorkspaceError::Other {
-                path: policy.sandbox.workspace.clone().unwrap_or_default(),
-                message: e.to_string(),
-            },
-            other => WorkspaceError::NoCap(other.to_string()),
-        })?;
-        let detached = match volume
-            .sandbox_mount()
-            .map_err(|e| WorkspaceError::NoCap(e.to_string()))?
-        {
-            SandboxMount::Detached(fd) => Some(fd),
-            SandboxMount::Tmpfs { .. } => None,
-        };
-        Ok(Workspace {
-            kind: Kind::Volume {
-                volume: Box::new(volume),
-                detached,
-            },
-            source,
-        })
+        Ok(PlannedWorkspace { plan, source })
     }
 
     /// A workspace without a size cap: the host directory bound directly.
@@ -128,14 +176,45 @@ impl Workspace {
             }
         };
         Ok(Workspace {
-            kind: Kind::Bind { path, throwaway },
+            kind: Kind::Bind {
+                path,
+                throwaway,
+                detached: None,
+            },
             source,
         })
+    }
+
+    /// [`prepare_uncapped`](Self::prepare_uncapped), handed to the sandbox as a detached bind
+    /// mount of the directory: for when the plan promised a detached volume that then could
+    /// not be built. Submounts of the directory are not included.
+    pub fn prepare_uncapped_detached(
+        policy: &Policy,
+        session_id: &str,
+        uid: u32,
+        gid: u32,
+        rootful: bool,
+    ) -> Result<Workspace, WorkspaceError> {
+        let mut ws = Workspace::prepare_uncapped(policy, session_id, uid, gid, rootful)?;
+        if let Kind::Bind { path, detached, .. } = &mut ws.kind {
+            let dir = std::fs::File::open(&*path).map_err(other(path))?;
+            let bind = volume::clone_mount(std::os::fd::AsFd::as_fd(&dir)).map_err(|e| {
+                WorkspaceError::Other {
+                    path: path.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+            *detached = Some(bind);
+        }
+        Ok(ws)
     }
 
     /// What the sandbox's init mounts at `/workspace`.
     pub fn mount(&self) -> WorkspaceMount {
         match &self.kind {
+            Kind::Bind {
+                detached: Some(_), ..
+            } => WorkspaceMount::Detached,
             Kind::Bind { path, .. } => WorkspaceMount::Bind(path.clone()),
             Kind::Volume { volume, detached } => match (volume.plan().backend, detached) {
                 (VolumeBackend::LoopExt4, Some(_)) => WorkspaceMount::Detached,
@@ -147,10 +226,13 @@ impl Workspace {
         }
     }
 
-    /// The detached volume mount the init inherits, if any.
+    /// The detached mount handed to the init ([`WorkspaceMount::Detached`]), if any.
     pub fn detached_fd(&self) -> Option<BorrowedFd<'_>> {
         match &self.kind {
             Kind::Volume {
+                detached: Some(fd), ..
+            }
+            | Kind::Bind {
                 detached: Some(fd), ..
             } => Some(std::os::fd::AsFd::as_fd(fd)),
             _ => None,
@@ -168,17 +250,7 @@ impl Workspace {
     /// The cap and backend, for the result (`None` when uncapped).
     pub fn cap_description(&self) -> Option<String> {
         match &self.kind {
-            Kind::Volume { volume, .. } => {
-                let p = volume.plan();
-                let backend = match p.backend {
-                    VolumeBackend::LoopExt4 => "ext4 volume",
-                    VolumeBackend::Tmpfs => "tmpfs",
-                };
-                Some(match &p.note {
-                    Some(n) => format!("{} bytes ({backend}; {n})", p.cap_bytes),
-                    None => format!("{} bytes ({backend})", p.cap_bytes),
-                })
-            }
+            Kind::Volume { volume, .. } => Some(cap_description(volume.plan())),
             Kind::Bind { .. } => None,
         }
     }
@@ -231,7 +303,11 @@ impl Workspace {
             Kind::Bind {
                 path,
                 throwaway: true,
-            } => std::fs::remove_dir_all(&path).map_err(|e| format!("{}: {e}", path.display())),
+                detached,
+            } => {
+                drop(detached);
+                std::fs::remove_dir_all(&path).map_err(|e| format!("{}: {e}", path.display()))
+            }
             Kind::Bind { .. } => Ok(()),
         }
     }

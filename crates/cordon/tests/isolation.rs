@@ -115,6 +115,35 @@ fn writing_outside_the_workspace_fails_and_the_root_is_read_only() {
 }
 
 #[test]
+fn the_curated_etc_files_are_the_hosts_and_cannot_be_changed() {
+    // Small /etc files are copied into the read-only root instead of bound: same contents,
+    // and neither writable, nor re-permissionable, nor replaceable by the sandbox user.
+    let names = ["ld.so.cache", "services", "profile"];
+    let present: Vec<&str> = names
+        .into_iter()
+        .filter(|n| std::path::Path::new("/etc").join(n).is_file())
+        .collect();
+    assert!(!present.is_empty(), "none of {names:?} on this host");
+    let script = present
+        .iter()
+        .map(|n| {
+            format!(
+                "cksum < /etc/{n}; echo x >> /etc/{n} 2>/dev/null && echo WROTE; \
+                 chmod 666 /etc/{n} 2>/dev/null && echo CHMOD; \
+                 mv /etc/{n} /tmp/ 2>/dev/null && echo MOVED"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let out = run(&["--", "sh", "-c", &script]);
+    let host = present
+        .iter()
+        .map(|n| stdout(&bare(&format!("cksum < /etc/{n}"))))
+        .collect::<String>();
+    assert_eq!(stdout(&out), host, "{}", stderr(&out));
+}
+
+#[test]
 fn symlinks_and_dotdot_in_the_workspace_cannot_lead_out_of_it() {
     let dir = tempfile::tempdir().unwrap();
     let (secret_path, secret) = canary(dir.path());

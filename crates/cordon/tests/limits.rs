@@ -350,3 +350,33 @@ fn the_workspace_volume_is_released_after_the_session_ends() {
     }
     assert!(!still_bound(), "{dev} still holds {backing}");
 }
+
+#[test]
+fn a_host_workspace_larger_than_its_cap_is_refused_and_the_started_sandbox_is_gone() {
+    if !is_root() {
+        eprintln!("SKIPPED: ext4 workspace volumes need root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ws = dir.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    std::fs::write(ws.join("big"), vec![7u8; 20 << 20]).unwrap();
+    let marker = format!("cap-refused-{}", rand_u32());
+    // The volume is built after the sandbox is cloned: its failure must stop that sandbox
+    // before the command runs.
+    let out = run(&[
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--workspace-size",
+        "16M",
+        "--",
+        "sh",
+        "-c",
+        &format!("echo {marker}"),
+    ]);
+    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    assert!(stderr(&out).contains("needs about"), "{}", stderr(&out));
+    assert!(!stdout(&out).contains(&marker));
+    assert!(processes_with(&marker).is_empty());
+    assert_eq!(std::fs::read_dir(&ws).unwrap().count(), 1);
+}

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod origin;
+pub mod tls_origin;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -53,6 +54,7 @@ pub fn policy(allow: &[&str], allow_private: &[&str]) -> NetworkPolicy {
             max_bytes_in: ByteSize(1 << 40),
             on_exceed: OnExceed::Block,
         },
+        ..NetworkPolicy::default()
     }
 }
 
@@ -283,6 +285,9 @@ pub struct Options {
     pub canaries: Vec<(String, String)>,
     pub original_dst: Option<Arc<dyn OriginalDst>>,
     pub timeouts: Timeouts,
+    pub intercept: Option<Arc<cordon_gateway::InterceptConfig>>,
+    /// Process attribution (what `cordon run` plugs in).
+    pub owners: Option<Arc<dyn cordon_gateway::SocketOwners>>,
 }
 
 /// Every detection rule off: tests of other behaviour must not be cut short by one.
@@ -307,6 +312,8 @@ impl Default for Options {
                 connect: Duration::from_secs(3),
                 ..Timeouts::default()
             },
+            intercept: None,
+            owners: None,
         }
     }
 }
@@ -319,6 +326,8 @@ impl Running {
         config.clients = opts.clients;
         config.upstream = Upstream::Nameservers(vec![upstream_dns]);
         config.timeouts = opts.timeouts;
+        config.intercept = opts.intercept;
+        config.owners = opts.owners;
         if let Some(o) = opts.original_dst {
             config.original_dst = o;
         }
