@@ -138,7 +138,13 @@ async fn gateway(mode: &str, origin_ca: &str, dir: &str) {
         user: "bench".into(),
         code_sha256: String::new(),
     };
-    let mut config = GatewayConfig::new(policy.clone(), Default::default(), session);
+    // The detection rules judge traffic volume per session; a benchmark is all volume. Off, so
+    // that what is measured is the proxy path itself.
+    let mut detect = cordon_policy::DetectPolicy::default();
+    detect.blocked.enabled = false;
+    detect.dns_tunnel.enabled = false;
+    detect.exfil.enabled = false;
+    let mut config = GatewayConfig::new(policy.clone(), detect, session);
     config.upstream = Upstream::Custom(Arc::new(Loopback));
     if mode == "intercept" {
         let hosts = vec![cordon_policy::InterceptHost::parse("localhost").unwrap()];
