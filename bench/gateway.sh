@@ -83,6 +83,7 @@ wait_port() { # PORT NAME PID
 oport=$(free_port)
 "$origin_bin" "127.0.0.1:$oport" 1 >"$work/origin.log" 2>&1 &
 pids+=($!)
+origin_pid=$!
 wait_port "$oport" origin $!
 origin="127.0.0.1:$oport"
 blocked="127.0.0.1:$((oport + 1))" # same host, a port no allowlist names
@@ -230,12 +231,16 @@ for round in $(seq 1 "$rounds"); do
   for c in $connections; do
     for n in "${names[@]}"; do
       before=$(cpu_ticks "${proxy_pid[$n]}")
+      obefore=$(cpu_ticks "$origin_pid")
       out=$(BENCH_TARGET="${wrk_target[$n]}" BENCH_AUTH="${wrk_auth[$n]}" \
+        /usr/bin/time -f 'WRKCPU %U %S' \
         wrk -t1 -c"$c" -d"${duration}s" --timeout 5s -s "$lua" "${wrk_url[$n]}" 2>&1) || {
         echo "wrk failed for $n: $out" >&2; exit 1; }
       ticks=$(( $(cpu_ticks "${proxy_pid[$n]}") - before ))
+      oticks=$(( $(cpu_ticks "$origin_pid") - obefore ))
       line=$(grep '^RESULT ' <<<"$out") || { echo "wrk printed no result for $n: $out" >&2; exit 1; }
-      echo "wrk $n $c $round ${line#RESULT } $ticks" >>"$samples"
+      wrkcpu=$(awk '/^WRKCPU /{ print $2 + $3 }' <<<"$out")
+      echo "wrk $n $c $round ${line#RESULT } $ticks $oticks ${wrkcpu:-0}" >>"$samples"
       echo "round $round, $c connections, $n: ${line#RESULT }" >&2
     done
   done
@@ -273,8 +278,11 @@ for line in open(path):
         name, conns = f[1], int(f[2])
         reqs, dur_us, p50, p99, errs, non2xx = int(f[4]), int(f[5]), float(f[6]), float(f[7]), int(f[8]), int(f[9])
         cpu_s = int(f[10]) / hz
+        origin_s = int(f[11]) / hz
+        wrk_s = float(f[12])
+        per = lambda sec: sec * 1e6 / reqs if reqs else 0.0
         s = dict(rps=reqs / (dur_us / 1e6), p50=p50 / 1000, p99=p99 / 1000, errors=errs, non2xx=non2xx,
-                 cpu_us_per_req=cpu_s * 1e6 / reqs if reqs else 0.0)
+                 cpu_us_per_req=per(cpu_s), origin_us_per_req=per(origin_s), wrk_us_per_req=per(wrk_s))
         wrk.setdefault((name, conns), []).append(s)
         raw.append(dict(kind="wrk", target=name, connections=conns, round=int(f[3]), **s))
     elif f[0] == "dl":
@@ -284,18 +292,20 @@ names = [n for n in ["direct", "cordon", "gw-noaudit", "tinyproxy", "squid"] if 
 med = lambda xs: statistics.median(xs)
 if wrk:
     print(f"small requests: wrk -t1 -c N -d {duration}s, keep-alive, GET / (median of {rounds} rounds)")
-    print(f"{'target':<10}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>8}{'sockerr':>9}{'CPU µs/req':>11}{'vs squid':>10}{'vs direct':>10}")
+    print(f"{'target':<10}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>8}{'sockerr':>9}{'CPU µs/req':>11}{'origin':>8}{'wrk':>6}{'vs squid':>10}{'vs direct':>10}")
     for conns in sorted({c for _, c in wrk}):
-        m = {n: {k: med([s[k] for s in wrk[(n, conns)]]) for k in ("rps", "p50", "p99", "cpu_us_per_req")} for n in names}
+        m = {n: {k: med([s[k] for s in wrk[(n, conns)]]) for k in ("rps", "p50", "p99", "cpu_us_per_req", "origin_us_per_req", "wrk_us_per_req")} for n in names}
         for n in names:
             non2xx = sum(s["non2xx"] for s in wrk[(n, conns)])
             sockerr = sum(s["errors"] for s in wrk[(n, conns)])
             cpu = "-" if n == "direct" else f"{m[n]['cpu_us_per_req']:.1f}"
             print(f"{n:<10}{conns:>6}{m[n]['rps']:>10.0f}{m[n]['p50']:>9.3f}{m[n]['p99']:>9.3f}{non2xx:>8}{sockerr:>9}{cpu:>11}"
+                  f"{m[n]['origin_us_per_req']:>8.1f}{m[n]['wrk_us_per_req']:>6.1f}"
                   f"{m[n]['rps'] / m['squid']['rps']:>9.2f}x{m[n]['rps'] / m['direct']['rps']:>9.2f}x")
     print("(sockerr: wrk read/connect errors; a proxy that closes the client connection after every")
     print(" response, as tinyproxy does, shows one per request: wrk reconnects, the request succeeded;")
-    print(" CPU µs/req: the proxy process's user+system CPU time during its runs, per request)")
+    print(" CPU µs/req: the proxy process's user+system CPU time during its runs, per request;")
+    print(" origin, wrk: the same for the origin and for wrk; the machine has 2 CPUs = 2e6 µs/s)")
     print()
 if dl:
     print(f"large download: {mib} MiB body, curl -o /dev/null (median of {downloads})")

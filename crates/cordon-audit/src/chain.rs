@@ -81,7 +81,7 @@ impl DerivedText {
     pub(crate) fn of(event: &Event) -> DerivedText {
         DerivedText {
             ts: event.ts.to_rfc3339(),
-            ip: event.ip.map(|ip| ip.to_string()),
+            ip: event.ip.map(ip_text),
             detail: match &event.detail {
                 serde_json::Value::Null => None,
                 // Serialising a `serde_json::Value` cannot fail (its map keys are strings).
@@ -93,6 +93,29 @@ impl DerivedText {
                 .as_ref()
                 .and_then(|p| serde_json::to_string(&bounded_cmdline(p)).ok()),
         }
+    }
+}
+
+/// `ip` as `Display` writes it; IPv4 without the formatting machinery (the writer's hot path).
+fn ip_text(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut out = String::with_capacity(15);
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                if octet >= 100 {
+                    out.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    out.push(char::from(b'0' + octet / 10 % 10));
+                }
+                out.push(char::from(b'0' + octet % 10));
+            }
+            out
+        }
+        std::net::IpAddr::V6(v6) => v6.to_string(),
     }
 }
 
@@ -168,18 +191,27 @@ fn bounded_cmdline(p: &ProcessInfo) -> Vec<String> {
 /// The hash of record `id` whose stored fields are `fields` and whose predecessor's hash is
 /// `prev_hash` (the stored text, normally 64 hex characters).
 pub(crate) fn record_hash(prev_hash: &[u8], fields: &[ValueRef<'_>], id: i64) -> String {
-    let mut h = Sha256::new();
-    h.update(DOMAIN);
-    h.update(prev_hash);
-    let mut buf = Vec::with_capacity(256);
+    record_hash_with(&mut Vec::with_capacity(512), prev_hash, fields, id)
+}
+
+/// [`record_hash`] with a caller's scratch buffer, so a batch hashes without allocating it
+/// for every record.
+pub(crate) fn record_hash_with(
+    buf: &mut Vec<u8>,
+    prev_hash: &[u8],
+    fields: &[ValueRef<'_>],
+    id: i64,
+) -> String {
+    buf.clear();
+    buf.extend_from_slice(DOMAIN);
+    buf.extend_from_slice(prev_hash);
     let (base, attribution) = fields.split_at(fields.len().min(BASE_COLUMNS));
-    canonical_into(&mut buf, base);
+    canonical_into(buf, base);
     if attribution.iter().any(|f| *f != ValueRef::Null) {
-        canonical_into(&mut buf, attribution);
+        canonical_into(buf, attribution);
     }
-    h.update(&buf);
-    h.update(id.to_be_bytes());
-    hex(&h.finalize())
+    buf.extend_from_slice(&id.to_be_bytes());
+    hex(&Sha256::digest(&buf[..]))
 }
 
 fn canonical_into(buf: &mut Vec<u8>, fields: &[ValueRef<'_>]) {
@@ -225,6 +257,23 @@ mod tests {
         let (d1, d2) = (DerivedText::of(&e), DerivedText::of(&bounded));
         assert_eq!(event_fields(&e, &d1, 1), event_fields(&bounded, &d2, 1));
         assert_ne!(e, bounded);
+    }
+
+    #[test]
+    fn ip_text_is_display() {
+        for ip in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "127.0.0.1",
+            "255.255.255.255",
+            "10.200.3.45",
+            "::1",
+            "2001:db8::ff00:42:8329",
+            "::ffff:1.2.3.4",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
     }
 
     #[test]

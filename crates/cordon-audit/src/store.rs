@@ -21,7 +21,7 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
 
-use crate::chain::{event_fields, record_hash, DerivedText, GENESIS_HASH, HASHED_COLUMNS};
+use crate::chain::{event_fields, record_hash_with, DerivedText, GENESIS_HASH, HASHED_COLUMNS};
 use crate::event::{detail_keys, shell_quote, Event, EventKind, Verdict};
 use crate::schema;
 
@@ -308,6 +308,7 @@ impl Store {
         }
         let mut session_seqs: HashMap<String, i64> = HashMap::new();
         let mut appended: Vec<(&Event, i64)> = Vec::with_capacity(events.len());
+        let mut scratch = Vec::with_capacity(512);
         {
             let mut last_seq_stmt = tx
                 .prepare_cached("SELECT last_seq FROM sessions WHERE id = ?1")
@@ -331,7 +332,7 @@ impl Store {
                 let id = head.seq + 1;
                 let derived = DerivedText::of(event);
                 let fields = event_fields(event, &derived, session_seq);
-                let hash = record_hash(head.hash.as_bytes(), &fields, id);
+                let hash = record_hash_with(&mut scratch, head.hash.as_bytes(), &fields, id);
                 let mut params: [ToSqlOutput<'_>; HASHED_COLUMNS.len() + 3] =
                     std::array::from_fn(|_| ToSqlOutput::Borrowed(ValueRef::Null));
                 params[0] = ToSqlOutput::Borrowed(ValueRef::Integer(id));

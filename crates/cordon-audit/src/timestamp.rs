@@ -76,6 +76,27 @@ impl Timestamp {
         let minute = ms_of_day / 60_000 % 60;
         let second = ms_of_day / 1000 % 60;
         let milli = ms_of_day % 1000;
+        if (0..=9999).contains(&year) {
+            // The common case without the formatting machinery (the audit writer's hot path);
+            // the same text as the general case below.
+            let mut out = [0u8; 24];
+            put_digits(&mut out[0..4], year);
+            out[4] = b'-';
+            put_digits(&mut out[5..7], month);
+            out[7] = b'-';
+            put_digits(&mut out[8..10], day);
+            out[10] = b'T';
+            put_digits(&mut out[11..13], hour);
+            out[13] = b':';
+            put_digits(&mut out[14..16], minute);
+            out[16] = b':';
+            put_digits(&mut out[17..19], second);
+            out[19] = b'.';
+            put_digits(&mut out[20..23], milli);
+            out[23] = b'Z';
+            // Only ASCII digits and separators were written.
+            return String::from_utf8(out.to_vec()).unwrap_or_default();
+        }
         format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{milli:03}Z")
     }
 
@@ -139,6 +160,15 @@ impl<'de> Deserialize<'de> for Timestamp {
 /// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar.
 /// Howard Hinnant's `civil_from_days`; exact for every `i64` day count we can produce from
 /// `i64` milliseconds.
+/// Writes the `out.len()` lowest decimal digits of `n` (which is not negative), zero-padded.
+fn put_digits(out: &mut [u8], mut n: i64) {
+    for slot in out.iter_mut().rev() {
+        // `n % 10` is 0..=9 for the non-negative values callers pass.
+        *slot = b'0' + u8::try_from(n % 10).unwrap_or(0);
+        n /= 10;
+    }
+}
+
 fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -338,6 +368,25 @@ mod tests {
         ) {
             let t = Timestamp(ms);
             prop_assert_eq!(Timestamp::parse_rfc3339(&t.to_rfc3339()).unwrap(), t);
+        }
+
+        #[test]
+        fn the_fast_text_form_is_the_formatted_one(
+            // Years about -2000..=20000: both sides of the fast path's range.
+            ms in -125_000_000_000_000i64..570_000_000_000_000i64
+        ) {
+            let t = Timestamp(ms);
+            let days = ms.div_euclid(MS_PER_DAY);
+            let of_day = ms.rem_euclid(MS_PER_DAY);
+            let (y, mo, d) = civil_from_days(days);
+            let expected = format!(
+                "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+                of_day / 3_600_000,
+                of_day / 60_000 % 60,
+                of_day / 1000 % 60,
+                of_day % 1000
+            );
+            prop_assert_eq!(t.to_rfc3339(), expected);
         }
 
         #[test]

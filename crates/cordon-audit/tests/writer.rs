@@ -59,6 +59,30 @@ fn events_are_committed_in_batches_of_at_most_max_batch() {
 }
 
 #[test]
+fn events_left_after_full_batches_are_committed_by_their_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.db");
+    let config = WriterConfig {
+        max_batch: 10,
+        max_delay: Duration::from_millis(100),
+        ..WriterConfig::default()
+    };
+    let writer = AuditWriter::open_with(&path, config).unwrap();
+    for e in sample_events("s", 15) {
+        writer.record(e);
+    }
+    // No flush: the 5 events behind the full batch must not wait for a 20th.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count(&path) < 15 {
+        assert!(Instant::now() < deadline, "{:?}", writer.stats());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stats = writer.stats();
+    assert_eq!((stats.committed, stats.batches), (15, 2), "{stats:?}");
+    writer.close().unwrap();
+}
+
+#[test]
 fn a_lone_event_is_committed_after_max_delay_without_a_flush() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.db");
@@ -252,4 +276,35 @@ fn four_threads_with_their_own_writers_on_one_file_keep_one_chain() {
         t.join().unwrap();
     }
     check_sessions(&path, "own-", 4, 2000);
+}
+
+#[test]
+fn the_writer_thread_runs_under_sched_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let writer = AuditWriter::open(dir.path().join("audit.db")).unwrap();
+    // The thread sets its policy as it starts: give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut policies = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap() {
+            let task = task.unwrap().path();
+            let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+            if comm.trim() == "cordon-audit" {
+                let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+                // Field 41 (policy), counted after the `(comm)` field, which may hold spaces.
+                let after = &stat[stat.rfind(')').unwrap() + 2..];
+                policies.push(after.split(' ').nth(38).unwrap().to_owned());
+            }
+        }
+        // 3 is SCHED_BATCH; other tests' writers in this process may exist too.
+        if !policies.is_empty() && policies.iter().all(|p| p == "3") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "writer thread policies: {policies:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    writer.close().unwrap();
 }

@@ -516,6 +516,10 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             code_sha256: req.code_sha256.clone(),
         },
     };
+    // Held until the teardown: when the init exits, the kernel then does not unmount the
+    // sandbox's ~40 mounts before telling us (exit_task_namespaces runs before the parent is
+    // notified); that happens when this descriptor closes, after the result is final.
+    let mount_ns = std::fs::File::open(format!("/proc/{}/ns/mnt", sandbox.pid)).ok();
     let mut outcome = supervise(
         &sandbox,
         &signals,
@@ -537,7 +541,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         let _ = c.kill_all();
     }
     let workspace_desc = workspace.describe();
-    let unreleased = finish(cg, workspace);
+    let unreleased = finish(cg, workspace, mount_ns);
     marks.mark("supervisor: cgroup removed, workspace committed");
     drop(signals);
     if let Some(reason) = &terminated {
@@ -674,12 +678,16 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     marks.mark("supervisor: audit recorded");
     // Everything the result depends on is done: the volume's release (and the sweep for other
     // sessions' leftovers) finishes in a detached child while we exit.
-    if let Some(workspace) = unreleased {
+    if let Some((mount_ns, workspace)) = unreleased {
         crate::teardown::hand_off(move || {
-            let _ = workspace.release();
+            // The sandbox's mounts go first: one of them holds the workspace volume.
+            drop(mount_ns);
+            if let Some(w) = workspace {
+                let _ = w.release();
+            }
             remove_stale_cgroups();
         });
-        marks.mark("supervisor: workspace release handed off");
+        marks.mark("supervisor: teardown handed off");
     }
     marks.extend(&outcome.marks);
     marks.report(started);
@@ -823,9 +831,15 @@ fn cgroup_for(session_id: &str, limits: &CgroupLimits) -> Result<Box<dyn Session
 }
 
 /// A finished session's teardown, as far as its result depends on it: the cgroup removed, a
-/// host workspace directory committed. A workspace whose release is slow (an ext4 volume) is
-/// returned for [`crate::teardown::hand_off`]; anything else is released here.
-fn finish(cg: Option<Box<dyn SessionCgroup>>, mut workspace: Workspace) -> Option<Workspace> {
+/// host workspace directory committed. What takes time and changes nothing the result says —
+/// the sandbox's mount namespace (its unmounts) and a slow workspace release (an ext4 volume)
+/// — is returned for [`crate::teardown::hand_off`]; anything else is released here.
+#[allow(clippy::type_complexity)]
+fn finish(
+    cg: Option<Box<dyn SessionCgroup>>,
+    mut workspace: Workspace,
+    mount_ns: Option<std::fs::File>,
+) -> Option<(Option<std::fs::File>, Option<Workspace>)> {
     if let Some(c) = cg {
         if let Err(e) = c.remove() {
             eprintln!("cordon: warning: removing the session cgroup: {e}");
@@ -835,10 +849,13 @@ fn finish(cg: Option<Box<dyn SessionCgroup>>, mut workspace: Workspace) -> Optio
         eprintln!("cordon: warning: workspace: {e}");
     }
     if workspace.slow_release() {
-        return Some(workspace);
+        return Some((mount_ns, Some(workspace)));
     }
     if let Err(e) = workspace.release() {
         eprintln!("cordon: warning: workspace: {e}");
+    }
+    if mount_ns.is_some() {
+        return Some((mount_ns, None));
     }
     remove_stale_cgroups();
     None

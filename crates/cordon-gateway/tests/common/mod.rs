@@ -286,6 +286,8 @@ pub struct Options {
     pub original_dst: Option<Arc<dyn OriginalDst>>,
     pub timeouts: Timeouts,
     pub intercept: Option<Arc<cordon_gateway::InterceptConfig>>,
+    /// Process attribution (what `cordon run` plugs in).
+    pub owners: Option<Arc<dyn cordon_gateway::SocketOwners>>,
 }
 
 /// Every detection rule off: tests of other behaviour must not be cut short by one.
@@ -311,6 +313,7 @@ impl Default for Options {
                 ..Timeouts::default()
             },
             intercept: None,
+            owners: None,
         }
     }
 }
@@ -324,6 +327,7 @@ impl Running {
         config.upstream = Upstream::Nameservers(vec![upstream_dns]);
         config.timeouts = opts.timeouts;
         config.intercept = opts.intercept;
+        config.owners = opts.owners;
         if let Some(o) = opts.original_dst {
             config.original_dst = o;
         }
