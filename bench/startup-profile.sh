@@ -8,6 +8,10 @@
 # mkdir/rmdir, waitpid, ...) in the supervisor and the sandbox's init; unlike strace there are no
 # ptrace stops (about 1 µs is added per call), and the slowest calls are listed.
 #
+# The binary is the dynamically linked release build (`cargo build --release`): LD_PRELOAD does
+# not reach the static `cargo release-bin` binary, which runs the same code. CORDON_BIN=path
+# profiles another binary (the call list is empty for a static one).
+#
 # Usage: bench/startup-profile.sh [--runs N] [--gap SECONDS] [--raw FILE] [-- EXTRA cordon run FLAGS]
 #   --gap S   sleep S seconds between runs (default 0; a cold start after an idle moment can
 #             differ from back-to-back starts, see docs/benchmarks.md)
@@ -24,7 +28,7 @@ while [[ $# -gt 0 ]]; do
     --gap) gap="$2"; shift 2 ;;
     --raw) raw="$2"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    *) sed -n '2,16p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,20p' "$0" >&2; exit 2 ;;
   esac
 done
 [[ -n "${CORDON_BIN:-}" ]] || cargo build --release --bin cordon -q
@@ -54,8 +58,9 @@ order = []
 for i in range(1, runs + 1):
     seen = {}
     life = {}
-    for line in open(f"{work}/run.{i}", errors="replace"):
-        line = line.rstrip("\n")
+    # The teardown child's shim lines can land in the middle of the supervisor's: split them.
+    text = open(f"{work}/run.{i}", errors="replace").read()
+    for line in re.sub(r"(?<!^)(?<!\n)@@T ", "\n@@T ", text).split("\n"):
         m = MARK.match(line)
         if m:
             name = m.group(3)

@@ -8,9 +8,11 @@
 # Two rounds, each printing medians and ratios:
 #   back-to-back  N runs of each command in a row (hyperfine's usual loop)
 #   isolated      N/5 runs (at least 20), each after a pause of --gap seconds (default 0.25), like
-#                 a sandbox started now and then. cordon pays one RCU grace period to attach its
-#                 sandbox to a cgroup when no other cgroup write happened in the last few
-#                 milliseconds; back-to-back runs mostly skip that wait (docs/benchmarks.md).
+#                 a sandbox started now and then. On cgroup v1 (or v2 mounted elsewhere than
+#                 /sys/fs/cgroup) cordon writes cgroup.procs, which waits for an RCU grace period
+#                 when no other cgroup write happened in the last few milliseconds, unless a
+#                 cgroup mount has favordynmods (`cordon doctor`, docs/benchmarks.md).
+# cordon is the release binary as `cargo release-bin` builds it (static PIE).
 # Every cordon run audits to a temp store (not the user's). `--export FILE` writes hyperfine's JSON
 # of both rounds to FILE.back-to-back.json and FILE.isolated.json.
 # Usage: bench/startup.sh [--runs N] [--gap SECONDS] [--export FILE]

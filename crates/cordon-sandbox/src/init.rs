@@ -219,15 +219,7 @@ fn run(ctx: &InitContext<'_>) -> Result<i32, SetupError> {
     }
     mark("init: in the session cgroup");
     let all = block_all_signals();
-    // SAFETY: the init is single-threaded, so fork is safe; the child only runs our code until
-    // exec.
-    let child = unsafe { libc::fork() };
-    if child < 0 {
-        return Err(fail("fork")(io::Error::last_os_error()));
-    }
-    if child == 0 {
-        command_main(ctx);
-    }
+    let child = start_command(ctx).map_err(fail("fork"))?;
 
     privs::drop_everything().map_err(fail("capabilities"))?;
     privs::set_non_dumpable().map_err(fail("capabilities"))?;
@@ -235,6 +227,61 @@ fn run(ctx: &InitContext<'_>) -> Result<i32, SetupError> {
         seccomp::install(filter).map_err(fail("seccomp"))?;
     }
     Ok(supervise(chan, child, &all))
+}
+
+/// Starts the command's process with `clone(CLONE_VM | CLONE_VFORK)` on a stack of its own, as
+/// `posix_spawn` does: the child borrows the init's memory until it execs or exits instead of
+/// getting a copy of the init's page tables (a `fork` of the init, a copy of the supervisor,
+/// took 0.4 ms), and the init sleeps until then. What the child changes before `exec` is state
+/// it does not share with the init: credentials, capabilities, Landlock and seccomp (per task),
+/// rlimits, session and process group (per process), its working directory and descriptor
+/// table (no `CLONE_FS`, no `CLONE_FILES`), its signal mask. What it writes to memory (the
+/// set-up marks, the buffers it allocates) it writes while the init sleeps, and the init never
+/// looks at it. Returns once the command runs (or has failed to).
+fn start_command(ctx: &InitContext<'_>) -> io::Result<libc::pid_t> {
+    const STACK_SIZE: usize = 1 << 20;
+    extern "C" fn entry(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the `InitContext` the init passed to clone below; the init sleeps
+        // (CLONE_VFORK) and keeps it alive until this process has exec'd or exited, which is
+        // all this reference is used for.
+        let ctx = unsafe { &*(arg as *const InitContext<'static>) };
+        command_main(ctx)
+    }
+    // SAFETY: a fresh anonymous private mapping; the result is checked below.
+    let stack = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            STACK_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        )
+    };
+    if stack == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // The stack grows down from the (16-byte aligned) end of the mapping.
+    let top = (stack as usize + STACK_SIZE) & !15;
+    // SAFETY: `entry` never returns into the init's frames: it runs on its own stack and ends in
+    // exec or _exit. CLONE_VFORK keeps the init asleep (and `ctx` and the stack alive) until
+    // then; the init is single-threaded, so no other thread runs on the shared memory meanwhile.
+    let pid = unsafe {
+        libc::clone(
+            entry,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            ctx as *const InitContext<'_> as *mut libc::c_void,
+        )
+    };
+    let err = io::Error::last_os_error();
+    // SAFETY: the child has exec'd (it has a new address space) or exited: nothing uses the
+    // stack any more.
+    unsafe { libc::munmap(stack, STACK_SIZE) };
+    if pid < 0 {
+        return Err(err);
+    }
+    Ok(pid)
 }
 
 fn block_all_signals() -> libc::sigset_t {
