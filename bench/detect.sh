@@ -79,19 +79,21 @@ pids+=($!)
 wait_port "$oport"
 origin="127.0.0.1:$oport"
 
-start_gw() { # MODE PORT [wrapper...] -> pid
+gw_pid=""
+start_gw() { # MODE PORT [wrapper...]; sets gw_pid (a child of this shell, so `wait` works)
   local mode=$1 port=$2
   shift 2
   "$@" "$gw" --listen "127.0.0.1:$port" --allow-private "127.0.0.1/32:$oport" --sink noop \
     --runtime current --detect "$mode" >"$work/gw-$mode.log" 2>&1 &
-  echo $!
+  gw_pid=$!
 }
 
 if [[ $skip_wrk == 0 ]]; then
   declare -A port pid
   for m in on off; do
     port[$m]=$(free_port)
-    pid[$m]=$(start_gw "$m" "${port[$m]}")
+    start_gw "$m" "${port[$m]}"
+    pid[$m]=$gw_pid
     pids+=("${pid[$m]}")
     wait_port "${port[$m]}"
   done
@@ -131,7 +133,8 @@ EOF
   for m in on off; do
     for n in $calls; do
       p=$(free_port)
-      g=$(start_gw "$m" "$p" valgrind --tool=callgrind --callgrind-out-file="$work/cg-$m-$n.out")
+      start_gw "$m" "$p" valgrind --tool=callgrind --callgrind-out-file="$work/cg-$m-$n.out"
+      g=$gw_pid
       pids+=("$g")
       wait_port "$p"
       python3 "$client" "$p" "$origin" "$n"
