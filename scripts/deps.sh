@@ -7,7 +7,7 @@ set -euo pipefail
 
 pkgs=(bubblewrap nftables iproute2 e2fsprogs util-linux procps curl git openssl python3 python3-requests python3-pip nodejs ca-certificates)
 if [[ "${1:-}" == "--bench" ]]; then
-  pkgs+=(hyperfine wrk tinyproxy squid)
+  pkgs+=(hyperfine wrk tinyproxy squid mitmproxy)
 fi
 
 missing=()

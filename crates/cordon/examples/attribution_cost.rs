@@ -114,6 +114,16 @@ fn main() {
         assert!(found.is_none());
         unknown.push(d);
     }
+    // A DNS client's UDP socket (this process's own): the /proc/PID/net/udp path.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp_addr = udp.local_addr().unwrap();
+    let _ = owners.owner(Transport::Udp, udp_addr, None);
+    let mut udp_lookups = Vec::new();
+    for _ in 0..rounds {
+        let t = Instant::now();
+        assert!(owners.owner(Transport::Udp, udp_addr, None).is_some());
+        udp_lookups.push(t.elapsed());
+    }
     let median = |v: &mut Vec<Duration>| {
         v.sort_unstable();
         v[v.len() / 2]
@@ -132,6 +142,10 @@ fn main() {
     println!(
         "  lookup of a socket nobody holds:                 median {:?}",
         median(&mut unknown)
+    );
+    println!(
+        "  UDP (a DNS query) of the most recent owner:      median {:?}",
+        median(&mut udp_lookups)
     );
     for mut c in children {
         drop(c.stdin.take());

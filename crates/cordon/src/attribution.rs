@@ -143,6 +143,13 @@ impl ProcSocketOwners {
         })
     }
 
+    /// Whether host pid `pid` is in the sandbox's pid namespace (a remembered pid may have
+    /// exited and been reused by a process outside it).
+    fn in_sandbox(&self, pid: u32) -> bool {
+        fs::metadata(self.proc_root.join(format!("{pid}/ns/pid")))
+            .is_ok_and(|m| m.ino() == self.pid_ns)
+    }
+
     /// Whether host pid `pid` holds `socket:[inode]`.
     fn holds(&self, pid: u32, inode: u64) -> bool {
         let wanted = format!("socket:[{inode}]");
@@ -161,10 +168,7 @@ impl ProcSocketOwners {
         };
         dir.map_while(Result::ok)
             .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| {
-                fs::metadata(self.proc_root.join(format!("{pid}/ns/pid")))
-                    .is_ok_and(|m| m.ino() == self.pid_ns)
-            })
+            .filter(|&pid| self.in_sandbox(pid))
             .collect()
     }
 
@@ -191,7 +195,10 @@ impl ProcSocketOwners {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let hit = known.pids.iter().position(|&pid| self.holds(pid, inode));
+        let hit = known
+            .pids
+            .iter()
+            .position(|&pid| self.holds(pid, inode) && self.in_sandbox(pid));
         let pid = match hit {
             Some(i) => known.pids.remove(i)?,
             None => {
