@@ -1,5 +1,5 @@
 //! The gateway's HTTP/1 engine through the explicit proxy: bodies of every framing in both
-//! directions (spliced when large), request smuggling shapes refused before anything goes
+//! directions (larger than one copy buffer), request smuggling shapes refused before anything goes
 //! upstream, pipelining, HTTP/1.0 clients, `Expect: 100-continue`, kept upstream connections
 //! that upstream closed, and large downloads through the proxy and CONNECT delivering every byte.
 
@@ -182,8 +182,8 @@ async fn request_bodies_of_every_framing_reach_upstream_exactly() {
     let (origin, _) = origin::spawn("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let (mut gw, _dns) = gateway().await;
     let (proxy, port) = (gw.proxy, origin.port());
-    // Small and large Content-Length bodies (the large one is spliced), then chunked ones
-    // with a chunk large enough to be spliced.
+    // Small and large Content-Length bodies (the large one spans many copy buffers), then
+    // chunked ones with a chunk larger than one copy buffer.
     for len in [0usize, 10, 200_000, 3 * 1024 * 1024] {
         let mut req = format!(
             "POST http://origin.test:{port}/echo HTTP/1.1\r\nHost: origin.test:{port}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"

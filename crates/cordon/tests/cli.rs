@@ -337,6 +337,7 @@ fn doctor_prints_every_layer_and_its_self_test_passes() {
         "landlock",
         "seccomp",
         "cgroups",
+        "cgroup attach",
         "workspace cap",
         "self-test",
     ] {
