@@ -151,6 +151,9 @@ pub struct SandboxRule {
     /// Fire when processes were still alive in the sandbox after the command exited (something
     /// tried to outlive its session; they are killed either way).
     pub lingering: bool,
+    /// Fire when this many syscalls were denied by the seccomp filter; `0`: do not count (the
+    /// kernel answers denials itself instead of the supervisor).
+    pub seccomp_denied: u32,
     pub response: Response,
     pub alert: bool,
 }
@@ -161,6 +164,7 @@ impl Default for SandboxRule {
             enabled: true,
             limits: true,
             lingering: true,
+            seccomp_denied: 10,
             response: Response::Log,
             alert: true,
         }
@@ -431,6 +435,10 @@ pub(crate) fn check(
     at(
         "detect.exfil.distinct_hosts",
         threshold(n(x.distinct_hosts)),
+    )?;
+    at(
+        "detect.sandbox.seccomp_denied",
+        crate::rules::count(n(d.sandbox.seccomp_denied)),
     )?;
     for (i, name) in d.canary.env.iter().enumerate() {
         let key = format!("detect.canary.env[{i}]");

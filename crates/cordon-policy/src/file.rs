@@ -189,6 +189,7 @@ struct RawSandboxRule {
     enabled: Leaf,
     limits: Leaf,
     lingering: Leaf,
+    seccomp_denied: Leaf,
     response: Leaf,
     alert: Leaf,
 }
@@ -668,7 +669,7 @@ impl Cx<'_> {
             if let Some(v) = &raw.from_env {
                 sources.push(self.check(v, &format!("{key}.from_env"), |v| {
                     let n = string(v, "an environment variable name")?;
-                    rules::env_name(n)?;
+                    rules::env_name_syntax(n)?;
                     Ok(SecretSource::Env(n.to_owned()))
                 })?);
             }
@@ -939,6 +940,10 @@ impl Cx<'_> {
             self.enabled(&s.enabled, &k("enabled"), &mut o.enabled)?;
             self.enabled(&s.limits, &k("limits"), &mut o.limits)?;
             self.enabled(&s.lingering, &k("lingering"), &mut o.lingering)?;
+            if let Some(v) = &s.seccomp_denied {
+                o.seccomp_denied =
+                    self.check(v, &k("seccomp_denied"), |v| rules::count(integer(v)?))?;
+            }
             self.response_of(&s.response, &k("response"), &mut o.response)?;
             self.enabled(&s.alert, &k("alert"), &mut o.alert)?;
         }

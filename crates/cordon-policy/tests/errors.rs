@@ -618,6 +618,7 @@ const BAD_DETECT: &[(&str, &str)] = &[
     ("[detect.exfil]\nmax_request_body = \"1.5M\"\n", "policy.toml:2:20: detect.exfil.max_request_body: \"1.5M\" is not a size: expected a number with an optional K/M/G/T suffix"),
     ("[detect.exfil]\nsmall_requests = 0\n", "policy.toml:2:18: detect.exfil.small_requests: must be between 1 and 4294967295, got 0"),
     ("[detect.exfil]\ndistinct_hosts = 0\n", "policy.toml:2:18: detect.exfil.distinct_hosts: must be between 1 and 4294967295, got 0"),
+    ("[detect.sandbox]\nseccomp_denied = -1\n", "policy.toml:2:18: detect.sandbox.seccomp_denied: must be between 0 and 4294967295, got -1"),
     ("[detect.sandbox]\nlimits = \"on\"\n", "policy.toml:2:10: detect.sandbox.limits: expected true or false, found a string"),
     ("[detect.canary]\nenv = [\"1BAD\"]\n", "policy.toml:2:8: detect.canary.env[0]: \"1BAD\" is not a valid environment variable name: use letters, digits and '_', not starting with a digit"),
     ("[detect.canary]\nenv = [\"PATH\"]\n", "policy.toml:2:8: detect.canary.env[0]: \"PATH\" is set by cordon and cannot be a canary"),

@@ -453,7 +453,20 @@ fn prepare_command(ctx: &InitContext<'_>) -> Result<(), SetupError> {
         return Err(fail("fds")(io::Error::last_os_error()));
     }
     if let Some(filter) = ctx.filter {
-        seccomp::install(filter).map_err(fail("seccomp"))?;
+        if filter.notifies() {
+            // The listener decides the denied syscalls: it goes to the supervisor and our copy
+            // is closed here, before any untrusted code runs (it is close-on-exec as well).
+            let listener = seccomp::install_with_listener(filter).map_err(fail("seccomp"))?;
+            fdpass::send_fds(
+                ctx.chan.as_fd(),
+                &proto::encode(&ToSupervisor::SeccompListener),
+                &[listener.as_fd()],
+            )
+            .map_err(fail("seccomp"))?;
+            drop(listener);
+        } else {
+            seccomp::install(filter).map_err(fail("seccomp"))?;
+        }
     }
     send(
         ctx.chan.as_fd(),

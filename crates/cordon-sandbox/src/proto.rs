@@ -56,6 +56,9 @@ pub enum ToSupervisor {
     WorkspaceRoot,
     /// The gateway's listening sockets follow as SCM_RIGHTS, in the order named.
     GatewaySockets { names: Vec<String> },
+    /// The command's seccomp notification listener follows as SCM_RIGHTS (a filter with
+    /// `Notify` rules); the command's process has closed its own copy before `exec`.
+    SeccompListener,
     /// The command's process ended. `full` names the writable mounts that were out of space
     /// when it did (`/workspace`, `/tmp`, `/dev/shm`).
     Exited {

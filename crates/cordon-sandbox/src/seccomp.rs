@@ -25,6 +25,15 @@
 //! so a later "count denied syscalls" mode can change them), and it has neither a bit-test
 //! condition (`CLONE_NEW*`) nor an x32 check.
 //!
+//! **Counting denials** ([`notify_plan`], [`install_with_listener`], [`answer_one`]): the
+//! `EPERM` rules can be compiled to `SECCOMP_RET_USER_NOTIF` instead. The command's process
+//! loads that filter with `SECCOMP_FILTER_FLAG_NEW_LISTENER`, passes the listener to the
+//! supervisor over the set-up channel and closes its copy before `exec`; the supervisor answers
+//! every notification with the rule's own errno (the syscall is never run: the answer carries
+//! no `SECCOMP_USER_NOTIF_FLAG_CONTINUE`) and counts it. If nobody listens (the supervisor
+//! died, or a process that loaded the filter without a listener, like the init), the kernel
+//! fails the call with `ENOSYS`: still denied.
+//!
 //! Argument conditions compare the low 32 bits of an argument. That is exactly what the kernel
 //! uses for every argument tested here: `socket`'s and `socketpair`'s family, type and protocol,
 //! `ioctl`'s request and `personality`'s persona are `int`/`unsigned int` in the kernel (so
@@ -46,6 +55,9 @@ pub enum Action {
     Errno(i32),
     /// Kill the whole process (every thread) with `SIGSYS`.
     KillProcess,
+    /// Ask the listener (`SECCOMP_RET_USER_NOTIF`); the supervisor answers with the errno of
+    /// the rule in the errno plan and counts the denial. `ENOSYS` when nobody listens.
+    Notify,
 }
 
 /// What an argument condition checks, on `arg & mask` (see [`ArgCond`]).
@@ -406,6 +418,19 @@ impl SeccompPlan {
     }
 }
 
+/// `plan` with every `EPERM` rule turned into [`Action::Notify`], so that the supervisor sees
+/// (and counts) each denial; other errnos (`clone3`'s `ENOSYS`, which glibc probes on every
+/// fork, and the socket families' `EAFNOSUPPORT`) stay in the kernel.
+pub fn notify_plan(plan: SeccompPlan) -> SeccompPlan {
+    plan.map_actions(|r| {
+        if r.action == EPERM {
+            Action::Notify
+        } else {
+            r.action
+        }
+    })
+}
+
 /// The default filter: [`RULES`], foreign ABIs killed, x32 refused.
 pub fn default_plan() -> SeccompPlan {
     SeccompPlan {
@@ -424,9 +449,16 @@ pub fn default_plan() -> SeccompPlan {
 #[derive(Clone)]
 pub struct CompiledFilter {
     program: Vec<libc::sock_filter>,
+    notifies: bool,
 }
 
 impl CompiledFilter {
+    /// Whether some rule asks a listener ([`Action::Notify`]): the command's process then
+    /// loads it with [`install_with_listener`].
+    pub fn notifies(&self) -> bool {
+        self.notifies
+    }
+
     /// The instructions, for inspection and tests.
     pub fn instructions(&self) -> &[libc::sock_filter] {
         &self.program
@@ -511,6 +543,7 @@ fn ret(action: Action, syscall: &'static str) -> Result<libc::sock_filter, Secco
     let k = match action {
         Action::Allow => libc::SECCOMP_RET_ALLOW,
         Action::KillProcess => libc::SECCOMP_RET_KILL_PROCESS,
+        Action::Notify => libc::SECCOMP_RET_USER_NOTIF,
         Action::Errno(e) if (1..=MAX_ERRNO).contains(&e) => libc::SECCOMP_RET_ERRNO | e as u32,
         Action::Errno(_) => {
             return Err(SeccompError::InvalidRule {
@@ -662,7 +695,8 @@ pub fn compile(plan: &SeccompPlan) -> Result<CompiledFilter, SeccompError> {
             max: BPF_MAX_LEN,
         });
     }
-    Ok(CompiledFilter { program })
+    let notifies = plan.table.iter().any(|r| r.action == Action::Notify);
+    Ok(CompiledFilter { program, notifies })
 }
 
 /// Sets `no_new_privs` and loads the filter into the calling thread (and so into everything it
@@ -697,6 +731,116 @@ pub fn install(filter: &CompiledFilter) -> Result<(), SeccompError> {
         return Err(SeccompError::Load(nix::errno::Errno::last()));
     }
     Ok(())
+}
+
+/// [`install`], with `SECCOMP_FILTER_FLAG_NEW_LISTENER`: returns the notification listener
+/// (close-on-exec, as the kernel makes it). The caller must hand it to the supervisor and close
+/// its own copy before running untrusted code: whoever holds it decides the denied syscalls.
+pub fn install_with_listener(
+    filter: &CompiledFilter,
+) -> Result<std::os::fd::OwnedFd, SeccompError> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only and touches no memory of ours.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    if rc != 0 {
+        return Err(SeccompError::NoNewPrivs(nix::errno::Errno::last()));
+    }
+    let len = u16::try_from(filter.program.len()).map_err(|_| SeccompError::TooLarge {
+        len: filter.program.len(),
+        max: BPF_MAX_LEN,
+    })?;
+    let prog = libc::sock_fprog {
+        len,
+        filter: filter.program.as_ptr().cast_mut(),
+    };
+    // SAFETY: as in `install`; the flag makes the kernel return a new descriptor.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER as libc::c_ulong,
+            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    if rc < 0 {
+        return Err(SeccompError::Load(nix::errno::Errno::last()));
+    }
+    // SAFETY: the kernel returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(rc as i32) })
+}
+
+/// One denial, as the supervisor answered it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Denied {
+    /// The rule's syscall name (`unshare`, `mount`, …).
+    pub syscall: &'static str,
+    pub errno: i32,
+    /// The caller's pid as the supervisor sees it (0 if it is in no namespace of ours).
+    pub pid: u32,
+}
+
+/// Receives one notification from `listener` and answers it with the errno that `plan` (the
+/// errno plan the notify plan was made from) gives the syscall — `EPERM` if no rule matches,
+/// which cannot happen for a filter compiled from the same table. Never lets a call run.
+/// `Ok(None)`: the notification was gone (its caller died) before it could be answered.
+pub fn answer_one(
+    listener: std::os::fd::BorrowedFd<'_>,
+    plan: &SeccompPlan,
+) -> Result<Option<Denied>, nix::errno::Errno> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: seccomp_notif is plain data; the kernel requires it zeroed before RECV.
+    let mut req: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+    // SAFETY: `req` is a valid, writable seccomp_notif for the kernel to fill.
+    let rc = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_RECV as _,
+            &mut req as *mut libc::seccomp_notif,
+        )
+    };
+    if rc < 0 {
+        return match nix::errno::Errno::last() {
+            // The caller died between the wake-up and the receive.
+            nix::errno::Errno::ENOENT => Ok(None),
+            e => Err(e),
+        };
+    }
+    let nr = i64::from(req.data.nr);
+    let args = req.data.args;
+    let (syscall, errno) = plan
+        .table
+        .iter()
+        .find(|r| r.matches(nr, &args))
+        .map(|r| match r.action {
+            Action::Errno(e) => (r.syscall, e),
+            _ => (r.syscall, libc::EPERM),
+        })
+        .unwrap_or(("(unknown)", libc::EPERM));
+    let mut resp = libc::seccomp_notif_resp {
+        id: req.id,
+        val: 0,
+        error: -errno,
+        flags: 0,
+    };
+    // SAFETY: `resp` is a valid seccomp_notif_resp that the kernel only reads.
+    let rc = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_SEND as _,
+            &mut resp as *mut libc::seccomp_notif_resp,
+        )
+    };
+    if rc < 0 {
+        return match nix::errno::Errno::last() {
+            nix::errno::Errno::ENOENT => Ok(None),
+            e => Err(e),
+        };
+    }
+    Ok(Some(Denied {
+        syscall,
+        errno,
+        pid: req.pid,
+    }))
 }
 
 #[cfg(test)]
@@ -900,6 +1044,34 @@ mod tests {
         assert_eq!(dead_rules(&unconditional), vec![1]);
         let ordered = [socket_rule(SOCKET_INET_RAW), socket_rule(SOCKET_INET)];
         assert_eq!(dead_rules(&ordered), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn the_notify_plan_asks_the_listener_only_for_eperm_rules() {
+        let plan = notify_plan(default_plan());
+        let filter = compile(&plan).unwrap();
+        assert!(filter.notifies());
+        assert!(!compile(&default_plan()).unwrap().notifies());
+        for (errno_rule, notify_rule) in default_plan().table().iter().zip(plan.table()) {
+            let expected = if errno_rule.action == EPERM {
+                Action::Notify
+            } else {
+                errno_rule.action
+            };
+            assert_eq!(notify_rule.action, expected, "{}", errno_rule.syscall);
+        }
+        let program = filter.instructions();
+        let unshare = run(
+            program,
+            NATIVE.audit_arch,
+            libc::SYS_unshare as u32,
+            &[0x1000_0000, 0, 0, 0, 0, 0],
+        );
+        assert_eq!(unshare, libc::SECCOMP_RET_USER_NOTIF);
+        let clone3 = run(program, NATIVE.audit_arch, libc::SYS_clone3 as u32, &[0; 6]);
+        assert_eq!(clone3, encode(Action::Errno(libc::ENOSYS)));
+        let read = run(program, NATIVE.audit_arch, libc::SYS_read as u32, &[0; 6]);
+        assert_eq!(read, libc::SECCOMP_RET_ALLOW);
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub struct SeccompInfo {
     pub rules: usize,
     pub arch: String,
     pub default_errno: &'static str,
+    /// The `EPERM` denials are answered (and counted) by the supervisor through a seccomp
+    /// notification listener instead of by the kernel alone.
+    pub denials_counted: bool,
 }
 
 /// How the command ended.
@@ -64,4 +67,7 @@ pub struct RunResult {
     pub terminated: Option<String>,
     /// Every detection-rule firing of the session, in order (also `alert` audit events).
     pub alerts: Vec<crate::alerts::Fired>,
+    /// Syscalls the seccomp filter denied, when the supervisor counts them
+    /// (`detect.sandbox.seccomp_denied` > 0); `null` otherwise.
+    pub seccomp_denied: Option<u64>,
 }

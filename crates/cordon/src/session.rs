@@ -112,7 +112,15 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         )?;
     }
     let seccomp_plan = seccomp::default_plan();
-    let filter = match seccomp::compile(&seccomp_plan) {
+    // Denials are counted when the sandbox rule asks for it: the EPERM rules then notify the
+    // supervisor, which answers with the same errno (docs/sandbox.md, "Counting denials").
+    let count_denials = policy.detect.sandbox.enabled && policy.detect.sandbox.seccomp_denied > 0;
+    let loaded_plan = if count_denials {
+        seccomp::notify_plan(seccomp_plan.clone())
+    } else {
+        seccomp_plan.clone()
+    };
+    let filter = match seccomp::compile(&loaded_plan) {
         Ok(f) => Some(f),
         Err(e) => {
             lowered_or_fail(
@@ -129,6 +137,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         layers.seccomp = Some(SeccompInfo {
             rules: seccomp_plan.rules,
             arch: seccomp_plan.arch.to_string(),
+            denials_counted: count_denials,
             default_errno: "EPERM",
         });
     }
@@ -509,6 +518,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     }
     let watch = LimitWatch {
         rule: &policy.detect.sandbox,
+        errno_plan: &seccomp_plan,
         alerts: &alerts,
         session: cordon_gateway::SessionInfo {
             id: req.session_id.clone(),
@@ -614,6 +624,12 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     }
     if let Some(r) = &terminated {
         end_detail.insert("terminated".into(), serde_json::json!(r));
+    }
+    if count_denials && filter.is_some() {
+        end_detail.insert(
+            "seccomp_denied".into(),
+            serde_json::json!(outcome.seccomp_by_syscall),
+        );
     }
     if let Some(s) = &syslog {
         // Losses so far: the end record itself is forwarded after this count.
@@ -728,6 +744,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         network,
         terminated,
         alerts: alerts.fired(),
+        seccomp_denied: (count_denials && filter.is_some()).then_some(outcome.seccomp_denied),
     })
 }
 
@@ -919,12 +936,19 @@ struct Outcome {
     fired: Vec<&'static str>,
     /// Processes other than the command still alive when it exited.
     lingering: u32,
+    /// The command's seccomp notification listener, once it has sent it.
+    listener: Option<std::os::fd::OwnedFd>,
+    /// Syscalls the filter denied (answered by the supervisor), in total and per syscall.
+    seccomp_denied: u64,
+    seccomp_by_syscall: std::collections::BTreeMap<&'static str, u64>,
     marks: Vec<(String, u64)>,
 }
 
 /// The sandbox rule, watched by the supervision loop.
 struct LimitWatch<'a> {
     rule: &'a cordon_policy::SandboxRule,
+    /// The seccomp table with its errnos, to answer notifications with.
+    errno_plan: &'a seccomp::SeccompPlan,
     alerts: &'a Alerts,
     session: cordon_gateway::SessionInfo,
 }
@@ -939,6 +963,16 @@ impl LimitWatch<'_> {
 
     /// Fires `signal` unless it already fired; returns whether the response is terminate.
     fn fire(&self, signal: &'static str, summary: String, fired: &mut Vec<&'static str>) -> bool {
+        self.fire_with(signal, summary, Vec::new(), fired)
+    }
+
+    fn fire_with(
+        &self,
+        signal: &'static str,
+        summary: String,
+        evidence: Vec<(&'static str, cordon_gateway::Evidence)>,
+        fired: &mut Vec<&'static str>,
+    ) -> bool {
         if !self.rule.enabled || fired.contains(&signal) {
             return false;
         }
@@ -951,10 +985,41 @@ impl LimitWatch<'_> {
             self.rule.alert,
             &self.session,
             summary,
-            [],
+            evidence,
         );
         self.alerts.fire(&d);
         self.rule.response == cordon_policy::Response::Terminate
+    }
+
+    /// Answers one seccomp notification and counts it; returns the summary when the count
+    /// reaches the threshold and the response is terminate.
+    fn denied(
+        &self,
+        listener: BorrowedFd<'_>,
+        out: &mut Outcome,
+    ) -> Result<Option<String>, nix::errno::Errno> {
+        let Some(d) = seccomp::answer_one(listener, self.errno_plan)? else {
+            return Ok(None);
+        };
+        out.seccomp_denied += 1;
+        *out.seccomp_by_syscall.entry(d.syscall).or_default() += 1;
+        let threshold = u64::from(self.rule.seccomp_denied);
+        if threshold == 0 || out.seccomp_denied < threshold {
+            return Ok(None);
+        }
+        let summary = format!(
+            "{} syscalls denied by seccomp (last: {})",
+            out.seccomp_denied, d.syscall
+        );
+        let by: serde_json::Value = serde_json::json!(out.seccomp_by_syscall);
+        let evidence = vec![
+            ("denied", cordon_gateway::Evidence::from(out.seccomp_denied)),
+            ("threshold", threshold.into()),
+            ("last_syscall", d.syscall.into()),
+            ("by_syscall", by.to_string().into()),
+        ];
+        let terminate = self.fire_with("seccomp", summary.clone(), evidence, &mut out.fired);
+        Ok(terminate.then_some(summary))
     }
 
     /// Fires for the limits `stats` show were hit; returns the first summary whose response
@@ -1017,18 +1082,22 @@ impl Marks {
         self.marks.sort_by_key(|(_, t)| *t);
         let t0 = self.marks.first().map_or(0, |(_, t)| *t);
         let mut prev = t0;
+        // One write, so a line of the teardown child (or anything else sharing stderr) cannot
+        // land inside one of ours.
+        let mut text = String::new();
         for (name, t) in &self.marks {
-            eprintln!(
-                "cordon: timing {:>8.3} ms (+{:>7.3}) {name}",
+            text.push_str(&format!(
+                "cordon: timing {:>8.3} ms (+{:>7.3}) {name}\n",
                 (t - t0) as f64 / 1e6,
                 (t.saturating_sub(prev)) as f64 / 1e6
-            );
+            ));
             prev = *t;
         }
-        eprintln!(
-            "cordon: timing {:>8.3} ms total (since main: process start not included)",
+        text.push_str(&format!(
+            "cordon: timing {:>8.3} ms total (since main: process start not included)\n",
             started.elapsed().as_secs_f64() * 1e3
-        );
+        ));
+        eprint!("{text}");
     }
 }
 
@@ -1116,6 +1185,11 @@ fn supervise(
     let mut next_poll = Instant::now() + LIMIT_POLL;
     let mut chan_open = true;
     let mut buf = vec![0u8; proto::MAX_MESSAGE];
+    // drain() reads until EAGAIN with recvmsg (descriptors may come along).
+    let _ = nix::fcntl::fcntl(
+        &sb.chan,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    );
     loop {
         let now = Instant::now();
         let due = kill_at.map_or(deadline, |k| k.min(deadline));
@@ -1168,6 +1242,11 @@ fn supervise(
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: out.listener.as_ref().map_or(-1, |l| l.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         // SAFETY: `fds` is a valid array of pollfd.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms.max(1)) };
@@ -1176,6 +1255,24 @@ fn supervise(
         }
         if fds[1].revents != 0 && drain(sb.chan.as_fd(), &mut buf, &mut out) {
             chan_open = false;
+        }
+        if fds[4].revents & libc::POLLIN != 0 {
+            if let Some(l) = out.listener.take() {
+                match watch.denied(l.as_fd(), &mut out) {
+                    Ok(Some(reason)) if kill_at.is_none_or(|k| k > Instant::now()) => {
+                        kill_at = Some(Instant::now());
+                        out.terminated = true;
+                        out.terminated_reason = Some(reason);
+                    }
+                    Ok(_) => {}
+                    // A broken listener: drop it; pending and later denials fail with ENOSYS.
+                    Err(e) => eprintln!("cordon: warning: seccomp listener: {e}"),
+                }
+                out.listener.get_or_insert(l);
+            }
+        } else if fds[4].revents != 0 {
+            // POLLHUP: every process that had the filter is gone.
+            out.listener = None;
         }
         if fds[2].revents != 0 {
             while let Some(sig) = signals.read() {
@@ -1294,22 +1391,15 @@ fn handshake(
 /// Reads every queued message into `out`; true when the sandbox side has closed the channel.
 fn drain(chan: BorrowedFd<'_>, buf: &mut [u8], out: &mut Outcome) -> bool {
     loop {
-        // SAFETY: `buf` is a valid writable buffer of the given length.
-        let r = unsafe {
-            libc::recv(
-                chan.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
+        let (bytes, mut fds) = match cordon_sandbox::fdpass::recv_fds(chan, buf.len(), 8) {
+            Ok(m) => m,
+            Err(cordon_sandbox::fdpass::FdPassError::Closed) => return true,
+            Err(_) => return false,
         };
-        if r == 0 {
-            return true;
-        }
-        if r < 0 {
-            return false;
-        }
-        match proto::decode::<ToSupervisor>(&buf[..r as usize]) {
+        match proto::decode::<ToSupervisor>(&bytes) {
+            Some(ToSupervisor::SeccompListener) if fds.len() == 1 => {
+                out.listener = fds.pop();
+            }
             Some(ToSupervisor::Applied {
                 landlock_abi,
                 landlock_enforced,
@@ -1336,7 +1426,12 @@ fn drain(chan: BorrowedFd<'_>, buf: &mut [u8], out: &mut Outcome) -> bool {
                 out.full = full;
                 out.lingering = lingering;
             }
-            Some(ToSupervisor::GatewaySockets { .. } | ToSupervisor::WorkspaceRoot) | None => {}
+            Some(
+                ToSupervisor::GatewaySockets { .. }
+                | ToSupervisor::WorkspaceRoot
+                | ToSupervisor::SeccompListener,
+            )
+            | None => {}
         }
     }
 }

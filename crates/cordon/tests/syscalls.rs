@@ -112,3 +112,99 @@ fn setuid_binaries_give_no_privileges() {
     assert!(text.lines().last() == Some("1000"), "{text}");
     assert!(!text.contains("uid=0"), "{text}");
 }
+
+// ------------------------------------------------------------------------------------------
+// Counting denials (`[detect.sandbox] seccomp_denied`): the EPERM rules notify the supervisor,
+// which answers with the same errno and counts.
+
+fn with_policy(policy: &str, argv: &[&str]) -> (std::process::Output, serde_json::Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, policy).unwrap();
+    let mut args = vec!["--policy", path.to_str().unwrap(), "--"];
+    args.extend_from_slice(argv);
+    run_json(&args)
+}
+
+/// unshare(CLONE_NEWUSER) N times, one errno name per line, `PAUSE` seconds apart.
+fn unshare_loop(n: usize, pause: f64) -> String {
+    probe(&format!(
+        "import time\nfor _ in range({n}):\n    print(sc(272, 0x10000000), flush=True)\n    time.sleep({pause})\nprint('survived')"
+    ))
+}
+
+#[test]
+fn denied_syscalls_are_answered_and_counted_by_the_supervisor() {
+    let (out, result) = with_policy("", &[PY, "-c", &unshare_loop(15, 0.0)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), 16, "{lines:?}");
+    assert!(lines[..15].iter().all(|l| l == "EPERM"), "{lines:?}");
+    assert_eq!(result["layers"]["seccomp"]["denials_counted"], true);
+    assert_eq!(result["seccomp_denied"], 15, "{result}");
+    let alerts = result["alerts"].as_array().unwrap();
+    assert_eq!(alerts.len(), 1, "{result}");
+    assert_eq!(alerts[0]["rule"], "sandbox");
+    assert_eq!(alerts[0]["signal"], "seccomp");
+    assert_eq!(alerts[0]["response"], "log");
+    assert_eq!(alerts[0]["evidence"]["denied"], 10);
+    assert_eq!(alerts[0]["evidence"]["last_syscall"], "unshare");
+    assert!(
+        stderr(&out)
+            .contains("sandbox: 10 syscalls denied by seccomp (last: unshare) (response: log)"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_probing_loop_is_killed_when_the_sandbox_rule_says_terminate() {
+    let policy = "[detect.sandbox]\nseccomp_denied = 5\nresponse = \"terminate\"\n";
+    let (out, result) = with_policy(policy, &[PY, "-c", &unshare_loop(200, 0.01)]);
+    assert_eq!(out.status.code(), Some(137), "{}", stderr(&out));
+    // The fifth denial is answered and the sandbox killed right after: its line may be lost.
+    let printed = stdout(&out).lines().count();
+    assert!(
+        (4..20).contains(&printed),
+        "{printed} lines: {}",
+        stdout(&out)
+    );
+    assert!(!stdout(&out).contains("survived"));
+    assert_eq!(
+        result["terminated"], "5 syscalls denied by seccomp (last: unshare)",
+        "{result}"
+    );
+}
+
+#[test]
+fn without_counting_the_kernel_answers_alone_with_the_same_errno() {
+    let policy = "[detect.sandbox]\nseccomp_denied = 0\n";
+    let (out, result) = with_policy(policy, &[PY, "-c", &unshare_loop(12, 0.0)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).lines().filter(|l| *l == "EPERM").count(), 12);
+    assert_eq!(result["layers"]["seccomp"]["denials_counted"], false);
+    assert!(result["seccomp_denied"].is_null(), "{result}");
+    assert_eq!(result["alerts"], serde_json::json!([]));
+}
+
+/// Whoever holds the notification listener decides the denied syscalls (it could answer
+/// "continue"): it must never be open in any process of the sandbox.
+#[test]
+fn the_seccomp_listener_is_never_open_inside_the_sandbox() {
+    let script = "import os\nfor pid in os.listdir('/proc'):\n    if not pid.isdigit():\n        continue\n    try:\n        fds = os.listdir(f'/proc/{pid}/fd')\n    except OSError:\n        continue\n    for fd in fds:\n        try:\n            print(pid, fd, os.readlink(f'/proc/{pid}/fd/{fd}'))\n        except OSError:\n            pass\n";
+    let (out, result) = with_policy("", &[PY, "-c", script]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(result["layers"]["seccomp"]["denials_counted"], true);
+    let text = stdout(&out);
+    assert!(text.lines().count() >= 3, "{text}");
+    assert!(
+        !text.contains("seccomp"),
+        "a listener is open in the sandbox:\n{text}"
+    );
+    // Control: the same listing on the host sees anon inodes by that name when one exists; here
+    // it is enough that the listing works and finds the command's own descriptors.
+    assert!(
+        text.contains("pipe:") || text.contains("/dev/null"),
+        "{text}"
+    );
+}
