@@ -11,7 +11,7 @@
 //!   and it then sleeps until that event is [`WriterConfig::max_delay`] old, or until
 //!   [`WriterConfig::max_batch`] events are waiting, or a flush or close arrives; then it takes
 //!   everything queued and commits it, one transaction per [`WriterConfig::max_batch`] events.
-//!   So no event waits more than `max_delay` (default 20 ms) before its commit starts, and a
+//!   So no event waits more than `max_delay` (default 5 ms) before its commit starts, and a
 //!   `kill -9` loses at most what was queued or in the open transaction: the events of about the
 //!   last `max_delay` plus one commit. Everything committed before is in the file.
 //! - The writer thread runs under `SCHED_BATCH` (same nice value, same share of CPU), so its
@@ -71,7 +71,9 @@ impl Default for WriterConfig {
         WriterConfig {
             capacity: 65_536,
             max_batch: 4096,
-            max_delay: Duration::from_millis(20),
+            // Short windows keep each commit burst short (the gateway's p99 on a 2-CPU
+            // machine: docs/benchmarks.md) and bound what a `kill -9` can lose.
+            max_delay: Duration::from_millis(5),
             retries: 4,
             store: StoreOptions::default(),
         }

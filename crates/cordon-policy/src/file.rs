@@ -669,7 +669,7 @@ impl Cx<'_> {
             if let Some(v) = &raw.from_env {
                 sources.push(self.check(v, &format!("{key}.from_env"), |v| {
                     let n = string(v, "an environment variable name")?;
-                    rules::env_name(n)?;
+                    rules::env_name_syntax(n)?;
                     Ok(SecretSource::Env(n.to_owned()))
                 })?);
             }

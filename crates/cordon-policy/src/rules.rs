@@ -196,6 +196,17 @@ pub(crate) fn hostname(name: &str) -> Result<String, ValueError> {
 }
 
 pub(crate) fn env_name(name: &str) -> Result<(), ValueError> {
+    env_name_syntax(name)?;
+    if name == "HOME" {
+        return Err(ValueError::Other(
+            "HOME cannot be set: it is always /workspace".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// A well-formed variable name (one cordon only reads, like a credential's `from_env`).
+pub(crate) fn env_name_syntax(name: &str) -> Result<(), ValueError> {
     let mut chars = name.chars();
     let valid = chars
         .next()
@@ -206,11 +217,6 @@ pub(crate) fn env_name(name: &str) -> Result<(), ValueError> {
             "{} is not a valid environment variable name: use letters, digits and '_', not starting with a digit",
             quoted(name)
         )));
-    }
-    if name == "HOME" {
-        return Err(ValueError::Other(
-            "HOME cannot be set: it is always /workspace".to_owned(),
-        ));
     }
     Ok(())
 }

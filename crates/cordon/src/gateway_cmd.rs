@@ -662,6 +662,35 @@ mod tests {
     }
 
     #[test]
+    fn interception_policies_are_refused_by_the_standalone_gateway() {
+        let base = "[network]\nallow = [\"api.github.com\"]\n";
+        for (extra, what) in [
+            (
+                "[[credentials]]\nname = \"gh\"\nhosts = [\"api.github.com\"]\nheader = \"Authorization\"\nfrom_env = \"T\"\n",
+                "[[credentials]]",
+            ),
+            (
+                "[[network.rules]]\nhost = \"api.github.com\"\nmethods = [\"GET\"]\n",
+                "[[network.rules]]",
+            ),
+        ] {
+            let text = format!("{base}{extra}");
+            let e = plan(&args("127.0.0.1:0"), Some((Path::new("p.toml"), &text)), "alice")
+                .unwrap_err();
+            assert!(e.to_string().starts_with(what), "{e}");
+            assert!(e.to_string().contains("use the policy with `cordon run`"), "{e}");
+        }
+        let text = "[network]\nallow = [\"api.github.com\"]\nintercept = [\"api.github.com\"]\n";
+        let e = plan(
+            &args("127.0.0.1:0"),
+            Some((Path::new("p.toml"), text)),
+            "alice",
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("network.intercept"), "{e}");
+    }
+
+    #[test]
     fn bad_flags_are_usage_errors_that_name_the_flag() {
         let cases: Vec<(GatewayArgs, &str)> = vec![
             (args("localhost:3128"), "--listen \"localhost:3128\""),

@@ -1082,18 +1082,22 @@ impl Marks {
         self.marks.sort_by_key(|(_, t)| *t);
         let t0 = self.marks.first().map_or(0, |(_, t)| *t);
         let mut prev = t0;
+        // One write, so a line of the teardown child (or anything else sharing stderr) cannot
+        // land inside one of ours.
+        let mut text = String::new();
         for (name, t) in &self.marks {
-            eprintln!(
-                "cordon: timing {:>8.3} ms (+{:>7.3}) {name}",
+            text.push_str(&format!(
+                "cordon: timing {:>8.3} ms (+{:>7.3}) {name}\n",
                 (t - t0) as f64 / 1e6,
                 (t.saturating_sub(prev)) as f64 / 1e6
-            );
+            ));
             prev = *t;
         }
-        eprintln!(
-            "cordon: timing {:>8.3} ms total (since main: process start not included)",
+        text.push_str(&format!(
+            "cordon: timing {:>8.3} ms total (since main: process start not included)\n",
             started.elapsed().as_secs_f64() * 1e3
-        );
+        ));
+        eprint!("{text}");
     }
 }
 

@@ -337,6 +337,7 @@ fn doctor_prints_every_layer_and_its_self_test_passes() {
         "landlock",
         "seccomp",
         "cgroups",
+        "cgroup attach",
         "workspace cap",
         "self-test",
     ] {
@@ -391,4 +392,93 @@ fn a_session_is_forwarded_live_to_a_syslog_receiver_over_udp() {
     }
     assert_eq!(kinds, ["session_start", "session_end"]);
     assert!(!stderr(&out).contains("syslog"), "{}", stderr(&out));
+}
+
+#[test]
+fn credential_set_up_errors_name_the_credential_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = |name: &str, body: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(
+            &p,
+            format!("[network]\nallow = [\"api.github.com\"]\n{body}[[credentials]]\nname = \"gh\"\nhosts = [\"api.github.com\"]\nheader = \"Authorization\"\n"),
+        )
+        .unwrap();
+        p.display().to_string()
+    };
+    let missing_file = policy("f.toml", "") + "";
+    std::fs::write(
+        &missing_file,
+        std::fs::read_to_string(&missing_file).unwrap()
+            + "from_file = \"/nonexistent/cordon-secret\"\nenv = \"GH\"\n",
+    )
+    .unwrap();
+    let failing_cmd = policy("c.toml", "");
+    std::fs::write(
+        &failing_cmd,
+        std::fs::read_to_string(&failing_cmd).unwrap()
+            + "from_command = [\"/bin/false\"]\nenv = \"GH\"\n",
+    )
+    .unwrap();
+    let no_network = policy("n.toml", "");
+    std::fs::write(
+        &no_network,
+        format!(
+            "[sandbox]\nnetwork = \"none\"\n{}from_env = \"HOME\"\nenv = \"GH\"\n",
+            std::fs::read_to_string(&no_network).unwrap()
+        ),
+    )
+    .unwrap();
+    let unset_env = policy("e.toml", "");
+    std::fs::write(
+        &unset_env,
+        std::fs::read_to_string(&unset_env).unwrap()
+            + "from_env = \"CORDON_TEST_SURELY_UNSET_SECRET\"\n",
+    )
+    .unwrap();
+    let bad_ca = dir.path().join("not-a-ca.pem");
+    std::fs::write(&bad_ca, "not PEM\n").unwrap();
+    let with_secret = policy("s.toml", "");
+    std::fs::write(
+        &with_secret,
+        std::fs::read_to_string(&with_secret).unwrap()
+            + "from_command = [\"/bin/echo\", \"a-long-enough-secret\"]\nenv = \"GH\"\n",
+    )
+    .unwrap();
+    let bad_ca = bad_ca.display().to_string();
+    for (args, needle) in [
+        (
+            vec!["run", "--policy", &missing_file, "--", "true"],
+            "credential gh: cannot read /nonexistent/cordon-secret",
+        ),
+        (
+            vec!["run", "--policy", &failing_cmd, "--", "true"],
+            "credential gh: /bin/false failed",
+        ),
+        (
+            vec!["run", "--policy", &unset_env, "--", "true"],
+            "credential gh: environment variable CORDON_TEST_SURELY_UNSET_SECRET is not set",
+        ),
+        (
+            vec!["run", "--policy", &no_network, "--", "true"],
+            "need the gateway, but sandbox.network is \"none\"",
+        ),
+        (
+            vec![
+                "run",
+                "--policy",
+                &with_secret,
+                "--upstream-ca",
+                &bad_ca,
+                "--",
+                "true",
+            ],
+            "no PEM certificate in it",
+        ),
+    ] {
+        let (status, err) = error_of(&args);
+        assert_eq!(status, 125, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("a-long-enough-secret"), "{err}");
+    }
 }
