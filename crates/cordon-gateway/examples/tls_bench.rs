@@ -297,7 +297,7 @@ async fn client(proxy: &str, port: u16, ca: &str, conns: usize, secs: u64) {
 }
 
 fn dlp(mib: usize) {
-    let scanner = Scanner::new(
+    let scanner = std::sync::Arc::new(Scanner::new(
         vec![
             (
                 Kind::Secret,
@@ -311,14 +311,14 @@ fn dlp(mib: usize) {
             ),
         ],
         /*formats*/ true,
-    );
+    ));
     // JSON-ish text: letters, digits, quotes and separators, no match.
     let unit: Vec<u8> = (0..64 * 1024u32)
         .map(|i| b"{\"key\": \"value-abcdefghij\", \"n\": 12345}, "[(i % 40) as usize])
         .collect();
     let total = mib * 1024 * 1024;
     let t = Instant::now();
-    let mut st = Stream::new(&scanner, u64::MAX, false);
+    let mut st = Stream::new(scanner, u64::MAX, false);
     let mut done = 0;
     let mut out = 0;
     while done < total {

@@ -135,7 +135,10 @@ impl World {
         format!("https://{host}:{port}{path}")
     }
 
-    async fn curl(&self, args: Vec<String>) -> (bool, String, String) {
+    /// curl over HTTP/1.1 (curl offers `h2` by ALPN otherwise; HTTP/2 has tests of its own in
+    /// `intercept_h2.rs`).
+    async fn curl(&self, mut args: Vec<String>) -> (bool, String, String) {
+        args.insert(0, "--http1.1".into());
         let proxy: SocketAddr = self.gw.proxy;
         let ca = self.ca_file.path().to_owned();
         tokio::task::spawn_blocking(move || {
