@@ -11,9 +11,14 @@
 
 mod common;
 
+use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 
 use common::tls_origin::{TestCa, TlsOrigin};
 use common::*;
@@ -55,15 +60,21 @@ fn credential(require: bool) -> LiveCredential {
 }
 
 /// `api.test` (credential + rules), `other.test` (intercepted, no credential) and `bad.test`
-/// (a certificate from a CA nobody trusts), all on loopback.
+/// (a certificate from a CA nobody trusts), all on loopback, speaking HTTP/1.1 only.
 async fn world(require: bool) -> World {
+    world_with(require, /*api_h2*/ false).await
+}
+
+/// [`world`], with `api.test` offering `h2` (and `http/1.1`) when `api_h2`.
+async fn world_with(require: bool, api_h2: bool) -> World {
     let upstream_ca = TestCa::new("fake upstream CA");
     let rogue_ca = TestCa::new("rogue CA");
-    let api = TlsOrigin::start(
-        "127.0.0.1:0".parse().unwrap(),
-        upstream_ca.server(&["api.test"]),
-    )
-    .await;
+    let api_config = if api_h2 {
+        upstream_ca.server_h2(&["api.test"])
+    } else {
+        upstream_ca.server(&["api.test"])
+    };
+    let api = TlsOrigin::start("127.0.0.1:0".parse().unwrap(), api_config).await;
     let other = TlsOrigin::start(
         "127.0.0.1:0".parse().unwrap(),
         upstream_ca.server(&["other.test"]),
@@ -509,4 +520,468 @@ async fn every_request_on_a_kept_alive_intercepted_connection_is_decided_again()
         ]))
         .await;
     assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/2: the sandbox's client picks `h2`; upstream speaks `h2` or only HTTP/1.1.
+
+impl World {
+    /// curl offering `h2` (`--http2`); prints `proto=<version curl used>` after the output.
+    async fn curl_h2(&self, mut args: Vec<String>) -> (bool, String, String) {
+        args.insert(0, "--http2".into());
+        args.insert(1, "-w".into());
+        args.insert(2, "\nproto=%{http_version}\n".into());
+        let proxy: SocketAddr = self.gw.proxy;
+        let ca = self.ca_file.path().to_owned();
+        tokio::task::spawn_blocking(move || {
+            run(Command::new("curl")
+                .args(["-sS", "--max-time", "10", "-x", &format!("http://{proxy}")])
+                .arg("--suppress-connect-headers")
+                .arg("--cacert")
+                .arg(&ca)
+                .args(&args))
+        })
+        .await
+        .unwrap()
+    }
+
+    fn port_of(&self, host: &str) -> u16 {
+        match host {
+            "api.test" => self.api.addr.port(),
+            "other.test" => self.other.addr.port(),
+            _ => self.bad.addr.port(),
+        }
+    }
+
+    /// An HTTP/2 connection to `host` through the proxy (CONNECT, then TLS with the session CA
+    /// offering only `h2`), made with hyper's client. Fails the test unless `h2` was picked.
+    async fn h2_connection(
+        &self,
+        host: &str,
+    ) -> hyper::client::conn::http2::SendRequest<BoxBody<Bytes, Infallible>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let port = self.port_of(host);
+        let mut tcp = tokio::net::TcpStream::connect(self.gw.proxy).await.unwrap();
+        tcp.write_all(
+            format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            assert_eq!(tcp.read(&mut b).await.unwrap(), 1, "proxy closed: {head:?}");
+            head.push(b[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        let mut roots = rustls::RootCertStore::empty();
+        for c in pem_certs(&std::fs::read(self.ca_file.path()).unwrap()) {
+            roots.add(c).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned()).unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        assert_eq!(
+            tls.get_ref().1.alpn_protocol(),
+            Some(&b"h2"[..]),
+            "the gateway did not speak HTTP/2"
+        );
+        let (send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        send
+    }
+}
+
+/// A request body the test feeds chunk by chunk (no declared length: the gateway streams it).
+struct Feed(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Feed {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|c| c.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+fn feed() -> (tokio::sync::mpsc::Sender<Bytes>, BoxBody<Bytes, Infallible>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    (tx, Feed(rx).boxed())
+}
+
+fn empty() -> BoxBody<Bytes, Infallible> {
+    Full::new(Bytes::new()).boxed()
+}
+
+fn request(
+    method: &str,
+    url: &str,
+    body: BoxBody<Bytes, Infallible>,
+) -> hyper::Request<BoxBody<Bytes, Infallible>> {
+    hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .body(body)
+        .unwrap()
+}
+
+async fn text(resp: hyper::Response<hyper::body::Incoming>) -> (u16, String, String) {
+    let status = resp.status().as_u16();
+    let reason = resp
+        .headers()
+        .get("x-cordon-reason")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, reason, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_over_http2_gets_the_real_token_upstream_over_h2_or_http1_and_never_sees_it_back() {
+    for (api_h2, upstream_version) in [(true, "HTTP/2.0"), (false, "HTTP/1.1")] {
+        let w = world_with(false, api_h2).await;
+        let url = w.url("api.test", "/zen");
+        let auth = format!("Authorization: Bearer {PLACEHOLDER}");
+        let (ok, out, err) = w.curl_h2(s(&["-D", "-", "-H", &auth, &url])).await;
+        assert!(ok, "{err}");
+        // curl spoke HTTP/2 to the gateway (no silent fallback to HTTP/1.1)...
+        assert!(out.starts_with("HTTP/2 200"), "{out}");
+        assert!(out.ends_with("proto=2\n"), "{out}");
+        // ... and the gateway spoke what the origin picked, with the real value.
+        let seen = w.api.seen();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].version, upstream_version);
+        assert_eq!(
+            seen[0].header("authorization"),
+            Some(&*format!("Bearer {SECRET}"))
+        );
+        assert_eq!(seen[0].header("host").is_some(), !api_h2, "{seen:?}");
+        // The echo (header and body) came back redacted.
+        assert!(!out.contains(SECRET), "{out}");
+        assert!(out.contains("authorization=Bearer *****"), "{out}");
+        assert!(out.contains("x-echo-auth: Bearer *****"), "{out}");
+        let req = w
+            .gw
+            .wait_event(|e| e.kind == EventKind::HttpRequest && e.path.as_deref() == Some("/zen"))
+            .await;
+        assert_eq!(req.method.as_deref(), Some("GET"));
+        assert_eq!(req.host.as_deref(), Some("api.test"));
+        assert!(
+            req.reason
+                .as_deref()
+                .unwrap()
+                .contains("credential gh injected"),
+            "{req:?}"
+        );
+        assert!(req.bytes_down > 0, "{req:?}");
+        w.gw.wait_event(|e| e.kind == EventKind::Alert && e.rule == "response-redacted:secret:gh")
+            .await;
+        assert!(!format!("{:?}", w.gw.events()).contains(SECRET));
+        // Exactly one event for the one request.
+        let zen =
+            w.gw.events()
+                .into_iter()
+                .filter(|e| {
+                    matches!(e.kind, EventKind::HttpRequest | EventKind::Blocked)
+                        && e.path.as_deref() == Some("/zen")
+                })
+                .count();
+        assert_eq!(zen, 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn method_and_path_rules_hold_on_http2_streams_against_encoded_and_dot_segment_paths() {
+    let w = world_with(false, true).await;
+    let code = |out: &str| out.split_whitespace().nth(1).unwrap_or("").to_owned();
+    for (method, path, want) in [
+        ("GET", "/zen", "200"),
+        ("GET", "/repos/x/y", "200"),
+        ("DELETE", "/zen", "403"),
+        ("GET", "/user", "403"),
+        ("GET", "/repos/%2e%2e/user", "403"),
+        ("GET", "/repos%2F..%2Fuser", "403"),
+        ("GET", "/repos/..%5Cuser", "403"),
+        ("GET", "/repos/%252e%252e/user", "403"),
+        ("GET", "/repos/./../user", "403"),
+        ("GET", "/repos//..//user", "403"),
+        ("GET", "/%7Aen", "200"),
+    ] {
+        let (_, out, err) = w
+            .curl_h2(s(&[
+                "-D",
+                "-",
+                "-o",
+                "/dev/null",
+                "--path-as-is",
+                "-X",
+                method,
+                &w.url("api.test", path),
+            ]))
+            .await;
+        assert!(out.starts_with("HTTP/2 "), "{method} {path}: {out} {err}");
+        assert_eq!(code(&out), want, "{method} {path}: {out} {err}");
+        if want == "403" {
+            assert!(out.contains("x-cordon-reason: "), "{out}");
+        }
+    }
+    let refused: Vec<_> = w
+        .events_of(EventKind::Blocked)
+        .into_iter()
+        .filter(|e| e.rule == "http-rules:default-deny")
+        .collect();
+    assert_eq!(refused.len(), 8, "{refused:#?}");
+    let reached: Vec<_> = w.api.seen().iter().map(|s| s.uri.clone()).collect();
+    assert!(
+        reached
+            .iter()
+            .all(|u| u.ends_with("/zen") || u.ends_with("/repos/x/y") || u.ends_with("/%7Aen")),
+        "{reached:?}"
+    );
+    assert_eq!(reached.len(), 3, "{reached:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlp_finds_seeded_secrets_in_http2_headers_and_bodies() {
+    let w = world_with(false, true).await;
+    let aws = "AKIAIOSFODNN7EXAMPLE";
+    let url = w.url("other.test", "/upload");
+    // A body over the 1 MiB pre-read: scanned as it streams.
+    let big = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(big.path(), format!("{} {aws} ", "x".repeat(2 << 20))).unwrap();
+    let big_at = format!("@{}", big.path().display());
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            s(&["-H", &format!("X-Key: {aws}"), &url]),
+            "dlp:aws_access_key_id",
+        ),
+        (
+            s(&[&w.url("other.test", &format!("/upload?k={aws}"))]),
+            "dlp:aws_access_key_id",
+        ),
+        (
+            s(&[
+                "--data-binary",
+                "-----BEGIN RSA PRIVATE KEY-----\nMIIE",
+                &url,
+            ]),
+            "dlp:private_key",
+        ),
+        (s(&["--data-binary", SECRET, &url]), "dlp:secret:gh"),
+        (
+            s(&["--data-binary", &big_at, &url]),
+            "dlp:aws_access_key_id",
+        ),
+        (
+            s(&["-H", &format!("Authorization: Bearer {PLACEHOLDER}"), &url]),
+            "placeholder-leak:placeholder:gh",
+        ),
+    ];
+    for (args, rule) in cases {
+        let mut args = args;
+        args.insert(0, "-".into());
+        args.insert(0, "-D".into());
+        let mark = w.gw.events().len();
+        let (_, out, err) = w.curl_h2(args.clone()).await;
+        let shown: String = format!("{args:?}").chars().take(200).collect();
+        let head: String = out.chars().take(300).collect();
+        assert!(head.starts_with("HTTP/2 403"), "{shown}: {head} {err}");
+        assert!(out.contains("x-cordon-reason: "), "{shown}: {head}");
+        w.gw.wait_event(|e| e.kind == EventKind::Alert && e.rule == rule)
+            .await;
+        // One Blocked event for the request, naming the pattern, never the value.
+        let blocked: Vec<_> = w.gw.events()[mark..]
+            .iter()
+            .filter(|e| e.kind == EventKind::Blocked)
+            .cloned()
+            .collect();
+        assert_eq!(blocked.len(), 1, "{shown}: {blocked:#?}");
+        assert_eq!(blocked[0].rule, rule);
+    }
+    for seen in w.other.seen() {
+        let all = format!("{seen:?}");
+        assert!(!all.contains(aws) && !all.contains("PRIVATE KEY") && !all.contains(SECRET));
+    }
+    assert!(!format!("{:?}", w.gw.events()).contains(SECRET));
+    // A clean body of the same size goes through whole, over HTTP/2 both ways.
+    std::fs::write(big.path(), "y".repeat(2 << 20)).unwrap();
+    let (ok, out, err) = w
+        .curl_h2(s(&["-o", "/dev/null", "--data-binary", &big_at, &url]))
+        .await;
+    assert!(ok, "{err}");
+    assert!(out.ends_with("proto=2\n"), "{out}");
+    assert!(w.other.seen().iter().any(|s| s.body.len() == 2 << 20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_on_one_http2_connection_are_each_decided_and_a_refused_one_leaves_the_others_alone(
+) {
+    for api_h2 in [true, false] {
+        let w = world_with(false, api_h2).await;
+        let mut send = w.h2_connection("api.test").await;
+        let base = format!("https://api.test:{}", w.api.addr.port());
+        // Stream 1: an allowed upload, left open mid-body.
+        let (tx, body) = feed();
+        let upload =
+            tokio::spawn(send.send_request(request("POST", &format!("{base}/upload"), body)));
+        tx.send(Bytes::from("first half, ")).await.unwrap();
+        // Stream 2, while stream 1 is open: refused by the rules, on its own stream.
+        let resp = send
+            .send_request(request("GET", &format!("{base}/admin"), empty()))
+            .await
+            .unwrap();
+        let (status, reason, _) = text(resp).await;
+        assert_eq!(status, 403);
+        assert!(
+            reason.contains("/admin") || reason.contains("rule"),
+            "{reason}"
+        );
+        // Stream 3: another host's authority on this connection (domain fronting).
+        let other = format!("https://other.test:{}/zen", w.api.addr.port());
+        let (status, reason, _) = text(
+            send.send_request(request("GET", &other, empty()))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 403);
+        assert!(reason.contains(":authority"), "{reason}");
+        // Stream 4: allowed, answered while stream 1 is still open.
+        let (status, _, body) = text(
+            send.send_request(request("GET", &format!("{base}/zen"), empty()))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        // Stream 1 ends and gets its answer.
+        tx.send(Bytes::from("second half")).await.unwrap();
+        drop(tx);
+        let (status, _, body) = text(upload.await.unwrap().unwrap()).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("body=first half, second half"), "{body}");
+        // Upstream saw the two allowed requests and nothing else.
+        let mut uris: Vec<_> = w
+            .api
+            .seen()
+            .iter()
+            .map(|s| s.method.clone() + " " + &s.uri)
+            .collect();
+        uris.sort();
+        assert_eq!(uris.len(), 2, "{uris:?}");
+        assert!(
+            uris[0].starts_with("GET ") && uris[0].ends_with("/zen"),
+            "{uris:?}"
+        );
+        assert!(
+            uris[1].starts_with("POST ") && uris[1].ends_with("/upload"),
+            "{uris:?}"
+        );
+        // One event per stream.
+        w.gw.wait_event(|e| {
+            e.kind == EventKind::HttpRequest && e.path.as_deref() == Some("/upload")
+        })
+        .await;
+        let per_path = |p: &str| {
+            w.gw.events()
+                .into_iter()
+                .filter(|e| {
+                    matches!(e.kind, EventKind::HttpRequest | EventKind::Blocked)
+                        && e.path.as_deref() == Some(p)
+                })
+                .map(|e| (e.kind, e.rule))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            per_path("/admin"),
+            [(EventKind::Blocked, "http-rules:default-deny".to_owned())]
+        );
+        assert_eq!(per_path("/zen").len(), 2, "{:?}", per_path("/zen"));
+        assert_eq!(per_path("/upload").len(), 1);
+        assert!(w
+            .gw
+            .events()
+            .iter()
+            .any(|e| e.kind == EventKind::Blocked && e.rule == "host-mismatch"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finding_mid_body_on_an_http2_stream_cancels_the_upstream_request_and_the_connection_goes_on(
+) {
+    for api_h2 in [true, false] {
+        let w = world_with(false, api_h2).await;
+        let mut send = w.h2_connection("api.test").await;
+        let base = format!("https://api.test:{}", w.api.addr.port());
+        let (tx, body) = feed();
+        let upload =
+            tokio::spawn(send.send_request(request("POST", &format!("{base}/upload"), body)));
+        // Enough clean bytes that upstream gets part of the body before the finding.
+        for _ in 0..4 {
+            tx.send(Bytes::from(vec![b'a'; 64 * 1024])).await.unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        tx.send(Bytes::from("key=AKIAIOSFODNN7EXAMPLE;"))
+            .await
+            .unwrap();
+        drop(tx);
+        match upload.await.unwrap() {
+            // The response had not begun: the stream gets the gateway's refusal...
+            Ok(resp) => {
+                let (status, reason, _) = text(resp).await;
+                assert_eq!(status, 403);
+                assert!(reason.contains("aws_access_key_id"), "{reason}");
+            }
+            // ... or, had it begun, a reset.
+            Err(e) => panic!("expected a 403 on the stream, got {e}"),
+        }
+        let blocked = w
+            .gw
+            .wait_event(|e| e.kind == EventKind::Blocked && e.path.as_deref() == Some("/upload"))
+            .await;
+        assert_eq!(blocked.rule, "dlp:aws_access_key_id");
+        assert!(
+            blocked.bytes_up > 0,
+            "upstream got part of the body first: {blocked:?}"
+        );
+        w.gw.wait_event(|e| e.kind == EventKind::Alert && e.rule == "dlp:aws_access_key_id")
+            .await;
+        assert!(
+            w.api.seen().is_empty(),
+            "upstream must never see a complete request: {:?}",
+            w.api.seen()
+        );
+        // The connection is still good.
+        let (status, _, _) = text(
+            send.send_request(request("GET", &format!("{base}/zen"), empty()))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(w.api.seen().len(), 1);
+    }
 }

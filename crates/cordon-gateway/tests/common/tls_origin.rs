@@ -36,8 +36,18 @@ impl TestCa {
         }
     }
 
-    /// A server config for `names`, signed by this CA.
+    /// A server config for `names`, signed by this CA, speaking only HTTP/1.1.
     pub fn server(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
+        self.server_alpn(names, &[b"http/1.1"])
+    }
+
+    /// Like [`TestCa::server`], offering `h2` before `http/1.1` (the origin speaks what the
+    /// client picks).
+    pub fn server_h2(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
+        self.server_alpn(names, &[b"h2", b"http/1.1"])
+    }
+
+    fn server_alpn(&self, names: &[&str], alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
         let key = KeyPair::generate().unwrap();
         let params =
             CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
@@ -54,7 +64,7 @@ impl TestCa {
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         )
         .unwrap();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Arc::new(config)
     }
 }
@@ -62,6 +72,8 @@ impl TestCa {
 /// One request as the origin saw it.
 #[derive(Debug, Clone)]
 pub struct Seen {
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
     pub method: String,
     pub uri: String,
     pub headers: Vec<(String, String)>,
@@ -108,6 +120,7 @@ impl TlsOrigin {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let log = log.clone();
                         async move {
+                            let version = format!("{:?}", req.version());
                             let method = req.method().to_string();
                             let uri = req.uri().to_string();
                             let headers: Vec<(String, String)> = req
@@ -124,10 +137,11 @@ impl TlsOrigin {
                                 .map(|(_, v)| v.clone())
                                 .unwrap_or_default();
                             let echo = format!(
-                                "method={method} uri={uri} authorization={auth} body={}",
+                                "method={method} uri={uri} version={version} authorization={auth} body={}",
                                 String::from_utf8_lossy(&body)
                             );
                             log.lock().unwrap().push(Seen {
+                                version,
                                 method,
                                 uri,
                                 headers,
@@ -140,9 +154,17 @@ impl TlsOrigin {
                             Ok::<_, hyper::Error>(resp)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
+                    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        let _ = hyper::server::conn::http2::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
                         .serve_connection(TokioIo::new(tls), svc)
                         .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(tls), svc)
+                            .await;
+                    }
                 });
             }
         });
