@@ -985,3 +985,74 @@ async fn a_finding_mid_body_on_an_http2_stream_cancels_the_upstream_request_and_
         assert_eq!(w.api.seen().len(), 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_shaped_exchange_keeps_te_and_trailers_over_http2_and_trailers_are_redacted() {
+    let w = world_with(false, true).await;
+    let mut send = w.h2_connection("api.test").await;
+    let url = format!("https://api.test:{}/repos/grpc", w.api.addr.port());
+    let mut req = request(
+        "POST",
+        &url,
+        Full::new(Bytes::from("\0\0\0\0\x05hello")).boxed(),
+    );
+    let h = req.headers_mut();
+    h.insert("te", "trailers".parse().unwrap());
+    h.insert("content-type", "application/grpc".parse().unwrap());
+    h.insert(
+        "authorization",
+        format!("Bearer {PLACEHOLDER}").parse().unwrap(),
+    );
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // `te: trailers` reached the HTTP/2 upstream (gRPC servers insist on it).
+    assert_eq!(resp.headers()["x-echo-te"], "trailers");
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    // The echo of the injected value in a trailer is redacted too.
+    let echoed = trailers["x-echo-auth-trailer"].to_str().unwrap().to_owned();
+    assert_eq!(echoed, format!("Bearer {}", "*".repeat(SECRET.len())));
+    let body = String::from_utf8_lossy(&collected.to_bytes()).into_owned();
+    assert!(!body.contains(SECRET), "{body}");
+    assert_eq!(
+        w.api.seen()[0].header("authorization"),
+        Some(&*format!("Bearer {SECRET}"))
+    );
+    w.gw.wait_event(|e| {
+        e.kind == EventKind::HttpRequest && e.path.as_deref() == Some("/repos/grpc")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_header_list_over_the_bound_is_refused_and_the_connection_goes_on() {
+    let w = world_with(false, true).await;
+    let mut send = w.h2_connection("api.test").await;
+    let base = format!("https://api.test:{}", w.api.addr.port());
+    let (status, _, _) = text(
+        send.send_request(request("GET", &format!("{base}/zen"), empty()))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    // A header list over 64 KiB never reaches a decision or upstream.
+    let mut big = request("GET", &format!("{base}/zen"), empty());
+    big.headers_mut()
+        .insert("x-big", "a".repeat(70 * 1024).parse().unwrap());
+    match send.send_request(big).await {
+        Ok(resp) => assert_eq!(resp.status(), 431),
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
+    assert_eq!(w.api.seen().len(), 1);
+    // The connection goes on.
+    let (status, _, _) = text(
+        send.send_request(request("GET", &format!("{base}/zen"), empty()))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(w.api.seen().len(), 2);
+}

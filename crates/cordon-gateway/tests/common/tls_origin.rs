@@ -3,6 +3,7 @@
 //! query and the body — so a test can see both what reached it and what the client got back.
 #![allow(dead_code)]
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -66,6 +67,24 @@ impl TestCa {
         .unwrap();
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Arc::new(config)
+    }
+}
+
+/// A body of one data frame and a trailers frame.
+struct WithTrailers(Option<Bytes>, Option<hyper::HeaderMap>);
+
+impl hyper::body::Body for WithTrailers {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        let frame = match self.0.take() {
+            Some(d) => Some(hyper::body::Frame::data(d)),
+            None => self.1.take().map(hyper::body::Frame::trailers),
+        };
+        std::task::Poll::Ready(frame.map(Ok))
     }
 }
 
@@ -140,6 +159,12 @@ impl TlsOrigin {
                                 "method={method} uri={uri} version={version} authorization={auth} body={}",
                                 String::from_utf8_lossy(&body)
                             );
+                            let te = headers
+                                .iter()
+                                .find(|(n, _)| n == "te")
+                                .map(|(_, v)| v.clone())
+                                .unwrap_or_default();
+                            let grpc = uri.ends_with("/grpc");
                             log.lock().unwrap().push(Seen {
                                 version,
                                 method,
@@ -147,10 +172,23 @@ impl TlsOrigin {
                                 headers,
                                 body,
                             });
-                            let resp = hyper::Response::builder()
-                                .header("x-echo-auth", auth)
-                                .body(Full::new(Bytes::from(echo)))
-                                .unwrap();
+                            let builder = hyper::Response::builder().header("x-echo-auth", &auth);
+                            let resp = if grpc {
+                                // gRPC-shaped: the status (and an echo) in trailers.
+                                let mut trailers = hyper::HeaderMap::new();
+                                trailers.insert("grpc-status", "0".parse().unwrap());
+                                trailers.insert("x-echo-auth-trailer", auth.parse().unwrap());
+                                builder
+                                    .header("x-echo-te", te)
+                                    .header("content-type", "application/grpc")
+                                    .body(
+                                        WithTrailers(Some(Bytes::from(echo)), Some(trailers))
+                                            .boxed(),
+                                    )
+                                    .unwrap()
+                            } else {
+                                builder.body(Full::new(Bytes::from(echo)).boxed()).unwrap()
+                            };
                             Ok::<_, hyper::Error>(resp)
                         }
                     });
