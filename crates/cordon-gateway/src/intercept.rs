@@ -28,6 +28,10 @@
 //!   the head and the body before the sandbox sees them, with an `Alert`.
 //! - Each request produces one `HttpRequest` event (method, path, bytes, the credentials used by
 //!   name) or one `Blocked` event.
+//! - HTTP/1.1 and HTTP/2: the leaf offers `h2` and `http/1.1` by ALPN. A client that picks `h2`
+//!   is served by `intercept_h2`, where every stream is one request held to each guarantee
+//!   above through the same [`Scope`] (decision, scans, swap, events); the HTTP/1.1 loop here
+//!   goes upstream over HTTP/1.1 only, exactly as before.
 
 use std::io;
 use std::net::SocketAddr;
