@@ -138,18 +138,26 @@ async fn world_with(require: bool, api_h2: bool) -> World {
 
 impl World {
     fn url(&self, host: &str, path: &str) -> String {
-        let port = match host {
+        format!("https://{host}:{}{path}", self.port_of(host))
+    }
+
+    fn port_of(&self, host: &str) -> u16 {
+        match host {
             "api.test" => self.api.addr.port(),
             "other.test" => self.other.addr.port(),
             _ => self.bad.addr.port(),
-        };
-        format!("https://{host}:{port}{path}")
+        }
     }
 
-    /// curl over HTTP/1.1 (curl offers `h2` by ALPN otherwise; HTTP/2 has tests of its own in
-    /// `intercept_h2.rs`).
-    async fn curl(&self, mut args: Vec<String>) -> (bool, String, String) {
-        args.insert(0, "--http1.1".into());
+    /// curl over HTTP/1.1 (curl offers `h2` by ALPN otherwise; HTTP/2 has tests of its own
+    /// below).
+    async fn curl(&self, args: Vec<String>) -> (bool, String, String) {
+        self.curl_with(&["--http1.1"], args).await
+    }
+
+    /// curl through the proxy, trusting the session CA, with `first` before `args`.
+    async fn curl_with(&self, first: &[&str], args: Vec<String>) -> (bool, String, String) {
+        let args: Vec<String> = first.iter().map(|a| a.to_string()).chain(args).collect();
         let proxy: SocketAddr = self.gw.proxy;
         let ca = self.ca_file.path().to_owned();
         tokio::task::spawn_blocking(move || {
@@ -328,40 +336,68 @@ async fn the_placeholder_in_plain_http_or_a_dns_name_is_blocked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn method_and_path_rules_hold_against_encoded_and_dot_segment_paths() {
     let w = world(false).await;
+    rules_hold_against_encoded_paths(&w, /*h2*/ false).await;
+}
+
+/// Method/path cases every HTTP version is held to: method, path as sent, expected status.
+const RULE_CASES: [(&str, &str, &str); 11] = [
+    ("GET", "/zen", "200"),
+    ("GET", "/repos/x/y", "200"),
+    ("DELETE", "/zen", "403"),
+    ("GET", "/user", "403"),
+    ("GET", "/repos/%2e%2e/user", "403"),
+    ("GET", "/repos%2F..%2Fuser", "403"),
+    ("GET", "/repos/..%5Cuser", "403"),
+    ("GET", "/repos/%252e%252e/user", "403"),
+    ("GET", "/repos/./../user", "403"),
+    ("GET", "/repos//..//user", "403"),
+    ("GET", "/%7Aen", "200"),
+];
+
+/// Sends every [`RULE_CASES`] request with curl (`--path-as-is`) over HTTP/1.1 or HTTP/2 and
+/// checks the status, the refusals' events and what reached `api.test`.
+async fn rules_hold_against_encoded_paths(w: &World, h2: bool) {
     let code = |out: &str| out.split_whitespace().nth(1).unwrap_or("").to_owned();
-    for (method, path, want) in [
-        ("GET", "/zen", "200"),
-        ("GET", "/repos/x/y", "200"),
-        ("DELETE", "/zen", "403"),
-        ("GET", "/user", "403"),
-        ("GET", "/repos/%2e%2e/user", "403"),
-        ("GET", "/repos%2F..%2Fuser", "403"),
-        ("GET", "/repos/..%5Cuser", "403"),
-        ("GET", "/repos/%252e%252e/user", "403"),
-        ("GET", "/%7Aen", "200"),
-    ] {
-        let (_, out, err) = w
-            .curl(s(&[
-                "-D",
-                "-",
-                "-o",
-                "/dev/null",
-                "--path-as-is",
-                "-X",
-                method,
-                &w.url("api.test", path),
-            ]))
-            .await;
+    let version = if h2 { "HTTP/2 " } else { "HTTP/1.1 " };
+    for (method, path, want) in RULE_CASES {
+        let args = s(&[
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "--path-as-is",
+            "-X",
+            method,
+            &w.url("api.test", path),
+        ]);
+        let (_, out, err) = if h2 {
+            w.curl_h2(args).await
+        } else {
+            w.curl(args).await
+        };
+        assert!(out.starts_with(version), "{method} {path}: {out} {err}");
         assert_eq!(code(&out), want, "{method} {path}: {out} {err}");
+        if want == "403" {
+            assert!(
+                out.to_ascii_lowercase().contains("x-cordon-reason: "),
+                "{out}"
+            );
+        }
     }
     let refused: Vec<_> = w
         .events_of(EventKind::Blocked)
         .into_iter()
         .filter(|e| e.rule == "http-rules:default-deny")
         .collect();
-    assert_eq!(refused.len(), 6, "{refused:#?}");
+    let want_refused = RULE_CASES.iter().filter(|c| c.2 == "403").count();
+    assert_eq!(refused.len(), want_refused, "{refused:#?}");
+    // HTTP/2 origins see the absolute URI (scheme and authority from the pseudo-headers).
     let reached: Vec<_> = w.api.seen().iter().map(|s| s.uri.clone()).collect();
-    assert_eq!(reached, ["/zen", "/repos/x/y", "/%7Aen"]);
+    let want = ["/zen", "/repos/x/y", "/%7Aen"];
+    assert_eq!(reached.len(), want.len(), "{reached:?}");
+    for (got, want) in reached.iter().zip(want) {
+        assert!(got.ends_with(want), "{reached:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -381,12 +417,11 @@ async fn an_upstream_with_a_certificate_from_an_unknown_ca_is_refused() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dlp_finds_seeded_secrets_in_headers_queries_bodies_and_chunked_bodies() {
-    let w = world(false).await;
-    let aws = "AKIAIOSFODNN7EXAMPLE";
+/// Seeded secrets curl sends to `other.test` on every HTTP version, and the alert rule each must
+/// raise: a header, a query string, a body.
+fn dlp_cases(w: &World, aws: &str) -> Vec<(Vec<String>, &'static str)> {
     let url = w.url("other.test", "/upload");
-    let cases: Vec<(Vec<String>, &str)> = vec![
+    vec![
         (
             s(&["-H", &format!("X-Key: {aws}"), &url]),
             "dlp:aws_access_key_id",
@@ -403,6 +438,17 @@ async fn dlp_finds_seeded_secrets_in_headers_queries_bodies_and_chunked_bodies()
             ]),
             "dlp:private_key",
         ),
+        (s(&["--data-binary", SECRET, &url]), "dlp:secret:gh"),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlp_finds_seeded_secrets_in_headers_queries_bodies_and_chunked_bodies() {
+    let w = world(false).await;
+    let aws = "AKIAIOSFODNN7EXAMPLE";
+    let url = w.url("other.test", "/upload");
+    let mut cases = dlp_cases(&w, aws);
+    cases.extend([
         (
             s(&[
                 "-H",
@@ -413,7 +459,6 @@ async fn dlp_finds_seeded_secrets_in_headers_queries_bodies_and_chunked_bodies()
             ]),
             "dlp:aws_access_key_id",
         ),
-        (s(&["--data-binary", SECRET, &url]), "dlp:secret:gh"),
         // The detection engine's honey token at the end of a large chunked body: the streaming
         // scan finds it (its head check is below: it quarantines the session).
         (
@@ -426,7 +471,7 @@ async fn dlp_finds_seeded_secrets_in_headers_queries_bodies_and_chunked_bodies()
             ]),
             "dlp:canary:SEEDED",
         ),
-    ];
+    ]);
     for (args, rule) in cases {
         let mut args = args;
         args.insert(0, "-".into());
@@ -527,30 +572,9 @@ async fn every_request_on_a_kept_alive_intercepted_connection_is_decided_again()
 
 impl World {
     /// curl offering `h2` (`--http2`); prints `proto=<version curl used>` after the output.
-    async fn curl_h2(&self, mut args: Vec<String>) -> (bool, String, String) {
-        args.insert(0, "--http2".into());
-        args.insert(1, "-w".into());
-        args.insert(2, "\nproto=%{http_version}\n".into());
-        let proxy: SocketAddr = self.gw.proxy;
-        let ca = self.ca_file.path().to_owned();
-        tokio::task::spawn_blocking(move || {
-            run(Command::new("curl")
-                .args(["-sS", "--max-time", "10", "-x", &format!("http://{proxy}")])
-                .arg("--suppress-connect-headers")
-                .arg("--cacert")
-                .arg(&ca)
-                .args(&args))
-        })
-        .await
-        .unwrap()
-    }
-
-    fn port_of(&self, host: &str) -> u16 {
-        match host {
-            "api.test" => self.api.addr.port(),
-            "other.test" => self.other.addr.port(),
-            _ => self.bad.addr.port(),
-        }
+    async fn curl_h2(&self, args: Vec<String>) -> (bool, String, String) {
+        self.curl_with(&["--http2", "-w", "\nproto=%{http_version}\n"], args)
+            .await
     }
 
     /// An HTTP/2 connection to `host` through the proxy (CONNECT, then TLS with the session CA
@@ -648,17 +672,6 @@ fn request(
         .unwrap()
 }
 
-async fn text(resp: hyper::Response<hyper::body::Incoming>) -> (u16, String, String) {
-    let status = resp.status().as_u16();
-    let reason = resp
-        .headers()
-        .get("x-cordon-reason")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, reason, String::from_utf8_lossy(&body).into_owned())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_over_http2_gets_the_real_token_upstream_over_h2_or_http1_and_never_sees_it_back() {
     for (api_h2, upstream_version) in [(true, "HTTP/2.0"), (false, "HTTP/1.1")] {
@@ -715,53 +728,8 @@ async fn curl_over_http2_gets_the_real_token_upstream_over_h2_or_http1_and_never
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn method_and_path_rules_hold_on_http2_streams_against_encoded_and_dot_segment_paths() {
-    let w = world_with(false, true).await;
-    let code = |out: &str| out.split_whitespace().nth(1).unwrap_or("").to_owned();
-    for (method, path, want) in [
-        ("GET", "/zen", "200"),
-        ("GET", "/repos/x/y", "200"),
-        ("DELETE", "/zen", "403"),
-        ("GET", "/user", "403"),
-        ("GET", "/repos/%2e%2e/user", "403"),
-        ("GET", "/repos%2F..%2Fuser", "403"),
-        ("GET", "/repos/..%5Cuser", "403"),
-        ("GET", "/repos/%252e%252e/user", "403"),
-        ("GET", "/repos/./../user", "403"),
-        ("GET", "/repos//..//user", "403"),
-        ("GET", "/%7Aen", "200"),
-    ] {
-        let (_, out, err) = w
-            .curl_h2(s(&[
-                "-D",
-                "-",
-                "-o",
-                "/dev/null",
-                "--path-as-is",
-                "-X",
-                method,
-                &w.url("api.test", path),
-            ]))
-            .await;
-        assert!(out.starts_with("HTTP/2 "), "{method} {path}: {out} {err}");
-        assert_eq!(code(&out), want, "{method} {path}: {out} {err}");
-        if want == "403" {
-            assert!(out.contains("x-cordon-reason: "), "{out}");
-        }
-    }
-    let refused: Vec<_> = w
-        .events_of(EventKind::Blocked)
-        .into_iter()
-        .filter(|e| e.rule == "http-rules:default-deny")
-        .collect();
-    assert_eq!(refused.len(), 8, "{refused:#?}");
-    let reached: Vec<_> = w.api.seen().iter().map(|s| s.uri.clone()).collect();
-    assert!(
-        reached
-            .iter()
-            .all(|u| u.ends_with("/zen") || u.ends_with("/repos/x/y") || u.ends_with("/%7Aen")),
-        "{reached:?}"
-    );
-    assert_eq!(reached.len(), 3, "{reached:?}");
+    let w = world_with(false, /*api_h2*/ true).await;
+    rules_hold_against_encoded_paths(&w, /*h2*/ true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -773,24 +741,8 @@ async fn dlp_finds_seeded_secrets_in_http2_headers_and_bodies() {
     let big = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(big.path(), format!("{} {aws} ", "x".repeat(2 << 20))).unwrap();
     let big_at = format!("@{}", big.path().display());
-    let cases: Vec<(Vec<String>, &str)> = vec![
-        (
-            s(&["-H", &format!("X-Key: {aws}"), &url]),
-            "dlp:aws_access_key_id",
-        ),
-        (
-            s(&[&w.url("other.test", &format!("/upload?k={aws}"))]),
-            "dlp:aws_access_key_id",
-        ),
-        (
-            s(&[
-                "--data-binary",
-                "-----BEGIN RSA PRIVATE KEY-----\nMIIE",
-                &url,
-            ]),
-            "dlp:private_key",
-        ),
-        (s(&["--data-binary", SECRET, &url]), "dlp:secret:gh"),
+    let mut cases = dlp_cases(&w, aws);
+    cases.extend([
         (
             s(&["--data-binary", &big_at, &url]),
             "dlp:aws_access_key_id",
@@ -799,7 +751,7 @@ async fn dlp_finds_seeded_secrets_in_http2_headers_and_bodies() {
             s(&["-H", &format!("Authorization: Bearer {PLACEHOLDER}"), &url]),
             "placeholder-leak:placeholder:gh",
         ),
-    ];
+    ]);
     for (args, rule) in cases {
         let mut args = args;
         args.insert(0, "-".into());
@@ -853,7 +805,7 @@ async fn streams_on_one_http2_connection_are_each_decided_and_a_refused_one_leav
             .send_request(request("GET", &format!("{base}/admin"), empty()))
             .await
             .unwrap();
-        let (status, reason, _) = text(resp).await;
+        let (status, reason, _) = response_parts(resp).await;
         assert_eq!(status, 403);
         assert!(
             reason.contains("/admin") || reason.contains("rule"),
@@ -861,7 +813,7 @@ async fn streams_on_one_http2_connection_are_each_decided_and_a_refused_one_leav
         );
         // Stream 3: another host's authority on this connection (domain fronting).
         let other = format!("https://other.test:{}/zen", w.api.addr.port());
-        let (status, reason, _) = text(
+        let (status, reason, _) = response_parts(
             send.send_request(request("GET", &other, empty()))
                 .await
                 .unwrap(),
@@ -870,7 +822,7 @@ async fn streams_on_one_http2_connection_are_each_decided_and_a_refused_one_leav
         assert_eq!(status, 403);
         assert!(reason.contains(":authority"), "{reason}");
         // Stream 4: allowed, answered while stream 1 is still open.
-        let (status, _, body) = text(
+        let (status, _, body) = response_parts(
             send.send_request(request("GET", &format!("{base}/zen"), empty()))
                 .await
                 .unwrap(),
@@ -880,7 +832,7 @@ async fn streams_on_one_http2_connection_are_each_decided_and_a_refused_one_leav
         // Stream 1 ends and gets its answer.
         tx.send(Bytes::from("second half")).await.unwrap();
         drop(tx);
-        let (status, _, body) = text(upload.await.unwrap().unwrap()).await;
+        let (status, _, body) = response_parts(upload.await.unwrap().unwrap()).await;
         assert_eq!(status, 200, "{body}");
         assert!(body.contains("body=first half, second half"), "{body}");
         // Upstream saw the two allowed requests and nothing else.
@@ -951,7 +903,7 @@ async fn a_finding_mid_body_on_an_http2_stream_cancels_the_upstream_request_and_
         match upload.await.unwrap() {
             // The response had not begun: the stream gets the gateway's refusal...
             Ok(resp) => {
-                let (status, reason, _) = text(resp).await;
+                let (status, reason, _) = response_parts(resp).await;
                 assert_eq!(status, 403);
                 assert!(reason.contains("aws_access_key_id"), "{reason}");
             }
@@ -975,7 +927,7 @@ async fn a_finding_mid_body_on_an_http2_stream_cancels_the_upstream_request_and_
             w.api.seen()
         );
         // The connection is still good.
-        let (status, _, _) = text(
+        let (status, _, _) = response_parts(
             send.send_request(request("GET", &format!("{base}/zen"), empty()))
                 .await
                 .unwrap(),
@@ -1030,7 +982,7 @@ async fn an_http2_header_list_over_the_bound_is_refused_and_the_connection_goes_
     let w = world_with(false, true).await;
     let mut send = w.h2_connection("api.test").await;
     let base = format!("https://api.test:{}", w.api.addr.port());
-    let (status, _, _) = text(
+    let (status, _, _) = response_parts(
         send.send_request(request("GET", &format!("{base}/zen"), empty()))
             .await
             .unwrap(),
@@ -1047,7 +999,7 @@ async fn an_http2_header_list_over_the_bound_is_refused_and_the_connection_goes_
     }
     assert_eq!(w.api.seen().len(), 1);
     // The connection goes on.
-    let (status, _, _) = text(
+    let (status, _, _) = response_parts(
         send.send_request(request("GET", &format!("{base}/zen"), empty()))
             .await
             .unwrap(),

@@ -2427,25 +2427,15 @@ fn credentials_reach_their_host_through_interception_and_the_sandbox_never_holds
     assert!(!exported.stdout.contains(&secret));
 }
 
-const H2_POLICY: &str = r#"
-[network]
-allow = ["api.fake.test:443", "api.fake.test:8443"]
-
-[[network.rules]]
-host = "api.fake.test"
-methods = ["GET", "POST"]
-paths = ["/echo-auth", "/upload"]
-
-[[credentials]]
-name = "github"
-hosts = ["api.fake.test"]
-header = "Authorization"
-format = "Bearer {secret}"
-from_env = "GITHUB_TOKEN"
-
-[response]
-terminate_after_blocked = 0
-"#;
+/// [`GH_POLICY`] with the HTTP/2 origin's port allowed too.
+fn h2_policy() -> String {
+    let policy = GH_POLICY.replace(
+        r#"allow = ["api.fake.test", "#,
+        r#"allow = ["api.fake.test", "api.fake.test:8443", "#,
+    );
+    assert_ne!(policy, GH_POLICY);
+    policy
+}
 
 /// curl inside the sandbox offering HTTP/2: `:443` is the HTTP/1.1 origin, `:8443` the origin
 /// that speaks only HTTP/2. Each line of the `-w` output says which request and protocol.
@@ -2509,7 +2499,7 @@ fn curl_over_http2_works_through_interception_in_a_real_sandbox_and_the_audit_ha
     let ca = net.dir.path().join("net/ca.pem").display().to_string();
     let r = net
         .cordon()
-        .policy(H2_POLICY)
+        .policy(&h2_policy())
         .env("GITHUB_TOKEN", &secret)
         .args(&["--upstream-ca", &ca])
         .run(&["/bin/sh", "-c", H2_SCRIPT]);
