@@ -252,14 +252,26 @@ impl AsyncRead for Metered {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let mut tmp = [0u8; 16 * 1024];
-        let want = buf.remaining().min(tmp.len());
+        let want = buf.remaining();
         let allowed = match self.meter.reserve(ByteDirection::In, want) {
             Ok(n) => n,
             Err(e) => return Poll::Ready(Err(e)),
         };
-        let mut rb = ReadBuf::new(&mut tmp[..allowed]);
         let this = &mut *self;
+        if allowed == want {
+            // The usual case: the budget grants all, and the read goes straight into `buf`.
+            let before = buf.filled().len();
+            let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+            let got = match res {
+                Poll::Ready(Ok(())) => buf.filled().len() - before,
+                _ => 0,
+            };
+            this.meter.settle(ByteDirection::In, allowed, got);
+            return res;
+        }
+        // The budget grants less: read at most that through a scratch buffer.
+        let mut tmp = vec![0u8; allowed];
+        let mut rb = ReadBuf::new(&mut tmp);
         let res = Pin::new(&mut this.inner).poll_read(cx, &mut rb);
         let got = match res {
             Poll::Ready(Ok(())) => rb.filled().len(),

@@ -244,8 +244,11 @@ impl H2Conn {
     async fn stream(self: Arc<Self>, req: Request<Incoming>) -> Response<OutBody> {
         let active = Active::new(self.clone());
         let done = self.done.clone();
+        // Boxed: hyper moves the stream's future into a task of its own, and a small future
+        // is cheaper to move than this large one.
+        let work = Box::pin(self.handle(req, active));
         tokio::select! {
-            r = self.handle(req, active) => r,
+            r = work => r,
             _ = done.cancelled() => refusal_response(503, "the connection is closing"),
         }
     }
