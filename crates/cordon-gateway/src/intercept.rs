@@ -1382,3 +1382,57 @@ pub(crate) fn check_plain(
     ctx.emit(session, e);
     Some((403, reason))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::core::testing::meter_with_budget;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn the_metered_upstream_reads_no_more_than_the_inbound_budget_then_fails() {
+        let (mut peer, inner) = pair().await;
+        let (meter, _sink) = meter_with_budget(None, Some(10));
+        let counters = meter.counters();
+        let mut up = Metered { inner, meter };
+        peer.write_all(&[b'x'; 100]).await.unwrap();
+        let mut buf = [0u8; 64];
+        let mut got = 0;
+        loop {
+            match up.read(&mut buf).await {
+                Ok(0) => panic!("eof before the budget ran out"),
+                Ok(n) => got += n,
+                Err(e) => {
+                    assert!(e.to_string().contains("byte budget exhausted"), "{e}");
+                    break;
+                }
+            }
+        }
+        assert_eq!(got, 10);
+        assert_eq!(counters.snapshot().1, 10);
+    }
+
+    #[tokio::test]
+    async fn the_metered_upstream_counts_what_it_reads_and_writes() {
+        let (mut peer, inner) = pair().await;
+        let (meter, _sink) = meter_with_budget(None, None);
+        let counters = meter.counters();
+        let mut up = Metered { inner, meter };
+        up.write_all(b"hello").await.unwrap();
+        let mut five = [0u8; 5];
+        peer.read_exact(&mut five).await.unwrap();
+        peer.write_all(&[b'y'; 3000]).await.unwrap();
+        drop(peer);
+        let mut all = Vec::new();
+        up.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all.len(), 3000);
+        assert_eq!(counters.snapshot(), (5, 3000));
+    }
+}
