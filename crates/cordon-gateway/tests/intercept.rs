@@ -67,6 +67,11 @@ async fn world(require: bool) -> World {
 
 /// [`world`], with `api.test` offering `h2` (and `http/1.1`) when `api_h2`.
 async fn world_with(require: bool, api_h2: bool) -> World {
+    world_timed(require, api_h2, cordon_gateway::Timeouts::default()).await
+}
+
+/// [`world_with`], with the gateway's timeouts.
+async fn world_timed(require: bool, api_h2: bool, timeouts: cordon_gateway::Timeouts) -> World {
     let upstream_ca = TestCa::new("fake upstream CA");
     let rogue_ca = TestCa::new("rogue CA");
     let api_config = if api_h2 {
@@ -123,6 +128,7 @@ async fn world_with(require: bool, api_h2: bool) -> World {
     let opts = Options {
         intercept: Some(Arc::new(intercept)),
         canaries: vec![("SEEDED".into(), "CANARY7f3a9c1e55d2x0q".into())],
+        timeouts,
         ..Options::default()
     };
     let gw = Running::start(network, dns.addr, opts).await;
@@ -1007,4 +1013,34 @@ async fn an_http2_header_list_over_the_bound_is_refused_and_the_connection_goes_
     .await;
     assert_eq!(status, 200);
     assert_eq!(w.api.seen().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_but_not_while_a_stream_is_open() {
+    let timeouts = cordon_gateway::Timeouts {
+        header_read: std::time::Duration::from_millis(700),
+        ..cordon_gateway::Timeouts::default()
+    };
+    let w = world_timed(false, true, timeouts).await;
+    let mut send = w.h2_connection("api.test").await;
+    let base = format!("https://api.test:{}", w.api.addr.port());
+    // A stream open for more than two idle periods keeps the connection.
+    let (tx, body) = feed();
+    let upload = tokio::spawn(send.send_request(request("POST", &format!("{base}/upload"), body)));
+    tx.send(Bytes::from("slow ")).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1800)).await;
+    assert!(!send.is_closed());
+    tx.send(Bytes::from("upload")).await.unwrap();
+    drop(tx);
+    let (status, _, body) = response_parts(upload.await.unwrap().unwrap()).await;
+    assert_eq!(status, 200, "{body}");
+    // Then, with nothing open, it is closed within two idle periods (and a bit).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !send.is_closed() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle connection stayed open"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
