@@ -101,6 +101,17 @@ impl Ctx {
         }
     }
 
+    /// Fires the canary rule for a token another scanner found (the DLP's streaming body scan
+    /// reports it by pattern name, `canary:<name>`).
+    pub fn canary_seen(&self, session: &Session, pattern_name: &str, where_: &str) {
+        if let Some(d) = session
+            .detector
+            .canary_seen(&session.info, pattern_name, where_)
+        {
+            detected(&self.shared, session, d);
+        }
+    }
+
     /// Records an event that belongs to no session (a request without a valid proxy token).
     pub fn emit_unattributed(&self, e: NetEvent) {
         self.shared.stats.count(&e);

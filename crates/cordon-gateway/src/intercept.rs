@@ -79,7 +79,7 @@ pub(crate) struct Runtime {
 impl Runtime {
     /// `canaries`: the detection engine's honey tokens (`GatewayConfig::canaries`), also looked
     /// for in streamed bodies, where the engine's own check does not reach.
-    pub fn new(cfg: Arc<InterceptConfig>, canaries: &[(String, String)]) -> Runtime {
+    pub fn new(cfg: Arc<InterceptConfig>, canaries: &[crate::detect::canary::Canary]) -> Runtime {
         let secrets: Vec<_> = cfg
             .credentials
             .iter()
@@ -93,7 +93,13 @@ impl Runtime {
             .collect();
         let canaries: Vec<_> = canaries
             .iter()
-            .map(|(n, v)| (Kind::Canary, format!("canary:{n}"), v.as_bytes().to_vec()))
+            .map(|c| {
+                (
+                    Kind::Canary,
+                    format!("canary:{}", c.source.pattern_name()),
+                    c.token.as_bytes().to_vec(),
+                )
+            })
             .collect();
         let placeholders: Vec<_> = cfg
             .credentials
@@ -965,6 +971,13 @@ impl Conn<'_> {
                     &f,
                 );
                 self.ctx.emit(self.session, event);
+                // A honey token in a streamed body is the canary rule's too, with its response.
+                if let Some(name) = f.pattern.strip_prefix("canary:") {
+                    if f.kind == Kind::Canary {
+                        self.ctx
+                            .canary_seen(self.session, name, "intercepted request body");
+                    }
+                }
                 let status = if f.kind == Kind::TooLarge { 413 } else { 403 };
                 let _ = self.reply(status, &reason, true).await;
                 return false;

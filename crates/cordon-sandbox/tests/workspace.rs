@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use cordon_sandbox::workspace::tree::{self, MAX_DEPTH};
 use cordon_sandbox::workspace::{
-    attach_detached_mount, cleanup_stale, plan_volume, HostFacts, Owner, SandboxMount,
+    attach_detached_mount, cleanup_stale, plan_volume, HostFacts, Owner, PlantError, SandboxMount,
     VolumeBackend, VolumePlan, VolumeRequest, WorkspaceError, WorkspaceSource, WorkspaceVolume,
 };
 
@@ -1325,4 +1325,174 @@ fn print_prepare_and_commit_timings() {
         discard.push(t.elapsed().as_micros() as u64);
     }
     println!("throwaway discard median {} us", median(discard));
+}
+
+// ----------------------------------------------------------------------------------------------
+// Canary files planted after copy-in (any user).
+
+fn plant(p: &Pair, snap: &mut tree::Snapshot, rel: &str, text: &str) -> Result<(), PlantError> {
+    cordon_sandbox::workspace::plant::plant(
+        dirfd(&p.vol).as_fd(),
+        Path::new(rel),
+        text.as_bytes(),
+        None,
+        snap,
+    )
+}
+
+#[test]
+fn a_planted_canary_file_is_never_committed_and_its_made_directory_leaves_no_trace() {
+    let p = pair();
+    fs::write(p.host.join("code.py"), "print(1)").unwrap();
+    let (mut snap, _) = copy_in(&p);
+    plant(&p, &mut snap, ".aws/credentials", "[default]\n").unwrap();
+    plant(&p, &mut snap, ".env", "API_KEY=x\n").unwrap();
+    plant(&p, &mut snap, "deploy/keys/id_ed25519", "key\n").unwrap();
+    assert_eq!(
+        fs::read_to_string(p.vol.join(".aws/credentials")).unwrap(),
+        "[default]\n"
+    );
+    // Shaped like real credential files: the owner's alone.
+    assert_eq!(
+        fs::metadata(p.vol.join(".env")).unwrap().mode() & 0o7777,
+        0o600
+    );
+    assert_eq!(
+        fs::metadata(p.vol.join("deploy/keys")).unwrap().mode() & 0o7777,
+        0o700
+    );
+    assert!(snap.is_reserved(Path::new(".env")));
+    // The sandbox works next to them.
+    fs::write(p.vol.join("out.txt"), "result").unwrap();
+    let stats = commit(&p, &snap);
+    assert_eq!(
+        stats.skipped,
+        vec![],
+        "untouched canaries are left out silently"
+    );
+    assert_eq!(
+        fs::read_to_string(p.host.join("out.txt")).unwrap(),
+        "result"
+    );
+    let mut left: Vec<String> = fs::read_dir(&p.host)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["code.py", "out.txt"]);
+}
+
+#[test]
+fn a_canary_path_the_sandbox_rewrote_or_replaced_is_not_committed_and_is_reported() {
+    let p = pair();
+    let (mut snap, _) = copy_in(&p);
+    plant(&p, &mut snap, ".env", "API_KEY=canary\n").unwrap();
+    plant(&p, &mut snap, ".aws/credentials", "[default]\n").unwrap();
+    plant(&p, &mut snap, ".netrc", "machine x\n").unwrap();
+    // Rewritten in place, replaced by a directory, and a real file next to a canary.
+    fs::write(p.vol.join(".env"), "API_KEY=mine\n").unwrap();
+    fs::remove_file(p.vol.join(".netrc")).unwrap();
+    fs::create_dir(p.vol.join(".netrc")).unwrap();
+    fs::write(p.vol.join(".netrc/inside"), "x").unwrap();
+    fs::write(p.vol.join(".aws/config"), "[default]\nregion = x\n").unwrap();
+    let stats = commit(&p, &snap);
+    let mut skipped: Vec<(String, String)> = stats
+        .skipped
+        .iter()
+        .map(|s| (s.path.display().to_string(), s.reason.clone()))
+        .collect();
+    skipped.sort();
+    let reason = "a canary file of this session: not committed".to_string();
+    assert_eq!(
+        skipped,
+        [
+            (".env".to_string(), reason.clone()),
+            (".netrc".to_string(), reason)
+        ]
+    );
+    assert!(!p.host.join(".env").exists());
+    assert!(!p.host.join(".netrc").exists());
+    // The directory made for a canary holds something of the sandbox's own: it stays, the
+    // canary does not.
+    assert_eq!(
+        fs::read_to_string(p.host.join(".aws/config")).unwrap(),
+        "[default]\nregion = x\n"
+    );
+    assert!(!p.host.join(".aws/credentials").exists());
+}
+
+#[test]
+fn planting_never_clobbers_or_writes_through_what_the_workspace_already_has() {
+    let p = pair();
+    let outside = tempfile::tempdir().unwrap();
+    fs::write(p.host.join(".env"), "REAL=1\n").unwrap();
+    symlink(outside.path(), p.host.join(".ssh")).unwrap();
+    fs::write(p.host.join(".aws"), "not a dir").unwrap();
+    symlink("/etc/passwd", p.host.join(".netrc")).unwrap();
+    let (mut snap, _) = copy_in(&p);
+    let occupied = |r: Result<(), PlantError>| match r {
+        Err(PlantError::Occupied { path, what }) => (path.display().to_string(), what),
+        other => panic!("expected Occupied, got {other:?}"),
+    };
+    assert_eq!(
+        occupied(plant(&p, &mut snap, ".env", "x")),
+        (".env".into(), "a file")
+    );
+    assert_eq!(
+        occupied(plant(&p, &mut snap, ".ssh/id_rsa", "x")),
+        (".ssh".into(), "a symlink")
+    );
+    assert_eq!(
+        occupied(plant(&p, &mut snap, ".aws/credentials", "x")),
+        (".aws".into(), "a file")
+    );
+    assert_eq!(
+        occupied(plant(&p, &mut snap, ".netrc", "x")),
+        (".netrc".into(), "a symlink")
+    );
+    assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
+    assert_eq!(fs::read_to_string(p.vol.join(".env")).unwrap(), "REAL=1\n");
+    assert!(!snap.is_reserved(Path::new(".env")));
+    // The host's own file is committed as usual: the sandbox's change to it reaches the host.
+    fs::write(p.vol.join(".env"), "REAL=2\n").unwrap();
+    commit(&p, &snap);
+    assert_eq!(fs::read_to_string(p.host.join(".env")).unwrap(), "REAL=2\n");
+}
+
+#[test]
+fn plant_refuses_paths_that_are_not_plain_names_before_touching_anything() {
+    let p = pair();
+    let (mut snap, _) = copy_in(&p);
+    for bad in [
+        "../escape",
+        "/etc/cordon-canary",
+        "a/../../b",
+        "./x",
+        "a//b",
+        "",
+    ] {
+        assert!(
+            matches!(plant(&p, &mut snap, bad, "x"), Err(PlantError::BadPath(_))),
+            "{bad:?}"
+        );
+    }
+    assert_eq!(fs::read_dir(&p.vol).unwrap().count(), 0);
+    assert!(!p.vol.parent().unwrap().join("escape").exists());
+}
+
+#[test]
+fn a_directory_the_host_turned_into_a_file_during_the_session_is_left_alone() {
+    let p = pair();
+    let (mut snap, _) = copy_in(&p);
+    plant(&p, &mut snap, ".aws/credentials", "[default]\n").unwrap();
+    fs::write(p.vol.join(".aws/config"), "x").unwrap();
+    // Meanwhile, on the host.
+    fs::write(p.host.join(".aws"), "host file").unwrap();
+    let stats = commit(&p, &snap);
+    assert_eq!(
+        fs::read_to_string(p.host.join(".aws")).unwrap(),
+        "host file"
+    );
+    assert_eq!(stats.skipped.len(), 1, "{:?}", stats.skipped);
+    assert!(stats.skipped[0].reason.contains("made for a canary file"));
 }

@@ -67,6 +67,9 @@ pub struct RunResult {
     pub terminated: Option<String>,
     /// Every detection-rule firing of the session, in order (also `alert` audit events).
     pub alerts: Vec<crate::alerts::Fired>,
+    /// The session's honey tokens by name (variables, planted and skipped files); `null` when
+    /// the policy has none. Never a token.
+    pub canaries: Option<crate::canary::CanaryReport>,
     /// Syscalls the seccomp filter denied, when the supervisor counts them
     /// (`detect.sandbox.seccomp_denied` > 0); `null` otherwise.
     pub seccomp_denied: Option<u64>,

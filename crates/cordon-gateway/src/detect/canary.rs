@@ -1,10 +1,12 @@
-//! Honey tokens: values only cordon and the sandbox's environment know, looked for in outbound
-//! traffic.
+//! Honey tokens: values only cordon and the sandbox know (placed in its environment or in files
+//! of its workspace), looked for in outbound traffic.
 //!
 //! Guarantees: [`Canaries::scan`] finds a token written as is or base64-encoded at any
 //! alignment (as in `Authorization: Basic …`), anywhere in the bytes it is given (a request
-//! head, a body prefix, a DNS name, or — once TLS interception lands — decrypted bytes). Tokens
-//! are random, so a match is not a coincidence: one hit is enough.
+//! head, a body prefix, decrypted bytes); [`Canaries::scan_name`] finds a token in a DNS name
+//! whatever its letter case (resolvers and the gateway lower-case names). Tokens are random, so
+//! a match is not a coincidence: one hit is enough. Nothing here prints a token: [`Canary`]'s
+//! `Debug` shows only where it was placed.
 
 use base64::Engine as _;
 use memchr::memmem;
@@ -20,6 +22,49 @@ pub fn new_token() -> Result<String, getrandom::Error> {
         .iter()
         .map(|b| char::from(ALPHABET[usize::from(*b) % ALPHABET.len()]))
         .collect())
+}
+
+/// Where a honey token was placed in the sandbox: what an alert names instead of the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CanarySource {
+    /// An environment variable (`[detect.canary] env`).
+    Env(String),
+    /// A file in `/workspace`, by its path relative to it (`[detect.canary] files`).
+    File(String),
+}
+
+impl CanarySource {
+    /// How a firing's summary names it: `AWS_SECRET_ACCESS_KEY`, `from workspace file .env`.
+    pub fn describe(&self) -> String {
+        match self {
+            CanarySource::Env(name) => name.clone(),
+            CanarySource::File(path) => format!("from workspace file {path}"),
+        }
+    }
+
+    /// The name the outbound scanner (DLP) reports it under, after `canary:`.
+    pub fn pattern_name(&self) -> String {
+        match self {
+            CanarySource::Env(name) => name.clone(),
+            CanarySource::File(path) => format!("file:{path}"),
+        }
+    }
+}
+
+/// One honey token and where it was placed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Canary {
+    pub source: CanarySource,
+    pub token: String,
+}
+
+impl std::fmt::Debug for Canary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token itself.
+        f.debug_struct("Canary")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How a token was found.
@@ -50,6 +95,8 @@ pub struct CanaryHit {
 #[derive(Default)]
 pub struct Canaries {
     needles: Vec<(usize, Encoding, memmem::Finder<'static>)>,
+    /// Each token in lower case, for DNS names.
+    lower: Vec<(usize, memmem::Finder<'static>)>,
 }
 
 impl std::fmt::Debug for Canaries {
@@ -64,11 +111,14 @@ impl std::fmt::Debug for Canaries {
 impl Canaries {
     pub fn new(tokens: &[String]) -> Canaries {
         let mut needles = Vec::new();
+        let mut lower = Vec::new();
         let b64 = base64::engine::general_purpose::STANDARD_NO_PAD;
         for (i, token) in tokens.iter().enumerate() {
             if token.len() < 8 {
                 continue;
             }
+            let folded = token.to_ascii_lowercase();
+            lower.push((i, memmem::Finder::new(folded.as_bytes()).into_owned()));
             needles.push((
                 i,
                 Encoding::Plain,
@@ -88,11 +138,24 @@ impl Canaries {
                 }
             }
         }
-        Canaries { needles }
+        Canaries { needles, lower }
     }
 
     pub fn is_empty(&self) -> bool {
         self.needles.is_empty()
+    }
+
+    /// The first token found in a DNS name, compared without regard to letter case (a name is
+    /// case-insensitive, and arrives lower-cased).
+    pub fn scan_name(&self, name: &str) -> Option<CanaryHit> {
+        let folded = name.to_ascii_lowercase();
+        self.lower
+            .iter()
+            .find(|(_, f)| f.find(folded.as_bytes()).is_some())
+            .map(|(token, _)| CanaryHit {
+                token: *token,
+                encoding: Encoding::Plain,
+            })
     }
 
     /// The first token found in `bytes`, if any.
@@ -133,6 +196,35 @@ mod tests {
             );
         }
         assert_eq!(c.scan(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn a_mixed_case_token_is_found_in_a_lower_cased_dns_name() {
+        let token = "AbCdEfGhIjKlMnOpQrStUvWxYz0123456789AbCd".to_owned();
+        let c = Canaries::new(std::slice::from_ref(&token));
+        let name = format!("{}.evil.test", token.to_lowercase());
+        // Case matters in request bytes, so the exact-case scan misses it…
+        assert_eq!(c.scan(name.as_bytes()), None);
+        // …and the name scan finds it, in any case.
+        assert_eq!(c.scan_name(&name).map(|h| h.token), Some(0));
+        assert_eq!(
+            c.scan_name(&format!("x.{token}.evil.test"))
+                .map(|h| h.token),
+            Some(0)
+        );
+        assert_eq!(c.scan_name("www.example.com"), None);
+    }
+
+    #[test]
+    fn a_canary_never_shows_its_token_in_debug_output() {
+        let token = new_token().unwrap();
+        let c = Canary {
+            source: CanarySource::File(".env".into()),
+            token: token.clone(),
+        };
+        let shown = format!("{c:?}");
+        assert!(!shown.contains(&token), "{shown}");
+        assert!(shown.contains(".env"), "{shown}");
     }
 
     #[test]

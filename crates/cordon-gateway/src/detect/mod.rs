@@ -28,7 +28,7 @@ use cordon_policy::{DetectPolicy, Response};
 use serde::Serialize;
 
 use crate::event::{EventKind, NetEvent, SessionInfo, Verdict, Via};
-use canary::Canaries;
+use canary::{Canaries, Canary, CanarySource};
 use window::{Distinct, Window};
 
 /// The rules, as named in the policy (`[detect.<rule>]`) and in alerts.
@@ -220,20 +220,20 @@ struct State {
 pub(crate) struct Detector {
     policy: DetectPolicy,
     canaries: Canaries,
-    /// The canary rule's variable names, by token index.
-    canary_names: Vec<String>,
+    /// Where each token was placed, by token index.
+    canary_sources: Vec<CanarySource>,
     fired: AtomicU8,
     state: Mutex<State>,
 }
 
 impl Detector {
-    /// `canaries`: (variable name, token) pairs placed in the sandbox.
-    pub fn new(policy: DetectPolicy, canaries: &[(String, String)]) -> Detector {
-        let tokens: Vec<String> = canaries.iter().map(|(_, t)| t.clone()).collect();
+    /// `canaries`: the honey tokens placed in the sandbox.
+    pub fn new(policy: DetectPolicy, canaries: &[Canary]) -> Detector {
+        let tokens: Vec<String> = canaries.iter().map(|c| c.token.clone()).collect();
         Detector {
             policy,
             canaries: Canaries::new(&tokens),
-            canary_names: canaries.iter().map(|(n, _)| n.clone()).collect(),
+            canary_sources: canaries.iter().map(|c| c.source.clone()).collect(),
             fired: AtomicU8::new(0),
             state: Mutex::new(State::default()),
         }
@@ -255,26 +255,74 @@ impl Detector {
             return None;
         }
         let hit = self.canaries.scan(bytes)?;
-        let name = self
-            .canary_names
-            .get(hit.token)
+        Some(self.canary_fired(session, hit.token, hit.encoding, where_))
+    }
+
+    /// Looks for a honey token in a DNS name: as is in any letter case, or base64-encoded in a
+    /// name kept as the sandbox wrote it.
+    fn scan_name(&self, session: &SessionInfo, name: &str) -> Option<Detection> {
+        if self.canaries.is_empty() || self.has_fired(Rule::Canary) {
+            return None;
+        }
+        let hit = self
+            .canaries
+            .scan_name(name)
+            .or_else(|| self.canaries.scan(name.as_bytes()))?;
+        Some(self.canary_fired(session, hit.token, hit.encoding, "dns name"))
+    }
+
+    /// A token found by another scanner (the DLP's streaming body scan), reported under its
+    /// pattern name ([`CanarySource::pattern_name`]).
+    pub fn canary_seen(
+        &self,
+        session: &SessionInfo,
+        pattern_name: &str,
+        where_: &str,
+    ) -> Option<Detection> {
+        if self.has_fired(Rule::Canary) {
+            return None;
+        }
+        let token = self
+            .canary_sources
+            .iter()
+            .position(|s| s.pattern_name() == pattern_name)?;
+        Some(self.canary_fired(session, token, canary::Encoding::Plain, where_))
+    }
+
+    fn canary_fired(
+        &self,
+        session: &SessionInfo,
+        token: usize,
+        encoding: canary::Encoding,
+        where_: &str,
+    ) -> Detection {
+        let source = self
+            .canary_sources
+            .get(token)
             .cloned()
-            .unwrap_or_default();
+            .unwrap_or(CanarySource::Env(String::new()));
+        let placed = match &source {
+            CanarySource::Env(name) => ("variable", Evidence::from(name.as_str())),
+            CanarySource::File(path) => ("file", Evidence::from(path.as_str())),
+        };
         let c = &self.policy.canary;
-        Some(Detection::new(
+        Detection::new(
             Rule::Canary,
             "token",
             Severity::Critical,
             c.response,
             c.alert,
             session,
-            format!("canary credential {name} sent out ({where_})"),
+            format!(
+                "canary credential {} sent out ({where_})",
+                source.describe()
+            ),
             [
-                ("variable", Evidence::from(name.as_str())),
+                placed,
                 ("seen_in", where_.into()),
-                ("encoding", hit.encoding.as_str().into()),
+                ("encoding", encoding.as_str().into()),
             ],
-        ))
+        )
     }
 
     /// Feeds one event of the session; returns a firing, if this event made a rule fire.
@@ -286,7 +334,7 @@ impl Detector {
         let p = &self.policy;
         if e.via == Via::Dns {
             if let Some(host) = &e.host {
-                if let Some(d) = self.scan(&e.session, host.as_bytes(), "dns name") {
+                if let Some(d) = self.scan_name(&e.session, host) {
                     return Some(d);
                 }
             }

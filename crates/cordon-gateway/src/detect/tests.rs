@@ -300,23 +300,15 @@ fn a_rule_is_claimed_once() {
 }
 
 #[test]
-fn a_canary_in_a_dns_name_or_request_bytes_is_a_high_severity_firing() {
+fn a_canary_in_request_bytes_is_a_critical_firing_naming_the_variable() {
     let token = canary::new_token().unwrap();
     let d = Detector::new(
         DetectPolicy::default(),
-        &[("AWS_SECRET_ACCESS_KEY".into(), token.clone())],
+        &[Canary {
+            source: CanarySource::Env("AWS_SECRET_ACCESS_KEY".into()),
+            token: token.clone(),
+        }],
     );
-    let x = d
-        .observe(&dns(
-            &format!("{}.evil.test", token.to_lowercase()),
-            "A",
-            Verdict::Block,
-        ))
-        .map(|x| x.signal);
-    // DNS names are case-insensitive and arrive lower-cased: a mixed-case token is not found
-    // there unless it was sent as is; this one has upper-case letters, so only the exact form
-    // counts.
-    let _ = x;
     let head = format!("GET / HTTP/1.1\r\nX-Key: {token}\r\n\r\n");
     let x = d.scan(&session(), head.as_bytes(), "request head").unwrap();
     assert_eq!((x.rule, x.severity), (Rule::Canary, Severity::Critical));
@@ -325,6 +317,60 @@ fn a_canary_in_a_dns_name_or_request_bytes_is_a_high_severity_firing() {
         "canary credential AWS_SECRET_ACCESS_KEY sent out (request head)"
     );
     assert_eq!(x.response, Response::Terminate);
+    assert_eq!(
+        x.evidence.get("variable"),
+        Some(&Evidence::from("AWS_SECRET_ACCESS_KEY"))
+    );
+    assert!(!format!("{x:?}").contains(&token));
+}
+
+/// DNS names arrive lower-cased (the gateway normalises them, and resolvers may too): a token
+/// with capital letters must still be found there.
+#[test]
+fn a_mixed_case_canary_in_a_lower_cased_dns_name_fires_naming_its_file() {
+    let token = "Q7xKp2LmN9vB4tR8sW1yZ6cD3fG5hJ0aE2uI7oPq".to_owned();
+    let files = [
+        Canary {
+            source: CanarySource::File(".aws/credentials".into()),
+            token: canary::new_token().unwrap(),
+        },
+        Canary {
+            source: CanarySource::File(".env".into()),
+            token: token.clone(),
+        },
+    ];
+    let d = Detector::new(DetectPolicy::default(), &files);
+    let name = format!("{}.evil.test", token.to_lowercase());
+    let x = d.observe(&dns(&name, "A", Verdict::Block)).unwrap();
+    assert_eq!((x.rule, x.severity), (Rule::Canary, Severity::Critical));
+    assert_eq!(
+        x.summary,
+        "canary credential from workspace file .env sent out (dns name)"
+    );
+    assert_eq!(x.evidence.get("file"), Some(&Evidence::from(".env")));
+    assert!(!x.summary.contains(&token) && !x.summary.contains(&token.to_lowercase()));
+    // Once fired (claimed by whoever carries out the response), the rule stops looking.
+    assert!(d.claim(Rule::Canary));
+    assert_eq!(d.observe(&dns(&name, "A", Verdict::Block)), None);
+}
+
+#[test]
+fn a_canary_reported_by_the_streaming_scan_fires_under_its_source() {
+    let d = Detector::new(
+        DetectPolicy::default(),
+        &[Canary {
+            source: CanarySource::File(".netrc".into()),
+            token: canary::new_token().unwrap(),
+        }],
+    );
+    assert_eq!(d.canary_seen(&session(), "OTHER", "body"), None);
+    let x = d
+        .canary_seen(&session(), "file:.netrc", "intercepted request body")
+        .unwrap();
+    assert_eq!(
+        x.summary,
+        "canary credential from workspace file .netrc sent out (intercepted request body)"
+    );
 }
 
 #[test]

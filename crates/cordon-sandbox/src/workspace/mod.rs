@@ -30,6 +30,7 @@
 mod image;
 mod loopdev;
 mod mountapi;
+pub mod plant;
 pub mod tree;
 
 use std::fs::OpenOptions;
@@ -45,6 +46,7 @@ use thiserror::Error;
 
 pub use image::{ensure_template, find_mkfs, mkfs_args, template_path};
 pub use mountapi::{attach_detached_mount, clone_mount, create_tmpfs_volume};
+pub use plant::PlantError;
 pub use tree::{CommitStats, CopyInStats, Estimate, Owner, Skipped, Snapshot};
 
 /// Default cap of `/workspace`.
@@ -686,6 +688,15 @@ impl WorkspaceVolume {
         self.populate()?;
         self.timings.total_us += us(t);
         Ok(())
+    }
+
+    /// Plants one of cordon's own files (a canary credential) at `rel` in the volume, after
+    /// copy-in and before the sandbox's command starts: owned by the sandbox user, never
+    /// committed back to the host (see [`plant::plant`]).
+    pub fn plant(&mut self, rel: &Path, contents: &[u8]) -> Result<(), PlantError> {
+        let root = self.root.as_ref().ok_or(PlantError::NotReady)?;
+        let owner = self.plan.chown.then_some(self.plan.owner);
+        plant::plant(root.as_fd(), rel, contents, owner, &mut self.snapshot)
     }
 
     /// Copies the sandbox's changes back to the host dir (after the sandbox is gone), then
