@@ -6,7 +6,9 @@
 //! head, a body prefix, decrypted bytes); [`Canaries::scan_name`] finds a token in a DNS name
 //! whatever its letter case (resolvers and the gateway lower-case names). Tokens are random, so
 //! a match is not a coincidence: one hit is enough. Nothing here prints a token: [`Canary`]'s
-//! `Debug` shows only where it was placed.
+//! `Debug` shows only where it was placed, and [`redacting`] replaces a token that a sandbox
+//! process put in its own command line (or executable path) with `[canary NAME]` before the
+//! process is attached to any event.
 
 use base64::Engine as _;
 use memchr::memmem;
@@ -64,6 +66,63 @@ impl std::fmt::Debug for Canary {
         f.debug_struct("Canary")
             .field("source", &self.source)
             .finish_non_exhaustive()
+    }
+}
+
+/// `owners`, with every canary token in a found process's command line and executable path
+/// replaced by `[canary NAME]` (`owners` itself when there are no canaries).
+pub(crate) fn redacting(
+    owners: std::sync::Arc<dyn crate::owner::SocketOwners>,
+    canaries: &[Canary],
+) -> std::sync::Arc<dyn crate::owner::SocketOwners> {
+    if canaries.is_empty() {
+        return owners;
+    }
+    let names = canaries
+        .iter()
+        .map(|c| {
+            let name = match &c.source {
+                CanarySource::Env(n) | CanarySource::File(n) => n,
+            };
+            (c.token.clone(), format!("[canary {name}]"))
+        })
+        .collect();
+    std::sync::Arc::new(Redacting {
+        inner: owners,
+        names,
+    })
+}
+
+/// See [`redacting`].
+struct Redacting {
+    inner: std::sync::Arc<dyn crate::owner::SocketOwners>,
+    /// (token, what replaces it).
+    names: Vec<(String, String)>,
+}
+
+impl Redacting {
+    fn redact(&self, text: &mut String) {
+        for (token, name) in &self.names {
+            if text.contains(token.as_str()) {
+                *text = text.replace(token.as_str(), name);
+            }
+        }
+    }
+}
+
+impl crate::owner::SocketOwners for Redacting {
+    fn owner(
+        &self,
+        transport: crate::owner::Transport,
+        client: std::net::SocketAddr,
+        server: Option<std::net::SocketAddr>,
+    ) -> Option<crate::owner::ProcessInfo> {
+        let mut found = self.inner.owner(transport, client, server)?;
+        self.redact(&mut found.exe);
+        for arg in &mut found.cmdline {
+            self.redact(arg);
+        }
+        Some(found)
     }
 }
 
@@ -158,6 +217,35 @@ impl Canaries {
             })
     }
 
+    /// Every place a token occurs in `text` as is, in any letter case: (start, end, token),
+    /// in order, not overlapping.
+    pub fn occurrences(&self, text: &str) -> Vec<(usize, usize, usize)> {
+        if self.lower.is_empty() {
+            return Vec::new();
+        }
+        // ASCII lower-casing keeps every byte offset of a UTF-8 string.
+        let folded = text.to_ascii_lowercase();
+        let mut found: Vec<(usize, usize, usize)> = self
+            .lower
+            .iter()
+            .flat_map(|(token, f)| {
+                let len = f.needle().len();
+                f.find_iter(folded.as_bytes())
+                    .map(move |at| (at, at + len, *token))
+            })
+            .collect();
+        found.sort_unstable();
+        let mut end = 0;
+        found.retain(|(start, stop, _)| {
+            let keep = *start >= end;
+            if keep {
+                end = *stop;
+            }
+            keep
+        });
+        found
+    }
+
     /// The first token found in `bytes`, if any.
     pub fn scan(&self, bytes: &[u8]) -> Option<CanaryHit> {
         self.needles
@@ -225,6 +313,36 @@ mod tests {
         let shown = format!("{c:?}");
         assert!(!shown.contains(&token), "{shown}");
         assert!(shown.contains(".env"), "{shown}");
+    }
+
+    #[test]
+    fn a_token_in_a_process_command_line_is_replaced_by_its_name() {
+        use crate::owner::{ProcessInfo, SocketOwners, Transport};
+        struct Fixed(String);
+        impl SocketOwners for Fixed {
+            fn owner(
+                &self,
+                _: Transport,
+                _: std::net::SocketAddr,
+                _: Option<std::net::SocketAddr>,
+            ) -> Option<ProcessInfo> {
+                Some(ProcessInfo {
+                    pid: 3,
+                    exe: format!("/tmp/{}", self.0),
+                    cmdline: vec!["curl".into(), format!("-HX-Key: {}", self.0)],
+                })
+            }
+        }
+        let token = new_token().unwrap();
+        let canaries = [Canary {
+            source: CanarySource::File(".aws/credentials".into()),
+            token: token.clone(),
+        }];
+        let owners = redacting(std::sync::Arc::new(Fixed(token.clone())), &canaries);
+        let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let p = owners.owner(Transport::Tcp, addr, None).unwrap();
+        assert_eq!(p.exe, "/tmp/[canary .aws/credentials]");
+        assert_eq!(p.cmdline, ["curl", "-HX-Key: [canary .aws/credentials]"]);
     }
 
     #[test]

@@ -327,7 +327,51 @@ impl Detector {
 
     /// Feeds one event of the session; returns a firing, if this event made a rule fire.
     pub fn observe(&self, e: &NetEvent) -> Option<Detection> {
-        self.observe_at(e, Instant::now())
+        self.observe_at(e, Instant::now()).map(|mut d| {
+            for v in d.evidence.values_mut() {
+                if let Evidence::Text(t) = v {
+                    if let Some(r) = self.redact(t) {
+                        *t = r;
+                    }
+                }
+            }
+            d
+        })
+    }
+
+    /// `text` with every honey token in it (as is, any letter case) replaced by `[canary
+    /// NAME]`, or `None` when it holds none: what the sandbox sent may be recorded, a token
+    /// may not.
+    pub fn redact(&self, text: &str) -> Option<String> {
+        let found = self.canaries.occurrences(text);
+        if found.is_empty() {
+            return None;
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut at = 0;
+        for (start, end, token) in found {
+            out.push_str(text.get(at..start).unwrap_or_default());
+            let name = match self.canary_sources.get(token) {
+                Some(CanarySource::Env(n) | CanarySource::File(n)) => n.as_str(),
+                None => "",
+            };
+            out.push_str(&format!("[canary {name}]"));
+            at = end;
+        }
+        out.push_str(text.get(at..).unwrap_or_default());
+        Some(out)
+    }
+
+    /// Redacts the fields of an event that carry what the sandbox sent (see [`Self::redact`]).
+    pub fn redact_event(&self, e: &mut NetEvent) {
+        if self.canaries.is_empty() {
+            return;
+        }
+        for field in [&mut e.host, &mut e.path, &mut e.reason] {
+            if let Some(r) = field.as_deref().and_then(|t| self.redact(t)) {
+                *field = Some(r);
+            }
+        }
     }
 
     fn observe_at(&self, e: &NetEvent, now: Instant) -> Option<Detection> {

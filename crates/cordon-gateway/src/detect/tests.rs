@@ -349,6 +349,20 @@ fn a_mixed_case_canary_in_a_lower_cased_dns_name_fires_naming_its_file() {
     );
     assert_eq!(x.evidence.get("file"), Some(&Evidence::from(".env")));
     assert!(!x.summary.contains(&token) && !x.summary.contains(&token.to_lowercase()));
+    // What is recorded names the file instead of the token, in the host and the reason.
+    let mut e = dns(&name, "A", Verdict::Block);
+    e.reason = Some(format!("host {name} is not in the allowlist"));
+    d.redact_event(&mut e);
+    assert_eq!(e.host.as_deref(), Some("[canary .env].evil.test"));
+    assert_eq!(
+        e.reason.as_deref(),
+        Some("host [canary .env].evil.test is not in the allowlist")
+    );
+    assert_eq!(
+        d.redact(&format!("/a?k={token}&j={token}x")).as_deref(),
+        Some("/a?k=[canary .env]&j=[canary .env]x")
+    );
+    assert_eq!(d.redact("/nothing/here"), None);
     // Once fired (claimed by whoever carries out the response), the rule stops looking.
     assert!(d.claim(Rule::Canary));
     assert_eq!(d.observe(&dns(&name, "A", Verdict::Block)), None);
