@@ -445,3 +445,32 @@ pub fn absolute(p: &Path) -> PathBuf {
             .unwrap_or_else(|_| p.to_path_buf())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host directory bound directly (no cap could be had, and the policy allowed that) is
+    /// the host's own directory: a canary planted there would be a file on the host, so none
+    /// is, and the session says why.
+    #[test]
+    fn no_canary_file_is_planted_in_a_host_directory_bound_directly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut policy = Policy::default();
+        policy.sandbox.workspace = Some(dir.path().to_path_buf());
+        // SAFETY: getuid/getgid have no failure mode.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let mut ws = Workspace::prepare_uncapped(&policy, "s-1", uid, gid, false).unwrap();
+        let files = crate::canary::make_files(&[".env".into(), ".aws/credentials".into()]).unwrap();
+        ws.plant_canaries(files).unwrap();
+        assert!(ws.canaries_planted().is_empty());
+        let skipped = ws.canaries_skipped();
+        assert_eq!(skipped.len(), 2);
+        assert!(
+            skipped[0].reason.contains("the host directory itself"),
+            "{skipped:?}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        ws.release().unwrap();
+    }
+}
