@@ -10,8 +10,8 @@
 //! process put in its own command line (or executable path) with `[canary NAME]` before the
 //! process is attached to any event.
 
+use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 use base64::Engine as _;
-use memchr::memmem;
 
 /// A fresh honey token: 40 random letters and digits, shaped like an API secret and saying
 /// nothing about being a canary.
@@ -150,39 +150,58 @@ pub struct CanaryHit {
     pub encoding: Encoding,
 }
 
-/// The tokens of one session, ready to search for.
+/// The tokens of one session, ready to search for: two automata, so that one pass over the
+/// bytes finds any of them however many tokens a session has.
 #[derive(Default)]
 pub struct Canaries {
-    needles: Vec<(usize, Encoding, memmem::Finder<'static>)>,
-    /// Each token in lower case, for DNS names.
-    lower: Vec<(usize, memmem::Finder<'static>)>,
+    /// Every token as is and its base64 forms; pattern i is `exact_ids[i]`.
+    exact: Option<AhoCorasick>,
+    exact_ids: Vec<(usize, Encoding)>,
+    /// Every token as is, matched without regard to ASCII case; pattern i is token
+    /// `folded_ids[i]`.
+    folded: Option<AhoCorasick>,
+    folded_ids: Vec<usize>,
 }
 
 impl std::fmt::Debug for Canaries {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the tokens themselves.
         f.debug_struct("Canaries")
-            .field("needles", &self.needles.len())
+            .field("needles", &self.exact_ids.len())
             .finish()
     }
 }
 
+/// An automaton over `patterns`. Building fails only past aho-corasick's pattern and state
+/// limits, which a session's few dozen short tokens are far below.
+fn automaton(patterns: &[Vec<u8>], any_case: bool) -> Option<AhoCorasick> {
+    if patterns.is_empty() {
+        return None;
+    }
+    AhoCorasick::builder()
+        .match_kind(MatchKind::LeftmostLongest)
+        // A few dozen patterns make a small DFA: the fastest search, built once per session.
+        .kind(Some(AhoCorasickKind::DFA))
+        .ascii_case_insensitive(any_case)
+        .build(patterns)
+        .ok()
+}
+
 impl Canaries {
     pub fn new(tokens: &[String]) -> Canaries {
-        let mut needles = Vec::new();
-        let mut lower = Vec::new();
+        let mut exact = Vec::new();
+        let mut exact_ids = Vec::new();
+        let mut folded = Vec::new();
+        let mut folded_ids = Vec::new();
         let b64 = base64::engine::general_purpose::STANDARD_NO_PAD;
         for (i, token) in tokens.iter().enumerate() {
             if token.len() < 8 {
                 continue;
             }
-            let folded = token.to_ascii_lowercase();
-            lower.push((i, memmem::Finder::new(folded.as_bytes()).into_owned()));
-            needles.push((
-                i,
-                Encoding::Plain,
-                memmem::Finder::new(token.as_bytes()).into_owned(),
-            ));
+            folded.push(token.as_bytes().to_vec());
+            folded_ids.push(i);
+            exact.push(token.as_bytes().to_vec());
+            exact_ids.push((i, Encoding::Plain));
             // The token at offset 0, 1 or 2 of a 3-byte group: the characters that encode only
             // token bytes are the same whatever surrounds it.
             for pad in 0..3usize {
@@ -192,69 +211,52 @@ impl Canaries {
                 let start = if pad == 0 { 0 } else { 4 };
                 let end = enc.len().saturating_sub(4);
                 if end > start + 8 {
-                    let core = enc.as_bytes()[start..end].to_vec();
-                    needles.push((i, Encoding::Base64, memmem::Finder::new(&core).into_owned()));
+                    exact.push(enc.as_bytes()[start..end].to_vec());
+                    exact_ids.push((i, Encoding::Base64));
                 }
             }
         }
-        Canaries { needles, lower }
+        Canaries {
+            exact: automaton(&exact, false),
+            exact_ids,
+            folded: automaton(&folded, true),
+            folded_ids,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.needles.is_empty()
+        self.exact_ids.is_empty()
     }
 
     /// The first token found in a DNS name, compared without regard to letter case (a name is
     /// case-insensitive, and arrives lower-cased).
     pub fn scan_name(&self, name: &str) -> Option<CanaryHit> {
-        let folded = name.to_ascii_lowercase();
-        self.lower
-            .iter()
-            .find(|(_, f)| f.find(folded.as_bytes()).is_some())
-            .map(|(token, _)| CanaryHit {
-                token: *token,
-                encoding: Encoding::Plain,
-            })
+        let m = self.folded.as_ref()?.find(name)?;
+        Some(CanaryHit {
+            token: *self.folded_ids.get(m.pattern().as_usize())?,
+            encoding: Encoding::Plain,
+        })
     }
 
     /// Every place a token occurs in `text` as is, in any letter case: (start, end, token),
     /// in order, not overlapping.
     pub fn occurrences(&self, text: &str) -> Vec<(usize, usize, usize)> {
-        if self.lower.is_empty() {
+        let Some(ac) = &self.folded else {
             return Vec::new();
-        }
-        // ASCII lower-casing keeps every byte offset of a UTF-8 string.
-        let folded = text.to_ascii_lowercase();
-        let mut found: Vec<(usize, usize, usize)> = self
-            .lower
-            .iter()
-            .flat_map(|(token, f)| {
-                let len = f.needle().len();
-                f.find_iter(folded.as_bytes())
-                    .map(move |at| (at, at + len, *token))
+        };
+        ac.find_iter(text)
+            .filter_map(|m| {
+                let token = *self.folded_ids.get(m.pattern().as_usize())?;
+                Some((m.start(), m.end(), token))
             })
-            .collect();
-        found.sort_unstable();
-        let mut end = 0;
-        found.retain(|(start, stop, _)| {
-            let keep = *start >= end;
-            if keep {
-                end = *stop;
-            }
-            keep
-        });
-        found
+            .collect()
     }
 
     /// The first token found in `bytes`, if any.
     pub fn scan(&self, bytes: &[u8]) -> Option<CanaryHit> {
-        self.needles
-            .iter()
-            .find(|(_, _, f)| f.find(bytes).is_some())
-            .map(|(token, encoding, _)| CanaryHit {
-                token: *token,
-                encoding: *encoding,
-            })
+        let m = self.exact.as_ref()?.find(bytes)?;
+        let (token, encoding) = *self.exact_ids.get(m.pattern().as_usize())?;
+        Some(CanaryHit { token, encoding })
     }
 }
 
