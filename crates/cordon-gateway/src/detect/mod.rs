@@ -258,9 +258,9 @@ impl Detector {
         Some(self.canary_fired(session, hit.token, hit.encoding, where_))
     }
 
-    /// Looks for a honey token in a DNS name: as is in any letter case, or base64-encoded in a
-    /// name kept as the sandbox wrote it.
-    fn scan_name(&self, session: &SessionInfo, name: &str) -> Option<Detection> {
+    /// Looks for a honey token in a host name: as is in any letter case, or base64-encoded in
+    /// a name kept as the sandbox wrote it.
+    fn scan_name(&self, session: &SessionInfo, name: &str, where_: &str) -> Option<Detection> {
         if self.canaries.is_empty() || self.has_fired(Rule::Canary) {
             return None;
         }
@@ -268,7 +268,7 @@ impl Detector {
             .canaries
             .scan_name(name)
             .or_else(|| self.canaries.scan(name.as_bytes()))?;
-        Some(self.canary_fired(session, hit.token, hit.encoding, "dns name"))
+        Some(self.canary_fired(session, hit.token, hit.encoding, where_))
     }
 
     /// A token found by another scanner (the DLP's streaming body scan), reported under its
@@ -376,12 +376,19 @@ impl Detector {
 
     fn observe_at(&self, e: &NetEvent, now: Instant) -> Option<Detection> {
         let p = &self.policy;
-        if e.via == Via::Dns {
-            if let Some(host) = &e.host {
-                if let Some(d) = self.scan_name(&e.session, host) {
-                    return Some(d);
-                }
+        if let Some(host) = &e.host {
+            // A name the sandbox asked for or connected to (a DNS query, a CONNECT authority,
+            // a TLS SNI, a Host header), lower-cased by the time it is an event.
+            let where_ = if e.via == Via::Dns {
+                "dns name"
+            } else {
+                "destination name"
+            };
+            if let Some(d) = self.scan_name(&e.session, host, where_) {
+                return Some(d);
             }
+        }
+        if e.via == Via::Dns {
             if !p.dns_tunnel.enabled || self.has_fired(Rule::DnsTunnel) {
                 return None;
             }

@@ -368,6 +368,32 @@ fn a_mixed_case_canary_in_a_lower_cased_dns_name_fires_naming_its_file() {
     assert_eq!(d.observe(&dns(&name, "A", Verdict::Block)), None);
 }
 
+/// A token in the name of a destination (a CONNECT authority or TLS SNI, recorded lower-cased
+/// with the refused or finished connection) fires the rule too.
+#[test]
+fn a_canary_in_a_destination_name_fires_the_rule() {
+    let token = canary::new_token().unwrap();
+    let d = Detector::new(
+        DetectPolicy::default(),
+        &[Canary {
+            source: CanarySource::Env("API_TOKEN".into()),
+            token: token.clone(),
+        }],
+    );
+    let mut e = NetEvent::new(
+        EventKind::Blocked,
+        &session(),
+        Via::Transparent,
+        Verdict::Block,
+    );
+    e.host = Some(format!("{}.evil.test", token.to_lowercase()));
+    let x = d.observe(&e).unwrap();
+    assert_eq!(
+        x.summary,
+        "canary credential API_TOKEN sent out (destination name)"
+    );
+}
+
 #[test]
 fn a_canary_reported_by_the_streaming_scan_fires_under_its_source() {
     let d = Detector::new(
