@@ -294,17 +294,28 @@ pub(crate) fn retries(n: i128) -> Result<u32, ValueError> {
     Ok(n as u32)
 }
 
+/// The variables cordon points at the sandbox's trust bundle when it intercepts TLS.
+pub const CA_BUNDLE_VARS: [&str; 6] = [
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "PIP_CERT",
+    "GIT_SSL_CAINFO",
+];
+
 /// A canary variable name: a valid environment name, not one cordon or the policy sets.
 pub(crate) fn canary_env(name: &str) -> Result<String, ValueError> {
     crate::rules::env_name(name)?;
     // Everything cordon itself puts in the sandbox's environment: a canary there would replace
     // it (the proxy variables, say) and break the session instead of watching it.
-    const RESERVED: [&str; 20] = [
+    const RESERVED: [&str; 14] = [
         "PATH",
         "USER",
         "LOGNAME",
         "LANG",
         "TERM",
+        "TZ",
         "HTTP_PROXY",
         "HTTPS_PROXY",
         "ALL_PROXY",
@@ -313,15 +324,8 @@ pub(crate) fn canary_env(name: &str) -> Result<String, ValueError> {
         "https_proxy",
         "all_proxy",
         "no_proxy",
-        "SSL_CERT_FILE",
-        "REQUESTS_CA_BUNDLE",
-        "CURL_CA_BUNDLE",
-        "NODE_EXTRA_CA_CERTS",
-        "PIP_CERT",
-        "GIT_SSL_CAINFO",
-        "TZ",
     ];
-    if RESERVED.contains(&name) {
+    if RESERVED.contains(&name) || CA_BUNDLE_VARS.contains(&name) {
         return Err(ValueError::Other(format!(
             "{} is set by cordon and cannot be a canary",
             quoted(name)

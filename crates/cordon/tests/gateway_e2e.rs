@@ -2886,6 +2886,15 @@ fn canary_leftovers(ws: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The token the sandboxed script printed as `token=…` (so the test knows it).
+fn printed_token(r: &Ran) -> String {
+    r.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("token="))
+        .unwrap_or_else(|| panic!("no token printed: {}", r.stdout))
+        .to_string()
+}
+
 /// A token read from a canary file must never be written anywhere cordon writes: the result,
 /// stderr, the webhook, the audit (every record of the session, as exported).
 fn assert_token_nowhere(net: &FakeNet, r: &Ran, posted: &[Value], token: &str) {
@@ -2952,12 +2961,7 @@ fn a_workspace_canary_token_in_a_header_or_a_dns_name_ends_the_session_and_stays
         "the token reached the origin: {:?}",
         net.seen_since(mark, "http")
     );
-    let token = r
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("token="))
-        .unwrap_or_else(|| panic!("no token printed: {}", r.stdout))
-        .to_string();
+    let token = printed_token(&r);
     assert!(token.starts_with("AKIA"), "{token}");
     assert_token_nowhere(&net, &r, &[posted], &token);
     let files: Vec<&str> = r.result["canaries"]["files"]
@@ -3010,12 +3014,7 @@ print("survived", flush=True)
     );
     assert_eq!(r.result["alerts"][0]["evidence"]["file"], ".env");
     assert!(!r.stdout.contains("survived"));
-    let token = r
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("token="))
-        .unwrap_or_else(|| panic!("no token printed: {}", r.stdout))
-        .to_string();
+    let token = printed_token(&r);
     assert_token_nowhere(&net, &r, &[posted], &token);
     let asked: Vec<Value> = net.seen_since(mark, "dns");
     assert!(

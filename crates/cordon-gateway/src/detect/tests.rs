@@ -299,16 +299,21 @@ fn a_rule_is_claimed_once() {
     assert_eq!(first_firing(&d, &events, Instant::now()), None);
 }
 
+/// A detector at the default policy with one honey token placed at `source`.
+fn with_canary(source: CanarySource, token: &str) -> Detector {
+    Detector::new(
+        DetectPolicy::default(),
+        &[Canary {
+            source,
+            token: token.to_owned(),
+        }],
+    )
+}
+
 #[test]
 fn a_canary_in_request_bytes_is_a_critical_firing_naming_the_variable() {
     let token = canary::new_token().unwrap();
-    let d = Detector::new(
-        DetectPolicy::default(),
-        &[Canary {
-            source: CanarySource::Env("AWS_SECRET_ACCESS_KEY".into()),
-            token: token.clone(),
-        }],
-    );
+    let d = with_canary(CanarySource::Env("AWS_SECRET_ACCESS_KEY".into()), &token);
     let head = format!("GET / HTTP/1.1\r\nX-Key: {token}\r\n\r\n");
     let x = d.scan(&session(), head.as_bytes(), "request head").unwrap();
     assert_eq!((x.rule, x.severity), (Rule::Canary, Severity::Critical));
@@ -373,13 +378,7 @@ fn a_mixed_case_canary_in_a_lower_cased_dns_name_fires_naming_its_file() {
 #[test]
 fn a_canary_in_a_destination_name_fires_the_rule() {
     let token = canary::new_token().unwrap();
-    let d = Detector::new(
-        DetectPolicy::default(),
-        &[Canary {
-            source: CanarySource::Env("API_TOKEN".into()),
-            token: token.clone(),
-        }],
-    );
+    let d = with_canary(CanarySource::Env("API_TOKEN".into()), &token);
     let mut e = NetEvent::new(
         EventKind::Blocked,
         &session(),
@@ -396,12 +395,9 @@ fn a_canary_in_a_destination_name_fires_the_rule() {
 
 #[test]
 fn a_canary_reported_by_the_streaming_scan_fires_under_its_source() {
-    let d = Detector::new(
-        DetectPolicy::default(),
-        &[Canary {
-            source: CanarySource::File(".netrc".into()),
-            token: canary::new_token().unwrap(),
-        }],
+    let d = with_canary(
+        CanarySource::File(".netrc".into()),
+        &canary::new_token().unwrap(),
     );
     assert_eq!(d.canary_seen(&session(), "OTHER", "body"), None);
     let x = d
