@@ -1,11 +1,12 @@
 //! Detection: per-session anomaly rules over the gateway's own events.
 //!
 //! Guarantees:
-//! - Every rule sees exactly what the audit sees: [`Detector::observe`] is called by
-//!   `Ctx::emit` with each event of the session, after it went to the sink, so a firing is never
-//!   about traffic that was not recorded. Honey tokens are also looked for in each plain-HTTP
-//!   request head and the body bytes already read with it, before anything goes upstream
-//!   ([`Detector::scan_request`]).
+//! - Every rule sees what the audit sees: [`Detector::observe`] is called by `Ctx::emit` with
+//!   each event of the session just before it goes to the sink, so a firing is never about
+//!   traffic that is not recorded; the sink then gets the event with every honey token replaced
+//!   by its name ([`Detector::redact_event`]). Honey tokens are also looked for in each
+//!   plain-HTTP request head and the body bytes already read with it, before anything goes
+//!   upstream ([`Detector::scan`]).
 //! - Each rule fires at most once per session; after that it stops counting (so a flood after
 //!   the firing costs nothing). A firing names the rule, the signal, the numbers and the
 //!   threshold ([`Detection`]).
