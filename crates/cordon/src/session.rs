@@ -699,7 +699,13 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             // The sandbox's mounts go first: one of them holds the workspace volume.
             drop(mount_ns);
             if let Some(w) = workspace {
+                let spare_key = w.spare_key();
                 let _ = w.release();
+                // Leave a volume ready for the next session of the same cap, so its start
+                // skips the template copy and the loop device's set-up.
+                if let Some((state_dir, cap)) = spare_key {
+                    let _ = cordon_sandbox::workspace::spares::replenish(&state_dir, cap);
+                }
             }
             remove_stale_cgroups();
             // Keep the store's write-ahead log short: the next session that opens the store
