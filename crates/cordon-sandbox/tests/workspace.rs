@@ -629,7 +629,7 @@ fn concurrent_sessions_get_their_own_loop_devices() {
 /// Helper process for the SIGKILL test: prepares a volume under `$CORDON_WS_HELPER_STATE`,
 /// writes into it, reports its loop device and sleeps until killed. Does nothing otherwise.
 #[test]
-#[ignore = "helper process for a_killed_supervisor_leaves_no_mount_loop_device_or_image"]
+#[ignore = "helper process for the tests that SIGKILL a volume holder"]
 fn helper_prepare_and_sleep() {
     let Some(state) = std::env::var_os("CORDON_WS_HELPER_STATE") else {
         return;
@@ -646,13 +646,21 @@ fn helper_prepare_and_sleep() {
     std::thread::sleep(Duration::from_secs(60));
 }
 
-#[test]
-fn a_killed_supervisor_leaves_no_mount_loop_device_or_image() {
-    if !have_loop_volumes("a_killed_supervisor_leaves_no_mount_loop_device_or_image") {
-        return;
+/// Kills a process by pid when dropped.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
-    let state = state_dir();
-    cordon_sandbox::workspace::ensure_template(state.path(), 32 * MIB).unwrap();
+}
+
+/// Starts [`helper_prepare_and_sleep`] on `state`; returns it (killed when the guard drops)
+/// and the loop device its volume is on.
+fn start_volume_holder(state: &Path) -> (std::process::Child, KillOnDrop, u32) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -661,21 +669,11 @@ fn a_killed_supervisor_leaves_no_mount_loop_device_or_image() {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env("CORDON_WS_HELPER_STATE", state.path())
+        .env("CORDON_WS_HELPER_STATE", state)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    // Whatever happens below, the helper does not outlive the test.
-    struct KillOnDrop(i32);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.0),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-    let _guard = KillOnDrop(child.id() as i32);
+    let guard = KillOnDrop(child.id() as i32);
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let index: u32 = loop {
         let line = lines.next().expect("helper exited before READY").unwrap();
@@ -684,6 +682,63 @@ fn a_killed_supervisor_leaves_no_mount_loop_device_or_image() {
             break rest.trim().parse().unwrap();
         }
     };
+    (child, guard, index)
+}
+
+#[test]
+fn a_session_killed_after_it_took_a_spare_leaves_a_device_the_next_replenish_frees() {
+    if !have_loop_volumes("a_session_killed_after_it_took_a_spare") {
+        return;
+    }
+    let state = state_dir();
+    spares::replenish(state.path(), 32 * MIB).unwrap();
+    let spare_devices: Vec<u32> = spares_of(state.path(), 32 * MIB)
+        .iter()
+        .map(|(i, _)| *i)
+        .collect();
+    let (mut child, _guard, index) = start_volume_holder(state.path());
+    assert!(
+        spare_devices.contains(&index),
+        "the holder did not take a spare"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    child.wait().unwrap();
+    // The kernel unmounted the volume, but a spare has no autoclear: its device stays bound
+    // to the deleted image (holding what the session wrote) ...
+    let backing = format!("/sys/block/loop{index}/loop/backing_file");
+    assert!(wait_until(Duration::from_secs(2), || mounts_mentioning(
+        &format!(" {} ", loop_major_minor(index))
+    )
+    .is_empty()));
+    assert!(fs::read_to_string(&backing)
+        .unwrap_or_default()
+        .contains("/claimed-"));
+    // ... until the next session's teardown replenishes, which frees it.
+    let report = spares::replenish(state.path(), 32 * MIB).unwrap();
+    assert!(report.released >= 1, "{report:?}");
+    assert!(!fs::read_to_string(&backing)
+        .unwrap_or_default()
+        .contains("/claimed-"));
+    assert_eq!(spares_of(state.path(), 32 * MIB).len(), spares::PER_CAP);
+    cleanup_stale(state.path()).unwrap();
+    assert!(wait_until(Duration::from_secs(2), || loops_under(
+        state.path()
+    )
+    .is_empty()));
+}
+
+#[test]
+fn a_killed_supervisor_leaves_no_mount_loop_device_or_image() {
+    if !have_loop_volumes("a_killed_supervisor_leaves_no_mount_loop_device_or_image") {
+        return;
+    }
+    let state = state_dir();
+    cordon_sandbox::workspace::ensure_template(state.path(), 32 * MIB).unwrap();
+    let (mut child, _guard, index) = start_volume_holder(state.path());
     assert_eq!(loops_under(state.path()).len(), 1);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),

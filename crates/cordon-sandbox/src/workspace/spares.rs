@@ -14,8 +14,9 @@
 //! - Spares are bound without autoclear (nothing holds them open between sessions, and setting
 //!   autoclear later waits for another grace period), so the claimer detaches its device itself
 //!   when the session's volume is released. What a killed claimer leaves (a `claimed-*.img`
-//!   that no live process holds a lock on) and spares older than [`MAX_AGE`] are released by
-//!   the next [`replenish`]; `cleanup_stale` (`cordon doctor`) releases every spare. A spare
+//!   that no live process holds a lock on, or a device still bound to a claimed image after
+//!   its session died) and spares older than [`MAX_AGE`] are released by the next
+//!   [`replenish`]; `cleanup_stale` (`cordon doctor`) releases every spare. A spare
 //!   whose device is gone (a reboot) is deleted when it is found.
 //! - At most [`PER_CAP`] spares exist per cap. Each costs one idle loop device and the
 //!   template's allocated blocks on the host disk (about a megabyte).
@@ -253,8 +254,9 @@ fn release_one(volumes: &Path, path: &Path, index: u32) -> bool {
     true
 }
 
-/// Claimed spares whose claimer died before it unlinked them (no lock held): their devices are
-/// detached (if still theirs) and the files deleted. Returns how many.
+/// What dead claimers left: claimed spares not yet unlinked (no lock held; their devices are
+/// detached if still theirs, the files deleted), and devices of claimed spares no session
+/// holds any more. Returns how many.
 fn release_orphans(volumes: &Path) -> usize {
     let mut released = 0;
     for entry in std::fs::read_dir(volumes).into_iter().flatten().flatten() {
@@ -286,6 +288,18 @@ fn release_orphans(volumes: &Path) -> usize {
         }
         if std::fs::remove_file(&path).is_ok() {
             released += 1;
+        }
+    }
+    // Devices of claimed spares whose session is gone (killed with SIGKILL: nothing detached
+    // them, and they have no autoclear). `LOOP_CLR_FD` detaches an idle one; on one a live
+    // session still has mounted it only sets autoclear, which its own release tolerates.
+    let claimed = format!("{}/{CLAIMED_PREFIX}", volumes.display());
+    for (index, backing) in loopdev::bound_devices() {
+        if backing.starts_with(&claimed) && backing.ends_with(" (deleted)") {
+            let _ = loopdev::clear(index);
+            if loopdev::backing_file(index).is_none() {
+                released += 1;
+            }
         }
     }
     released
