@@ -73,4 +73,8 @@ pub struct RunResult {
     /// Syscalls the seccomp filter denied, when the supervisor counts them
     /// (`detect.sandbox.seccomp_denied` > 0); `null` otherwise.
     pub seccomp_denied: Option<u64>,
+    /// Why the command could not run (exit status 126: cannot be executed, 127: not found);
+    /// `null` when it ran. cordon's own failures (125) print an object with `exit_status`,
+    /// `error` and the session's identity only.
+    pub error: Option<String>,
 }

@@ -738,9 +738,18 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             // The sandbox's mounts go first: one of them holds the workspace volume.
             drop(mount_ns);
             if let Some(w) = workspace {
+                let spare_key = w.spare_key();
                 let _ = w.release();
+                // Leave a volume ready for the next session of the same cap, so its start
+                // skips the template copy and the loop device's set-up.
+                if let Some((state_dir, cap)) = spare_key {
+                    let _ = cordon_sandbox::workspace::spares::replenish(&state_dir, cap);
+                }
             }
             remove_stale_cgroups();
+            // Keep the store's write-ahead log short: the next session that opens the store
+            // reads all of it (cordon_audit::Store::checkpoint_if_wal_over).
+            let _ = cordon_audit::Store::checkpoint_if_wal_over(&audit_path, WAL_CHECKPOINT_BYTES);
         });
         marks.mark("supervisor: teardown handed off");
     }
@@ -750,12 +759,9 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         return Err(RunError::cordon(err));
     }
     let (exit_status, exit_code, signal) = match (&outcome.exec_failed, outcome.status) {
-        (Some((code, msg)), _) => {
-            return Err(RunError {
-                exit_code: *code,
-                message: msg.clone(),
-            })
-        }
+        // The command could not be executed (126) or was not found (127): the session still
+        // happened and is reported like any other, with the reason in `error`.
+        (Some((code, _)), _) => (*code, None, None),
         (None, Some(ExitStatus::Code(c))) => (c, Some(c), None),
         (None, Some(ExitStatus::Signal(s))) => (128 + s, None, Some(s)),
         // Killed before it could report (timeout, interruption): SIGKILL.
@@ -785,8 +791,12 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         alerts: alerts.fired(),
         canaries: (!canary_report.is_empty()).then_some(canary_report),
         seccomp_denied: (count_denials && filter.is_some()).then_some(outcome.seccomp_denied),
+        error: outcome.exec_failed.map(|(_, message)| message),
     })
 }
+
+/// The write-ahead log size past which a session's teardown folds it into the audit store.
+const WAL_CHECKPOINT_BYTES: u64 = 256 * 1024;
 
 /// How long the end of a session waits for queued syslog messages.
 const SYSLOG_CLOSE: std::time::Duration = std::time::Duration::from_secs(2);

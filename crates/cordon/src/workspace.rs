@@ -413,6 +413,15 @@ impl Workspace {
         matches!(&self.kind, Kind::Volume { volume, .. } if volume.loop_index().is_some())
     }
 
+    /// `(state dir, cap)` when this is an ext4 volume: the next session of the same cap can be
+    /// given a spare (`cordon_sandbox::workspace::spares`).
+    pub fn spare_key(&self) -> Option<(PathBuf, u64)> {
+        match &self.kind {
+            Kind::Volume { volume, .. } => volume.spare_key(),
+            Kind::Bind { .. } => None,
+        }
+    }
+
     /// Releases what the workspace holds, copying nothing: a volume is unmounted and its loop
     /// device freed, a throwaway scratch directory removed.
     pub fn release(self) -> Result<(), String> {
