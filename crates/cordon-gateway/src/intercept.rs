@@ -86,7 +86,7 @@ pub(crate) struct Runtime {
 impl Runtime {
     /// `canaries`: the detection engine's honey tokens (`GatewayConfig::canaries`), also looked
     /// for in streamed bodies, where the engine's own check does not reach.
-    pub fn new(cfg: Arc<InterceptConfig>, canaries: &[(String, String)]) -> Runtime {
+    pub fn new(cfg: Arc<InterceptConfig>, canaries: &[crate::detect::canary::Canary]) -> Runtime {
         let secrets: Vec<_> = cfg
             .credentials
             .iter()
@@ -100,7 +100,13 @@ impl Runtime {
             .collect();
         let canaries: Vec<_> = canaries
             .iter()
-            .map(|(n, v)| (Kind::Canary, format!("canary:{n}"), v.as_bytes().to_vec()))
+            .map(|c| {
+                (
+                    Kind::Canary,
+                    format!("canary:{}", c.source.pattern_name()),
+                    c.token.as_bytes().to_vec(),
+                )
+            })
             .collect();
         let placeholders: Vec<_> = cfg
             .credentials
@@ -466,6 +472,16 @@ impl Scope {
         e.rule = rule.clone();
         e.reason = Some(reason.clone());
         self.ctx.emit(&self.session, e);
+    }
+
+    /// A finding in a streamed request body: a honey token there is the canary rule's too,
+    /// with its response (the detection engine's own check reads only heads and pre-read
+    /// bodies).
+    pub fn streamed_body_finding(&self, f: &Finding) {
+        if let (Kind::Canary, Some(name)) = (&f.kind, f.pattern.strip_prefix("canary:")) {
+            self.ctx
+                .canary_seen(&self.session, name, "intercepted request body");
+        }
     }
 
     /// Records an `Alert` for each credential whose real value was redacted from a response.
@@ -1183,9 +1199,10 @@ impl Conn<'_> {
                 // The upstream request is cut short mid-body: the connection is dropped, so the
                 // server never sees a complete request.
                 drop(up);
-                let r = Refusal::finding(f);
+                let r = Refusal::finding(f.clone());
                 event.duration_ms = elapsed_ms(start);
                 s.record_as(event, &method, &path, &r);
+                s.streamed_body_finding(&f);
                 let _ = self.reply(r.status(), r.reason(), true).await;
                 return false;
             }

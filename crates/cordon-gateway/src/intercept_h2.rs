@@ -639,6 +639,7 @@ impl StreamState {
                 Some(&self.path),
                 f,
             );
+            self.s.streamed_body_finding(f);
         }
         sh.abort = Some(a);
     }
@@ -671,6 +672,7 @@ impl Finish {
         if let Some(Abort::Found(f)) = &sh.abort {
             let r = Refusal::finding(f.clone());
             s.record_as(e, &st.method, &st.path, &r);
+            s.streamed_body_finding(f);
             return;
         }
         s.record_redactions(&st.method, &st.path, &self.redacted);

@@ -15,6 +15,7 @@ use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -23,6 +24,7 @@ use http_body_util::{BodyExt, Full};
 use common::tls_origin::{TestCa, TlsOrigin};
 use common::*;
 use cordon_gateway::creds::{LiveCredential, Secret};
+use cordon_gateway::detect::canary::{Canary, CanarySource};
 use cordon_gateway::tls::{pem_certs, upstream_config, SessionCa};
 use cordon_gateway::{EventKind, InterceptConfig, NetEvent, Verdict, DEFAULT_MAX_SCAN_BYTES};
 use cordon_policy::host::HostName;
@@ -127,7 +129,10 @@ async fn world_timed(require: bool, api_h2: bool, timeouts: cordon_gateway::Time
     };
     let opts = Options {
         intercept: Some(Arc::new(intercept)),
-        canaries: vec![("SEEDED".into(), "CANARY7f3a9c1e55d2x0q".into())],
+        canaries: vec![Canary {
+            source: CanarySource::Env("SEEDED".into()),
+            token: "CANARY7f3a9c1e55d2x0q".into(),
+        }],
         timeouts,
         ..Options::default()
     };
@@ -454,30 +459,16 @@ async fn dlp_finds_seeded_secrets_in_headers_queries_bodies_and_chunked_bodies()
     let aws = "AKIAIOSFODNN7EXAMPLE";
     let url = w.url("other.test", "/upload");
     let mut cases = dlp_cases(&w, aws);
-    cases.extend([
-        (
-            s(&[
-                "-H",
-                "Transfer-Encoding: chunked",
-                "--data-binary",
-                &format!("{} {aws} ", "x".repeat(100_000)),
-                &url,
-            ]),
-            "dlp:aws_access_key_id",
-        ),
-        // The detection engine's honey token at the end of a large chunked body: the streaming
-        // scan finds it (its head check is below: it quarantines the session).
-        (
-            s(&[
-                "-H",
-                "Transfer-Encoding: chunked",
-                "--data-binary",
-                &format!("{} CANARY7f3a9c1e55d2x0q", "z".repeat(100_000)),
-                &url,
-            ]),
-            "dlp:canary:SEEDED",
-        ),
-    ]);
+    cases.extend([(
+        s(&[
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &format!("{} {aws} ", "x".repeat(100_000)),
+            &url,
+        ]),
+        "dlp:aws_access_key_id",
+    )]);
     for (args, rule) in cases {
         let mut args = args;
         args.insert(0, "-".into());
@@ -527,6 +518,49 @@ async fn dlp_finds_seeded_secrets_in_headers_queries_bodies_and_chunked_bodies()
         .seen()
         .iter()
         .any(|s| format!("{s:?}").contains("CANARY7f3a")));
+}
+
+/// The streaming scan of a large body finds a honey token past what the detection engine's own
+/// check reads (the head and a pre-read body), cuts the request, and fires the canary rule with
+/// its response: the session's later requests are refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_honey_token_deep_in_a_streamed_body_is_cut_and_fires_the_canary_rule() {
+    let mut w = world(false).await;
+    let url = w.url("other.test", "/upload");
+    let (_, out, err) = w
+        .curl(s(&[
+            "-D",
+            "-",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &format!("{} CANARY7f3a9c1e55d2x0q", "z".repeat(100_000)),
+            &url,
+        ]))
+        .await;
+    assert!(out.starts_with("HTTP/1.1 403"), "{out} {err}");
+    w.gw.wait_event(|e| e.kind == EventKind::Alert && e.rule == "dlp:canary:SEEDED")
+        .await;
+    let fired = tokio::time::timeout(Duration::from_secs(5), w.gw.detections.recv())
+        .await
+        .expect("no detection within 5 s")
+        .expect("detection channel closed");
+    assert_eq!(fired.rule, cordon_gateway::detect::Rule::Canary);
+    assert_eq!(
+        fired.summary,
+        "canary credential SEEDED sent out (intercepted request body)"
+    );
+    // Its response (terminate: egress closed first) refuses a clean request afterwards.
+    // (The CONNECT is refused, so curl reports the proxy's answer as an error.)
+    let before = w.other.seen().len();
+    let (ok, out, err) = w.curl(s(&["-D", "-", &url])).await;
+    assert!(!ok && err.contains("403"), "{out} {err}");
+    assert_eq!(w.other.seen().len(), before);
+    assert!(!w
+        .other
+        .seen()
+        .iter()
+        .any(|s| s.body.windows(10).any(|b| b == b"CANARY7f3a")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

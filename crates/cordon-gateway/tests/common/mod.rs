@@ -281,8 +281,8 @@ pub struct Running {
 pub struct Options {
     pub clients: Clients,
     pub detect: DetectPolicy,
-    /// Honey tokens (variable name, value).
-    pub canaries: Vec<(String, String)>,
+    /// Honey tokens.
+    pub canaries: Vec<cordon_gateway::detect::canary::Canary>,
     pub original_dst: Option<Arc<dyn OriginalDst>>,
     pub timeouts: Timeouts,
     pub intercept: Option<Arc<cordon_gateway::InterceptConfig>>,
