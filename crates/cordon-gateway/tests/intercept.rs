@@ -1078,3 +1078,31 @@ async fn an_idle_http2_connection_is_closed_but_not_while_a_stream_is_open() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_honey_token_deep_in_a_streamed_http2_body_is_cut_and_fires_the_canary_rule() {
+    let mut w = world_with(false, true).await;
+    let mut send = w.h2_connection("other.test").await;
+    let url = format!("https://other.test:{}/upload", w.other.addr.port());
+    let (tx, body) = feed();
+    let upload = tokio::spawn(send.send_request(request("POST", &url, body)));
+    tx.send(Bytes::from(vec![b'z'; 100_000])).await.unwrap();
+    tx.send(Bytes::from(" CANARY7f3a9c1e55d2x0q"))
+        .await
+        .unwrap();
+    drop(tx);
+    let (status, reason, _) = response_parts(upload.await.unwrap().unwrap()).await;
+    assert_eq!(status, 403, "{reason}");
+    w.gw.wait_event(|e| e.kind == EventKind::Alert && e.rule == "dlp:canary:SEEDED")
+        .await;
+    let fired = tokio::time::timeout(Duration::from_secs(5), w.gw.detections.recv())
+        .await
+        .expect("no detection within 5 s")
+        .expect("detection channel closed");
+    assert_eq!(fired.rule, cordon_gateway::detect::Rule::Canary);
+    assert!(w
+        .other
+        .seen()
+        .iter()
+        .all(|s| !s.body.windows(10).any(|b| b == b"CANARY7f3a")));
+}
