@@ -31,8 +31,8 @@
 //! - Bounds towards the sandbox: at most [`MAX_CONCURRENT_STREAMS`] streams at once, request
 //!   header lists of at most [`MAX_HEADER_LIST_SIZE`] bytes, flow-control windows of
 //!   [`STREAM_WINDOW`] per stream and [`CONNECTION_WINDOW`] per connection (what a client can
-//!   make the gateway buffer), and a connection with no stream for the header-read timeout is
-//!   closed (`GOAWAY`).
+//!   make the gateway buffer), and a connection with no stream open or started for one to two
+//!   header-read timeouts is closed (`GOAWAY`).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
