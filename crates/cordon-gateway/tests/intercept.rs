@@ -1106,3 +1106,66 @@ async fn a_honey_token_deep_in_a_streamed_http2_body_is_cut_and_fires_the_canary
         .iter()
         .all(|s| !s.body.windows(10).any(|b| b == b"CANARY7f3a")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finding_after_the_response_began_resets_the_http2_stream_and_is_recorded_once() {
+    let w = world_with(false, true).await;
+    let mut send = w.h2_connection("api.test").await;
+    let base = format!("https://api.test:{}", w.api.addr.port());
+    // The origin streams the request body back as it comes: its answer begins before the
+    // request has ended.
+    let (tx, body) = feed();
+    let pending =
+        tokio::spawn(send.send_request(request("POST", &format!("{base}/repos/duplex"), body)));
+    tx.send(Bytes::from(vec![b'a'; 4096])).await.unwrap();
+    let resp = pending.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200, "the response must have begun");
+    let mut body = resp.into_body();
+    // Some of the echo arrives (all but the redaction hold-back).
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
+    // Now a secret-shaped value: the stream can no longer get a 403, so it is reset.
+    tx.send(Bytes::from("key=AKIAIOSFODNN7EXAMPLE;"))
+        .await
+        .unwrap();
+    let mut echoed = first.into_data().unwrap().to_vec();
+    let outcome = loop {
+        match body.frame().await {
+            Some(Ok(f)) => {
+                if let Ok(d) = f.into_data() {
+                    echoed.extend_from_slice(&d);
+                }
+            }
+            Some(Err(e)) => break Err(e),
+            None => break Ok(()),
+        }
+    };
+    assert!(outcome.is_err(), "the stream ended normally");
+    assert!(!String::from_utf8_lossy(&echoed).contains("AKIA"));
+    let blocked = w
+        .gw
+        .wait_event(|e| e.kind == EventKind::Blocked && e.path.as_deref() == Some("/repos/duplex"))
+        .await;
+    assert_eq!(blocked.rule, "dlp:aws_access_key_id");
+    w.gw.wait_event(|e| e.kind == EventKind::Alert && e.rule == "dlp:aws_access_key_id")
+        .await;
+    drop(tx);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let for_path =
+        w.gw.events()
+            .into_iter()
+            .filter(|e| {
+                matches!(e.kind, EventKind::HttpRequest | EventKind::Blocked)
+                    && e.path.as_deref() == Some("/repos/duplex")
+            })
+            .count();
+    assert_eq!(for_path, 1, "exactly one event for the stream");
+    // The connection goes on.
+    let (status, _, _) = response_parts(
+        send.send_request(request("GET", &format!("{base}/zen"), empty()))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+}

@@ -70,6 +70,10 @@ impl TestCa {
     }
 }
 
+fn never(n: Infallible) -> hyper::Error {
+    match n {}
+}
+
 /// A body of one data frame and a trailers frame.
 struct WithTrailers(Option<Bytes>, Option<hyper::HeaderMap>);
 
@@ -139,6 +143,11 @@ impl TlsOrigin {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let log = log.clone();
                         async move {
+                            if req.uri().path().ends_with("/duplex") {
+                                // Full duplex: the request body streams straight back as the
+                                // response body, the head going out at once.
+                                return Ok(hyper::Response::new(req.into_body().boxed()));
+                            }
                             let version = format!("{:?}", req.version());
                             let method = req.method().to_string();
                             let uri = req.uri().to_string();
@@ -183,11 +192,14 @@ impl TlsOrigin {
                                     .header("content-type", "application/grpc")
                                     .body(
                                         WithTrailers(Some(Bytes::from(echo)), Some(trailers))
+                                            .map_err(never)
                                             .boxed(),
                                     )
                                     .unwrap()
                             } else {
-                                builder.body(Full::new(Bytes::from(echo)).boxed()).unwrap()
+                                builder
+                                    .body(Full::new(Bytes::from(echo)).map_err(never).boxed())
+                                    .unwrap()
                             };
                             Ok::<_, hyper::Error>(resp)
                         }
