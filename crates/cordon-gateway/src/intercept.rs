@@ -1405,17 +1405,11 @@ pub(crate) fn check_plain(
 mod tests {
     use super::*;
     use crate::core::testing::meter_with_budget;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (b, _) = l.accept().await.unwrap();
-        (a, b)
-    }
+    use crate::core::testing::tcp_pair;
 
     #[tokio::test]
     async fn the_metered_upstream_reads_no_more_than_the_inbound_budget_then_fails() {
-        let (mut peer, inner) = pair().await;
+        let (mut peer, inner) = tcp_pair().await;
         let (meter, _sink) = meter_with_budget(None, Some(10));
         let counters = meter.counters();
         let mut up = Metered { inner, meter };
@@ -1438,7 +1432,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_metered_upstream_counts_what_it_reads_and_writes() {
-        let (mut peer, inner) = pair().await;
+        let (mut peer, inner) = tcp_pair().await;
         let (meter, _sink) = meter_with_budget(None, None);
         let counters = meter.counters();
         let mut up = Metered { inner, meter };

@@ -619,10 +619,7 @@ impl World {
 
     /// An HTTP/2 connection to `host` through the proxy (CONNECT, then TLS with the session CA
     /// offering only `h2`), made with hyper's client. Fails the test unless `h2` was picked.
-    async fn h2_connection(
-        &self,
-        host: &str,
-    ) -> hyper::client::conn::http2::SendRequest<BoxBody<Bytes, Infallible>> {
+    async fn h2_connection(&self, host: &str) -> H2Send {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let port = self.port_of(host);
         let mut tcp = tokio::net::TcpStream::connect(self.gw.proxy).await.unwrap();
@@ -690,6 +687,17 @@ impl hyper::body::Body for Feed {
             .map(|c| c.map(|b| Ok(hyper::body::Frame::data(b))))
     }
 }
+
+/// `GET {base}/zen` on an HTTP/2 connection: its status.
+async fn get_zen(send: &mut H2Send, base: &str) -> u16 {
+    let resp = send
+        .send_request(request("GET", &format!("{base}/zen"), empty()))
+        .await
+        .unwrap();
+    response_parts(resp).await.0
+}
+
+type H2Send = hyper::client::conn::http2::SendRequest<BoxBody<Bytes, Infallible>>;
 
 fn feed() -> (tokio::sync::mpsc::Sender<Bytes>, BoxBody<Bytes, Infallible>) {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -862,13 +870,7 @@ async fn streams_on_one_http2_connection_are_each_decided_and_a_refused_one_leav
         assert_eq!(status, 403);
         assert!(reason.contains(":authority"), "{reason}");
         // Stream 4: allowed, answered while stream 1 is still open.
-        let (status, _, body) = response_parts(
-            send.send_request(request("GET", &format!("{base}/zen"), empty()))
-                .await
-                .unwrap(),
-        )
-        .await;
-        assert_eq!(status, 200, "{body}");
+        assert_eq!(get_zen(&mut send, &base).await, 200);
         // Stream 1 ends and gets its answer.
         tx.send(Bytes::from("second half")).await.unwrap();
         drop(tx);
@@ -967,13 +969,7 @@ async fn a_finding_mid_body_on_an_http2_stream_cancels_the_upstream_request_and_
             w.api.seen()
         );
         // The connection is still good.
-        let (status, _, _) = response_parts(
-            send.send_request(request("GET", &format!("{base}/zen"), empty()))
-                .await
-                .unwrap(),
-        )
-        .await;
-        assert_eq!(status, 200);
+        assert_eq!(get_zen(&mut send, &base).await, 200);
         assert_eq!(w.api.seen().len(), 1);
     }
 }
@@ -1022,13 +1018,7 @@ async fn an_http2_header_list_over_the_bound_is_refused_and_the_connection_goes_
     let w = world_with(false, true).await;
     let mut send = w.h2_connection("api.test").await;
     let base = format!("https://api.test:{}", w.api.addr.port());
-    let (status, _, _) = response_parts(
-        send.send_request(request("GET", &format!("{base}/zen"), empty()))
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(status, 200);
+    assert_eq!(get_zen(&mut send, &base).await, 200);
     // A header list over 64 KiB never reaches a decision or upstream.
     let mut big = request("GET", &format!("{base}/zen"), empty());
     big.headers_mut()
@@ -1039,13 +1029,7 @@ async fn an_http2_header_list_over_the_bound_is_refused_and_the_connection_goes_
     }
     assert_eq!(w.api.seen().len(), 1);
     // The connection goes on.
-    let (status, _, _) = response_parts(
-        send.send_request(request("GET", &format!("{base}/zen"), empty()))
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(status, 200);
+    assert_eq!(get_zen(&mut send, &base).await, 200);
     assert_eq!(w.api.seen().len(), 2);
 }
 
@@ -1161,11 +1145,5 @@ async fn a_finding_after_the_response_began_resets_the_http2_stream_and_is_recor
             .count();
     assert_eq!(for_path, 1, "exactly one event for the stream");
     // The connection goes on.
-    let (status, _, _) = response_parts(
-        send.send_request(request("GET", &format!("{base}/zen"), empty()))
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(status, 200);
+    assert_eq!(get_zen(&mut send, &base).await, 200);
 }
