@@ -8,6 +8,7 @@
 #   mitmproxy   Debian's mitmdump (regular proxy mode, upstream verified against the origin's CA)
 # Every proxy listens on its own loopback port and is stopped by pid; nothing leaves 127.0.0.1.
 # No audit sink for the gateway (NoopSink) and no addon for mitmproxy: the proxies' own cost.
+# The gateway runs on two tokio workers, as in `cordon run`; the client and the origin on one each.
 #
 # Client: tls_bench client, CONNS keep-alive HTTPS connections (one CONNECT + one TLS handshake
 # each, then GET /small with a 64-byte body back to back) for SECS seconds; requests/s and p50/p99

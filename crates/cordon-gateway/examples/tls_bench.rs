@@ -413,8 +413,15 @@ fn dlp(mib: usize) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // The gateway gets what `cordon run` gives it (crates/cordon/src/gateway_run.rs: two
+    // workers); the client and the origin one each.
+    let workers = if args.get(1).map(String::as_str) == Some("gateway") {
+        2
+    } else {
+        1
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .unwrap();
