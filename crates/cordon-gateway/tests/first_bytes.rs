@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use common::*;
 use cordon_gateway::sni::testing::client_hello;
-use cordon_gateway::{EventKind, Verdict, Via};
+use cordon_gateway::{EventKind, Verdict};
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 /// The gateway's first-bytes timeout in these tests (`Options::default`).
@@ -113,6 +113,8 @@ async fn play(s: &Setup, path: Path, steps: &[Step]) -> Vec<u8> {
                 Step::Pause(d) => std::thread::sleep(d),
             }
         }
+        // Done talking: an echoing origin then closes, and so the read below ends.
+        let _ = c.shutdown(std::net::Shutdown::Write);
         c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let mut out = Vec::new();
         let mut buf = [0u8; 4096];
@@ -134,20 +136,22 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 /// Runs `attack` and its `control` on both paths: the control's marker reaches the origin, the
 /// attack's never does, and the attack leaves a blocked event.
-async fn attack_fails_and_control_passes(name: &str, attack: &[Step], control: &[Step]) {
+async fn attack_fails_and_control_passes(name: &str, attack: &[Step], control: Option<&[Step]>) {
     for path in [Path::Connect, Path::Transparent] {
         let mut s = setup().await;
-        play(&s, path, control).await;
-        assert!(
-            contains(&s.echo.received(), b"origin.test"),
-            "{name} via {path:?}: the control did not reach the origin: {:?}",
-            String::from_utf8_lossy(&s.echo.received())
-        );
+        if let Some(control) = control {
+            play(&s, path, control).await;
+            assert!(
+                contains(&s.echo.received(), b"origin.test"),
+                "{name} via {path:?}: the control did not reach the origin: {:?}",
+                String::from_utf8_lossy(&s.echo.received())
+            );
+        }
         let before = s.echo.received().len();
         let answer = play(&s, path, attack).await;
         let got = s.echo.received();
         assert!(
-            !contains(&got[before..], b"evil.test"),
+            !contains(&got[before..], b"evil.test") && !contains(&got[before..], b"HTTP/1.1\r\n"),
             "{name} via {path:?}: the origin received a request naming evil.test through a \
              tunnel decided for origin.test: {:?} (client got {:?})",
             String::from_utf8_lossy(&got[before..]),
@@ -162,14 +166,6 @@ async fn attack_fails_and_control_passes(name: &str, attack: &[Step], control: &
                 .contains(&blocked.rule.as_str()),
             "{name} via {path:?}: {blocked:?}"
         );
-        assert_eq!(
-            blocked.via,
-            match path {
-                Path::Connect => Via::Connect,
-                Path::Transparent => Via::Transparent,
-            },
-            "{name}"
-        );
         drop(s.redirect);
         s.gw.stop().await;
     }
@@ -180,7 +176,7 @@ async fn http_sent_after_the_first_bytes_timeout_must_name_the_destination() {
     attack_fails_and_control_passes(
         "silent, then HTTP",
         &[Step::Pause(WAIT_OUT), send(http_to("evil.test"))],
-        &[Step::Pause(WAIT_OUT), send(http_to("origin.test"))],
+        Some(&[Step::Pause(WAIT_OUT), send(http_to("origin.test"))]),
     )
     .await;
 }
@@ -193,16 +189,19 @@ async fn a_client_hello_sent_after_the_first_bytes_timeout_must_name_the_destina
             Step::Pause(WAIT_OUT),
             send(client_hello(Some("evil.test"), 200)),
         ],
-        &[
+        Some(&[
             Step::Pause(WAIT_OUT),
             send(client_hello(Some("origin.test"), 200)),
-        ],
+        ]),
     )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_line_dribbled_past_the_timeout_must_name_the_destination() {
+async fn a_request_line_dribbled_past_the_timeout_never_completes_upstream() {
+    // The start of the line may go upstream (a server does nothing with half a line), its end
+    // never does. The control, a dribbled line that is not HTTP, is in
+    // `protocols_that_are_not_http_still_tunnel_untouched`.
     let rest = |host: &str| {
         let mut r = http_to(host);
         r.remove(0);
@@ -211,9 +210,12 @@ async fn a_request_line_dribbled_past_the_timeout_must_name_the_destination() {
     attack_fails_and_control_passes(
         "G, pause, ET / …",
         &[send("G"), Step::Pause(WAIT_OUT), send(rest("evil.test"))],
-        &[send("G"), Step::Pause(WAIT_OUT), send(rest("origin.test"))],
+        None,
     )
     .await;
+    // A request line longer than the first-bytes peek (64 KiB) is watched to its end the same way.
+    let long = format!("{} /x HTTP/1.1\r\nHost: evil.test\r\n\r\n", "A".repeat(70_000));
+    attack_fails_and_control_passes("70 000-letter method", &[send(long)], None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,7 +226,7 @@ async fn a_request_after_an_empty_line_must_name_the_destination() {
     attack_fails_and_control_passes(
         "CRLF CRLF GET …",
         &[send(with_crlf("evil.test"))],
-        &[send(with_crlf("origin.test"))],
+        Some(&[send(with_crlf("origin.test"))]),
     )
     .await;
 }
@@ -232,15 +234,15 @@ async fn a_request_after_an_empty_line_must_name_the_destination() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_with_an_unusual_method_must_name_the_destination() {
     // Go's net/http serves any token as a method; WebDAV has methods longer than ten letters.
-    for method in ["get", "MKWORKSPACE", "VERSION-CONTROL", &"A".repeat(70_000)] {
+    for method in ["get", "MKWORKSPACE", "VERSION-CONTROL"] {
         let req = |host: &str| {
             format!("{method} /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
                 .into_bytes()
         };
         attack_fails_and_control_passes(
-            &method.chars().take(20).collect::<String>(),
+            method,
             &[send(req("evil.test"))],
-            &[send(req("origin.test"))],
+            Some(&[send(req("origin.test"))]),
         )
         .await;
     }
@@ -256,13 +258,22 @@ async fn protocols_that_are_not_http_still_tunnel_untouched() {
         for (name, steps) in [
             ("ssh banner", vec![send(&ssh)]),
             ("silent, then a command", vec![Step::Pause(WAIT_OUT), send("EHLO x\r\n")]),
+            (
+                "a dribbled command",
+                vec![send("EHL"), Step::Pause(WAIT_OUT), send("O x\r\nQUIT\r\n")],
+            ),
+            ("a bare word", vec![send("ping")]),
             ("binary", vec![send(&binary)]),
         ] {
             let mut s = setup().await;
             let back = play(&s, path, &steps).await;
-            let Step::Send(sent) = steps.last().unwrap().clone() else {
-                unreachable!()
-            };
+            let sent: Vec<u8> = steps
+                .iter()
+                .flat_map(|st| match st {
+                    Step::Send(b) => b.clone(),
+                    Step::Pause(_) => Vec::new(),
+                })
+                .collect();
             assert_eq!(s.echo.received(), sent, "{name} via {path:?}");
             assert_eq!(back, sent, "{name} via {path:?}: the echo came back");
             s.gw.stop().await;
