@@ -24,8 +24,12 @@
 //!   upstream connection is cut mid-body: the server sees an incomplete request). A finding
 //!   refuses the request (`403`) and records a `Blocked` event and an `Alert` naming the
 //!   pattern, never the value. A request body larger than the scan limit is refused.
-//! - Responses are scanned for the session's secret values, which are redacted (same length) in
-//!   the head and the body before the sandbox sees them, with an `Alert`.
+//! - Responses are scanned for the session's secret values in every form a client could decode
+//!   (as is, base64 at any alignment, percent-encoded, JSON-escaped: `LiveCredential::echo_forms`),
+//!   which are redacted (same length) in the head and the body before the sandbox sees them, with
+//!   an `Alert`. A host that holds a credential is asked for `Accept-Encoding: identity`, and a
+//!   response from it with any `Content-Encoding` is refused (`502`, rule `response-encoded`):
+//!   compressed bytes would carry the secret past the scan.
 //! - Each request produces one `HttpRequest` event (method, path, bytes, the credentials used by
 //!   name) or one `Blocked` event.
 
@@ -125,8 +129,18 @@ impl Runtime {
                 .collect(),
             /*formats*/ true,
         );
-        let inbound =
-            (!secrets.is_empty()).then(|| Scanner::new(secrets.clone(), /*formats*/ false));
+        // Responses: every decodable form of each secret (base64, percent-encoding, JSON).
+        let echoes: Vec<_> = cfg
+            .credentials
+            .iter()
+            .flat_map(|c| {
+                let name = format!("secret:{}", c.spec.name);
+                c.echo_forms()
+                    .into_iter()
+                    .map(move |f| (Kind::Secret, name.clone(), f))
+            })
+            .collect();
+        let inbound = (!echoes.is_empty()).then(|| Scanner::new(echoes, /*formats*/ false));
         Runtime {
             head,
             placeholders: Scanner::new(placeholders, /*formats*/ false),
@@ -540,6 +554,32 @@ where
 }
 
 impl Conn<'_> {
+    /// Whether a credential of this session is bound to the connection's host (so its secret
+    /// may come back in a response).
+    fn holds_secret(&self) -> bool {
+        self.rt
+            .cfg
+            .credentials
+            .iter()
+            .any(|c| c.spec.bound_to(&self.host))
+    }
+
+    /// The content coding of `resp` when it is one the redaction cannot see through and the
+    /// host holds a credential.
+    fn unscannable_coding(&self, resp: &h1::ResponseHead) -> Option<String> {
+        if self.rt.inbound.is_none() || !self.holds_secret() {
+            return None;
+        }
+        let codings: Vec<String> = resp
+            .head
+            .values("content-encoding")
+            .flat_map(|v| v.split(|&b| b == b','))
+            .map(|c| String::from_utf8_lossy(c.trim_ascii()).to_ascii_lowercase())
+            .filter(|c| !c.is_empty() && c != "identity")
+            .collect();
+        (!codings.is_empty()).then(|| codings.join(", "))
+    }
+
     async fn read_head(&mut self) -> Result<Option<RequestHead>, h1::HeadError> {
         let mut spans = Vec::new();
         loop {
@@ -766,12 +806,19 @@ impl Conn<'_> {
         };
         let send_target = injected.target.as_deref().unwrap_or(&target);
         self.out.clear();
-        h1::write_request_head_mapped(&mut self.out, &req, &info, send_target, None, |i, _, _| {
+        // A host that holds a credential is asked for unencoded responses: an encoded one
+        // cannot be scanned for the secret (see the response below).
+        let holds_secret = self.holds_secret();
+        h1::write_request_head_mapped(&mut self.out, &req, &info, send_target, None, |i, n, _| {
             injected
                 .headers
                 .iter()
                 .find(|(j, _)| *j == i)
                 .map(|(_, v)| v.clone())
+                .or_else(|| {
+                    (holds_secret && n.eq_ignore_ascii_case(b"accept-encoding"))
+                        .then(|| b"identity".to_vec())
+                })
         });
         if let Some(f) = self.rt.placeholders.find(&self.out) {
             self.out.clear();
@@ -1040,6 +1087,19 @@ impl Conn<'_> {
                 }
             }
         };
+        if let Some(coding) = self.unscannable_coding(&resp) {
+            // gzip (or any coding) would carry an echoed secret past the redaction: refused.
+            event.verdict = Verdict::Block;
+            event.rule = "response-encoded".into();
+            let reason = format!(
+                "the response from {} has Content-Encoding {coding:?}, which cannot be scanned for \
+                 the credential it holds; it was not relayed",
+                self.host
+            );
+            finish(self.ctx, self.session, event, &up, Some(reason.clone()));
+            let _ = self.reply(502, &reason, true).await;
+            return false;
+        }
         let client_body = match rinfo.body {
             BodyLen::Chunked if req.minor == 0 => BodyLen::UntilClose,
             b => b,
