@@ -204,8 +204,9 @@ pub(crate) async fn serve_proxy_client(ctx: Arc<Ctx>, stream: TcpStream) {
             // Let the client finish sending its head (read and dropped, nothing kept; at most
             // the first-bytes wait) so it reads the refusal rather than a reset.
             let mut stream = stream;
-            let _ = tokio::time::timeout(ctx.shared.timeouts.first_bytes, discard_head(&mut stream))
-                .await;
+            let _ =
+                tokio::time::timeout(ctx.shared.timeouts.first_bytes, discard_head(&mut stream))
+                    .await;
             let mut conn = ClientConn::new(ConnMode::Proxy, stream, &[]);
             let _ = conn.reply(403, &limit.reason(None), /*close*/ true).await;
             return;

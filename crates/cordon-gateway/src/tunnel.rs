@@ -432,7 +432,10 @@ impl FirstLine {
         // Longer than what was kept: a request line if it starts like one and ends with a
         // version.
         let tail = self.tail.strip_suffix(b"\r").unwrap_or(&self.tail);
-        let last = tail.rsplit(|&c| c == b' ' || c == b'\t').next().unwrap_or(&[]);
+        let last = tail
+            .rsplit(|&c| c == b' ' || c == b'\t')
+            .next()
+            .unwrap_or(&[]);
         is_request_line(&self.head)
             || (request_line_prefix(&self.head)
                 && last.len() >= 5
@@ -715,9 +718,19 @@ mod tests {
             assert!(looks_like_http(b), "{:?}", String::from_utf8_lossy(b));
         }
         // Not a complete line yet: watched to its end, never called another protocol.
-        for b in [&b"G"[..], b"\r\n", b"XYZ /incomplete", b"aaaa", b"GET / HTTP/1.1"] {
+        for b in [
+            &b"G"[..],
+            b"\r\n",
+            b"XYZ /incomplete",
+            b"aaaa",
+            b"GET / HTTP/1.1",
+        ] {
             assert!(!looks_like_http(b), "{:?}", String::from_utf8_lossy(b));
-            assert!(request_line_undecided(b), "{:?}", String::from_utf8_lossy(b));
+            assert!(
+                request_line_undecided(b),
+                "{:?}",
+                String::from_utf8_lossy(b)
+            );
         }
     }
 

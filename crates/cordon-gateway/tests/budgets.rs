@@ -330,7 +330,8 @@ async fn connections_that_never_finish_their_head_hold_a_slot_and_cannot_pile_up
         for _ in 0..12 {
             let mut s = std::net::TcpStream::connect(proxy).unwrap();
             let _ = s.write_all(partial.as_bytes());
-            s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
             let mut out = Vec::new();
             let mut buf = [0u8; 4096];
             // The refusal comes at once, or nothing comes until the head timeout.
@@ -349,7 +350,10 @@ async fn connections_that_never_finish_their_head_hold_a_slot_and_cannot_pile_up
     .unwrap();
     let refused: Vec<&String> = answered.iter().filter(|a| a.contains(" 403 ")).collect();
     assert_eq!(
-        (answered.iter().filter(|a| a.is_empty()).count(), refused.len()),
+        (
+            answered.iter().filter(|a| a.is_empty()).count(),
+            refused.len()
+        ),
         (4, 8),
         "four held, the rest refused at once: {answered:?}"
     );

@@ -22,7 +22,7 @@ use cordon_gateway::creds::{LiveCredential, Secret};
 use cordon_gateway::tls::{pem_certs, upstream_config, SessionCa};
 use cordon_gateway::{EventKind, InterceptConfig, DEFAULT_MAX_SCAN_BYTES};
 use cordon_policy::host::HostName;
-use cordon_policy::{Credential, InterceptHost, Injection, SecretSource};
+use cordon_policy::{Credential, Injection, InterceptHost, SecretSource};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -195,7 +195,14 @@ impl World {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let (ok, out, err) = tokio::task::spawn_blocking(move || {
             run(Command::new("curl")
-                .args(["-sS", "-i", "--max-time", "10", "-x", &format!("http://{proxy}")])
+                .args([
+                    "-sS",
+                    "-i",
+                    "--max-time",
+                    "10",
+                    "-x",
+                    &format!("http://{proxy}"),
+                ])
                 .arg("--suppress-connect-headers")
                 .arg("--cacert")
                 .arg(&ca)
@@ -257,7 +264,10 @@ fn the_decoder_finds_the_secret_in_every_form_the_attack_uses() {
     let engine = base64::engine::general_purpose::STANDARD;
     for prefix in ["", "u:", "us:", "use:"] {
         let blob = engine.encode(format!("{prefix}{SECRET}"));
-        assert!(recovers_secret(&format!("authorization=Basic {blob}\r\n")), "{prefix}");
+        assert!(
+            recovers_secret(&format!("authorization=Basic {blob}\r\n")),
+            "{prefix}"
+        );
     }
     assert!(recovers_secret(
         "GET /q?access_token=s3cr3t%2BValue%2FWith%3DChars_0123 HTTP/1.1"
@@ -271,7 +281,11 @@ async fn an_echoed_basic_auth_header_does_not_give_the_secret_back() {
     // Every alignment of the secret inside the base64 blob: the user name sets it.
     for user in ["u", "us", "use"] {
         let (ok, out) = w
-            .curl(&["-u", &format!("{user}:{PH_BASIC}"), &w.url("api.test", "/echo")])
+            .curl(&[
+                "-u",
+                &format!("{user}:{PH_BASIC}"),
+                &w.url("api.test", "/echo"),
+            ])
             .await;
         assert!(ok, "{out}");
         let seen = w.api.seen.lock().unwrap().last().cloned().unwrap();

@@ -93,8 +93,10 @@ async fn play(s: &Setup, path: Path, steps: &[Step]) -> Vec<u8> {
                 let mut c = std::net::TcpStream::connect(proxy).unwrap();
                 c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
                 c.write_all(
-                    format!("CONNECT origin.test:{port} HTTP/1.1\r\nHost: origin.test:{port}\r\n\r\n")
-                        .as_bytes(),
+                    format!(
+                        "CONNECT origin.test:{port} HTTP/1.1\r\nHost: origin.test:{port}\r\n\r\n"
+                    )
+                    .as_bytes(),
                 )
                 .unwrap();
                 let mut head = [0u8; 19];
@@ -157,10 +159,9 @@ async fn attack_fails_and_control_passes(name: &str, attack: &[Step], control: O
             String::from_utf8_lossy(&got[before..]),
             String::from_utf8_lossy(&answer)
         );
-        let blocked = s
-            .gw
-            .wait_event(|e| e.kind == EventKind::Blocked && e.verdict == Verdict::Block)
-            .await;
+        let blocked =
+            s.gw.wait_event(|e| e.kind == EventKind::Blocked && e.verdict == Verdict::Block)
+                .await;
         assert!(
             ["host-mismatch", "sni-mismatch", "bad-request", "late-http"]
                 .contains(&blocked.rule.as_str()),
@@ -214,7 +215,10 @@ async fn a_request_line_dribbled_past_the_timeout_never_completes_upstream() {
     )
     .await;
     // A request line longer than the first-bytes peek (64 KiB) is watched to its end the same way.
-    let long = format!("{} /x HTTP/1.1\r\nHost: evil.test\r\n\r\n", "A".repeat(70_000));
+    let long = format!(
+        "{} /x HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+        "A".repeat(70_000)
+    );
     attack_fails_and_control_passes("70 000-letter method", &[send(long)], None).await;
 }
 
@@ -257,7 +261,10 @@ async fn protocols_that_are_not_http_still_tunnel_untouched() {
     for path in [Path::Connect, Path::Transparent] {
         for (name, steps) in [
             ("ssh banner", vec![send(&ssh)]),
-            ("silent, then a command", vec![Step::Pause(WAIT_OUT), send("EHLO x\r\n")]),
+            (
+                "silent, then a command",
+                vec![Step::Pause(WAIT_OUT), send("EHLO x\r\n")],
+            ),
             (
                 "a dribbled command",
                 vec![send("EHL"), Step::Pause(WAIT_OUT), send("O x\r\nQUIT\r\n")],
@@ -277,12 +284,11 @@ async fn protocols_that_are_not_http_still_tunnel_untouched() {
             assert_eq!(s.echo.received(), sent, "{name} via {path:?}");
             assert_eq!(back, sent, "{name} via {path:?}: the echo came back");
             s.gw.stop().await;
-            let e = s
-                .gw
-                .events()
-                .into_iter()
-                .find(|e| e.kind == EventKind::Connection)
-                .unwrap_or_else(|| panic!("{name} via {path:?}: {:#?}", s.gw.events()));
+            let e =
+                s.gw.events()
+                    .into_iter()
+                    .find(|e| e.kind == EventKind::Connection)
+                    .unwrap_or_else(|| panic!("{name} via {path:?}: {:#?}", s.gw.events()));
             assert_eq!(e.bytes_up, sent.len() as u64, "{name} via {path:?}");
         }
     }
