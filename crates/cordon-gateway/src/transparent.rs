@@ -22,7 +22,7 @@ use crate::authority::Host;
 use crate::budget::ConnCheck;
 use crate::core::{BudgetHit, Ctx};
 use crate::event::Via;
-use crate::http::{serve_client, ClientConn, ConnMode};
+use crate::http::serve_bound_http;
 use crate::policy::Verdicted;
 use crate::route::dest_for;
 use crate::session::Session;
@@ -149,14 +149,15 @@ async fn handle(ctx: &Arc<Ctx>, session: &Arc<Session>, mut stream: TcpStream) {
         _ = ctx.cancel.cancelled() => return,
     };
     if matches!(peek, Ok(Peek::NotTls)) && looks_like_http(&first) {
-        let conn = ClientConn::bound(
-            ConnMode::Transparent { dest, port },
+        serve_bound_http(
+            ctx.clone(),
+            session.clone(),
+            (dest, port),
             stream,
             &first,
-            session.clone(),
             permit,
-        );
-        serve_client(ctx.clone(), conn).await;
+        )
+        .await;
         return;
     }
     let prepared = tokio::select! {
@@ -203,14 +204,15 @@ async fn handle(ctx: &Arc<Ctx>, session: &Arc<Session>, mut stream: TcpStream) {
         TunnelEnd::Refused => reset(stream),
         TunnelEnd::Closed => {}
         TunnelEnd::Http(first) => {
-            let conn = ClientConn::bound(
-                ConnMode::Transparent { dest, port },
+            serve_bound_http(
+                ctx.clone(),
+                session.clone(),
+                (dest, port),
                 stream,
                 &first,
-                session.clone(),
                 permit,
-            );
-            serve_client(ctx.clone(), conn).await;
+            )
+            .await;
         }
     }
 }

@@ -185,17 +185,9 @@ pub(crate) async fn run_connect(
             // Plain HTTP inside the tunnel is served like captured plain HTTP: every request on
             // it is parsed and decided, and its Host must name the tunnel's destination (no
             // domain fronting through a CONNECT to an allowed host).
-            let conn = crate::http::ClientConn::bound(
-                crate::http::ConnMode::Transparent {
-                    dest: route.dest.clone(),
-                    port: route.port,
-                },
-                client,
-                &first,
-                session.clone(),
-                None,
-            );
-            Box::pin(crate::http::serve_client(ctx.clone(), conn)).await;
+            let to = (route.dest.clone(), route.port);
+            crate::http::serve_bound_http(ctx.clone(), session.clone(), to, client, &first, None)
+                .await;
         }
         Ok((first, peek)) => {
             if let Some(rt) = ctx.shared.intercept.as_deref() {
@@ -228,14 +220,16 @@ pub(crate) async fn run_connect(
             )
             .await;
             if let TunnelEnd::Http(first) = end {
-                let conn = crate::http::ClientConn::bound(
-                    crate::http::ConnMode::Transparent { dest, port },
+                let to = (dest, port);
+                crate::http::serve_bound_http(
+                    ctx.clone(),
+                    session.clone(),
+                    to,
                     client,
                     &first,
-                    session.clone(),
                     None,
-                );
-                Box::pin(crate::http::serve_client(ctx.clone(), conn)).await;
+                )
+                .await;
             }
         }
         Err(e) => tracing::debug!(error = %e, "CONNECT tunnel did not open"),
