@@ -236,6 +236,19 @@ pub(crate) mod testing {
         }
     }
 
+    /// Both ends of a TCP connection on loopback.
+    pub async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let addr = l.local_addr().unwrap_or_else(|e| panic!("local_addr: {e}"));
+        let a = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        let (b, _) = l.accept().await.unwrap_or_else(|e| panic!("accept: {e}"));
+        (a, b)
+    }
+
     /// A context over a default-deny gateway whose events go to a [`MemorySink`].
     pub fn ctx() -> (Arc<Ctx>, Arc<MemorySink>) {
         let mut config = GatewayConfig::new(

@@ -63,6 +63,7 @@ pub mod event;
 mod h1;
 mod http;
 mod intercept;
+mod intercept_h2;
 mod io;
 pub mod origdst;
 pub mod owner;

@@ -13,7 +13,6 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use base64::Engine as _;
 use common::tls_origin::TestCa;
@@ -32,6 +31,8 @@ const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const SECRET: &str = "s3cr3t+Value/With=Chars_0123";
 const PH_BASIC: &str = "cordon-placeholder-11111111111111111111111111111111";
 const PH_QUERY: &str = "cordon-placeholder-22222222222222222222222222222222";
+/// Both ways a client can speak to an intercepted host.
+const PROTOS: [&str; 2] = ["--http1.1", "--http2"];
 
 /// An HTTPS origin that answers every request with its own request head as the body, gzipped
 /// (`Content-Encoding: gzip`, whatever the request asked) when the path starts with `/gzip`.
@@ -188,8 +189,10 @@ impl World {
         format!("https://{host}:{port}{path}")
     }
 
-    /// curl through the proxy; returns its exit status and output (head and decoded body).
-    async fn curl(&self, args: &[&str]) -> (bool, String) {
+    /// curl through the proxy, speaking `proto` (`--http1.1` or `--http2`) to the gateway;
+    /// returns its exit status and output (head and decoded body).
+    async fn curl(&self, proto: &str, args: &[&str]) -> (bool, String) {
+        let args: Vec<&str> = std::iter::once(proto).chain(args.iter().copied()).collect();
         let proxy: SocketAddr = self.gw.proxy;
         let ca = self.ca_file.path().to_owned();
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
@@ -278,22 +281,21 @@ fn the_decoder_finds_the_secret_in_every_form_the_attack_uses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_echoed_basic_auth_header_does_not_give_the_secret_back() {
     let w = world().await;
-    // Every alignment of the secret inside the base64 blob: the user name sets it.
-    for user in ["u", "us", "use"] {
-        let (ok, out) = w
-            .curl(&[
-                "-u",
-                &format!("{user}:{PH_BASIC}"),
-                &w.url("api.test", "/echo"),
-            ])
-            .await;
-        assert!(ok, "{out}");
-        let seen = w.api.seen.lock().unwrap().last().cloned().unwrap();
-        // Upstream got the real secret (the control: injection worked) ...
-        let want = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{SECRET}"));
-        assert!(seen.contains(&want), "{seen}");
-        // ... and the sandbox cannot decode it out of the echo.
-        assert!(!recovers_secret(&out), "user {user}: {out}");
+    for proto in PROTOS {
+        // Every alignment of the secret inside the base64 blob: the user name sets it.
+        for user in ["u", "us", "use"] {
+            let cred = format!("{user}:{PH_BASIC}");
+            let (ok, out) = w
+                .curl(proto, &["-u", &cred, &w.url("api.test", "/echo")])
+                .await;
+            assert!(ok, "{out}");
+            let seen = w.api.seen.lock().unwrap().last().cloned().unwrap();
+            // Upstream got the real secret (the control: injection worked) ...
+            let want = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{SECRET}"));
+            assert!(seen.contains(&want), "{seen}");
+            // ... and the sandbox cannot decode it out of the echo.
+            assert!(!recovers_secret(&out), "{proto} user {user}: {out}");
+        }
     }
     w.gw.wait_event(|e| e.kind == EventKind::Alert && e.rule == "response-redacted:secret:basic")
         .await;
@@ -303,48 +305,56 @@ async fn an_echoed_basic_auth_header_does_not_give_the_secret_back() {
 async fn an_echoed_query_parameter_does_not_give_the_secret_back_percent_encoded() {
     let w = world().await;
     let url = w.url("api.test", &format!("/echo?access_token={PH_QUERY}"));
-    let (ok, out) = w.curl(&[&url]).await;
-    assert!(ok, "{out}");
-    let seen = w.api.seen.lock().unwrap().last().cloned().unwrap();
-    assert!(
-        seen.contains("access_token=s3cr3t%2BValue%2FWith%3DChars_0123"),
-        "{seen}"
-    );
-    assert!(!recovers_secret(&out), "{out}");
+    for proto in PROTOS {
+        let (ok, out) = w.curl(proto, &[&url]).await;
+        assert!(ok, "{out}");
+        let seen = w.api.seen.lock().unwrap().last().cloned().unwrap();
+        assert!(
+            seen.contains("access_token=s3cr3t%2BValue%2FWith%3DChars_0123"),
+            "{seen}"
+        );
+        assert!(!recovers_secret(&out), "{proto}: {out}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compressed_echo_from_a_credential_host_is_never_relayed() {
     let w = world().await;
-    // Control: an intercepted host without credentials may compress; curl decodes the echo.
-    let (ok, out) = w
-        .curl(&["--compressed", &w.url("other.test", "/gzip")])
-        .await;
-    assert!(ok, "{out}");
-    assert!(out.contains("GET /gzip HTTP/1.1"), "{out}");
-    // The attack: the credential's host gzips its echo of the injected header.
-    let (_, out) = w
-        .curl(&[
-            "--compressed",
-            "-u",
-            &format!("u:{PH_BASIC}"),
-            &w.url("api.test", "/gzip"),
-        ])
-        .await;
-    assert!(!recovers_secret(&out), "{out}");
-    assert!(!out.contains("GET /gzip HTTP/1.1"), "{out}");
-    assert!(out.contains("502"), "{out}");
-    // The request asked for no encoding: a server that honours it never compresses.
-    let seen = w.api.seen.lock().unwrap().last().cloned().unwrap();
+    for proto in PROTOS {
+        // Control: an intercepted host without credentials may compress; curl decodes the echo.
+        let (ok, out) = w
+            .curl(proto, &["--compressed", &w.url("other.test", "/gzip")])
+            .await;
+        assert!(ok, "{proto}: {out}");
+        assert!(out.contains("GET /gzip HTTP/1.1"), "{proto}: {out}");
+        // The attack: the credential's host gzips its echo of the injected header.
+        let cred = format!("u:{PH_BASIC}");
+        let url = w.url("api.test", "/gzip");
+        let (_, out) = w.curl(proto, &["--compressed", "-u", &cred, &url]).await;
+        assert!(!recovers_secret(&out), "{proto}: {out}");
+        assert!(!out.contains("GET /gzip HTTP/1.1"), "{proto}: {out}");
+        // Refused on the protocol asked for (HTTP/2 goes through intercept_h2).
+        let status = match proto {
+            "--http2" => "HTTP/2 502",
+            _ => "HTTP/1.1 502",
+        };
+        assert!(out.contains(status), "{proto}: {out}");
+        // The request asked for no encoding: a server that honours it never compresses.
+        let seen = w.api.seen.lock().unwrap().last().cloned().unwrap();
+        assert!(
+            seen.to_ascii_lowercase()
+                .contains("accept-encoding: identity\r\n"),
+            "{proto}: {seen}"
+        );
+    }
+    let refused: Vec<_> =
+        w.gw.events()
+            .into_iter()
+            .filter(|e| e.kind == EventKind::HttpRequest && e.host.as_deref() == Some("api.test"))
+            .collect();
+    assert_eq!(refused.len(), 2, "{refused:#?}");
     assert!(
-        seen.to_ascii_lowercase()
-            .contains("accept-encoding: identity\r\n"),
-        "{seen}"
+        refused.iter().all(|e| e.rule == "response-encoded"),
+        "{refused:#?}"
     );
-    let e = w
-        .gw
-        .wait_event(|e| e.kind == EventKind::HttpRequest && e.host.as_deref() == Some("api.test"))
-        .await;
-    assert_eq!(e.rule, "response-encoded", "{e:?}");
-    tokio::time::sleep(Duration::from_millis(10)).await;
 }

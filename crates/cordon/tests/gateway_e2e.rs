@@ -2427,6 +2427,176 @@ fn credentials_reach_their_host_through_interception_and_the_sandbox_never_holds
     assert!(!exported.stdout.contains(&secret));
 }
 
+/// [`GH_POLICY`] with the HTTP/2 origin's port allowed too.
+fn h2_policy() -> String {
+    let policy = GH_POLICY.replace(
+        r#"allow = ["api.fake.test", "#,
+        r#"allow = ["api.fake.test", "api.fake.test:8443", "#,
+    );
+    assert_ne!(policy, GH_POLICY);
+    policy
+}
+
+/// curl inside the sandbox offering HTTP/2: `:443` is the HTTP/1.1 origin, `:8443` the origin
+/// that speaks only HTTP/2. Each line of the `-w` output says which request and protocol.
+const H2_SCRIPT: &str = r#"
+H="Authorization: Bearer $GITHUB_TOKEN"
+W='
+%{http_code} proto=%{http_version}
+'
+echo "--- h1 upstream"; curl --http2 -sS --max-time 10 -D - -w "$W" -H "$H" https://api.fake.test/echo-auth
+echo "--- h2 upstream"; curl --http2 -sS --max-time 10 -D - -w "$W" -H "$H" https://api.fake.test:8443/echo-auth
+echo "--- h2 transparent"; curl --http2 -sS --max-time 10 --noproxy '*' -D - -w "$W" -H "$H" https://api.fake.test:8443/echo-auth
+curl --http2 -sS --max-time 10 -o /dev/null -w "rule %{http_code} %{http_version}
+" https://api.fake.test:8443/admin
+curl --http2 -sS --max-time 10 -o /dev/null -w "dots %{http_code} %{http_version}
+" --path-as-is "https://api.fake.test:8443/echo-auth/%2e%2e/admin"
+curl --http2 -sS --max-time 10 -o /dev/null -w "dlp %{http_code} %{http_version}
+" --data-binary "k=AKIAIOSFODNN7EXAMPLE" https://api.fake.test:8443/upload
+curl --http2 -sS --max-time 10 -o /dev/null -w "post %{http_code} %{http_version}
+" --data-binary "hello" https://api.fake.test:8443/upload
+echo "--- done"
+"#;
+
+#[test]
+fn curl_over_http2_works_through_interception_in_a_real_sandbox_and_the_audit_has_method_and_path()
+{
+    let Some(net) = enter(
+        "curl_over_http2_works_through_interception_in_a_real_sandbox_and_the_audit_has_method_and_path",
+    ) else {
+        return;
+    };
+    if net.log().iter().any(|e| e["kind"] == "h2-missing") {
+        eprintln!(
+            "SKIPPED curl_over_http2_works_through_interception_in_a_real_sandbox_and_the_audit_has_method_and_path: \
+             fakenet.py has no HTTP/2 origin without python3-h2 (scripts/deps.sh installs it)"
+        );
+        return;
+    }
+    // Control: the HTTP/2 origin answers curl --http2 directly, outside cordon.
+    let f = net.bare(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        "--http2",
+        "--cacert",
+        "ca.pem",
+        "--resolve",
+        &format!("api.fake.test:8443:{API_IP}"),
+        "-w",
+        "\nproto=%{http_version}\n",
+        "https://api.fake.test:8443/control",
+    ]);
+    assert!(
+        f.stdout.contains("h2 origin ok") && f.stdout.contains("proto=2"),
+        "{}{}",
+        f.stdout,
+        f.stderr
+    );
+
+    let secret = test_secret();
+    let mark = net.mark();
+    let ca = net.dir.path().join("net/ca.pem").display().to_string();
+    let r = net
+        .cordon()
+        .policy(&h2_policy())
+        .env("GITHUB_TOKEN", &secret)
+        .args(&["--upstream-ca", &ca])
+        .run(&["/bin/sh", "-c", H2_SCRIPT]);
+    let out = &r.stdout;
+    assert_eq!(r.status, 0, "--- stdout\n{out}\n--- stderr\n{}", r.stderr);
+    assert!(
+        !out.contains(&secret),
+        "the secret reached the sandbox:\n{out}"
+    );
+
+    // Every request went over HTTP/2 between curl and the gateway, and worked.
+    let stars = "*".repeat(secret.len());
+    for part in ["h1 upstream", "h2 upstream", "h2 transparent"] {
+        let text = out
+            .split(&format!("--- {part}\n"))
+            .nth(1)
+            .and_then(|t| t.split("\n--- ").next())
+            .unwrap_or_else(|| panic!("no {part} part:\n{out}"));
+        assert!(
+            text.contains("\nHTTP/2 200") || text.starts_with("HTTP/2 200"),
+            "{part}: {text}"
+        );
+        assert!(text.contains("200 proto=2"), "{part}: {text}");
+        assert!(
+            text.contains(&format!("authorization=Bearer {stars}")),
+            "{part}: {text}"
+        );
+        assert!(
+            text.contains(&format!("x-echo-auth: Bearer {stars}")),
+            "{part}: {text}"
+        );
+    }
+    for line in ["rule 403 2", "dots 403 2", "dlp 403 2", "post 200 2"] {
+        assert!(out.lines().any(|l| l == line), "missing {line:?}:\n{out}");
+    }
+
+    // Upstream: the real token, over HTTP/2 to the HTTP/2 origin and HTTP/1.1 to the other.
+    let http = net.seen_since(mark, "http");
+    let bearer = format!("Bearer {secret}");
+    let h2: Vec<_> = http.iter().filter(|e| e["proto"] == "h2").collect();
+    let h1: Vec<_> = http.iter().filter(|e| e["proto"].is_null()).collect();
+    assert_eq!(
+        h2.iter().filter(|e| e["auth"] == bearer.as_str()).count(),
+        2,
+        "{http:#?}"
+    );
+    assert_eq!(
+        h1.iter().filter(|e| e["auth"] == bearer.as_str()).count(),
+        1,
+        "{http:#?}"
+    );
+    assert!(
+        h2.iter()
+            .all(|e| e["path"] == "/echo-auth" || (e["path"] == "/upload" && e["bytes"] == 5)),
+        "a refused request reached the origin: {http:#?}"
+    );
+
+    // The audit has each request's method and path, the refusals and the alerts.
+    let events = net.audit_events(&r.session());
+    assert_attributed(&events, &r);
+    let uses: Vec<_> = records(&events, "http_request", Some("api.fake.test"))
+        .into_iter()
+        .filter(|e| e["method"] == "GET" && e["path"] == "/echo-auth")
+        .collect();
+    assert_eq!(uses.len(), 3, "{events:#?}");
+    assert!(uses.iter().all(|e| e["reason"]
+        .as_str()
+        .is_some_and(|s| s.contains("credential github injected"))));
+    assert!(
+        uses.iter().filter(|e| e["port"] == 8443).count() == 2,
+        "{uses:#?}"
+    );
+    assert!(records(&events, "http_request", Some("api.fake.test"))
+        .iter()
+        .any(|e| e["method"] == "POST" && e["path"] == "/upload"));
+    let refused: Vec<_> = records(&events, "blocked", Some("api.fake.test"))
+        .into_iter()
+        .filter(|e| e["rule"] == "http-rules:default-deny")
+        .collect();
+    assert_eq!(refused.len(), 2, "{events:#?}");
+    assert!(refused
+        .iter()
+        .any(|e| e["method"] == "GET" && e["path"] == "/admin"));
+    let alerts: Vec<&str> = records(&events, "alert", None)
+        .into_iter()
+        .filter_map(|e| e["rule"].as_str())
+        .collect();
+    for rule in ["dlp:aws_access_key_id", "response-redacted:secret:github"] {
+        assert!(alerts.contains(&rule), "no {rule} alert: {alerts:?}");
+    }
+    assert!(!net
+        .audit(&["events", &r.session(), "--json"])
+        .stdout
+        .contains(&secret));
+}
+
 #[test]
 fn an_upstream_that_fails_verification_is_refused_and_a_missing_secret_fails_the_run() {
     let Some(net) =

@@ -620,3 +620,16 @@ pub fn rt() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// A response's status, `X-Cordon-Reason` and body text.
+pub async fn response_parts(resp: hyper::Response<hyper::body::Incoming>) -> (u16, String, String) {
+    use http_body_util::BodyExt;
+    let status = resp.status().as_u16();
+    let reason = resp
+        .headers()
+        .get("x-cordon-reason")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, reason, String::from_utf8_lossy(&body).into_owned())
+}
