@@ -156,6 +156,50 @@ pub struct LiveCredential {
 }
 
 impl LiveCredential {
+    /// Every form in which a server could hand the secret back that a client can decode: the
+    /// value itself, percent-encoded (as [`inject`] puts it in a query, and in lower-case hex),
+    /// JSON-escaped, and the part of its base64 (standard and URL-safe) that depends on the
+    /// secret alone, at each of the three alignments a prefix can give it (so the `Basic` header
+    /// the gateway builds, `base64(user:secret)`, is found whatever the user name). Responses
+    /// from intercepted hosts are redacted for all of them.
+    pub(crate) fn echo_forms(&self) -> Vec<Vec<u8>> {
+        let secret = &self.secret.0;
+        let mut forms = vec![secret.clone()];
+        let upper = percent_encode(secret);
+        forms.push(upper.to_ascii_lowercase());
+        forms.push(upper);
+        let json: Vec<u8> = secret
+            .iter()
+            .flat_map(|&b| match b {
+                b'"' => b"\\\"".to_vec(),
+                b'\\' => b"\\\\".to_vec(),
+                _ => vec![b],
+            })
+            .collect();
+        forms.push(replace_all(&json, b"/", b"\\/"));
+        forms.push(json);
+        for engine in [
+            base64::engine::general_purpose::STANDARD,
+            base64::engine::general_purpose::URL_SAFE,
+        ] {
+            for align in 0..3usize {
+                // Groups of three input bytes that lie wholly inside the secret give four
+                // output characters that depend on nothing else.
+                let mut input = vec![0u8; align];
+                input.extend_from_slice(secret);
+                let encoded = engine.encode(&input);
+                let first = align.div_ceil(3);
+                let end = input.len() / 3;
+                if end > first {
+                    forms.push(encoded.as_bytes()[4 * first..4 * end].to_vec());
+                }
+            }
+        }
+        forms.sort();
+        forms.dedup();
+        forms
+    }
+
     fn formatted(&self) -> Vec<u8> {
         let (before, after) = self.spec.format.split_once(SECRET_MARK).unwrap_or(("", ""));
         let mut v = Vec::with_capacity(before.len() + self.secret.0.len() + after.len());
@@ -365,6 +409,35 @@ mod tests {
 
     fn gh() -> HostName {
         HostName::parse("api.github.com").unwrap()
+    }
+
+    proptest::proptest! {
+        /// Whatever comes before the secret (a user name, a format prefix), its base64 (either
+        /// alphabet), its percent-encoding and its JSON form contain one of the echo forms.
+        #[test]
+        fn every_decodable_echo_of_the_secret_contains_an_echo_form(
+            secret in "[ -~]{8,40}",
+            prefix in "[ -~]{0,5}",
+        ) {
+            let mut c = cred(Injection::BasicAuth, "{secret}", false);
+            c.secret = Secret::new(secret.clone());
+            let forms = c.echo_forms();
+            let plain = format!("{prefix}{secret}");
+            let encodings = [
+                base64::engine::general_purpose::STANDARD.encode(&plain).into_bytes(),
+                base64::engine::general_purpose::URL_SAFE.encode(&plain).into_bytes(),
+                percent_encode(plain.as_bytes()),
+                serde_json::to_string(&plain).unwrap().into_bytes(),
+                plain.clone().into_bytes(),
+            ];
+            for e in encodings {
+                proptest::prop_assert!(
+                    forms.iter().any(|f| contains(&e, f)),
+                    "{:?} has none of the forms",
+                    String::from_utf8_lossy(&e)
+                );
+            }
+        }
     }
 
     #[test]

@@ -177,6 +177,102 @@ enum Next {
     Tunnel(Arc<Session>, Route),
 }
 
+/// Serves a connection accepted by the explicit proxy. In sandbox mode it takes its session's
+/// connection slot before anything of it is read, so connections that never finish a head
+/// (up to 256 KiB buffered each for the head timeout) cannot pile up in the supervisor past
+/// `max_connections`; one over the limit is answered `403` at once and closed. (A standalone
+/// gateway learns the session from the first head's token.)
+pub(crate) async fn serve_proxy_client(ctx: Arc<Ctx>, stream: TcpStream) {
+    let Some(session) = ctx.shared.attribution.fixed().cloned() else {
+        serve_client(ctx, ClientConn::new(ConnMode::Proxy, stream, &[])).await;
+        return;
+    };
+    let permit = match take_slot(&ctx, &session, Via::Proxy) {
+        Ok(p) => p,
+        Err(reason) => {
+            // Let the client finish sending its head (read and dropped, nothing kept; at most
+            // the first-bytes wait) so it reads the refusal rather than a reset.
+            let mut stream = stream;
+            let _ =
+                tokio::time::timeout(ctx.shared.timeouts.first_bytes, discard_head(&mut stream))
+                    .await;
+            let mut conn = ClientConn::new(ConnMode::Proxy, stream, &[]);
+            let _ = conn.reply(403, &reason, /*close*/ true).await;
+            return;
+        }
+    };
+    serve_client(
+        ctx,
+        ClientConn::bound(ConnMode::Proxy, stream, &[], session, permit),
+    )
+    .await;
+}
+
+/// Takes one of `session`'s connection slots (`None` in report mode past the limit). `Err`: the
+/// refusal's reason, already recorded.
+fn take_slot(
+    ctx: &Ctx,
+    session: &Arc<Session>,
+    via: Via,
+) -> Result<Option<OwnedSemaphorePermit>, String> {
+    let hit = BudgetHit {
+        via,
+        host: None,
+        ip: None,
+        port: None,
+    };
+    match session.budget.acquire_connection() {
+        ConnCheck::Ok(p) => Ok(p),
+        ConnCheck::OverInReport(limit) => {
+            ctx.budget_refused(session, &limit, &hit, /*report*/ true);
+            Ok(None)
+        }
+        ConnCheck::Refused(limit) => {
+            ctx.budget_refused(session, &limit, &hit, /*report*/ false);
+            Err(limit.reason(None))
+        }
+    }
+}
+
+/// Reads and drops bytes until the end of a request head (or EOF), keeping only the last three.
+async fn discard_head(stream: &mut TcpStream) -> io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let mut tail: Vec<u8> = Vec::with_capacity(4096 + 3);
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        tail.extend_from_slice(&buf[..n]);
+        if tail.windows(4).any(|w| w == b"\r\n\r\n") {
+            return Ok(());
+        }
+        let keep = tail.len().saturating_sub(3);
+        tail.drain(..keep);
+    }
+}
+
+/// Serves a captured or tunnelled connection whose first bytes (`first`) are an HTTP request,
+/// every request's `Host` checked against `dest:port`.
+pub(crate) async fn serve_bound_http(
+    ctx: Arc<Ctx>,
+    session: Arc<Session>,
+    (dest, port): (Dest, u16),
+    stream: TcpStream,
+    first: &[u8],
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    let conn = ClientConn::bound(
+        ConnMode::Transparent { dest, port },
+        stream,
+        first,
+        session,
+        permit,
+    );
+    Box::pin(serve_client(ctx, conn)).await;
+}
+
 /// Serves one client connection until it closes or the gateway stops.
 pub(crate) async fn serve_client(ctx: Arc<Ctx>, mut conn: ClientConn) {
     // One cancellation waiter and one head timer for the connection's life, not per request.
@@ -341,23 +437,7 @@ fn bind_session(
             return Ok(session);
         }
     }
-    let hit = BudgetHit {
-        via: conn.via(),
-        host: None,
-        ip: None,
-        port: None,
-    };
-    let permit = match session.budget.acquire_connection() {
-        ConnCheck::Ok(p) => p,
-        ConnCheck::OverInReport(limit) => {
-            ctx.budget_refused(&session, &limit, &hit, /*report*/ true);
-            None
-        }
-        ConnCheck::Refused(limit) => {
-            ctx.budget_refused(&session, &limit, &hit, /*report*/ false);
-            return Err((403, limit.reason(None)));
-        }
-    };
+    let permit = take_slot(ctx, &session, conn.via()).map_err(|reason| (403, reason))?;
     conn.binding = Some(Binding {
         session: session.clone(),
         _permit: permit,

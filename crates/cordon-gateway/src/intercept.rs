@@ -24,8 +24,12 @@
 //!   upstream connection is cut mid-body: the server sees an incomplete request). A finding
 //!   refuses the request (`403`) and records a `Blocked` event and an `Alert` naming the
 //!   pattern, never the value. A request body larger than the scan limit is refused.
-//! - Responses are scanned for the session's secret values, which are redacted (same length) in
-//!   the head and the body before the sandbox sees them, with an `Alert`.
+//! - Responses are scanned for the session's secret values in every form a client could decode
+//!   (as is, base64 at any alignment, percent-encoded, JSON-escaped: `LiveCredential::echo_forms`),
+//!   which are redacted (same length) in the head and the body before the sandbox sees them, with
+//!   an `Alert`. A host that holds a credential is asked for `Accept-Encoding: identity`, and a
+//!   response from it with any `Content-Encoding` is refused (`502`, rule `response-encoded`):
+//!   compressed bytes would carry the secret past the scan.
 //! - Each request produces one `HttpRequest` event (method, path, bytes, the credentials used by
 //!   name) or one `Blocked` event.
 //! - HTTP/1.1 and HTTP/2: the leaf offers `h2` and `http/1.1` by ALPN. A client that picks `h2`
@@ -132,8 +136,19 @@ impl Runtime {
                 .collect(),
             /*formats*/ true,
         );
-        let inbound = (!secrets.is_empty())
-            .then(|| Arc::new(Scanner::new(secrets.clone(), /*formats*/ false)));
+        // Responses: every decodable form of each secret (base64, percent-encoding, JSON).
+        let echoes: Vec<_> = cfg
+            .credentials
+            .iter()
+            .flat_map(|c| {
+                let name = format!("secret:{}", c.spec.name);
+                c.echo_forms()
+                    .into_iter()
+                    .map(move |f| (Kind::Secret, name.clone(), f))
+            })
+            .collect();
+        let inbound =
+            (!echoes.is_empty()).then(|| Arc::new(Scanner::new(echoes, /*formats*/ false)));
         Runtime {
             head: Arc::new(head),
             placeholders: Arc::new(Scanner::new(placeholders, /*formats*/ false)),
@@ -363,6 +378,9 @@ pub(crate) struct Admitted {
     pub rule: String,
     pub injected: creds::Injected,
 }
+
+/// The rule of a response refused for its content coding (see [`Scope::unscannable_coding`]).
+pub(crate) const RESPONSE_ENCODED: &str = "response-encoded";
 
 /// Why a request is refused.
 pub(crate) enum Refusal {
@@ -686,6 +704,42 @@ impl Scope {
     }
 
     /// A streaming redaction of one response body, when the session has secrets.
+    /// Whether a credential of this session is bound to the connection's host (so its secret
+    /// may come back in a response). Such a host is asked for unencoded responses.
+    pub fn holds_secret(&self) -> bool {
+        self.rt
+            .cfg
+            .credentials
+            .iter()
+            .any(|c| c.spec.bound_to(&self.host))
+    }
+
+    /// Why a response whose `Content-Encoding` values are `content_encoding` must not be
+    /// relayed: the host holds a credential and the coding is not `identity`, and compressed
+    /// bytes would carry an echoed secret past the redaction. Such a response is answered `502`
+    /// and its event gets rule [`RESPONSE_ENCODED`].
+    pub fn unscannable_coding<'v>(
+        &self,
+        content_encoding: impl Iterator<Item = &'v [u8]>,
+    ) -> Option<String> {
+        if self.rt.inbound.is_none() || !self.holds_secret() {
+            return None;
+        }
+        let codings: Vec<String> = content_encoding
+            .flat_map(|v| v.split(|&b| b == b','))
+            .map(|c| String::from_utf8_lossy(c.trim_ascii()).to_ascii_lowercase())
+            .filter(|c| !c.is_empty() && c != "identity")
+            .collect();
+        (!codings.is_empty()).then(|| {
+            format!(
+                "the response from {} has Content-Encoding {:?}, which cannot be scanned for \
+                 the credential it holds; it was not relayed",
+                self.host,
+                codings.join(", ")
+            )
+        })
+    }
+
     pub fn response_scan(&self) -> Option<Stream> {
         self.rt
             .inbound
@@ -1060,12 +1114,19 @@ impl Conn<'_> {
         };
         let send_target = injected.target.as_deref().unwrap_or(&target);
         self.out.clear();
-        h1::write_request_head_mapped(&mut self.out, &req, &info, send_target, None, |i, _, _| {
+        // A host that holds a credential is asked for unencoded responses: an encoded one
+        // cannot be scanned for the secret (see the response below).
+        let holds_secret = s.holds_secret();
+        h1::write_request_head_mapped(&mut self.out, &req, &info, send_target, None, |i, n, _| {
             injected
                 .headers
                 .iter()
                 .find(|(j, _)| *j == i)
                 .map(|(_, v)| v.clone())
+                .or_else(|| {
+                    (holds_secret && n.eq_ignore_ascii_case(b"accept-encoding"))
+                        .then(|| b"identity".to_vec())
+                })
         });
         if let Err(r) = s.check_swapped_raw(&self.out) {
             self.out.clear();
@@ -1262,6 +1323,14 @@ impl Conn<'_> {
                 }
             }
         };
+        if let Some(reason) = s.unscannable_coding(resp.head.values("content-encoding")) {
+            // gzip (or any coding) would carry an echoed secret past the redaction: refused.
+            event.verdict = Verdict::Block;
+            event.rule = RESPONSE_ENCODED.into();
+            finish(event, &up, Some(reason.clone()));
+            let _ = self.reply(502, &reason, true).await;
+            return false;
+        }
         let client_body = match rinfo.body {
             BodyLen::Chunked if req.minor == 0 => BodyLen::UntilClose,
             b => b,

@@ -17,7 +17,10 @@
 //!   (`413` over the scan limit) on its stream, or `RST_STREAM` if its response had already
 //!   begun.
 //! - Responses: header values, the body (streaming, with hold-back) and trailers are redacted of
-//!   the session's secret values before the sandbox sees them, with an `Alert` per credential.
+//!   the session's secret values (every decodable form, as on HTTP/1.1) before the sandbox sees
+//!   them, with an `Alert` per credential. A host that holds a credential is asked for
+//!   `accept-encoding: identity`, and a response from it with a `content-encoding` is refused
+//!   (`502`, rule `response-encoded`), as on HTTP/1.1.
 //! - Each stream that reaches the decision produces exactly one `HttpRequest` event (when its
 //!   response ends, fails, or the stream is abandoned) or one `Blocked` event (with an `Alert`
 //!   for a finding); a budget refusal is recorded as `BudgetExhausted`, as on HTTP/1.1. A body
@@ -60,7 +63,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::core::elapsed_ms;
 use crate::dlp::{Finding, Stream};
-use crate::event::{EventKind, NetEvent};
+use crate::event::{EventKind, NetEvent, Verdict};
 use crate::intercept::{
     add_note, alert, merge_names, Admitted, HeadView, Refusal, Scope, PREREAD_MAX,
 };
@@ -296,8 +299,14 @@ impl H2Conn {
             .clone()
             .unwrap_or_else(|| target.as_bytes().to_vec());
         let mut headers = HeaderMap::with_capacity(fields.len());
+        // A host that holds a credential is asked for unencoded responses (see below).
+        let holds_secret = s.holds_secret();
         for (i, (n, v)) in fields.iter().enumerate() {
             if *n == HOST || *n == EXPECT || (HOP_BY_HOP.contains(&n.as_str()) && *n != TE) {
+                continue;
+            }
+            if holds_secret && *n == http::header::ACCEPT_ENCODING {
+                headers.append(n.clone(), HeaderValue::from_static("identity"));
                 continue;
             }
             let value = match injected.headers.iter().find(|(j, _)| *j == i) {
@@ -443,6 +452,20 @@ impl H2Conn {
             }
         };
         let (mut parts, body) = resp.into_parts();
+        let codings = parts
+            .headers
+            .get_all(http::header::CONTENT_ENCODING)
+            .iter()
+            .map(HeaderValue::as_bytes);
+        if let Some(reason) = s.unscannable_coding(codings) {
+            // gzip (or any coding) would carry an echoed secret past the redaction: refused.
+            if let Some(e) = fin.event.as_mut() {
+                e.verdict = Verdict::Block;
+                e.rule = crate::intercept::RESPONSE_ENCODED.into();
+            }
+            fin.done(Some(reason.clone()));
+            return refusal_response(502, &reason);
+        }
         strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_2;
         for v in parts.headers.values_mut() {

@@ -105,7 +105,6 @@ pub use crate::tokens::{TokenError, TOKEN_USER};
 
 use crate::core::{Ctx, Shared};
 use crate::detect::Detector;
-use crate::http::{ClientConn, ConnMode};
 use crate::policy::PolicyView;
 use crate::session::Session;
 use crate::synthetic::SyntheticMap;
@@ -352,13 +351,12 @@ async fn serve_proxy(ctx: Arc<Ctx>, listener: TcpListener) {
                 .or_else(|_| stream.local_addr())
                 .ok()
         });
-        let conn = ClientConn::new(ConnMode::Proxy, stream, &[]);
         ctx.tasks.spawn(owner::with_owner(
             ctx.shared.owners.clone(),
             owner::Transport::Tcp,
             Some(client),
             server,
-            http::serve_client(ctx.clone(), conn),
+            http::serve_proxy_client(ctx.clone(), stream),
         ));
     }
 }

@@ -7,10 +7,11 @@
 //!   read is refused.
 //! - A refused connection is reset (SO_LINGER 0), so the client sees ECONNRESET at once, and the
 //!   attempt is recorded.
-//! - Plain HTTP (a request line as the first bytes, on any port) is served request by request:
+//! - Plain HTTP (a request line as the first line, on any port) is served request by request:
 //!   each request's `Host` must name the destination and is decided on its own. TLS must carry
-//!   the destination's name as SNI when it carries one. Anything else, or a client that waits for
-//!   the server to speak, is decided on the destination alone.
+//!   the destination's name as SNI when it carries one. Anything else is decided on the
+//!   destination alone; a client that waits for the server to speak, or dribbles its first
+//!   line, still has its first bytes checked when they come (`crate::tunnel`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +22,7 @@ use crate::authority::Host;
 use crate::budget::ConnCheck;
 use crate::core::{BudgetHit, Ctx};
 use crate::event::Via;
-use crate::http::{serve_client, ClientConn, ConnMode};
+use crate::http::serve_bound_http;
 use crate::policy::Verdicted;
 use crate::route::dest_for;
 use crate::session::Session;
@@ -148,17 +149,17 @@ async fn handle(ctx: &Arc<Ctx>, session: &Arc<Session>, mut stream: TcpStream) {
         _ = ctx.cancel.cancelled() => return,
     };
     if matches!(peek, Ok(Peek::NotTls)) && looks_like_http(&first) {
-        let conn = ClientConn::bound(
-            ConnMode::Transparent { dest, port },
+        serve_bound_http(
+            ctx.clone(),
+            session.clone(),
+            (dest, port),
             stream,
             &first,
-            session.clone(),
             permit,
-        );
-        serve_client(ctx.clone(), conn).await;
+        )
+        .await;
         return;
     }
-    let _permit = permit;
     let prepared = tokio::select! {
         r = prepare(ctx, session, Via::Transparent, &dest, port) => r,
         _ = ctx.cancel.cancelled() => return,
@@ -187,19 +188,31 @@ async fn handle(ctx: &Arc<Ctx>, session: &Arc<Session>, mut stream: TcpStream) {
             return;
         }
     }
-    if run_tunnel(
+    let (dest, port) = (route.dest.clone(), route.port);
+    match run_tunnel(
         ctx,
         session,
         Via::Transparent,
-        &stream,
+        &mut stream,
         first,
         peek,
         route,
         start,
     )
     .await
-        == TunnelEnd::Refused
     {
-        reset(stream);
+        TunnelEnd::Refused => reset(stream),
+        TunnelEnd::Closed => {}
+        TunnelEnd::Http(first) => {
+            serve_bound_http(
+                ctx.clone(),
+                session.clone(),
+                (dest, port),
+                stream,
+                &first,
+                permit,
+            )
+            .await;
+        }
     }
 }

@@ -2,11 +2,22 @@
 //!
 //! Guarantees:
 //! - A tunnel opens only after its destination was decided, resolved and every address checked.
-//! - The client's first bytes are inspected before any byte goes upstream: a TLS ClientHello must
-//!   name (SNI) the host the tunnel was decided for, or the tunnel is closed and nothing is sent
-//!   upstream. A ClientHello without SNI is allowed (it cannot front another host by name); a
-//!   malformed ClientHello is refused. Clients that do not speak first within the first-bytes
-//!   timeout are decided on the destination alone.
+//! - The client's first bytes are inspected before any byte of them goes upstream: a TLS
+//!   ClientHello must name (SNI) the host the tunnel was decided for, or the tunnel is closed and
+//!   nothing is sent upstream. A ClientHello without SNI is allowed (it cannot front another host
+//!   by name); a malformed ClientHello is refused. A first line that is an HTTP request line
+//!   (after any empty lines, whatever its method's case or length; see [`looks_like_http`]) is
+//!   never tunnelled raw: the caller serves it as HTTP, so its `Host` is checked.
+//! - A first line that has not ended when the first-bytes wait does (a client dribbling its
+//!   request line, or a long one) is forwarded as it comes, but its line end is held back until
+//!   the whole line is seen: if it turns out to be a request line the tunnel is closed
+//!   (`late-http`) and the server never receives a complete request line.
+//! - A client that says nothing within the first-bytes wait (a server-speaks-first protocol) gets
+//!   the upstream connection, and what the server says is relayed, but its own first bytes are
+//!   inspected when they come, exactly as above: a ClientHello naming another host is refused, and
+//!   an HTTP request is handed back to the caller to be served as HTTP (or refused, `late-http`,
+//!   if the server had already spoken). Waiting out the timer never opens a raw tunnel for bytes
+//!   that would not have passed at once.
 //! - Every tunnel produces one `Connection` event at close with the bytes that crossed and its
 //!   duration, or one `Blocked` event.
 
@@ -17,9 +28,10 @@ use std::time::Instant;
 use cordon_policy::host::HostName;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::authority::parse_authority;
-use crate::budget::RateCheck;
+use crate::budget::{ByteDirection, RateCheck};
 use crate::core::{elapsed_ms, BudgetHit, Ctx};
 use crate::event::{EventKind, NetEvent, Verdict, Via};
 use crate::io::{read_until, write_up, Meter, MeterTarget};
@@ -38,6 +50,16 @@ fn blocked(rule: &str, reason: String) -> Verdicted {
         rule: rule.to_owned(),
         reason: Some(reason),
     }
+}
+
+/// An HTTP request line that did not come at once (so it could not be served as HTTP).
+fn late_http() -> Verdicted {
+    blocked(
+        "late-http",
+        "an HTTP request line came after the tunnel opened (the client waited, or the server \
+         spoke first): send requests at once so their Host can be checked"
+            .into(),
+    )
 }
 
 /// Records a refused tunnel.
@@ -163,17 +185,9 @@ pub(crate) async fn run_connect(
             // Plain HTTP inside the tunnel is served like captured plain HTTP: every request on
             // it is parsed and decided, and its Host must name the tunnel's destination (no
             // domain fronting through a CONNECT to an allowed host).
-            let conn = crate::http::ClientConn::bound(
-                crate::http::ConnMode::Transparent {
-                    dest: route.dest.clone(),
-                    port: route.port,
-                },
-                client,
-                &first,
-                session.clone(),
-                None,
-            );
-            Box::pin(crate::http::serve_client(ctx.clone(), conn)).await;
+            let to = (route.dest.clone(), route.port);
+            crate::http::serve_bound_http(ctx.clone(), session.clone(), to, client, &first, None)
+                .await;
         }
         Ok((first, peek)) => {
             if let Some(rt) = ctx.shared.intercept.clone() {
@@ -193,17 +207,30 @@ pub(crate) async fn run_connect(
                     return;
                 }
             }
-            run_tunnel(
+            let (dest, port) = (route.dest.clone(), route.port);
+            let end = run_tunnel(
                 ctx,
                 session,
                 Via::Connect,
-                &client,
+                &mut client,
                 first,
                 peek,
                 route,
                 start,
             )
             .await;
+            if let TunnelEnd::Http(first) = end {
+                let to = (dest, port);
+                crate::http::serve_bound_http(
+                    ctx.clone(),
+                    session.clone(),
+                    to,
+                    client,
+                    &first,
+                    None,
+                )
+                .await;
+            }
         }
         Err(e) => tracing::debug!(error = %e, "CONNECT tunnel did not open"),
     }
@@ -254,7 +281,7 @@ pub(crate) async fn peek_first(
         &mut first,
         MAX_PEEK,
         ctx.shared.timeouts.first_bytes,
-        |b| !matches!(peek_client_hello(b), Ok(Peek::NeedMore)) && !partial_request_line(b),
+        |b| !matches!(peek_client_hello(b), Ok(Peek::NeedMore)) && !request_line_undecided(b),
     )
     .await?;
     let peek = match peek_client_hello(&first) {
@@ -268,24 +295,258 @@ pub(crate) async fn peek_first(
     Ok((first, peek))
 }
 
-/// True while `b` could still be the start of an HTTP request line whose method is not complete.
-fn partial_request_line(b: &[u8]) -> bool {
-    b.len() < 16 && !b.is_empty() && b.iter().all(|c| c.is_ascii_uppercase())
+/// RFC 9110 `tchar`: the characters of a method (and of any token).
+fn is_tchar(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
 }
 
-/// True if `b` starts like an HTTP/1 request line (`METHOD SP`).
+/// `b` without the empty lines (CR, LF) a server may skip before a request line.
+fn skip_empty_lines(b: &[u8]) -> &[u8] {
+    let start = b.iter().position(|c| !matches!(c, b'\r' | b'\n'));
+    &b[start.unwrap_or(b.len())..]
+}
+
+/// True if `line` (no CR or LF) could be the start of an HTTP request line: a token, then
+/// printable text.
+fn request_line_prefix(line: &[u8]) -> bool {
+    let method = line.iter().take_while(|&&c| is_tchar(c)).count();
+    method > 0
+        && line[method..]
+            .iter()
+            .all(|&c| c == b' ' || c == b'\t' || c == b'\r' || c >= 0x21)
+}
+
+/// Methods that make a line HTTP even without a version (HTTP/0.9 `GET /`, or a version the
+/// classifier cannot see): a server that accepts them would read a Host header after them.
+const METHODS: [&[u8]; 9] = [
+    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE", b"CONNECT",
+];
+
+/// True if the complete first line `line` (no LF) is an HTTP request line: a token method and
+/// at least one more word, and either a word starting with `HTTP/` (any case: servers differ)
+/// or a well-known method. An SSH banner (`SSH-2.0-OpenSSH_9.2p1 Debian-2`), an SMTP or IMAP
+/// command is not.
+fn is_request_line(line: &[u8]) -> bool {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if !request_line_prefix(line) {
+        return false;
+    }
+    let mut words = line
+        .split(|&c| c == b' ' || c == b'\t')
+        .filter(|w| !w.is_empty());
+    let Some(method) = words.next() else {
+        return false;
+    };
+    if !method.iter().all(|&c| is_tchar(c)) {
+        return false;
+    }
+    let rest: Vec<&[u8]> = words.collect();
+    !rest.is_empty()
+        && (METHODS.contains(&method)
+            || rest
+                .iter()
+                .any(|w| w.len() >= 5 && w[..5].eq_ignore_ascii_case(b"HTTP/")))
+}
+
+/// True while `b` (non-empty) could still become an HTTP request line whose first line has not
+/// ended: reading goes on until the line ends, the cap, or the first-bytes timeout.
+fn request_line_undecided(b: &[u8]) -> bool {
+    if b.is_empty() {
+        return false;
+    }
+    let rest = skip_empty_lines(b);
+    rest.is_empty() || (!rest.contains(&b'\n') && request_line_prefix(rest))
+}
+
+/// True if the client's first bytes `b` must be served as HTTP (never tunnelled raw): their
+/// first line, after any empty lines, is complete and a request line ([`is_request_line`]). A
+/// line that has not ended yet is [`request_line_undecided`]; the tunnel watches it to its end.
 pub(crate) fn looks_like_http(b: &[u8]) -> bool {
-    let method_len = b.iter().take_while(|c| c.is_ascii_uppercase()).count();
-    (3..=10).contains(&method_len) && b.get(method_len) == Some(&b' ')
+    let rest = skip_empty_lines(b);
+    match rest.iter().position(|&c| c == b'\n') {
+        Some(end) => is_request_line(&rest[..end]),
+        None => false,
+    }
 }
 
 /// How a tunnel ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum TunnelEnd {
     /// Refused by the first-bytes check; nothing went upstream.
     Refused,
     /// Opened (or failed to connect) and closed; the event is recorded.
     Closed,
+    /// The client stayed silent past the first-bytes wait and then sent an HTTP request line
+    /// (these bytes), before the server said anything: the caller serves the connection as
+    /// HTTP. The upstream connection was closed unused; nothing was recorded yet.
+    Http(Vec<u8>),
+}
+
+/// How much of a long first line is kept to classify it: its start (the method and, usually,
+/// the whole line) and its end (the version of a request line with a very long target).
+const LINE_HEAD: usize = 8 * 1024;
+const LINE_TAIL: usize = 64;
+
+/// The client's first line, seen as it streams past (leading empty lines skipped).
+#[derive(Debug, Default)]
+struct FirstLine {
+    head: Vec<u8>,
+    tail: Vec<u8>,
+    len: usize,
+}
+
+impl FirstLine {
+    /// Takes in client bytes; returns the index of the line feed that ends the first line, if
+    /// it is in `b`.
+    fn feed(&mut self, b: &[u8]) -> Option<usize> {
+        for (i, &c) in b.iter().enumerate() {
+            if self.len == 0 && (c == b'\r' || c == b'\n') {
+                continue;
+            }
+            if c == b'\n' {
+                return Some(i);
+            }
+            self.len += 1;
+            if self.head.len() < LINE_HEAD {
+                self.head.push(c);
+            }
+            self.tail.push(c);
+            if self.tail.len() >= 2 * LINE_TAIL {
+                self.tail.drain(..LINE_TAIL);
+            }
+        }
+        None
+    }
+
+    /// Whether the completed line is an HTTP request line.
+    fn is_request_line(&self) -> bool {
+        if self.len <= self.head.len() {
+            return is_request_line(&self.head);
+        }
+        // Longer than what was kept: a request line if it starts like one and ends with a
+        // version.
+        let tail = self.tail.strip_suffix(b"\r").unwrap_or(&self.tail);
+        let last = tail
+            .rsplit(|&c| c == b' ' || c == b'\t')
+            .next()
+            .unwrap_or(&[]);
+        is_request_line(&self.head)
+            || (request_line_prefix(&self.head)
+                && last.len() >= 5
+                && last[..5].eq_ignore_ascii_case(b"HTTP/"))
+    }
+}
+
+/// What the client did while the gateway watched its first bytes (see [`guard`]).
+enum Guarded {
+    /// Silent client: it now has bytes to read; whether the server had spoken before.
+    Spoke { server_spoke: bool },
+    /// The first line ended and is not a request line; everything read was forwarded.
+    LineDone,
+    /// The first line ended and is a request line: nothing of its end was forwarded.
+    LineIsHttp,
+    /// The client closed its side.
+    Eof,
+    /// The gateway is shutting down.
+    Cancelled,
+}
+
+/// Watches a tunnel's client until its first bytes are known while relaying what `upstream`
+/// says (metered). With `line` `None` the client has said nothing yet and nothing of its is
+/// read; with a line, client bytes are forwarded as they come up to the line feed that ends the
+/// first line, which is forwarded only if the line is not an HTTP request line.
+async fn guard(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    meter: &Meter,
+    cancel: &CancellationToken,
+    mut line: Option<&mut FirstLine>,
+) -> std::io::Result<Guarded> {
+    let mut server_spoke = false;
+    let mut upstream_open = true;
+    let mut down = vec![0u8; 16 * 1024];
+    let mut up = vec![0u8; 16 * 1024];
+    let mut probe = [0u8; 1];
+    let scanning = line.is_some();
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Ok(Guarded::Cancelled),
+            r = client.peek(&mut probe), if !scanning => {
+                return Ok(match r? {
+                    0 => Guarded::Eof,
+                    _ => Guarded::Spoke { server_spoke },
+                });
+            }
+            r = client.readable(), if scanning => {
+                r?;
+                let n = match client.try_read(&mut up) {
+                    Ok(0) => return Ok(Guarded::Eof),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                };
+                let ended = line.as_deref_mut().and_then(|l| l.feed(&up[..n]));
+                if ended.is_some() && line.as_deref().is_some_and(FirstLine::is_request_line) {
+                    return Ok(Guarded::LineIsHttp);
+                }
+                write_up_shared(upstream, meter, &up[..n]).await?;
+                if ended.is_some() {
+                    return Ok(Guarded::LineDone);
+                }
+            }
+            r = upstream.readable(), if upstream_open => {
+                r?;
+                let allowed = meter.reserve(ByteDirection::In, down.len())?;
+                let res = upstream.try_read(&mut down[..allowed]);
+                meter.settle(ByteDirection::In, allowed, *res.as_ref().unwrap_or(&0));
+                match res {
+                    Ok(0) => {
+                        upstream_open = false;
+                        splice::shutdown_write(client);
+                    }
+                    Ok(n) => {
+                        server_spoke = true;
+                        write_all_shared(client, &down[..n], None).await?;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+}
+
+/// Writes all of `data` to `upstream`, charging it to the budget as it goes.
+async fn write_up_shared(upstream: &TcpStream, meter: &Meter, data: &[u8]) -> std::io::Result<()> {
+    write_all_shared(upstream, data, Some(meter)).await
+}
+
+/// `write_all` through a shared reference (the tunnel borrows its sockets); bytes are metered
+/// as sent upstream when `meter` is given.
+async fn write_all_shared(
+    stream: &TcpStream,
+    mut data: &[u8],
+    meter: Option<&Meter>,
+) -> std::io::Result<()> {
+    while !data.is_empty() {
+        stream.writable().await?;
+        let allowed = match meter {
+            Some(m) => m.reserve(ByteDirection::Out, data.len())?,
+            None => data.len(),
+        };
+        let res = stream.try_write(&data[..allowed]);
+        if let Some(m) = meter {
+            m.settle(ByteDirection::Out, allowed, *res.as_ref().unwrap_or(&0));
+        }
+        match res {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Checks the first bytes (SNI), connects, sends `first` and splices; records the outcome.
@@ -294,13 +555,18 @@ pub(crate) async fn run_tunnel(
     ctx: &Arc<Ctx>,
     session: &Arc<Session>,
     via: Via,
-    client: &TcpStream,
-    first: Vec<u8>,
+    client: &mut TcpStream,
+    mut first: Vec<u8>,
     peek: Result<Peek, SniError>,
     route: Route,
     start: Instant,
 ) -> TunnelEnd {
     let host = route.dest.to_host_string();
+    // Nothing within the first-bytes wait: a server-first protocol, or a client waiting out the
+    // timer. Its first bytes are checked when they come (below).
+    let silent = first.is_empty() && matches!(peek, Ok(Peek::NotTls));
+    // A first line still open when the wait ended: watched until it ends.
+    let mut pending_line = matches!(peek, Ok(Peek::NotTls)) && request_line_undecided(&first);
     if let Err(v) = check_first_bytes(&route.dest, peek) {
         emit_blocked(ctx, session, via, Some(host), None, Some(route.port), &v);
         return TunnelEnd::Refused;
@@ -336,12 +602,71 @@ pub(crate) async fn run_tunnel(
     });
     let counters = meter.counters();
     let mut error = None;
-    if !first.is_empty() {
+    let mut refusal = None;
+    let mut cancelled = false;
+    if silent {
+        match guard(client, &stream, &meter, &ctx.cancel, None).await {
+            Ok(Guarded::Spoke { server_spoke }) => {
+                match peek_first(ctx, client, Vec::new()).await {
+                    Ok((bytes, peek)) => {
+                        let http = matches!(peek, Ok(Peek::NotTls)) && looks_like_http(&bytes);
+                        if http && !server_spoke {
+                            // A slow HTTP client: served as HTTP, on its own upstream
+                            // connections, each request's Host checked.
+                            return TunnelEnd::Http(bytes);
+                        }
+                        pending_line =
+                            matches!(peek, Ok(Peek::NotTls)) && request_line_undecided(&bytes);
+                        refusal = if http {
+                            Some(late_http())
+                        } else {
+                            check_first_bytes(&route.dest, peek).err()
+                        };
+                        first = bytes;
+                    }
+                    Err(e) => error = Some(e.to_string()),
+                }
+            }
+            Ok(Guarded::Cancelled) => cancelled = true,
+            Ok(_) => {}
+            Err(e) => error = Some(e.to_string()),
+        }
+    }
+    if refusal.is_none() && error.is_none() && !cancelled && !first.is_empty() {
         if let Err(e) = write_up(&mut stream, &meter, &first).await {
             error = Some(e.to_string());
         }
     }
-    if error.is_none() {
+    if pending_line && refusal.is_none() && error.is_none() && !cancelled {
+        let mut line = FirstLine::default();
+        line.feed(&first);
+        match guard(client, &stream, &meter, &ctx.cancel, Some(&mut line)).await {
+            Ok(Guarded::LineIsHttp) => refusal = Some(late_http()),
+            Ok(Guarded::Cancelled) => cancelled = true,
+            Ok(_) => {}
+            Err(e) => error = Some(e.to_string()),
+        }
+    }
+    if let Some(v) = refusal {
+        // The upstream connection existed and may have carried bytes (a server's banner, the
+        // start of a line): the refusal records what moved.
+        let (up, down) = counters.snapshot();
+        let mut ev = NetEvent::new(EventKind::Blocked, &session.info, via, Verdict::Block);
+        ev.host = Some(host);
+        ev.ip = Some(addr.ip());
+        ev.port = Some(route.port);
+        if via == Via::Connect {
+            ev.method = Some("CONNECT".into());
+        }
+        ev.bytes_up = up;
+        ev.bytes_down = down;
+        ev.duration_ms = elapsed_ms(start);
+        ev.rule = v.rule;
+        ev.reason = v.reason;
+        ctx.emit(session, ev);
+        return TunnelEnd::Refused;
+    }
+    if error.is_none() && !cancelled {
         if let Err(e) = splice::tunnel(client, &stream, &meter, &ctx.cancel).await {
             error = Some(e.to_string());
         }
@@ -364,4 +689,112 @@ pub(crate) async fn run_tunnel(
     };
     ctx.emit(session, ev);
     TunnelEnd::Closed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn request_lines_are_http_in_any_shape_a_server_accepts() {
+        for b in [
+            &b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            b"\r\n\r\nGET / HTTP/1.1\r\n",
+            b"\nPOST /x HTTP/1.0\n",
+            b"get / HTTP/1.1\r\n",
+            b"MKWORKSPACE /x HTTP/1.1\r\n",
+            b"VERSION-CONTROL /x HTTP/1.1\r\n",
+            b"GET  /a b  http/1.1\r\n",
+            b"GET / HTTP/1.1 trailing\r\n",
+            b"GET /\r\n",
+        ] {
+            assert!(looks_like_http(b), "{:?}", String::from_utf8_lossy(b));
+        }
+        // Not a complete line yet: watched to its end, never called another protocol.
+        for b in [
+            &b"G"[..],
+            b"\r\n",
+            b"XYZ /incomplete",
+            b"aaaa",
+            b"GET / HTTP/1.1",
+        ] {
+            assert!(!looks_like_http(b), "{:?}", String::from_utf8_lossy(b));
+            assert!(
+                request_line_undecided(b),
+                "{:?}",
+                String::from_utf8_lossy(b)
+            );
+        }
+    }
+
+    #[test]
+    fn a_first_line_fed_in_pieces_is_judged_when_it_ends() {
+        let mut l = FirstLine::default();
+        assert_eq!(l.feed(b"\r\n\r\nG"), None);
+        assert_eq!(l.feed(b"ET /x HTTP/1.1\r"), None);
+        assert_eq!(l.feed(b"\nHost: evil.test\r\n"), Some(0));
+        assert!(l.is_request_line());
+
+        let mut l = FirstLine::default();
+        assert_eq!(l.feed(b"SSH-2.0-OpenSSH_9.2p1 "), None);
+        assert_eq!(l.feed(b"Debian-2\r\nrest"), Some(9));
+        assert!(!l.is_request_line());
+
+        // Longer than what is kept of it: judged by its start and its version.
+        let mut l = FirstLine::default();
+        l.feed(b"GET /");
+        l.feed(&vec![b'a'; 100_000]);
+        assert_eq!(l.feed(b" HTTP/1.1\r\n"), Some(10));
+        assert!(l.is_request_line());
+        let mut l = FirstLine::default();
+        l.feed(&vec![b'a'; 100_000]);
+        assert_eq!(l.feed(b"\n"), Some(0));
+        assert!(!l.is_request_line());
+    }
+
+    #[test]
+    fn other_protocols_are_not_http() {
+        for b in [
+            &b""[..],
+            b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n",
+            b"SSH-2.0-Go\r\n",
+            b"EHLO x\r\n",
+            b"a001 LOGIN user pass\r\n",
+            b"get key\r\n",
+            b"*1\r\n$4\r\nPING\r\n",
+            b"AMQP\x00\x00\x09\x01",
+            b"\x00\x00\x00\x08\x04\xd2\x16\x2f",
+            b"\x16\x03\x01",
+            b"PING\r\n",
+        ] {
+            assert!(!looks_like_http(b), "{:?}", String::from_utf8_lossy(b));
+        }
+    }
+
+    proptest! {
+        /// However a request line is cut, the peek either keeps reading or calls it HTTP: no
+        /// prefix of a request is ever tunnelled raw.
+        #[test]
+        fn no_prefix_of_a_request_is_taken_for_another_protocol(
+            empty_lines in "(\r\n|\n){0,3}",
+            method in "[A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]{0,20}",
+            target in "/[!-~]{0,30}",
+            version in "(HTTP|http)/1\\.[01]",
+            cut in 1usize..200,
+        ) {
+            let req = format!("{empty_lines}{method} {target} {version}\r\nHost: evil.test\r\n\r\n");
+            let b = &req.as_bytes()[..cut.min(req.len())];
+            prop_assert!(
+                request_line_undecided(b) || looks_like_http(b),
+                "{:?}",
+                String::from_utf8_lossy(b)
+            );
+        }
+
+        #[test]
+        fn classifying_never_panics(b in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = (looks_like_http(&b), request_line_undecided(&b));
+        }
+    }
 }

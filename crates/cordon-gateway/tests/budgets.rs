@@ -311,3 +311,56 @@ async fn terminate_after_blocked_fires_on_the_nth_blocked_attempt() {
     );
     w.gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_finish_their_head_hold_a_slot_and_cannot_pile_up() {
+    // The attack: many proxy connections each send most of a maximal head and stop, so the
+    // supervisor holds up to 256 KiB for each until the 30 s head timeout. Every one of them
+    // must take a connection slot at once: past `max_connections` they are refused before
+    // anything of theirs is buffered.
+    let mut w = world(|p| p.rate.max_connections = 4, Options::default()).await;
+    let proxy = w.gw.proxy;
+    let answered = tokio::task::spawn_blocking(move || {
+        let partial = format!(
+            "GET http://origin.test/ HTTP/1.1\r\nX-Pad: {}",
+            "a".repeat(200 * 1024)
+        );
+        let mut held = Vec::new();
+        let mut answered = Vec::new();
+        for _ in 0..12 {
+            let mut s = std::net::TcpStream::connect(proxy).unwrap();
+            let _ = s.write_all(partial.as_bytes());
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let mut out = Vec::new();
+            let mut buf = [0u8; 4096];
+            // The refusal comes at once, or nothing comes until the head timeout.
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                out.extend_from_slice(&buf[..n]);
+            }
+            answered.push(String::from_utf8_lossy(&out).into_owned());
+            held.push(s);
+        }
+        answered
+    })
+    .await
+    .unwrap();
+    let refused: Vec<&String> = answered.iter().filter(|a| a.contains(" 403 ")).collect();
+    assert_eq!(
+        (
+            answered.iter().filter(|a| a.is_empty()).count(),
+            refused.len()
+        ),
+        (4, 8),
+        "four held, the rest refused at once: {answered:?}"
+    );
+    assert!(refused[0].contains("connection limit reached (4 concurrent)"));
+    w.gw.wait_event(|e| {
+        e.kind == EventKind::BudgetExhausted && e.rule == "network.rate.max_connections"
+    })
+    .await;
+    w.gw.stop().await;
+}

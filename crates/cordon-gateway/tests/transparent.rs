@@ -8,37 +8,15 @@ mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use cordon_gateway::sni::testing::client_hello;
-use cordon_gateway::{EventKind, OriginalDst, Verdict, Via};
+use cordon_gateway::{EventKind, Verdict, Via};
 use tokio::io::AsyncWriteExt;
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-
-/// An original-destination lookup the test can point anywhere.
-#[derive(Clone)]
-struct Redirect(Arc<Mutex<Option<SocketAddr>>>);
-
-impl Redirect {
-    fn new() -> Self {
-        Redirect(Arc::new(Mutex::new(None)))
-    }
-    fn set(&self, a: SocketAddr) {
-        *self.0.lock().unwrap() = Some(a);
-    }
-}
-
-impl OriginalDst for Redirect {
-    fn original_dst(&self, _s: &tokio::net::TcpStream) -> std::io::Result<SocketAddr> {
-        self.0
-            .lock()
-            .unwrap()
-            .ok_or_else(|| std::io::Error::new(ErrorKind::NotFound, "no NAT entry"))
-    }
-}
 
 async fn start(
     allow: &[&str],

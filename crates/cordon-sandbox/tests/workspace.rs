@@ -1050,7 +1050,14 @@ fn copy_in(p: &Pair) -> (tree::Snapshot, tree::CopyInStats) {
 }
 
 fn commit(p: &Pair, snap: &tree::Snapshot) -> tree::CommitStats {
-    tree::commit_tree(dirfd(&p.vol).as_fd(), dirfd(&p.host).as_fd(), snap, false).unwrap()
+    tree::commit_tree(
+        dirfd(&p.vol).as_fd(),
+        dirfd(&p.host).as_fd(),
+        snap,
+        false,
+        u64::MAX,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -1778,4 +1785,49 @@ fn old_spares_are_released_by_the_next_replenish_and_all_by_cleanup() {
         state.path()
     )
     .is_empty()));
+}
+
+/// 520 linked pairs under `a/` fill the commit's relink table (512), then `z/big` (1 MiB) gets
+/// 15 more names, each of which the commit must copy.
+fn many_names_for_one_file(vol: &Path) {
+    fs::create_dir(vol.join("a")).unwrap();
+    fs::create_dir(vol.join("z")).unwrap();
+    for i in 0..520 {
+        fs::write(vol.join(format!("a/l{i}")), "x").unwrap();
+        fs::hard_link(vol.join(format!("a/l{i}")), vol.join(format!("a/l{i}b"))).unwrap();
+    }
+    fs::write(vol.join("z/big"), vec![7u8; 1 << 20]).unwrap();
+    for i in 0..15 {
+        fs::hard_link(vol.join("z/big"), vol.join(format!("z/big{i}"))).unwrap();
+    }
+}
+
+#[test]
+fn a_commit_writes_no_more_file_data_than_its_budget() {
+    let p = pair();
+    let (snap, _) = copy_in(&p);
+    many_names_for_one_file(&p.vol);
+    let budget = 4 << 20;
+    let stats = tree::commit_tree(
+        dirfd(&p.vol).as_fd(),
+        dirfd(&p.host).as_fd(),
+        &snap,
+        false,
+        budget,
+    )
+    .unwrap();
+    assert!(stats.bytes_written <= budget, "{stats:?}");
+    assert!(p.host.join("z/big").is_file());
+    let skipped: Vec<_> = stats
+        .skipped
+        .iter()
+        .filter(|s| s.reason.contains("workspace cap of 4194304 bytes"))
+        .collect();
+    assert!(skipped.len() >= 12, "{:?}", stats.skipped);
+    // Control: without a budget every name is a copy, so the multiplication is real.
+    let p = pair();
+    let (snap, _) = copy_in(&p);
+    many_names_for_one_file(&p.vol);
+    let stats = commit(&p, &snap);
+    assert!(stats.bytes_written >= 16 << 20, "{stats:?}");
 }

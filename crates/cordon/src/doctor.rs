@@ -335,6 +335,32 @@ fn self_test() -> Row {
     }
 }
 
+/// The `core dumps` row for a `kernel.core_pattern` value. A pipe pattern starts a host helper
+/// (systemd-coredump, apport, …) as root in the host's namespaces for every crash in a sandbox,
+/// fed the crashing process's memory: the kernel ignores `RLIMIT_CORE` for pipes (only the
+/// value 1 stops it, and a sandbox may lower its own limit), so cordon's `RLIMIT_CORE = 0` does
+/// not keep the helper from running. Advice, not a requirement: the helper is the host's.
+fn core_pattern_row(pattern: &str) -> Row {
+    let pattern = pattern.trim();
+    let pipe = pattern.starts_with('|');
+    Row {
+        layer: "core dumps",
+        ok: !pipe,
+        required: false,
+        detail: if pipe {
+            let helper = pattern.trim_start_matches('|');
+            let helper: String = helper.split_whitespace().next().unwrap_or("").into();
+            format!(
+                "kernel.core_pattern pipes to {helper}: it runs as host root for every crash in a sandbox \
+                 (RLIMIT_CORE does not stop pipes); keep it patched, or set a file pattern \
+                 (sysctl -w kernel.core_pattern=core)"
+            )
+        } else {
+            format!("kernel.core_pattern = {pattern:?}: sandbox crashes write no core (RLIMIT_CORE = 0)")
+        },
+    }
+}
+
 /// Prints the table; returns the exit status.
 pub fn doctor() -> i32 {
     // Leftovers of supervisors killed with SIGKILL: empty cgroups, unlinked volume images.
@@ -347,6 +373,9 @@ pub fn doctor() -> i32 {
         cgroup_row(),
         attach_row(),
         workspace_row(),
+        core_pattern_row(
+            &std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap_or_default(),
+        ),
     ];
     let uname = nix::sys::utsname::uname()
         .map(|u| {
@@ -390,6 +419,21 @@ mod tests {
     const HYBRID: &str = "tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0\n\
         cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0\n\
         cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0\n";
+
+    #[test]
+    fn a_pipe_core_pattern_is_advice_with_the_helper_named() {
+        let r = core_pattern_row(
+            "|/lib/systemd/systemd-coredump %P %u %g %s %t 9223372036854775808 %h\n",
+        );
+        assert!(!r.ok && !r.required);
+        assert!(
+            r.detail.contains("pipes to /lib/systemd/systemd-coredump:"),
+            "{}",
+            r.detail
+        );
+        let r = core_pattern_row("core\n");
+        assert!(r.ok, "{}", r.detail);
+    }
 
     #[test]
     fn a_pure_v2_host_clones_into_the_cgroup_whatever_the_mount_options() {

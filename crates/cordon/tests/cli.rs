@@ -401,6 +401,7 @@ fn doctor_prints_every_layer_and_its_self_test_passes() {
         "cgroups",
         "cgroup attach",
         "workspace cap",
+        "core dumps",
         "self-test",
     ] {
         assert!(text.contains(layer), "{layer} missing from:\n{text}");

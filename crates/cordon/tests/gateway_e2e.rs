@@ -1366,10 +1366,10 @@ fn host_sni_and_connect_mismatches_and_disallowed_ports_are_blocked() {
     assert!(seen.is_empty(), "the origin was reached: {seen:#?}");
 }
 
-/// KNOWN BUG (reported): inside a CONNECT tunnel the gateway checks the TLS SNI but not the
-/// `Host` of a plain-HTTP request, so `curl -p` (CONNECT api.fake.test:80, then
-/// `Host: other.fake.test`) reaches the other virtual host on the allowed address, while the
-/// same request through the absolute-form proxy or transparent capture gets a 403.
+/// Inside a CONNECT tunnel a plain-HTTP request is served like captured HTTP, so `curl -p`
+/// (CONNECT api.fake.test:80, then `Host: other.fake.test`) cannot reach another virtual host
+/// on the allowed address (the ways around the first-bytes check are in cordon-gateway's
+/// `tests/first_bytes.rs`).
 #[test]
 fn a_plain_http_request_in_a_connect_tunnel_must_name_the_tunnel_host() {
     let Some(net) = enter("a_plain_http_request_in_a_connect_tunnel_must_name_the_tunnel_host")

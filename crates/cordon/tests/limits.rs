@@ -380,3 +380,65 @@ fn a_host_workspace_larger_than_its_cap_is_refused_and_the_started_sandbox_is_go
     assert!(processes_with(&marker).is_empty());
     assert_eq!(std::fs::read_dir(&ws).unwrap().count(), 1);
 }
+
+/// Bytes the files under `dir` occupy (allocated blocks, each inode once).
+fn used_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if seen.insert(m.ino()) {
+                total += m.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+#[test]
+fn hardlinks_cannot_make_the_commit_write_more_than_the_workspace_cap() {
+    // The attack: the commit relinks at most 512 multiply-linked files and copies the rest, so
+    // 512 linked pairs of tiny files and then an 8 MiB file with 15 more names would make the
+    // host write 128 MiB from a 32 MiB volume (and 65 000 names, terabytes).
+    let dir = tempfile::tempdir().unwrap();
+    let ws = dir.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    // `a/` sorts (and is committed) before `z/`, so the pairs fill the relink table first.
+    let script = "import os\n\
+        os.mkdir('a'); os.mkdir('z')\n\
+        for i in range(520):\n    open(f'a/l{i}', 'w').write('x'); os.link(f'a/l{i}', f'a/l{i}b')\n\
+        open('z/big', 'wb').write(os.urandom(8 << 20))\n\
+        for i in range(15):\n    os.link('z/big', f'z/big{i}')\n\
+        print(os.stat('z/big').st_nlink)\n";
+    let out = run(&[
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--workspace-size",
+        "32M",
+        "--",
+        "python3",
+        "-c",
+        script,
+    ]);
+    // The sandbox did it all inside its cap (the attack is real) ...
+    assert_eq!(stdout(&out).trim(), "16", "{}", stderr(&out));
+    // ... and the host got no more than the cap.
+    let used = used_bytes(&ws);
+    assert!(
+        used <= 32 << 20,
+        "the commit wrote {used} bytes to the host from a 32 MiB workspace; stderr: {}",
+        stderr(&out)
+    );
+    assert!(ws.join("z/big").exists(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("workspace cap"),
+        "the skipped names are reported: {}",
+        stderr(&out)
+    );
+}

@@ -411,6 +411,31 @@ impl Running {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Transparent capture without nftables
+
+/// An original-destination lookup the test can point anywhere.
+#[derive(Clone)]
+pub struct Redirect(Arc<Mutex<Option<SocketAddr>>>);
+
+impl Redirect {
+    pub fn new() -> Self {
+        Redirect(Arc::new(Mutex::new(None)))
+    }
+    pub fn set(&self, a: SocketAddr) {
+        *self.0.lock().unwrap() = Some(a);
+    }
+}
+
+impl OriginalDst for Redirect {
+    fn original_dst(&self, _s: &tokio::net::TcpStream) -> std::io::Result<SocketAddr> {
+        self.0
+            .lock()
+            .unwrap()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no NAT entry"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Clients
 
 pub async fn dns_query_udp(server: SocketAddr, name: &str, qtype: RecordType) -> Message {

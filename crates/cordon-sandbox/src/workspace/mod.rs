@@ -742,9 +742,13 @@ impl WorkspaceVolume {
     /// volume.
     pub fn commit_changes(&mut self) -> Result<CommitStats, WorkspaceError> {
         match (&self.plan.source, &self.root, &self.host_dir) {
-            (WorkspaceSource::HostDir(_), Some(root), Some(host)) => {
-                tree::commit_tree(root.as_fd(), host.as_fd(), &self.snapshot, self.plan.chown)
-            }
+            (WorkspaceSource::HostDir(_), Some(root), Some(host)) => tree::commit_tree(
+                root.as_fd(),
+                host.as_fd(),
+                &self.snapshot,
+                self.plan.chown,
+                self.plan.cap_bytes,
+            ),
             (WorkspaceSource::HostDir(_), None, _) => Err(WorkspaceError::NotAdopted),
             _ => Ok(CommitStats::default()),
         }

@@ -19,7 +19,11 @@
 //!   so a hostile tree cannot exhaust the supervisor's stack or file descriptors;
 //! - a path reserved by cordon (a canary file planted after copy-in, see `plant`) is never
 //!   committed, whatever the sandbox left there, and a directory made only to hold one is
-//!   removed from the host again unless something else was committed into it.
+//!   removed from the host again unless something else was committed into it;
+//! - a commit writes at most its byte budget (the workspace cap) of file data to the host: a
+//!   multiply-linked file that cannot be relinked is copied, so without the budget a sandbox
+//!   could turn one large file with many names into many times its cap on the host disk. Files
+//!   past the budget are skipped and reported.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -714,6 +718,8 @@ impl CopyIn {
 struct Commit<'a> {
     snapshot: &'a Snapshot,
     chown: bool,
+    /// Most file data bytes the commit may write to the host.
+    max_bytes: u64,
     stats: CommitStats,
     seen: HashSet<PathBuf>,
     /// volume inode of a multiply-linked file -> its new host copy, open.
@@ -723,12 +729,14 @@ struct Commit<'a> {
 /// Brings the host tree under `host` in line with the volume under `vol` (the volume wins on a
 /// conflict), measured against the copy-in `snapshot`. With `chown`, new host entries get the
 /// uid/gid of their host parent directory and replaced ones keep the ids of what they replace
-/// (needs root); without it, they stay the caller's.
+/// (needs root); without it, they stay the caller's. At most `max_bytes` of file data are
+/// written (pass the workspace cap): a file that would go past it is skipped and reported.
 pub fn commit_tree(
     vol: BorrowedFd<'_>,
     host: BorrowedFd<'_>,
     snapshot: &Snapshot,
     chown: bool,
+    max_bytes: u64,
 ) -> Result<CommitStats, WorkspaceError> {
     let fail = |op: &'static str| {
         move |errno| WorkspaceError::Commit {
@@ -742,6 +750,7 @@ pub fn commit_tree(
     let mut cx = Commit {
         snapshot,
         chown,
+        max_bytes,
         stats: CommitStats::default(),
         seen: HashSet::new(),
         links: HashMap::new(),
@@ -972,6 +981,20 @@ impl Commit<'_> {
         let opened = fstat(src.as_fd()).map_err(fail("stat open file"))?;
         if opened.st_ino != st.st_ino || kind_of(&opened) != Some(Kind::File) {
             return Err(fail("open in volume")(Errno::ESTALE));
+        }
+        // What copying it costs the host: its data blocks (holes stay holes).
+        let need = u64::try_from(opened.st_blocks).unwrap_or(0) * 512;
+        if self.stats.bytes_written.saturating_add(need) > self.max_bytes {
+            self.skip(
+                rel,
+                &format!(
+                    "{need} more bytes would take the commit past the workspace cap of {} bytes \
+                     (a file with many hardlinks is copied once per name past the first {} \
+                     linked files): not committed",
+                    self.max_bytes, MAX_TRACKED_LINKS
+                ),
+            );
+            return Ok(());
         }
         let (tmp, dst) = create_temp(host).map_err(fail("create temporary"))?;
         let written = (|| -> Result<u64, (&'static str, Errno)> {
