@@ -288,7 +288,17 @@ impl Store {
             tx.pragma_update(None, "user_version", schema::SCHEMA_VERSION)
                 .map_err(sql_err("write schema version"))?;
         }
-        tx.commit().map_err(sql_err("commit schema"))
+        tx.commit().map_err(sql_err("commit schema"))?;
+        if (1..=2).contains(&version) {
+            // The rebuilt table went through the WAL: fold it into the database and truncate it
+            // now, or every process opening the store would first read it all (a WAL as large
+            // as the old table). Best effort: a reader holding a snapshot makes it a no-op, and
+            // the automatic checkpoints catch up later.
+            let _ = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        }
+        Ok(())
     }
 
     /// The newest record's id and hash, as the chain head table records it.
