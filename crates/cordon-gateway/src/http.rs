@@ -114,6 +114,9 @@ pub(crate) struct ClientConn {
     out: Vec<u8>,
     spans: h1::Spans,
     memo: Option<Memo>,
+    /// The `Proxy-Authorization` value of the last request and the session it named: the next
+    /// request with the same bytes names the same session unless its token was revoked since.
+    auth: Option<(Vec<u8>, Arc<Session>)>,
     binding: Option<Binding>,
     upstream: Option<UpstreamConn>,
     /// The pipe of a response read until upstream closes (spliced).
@@ -132,6 +135,7 @@ impl ClientConn {
             out: Vec::with_capacity(1024),
             spans: Vec::with_capacity(16),
             memo: None,
+            auth: None,
             binding: None,
             upstream: None,
             to_client: None,
@@ -307,11 +311,22 @@ fn bind_session(
     conn: &mut ClientConn,
     req: &RequestHead,
 ) -> Result<Arc<Session>, (u16, String)> {
-    let session = match ctx
-        .shared
-        .attribution
-        .session_for(req.head.first("proxy-authorization"))
-    {
+    let header = req.head.first("proxy-authorization");
+    let remembered = match (&conn.auth, header) {
+        (Some((bytes, session)), Some(h)) if bytes.as_slice() == h && !session.revoked() => {
+            Some(session.clone())
+        }
+        _ => None,
+    };
+    let looked_up = match remembered {
+        Some(s) => Ok(s),
+        None => ctx.shared.attribution.session_for(header).inspect(|s| {
+            if let Some(h) = header {
+                conn.auth = Some((h.to_vec(), s.clone()));
+            }
+        }),
+    };
+    let session = match looked_up {
         Ok(s) => s,
         Err(failure) => {
             let reason = match failure {

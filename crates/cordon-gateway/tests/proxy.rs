@@ -788,3 +788,75 @@ async fn an_open_tunnel_is_recorded_when_the_gateway_stops() {
         .unwrap();
     assert_eq!((e.bytes_up, e.bytes_down), (4, 4));
 }
+
+/// Reads one response with a `Content-Length` body from a kept-alive connection.
+fn read_response(s: &mut std::net::TcpStream) -> RawResponse {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "connection closed mid-head");
+        head.push(byte[0]);
+    }
+    let mut resp = parse_response(&head).unwrap();
+    let len: usize = resp.header("content-length").unwrap().parse().unwrap();
+    resp.body = vec![0u8; len];
+    s.read_exact(&mut resp.body).unwrap();
+    resp
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_stops_working_on_a_kept_alive_connection() {
+    // The gateway remembers which session a connection's token named; revoking the token must
+    // still end it for the next request on that same connection.
+    let (origin, _) = origin::spawn("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let dns = FakeDns::start(LOOPBACK, &[("origin.test", &[LOOPBACK])]).await;
+    let opts = Options {
+        clients: Clients::Tokens,
+        ..Options::default()
+    };
+    let mut gw = Running::start(
+        policy(&["origin.test:*"], &["127.0.0.1/32:*"]),
+        dns.addr,
+        opts,
+    )
+    .await;
+    let token = gw
+        .gateway
+        .issue_token(SessionInfo {
+            id: "kept".into(),
+            user: "u".into(),
+            code_sha256: "c".into(),
+        })
+        .unwrap();
+    let (proxy, port) = (gw.proxy, origin.port());
+    let request = format!(
+        "GET http://origin.test:{port}/ HTTP/1.1\r\nHost: origin.test:{port}\r\n\
+         Proxy-Authorization: Bearer {token}\r\n\r\n"
+    );
+    let mut s = std::net::TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let statuses = tokio::task::spawn_blocking({
+        let request = request.clone();
+        let mut s = s.try_clone().unwrap();
+        move || {
+            (0..2)
+                .map(|_| {
+                    s.write_all(request.as_bytes()).unwrap();
+                    read_response(&mut s).status
+                })
+                .collect::<Vec<_>>()
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(statuses, [200, 200]);
+    assert!(gw.gateway.revoke_token(&token));
+    let after = tokio::task::spawn_blocking(move || {
+        s.write_all(request.as_bytes()).unwrap();
+        read_response(&mut s).status
+    })
+    .await
+    .unwrap();
+    assert_eq!(after, 407);
+    gw.stop().await;
+}
