@@ -7,8 +7,9 @@
 # when other work shares the machine), plus the load average at the start and the end.
 #
 # Usage: bench/gateway-ab.sh [--rounds R] [--duration D] [--connections "8 32"]
-#                            NAME=BINARY [NAME=BINARY...]
+#                            NAME="BINARY [EXTRA ARGS]" [NAME=...]
 # e.g.   bench/gateway-ab.sh before=/tmp/cordon-main after=$CARGO_TARGET_DIR/release/cordon
+#        bench/gateway-ab.sh one="$CARGO_TARGET_DIR/release/cordon --threads 1" two="…/cordon --threads 2"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=5
@@ -21,10 +22,10 @@ while [[ $# -gt 0 ]]; do
     --duration) duration="$2"; shift 2 ;;
     --connections) connections="$2"; shift 2 ;;
     *=*) builds+=("$1"); shift ;;
-    *) sed -n '2,13p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,14p' "$0" >&2; exit 2 ;;
   esac
 done
-[[ ${#builds[@]} -ge 1 ]] || { sed -n '2,13p' "$0" >&2; exit 2; }
+[[ ${#builds[@]} -ge 1 ]] || { sed -n '2,14p' "$0" >&2; exit 2; }
 
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 cargo build --release -q -p cordon-gateway --example origin
@@ -74,10 +75,11 @@ EOF
 declare -A port pid auth
 names=()
 for b in "${builds[@]}"; do
-  name=${b%%=*} bin=${b#*=}
+  name=${b%%=*}
+  read -r -a cmd <<<"${b#*=}"
   names+=("$name")
   port[$name]=$(free_port)
-  "$bin" gateway --listen "127.0.0.1:${port[$name]}" --policy "$work/policy.toml" \
+  "${cmd[0]}" gateway "${cmd[@]:1}" --listen "127.0.0.1:${port[$name]}" --policy "$work/policy.toml" \
     --audit "$work/$name.db" --session bench >"$work/$name.tokens" 2>"$work/$name.log" &
   pid[$name]=$!
   pids+=($!)

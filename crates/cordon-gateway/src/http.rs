@@ -60,8 +60,10 @@ const BODY_CHUNK: usize = 256 * 1024;
 pub(crate) enum ConnMode {
     /// Explicit proxy: from each request's absolute URI (or CONNECT authority).
     Proxy,
-    /// Captured plain HTTP: always the connection's original destination.
-    Transparent { dest: Dest, port: u16 },
+    /// Always one destination, decided before the first request: captured plain HTTP (`via`
+    /// [`Via::Transparent`]) and plain HTTP inside a CONNECT tunnel (`via` [`Via::Connect`]).
+    /// Each request's `Host` must still name it.
+    Fixed { dest: Dest, port: u16, via: Via },
 }
 
 struct Binding {
@@ -161,7 +163,7 @@ impl ClientConn {
     fn via(&self) -> Via {
         match self.mode {
             ConnMode::Proxy => Via::Proxy,
-            ConnMode::Transparent { .. } => Via::Transparent,
+            ConnMode::Fixed { via, .. } => via,
         }
     }
 
@@ -436,22 +438,13 @@ async fn handle_request(ctx: &Arc<Ctx>, conn: &mut ClientConn, req: &RequestHead
                     Err((status, reason)) => refuse_with(conn, status, &reason, Some(&info)).await,
                 }
             }
-            ConnMode::Transparent { .. } => {
+            ConnMode::Fixed { .. } => {
                 let v = verdicted(
                     "method",
                     "CONNECT is only accepted by the explicit proxy".into(),
                 );
-                let reason = record_refusal(
-                    ctx,
-                    &session,
-                    Via::Transparent,
-                    None,
-                    None,
-                    None,
-                    req.method(),
-                    None,
-                    &v,
-                );
+                let reason =
+                    record_refusal(ctx, &session, via, None, None, None, req.method(), None, &v);
                 refuse_with(conn, 403, &reason, Some(&info)).await
             }
         };
@@ -511,13 +504,13 @@ fn decide_target(
 ) -> Result<Memo, TargetRefusal> {
     let authority = match conn.mode {
         ConnMode::Proxy => uri.authority().map_or(&b""[..], |a| a.as_str().as_bytes()),
-        ConnMode::Transparent { .. } => &b""[..],
+        ConnMode::Fixed { .. } => &b""[..],
     };
     let proxy_form_ok = match conn.mode {
         ConnMode::Proxy => uri
             .scheme_str()
             .is_some_and(|s| s.eq_ignore_ascii_case("http")),
-        ConnMode::Transparent { .. } => true,
+        ConnMode::Fixed { .. } => true,
     };
     // More than one Host header is refused below, never answered from the memo.
     if let (Some(memo), Ok(host_header)) = (conn.memo.take(), host_header(req)) {
@@ -529,7 +522,7 @@ fn decide_target(
         ConnMode::Proxy => {
             proxy_target(ctx, req, uri).map_err(|(status, v, host)| (status, v, host, None))?
         }
-        ConnMode::Transparent { dest, port } => {
+        ConnMode::Fixed { dest, port, .. } => {
             transparent_host_check(ctx, req, dest, *port)
                 .map_err(|v| (403, v, Some(dest.to_host_string()), Some(*port)))?;
             (dest.clone(), *port)

@@ -149,7 +149,11 @@ async fn handle(ctx: &Arc<Ctx>, session: &Arc<Session>, mut stream: TcpStream) {
     };
     if matches!(peek, Ok(Peek::NotTls)) && looks_like_http(&first) {
         let conn = ClientConn::bound(
-            ConnMode::Transparent { dest, port },
+            ConnMode::Fixed {
+                dest,
+                port,
+                via: Via::Transparent,
+            },
             stream,
             &first,
             session.clone(),

@@ -164,9 +164,10 @@ pub(crate) async fn run_connect(
             // it is parsed and decided, and its Host must name the tunnel's destination (no
             // domain fronting through a CONNECT to an allowed host).
             let conn = crate::http::ClientConn::bound(
-                crate::http::ConnMode::Transparent {
+                crate::http::ConnMode::Fixed {
                     dest: route.dest.clone(),
                     port: route.port,
+                    via: Via::Connect,
                 },
                 client,
                 &first,

@@ -407,6 +407,8 @@ async fn connect_to_an_allowlisted_host_tunnels_with_curl() {
     let e = w.gw.wait_event(|e| e.kind == EventKind::HttpRequest).await;
     assert_eq!(e.method.as_deref(), Some("GET"));
     assert_eq!(e.path.as_deref(), Some("/tunnelled"));
+    // It came through CONNECT, not through the transparent capture.
+    assert_eq!(e.via, Via::Connect);
     assert_eq!(e.verdict, Verdict::Allow);
     assert!(e.bytes_up > 0 && e.bytes_down > 0, "{e:?}");
     w.gw.stop().await;

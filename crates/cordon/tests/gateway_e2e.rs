@@ -1366,10 +1366,10 @@ fn host_sni_and_connect_mismatches_and_disallowed_ports_are_blocked() {
     assert!(seen.is_empty(), "the origin was reached: {seen:#?}");
 }
 
-/// KNOWN BUG (reported): inside a CONNECT tunnel the gateway checks the TLS SNI but not the
-/// `Host` of a plain-HTTP request, so `curl -p` (CONNECT api.fake.test:80, then
-/// `Host: other.fake.test`) reaches the other virtual host on the allowed address, while the
-/// same request through the absolute-form proxy or transparent capture gets a 403.
+/// Inside a CONNECT tunnel, plain HTTP is served request by request and each `Host` must name
+/// the tunnel's host: `curl -p` (CONNECT api.fake.test:80, then `Host: other.fake.test`) must
+/// not reach the other virtual host on the allowed address (the absolute-form proxy and
+/// transparent capture answer 403 to the same request).
 #[test]
 fn a_plain_http_request_in_a_connect_tunnel_must_name_the_tunnel_host() {
     let Some(net) = enter("a_plain_http_request_in_a_connect_tunnel_must_name_the_tunnel_host")
