@@ -33,28 +33,8 @@ origin_bin="$target_dir/release/examples/origin"
 lua="$PWD/bench/proxy.lua"
 work=$(mktemp -d /tmp/cordon-bench-gwab.XXXXXX)
 chmod 755 "$work"
-pids=()
-stop_all() {
-  local p
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  pids=()
-}
+source bench/lib.sh
 trap 'stop_all; rm -rf "$work"' EXIT
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-wait_port() { # PORT PID
-  local i
-  for i in $(seq 1 400); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    kill -0 "$2" 2>/dev/null || { echo "process $2 exited at start-up" >&2; exit 1; }
-    sleep 0.05
-  done
-  echo "nothing listens on 127.0.0.1:$1" >&2
-  exit 1
-}
-cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 oport=$(free_port)

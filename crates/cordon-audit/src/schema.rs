@@ -29,8 +29,8 @@
 /// The schema version this code writes and understands.
 pub(crate) const SCHEMA_VERSION: i64 = 3;
 
-/// Version 3, for a new store (every statement is idempotent).
-pub(crate) const CREATE: &str = "
+/// `sessions` as version 3 has it (idempotent).
+pub(crate) const SESSIONS_TABLE: &str = "
 CREATE TABLE IF NOT EXISTS sessions (
     sid         INTEGER PRIMARY KEY,
     id          TEXT NOT NULL UNIQUE,
@@ -50,9 +50,11 @@ CREATE TABLE IF NOT EXISTS sessions (
     bytes_up    INTEGER NOT NULL,
     bytes_down  INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS sessions_by_time ON sessions (first_ms);
-CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (user_id, first_ms);
+";
 
+/// `events` as version 3 has it (idempotent). Rows written before version 3 also fill
+/// `user_id`, `code_sha256`, `session_id` and `ts`, and hold hex TEXT hashes.
+pub(crate) const EVENTS_TABLE: &str = "
 CREATE TABLE IF NOT EXISTS events (
     id          INTEGER PRIMARY KEY,
     sid         INTEGER NOT NULL,
@@ -81,15 +83,24 @@ CREATE TABLE IF NOT EXISTS events (
     prev_hash   NOT NULL,
     hash        NOT NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS events_by_session ON events (sid, session_seq);
-CREATE INDEX IF NOT EXISTS events_by_own_user ON events (user_id) WHERE user_id IS NOT NULL;
+";
 
+/// The time index (idempotent).
+pub(crate) const BATCHES_TABLE: &str = "
 CREATE TABLE IF NOT EXISTS batches (
     first_id INTEGER PRIMARY KEY,
     last_id  INTEGER NOT NULL,
     min_ms   INTEGER NOT NULL,
     max_ms   INTEGER NOT NULL
 );
+";
+
+/// Indexes, the chain head and the anchors (idempotent).
+const REST: &str = "
+CREATE INDEX IF NOT EXISTS sessions_by_time ON sessions (first_ms);
+CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (user_id, first_ms);
+CREATE UNIQUE INDEX IF NOT EXISTS events_by_session ON events (sid, session_seq);
+CREATE INDEX IF NOT EXISTS events_by_own_user ON events (user_id) WHERE user_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS batches_by_max ON batches (max_ms);
 CREATE INDEX IF NOT EXISTS batches_by_min ON batches (min_ms);
 
@@ -108,6 +119,10 @@ CREATE TABLE IF NOT EXISTS anchors (
 );
 ";
 
+/// Version 3, for a new store or after a migration: every statement is idempotent, run in
+/// this order.
+pub(crate) const CREATE: [&str; 4] = [SESSIONS_TABLE, EVENTS_TABLE, BATCHES_TABLE, REST];
+
 /// From version 1 to 2: the process attribution columns.
 pub(crate) const MIGRATE_1_TO_2: &str = "
 ALTER TABLE events ADD COLUMN pid INTEGER;
@@ -118,29 +133,12 @@ ALTER TABLE events ADD COLUMN cmdline TEXT;
 /// From version 2 to 3, first step: `sessions` gains its number `sid`. A session that has
 /// events but no summary row (only in a doctored store) gets one rebuilt from its events, so no
 /// record is left without a session.
-pub(crate) const MIGRATE_2_TO_3_SESSIONS: &str = "
-ALTER TABLE sessions RENAME TO sessions_v2;
-DROP INDEX IF EXISTS sessions_by_time;
-DROP INDEX IF EXISTS sessions_by_user;
-CREATE TABLE sessions (
-    sid         INTEGER PRIMARY KEY,
-    id          TEXT NOT NULL UNIQUE,
-    user_id     TEXT NOT NULL,
-    code_sha256 TEXT NOT NULL,
-    command     TEXT,
-    started_ms  INTEGER,
-    ended_ms    INTEGER,
-    exit_status INTEGER,
-    limit_hit   TEXT,
-    first_ms    INTEGER NOT NULL,
-    last_ms     INTEGER NOT NULL,
-    last_seq    INTEGER NOT NULL,
-    events      INTEGER NOT NULL,
-    blocked     INTEGER NOT NULL,
-    would_block INTEGER NOT NULL,
-    bytes_up    INTEGER NOT NULL,
-    bytes_down  INTEGER NOT NULL
-);
+pub(crate) const MIGRATE_2_TO_3_SESSIONS: [&str; 3] = [
+    "ALTER TABLE sessions RENAME TO sessions_v2;
+     DROP INDEX IF EXISTS sessions_by_time;
+     DROP INDEX IF EXISTS sessions_by_user;",
+    SESSIONS_TABLE,
+    "
 INSERT INTO sessions (id, user_id, code_sha256, command, started_ms, ended_ms, exit_status,
                       limit_hit, first_ms, last_ms, last_seq, events, blocked, would_block,
                       bytes_up, bytes_down)
@@ -157,45 +155,20 @@ INSERT INTO sessions (id, user_id, code_sha256, first_ms, last_ms, last_seq, eve
     FROM events WHERE session_id NOT IN (SELECT id FROM sessions)
     GROUP BY session_id;
 DROP TABLE sessions_v2;
-";
+",
+];
 
 /// From version 2 to 3, second step: `events` is rebuilt with the version 3 columns (SQLite
 /// cannot drop a NOT NULL constraint in place). Every row is copied as it was, with its
 /// session's `sid` added; [`crate::store`] checks that the copy has every row before the old
 /// table is dropped.
-pub(crate) const MIGRATE_2_TO_3_EVENTS_COPY: &str = "
-ALTER TABLE events RENAME TO events_v2;
-DROP INDEX IF EXISTS events_by_session;
-DROP INDEX IF EXISTS events_by_time;
-DROP INDEX IF EXISTS events_by_user;
-CREATE TABLE events (
-    id          INTEGER PRIMARY KEY,
-    sid         INTEGER NOT NULL,
-    session_seq INTEGER NOT NULL,
-    kind        TEXT NOT NULL,
-    ts_ms       INTEGER NOT NULL,
-    host        TEXT,
-    ip          TEXT,
-    port        INTEGER,
-    method      TEXT,
-    path        TEXT,
-    bytes_up    INTEGER,
-    bytes_down  INTEGER,
-    duration_ms INTEGER,
-    verdict     TEXT,
-    rule        TEXT,
-    reason      TEXT,
-    detail      TEXT,
-    pid         INTEGER,
-    exe         TEXT,
-    cmdline     TEXT,
-    user_id     TEXT,
-    code_sha256 TEXT,
-    session_id  TEXT,
-    ts          TEXT,
-    prev_hash   NOT NULL,
-    hash        NOT NULL
-);
+pub(crate) const MIGRATE_2_TO_3_EVENTS_COPY: [&str; 3] = [
+    "ALTER TABLE events RENAME TO events_v2;
+     DROP INDEX IF EXISTS events_by_session;
+     DROP INDEX IF EXISTS events_by_time;
+     DROP INDEX IF EXISTS events_by_user;",
+    EVENTS_TABLE,
+    "
 INSERT INTO events (id, sid, session_seq, kind, ts_ms, host, ip, port, method, path, bytes_up,
                     bytes_down, duration_ms, verdict, rule, reason, detail, pid, exe, cmdline,
                     user_id, code_sha256, session_id, ts, prev_hash, hash)
@@ -205,21 +178,17 @@ INSERT INTO events (id, sid, session_seq, kind, ts_ms, host, ip, port, method, p
            e.hash
     FROM events_v2 e JOIN sessions s ON s.id = e.session_id
     ORDER BY e.id;
-";
+",
+];
 
 /// From version 2 to 3, last step (after the row counts were compared): the old table goes, and
 /// the old records are covered by `batches` in groups of 1024 ids.
-pub(crate) const MIGRATE_2_TO_3_EVENTS_FINISH: &str = "
-DROP TABLE events_v2;
-CREATE TABLE batches (
-    first_id INTEGER PRIMARY KEY,
-    last_id  INTEGER NOT NULL,
-    min_ms   INTEGER NOT NULL,
-    max_ms   INTEGER NOT NULL
-);
-INSERT INTO batches (first_id, last_id, min_ms, max_ms)
-    SELECT MIN(id), MAX(id), MIN(ts_ms), MAX(ts_ms) FROM events GROUP BY id >> 10;
-";
+pub(crate) const MIGRATE_2_TO_3_EVENTS_FINISH: [&str; 3] = [
+    "DROP TABLE events_v2;",
+    BATCHES_TABLE,
+    "INSERT INTO batches (first_id, last_id, min_ms, max_ms)
+     SELECT MIN(id), MAX(id), MIN(ts_ms), MAX(ts_ms) FROM events GROUP BY id >> 10;",
+];
 
 /// The SQL form of [`crate::Event::is_blocked`]; the query tests pin the two together.
 pub(crate) const BLOCKED_SQL: &str =

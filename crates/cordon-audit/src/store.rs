@@ -20,7 +20,9 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
 
-use crate::chain::{event_fields, record_hash_v2, unhex, DerivedText, Hash, GENESIS_HASH};
+use crate::chain::{
+    event_fields, record_hash_v2, unhex, DerivedText, Hash, GENESIS_HASH, V2_COLUMNS,
+};
 use crate::event::{detail_keys, hex, shell_quote, Event, EventKind, Verdict};
 use crate::schema;
 
@@ -277,8 +279,9 @@ impl Store {
         if (1..=2).contains(&version) {
             migrate_2_to_3(&tx, &path)?;
         }
-        tx.execute_batch(schema::CREATE)
-            .map_err(sql_err("create schema"))?;
+        for sql in schema::CREATE {
+            tx.execute_batch(sql).map_err(sql_err("create schema"))?;
+        }
         tx.execute(
             "INSERT OR IGNORE INTO chain_head (id, seq, hash) VALUES (1, 0, ?1)",
             [GENESIS_HASH],
@@ -461,7 +464,7 @@ struct Row<'e> {
 }
 
 impl Row<'_> {
-    /// The values of the row, in [`INSERT_COLUMNS`] order.
+    /// The values of the row, in [`insert_columns`] order.
     fn params(&self) -> impl Iterator<Item = ToSqlOutput<'_>> {
         let fields = event_fields(self.event, &self.derived, self.seq);
         let [_, seq, kind, _, _, ts_ms, rest @ ..] = fields;
@@ -541,10 +544,14 @@ fn migrate_2_to_3(tx: &Connection, path: &Path) -> Result<(), StoreError> {
         let path = path.to_path_buf();
         move |source| StoreError::Sql { path, step, source }
     };
-    tx.execute_batch(schema::MIGRATE_2_TO_3_SESSIONS)
-        .map_err(sql_err("migrate schema 2 to 3: sessions"))?;
-    tx.execute_batch(schema::MIGRATE_2_TO_3_EVENTS_COPY)
-        .map_err(sql_err("migrate schema 2 to 3: copy events"))?;
+    for sql in schema::MIGRATE_2_TO_3_SESSIONS {
+        tx.execute_batch(sql)
+            .map_err(sql_err("migrate schema 2 to 3: sessions"))?;
+    }
+    for sql in schema::MIGRATE_2_TO_3_EVENTS_COPY {
+        tx.execute_batch(sql)
+            .map_err(sql_err("migrate schema 2 to 3: copy events"))?;
+    }
     let (old, new): (i64, i64) = tx
         .query_row(
             "SELECT (SELECT COUNT(*) FROM events_v2), (SELECT COUNT(*) FROM events)",
@@ -558,8 +565,11 @@ fn migrate_2_to_3(tx: &Connection, path: &Path) -> Result<(), StoreError> {
             reason: format!("{old} records before, {new} after copying"),
         });
     }
-    tx.execute_batch(schema::MIGRATE_2_TO_3_EVENTS_FINISH)
-        .map_err(sql_err("migrate schema 2 to 3: finish"))
+    for sql in schema::MIGRATE_2_TO_3_EVENTS_FINISH {
+        tx.execute_batch(sql)
+            .map_err(sql_err("migrate schema 2 to 3: finish"))?;
+    }
+    Ok(())
 }
 
 fn is_busy(err: &rusqlite::Error) -> bool {
@@ -580,33 +590,15 @@ pub(crate) fn read_head(conn: &Connection) -> rusqlite::Result<ChainHead> {
         })
 }
 
-/// The columns of an event row, in the order [`Row::params`] gives them.
-const INSERT_COLUMNS: [&str; 24] = [
-    "id",
-    "sid",
-    "session_seq",
-    "kind",
-    "ts_ms",
-    "host",
-    "ip",
-    "port",
-    "method",
-    "path",
-    "bytes_up",
-    "bytes_down",
-    "duration_ms",
-    "verdict",
-    "rule",
-    "reason",
-    "detail",
-    "pid",
-    "exe",
-    "cmdline",
-    "user_id",
-    "code_sha256",
-    "prev_hash",
-    "hash",
-];
+/// The columns of an event row, in the order [`Row::params`] gives them: the record's place and
+/// kind, the values of [`V2_COLUMNS`] from `host` on, what a record stores only when it differs
+/// from its session, then the chain.
+fn insert_columns() -> Vec<&'static str> {
+    let mut columns = vec!["id", "sid", "session_seq", "kind", "ts_ms"];
+    columns.extend_from_slice(&V2_COLUMNS[6..]);
+    columns.extend_from_slice(&["user_id", "code_sha256", "prev_hash", "hash"]);
+    columns
+}
 
 /// Most rows one `INSERT` statement carries: SQLite's per-statement work (reset, bind, halt) is
 /// then shared by several rows (callgrind: about 1,200 fewer instructions per event with 8
@@ -616,8 +608,9 @@ const ROWS_PER_INSERT: usize = 8;
 /// `INSERT_SQL[k - 1]` inserts `k` rows.
 static INSERT_SQL: std::sync::LazyLock<[String; ROWS_PER_INSERT]> =
     std::sync::LazyLock::new(|| {
+        let columns = insert_columns();
         std::array::from_fn(|k| {
-            let n = INSERT_COLUMNS.len();
+            let n = columns.len();
             let rows: Vec<String> = (0..=k)
                 .map(|r| {
                     let values: Vec<String> = (1..=n).map(|c| format!("?{}", r * n + c)).collect();
@@ -626,7 +619,7 @@ static INSERT_SQL: std::sync::LazyLock<[String; ROWS_PER_INSERT]> =
                 .collect();
             format!(
                 "INSERT INTO events ({}) VALUES {}",
-                INSERT_COLUMNS.join(", "),
+                columns.join(", "),
                 rows.join(", ")
             )
         })
