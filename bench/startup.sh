@@ -65,6 +65,19 @@ bench() { # JSON EXTRA_HYPERFINE_ARGS...
     -n "true" "true" >/dev/null 2>"$work/hyperfine.err" || { cat "$work/hyperfine.err" >&2; exit 1; }
 }
 
+# What the host gives cordon's start-up, printed with the tables (docs/benchmarks.md explains
+# each): the kernel, whether cgroup writes wait for an RCU grace period (cgroup v1, or v2 mounted
+# elsewhere, without favordynmods), and the spare workspace volumes a previous run left.
+echo "host: $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) CPUs"
+if [[ "$(stat -fc %T /sys/fs/cgroup)" == cgroup2fs ]]; then
+  echo "cgroup: v2 at /sys/fs/cgroup (clone3 CLONE_INTO_CGROUP: no attach wait)"
+elif grep -q favordynmods /proc/mounts; then
+  echo "cgroup: v1 (a cgroup mount has favordynmods: no attach wait)"
+else
+  echo "cgroup: v1 (no favordynmods: an isolated start waits for a grace period when it joins its cgroup, unless an earlier favordynmods left the fast path on; see cordon doctor)"
+fi
+echo "spare volumes before the runs: $(ls /var/lib/cordon/volumes/spares/*/ 2>/dev/null | grep -c '\.img$' || true)"
+
 isolated_runs=$(( runs / 5 > 20 ? runs / 5 : 20 ))
 bench "$work/b2b.json" --warmup 20 --runs "$runs"
 bench "$work/iso.json" --runs "$isolated_runs" --prepare "sleep $gap"

@@ -8,27 +8,33 @@
 #   mitmproxy   Debian's mitmdump (regular proxy mode, upstream verified against the origin's CA)
 # Every proxy listens on its own loopback port and is stopped by pid; nothing leaves 127.0.0.1.
 # No audit sink for the gateway (NoopSink) and no addon for mitmproxy: the proxies' own cost.
+# The gateway runs on two tokio workers, as in `cordon run`; the client and the origin on one each.
 #
 # Client: tls_bench client, CONNS keep-alive HTTPS connections (one CONNECT + one TLS handshake
 # each, then GET /small with a 64-byte body back to back) for SECS seconds; requests/s and p50/p99
-# latency; the median over ROUNDS rounds that interleave the targets.
+# latency; the median over ROUNDS rounds that interleave the targets. The -h2 rows are the same
+# over HTTP/2 (tls_bench client-h2: ALPN h2 only, STREAMS requests in flight per connection; the
+# origin speaks h2 too, so tunnel-h2 is HTTP/2 end to end and intercept-h2 is HTTP/2 on both
+# sides of the gateway).
 # DLP: the streaming request-body scanner over MIB MiB of JSON-like text (2 literals + every
 # secret format), milliseconds per MiB.
 #
-# Usage: bench/tls.sh [--secs N] [--conns "1 8"] [--rounds N] [--dlp-mib N]
+# Usage: bench/tls.sh [--secs N] [--conns "1 8"] [--rounds N] [--streams N] [--dlp-mib N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=5
 conns="1 8"
 rounds=3
+streams=1
 dlp_mib=256
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --secs) secs="$2"; shift 2 ;;
     --conns) conns="$2"; shift 2 ;;
     --rounds) rounds="$2"; shift 2 ;;
+    --streams) streams="$2"; shift 2 ;;
     --dlp-mib) dlp_mib="$2"; shift 2 ;;
-    *) sed -n '2,19p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,23p' "$0" >&2; exit 2 ;;
   esac
 done
 
@@ -87,28 +93,35 @@ done
 
 declare -A ca=( [tunnel]="$work/origin-ca.pem" [intercept]="$work/session-ca.pem" [mitmproxy]="$work/mitm/mitmproxy-ca-cert.pem" )
 declare -A port=( [tunnel]=$tunnel_port [intercept]=$intercept_port [mitmproxy]=$mitm_port )
+targets="tunnel intercept mitmproxy tunnel-h2 intercept-h2 mitmproxy-h2"
 
-echo "# bench/tls.sh: secs=$secs conns=\"$conns\" rounds=$rounds load=$(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# bench/tls.sh: secs=$secs conns=\"$conns\" rounds=$rounds streams=$streams load=$(cut -d' ' -f1-3 /proc/loadavg)"
 for c in $conns; do
-  for t in tunnel intercept mitmproxy; do : >"$work/res.$t.$c"; done
+  for t in $targets; do : >"$work/res.$t.$c"; done
   for r in $(seq 1 "$rounds"); do
-    for t in tunnel intercept mitmproxy; do
-      "$bin" client "127.0.0.1:${port[$t]}" "$origin_port" "${ca[$t]}" "$c" "$secs" >>"$work/res.$t.$c"
+    for t in $targets; do
+      p=${t%-h2}
+      if [[ $t == *-h2 ]]; then
+        "$bin" client-h2 "127.0.0.1:${port[$p]}" "$origin_port" "${ca[$p]}" "$c" "$secs" "$streams" >>"$work/res.$t.$c"
+      else
+        "$bin" client "127.0.0.1:${port[$p]}" "$origin_port" "${ca[$p]}" "$c" "$secs" >>"$work/res.$t.$c"
+      fi
     done
   done
-  for t in tunnel intercept mitmproxy; do
+  for t in $targets; do
     python3 - "$t" "$c" "$work/res.$t.$c" <<'PY'
 import json, statistics, sys
 name, conns, path = sys.argv[1], sys.argv[2], sys.argv[3]
 rows = [json.loads(l) for l in open(path) if l.strip()]
 med = lambda k: statistics.median(r[k] for r in rows)
-print(f"{name:10} conns={conns:>2}  rps={med('rps'):8.0f}  p50={med('p50_us')/1000:7.2f} ms  p99={med('p99_us')/1000:7.2f} ms  (rounds: {' '.join(str(int(r['rps'])) for r in rows)})")
+print(f"{name:12} conns={conns:>2}  rps={med('rps'):8.0f}  p50={med('p50_us')/1000:7.2f} ms  p99={med('p99_us')/1000:7.2f} ms  (rounds: {' '.join(str(int(r['rps'])) for r in rows)})")
 PY
   done
 done
+echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 "$bin" dlp "$dlp_mib" >"$work/dlp.json"
 python3 - "$work/dlp.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
-print(f"dlp        {d['mib']} MiB in {d['seconds']} s: {d['mib_per_s']} MiB/s, {d['ms_per_mib']} ms per MiB")
+print(f"dlp          {d['mib']} MiB in {d['seconds']} s: {d['mib_per_s']} MiB/s, {d['ms_per_mib']} ms per MiB")
 PY

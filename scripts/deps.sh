@@ -5,7 +5,7 @@
 #   scripts/deps.sh --bench  also the tools the benchmarks compare against
 set -euo pipefail
 
-pkgs=(bubblewrap nftables iproute2 e2fsprogs util-linux procps curl git openssl python3 python3-requests python3-pip nodejs ca-certificates)
+pkgs=(bubblewrap nftables iproute2 e2fsprogs util-linux procps curl git openssl python3 python3-requests python3-h2 python3-pip nodejs ca-certificates)
 if [[ "${1:-}" == "--bench" ]]; then
   pkgs+=(hyperfine wrk tinyproxy squid mitmproxy)
 fi

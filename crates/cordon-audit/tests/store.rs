@@ -823,3 +823,35 @@ fn pruning_a_tampered_chain_is_refused_and_deletes_nothing() {
     );
     assert_eq!(store.events(&EventFilter::default()).unwrap().len(), 10);
 }
+
+#[test]
+fn a_long_write_ahead_log_is_folded_back_and_the_chain_still_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.db");
+    let wal = dir.path().join("audit.db-wal");
+    {
+        let mut store = Store::open(&path).unwrap();
+        // One batch per append: each commit adds frames to the log.
+        for i in 0..40 {
+            store
+                .append(&sample_events(&format!("01JWAL{i:04}"), 20))
+                .unwrap();
+        }
+    }
+    let before = std::fs::metadata(&wal).unwrap().len();
+    assert!(before > 64 * 1024, "the log should have grown: {before}");
+    // Under the threshold: nothing happens.
+    assert!(!Store::checkpoint_if_wal_over(&path, before + 1).unwrap());
+    assert_eq!(std::fs::metadata(&wal).unwrap().len(), before);
+    // Over it: folded back and truncated.
+    assert!(Store::checkpoint_if_wal_over(&path, 64 * 1024).unwrap());
+    assert_eq!(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0), 0);
+    let store = Store::open_existing(&path).unwrap();
+    assert_eq!(store.events(&EventFilter::default()).unwrap().len(), 800);
+    assert!(store.verify().unwrap().is_ok());
+    // A missing store is an error, not a new empty file.
+    let missing = dir.path().join("none.db");
+    std::fs::write(dir.path().join("none.db-wal"), vec![0u8; 200_000]).unwrap();
+    assert!(Store::checkpoint_if_wal_over(&missing, 1024).is_err());
+    assert!(!missing.exists());
+}

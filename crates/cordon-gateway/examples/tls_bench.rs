@@ -2,7 +2,8 @@
 //! interception, a keep-alive HTTPS client that measures requests/s and latency through any
 //! CONNECT proxy (mitmproxy included), and the DLP scanner's throughput. Loopback only.
 //!
-//!   tls_bench origin DIR                 HTTPS origin for `localhost` on 127.0.0.1; writes
+//!   tls_bench origin DIR                 HTTPS origin (HTTP/1.1 and HTTP/2, by ALPN) for
+//!                                        `localhost` on 127.0.0.1; writes
 //!                                        DIR/origin-ca.pem, prints its port, serves until stdin
 //!                                        closes
 //!   tls_bench gateway MODE ORIGIN_CA DIR gateway on 127.0.0.1 (MODE: intercept | tunnel), no
@@ -11,6 +12,9 @@
 //!   tls_bench client PROXY PORT CA CONNS SECS
 //!                                        CONNS keep-alive connections through PROXY (CONNECT
 //!                                        localhost:PORT), GET /small for SECS; prints one JSON line
+//!   tls_bench client-h2 PROXY PORT CA CONNS SECS STREAMS
+//!                                        the same over HTTP/2 (ALPN `h2` only, hyper's client):
+//!                                        STREAMS requests in flight on each connection
 //!   tls_bench dlp MIB                    scans MIB MiB through the request-body scanner; prints
 //!                                        one JSON line
 
@@ -31,9 +35,9 @@ use cordon_gateway::{
 };
 use cordon_policy::host::HostName;
 use cordon_policy::{AllowEntry, ByteSize, NetworkPolicy, RateLimits};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -79,7 +83,7 @@ async fn origin(dir: &str) {
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
         )
         .unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     println!("{}", listener.local_addr().unwrap().port());
@@ -99,9 +103,15 @@ async fn origin(dir: &str) {
                         b"hello from the benchmark origin: sixty-four bytes of body......\n",
                     ))))
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await;
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                }
             });
         }
     });
@@ -198,12 +208,8 @@ async fn gateway(mode: &str, origin_ca: &str, dir: &str) {
     let _ = served.await;
 }
 
-async fn one_connection(
-    proxy: SocketAddr,
-    port: u16,
-    tls: Arc<rustls::ClientConfig>,
-    until: Instant,
-) -> Vec<u32> {
+/// A TCP connection through the proxy's CONNECT to localhost:`port`.
+async fn connect_through(proxy: SocketAddr, port: u16) -> TcpStream {
     let mut tcp = TcpStream::connect(proxy).await.unwrap();
     tcp.set_nodelay(true).unwrap();
     tcp.write_all(
@@ -222,6 +228,16 @@ async fn one_connection(
         "{}",
         String::from_utf8_lossy(&head)
     );
+    tcp
+}
+
+async fn one_connection(
+    proxy: SocketAddr,
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+    until: Instant,
+) -> Vec<u32> {
+    let tcp = connect_through(proxy, port).await;
     let connector = tokio_rustls::TlsConnector::from(tls);
     let mut s = connector
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
@@ -262,7 +278,55 @@ async fn one_connection(
     lat
 }
 
-async fn client(proxy: &str, port: u16, ca: &str, conns: usize, secs: u64) {
+/// One HTTP/2 connection with `streams` request loops on it.
+async fn one_h2_connection(
+    proxy: SocketAddr,
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+    until: Instant,
+    streams: usize,
+) -> Vec<u32> {
+    let tcp = connect_through(proxy, port).await;
+    let s = tokio_rustls::TlsConnector::from(tls)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "no HTTP/2");
+    let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let loops: Vec<_> = (0..streams)
+        .map(|_| {
+            let mut send = send.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while Instant::now() < until {
+                    let t = Instant::now();
+                    let req = hyper::Request::get(format!("https://localhost:{port}/small"))
+                        .header(
+                            "authorization",
+                            "Bearer cordon-placeholder-00000000000000000000000000000000",
+                        )
+                        .body(Empty::<Bytes>::new())
+                        .unwrap();
+                    let resp = send.send_request(req).await.unwrap();
+                    assert_eq!(resp.status(), 200);
+                    resp.into_body().collect().await.unwrap();
+                    lat.push(t.elapsed().as_micros() as u32);
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for l in loops {
+        lat.extend(l.await.unwrap());
+    }
+    lat
+}
+
+async fn client(proxy: &str, port: u16, ca: &str, conns: usize, secs: u64, h2: Option<usize>) {
     let mut roots = rustls::RootCertStore::empty();
     for c in pem_certs(&std::fs::read(ca).unwrap()) {
         roots.add(c).unwrap();
@@ -272,13 +336,25 @@ async fn client(proxy: &str, port: u16, ca: &str, conns: usize, secs: u64) {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = match h2 {
+        Some(_) => vec![b"h2".to_vec()],
+        None => vec![b"http/1.1".to_vec()],
+    };
     let config = Arc::new(config);
     let proxy: SocketAddr = proxy.parse().unwrap();
     let until = Instant::now() + Duration::from_secs(secs);
     let start = Instant::now();
     let tasks: Vec<_> = (0..conns)
-        .map(|_| tokio::spawn(one_connection(proxy, port, config.clone(), until)))
+        .map(|_| match h2 {
+            Some(streams) => tokio::spawn(one_h2_connection(
+                proxy,
+                port,
+                config.clone(),
+                until,
+                streams,
+            )),
+            None => tokio::spawn(one_connection(proxy, port, config.clone(), until)),
+        })
         .collect();
     let mut all = Vec::new();
     for t in tasks {
@@ -297,7 +373,7 @@ async fn client(proxy: &str, port: u16, ca: &str, conns: usize, secs: u64) {
 }
 
 fn dlp(mib: usize) {
-    let scanner = Scanner::new(
+    let scanner = std::sync::Arc::new(Scanner::new(
         vec![
             (
                 Kind::Secret,
@@ -311,14 +387,14 @@ fn dlp(mib: usize) {
             ),
         ],
         /*formats*/ true,
-    );
+    ));
     // JSON-ish text: letters, digits, quotes and separators, no match.
     let unit: Vec<u8> = (0..64 * 1024u32)
         .map(|i| b"{\"key\": \"value-abcdefghij\", \"n\": 12345}, "[(i % 40) as usize])
         .collect();
     let total = mib * 1024 * 1024;
     let t = Instant::now();
-    let mut st = Stream::new(&scanner, u64::MAX, false);
+    let mut st = Stream::new(scanner, u64::MAX, false);
     let mut done = 0;
     let mut out = 0;
     while done < total {
@@ -337,8 +413,15 @@ fn dlp(mib: usize) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // The gateway gets what `cordon run` gives it (crates/cordon/src/gateway_run.rs: two
+    // workers); the client and the origin one each.
+    let workers = if args.get(1).map(String::as_str) == Some("gateway") {
+        2
+    } else {
+        1
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .unwrap();
@@ -351,6 +434,15 @@ fn main() {
             &args[4],
             args[5].parse().unwrap(),
             args[6].parse().unwrap(),
+            None,
+        )),
+        Some("client-h2") => rt.block_on(client(
+            &args[2],
+            args[3].parse().unwrap(),
+            &args[4],
+            args[5].parse().unwrap(),
+            args[6].parse().unwrap(),
+            Some(args[7].parse().unwrap()),
         )),
         Some("dlp") => dlp(args[2].parse().unwrap()),
         _ => {

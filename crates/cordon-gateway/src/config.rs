@@ -84,8 +84,8 @@ pub struct GatewayConfig {
     pub policy: NetworkPolicy,
     /// The detection rules of every session.
     pub detect: DetectPolicy,
-    /// Honey tokens placed in the sandbox (variable name, value); sandbox mode only.
-    pub canaries: Vec<(String, String)>,
+    /// Honey tokens placed in the sandbox (its environment, its workspace); sandbox mode only.
+    pub canaries: Vec<crate::detect::canary::Canary>,
     pub clients: Clients,
     pub upstream: Upstream,
     /// How the transparent listener learns where a connection was going.

@@ -73,8 +73,10 @@ impl Ctx {
         &self.shared.policy
     }
 
-    /// Records `e`: stats, sink, and the session's detector (which may fire a rule).
-    pub fn emit(&self, session: &Session, e: NetEvent) {
+    /// Records `e`: stats, sink, and the session's detector (which may fire a rule). A honey
+    /// token in the event's host, path or reason is seen by the detector, then replaced by its
+    /// name before the event is recorded.
+    pub fn emit(&self, session: &Session, mut e: NetEvent) {
         self.shared.stats.count(&e);
         // An alert accompanies a `Blocked` event for the same request, which is what the
         // detection rules count.
@@ -83,6 +85,7 @@ impl Ctx {
         } else {
             session.detector.observe(&e)
         };
+        session.detector.redact_event(&mut e);
         self.sink.record(e);
         if let Some(d) = fired {
             detected(&self.shared, session, d);
@@ -98,6 +101,17 @@ impl Ctx {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Fires the canary rule for a token another scanner found (the DLP's streaming body scan
+    /// reports it by pattern name, `canary:<name>`).
+    pub fn canary_seen(&self, session: &Session, pattern_name: &str, where_: &str) {
+        if let Some(d) = session
+            .detector
+            .canary_seen(&session.info, pattern_name, where_)
+        {
+            detected(&self.shared, session, d);
         }
     }
 
@@ -220,6 +234,19 @@ pub(crate) mod testing {
             let name = name.to_string();
             Box::pin(async move { Err(ResolveError::NoSuchName { name }) })
         }
+    }
+
+    /// Both ends of a TCP connection on loopback.
+    pub async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let addr = l.local_addr().unwrap_or_else(|e| panic!("local_addr: {e}"));
+        let a = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        let (b, _) = l.accept().await.unwrap_or_else(|e| panic!("accept: {e}"));
+        (a, b)
     }
 
     /// A context over a default-deny gateway whose events go to a [`MemorySink`].

@@ -20,8 +20,6 @@ use cordon_policy::host::HostName;
 use cordon_policy::{Credential, Injection, SecretSource};
 use thiserror::Error;
 
-use crate::h1::RequestHead;
-
 /// The prefix of every placeholder.
 pub const PLACEHOLDER_PREFIX: &str = "cordon-placeholder-";
 
@@ -236,12 +234,13 @@ pub(crate) struct Injected {
     pub used: Vec<String>,
 }
 
-/// Swaps placeholders for secrets in a request to `host`. `Err`: the name of a `require`
+/// Swaps placeholders for secrets in a request to `host` with these `headers` (name, value; in
+/// order, whichever HTTP version carried them) and `target`. `Err`: the name of a `require`
 /// credential bound to the host that the request does not carry.
 pub(crate) fn inject(
     creds: &[LiveCredential],
     host: &HostName,
-    req: &RequestHead,
+    headers: &[(&[u8], &[u8])],
     target: &[u8],
 ) -> Result<Injected, String> {
     let mut out = Injected::default();
@@ -251,7 +250,7 @@ pub(crate) fn inject(
         let mut used = false;
         match &c.spec.inject {
             Injection::Header(name) => {
-                for (i, (n, v)) in req.head.headers().enumerate() {
+                for (i, &(n, v)) in headers.iter().enumerate() {
                     if n.eq_ignore_ascii_case(name.as_bytes()) && contains(v, ph) {
                         out.headers.push((i, c.formatted()));
                         used = true;
@@ -259,7 +258,7 @@ pub(crate) fn inject(
                 }
             }
             Injection::AnyHeader => {
-                for (i, (_, v)) in req.head.headers().enumerate() {
+                for (i, &(_, v)) in headers.iter().enumerate() {
                     if contains(v, ph) {
                         out.headers.push((i, replace_all(v, ph, &c.secret.0)));
                         used = true;
@@ -267,7 +266,7 @@ pub(crate) fn inject(
                 }
             }
             Injection::BasicAuth => {
-                for (i, (n, v)) in req.head.headers().enumerate() {
+                for (i, &(n, v)) in headers.iter().enumerate() {
                     if !n.eq_ignore_ascii_case(b"authorization") {
                         continue;
                     }
@@ -353,11 +352,15 @@ mod tests {
         }
     }
 
-    fn head(text: &str) -> RequestHead {
+    fn head(text: &str) -> crate::h1::RequestHead {
         let mut buf = BytesMut::from(text.as_bytes());
         crate::h1::parse_request(&mut buf, &mut Vec::new())
             .unwrap()
             .unwrap()
+    }
+
+    fn fields(req: &crate::h1::RequestHead) -> Vec<(&[u8], &[u8])> {
+        req.head.headers().collect()
     }
 
     fn gh() -> HostName {
@@ -372,12 +375,12 @@ mod tests {
             false,
         )];
         let req = head("GET /zen HTTP/1.1\r\nHost: api.github.com\r\nAuthorization: token cordon-placeholder-00ff\r\n\r\n");
-        let out = inject(&c, &gh(), &req, b"/zen").unwrap();
+        let out = inject(&c, &gh(), &fields(&req), b"/zen").unwrap();
         assert_eq!(out.headers, vec![(1, b"Bearer ghp_REALSECRET".to_vec())]);
         assert_eq!(out.used, ["gh"]);
         // Another host: nothing is swapped.
         let other = HostName::parse("evil.com").unwrap();
-        assert!(inject(&c, &other, &req, b"/zen")
+        assert!(inject(&c, &other, &fields(&req), b"/zen")
             .unwrap()
             .headers
             .is_empty());
@@ -387,7 +390,13 @@ mod tests {
     fn query_basic_and_any_header_credentials_are_swapped_in_place() {
         let c = [cred(Injection::Query("key".into()), "{secret}", false)];
         let req = head("GET /x?a=1&key=cordon-placeholder-00ff HTTP/1.1\r\nHost: h\r\n\r\n");
-        let out = inject(&c, &gh(), &req, b"/x?a=1&key=cordon-placeholder-00ff").unwrap();
+        let out = inject(
+            &c,
+            &gh(),
+            &fields(&req),
+            b"/x?a=1&key=cordon-placeholder-00ff",
+        )
+        .unwrap();
         assert_eq!(out.target.unwrap(), b"/x?a=1&key=ghp_REALSECRET".to_vec());
 
         let c = [cred(Injection::BasicAuth, "{secret}", false)];
@@ -395,13 +404,13 @@ mod tests {
         let req = head(&format!(
             "GET / HTTP/1.1\r\nAuthorization: Basic {b64}\r\n\r\n"
         ));
-        let out = inject(&c, &gh(), &req, b"/").unwrap();
+        let out = inject(&c, &gh(), &fields(&req), b"/").unwrap();
         let want = base64::engine::general_purpose::STANDARD.encode("user:ghp_REALSECRET");
         assert_eq!(out.headers, vec![(0, format!("Basic {want}").into_bytes())]);
 
         let c = [cred(Injection::AnyHeader, "{secret}", false)];
         let req = head("GET / HTTP/1.1\r\nX-Api: k=cordon-placeholder-00ff;\r\n\r\n");
-        let out = inject(&c, &gh(), &req, b"/").unwrap();
+        let out = inject(&c, &gh(), &fields(&req), b"/").unwrap();
         assert_eq!(out.headers, vec![(0, b"k=ghp_REALSECRET;".to_vec())]);
     }
 
@@ -413,7 +422,7 @@ mod tests {
             true,
         )];
         let req = head("GET /zen HTTP/1.1\r\nHost: api.github.com\r\n\r\n");
-        assert_eq!(inject(&c, &gh(), &req, b"/zen").unwrap_err(), "gh");
+        assert_eq!(inject(&c, &gh(), &fields(&req), b"/zen").unwrap_err(), "gh");
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! - Redaction (responses) replaces each literal match with as many `*` as it had bytes, so
 //!   message framing (`Content-Length`, chunk sizes) stays true.
 
+use std::sync::Arc;
+
 use aho_corasick::{AhoCorasick, MatchKind};
 use regex::bytes::RegexSet;
 
@@ -176,9 +178,10 @@ impl Scanner {
     }
 }
 
-/// A scan over one message body (or any byte stream), with hold-back and a size limit.
-pub struct Stream<'a> {
-    scanner: &'a Scanner,
+/// A scan over one message body (or any byte stream), with hold-back and a size limit. It owns a
+/// handle on its scanner, so it can live in a body that a connection task polls.
+pub struct Stream {
+    scanner: Arc<Scanner>,
     pending: Vec<u8>,
     seen: u64,
     limit: u64,
@@ -186,10 +189,10 @@ pub struct Stream<'a> {
     redacted: Vec<String>,
 }
 
-impl<'a> Stream<'a> {
+impl Stream {
     /// `redact`: literal matches are replaced rather than reported (formats are then not
     /// looked for).
-    pub fn new(scanner: &'a Scanner, limit: u64, redact: bool) -> Self {
+    pub fn new(scanner: Arc<Scanner>, limit: u64, redact: bool) -> Self {
         Stream {
             scanner,
             pending: Vec::new(),
@@ -245,8 +248,8 @@ impl<'a> Stream<'a> {
 mod tests {
     use super::*;
 
-    fn scanner() -> Scanner {
-        Scanner::new(
+    fn scanner() -> Arc<Scanner> {
+        Arc::new(Scanner::new(
             vec![
                 (
                     Kind::Secret,
@@ -260,7 +263,7 @@ mod tests {
                 ),
             ],
             true,
-        )
+        ))
     }
 
     #[test]
@@ -299,7 +302,7 @@ mod tests {
         let s = scanner();
         let body = b"aaaaaaaaaa s3cr3t-value-0123456789 bbbbb".to_vec();
         for cut in 1..body.len() {
-            let mut st = Stream::new(&s, 1 << 20, false);
+            let mut st = Stream::new(s.clone(), 1 << 20, false);
             let mut released = Vec::new();
             let mut found = None;
             for part in [&body[..cut], &body[cut..]] {
@@ -323,7 +326,7 @@ mod tests {
     fn clean_streams_pass_through_unchanged() {
         let s = scanner();
         let body: Vec<u8> = (0..100_000u32).map(|i| b'a' + (i % 26) as u8).collect();
-        let mut st = Stream::new(&s, 1 << 20, false);
+        let mut st = Stream::new(s.clone(), 1 << 20, false);
         let mut out = Vec::new();
         for chunk in body.chunks(777) {
             out.extend(st.push(chunk).unwrap());
@@ -335,7 +338,7 @@ mod tests {
     #[test]
     fn the_scan_limit_refuses_rather_than_passes_unscanned() {
         let s = scanner();
-        let mut st = Stream::new(&s, 10, false);
+        let mut st = Stream::new(s.clone(), 10, false);
         assert!(st.push(b"12345").is_ok());
         assert_eq!(st.push(b"678901").unwrap_err().kind, Kind::TooLarge);
     }
@@ -343,7 +346,7 @@ mod tests {
     #[test]
     fn redaction_keeps_lengths_and_names_what_it_hid() {
         let s = scanner();
-        let mut st = Stream::new(&s, 1 << 20, true);
+        let mut st = Stream::new(s.clone(), 1 << 20, true);
         let body = b"{\"echo\":\"s3cr3t-value-0123456789\"}";
         let mut out = st.push(&body[..15]).unwrap();
         out.extend(st.push(&body[15..]).unwrap());

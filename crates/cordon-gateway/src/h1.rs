@@ -687,10 +687,15 @@ pub(crate) fn header_safe(reason: &str) -> String {
     }
 }
 
+/// The body of the gateway's own answers, on every HTTP version.
+pub(crate) fn refusal_body(reason: &str) -> String {
+    format!("cordon: {reason}\n")
+}
+
 /// Writes the gateway's own answer (a refusal or an upstream failure): `status`, the reason in
 /// `X-Cordon-Reason` and in a short body.
 pub(crate) fn write_refusal(out: &mut Vec<u8>, status: u16, reason: &str, close: bool) {
-    let body = format!("cordon: {reason}\n");
+    let body = refusal_body(reason);
     let _ = write!(
         StrBuf(out),
         "HTTP/1.1 {status} {}\r\nx-cordon-reason: {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",

@@ -28,6 +28,10 @@
 //!   the head and the body before the sandbox sees them, with an `Alert`.
 //! - Each request produces one `HttpRequest` event (method, path, bytes, the credentials used by
 //!   name) or one `Blocked` event.
+//! - HTTP/1.1 and HTTP/2: the leaf offers `h2` and `http/1.1` by ALPN. A client that picks `h2`
+//!   is served by `intercept_h2`, where every stream is one request held to each guarantee
+//!   above through the same [`Scope`] (decision, scans, swap, events); the HTTP/1.1 loop here
+//!   goes upstream over HTTP/1.1 only, exactly as before.
 
 use std::io;
 use std::net::SocketAddr;
@@ -61,25 +65,28 @@ use crate::tunnel::{check_first_bytes, emit_blocked};
 const READ_CHUNK: usize = 64 * 1024;
 /// Request bodies of a known length up to this size are read and scanned whole before anything
 /// of the request goes upstream; larger and chunked bodies are scanned as they stream.
-const PREREAD_MAX: u64 = 1024 * 1024;
+pub(crate) const PREREAD_MAX: u64 = 1024 * 1024;
 
 /// Interception state for the gateway's life: the configuration and its compiled scanners.
 pub(crate) struct Runtime {
     pub cfg: Arc<InterceptConfig>,
     /// Request heads before the swap: secret values, canaries, formats.
-    head: Scanner,
+    head: Arc<Scanner>,
     /// Request heads after the swap: placeholders.
-    placeholders: Scanner,
+    placeholders: Arc<Scanner>,
     /// Request bodies: all of the above.
-    body: Scanner,
+    body: Arc<Scanner>,
     /// Responses: secret values (redacted).
-    inbound: Option<Scanner>,
+    inbound: Option<Arc<Scanner>>,
+    /// Upstream TLS for HTTP/2 clients: `cfg.upstream` offering `h2` and `http/1.1` by ALPN
+    /// (the HTTP/1.1 path keeps `cfg.upstream`, which offers only `http/1.1`).
+    pub upstream_h2: Arc<rustls::ClientConfig>,
 }
 
 impl Runtime {
     /// `canaries`: the detection engine's honey tokens (`GatewayConfig::canaries`), also looked
     /// for in streamed bodies, where the engine's own check does not reach.
-    pub fn new(cfg: Arc<InterceptConfig>, canaries: &[(String, String)]) -> Runtime {
+    pub fn new(cfg: Arc<InterceptConfig>, canaries: &[crate::detect::canary::Canary]) -> Runtime {
         let secrets: Vec<_> = cfg
             .credentials
             .iter()
@@ -93,7 +100,13 @@ impl Runtime {
             .collect();
         let canaries: Vec<_> = canaries
             .iter()
-            .map(|(n, v)| (Kind::Canary, format!("canary:{n}"), v.as_bytes().to_vec()))
+            .map(|c| {
+                (
+                    Kind::Canary,
+                    format!("canary:{}", c.source.pattern_name()),
+                    c.token.as_bytes().to_vec(),
+                )
+            })
             .collect();
         let placeholders: Vec<_> = cfg
             .credentials
@@ -119,13 +132,14 @@ impl Runtime {
                 .collect(),
             /*formats*/ true,
         );
-        let inbound =
-            (!secrets.is_empty()).then(|| Scanner::new(secrets.clone(), /*formats*/ false));
+        let inbound = (!secrets.is_empty())
+            .then(|| Arc::new(Scanner::new(secrets.clone(), /*formats*/ false)));
         Runtime {
-            head,
-            placeholders: Scanner::new(placeholders, /*formats*/ false),
-            body,
+            head: Arc::new(head),
+            placeholders: Arc::new(Scanner::new(placeholders, /*formats*/ false)),
+            body: Arc::new(body),
             inbound,
+            upstream_h2: crate::tls::offering_h2(&cfg.upstream),
             cfg,
         }
     }
@@ -233,7 +247,7 @@ impl AsyncWrite for Replay {
 }
 
 /// The upstream socket, charging every byte (TLS records included) to the session's budgets.
-struct Metered {
+pub(crate) struct Metered {
     inner: TcpStream,
     meter: Meter,
 }
@@ -244,14 +258,26 @@ impl AsyncRead for Metered {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let mut tmp = [0u8; 16 * 1024];
-        let want = buf.remaining().min(tmp.len());
+        let want = buf.remaining();
         let allowed = match self.meter.reserve(ByteDirection::In, want) {
             Ok(n) => n,
             Err(e) => return Poll::Ready(Err(e)),
         };
-        let mut rb = ReadBuf::new(&mut tmp[..allowed]);
         let this = &mut *self;
+        if allowed == want {
+            // The usual case: the budget grants all, and the read goes straight into `buf`.
+            let before = buf.filled().len();
+            let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+            let got = match res {
+                Poll::Ready(Ok(())) => buf.filled().len() - before,
+                _ => 0,
+            };
+            this.meter.settle(ByteDirection::In, allowed, got);
+            return res;
+        }
+        // The budget grants less: read at most that through a scratch buffer.
+        let mut tmp = vec![0u8; allowed];
+        let mut rb = ReadBuf::new(&mut tmp);
         let res = Pin::new(&mut this.inner).poll_read(cx, &mut rb);
         let got = match res {
             Poll::Ready(Ok(())) => rb.filled().len(),
@@ -293,7 +319,14 @@ impl AsyncWrite for Metered {
 }
 
 type ClientTls = tokio_rustls::server::TlsStream<Replay>;
-type UpstreamTls = tokio_rustls::client::TlsStream<Metered>;
+pub(crate) type UpstreamTls = tokio_rustls::client::TlsStream<Metered>;
+
+/// An upstream connection, verified, with its byte counters.
+pub(crate) struct Verified {
+    pub tls: UpstreamTls,
+    pub addr: SocketAddr,
+    pub counters: Arc<crate::io::Counters>,
+}
 
 struct Upstream {
     tls: UpstreamTls,
@@ -302,13 +335,432 @@ struct Upstream {
     counters: Arc<crate::io::Counters>,
 }
 
+/// One intercepted connection: what each of its requests is decided against, whichever
+/// protocol (HTTP/1.1 here, HTTP/2 in `intercept_h2`) carries them.
+pub(crate) struct Scope {
+    pub ctx: Arc<Ctx>,
+    pub rt: Arc<Runtime>,
+    pub session: Arc<Session>,
+    pub via: Via,
+    /// The host the connection was intercepted for (its SNI and destination).
+    pub host: HostName,
+    pub route: Route,
+}
+
+/// A request head as either protocol delivers it, before anything is swapped in.
+pub(crate) struct HeadView<'a> {
+    pub method: &'a str,
+    /// The target as the client sent it (origin form: path and query).
+    pub target: &'a [u8],
+    /// HTTP/2's `:authority`; `None` on HTTP/1.1, where `Host` is the only authority.
+    pub authority: Option<&'a [u8]>,
+    /// Every header field, in order (HTTP/2: no pseudo-header).
+    pub headers: &'a [(&'a [u8], &'a [u8])],
+}
+
+/// A request that passed the head checks: the rule that allowed it and the credential swap.
+pub(crate) struct Admitted {
+    pub rule: String,
+    pub injected: creds::Injected,
+}
+
+/// Why a request is refused.
+pub(crate) enum Refusal {
+    /// Recorded by [`Scope::record`] (a `Blocked` event, and an `Alert` for a finding); the
+    /// client gets `status` with the reason.
+    Request {
+        status: u16,
+        rule: String,
+        reason: String,
+        finding: Option<Finding>,
+    },
+    /// A budget refusal, already recorded by the budget code: the client gets `403`.
+    Budget { reason: String },
+}
+
+impl Refusal {
+    pub fn new(status: u16, rule: impl Into<String>, reason: impl Into<String>) -> Refusal {
+        Refusal::Request {
+            status,
+            rule: rule.into(),
+            reason: reason.into(),
+            finding: None,
+        }
+    }
+
+    /// A scanning finding: `413` for a body over the scan limit, `403` otherwise.
+    pub fn finding(f: Finding) -> Refusal {
+        let status = if f.kind == Kind::TooLarge { 413 } else { 403 };
+        Refusal::Request {
+            status,
+            rule: alert_rule(&f),
+            reason: format!("blocked by outbound scanning: {}", alert_reason(&f)),
+            finding: Some(f),
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::Request { status, .. } => *status,
+            Refusal::Budget { .. } => 403,
+        }
+    }
+
+    pub fn reason(&self) -> &str {
+        match self {
+            Refusal::Request { reason, .. } | Refusal::Budget { reason } => reason,
+        }
+    }
+}
+
+/// `target` and every header as `name:value` lines: what the head scanners look at.
+fn scan_text<'a>(target: &[u8], headers: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Vec<u8> {
+    let mut raw = target.to_vec();
+    raw.push(b'\n');
+    for (n, v) in headers {
+        raw.extend_from_slice(n);
+        raw.push(b':');
+        raw.extend_from_slice(v);
+        raw.push(b'\n');
+    }
+    raw
+}
+
+impl Scope {
+    /// A request event for this connection.
+    pub fn event(&self, kind: EventKind, verdict: Verdict, method: &str, path: &str) -> NetEvent {
+        let mut e = NetEvent::new(kind, &self.session.info, self.via, verdict);
+        e.host = Some(self.host.to_string());
+        e.port = Some(self.route.port);
+        e.method = Some(method.to_owned());
+        e.path = Some(cut_path(path));
+        e
+    }
+
+    /// Records a refusal: a `Blocked` event, preceded by an `Alert` for a finding. A budget
+    /// refusal was recorded when it was decided.
+    pub fn record(&self, method: &str, path: &str, refusal: &Refusal) {
+        let e = self.event(EventKind::Blocked, Verdict::Block, method, path);
+        self.record_as(e, method, path, refusal);
+    }
+
+    /// Like [`Scope::record`], turning `e` (a request's event, with what it already counted)
+    /// into the `Blocked` event.
+    pub fn record_as(&self, mut e: NetEvent, method: &str, path: &str, refusal: &Refusal) {
+        let Refusal::Request {
+            rule,
+            reason,
+            finding,
+            ..
+        } = refusal
+        else {
+            return;
+        };
+        if let Some(f) = finding {
+            alert(
+                &self.ctx,
+                &self.session,
+                self.via,
+                Some(self.host.to_string()),
+                Some(method),
+                Some(path),
+                f,
+            );
+        }
+        e.kind = EventKind::Blocked;
+        e.verdict = Verdict::Block;
+        e.rule = rule.clone();
+        e.reason = Some(reason.clone());
+        self.ctx.emit(&self.session, e);
+    }
+
+    /// A finding in a streamed request body: a honey token there is the canary rule's too,
+    /// with its response (the detection engine's own check reads only heads and pre-read
+    /// bodies).
+    pub fn streamed_body_finding(&self, f: &Finding) {
+        if let (Kind::Canary, Some(name)) = (&f.kind, f.pattern.strip_prefix("canary:")) {
+            self.ctx
+                .canary_seen(&self.session, name, "intercepted request body");
+        }
+    }
+
+    /// Records an `Alert` for each credential whose real value was redacted from a response.
+    pub fn record_redactions(&self, method: &str, path: &str, names: &[String]) {
+        for name in names {
+            let mut e = self.event(EventKind::Alert, Verdict::Block, method, path);
+            e.rule = format!("response-redacted:{name}");
+            e.reason = Some(format!(
+                "the response carried a credential's real value ({name}); it was redacted before the sandbox saw it"
+            ));
+            self.ctx.emit(&self.session, e);
+        }
+    }
+
+    /// Whether `authority` (a `Host` value or `:authority`) names this connection's host and
+    /// port exactly.
+    fn names_this_host(&self, authority: &[u8]) -> bool {
+        std::str::from_utf8(authority).ok().is_some_and(
+            |h| match crate::authority::parse_authority(h, Some(self.route.port)) {
+                Ok(a) => {
+                    a.port == self.route.port
+                        && matches!(&a.host, crate::authority::Host::Name(n) if *n == self.host)
+                }
+                Err(_) => false,
+            },
+        )
+    }
+
+    /// The checks on a request head, in order: origin-form target, no domain fronting, the
+    /// method/path rules, the budgets, the head scan as the sandbox wrote it, and the credential
+    /// swap (with `require`). Nothing is recorded for a refusal: the caller does, with
+    /// [`Scope::record`], once it knows how it answers.
+    pub fn admit(&self, head: &HeadView<'_>) -> Result<Admitted, Refusal> {
+        let method = head.method;
+        let path = String::from_utf8_lossy(head.target);
+        if method == "CONNECT" || !head.target.starts_with(b"/") {
+            return Err(Refusal::new(
+                400,
+                "bad-request",
+                "an intercepted request must use an origin-form target (/path)",
+            ));
+        }
+        // No domain fronting inside an intercepted connection: HTTP/1.1 names the host in
+        // exactly one `Host`; HTTP/2 in `:authority`, and a `Host` beside it must agree.
+        let hosts: Vec<&[u8]> = head
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(b"host"))
+            .map(|(_, v)| *v)
+            .collect();
+        let host_ok = match head.authority {
+            None => hosts.len() == 1 && self.names_this_host(hosts[0]),
+            Some(a) => {
+                hosts.len() <= 1 && hosts.iter().chain([&a]).all(|h| self.names_this_host(h))
+            }
+        };
+        if !host_ok {
+            let which = if head.authority.is_some() {
+                "the :authority (and any Host header)"
+            } else {
+                "the Host header"
+            };
+            return Err(Refusal::new(
+                403,
+                "host-mismatch",
+                format!(
+                    "{which} must name {} exactly once on an intercepted connection",
+                    self.host
+                ),
+            ));
+        }
+        // Method/path rules.
+        let mut rule = self.route.rule.clone();
+        if let Some(d) = decide_request(self.ctx.policy().network(), &self.host, method, &path) {
+            let v: Verdicted = d.into();
+            if v.blocked() {
+                let reason = v.reason.unwrap_or_else(|| "blocked".into());
+                return Err(Refusal::new(403, v.rule, reason));
+            }
+            rule = v.rule;
+        }
+        // Budgets.
+        let host = self.host.to_string();
+        let hit = BudgetHit {
+            via: self.via,
+            host: Some(host.clone()),
+            ip: None,
+            port: Some(self.route.port),
+        };
+        match self.session.budget.check_request(&host) {
+            RateCheck::Ok => {}
+            RateCheck::OverInReport(limit) => {
+                self.ctx.budget_refused(&self.session, &limit, &hit, true)
+            }
+            RateCheck::Refused(limit) => {
+                self.ctx.budget_refused(&self.session, &limit, &hit, false);
+                return Err(Refusal::Budget {
+                    reason: limit.reason(Some(&host)),
+                });
+            }
+        }
+        // Scan the head as the sandbox wrote it.
+        let raw_head = scan_text(head.target, head.headers.iter().copied());
+        // Honey tokens of the detection engine (`[detect.canary]`), in the decrypted head.
+        if self
+            .ctx
+            .canary_in(&self.session, &raw_head, "intercepted request head")
+        {
+            return Err(Refusal::new(
+                403,
+                "detect.canary",
+                "a canary credential was in the request",
+            ));
+        }
+        if let Some(f) = self.rt.head.find(&raw_head) {
+            return Err(Refusal::finding(f));
+        }
+        // Swap credentials in.
+        let injected = creds::inject(
+            &self.rt.cfg.credentials,
+            &self.host,
+            head.headers,
+            head.target,
+        )
+        .map_err(|name| {
+            Refusal::new(
+                403,
+                format!("credential-required:{name}"),
+                format!(
+                    "credential {name} is required for {}: the request does not carry its placeholder",
+                    self.host
+                ),
+            )
+        })?;
+        Ok(Admitted { rule, injected })
+    }
+
+    /// The head that will go upstream (after the swap), as `target` and headers: a placeholder
+    /// left in it is going where its credential does not go.
+    pub fn check_swapped<'a>(
+        &self,
+        target: &[u8],
+        headers: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Result<(), Refusal> {
+        self.check_swapped_raw(&scan_text(target, headers))
+    }
+
+    fn check_swapped_raw(&self, raw: &[u8]) -> Result<(), Refusal> {
+        match self.rt.placeholders.find(raw) {
+            Some(f) => Err(Refusal::Request {
+                status: 403,
+                rule: alert_rule(&f),
+                reason: format!("blocked: {}", alert_reason(&f)),
+                finding: Some(f),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Header fields that go upstream as they are (request trailers): every body pattern.
+    pub fn check_fields<'a>(
+        &self,
+        fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Result<(), Finding> {
+        match self.rt.body.find(&scan_text(b"", fields)) {
+            Some(f) => Err(f),
+            None => Ok(()),
+        }
+    }
+
+    /// A declared body length over the scan limit is refused before any of it is read.
+    pub fn check_length(&self, len: u64) -> Result<(), Refusal> {
+        if len <= self.rt.cfg.max_scan_bytes {
+            return Ok(());
+        }
+        let f = Finding::too_large(self.rt.cfg.max_scan_bytes);
+        Err(Refusal::new(413, alert_rule(&f), f.pattern))
+    }
+
+    /// A whole (pre-read) body: the detection engine's honey tokens, then every scanner.
+    pub fn check_body(&self, body: &[u8]) -> Result<(), Refusal> {
+        if self
+            .ctx
+            .canary_in(&self.session, body, "intercepted request body")
+        {
+            return Err(Refusal::new(
+                403,
+                "detect.canary",
+                "a canary credential was in the request",
+            ));
+        }
+        let mut scan = self.body_scan();
+        match scan.push(body).and_then(|_| scan.finish()) {
+            Ok(_) => Ok(()),
+            Err(f) => Err(Refusal::finding(f)),
+        }
+    }
+
+    /// A streaming scan of one request body (limit: the scan limit).
+    pub fn body_scan(&self) -> Stream {
+        Stream::new(self.rt.body.clone(), self.rt.cfg.max_scan_bytes, false)
+    }
+
+    /// A streaming redaction of one response body, when the session has secrets.
+    pub fn response_scan(&self) -> Option<Stream> {
+        self.rt
+            .inbound
+            .as_ref()
+            .map(|s| Stream::new(s.clone(), u64::MAX, /*redact*/ true))
+    }
+
+    /// Redacts the session's secret values in `data`; returns the credentials redacted.
+    pub fn redact(&self, data: &mut [u8]) -> Vec<String> {
+        match &self.rt.inbound {
+            Some(s) => s.redact(data),
+            None => Vec::new(),
+        }
+    }
+
+    /// Opens the verified TLS connection upstream with `config` (its ALPN offer decides the
+    /// protocols). `Err`: (rule, reason) of the refusal.
+    pub async fn connect(
+        &self,
+        config: Arc<rustls::ClientConfig>,
+    ) -> Result<Verified, (String, String)> {
+        let (tcp, addr) = route::connect(&self.route, self.ctx.shared.timeouts.connect)
+            .await
+            .map_err(|e| {
+                (
+                    "upstream-error".to_owned(),
+                    format!("cannot connect to {}:{}: {e}", self.host, self.route.port),
+                )
+            })?;
+        let meter = Meter::new(MeterTarget {
+            ctx: self.ctx.clone(),
+            session: self.session.clone(),
+            hit: BudgetHit {
+                via: self.via,
+                host: Some(self.host.to_string()),
+                ip: Some(addr.ip()),
+                port: Some(self.route.port),
+            },
+        });
+        let counters = meter.counters();
+        let name = ServerName::try_from(self.host.to_string()).map_err(|e| {
+            (
+                "upstream-tls".to_owned(),
+                format!("{} is not a TLS server name: {e}", self.host),
+            )
+        })?;
+        let connector = TlsConnector::from(config);
+        let handshake = connector.connect(name, Metered { inner: tcp, meter });
+        let tls = tokio::time::timeout(self.ctx.shared.timeouts.connect, handshake)
+            .await
+            .map_err(|_| {
+                (
+                    "upstream-tls".to_owned(),
+                    format!("TLS handshake with {} timed out", self.host),
+                )
+            })?
+            .map_err(|e| {
+                (
+                    "upstream-tls".to_owned(),
+                    format!(
+                        "{} failed TLS verification ({e}); the request was not sent",
+                        self.host
+                    ),
+                )
+            })?;
+        Ok(Verified {
+            tls,
+            addr,
+            counters,
+        })
+    }
+}
+
 struct Conn<'a> {
-    ctx: &'a Arc<Ctx>,
-    rt: &'a Runtime,
-    session: &'a Arc<Session>,
-    via: Via,
-    host: HostName,
-    route: Route,
+    s: &'a Scope,
     client: ClientTls,
     buf: BytesMut,
     out: Vec<u8>,
@@ -316,11 +768,12 @@ struct Conn<'a> {
 }
 
 /// Serves an intercepted connection: `first` holds the ClientHello already read, `peek` what it
-/// said. Records its own events.
+/// said. Records its own events. A client that picks `h2` by ALPN is served by
+/// `intercept_h2`; any other by the HTTP/1.1 loop here.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve(
     ctx: &Arc<Ctx>,
-    rt: &Runtime,
+    rt: Arc<Runtime>,
     session: &Arc<Session>,
     via: Via,
     client: TcpStream,
@@ -384,13 +837,20 @@ pub(crate) async fn serve(
         }
         Err(_) => return,
     };
-    let mut conn = Conn {
-        ctx,
+    let scope = Scope {
+        ctx: ctx.clone(),
         rt,
-        session,
+        session: session.clone(),
         via,
         host,
         route,
+    };
+    if client.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
+        crate::intercept_h2::serve(Arc::new(scope), client).await;
+        return;
+    }
+    let mut conn = Conn {
+        s: &scope,
         client,
         buf: BytesMut::with_capacity(8 * 1024),
         out: Vec::with_capacity(1024),
@@ -442,7 +902,7 @@ async fn relay_body<S, D>(
     dst: &mut D,
     body: BodyLen,
     out_chunked: bool,
-    mut scan: Option<&mut Stream<'_>>,
+    mut scan: Option<&mut Stream>,
 ) -> Result<(), BodyError>
 where
     S: AsyncRead + Unpin,
@@ -466,7 +926,7 @@ where
             dst.write_all(data).await.map_err(BodyError::Dst)
         }
     }
-    let pass = |data: &[u8], scan: &mut Option<&mut Stream<'_>>| -> Result<Vec<u8>, BodyError> {
+    let pass = |data: &[u8], scan: &mut Option<&mut Stream>| -> Result<Vec<u8>, BodyError> {
         match scan {
             Some(s) => s.push(data).map_err(BodyError::Found),
             None => Ok(data.to_vec()),
@@ -554,209 +1014,49 @@ impl Conn<'_> {
         self.client.flush().await
     }
 
-    fn event(&self, kind: EventKind, verdict: Verdict, method: &str, path: &str) -> NetEvent {
-        let mut e = NetEvent::new(kind, &self.session.info, self.via, verdict);
-        e.host = Some(self.host.to_string());
-        e.port = Some(self.route.port);
-        e.method = Some(method.to_owned());
-        e.path = Some(cut_path(path));
-        e
-    }
-
-    /// Refuses a request: records it (and an alert for a finding), answers, and says whether
-    /// the connection may go on.
-    #[allow(clippy::too_many_arguments)]
+    /// Refuses a request: records it, answers, and says whether the connection may go on.
     async fn refuse(
         &mut self,
         info: Option<&RequestInfo>,
         method: &str,
         path: &str,
-        status: u16,
-        rule: String,
-        reason: String,
-        finding: Option<&Finding>,
+        refusal: Refusal,
     ) -> bool {
-        if let Some(f) = finding {
-            alert(
-                self.ctx,
-                self.session,
-                self.via,
-                Some(self.host.to_string()),
-                Some(method),
-                Some(path),
-                f,
-            );
-        }
-        let mut e = self.event(EventKind::Blocked, Verdict::Block, method, path);
-        e.rule = rule;
-        e.reason = Some(reason.clone());
-        self.ctx.emit(self.session, e);
-        let close = match info {
-            Some(i) => !i.keep_alive || !matches!(i.body, BodyLen::Empty | BodyLen::Length(0)),
-            None => true,
+        self.s.record(method, path, &refusal);
+        let close = match (info, &refusal) {
+            (_, Refusal::Budget { .. }) | (None, _) => true,
+            (Some(i), _) => !i.keep_alive || !matches!(i.body, BodyLen::Empty | BodyLen::Length(0)),
         };
-        self.reply(status, &reason, close).await.is_ok() && !close
+        self.reply(refusal.status(), refusal.reason(), close)
+            .await
+            .is_ok()
+            && !close
     }
 
     /// Handles one request; `true` to keep the connection.
     async fn request(&mut self, req: RequestHead) -> bool {
         let start = Instant::now();
+        let s = self.s;
         let method = req.method().to_owned();
         let target = req.target().to_vec();
         let path = String::from_utf8_lossy(&target).into_owned();
         let info = match h1::request_info(&req) {
             Ok(i) => i,
             Err(e) => {
-                let status = e.status();
-                return self
-                    .refuse(
-                        None,
-                        &method,
-                        &path,
-                        status,
-                        "bad-request".into(),
-                        e.to_string(),
-                        None,
-                    )
-                    .await;
+                let r = Refusal::new(e.status(), "bad-request", e.to_string());
+                return self.refuse(None, &method, &path, r).await;
             }
         };
-        if method == "CONNECT" || !target.starts_with(b"/") {
-            return self
-                .refuse(
-                    Some(&info),
-                    &method,
-                    &path,
-                    400,
-                    "bad-request".into(),
-                    "an intercepted request must use an origin-form target (/path)".into(),
-                    None,
-                )
-                .await;
-        }
-        // No domain fronting inside an intercepted connection.
-        let hosts: Vec<&[u8]> = req.head.values("host").collect();
-        let host_ok = hosts.len() == 1
-            && std::str::from_utf8(hosts[0]).ok().is_some_and(|h| {
-                match crate::authority::parse_authority(h, Some(self.route.port)) {
-                    Ok(a) => {
-                        a.port == self.route.port
-                            && matches!(&a.host, crate::authority::Host::Name(n) if *n == self.host)
-                    }
-                    Err(_) => false,
-                }
-            });
-        if !host_ok {
-            let reason = format!(
-                "the Host header must name {} exactly once on an intercepted connection",
-                self.host
-            );
-            return self
-                .refuse(
-                    Some(&info),
-                    &method,
-                    &path,
-                    403,
-                    "host-mismatch".into(),
-                    reason,
-                    None,
-                )
-                .await;
-        }
-        // Method/path rules.
-        let mut rule = self.route.rule.clone();
-        let policy = self.ctx.policy();
-        if let Some(d) = decide_request(policy.network(), &self.host, &method, &path) {
-            let v: Verdicted = d.into();
-            if v.blocked() {
-                let reason = v.reason.unwrap_or_else(|| "blocked".into());
-                return self
-                    .refuse(Some(&info), &method, &path, 403, v.rule, reason, None)
-                    .await;
-            }
-            rule = v.rule;
-        }
-        // Budgets.
-        let host = self.host.to_string();
-        let hit = BudgetHit {
-            via: self.via,
-            host: Some(host.clone()),
-            ip: None,
-            port: Some(self.route.port),
+        let headers: Vec<(&[u8], &[u8])> = req.head.headers().collect();
+        let view = HeadView {
+            method: &method,
+            target: &target,
+            authority: None,
+            headers: &headers,
         };
-        match self.session.budget.check_request(&host) {
-            RateCheck::Ok => {}
-            RateCheck::OverInReport(limit) => {
-                self.ctx.budget_refused(self.session, &limit, &hit, true)
-            }
-            RateCheck::Refused(limit) => {
-                self.ctx.budget_refused(self.session, &limit, &hit, false);
-                let reason = limit.reason(Some(&host));
-                let _ = self.reply(403, &reason, true).await;
-                return false;
-            }
-        }
-        // Scan the head as the sandbox wrote it.
-        let mut raw_head = target.clone();
-        raw_head.push(b'\n');
-        for (n, v) in req.head.headers() {
-            raw_head.extend_from_slice(n);
-            raw_head.push(b':');
-            raw_head.extend_from_slice(v);
-            raw_head.push(b'\n');
-        }
-        // Honey tokens of the detection engine (`[detect.canary]`), in the decrypted head.
-        if self
-            .ctx
-            .canary_in(self.session, &raw_head, "intercepted request head")
-        {
-            let reason = "a canary credential was in the request".to_owned();
-            return self
-                .refuse(
-                    Some(&info),
-                    &method,
-                    &path,
-                    403,
-                    "detect.canary".into(),
-                    reason,
-                    None,
-                )
-                .await;
-        }
-        if let Some(f) = self.rt.head.find(&raw_head) {
-            let reason = format!("blocked by outbound scanning: {}", alert_reason(&f));
-            return self
-                .refuse(
-                    Some(&info),
-                    &method,
-                    &path,
-                    403,
-                    alert_rule(&f),
-                    reason,
-                    Some(&f),
-                )
-                .await;
-        }
-        // Swap credentials in.
-        let injected = match creds::inject(&self.rt.cfg.credentials, &self.host, &req, &target) {
-            Ok(i) => i,
-            Err(name) => {
-                let reason = format!(
-                    "credential {name} is required for {}: the request does not carry its placeholder",
-                    self.host
-                );
-                return self
-                    .refuse(
-                        Some(&info),
-                        &method,
-                        &path,
-                        403,
-                        format!("credential-required:{name}"),
-                        reason,
-                        None,
-                    )
-                    .await;
-            }
+        let Admitted { rule, injected } = match s.admit(&view) {
+            Ok(a) => a,
+            Err(r) => return self.refuse(Some(&info), &method, &path, r).await,
         };
         let send_target = injected.target.as_deref().unwrap_or(&target);
         self.out.clear();
@@ -767,36 +1067,14 @@ impl Conn<'_> {
                 .find(|(j, _)| *j == i)
                 .map(|(_, v)| v.clone())
         });
-        if let Some(f) = self.rt.placeholders.find(&self.out) {
+        if let Err(r) = s.check_swapped_raw(&self.out) {
             self.out.clear();
-            let reason = format!("blocked: {}", alert_reason(&f));
-            return self
-                .refuse(
-                    Some(&info),
-                    &method,
-                    &path,
-                    403,
-                    alert_rule(&f),
-                    reason,
-                    Some(&f),
-                )
-                .await;
+            return self.refuse(Some(&info), &method, &path, r).await;
         }
         let head_out = std::mem::take(&mut self.out);
         if let BodyLen::Length(n) = info.body {
-            if n > self.rt.cfg.max_scan_bytes {
-                let f = Finding::too_large(self.rt.cfg.max_scan_bytes);
-                return self
-                    .refuse(
-                        Some(&info),
-                        &method,
-                        &path,
-                        413,
-                        alert_rule(&f),
-                        f.pattern.clone(),
-                        None,
-                    )
-                    .await;
+            if let Err(r) = s.check_length(n) {
+                return self.refuse(Some(&info), &method, &path, r).await;
             }
         }
         // A small body is read and scanned before the request goes anywhere.
@@ -825,37 +1103,8 @@ impl Conn<'_> {
                     }
                 }
                 let body = self.buf.split_to(n);
-                if self
-                    .ctx
-                    .canary_in(self.session, &body, "intercepted request body")
-                {
-                    let reason = "a canary credential was in the request".to_owned();
-                    return self
-                        .refuse(
-                            Some(&info),
-                            &method,
-                            &path,
-                            403,
-                            "detect.canary".into(),
-                            reason,
-                            None,
-                        )
-                        .await;
-                }
-                let mut scan = Stream::new(&self.rt.body, self.rt.cfg.max_scan_bytes, false);
-                if let Some(f) = scan.push(&body).and_then(|_| scan.finish()).err() {
-                    let reason = format!("blocked by outbound scanning: {}", alert_reason(&f));
-                    return self
-                        .refuse(
-                            Some(&info),
-                            &method,
-                            &path,
-                            403,
-                            alert_rule(&f),
-                            reason,
-                            Some(&f),
-                        )
-                        .await;
+                if let Err(r) = s.check_body(&body) {
+                    return self.refuse(Some(&info), &method, &path, r).await;
                 }
                 preread = Some(body);
             }
@@ -865,13 +1114,20 @@ impl Conn<'_> {
             self.upstream = None;
         }
         if self.upstream.is_none() {
-            match self.connect().await {
-                Ok(up) => self.upstream = Some(up),
+            match s.connect(s.rt.cfg.upstream.clone()).await {
+                Ok(v) => {
+                    self.upstream = Some(Upstream {
+                        tls: v.tls,
+                        addr: v.addr,
+                        buf: BytesMut::with_capacity(16 * 1024),
+                        counters: v.counters,
+                    })
+                }
                 Err((rule, reason)) => {
-                    let mut e = self.event(EventKind::Blocked, Verdict::Block, &method, &path);
+                    let mut e = s.event(EventKind::Blocked, Verdict::Block, &method, &path);
                     e.rule = rule;
                     e.reason = Some(reason.clone());
-                    self.ctx.emit(self.session, e);
+                    s.ctx.emit(&s.session, e);
                     let _ = self.reply(502, &reason, true).await;
                     return false;
                 }
@@ -881,31 +1137,25 @@ impl Conn<'_> {
             return false;
         };
         let before = up.counters.snapshot();
-        let mut event = self.event(EventKind::HttpRequest, self.route.verdict, &method, &path);
+        let mut event = s.event(EventKind::HttpRequest, s.route.verdict, &method, &path);
         event.ip = Some(up.addr.ip());
         event.rule = rule;
         if !injected.used.is_empty() {
             event.reason = Some(format!("credential {} injected", injected.used.join(",")));
         }
-        let finish =
-            |ctx: &Ctx, session: &Session, mut e: NetEvent, up: &Upstream, note: Option<String>| {
-                let after = up.counters.snapshot();
-                e.bytes_up = after.0 - before.0;
-                e.bytes_down = after.1 - before.1;
-                e.duration_ms = elapsed_ms(start);
-                if let Some(n) = note {
-                    e.reason = Some(match e.reason.take() {
-                        Some(r) => format!("{r}; {n}"),
-                        None => n,
-                    });
-                }
-                ctx.emit(session, e);
-            };
+        let finish = |mut e: NetEvent, up: &Upstream, note: Option<String>| {
+            let after = up.counters.snapshot();
+            e.bytes_up = after.0 - before.0;
+            e.bytes_down = after.1 - before.1;
+            e.duration_ms = elapsed_ms(start);
+            add_note(&mut e, note);
+            s.ctx.emit(&s.session, e);
+        };
 
         // Request: head, then the body through the scanner.
         if let Err(e) = up.tls.write_all(&head_out).await {
             let reason = format!("upstream request failed: {e}");
-            finish(self.ctx, self.session, event, &up, Some(reason.clone()));
+            finish(event, &up, Some(reason.clone()));
             let _ = self.reply(502, &reason, true).await;
             return false;
         }
@@ -925,7 +1175,7 @@ impl Conn<'_> {
             }
             let _ = self.client.flush().await;
         }
-        let mut scan = Stream::new(&self.rt.body, self.rt.cfg.max_scan_bytes, false);
+        let mut scan = s.body_scan();
         let sent = match &preread {
             Some(body) => match up.tls.write_all(body).await {
                 Ok(()) => up.tls.flush().await.map_err(BodyError::Dst),
@@ -949,30 +1199,15 @@ impl Conn<'_> {
                 // The upstream request is cut short mid-body: the connection is dropped, so the
                 // server never sees a complete request.
                 drop(up);
-                event.verdict = Verdict::Block;
-                event.kind = EventKind::Blocked;
-                event.rule = alert_rule(&f);
-                let reason = format!("blocked by outbound scanning: {}", alert_reason(&f));
-                event.reason = Some(reason.clone());
+                let r = Refusal::finding(f.clone());
                 event.duration_ms = elapsed_ms(start);
-                alert(
-                    self.ctx,
-                    self.session,
-                    self.via,
-                    Some(self.host.to_string()),
-                    Some(&method),
-                    Some(&path),
-                    &f,
-                );
-                self.ctx.emit(self.session, event);
-                let status = if f.kind == Kind::TooLarge { 413 } else { 403 };
-                let _ = self.reply(status, &reason, true).await;
+                s.record_as(event, &method, &path, &r);
+                s.streamed_body_finding(&f);
+                let _ = self.reply(r.status(), r.reason(), true).await;
                 return false;
             }
             Err(BodyError::Src(e)) => {
                 finish(
-                    self.ctx,
-                    self.session,
                     event,
                     &up,
                     Some(format!("request not sent to the end: {e}")),
@@ -981,7 +1216,7 @@ impl Conn<'_> {
             }
             Err(BodyError::Dst(e)) => {
                 let reason = format!("upstream request failed: {e}");
-                finish(self.ctx, self.session, event, &up, Some(reason.clone()));
+                finish(event, &up, Some(reason.clone()));
                 let _ = self.reply(502, &reason, true).await;
                 return false;
             }
@@ -1014,7 +1249,7 @@ impl Conn<'_> {
                 Ok(None) => match fill(&mut up.tls, &mut up.buf).await {
                     Ok(0) | Err(_) => {
                         let reason = "upstream closed before a response".to_owned();
-                        finish(self.ctx, self.session, event, &up, Some(reason.clone()));
+                        finish(event, &up, Some(reason.clone()));
                         let _ = self.reply(502, &reason, true).await;
                         return false;
                     }
@@ -1022,7 +1257,7 @@ impl Conn<'_> {
                 },
                 Err(e) => {
                     let reason = format!("bad upstream response: {e}");
-                    finish(self.ctx, self.session, event, &up, Some(reason.clone()));
+                    finish(event, &up, Some(reason.clone()));
                     let _ = self.reply(502, &reason, true).await;
                     return false;
                 }
@@ -1040,25 +1275,12 @@ impl Conn<'_> {
         };
         self.out.clear();
         h1::write_response_head(&mut self.out, &resp, &rinfo, client_body, end);
-        let mut redacted: Vec<String> = Vec::new();
-        if let Some(inbound) = &self.rt.inbound {
-            redacted = inbound.redact(&mut self.out);
-        }
+        let mut redacted = s.redact(&mut self.out);
         if self.client.write_all(&self.out).await.is_err() {
-            finish(
-                self.ctx,
-                self.session,
-                event,
-                &up,
-                Some("client gone".into()),
-            );
+            finish(event, &up, Some("client gone".into()));
             return false;
         }
-        let mut rscan = self
-            .rt
-            .inbound
-            .as_ref()
-            .map(|s| Stream::new(s, u64::MAX, /*redact*/ true));
+        let mut rscan = s.response_scan();
         let relayed = relay_body(
             &mut up.tls,
             &mut up.buf,
@@ -1068,49 +1290,25 @@ impl Conn<'_> {
             rscan.as_mut(),
         )
         .await;
-        if let Some(s) = &rscan {
-            for name in s.redacted() {
-                if !redacted.contains(name) {
-                    redacted.push(name.clone());
-                }
-            }
+        if let Some(r) = &rscan {
+            merge_names(&mut redacted, r.redacted());
         }
-        for name in &redacted {
-            let f = Finding {
-                kind: Kind::Secret,
-                pattern: name.clone(),
-            };
-            let mut e = self.event(EventKind::Alert, Verdict::Block, &method, &path);
-            e.rule = format!("response-redacted:{name}");
-            e.reason = Some(format!(
-                "the response carried a credential's real value ({}); it was redacted before the sandbox saw it",
-                f.pattern
-            ));
-            self.ctx.emit(self.session, e);
-        }
+        s.record_redactions(&method, &path, &redacted);
         let note = (!redacted.is_empty()).then(|| format!("redacted {}", redacted.join(",")));
         match relayed {
             Ok(()) => {
-                finish(self.ctx, self.session, event, &up, note);
+                finish(event, &up, note);
                 if rinfo.reusable && up.buf.is_empty() && !close {
                     self.upstream = Some(up);
                 }
                 !close
             }
             Err(BodyError::Src(e)) => {
-                finish(
-                    self.ctx,
-                    self.session,
-                    event,
-                    &up,
-                    Some(format!("response aborted: {e}")),
-                );
+                finish(event, &up, Some(format!("response aborted: {e}")));
                 false
             }
             Err(BodyError::Dst(e)) => {
                 finish(
-                    self.ctx,
-                    self.session,
                     event,
                     &up,
                     Some(format!("response not read to the end: {e}")),
@@ -1118,64 +1316,29 @@ impl Conn<'_> {
                 false
             }
             Err(BodyError::Found(f)) => {
-                finish(self.ctx, self.session, event, &up, Some(f.pattern));
+                finish(event, &up, Some(f.pattern));
                 false
             }
         }
     }
+}
 
-    /// Opens the verified TLS connection upstream. `Err`: (rule, reason) of the refusal.
-    async fn connect(&mut self) -> Result<Upstream, (String, String)> {
-        let (tcp, addr) = route::connect(&self.route, self.ctx.shared.timeouts.connect)
-            .await
-            .map_err(|e| {
-                (
-                    "upstream-error".to_owned(),
-                    format!("cannot connect to {}:{}: {e}", self.host, self.route.port),
-                )
-            })?;
-        let meter = Meter::new(MeterTarget {
-            ctx: self.ctx.clone(),
-            session: self.session.clone(),
-            hit: BudgetHit {
-                via: self.via,
-                host: Some(self.host.to_string()),
-                ip: Some(addr.ip()),
-                port: Some(self.route.port),
-            },
+/// Appends `note` to the event's reason.
+pub(crate) fn add_note(e: &mut NetEvent, note: Option<String>) {
+    if let Some(n) = note {
+        e.reason = Some(match e.reason.take() {
+            Some(r) => format!("{r}; {n}"),
+            None => n,
         });
-        let counters = meter.counters();
-        let name = ServerName::try_from(self.host.to_string()).map_err(|e| {
-            (
-                "upstream-tls".to_owned(),
-                format!("{} is not a TLS server name: {e}", self.host),
-            )
-        })?;
-        let connector = TlsConnector::from(self.rt.cfg.upstream.clone());
-        let handshake = connector.connect(name, Metered { inner: tcp, meter });
-        let tls = tokio::time::timeout(self.ctx.shared.timeouts.connect, handshake)
-            .await
-            .map_err(|_| {
-                (
-                    "upstream-tls".to_owned(),
-                    format!("TLS handshake with {} timed out", self.host),
-                )
-            })?
-            .map_err(|e| {
-                (
-                    "upstream-tls".to_owned(),
-                    format!(
-                        "{} failed TLS verification ({e}); the request was not sent",
-                        self.host
-                    ),
-                )
-            })?;
-        Ok(Upstream {
-            tls,
-            addr,
-            buf: BytesMut::with_capacity(16 * 1024),
-            counters,
-        })
+    }
+}
+
+/// Adds the names in `more` that `names` does not hold yet.
+pub(crate) fn merge_names(names: &mut Vec<String>, more: &[String]) {
+    for name in more {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
     }
 }
 
@@ -1236,4 +1399,52 @@ pub(crate) fn check_plain(
     e.reason = Some(reason.clone());
     ctx.emit(session, e);
     Some((403, reason))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::core::testing::meter_with_budget;
+    use crate::core::testing::tcp_pair;
+
+    #[tokio::test]
+    async fn the_metered_upstream_reads_no_more_than_the_inbound_budget_then_fails() {
+        let (mut peer, inner) = tcp_pair().await;
+        let (meter, _sink) = meter_with_budget(None, Some(10));
+        let counters = meter.counters();
+        let mut up = Metered { inner, meter };
+        peer.write_all(&[b'x'; 100]).await.unwrap();
+        let mut buf = [0u8; 64];
+        let mut got = 0;
+        loop {
+            match up.read(&mut buf).await {
+                Ok(0) => panic!("eof before the budget ran out"),
+                Ok(n) => got += n,
+                Err(e) => {
+                    assert!(e.to_string().contains("byte budget exhausted"), "{e}");
+                    break;
+                }
+            }
+        }
+        assert_eq!(got, 10);
+        assert_eq!(counters.snapshot().1, 10);
+    }
+
+    #[tokio::test]
+    async fn the_metered_upstream_counts_what_it_reads_and_writes() {
+        let (mut peer, inner) = tcp_pair().await;
+        let (meter, _sink) = meter_with_budget(None, None);
+        let counters = meter.counters();
+        let mut up = Metered { inner, meter };
+        up.write_all(b"hello").await.unwrap();
+        let mut five = [0u8; 5];
+        peer.read_exact(&mut five).await.unwrap();
+        peer.write_all(&[b'y'; 3000]).await.unwrap();
+        drop(peer);
+        let mut all = Vec::new();
+        up.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all.len(), 3000);
+        assert_eq!(counters.snapshot(), (5, 3000));
+    }
 }

@@ -183,18 +183,12 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::testing::tcp_pair;
     use tokio::io::AsyncWriteExt;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (b, _) = l.accept().await.unwrap();
-        (a, b)
-    }
 
     #[tokio::test]
     async fn read_until_stops_at_the_predicate_the_cap_or_the_timeout() {
-        let (mut a, mut b) = pair().await;
+        let (mut a, mut b) = tcp_pair().await;
         a.write_all(b"abc\n").await.unwrap();
         let mut buf = Vec::new();
         let timed_out = read_until(

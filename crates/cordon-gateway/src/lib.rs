@@ -63,6 +63,7 @@ pub mod event;
 mod h1;
 mod http;
 mod intercept;
+mod intercept_h2;
 mod io;
 pub mod origdst;
 pub mod owner;
@@ -193,7 +194,10 @@ impl Gateway {
                     .map(|c| Arc::new(crate::intercept::Runtime::new(c, &config.canaries))),
                 terminate_tx,
                 detections_tx,
-                owners: config.owners,
+                // A token a process put on its own command line stays out of the events.
+                owners: config
+                    .owners
+                    .map(|o| crate::detect::canary::redacting(o, &config.canaries)),
             }),
             terminate_rx: Arc::new(Mutex::new(Some(terminate_rx))),
             detections_rx: Arc::new(Mutex::new(Some(detections_rx))),

@@ -275,15 +275,9 @@ pub(crate) async fn tunnel(
 mod tests {
     use super::*;
     use crate::core::testing::meter_with_budget;
+    use crate::core::testing::tcp_pair;
     use proptest::prelude::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (b, _) = l.accept().await.unwrap();
-        (a, b)
-    }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
@@ -299,8 +293,8 @@ mod tests {
         budget: Option<u64>,
         upstream: UpstreamEnd,
     ) -> (Vec<u8>, Result<Moved, String>, (u64, u64)) {
-        let (mut sender, src) = pair().await;
-        let (dst, mut receiver) = pair().await;
+        let (mut sender, src) = tcp_pair().await;
+        let (dst, mut receiver) = tcp_pair().await;
         let (meter, _ctx) = meter_with_budget(budget, budget);
         let writer = tokio::spawn(async move {
             let _ = sender.write_all(&data).await;
@@ -341,8 +335,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_transfer_with_a_limit_stops_there_and_leaves_the_rest_in_the_socket() {
-        let (mut sender, src) = pair().await;
-        let (dst, mut receiver) = pair().await;
+        let (mut sender, src) = tcp_pair().await;
+        let (dst, mut receiver) = tcp_pair().await;
         let (meter, _ctx) = meter_with_budget(None, None);
         sender.write_all(b"0123456789NEXT").await.unwrap();
         let mut pipe = Pipe::new().unwrap();
@@ -420,8 +414,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_tunnel_passes_both_directions_and_half_closes() {
-        let (mut client_far, client) = pair().await;
-        let (upstream, mut upstream_far) = pair().await;
+        let (mut client_far, client) = tcp_pair().await;
+        let (upstream, mut upstream_far) = tcp_pair().await;
         let (meter, _ctx) = meter_with_budget(None, None);
         let cancel = CancellationToken::new();
         let far = tokio::spawn(async move {
@@ -447,8 +441,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_tunnel_ends_when_cancelled() {
-        let (_client_far, client) = pair().await;
-        let (upstream, _upstream_far) = pair().await;
+        let (_client_far, client) = tcp_pair().await;
+        let (upstream, _upstream_far) = tcp_pair().await;
         let (meter, _ctx) = meter_with_budget(None, None);
         let cancel = CancellationToken::new();
         cancel.cancel();

@@ -15,7 +15,10 @@
 //! - Upstream TLS is verified against the host's trust store (the system bundle) plus the roots
 //!   the gateway was explicitly configured with ([`crate::config::InterceptConfig`]), by
 //!   rustls with the `ring` provider; there is no option to skip verification.
-//! - Only `http/1.1` is offered by ALPN, on both sides (HTTP/2 is not intercepted).
+//! - ALPN: the leaf side offers `h2` and `http/1.1` (the client picks; a client that offers
+//!   nothing gets HTTP/1.1). Upstream, [`upstream_config`] offers only `http/1.1` (the HTTP/1.1
+//!   path speaks nothing else) and [`offering_h2`] the same verification offering `h2` and
+//!   `http/1.1` (for HTTP/2 clients; the server picks).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,6 +36,10 @@ use thiserror::Error;
 
 /// How long a session CA (and every leaf it signs) is valid: the longest session is a day.
 pub const CA_LIFETIME: Duration = Duration::from_secs(25 * 3600);
+
+/// The ALPN names of HTTP/2 and HTTP/1.1.
+pub const ALPN_H2: &[u8] = b"h2";
+pub const ALPN_H1: &[u8] = b"http/1.1";
 
 /// Where the host's trust store is read from.
 pub const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -156,7 +163,7 @@ impl SessionCa {
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_single_cert(chain, key)?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_H1.to_vec()];
         let config = Arc::new(config);
         leaves.insert(host.clone(), config.clone());
         Ok(config)
@@ -202,8 +209,15 @@ pub fn upstream_config(
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![ALPN_H1.to_vec()];
     Ok(Arc::new(config))
+}
+
+/// `config` (same roots, same verification) offering `h2` before `http/1.1`.
+pub fn offering_h2(config: &rustls::ClientConfig) -> Arc<rustls::ClientConfig> {
+    let mut c = config.clone();
+    c.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_H1.to_vec()];
+    Arc::new(c)
 }
 
 #[cfg(test)]

@@ -174,7 +174,7 @@ async fn handle(ctx: &Arc<Ctx>, session: &Arc<Session>, mut stream: TcpStream) {
             return;
         }
     };
-    if let Some(rt) = ctx.shared.intercept.as_deref() {
+    if let Some(rt) = ctx.shared.intercept.clone() {
         if let Some(host) = rt.intercepts(&route.dest) {
             crate::intercept::serve(
                 ctx,

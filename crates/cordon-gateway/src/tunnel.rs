@@ -177,7 +177,7 @@ pub(crate) async fn run_connect(
             Box::pin(crate::http::serve_client(ctx.clone(), conn)).await;
         }
         Ok((first, peek)) => {
-            if let Some(rt) = ctx.shared.intercept.as_deref() {
+            if let Some(rt) = ctx.shared.intercept.clone() {
                 if let Some(host) = rt.intercepts(&route.dest) {
                     crate::intercept::serve(
                         ctx,

@@ -18,7 +18,7 @@ use common::*;
 use cordon_gateway::sni::testing::client_hello;
 use cordon_gateway::{Clients, EventKind, SessionInfo, Verdict, Via};
 use cordon_policy::Enforcement;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -334,15 +334,7 @@ async fn get(sender: &mut Sender, url: &str, host: &str) -> (u16, String, String
         .header("host", host)
         .body(Empty::<Bytes>::new())
         .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    let status = resp.status().as_u16();
-    let reason = resp
-        .headers()
-        .get("x-cordon-reason")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, reason, String::from_utf8_lossy(&body).into_owned())
+    response_parts(sender.send_request(req).await.unwrap()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,8 +4,10 @@
 //! Guarantees: every threshold has a default that a benign agent session (package downloads, a
 //! few hundred API calls) stays under, and every value is checked by the functions here, shared
 //! by the file reader and [`crate::Policy::validate`]: windows are more than 0 and at most 24h,
-//! counts are positive, ratios lie in (0, 1], a webhook is a plain `http://` URL. Each rule
-//! carries its own `response` (`log` | `block` | `terminate`) and `alert` switch.
+//! counts are positive, ratios lie in (0, 1], a webhook is a plain `http://` URL, a canary file
+//! is a plain path inside `/workspace` (relative, no `.` or `..`, no empty component), listed
+//! once, never the directory of another. Each rule carries its own `response` (`log` | `block`
+//! | `terminate`) and `alert` switch.
 
 use std::time::Duration;
 
@@ -172,11 +174,16 @@ impl Default for SandboxRule {
 }
 
 /// `[detect.canary]`: honey tokens. Each variable named in `env` gets a fresh random value in the
-/// sandbox's environment; that value appearing in outbound traffic fires the rule.
+/// sandbox's environment, and each path in `files` becomes a credential-shaped file in
+/// `/workspace` holding fresh random tokens; any of those values appearing in outbound traffic
+/// fires the rule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CanaryRule {
     pub env: Vec<String>,
+    /// Paths relative to `/workspace` (`.env`, `.aws/credentials`, …); the file's shape follows
+    /// its name. Never committed back to a host workspace directory.
+    pub files: Vec<String>,
     pub response: Response,
     pub alert: bool,
 }
@@ -185,6 +192,7 @@ impl Default for CanaryRule {
     fn default() -> Self {
         CanaryRule {
             env: Vec::new(),
+            files: Vec::new(),
             response: Response::Terminate,
             alert: true,
         }
@@ -286,17 +294,124 @@ pub(crate) fn retries(n: i128) -> Result<u32, ValueError> {
     Ok(n as u32)
 }
 
+/// The variables cordon points at the sandbox's trust bundle when it intercepts TLS.
+pub const CA_BUNDLE_VARS: [&str; 6] = [
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "PIP_CERT",
+    "GIT_SSL_CAINFO",
+];
+
 /// A canary variable name: a valid environment name, not one cordon or the policy sets.
 pub(crate) fn canary_env(name: &str) -> Result<String, ValueError> {
     crate::rules::env_name(name)?;
-    const RESERVED: [&str; 6] = ["PATH", "USER", "LANG", "TERM", "HTTP_PROXY", "HTTPS_PROXY"];
-    if RESERVED.contains(&name) {
+    // Everything cordon itself puts in the sandbox's environment: a canary there would replace
+    // it (the proxy variables, say) and break the session instead of watching it.
+    const RESERVED: [&str; 14] = [
+        "PATH",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "TERM",
+        "TZ",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "no_proxy",
+    ];
+    if RESERVED.contains(&name) || CA_BUNDLE_VARS.contains(&name) {
         return Err(ValueError::Other(format!(
             "{} is set by cordon and cannot be a canary",
             quoted(name)
         )));
     }
     Ok(name.to_owned())
+}
+
+/// Most canary files in one policy.
+pub(crate) const MAX_CANARY_FILES: usize = 16;
+/// Deepest canary file path, in components.
+const MAX_CANARY_DEPTH: usize = 8;
+
+/// A canary file path: relative to `/workspace`, made of plain names only, so that it can
+/// never point outside the workspace however it is joined.
+pub(crate) fn canary_file(path: &str) -> Result<String, ValueError> {
+    let bad = |why: String| {
+        ValueError::Other(format!("{} is not a canary file path: {why}", quoted(path)))
+    };
+    if path.is_empty() {
+        return Err(bad("it is empty".into()));
+    }
+    if path.chars().any(char::is_control) {
+        return Err(bad("it contains control characters".into()));
+    }
+    if let Some(inside) = path.strip_prefix("/workspace/") {
+        return Err(bad(format!(
+            "write it relative to /workspace, like {}",
+            quoted(inside)
+        )));
+    }
+    if path.starts_with('/') {
+        return Err(bad(
+            "canary files live in /workspace; write a path relative to it, like \".env\"".into(),
+        ));
+    }
+    let parts: Vec<&str> = path.split('/').collect();
+    for part in &parts {
+        match *part {
+            "" => {
+                return Err(bad(
+                    "it has an empty component (a doubled or trailing '/')".into()
+                ))
+            }
+            "." => return Err(bad("write it without \".\" components".into())),
+            ".." => return Err(bad("\"..\" would lead out of /workspace".into())),
+            p if p.len() > 255 => return Err(bad("a component is longer than 255 bytes".into())),
+            _ => {}
+        }
+    }
+    if parts.len() > MAX_CANARY_DEPTH {
+        return Err(bad(format!(
+            "it is nested deeper than {MAX_CANARY_DEPTH} levels"
+        )));
+    }
+    Ok(path.to_owned())
+}
+
+/// Why `path` cannot join the canary files listed before it, if it cannot.
+pub(crate) fn canary_file_clash(earlier: &[String], path: &str) -> Option<String> {
+    if earlier.len() >= MAX_CANARY_FILES {
+        return Some(format!("at most {MAX_CANARY_FILES} canary files"));
+    }
+    let under = |dir: &str, file: &str| {
+        file.strip_prefix(dir)
+            .is_some_and(|rest| rest.starts_with('/'))
+    };
+    earlier.iter().find_map(|e| {
+        if e == path {
+            Some(format!("{} is listed twice", quoted(path)))
+        } else if under(e, path) {
+            Some(format!(
+                "{} is inside {}, which is a canary file",
+                quoted(path),
+                quoted(e)
+            ))
+        } else if under(path, e) {
+            Some(format!(
+                "{} is a canary file and the directory of {}",
+                quoted(path),
+                quoted(e)
+            ))
+        } else {
+            None
+        }
+    })
 }
 
 /// The parts of a webhook URL the sender needs.
@@ -457,6 +572,13 @@ pub(crate) fn check(
                     quoted(name)
                 )),
             ));
+        }
+    }
+    for (i, path) in d.canary.files.iter().enumerate() {
+        let key = format!("detect.canary.files[{i}]");
+        at(&key, canary_file(path))?;
+        if let Some(why) = canary_file_clash(&d.canary.files[..i], path) {
+            return Err((key, ValueError::Other(why)));
         }
     }
     if let Some(w) = &a.webhook {

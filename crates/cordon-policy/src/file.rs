@@ -198,6 +198,7 @@ struct RawSandboxRule {
 #[serde(deny_unknown_fields, expecting = "a [detect.canary] table")]
 struct RawCanary {
     env: List,
+    files: List,
     response: Leaf,
     alert: Leaf,
 }
@@ -967,6 +968,18 @@ impl Cx<'_> {
                         return Err(self.invalid(v.span(), key, ValueError::Other(message)));
                     }
                     o.env.push(name);
+                }
+            }
+            if let Some(list) = &c.files {
+                for (i, v) in list.iter().enumerate() {
+                    let key = format!("detect.canary.files[{i}]");
+                    let path = self.check(v, &key, |v| {
+                        detect::canary_file(string(v, "a path relative to /workspace")?)
+                    })?;
+                    if let Some(why) = detect::canary_file_clash(&o.files, &path) {
+                        return Err(self.invalid(v.span(), key, ValueError::Other(why)));
+                    }
+                    o.files.push(path);
                 }
             }
             self.response_of(&c.response, "detect.canary.response", &mut o.response)?;

@@ -33,7 +33,7 @@ mod overrides;
 mod rules;
 pub use detect::{
     AlertsPolicy, BlockedRule, CanaryRule, DetectPolicy, DnsTunnelRule, ExfilRule, SandboxRule,
-    WebhookUrl,
+    WebhookUrl, CA_BUNDLE_VARS,
 };
 
 pub use allow::{AllowEntry, AllowError, AllowHost, PortSpec};

@@ -624,6 +624,23 @@ const BAD_DETECT: &[(&str, &str)] = &[
     ("[detect.canary]\nenv = [\"PATH\"]\n", "policy.toml:2:8: detect.canary.env[0]: \"PATH\" is set by cordon and cannot be a canary"),
     ("[detect.canary]\nenv = [\"A\", \"A\"]\n", "policy.toml:2:13: detect.canary.env[1]: \"A\" is listed twice"),
     ("[detect.canary]\nenv = \"A\"\n", "policy.toml:2:7: detect.canary.env: invalid type: string \"A\", expected a sequence"),
+    ("[detect.canary]\nenv = [\"http_proxy\"]\n", "policy.toml:2:8: detect.canary.env[0]: \"http_proxy\" is set by cordon and cannot be a canary"),
+    ("[detect.canary]\nfiles = [\"\"]\n", "policy.toml:2:10: detect.canary.files[0]: \"\" is not a canary file path: it is empty"),
+    ("[detect.canary]\nfiles = [\"/etc/passwd\"]\n", "policy.toml:2:10: detect.canary.files[0]: \"/etc/passwd\" is not a canary file path: canary files live in /workspace; write a path relative to it, like \".env\""),
+    ("[detect.canary]\nfiles = [\"/workspace/.env\"]\n", "policy.toml:2:10: detect.canary.files[0]: \"/workspace/.env\" is not a canary file path: write it relative to /workspace, like \".env\""),
+    ("[detect.canary]\nfiles = [\"../.env\"]\n", "policy.toml:2:10: detect.canary.files[0]: \"../.env\" is not a canary file path: \"..\" would lead out of /workspace"),
+    ("[detect.canary]\nfiles = [\".aws/../../x\"]\n", "policy.toml:2:10: detect.canary.files[0]: \".aws/../../x\" is not a canary file path: \"..\" would lead out of /workspace"),
+    ("[detect.canary]\nfiles = [\"./.env\"]\n", "policy.toml:2:10: detect.canary.files[0]: \"./.env\" is not a canary file path: write it without \".\" components"),
+    ("[detect.canary]\nfiles = [\".aws//credentials\"]\n", "policy.toml:2:10: detect.canary.files[0]: \".aws//credentials\" is not a canary file path: it has an empty component (a doubled or trailing '/')"),
+    ("[detect.canary]\nfiles = [\".aws/\"]\n", "policy.toml:2:10: detect.canary.files[0]: \".aws/\" is not a canary file path: it has an empty component (a doubled or trailing '/')"),
+    ("[detect.canary]\nfiles = [\"a\\nb\"]\n", "policy.toml:2:10: detect.canary.files[0]: \"a\\nb\" is not a canary file path: it contains control characters"),
+    ("[detect.canary]\nfiles = [\"a/b/c/d/e/f/g/h/i\"]\n", "policy.toml:2:10: detect.canary.files[0]: \"a/b/c/d/e/f/g/h/i\" is not a canary file path: it is nested deeper than 8 levels"),
+    ("[detect.canary]\nfiles = [\".env\", \".env\"]\n", "policy.toml:2:18: detect.canary.files[1]: \".env\" is listed twice"),
+    ("[detect.canary]\nfiles = [\".aws\", \".aws/credentials\"]\n", "policy.toml:2:18: detect.canary.files[1]: \".aws/credentials\" is inside \".aws\", which is a canary file"),
+    ("[detect.canary]\nfiles = [\".aws/credentials\", \".aws\"]\n", "policy.toml:2:30: detect.canary.files[1]: \".aws\" is a canary file and the directory of \".aws/credentials\""),
+    ("[detect.canary]\nfiles = [1]\n", "policy.toml:2:10: detect.canary.files[0]: expected a path relative to /workspace, found an integer"),
+    ("[detect.canary]\nfiles = \".env\"\n", "policy.toml:2:9: detect.canary.files: invalid type: string \".env\", expected a sequence"),
+    ("[detect.canary]\nfile = [\".env\"]\n", "policy.toml:2:1: detect.canary: unknown key `file`, expected one of `env`, `files`, `response`, `alert`"),
     ("[detect]\nsandbox = 1\n", "policy.toml:2:11: detect.sandbox: invalid type: integer `1`, expected a [detect.sandbox] table"),
     ("[alerts]\nwebhook = \"https://siem.example/hook\"\n", "policy.toml:2:11: alerts.webhook: \"https://siem.example/hook\": https webhooks are not supported by this version of cordon; use http:// (for example a relay on the host)"),
     ("[alerts]\nwebhook = \"siem.example\"\n", "policy.toml:2:11: alerts.webhook: \"siem.example\" is not a webhook URL: expected http://host[:port]/path"),
@@ -645,6 +662,37 @@ fn every_bad_detect_and_alerts_value_names_its_key_and_position() {
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn more_than_sixteen_canary_files_are_refused_at_the_seventeenth() {
+    let list: Vec<String> = (0..17).map(|i| format!("\"f{i}\"")).collect();
+    let text = format!("[detect.canary]\nfiles = [{}]\n", list.join(", "));
+    let column = 10 + list[..16].iter().map(|q| q.len() + 2).sum::<usize>();
+    assert_eq!(
+        error(&text),
+        format!("policy.toml:2:{column}: detect.canary.files[16]: at most 16 canary files")
+    );
+}
+
+#[test]
+fn validate_refuses_a_canary_file_path_built_in_code() {
+    for (path, why) in [
+        ("/etc/shadow", "canary files live in /workspace"),
+        ("x/../../y", "would lead out of /workspace"),
+    ] {
+        let mut policy = Policy::default();
+        policy.detect.canary.files = vec![".env".into(), path.into()];
+        let err = policy.validate().unwrap_err();
+        assert_eq!(err.key(), Some("detect.canary.files[1]"), "{err}");
+        assert!(err.to_string().contains(why), "{err}");
+    }
+    let mut policy = Policy::default();
+    policy.detect.canary.files = vec![".ssh/id_rsa".into(), ".ssh".into()];
+    assert_eq!(
+        policy.validate().unwrap_err().to_string(),
+        "detect.canary.files[1]: \".ssh\" is a canary file and the directory of \".ssh/id_rsa\""
+    );
 }
 
 #[test]

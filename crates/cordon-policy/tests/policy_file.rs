@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cordon_policy::{AlertsPolicy, BlockedRule, DetectPolicy, Response};
+use cordon_policy::{AlertsPolicy, BlockedRule, CanaryRule, DetectPolicy, Response};
 use cordon_policy::{
     AllowEntry, AuditPolicy, ByteSize, Credential, Enforcement, ExtraMount, HostName, HttpRule,
     Injection, InterceptHost, Layer, Limits, MinSeverity, NetworkMode, NetworkPolicy, OnExceed,
@@ -71,6 +71,10 @@ terminate_after_blocked = 0
 [audit]
 syslog = "udp://127.0.0.1:5514"
 syslog_min_severity = "high"
+
+[detect.canary]
+env = ["AWS_SECRET_ACCESS_KEY"]
+files = [".env", ".aws/credentials", "deploy/.netrc", ".ssh/id_ed25519"]
 
 [[credentials]]
 name = "github"
@@ -184,6 +188,16 @@ fn full_policy() -> Policy {
                 enabled: false,
                 window: Duration::from_secs(24 * 3600),
                 ..BlockedRule::default()
+            },
+            canary: CanaryRule {
+                env: vec!["AWS_SECRET_ACCESS_KEY".into()],
+                files: vec![
+                    ".env".into(),
+                    ".aws/credentials".into(),
+                    "deploy/.netrc".into(),
+                    ".ssh/id_ed25519".into(),
+                ],
+                ..CanaryRule::default()
             },
             ..DetectPolicy::default()
         },
@@ -359,6 +373,7 @@ fn the_default_policy_round_trips_and_spells_out_every_value() {
         "nxdomain_ratio = 0.8",
         "max_request_body = \"1M\"",
         "[alerts]\ntimeout = \"5s\"\nretries = 3",
+        "[detect.canary]\nenv = []\nfiles = []\nresponse = \"terminate\"",
         "host_uid = 1900000",
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");

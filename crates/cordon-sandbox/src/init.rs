@@ -70,6 +70,10 @@ fn send(chan: BorrowedFd<'_>, msg: &ToSupervisor) {
 
 /// Runs the init and never returns.
 pub fn init_main(ctx: InitContext<'_>) -> ! {
+    // A clone of the supervisor still shows the supervisor's command line (host paths, flags)
+    // in /proc/1/cmdline, which the sandboxed code can read.
+    crate::proctitle::set(INIT_TITLE.as_bytes());
+    crate::proctitle::set_name(INIT_TITLE);
     let code = match run(&ctx) {
         Ok(code) => code,
         Err(e) => {
@@ -86,6 +90,9 @@ pub fn init_main(ctx: InitContext<'_>) -> ! {
     // SAFETY: _exit never returns and runs no atexit handlers (we are a clone of the supervisor).
     unsafe { libc::_exit(code) }
 }
+
+/// What the init's `/proc/PID/cmdline` and `comm` say, inside the sandbox and on the host.
+pub const INIT_TITLE: &str = "cordon-init";
 
 /// Messages from the supervisor; "cgroup ready" may arrive before an expected reply and is
 /// remembered.

@@ -14,6 +14,7 @@ pub mod nft;
 pub mod plan;
 pub mod privs;
 pub mod probe;
+pub mod proctitle;
 pub mod proto;
 pub mod seccomp;
 pub mod spawn;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use cordon_sandbox::workspace::tree::{self, MAX_DEPTH};
 use cordon_sandbox::workspace::{
-    attach_detached_mount, cleanup_stale, plan_volume, HostFacts, Owner, SandboxMount,
+    attach_detached_mount, cleanup_stale, plan_volume, HostFacts, Owner, PlantError, SandboxMount,
     VolumeBackend, VolumePlan, VolumeRequest, WorkspaceError, WorkspaceSource, WorkspaceVolume,
 };
 
@@ -629,7 +629,7 @@ fn concurrent_sessions_get_their_own_loop_devices() {
 /// Helper process for the SIGKILL test: prepares a volume under `$CORDON_WS_HELPER_STATE`,
 /// writes into it, reports its loop device and sleeps until killed. Does nothing otherwise.
 #[test]
-#[ignore = "helper process for a_killed_supervisor_leaves_no_mount_loop_device_or_image"]
+#[ignore = "helper process for the tests that SIGKILL a volume holder"]
 fn helper_prepare_and_sleep() {
     let Some(state) = std::env::var_os("CORDON_WS_HELPER_STATE") else {
         return;
@@ -646,13 +646,21 @@ fn helper_prepare_and_sleep() {
     std::thread::sleep(Duration::from_secs(60));
 }
 
-#[test]
-fn a_killed_supervisor_leaves_no_mount_loop_device_or_image() {
-    if !have_loop_volumes("a_killed_supervisor_leaves_no_mount_loop_device_or_image") {
-        return;
+/// Kills a process by pid when dropped.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
-    let state = state_dir();
-    cordon_sandbox::workspace::ensure_template(state.path(), 32 * MIB).unwrap();
+}
+
+/// Starts [`helper_prepare_and_sleep`] on `state`; returns it (killed when the guard drops)
+/// and the loop device its volume is on.
+fn start_volume_holder(state: &Path) -> (std::process::Child, KillOnDrop, u32) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -661,21 +669,11 @@ fn a_killed_supervisor_leaves_no_mount_loop_device_or_image() {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env("CORDON_WS_HELPER_STATE", state.path())
+        .env("CORDON_WS_HELPER_STATE", state)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    // Whatever happens below, the helper does not outlive the test.
-    struct KillOnDrop(i32);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.0),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-    let _guard = KillOnDrop(child.id() as i32);
+    let guard = KillOnDrop(child.id() as i32);
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let index: u32 = loop {
         let line = lines.next().expect("helper exited before READY").unwrap();
@@ -684,6 +682,63 @@ fn a_killed_supervisor_leaves_no_mount_loop_device_or_image() {
             break rest.trim().parse().unwrap();
         }
     };
+    (child, guard, index)
+}
+
+#[test]
+fn a_session_killed_after_it_took_a_spare_leaves_a_device_the_next_replenish_frees() {
+    if !have_loop_volumes("a_session_killed_after_it_took_a_spare") {
+        return;
+    }
+    let state = state_dir();
+    spares::replenish(state.path(), 32 * MIB).unwrap();
+    let spare_devices: Vec<u32> = spares_of(state.path(), 32 * MIB)
+        .iter()
+        .map(|(i, _)| *i)
+        .collect();
+    let (mut child, _guard, index) = start_volume_holder(state.path());
+    assert!(
+        spare_devices.contains(&index),
+        "the holder did not take a spare"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    child.wait().unwrap();
+    // The kernel unmounted the volume, but a spare has no autoclear: its device stays bound
+    // to the deleted image (holding what the session wrote) ...
+    let backing = format!("/sys/block/loop{index}/loop/backing_file");
+    assert!(wait_until(Duration::from_secs(2), || mounts_mentioning(
+        &format!(" {} ", loop_major_minor(index))
+    )
+    .is_empty()));
+    assert!(fs::read_to_string(&backing)
+        .unwrap_or_default()
+        .contains("/claimed-"));
+    // ... until the next session's teardown replenishes, which frees it.
+    let report = spares::replenish(state.path(), 32 * MIB).unwrap();
+    assert!(report.released >= 1, "{report:?}");
+    assert!(!fs::read_to_string(&backing)
+        .unwrap_or_default()
+        .contains("/claimed-"));
+    assert_eq!(spares_of(state.path(), 32 * MIB).len(), spares::PER_CAP);
+    cleanup_stale(state.path()).unwrap();
+    assert!(wait_until(Duration::from_secs(2), || loops_under(
+        state.path()
+    )
+    .is_empty()));
+}
+
+#[test]
+fn a_killed_supervisor_leaves_no_mount_loop_device_or_image() {
+    if !have_loop_volumes("a_killed_supervisor_leaves_no_mount_loop_device_or_image") {
+        return;
+    }
+    let state = state_dir();
+    cordon_sandbox::workspace::ensure_template(state.path(), 32 * MIB).unwrap();
+    let (mut child, _guard, index) = start_volume_holder(state.path());
     assert_eq!(loops_under(state.path()).len(), 1);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
@@ -1325,4 +1380,402 @@ fn print_prepare_and_commit_timings() {
         discard.push(t.elapsed().as_micros() as u64);
     }
     println!("throwaway discard median {} us", median(discard));
+}
+
+// ----------------------------------------------------------------------------------------------
+// Canary files planted after copy-in (any user).
+
+fn plant(p: &Pair, snap: &mut tree::Snapshot, rel: &str, text: &str) -> Result<(), PlantError> {
+    cordon_sandbox::workspace::plant::plant(
+        dirfd(&p.vol).as_fd(),
+        Path::new(rel),
+        text.as_bytes(),
+        None,
+        snap,
+    )
+}
+
+#[test]
+fn a_planted_canary_file_is_never_committed_and_its_made_directory_leaves_no_trace() {
+    let p = pair();
+    fs::write(p.host.join("code.py"), "print(1)").unwrap();
+    let (mut snap, _) = copy_in(&p);
+    plant(&p, &mut snap, ".aws/credentials", "[default]\n").unwrap();
+    plant(&p, &mut snap, ".env", "API_KEY=x\n").unwrap();
+    plant(&p, &mut snap, "deploy/keys/id_ed25519", "key\n").unwrap();
+    assert_eq!(
+        fs::read_to_string(p.vol.join(".aws/credentials")).unwrap(),
+        "[default]\n"
+    );
+    // Shaped like real credential files: the owner's alone.
+    assert_eq!(
+        fs::metadata(p.vol.join(".env")).unwrap().mode() & 0o7777,
+        0o600
+    );
+    assert_eq!(
+        fs::metadata(p.vol.join("deploy/keys")).unwrap().mode() & 0o7777,
+        0o700
+    );
+    assert!(snap.is_reserved(Path::new(".env")));
+    // The sandbox works next to them.
+    fs::write(p.vol.join("out.txt"), "result").unwrap();
+    let stats = commit(&p, &snap);
+    assert_eq!(
+        stats.skipped,
+        vec![],
+        "untouched canaries are left out silently"
+    );
+    assert_eq!(
+        fs::read_to_string(p.host.join("out.txt")).unwrap(),
+        "result"
+    );
+    let mut left: Vec<String> = fs::read_dir(&p.host)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["code.py", "out.txt"]);
+}
+
+#[test]
+fn a_canary_path_the_sandbox_rewrote_or_replaced_is_not_committed_and_is_reported() {
+    let p = pair();
+    let (mut snap, _) = copy_in(&p);
+    plant(&p, &mut snap, ".env", "API_KEY=canary\n").unwrap();
+    plant(&p, &mut snap, ".aws/credentials", "[default]\n").unwrap();
+    plant(&p, &mut snap, ".netrc", "machine x\n").unwrap();
+    // Rewritten in place, replaced by a directory, and a real file next to a canary.
+    fs::write(p.vol.join(".env"), "API_KEY=mine\n").unwrap();
+    fs::remove_file(p.vol.join(".netrc")).unwrap();
+    fs::create_dir(p.vol.join(".netrc")).unwrap();
+    fs::write(p.vol.join(".netrc/inside"), "x").unwrap();
+    fs::write(p.vol.join(".aws/config"), "[default]\nregion = x\n").unwrap();
+    let stats = commit(&p, &snap);
+    let mut skipped: Vec<(String, String)> = stats
+        .skipped
+        .iter()
+        .map(|s| (s.path.display().to_string(), s.reason.clone()))
+        .collect();
+    skipped.sort();
+    let reason = "a canary file of this session: not committed".to_string();
+    assert_eq!(
+        skipped,
+        [
+            (".env".to_string(), reason.clone()),
+            (".netrc".to_string(), reason)
+        ]
+    );
+    assert!(!p.host.join(".env").exists());
+    assert!(!p.host.join(".netrc").exists());
+    // The directory made for a canary holds something of the sandbox's own: it stays, the
+    // canary does not.
+    assert_eq!(
+        fs::read_to_string(p.host.join(".aws/config")).unwrap(),
+        "[default]\nregion = x\n"
+    );
+    assert!(!p.host.join(".aws/credentials").exists());
+}
+
+#[test]
+fn planting_never_clobbers_or_writes_through_what_the_workspace_already_has() {
+    let p = pair();
+    let outside = tempfile::tempdir().unwrap();
+    fs::write(p.host.join(".env"), "REAL=1\n").unwrap();
+    symlink(outside.path(), p.host.join(".ssh")).unwrap();
+    fs::write(p.host.join(".aws"), "not a dir").unwrap();
+    symlink("/etc/passwd", p.host.join(".netrc")).unwrap();
+    let (mut snap, _) = copy_in(&p);
+    let occupied = |r: Result<(), PlantError>| match r {
+        Err(PlantError::Occupied { path, what }) => (path.display().to_string(), what),
+        other => panic!("expected Occupied, got {other:?}"),
+    };
+    assert_eq!(
+        occupied(plant(&p, &mut snap, ".env", "x")),
+        (".env".into(), "a file")
+    );
+    assert_eq!(
+        occupied(plant(&p, &mut snap, ".ssh/id_rsa", "x")),
+        (".ssh".into(), "a symlink")
+    );
+    assert_eq!(
+        occupied(plant(&p, &mut snap, ".aws/credentials", "x")),
+        (".aws".into(), "a file")
+    );
+    assert_eq!(
+        occupied(plant(&p, &mut snap, ".netrc", "x")),
+        (".netrc".into(), "a symlink")
+    );
+    assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
+    assert_eq!(fs::read_to_string(p.vol.join(".env")).unwrap(), "REAL=1\n");
+    assert!(!snap.is_reserved(Path::new(".env")));
+    // The host's own file is committed as usual: the sandbox's change to it reaches the host.
+    fs::write(p.vol.join(".env"), "REAL=2\n").unwrap();
+    commit(&p, &snap);
+    assert_eq!(fs::read_to_string(p.host.join(".env")).unwrap(), "REAL=2\n");
+}
+
+#[test]
+fn plant_refuses_paths_that_are_not_plain_names_before_touching_anything() {
+    let p = pair();
+    let (mut snap, _) = copy_in(&p);
+    for bad in [
+        "../escape",
+        "/etc/cordon-canary",
+        "a/../../b",
+        "./x",
+        "a//b",
+        "",
+    ] {
+        assert!(
+            matches!(plant(&p, &mut snap, bad, "x"), Err(PlantError::BadPath(_))),
+            "{bad:?}"
+        );
+    }
+    assert_eq!(fs::read_dir(&p.vol).unwrap().count(), 0);
+    assert!(!p.vol.parent().unwrap().join("escape").exists());
+}
+
+#[test]
+fn a_directory_the_host_turned_into_a_file_during_the_session_is_left_alone() {
+    let p = pair();
+    let (mut snap, _) = copy_in(&p);
+    plant(&p, &mut snap, ".aws/credentials", "[default]\n").unwrap();
+    fs::write(p.vol.join(".aws/config"), "x").unwrap();
+    // Meanwhile, on the host.
+    fs::write(p.host.join(".aws"), "host file").unwrap();
+    let stats = commit(&p, &snap);
+    assert_eq!(
+        fs::read_to_string(p.host.join(".aws")).unwrap(),
+        "host file"
+    );
+    assert_eq!(stats.skipped.len(), 1, "{:?}", stats.skipped);
+    assert!(stats.skipped[0].reason.contains("made for a canary file"));
+}
+
+// ----------------------------------------------------------------------------------------------
+// Spare volumes (`spares.rs`): made by a session's teardown, each used by one later session.
+
+use cordon_sandbox::workspace::spares;
+
+/// The spare files of `cap` under `state`, as `(loop index, path)`.
+fn spares_of(state: &Path, cap: u64) -> Vec<(u32, PathBuf)> {
+    let dir = state.join("volumes/spares").join(cap.to_string());
+    let mut out: Vec<(u32, PathBuf)> = fs::read_dir(&dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let index = name.strip_suffix(".img")?.split_once('-')?.0.parse().ok()?;
+                    Some((index, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_spare_is_used_by_exactly_one_session_and_its_device_is_detached_at_release() {
+    if !have_loop_volumes("a_spare_is_used_by_exactly_one_session") {
+        return;
+    }
+    let state = state_dir();
+    let cap = 32 * MIB;
+    // A first session builds its own volume; its teardown leaves PER_CAP spares.
+    let first = WorkspaceVolume::prepare(&loop_plan(WorkspaceSource::Throwaway, cap, state.path()))
+        .unwrap();
+    assert!(!first.timings().spare);
+    fs::write(
+        first.mount_source().unwrap().join("secret"),
+        "first session",
+    )
+    .unwrap();
+    first.discard().unwrap();
+    let report = spares::replenish(state.path(), cap).unwrap();
+    assert_eq!(report.made, spares::PER_CAP);
+    let made = spares_of(state.path(), cap);
+    assert_eq!(made.len(), spares::PER_CAP);
+    // Bound (without autoclear: nothing holds them), never mounted.
+    for (index, _) in &made {
+        assert!(mounts_mentioning(&format!(" {} ", loop_major_minor(*index))).is_empty());
+        assert_eq!(
+            fs::read_to_string(format!("/sys/block/loop{index}/loop/autoclear"))
+                .unwrap()
+                .trim(),
+            "0"
+        );
+    }
+    // Two sessions take one each; a third finds none and builds its own.
+    let mut used = Vec::new();
+    let mut volumes = Vec::new();
+    for _ in 0..spares::PER_CAP {
+        let v = WorkspaceVolume::prepare(&loop_plan(WorkspaceSource::Throwaway, cap, state.path()))
+            .unwrap();
+        assert!(v.timings().spare);
+        used.push(v.loop_index().unwrap());
+        // A spare is a fresh copy of the template: nothing of an earlier session is in it.
+        assert_eq!(fs::read_dir(v.mount_source().unwrap()).unwrap().count(), 0);
+        volumes.push(v);
+    }
+    used.sort();
+    assert_eq!(used, made.iter().map(|(i, _)| *i).collect::<Vec<_>>());
+    assert!(spares_of(state.path(), cap).is_empty());
+    let third = WorkspaceVolume::prepare(&loop_plan(WorkspaceSource::Throwaway, cap, state.path()))
+        .unwrap();
+    assert!(!third.timings().spare);
+    // The cap still holds on a spare.
+    let v = &volumes[0];
+    let root = v.root().unwrap().as_raw_fd();
+    let out = run_as_sandbox_user(
+        root,
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/proc/self/fd/3/fill bs=1M count=64 2>&1; true",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("No space left on device"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Released: every device detached, no image left under the state dir.
+    for v in volumes {
+        v.discard().unwrap();
+    }
+    third.discard().unwrap();
+    assert!(wait_until(Duration::from_secs(2), || loops_under(
+        state.path()
+    )
+    .is_empty()));
+    let left: Vec<_> = fs::read_dir(state.path().join("volumes"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_spare_whose_device_now_serves_another_file_is_never_mounted() {
+    if !have_loop_volumes("a_spare_whose_device_now_serves_another_file") {
+        return;
+    }
+    let state = state_dir();
+    let cap = 32 * MIB;
+    spares::replenish(state.path(), cap).unwrap();
+    let made = spares_of(state.path(), cap);
+    // Simulate a reboot or an administrator: both devices are freed, one is rebound to an
+    // unrelated file (say, someone else's disk image).
+    let other_dir = state_dir();
+    let other = other_dir.path().join("someone-elses.img");
+    File::create(&other).unwrap().set_len(32 * MIB).unwrap();
+    for (index, _) in &made {
+        let st = Command::new("losetup")
+            .args(["-d", &format!("/dev/loop{index}")])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    // (Tests run in parallel: if another test's volume took the freed device first, that is
+    // the same situation — the device serves a file that is not the spare.)
+    let (victim, _) = made[0];
+    let ours = Command::new("losetup")
+        .args([&format!("/dev/loop{victim}"), other.to_str().unwrap()])
+        .status()
+        .unwrap()
+        .success();
+    let v = WorkspaceVolume::prepare(&loop_plan(WorkspaceSource::Throwaway, cap, state.path()))
+        .unwrap();
+    // Neither spare was usable: the volume was built afresh.
+    assert!(!v.timings().spare);
+    if ours {
+        // The unrelated device is untouched, and not this session's.
+        assert_ne!(v.loop_index(), Some(victim));
+        assert!(
+            fs::read_to_string(format!("/sys/block/loop{victim}/loop/backing_file"))
+                .unwrap()
+                .starts_with(other.to_str().unwrap())
+        );
+    }
+    // The dead spares are gone.
+    assert!(spares_of(state.path(), cap).is_empty());
+    v.discard().unwrap();
+    if ours {
+        let _ = Command::new("losetup")
+            .args(["-d", &format!("/dev/loop{victim}")])
+            .status();
+    }
+}
+
+#[test]
+fn sessions_racing_for_spares_never_share_one() {
+    if !have_loop_volumes("sessions_racing_for_spares_never_share_one") {
+        return;
+    }
+    let state = state_dir();
+    let cap = 32 * MIB;
+    spares::replenish(state.path(), cap).unwrap();
+    let path = state.path().to_path_buf();
+    let handles: Vec<_> = (0..6)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                WorkspaceVolume::prepare(&loop_plan(WorkspaceSource::Throwaway, cap, &path))
+                    .unwrap()
+            })
+        })
+        .collect();
+    let volumes: Vec<WorkspaceVolume> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let from_spares = volumes.iter().filter(|v| v.timings().spare).count();
+    assert_eq!(from_spares, spares::PER_CAP);
+    let mut indexes: Vec<u32> = volumes.iter().map(|v| v.loop_index().unwrap()).collect();
+    indexes.sort();
+    indexes.dedup();
+    assert_eq!(indexes.len(), 6, "two sessions got the same device");
+    for v in volumes {
+        v.discard().unwrap();
+    }
+    assert!(wait_until(Duration::from_secs(2), || loops_under(
+        state.path()
+    )
+    .is_empty()));
+}
+
+#[test]
+fn old_spares_are_released_by_the_next_replenish_and_all_by_cleanup() {
+    if !have_loop_volumes("old_spares_are_released") {
+        return;
+    }
+    let state = state_dir();
+    let cap = 32 * MIB;
+    spares::replenish(state.path(), cap).unwrap();
+    let before = spares_of(state.path(), cap);
+    // Age one spare past MAX_AGE.
+    let old = &before[0].1;
+    let when = std::time::SystemTime::now() - spares::MAX_AGE - Duration::from_secs(60);
+    File::options()
+        .write(true)
+        .open(old)
+        .unwrap()
+        .set_modified(when)
+        .unwrap();
+    let report = spares::replenish(state.path(), cap).unwrap();
+    assert_eq!((report.released, report.made), (1, 1));
+    let after = spares_of(state.path(), cap);
+    assert_eq!(after.len(), spares::PER_CAP);
+    assert!(!after.iter().any(|(_, p)| p == old));
+    // Its device went back (or serves a new spare: then under a new name).
+    assert!(loops_under(state.path())
+        .iter()
+        .all(|(_, b)| !b.starts_with(old.to_str().unwrap())));
+    // `cordon doctor`'s cleanup releases every spare.
+    let report = cleanup_stale(state.path()).unwrap();
+    assert_eq!(report.spares_released, spares::PER_CAP);
+    assert!(spares_of(state.path(), cap).is_empty());
+    assert!(wait_until(Duration::from_secs(2), || loops_under(
+        state.path()
+    )
+    .is_empty()));
 }

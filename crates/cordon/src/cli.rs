@@ -304,14 +304,53 @@ pub(crate) fn invoking_user() -> String {
         .unwrap_or_else(|| uid.to_string())
 }
 
+/// Writes the result line where `--result` or `--json` asks for it.
+fn emit_result(args: &RunArgs, line: &str) {
+    if let Some(path) = &args.result {
+        if let Err(e) = std::fs::write(path, format!("{line}\n")) {
+            eprintln!("cordon: --result {}: {e}", path.display());
+        }
+    } else if args.json {
+        let _ = std::io::stdout().flush();
+        eprintln!("{line}");
+    }
+}
+
+/// What a failed run's result object can say of the session.
+struct Known {
+    session_id: String,
+    user: String,
+    argv: Vec<String>,
+    code_sha256: String,
+}
+
+/// cordon's own failure (125), as its one-line message and, with `--json`/`--result`, a result
+/// object that a program can parse like any other: `exit_status` and `error`, plus what was
+/// known of the session when it failed.
+fn fail_run(args: &RunArgs, known: Option<&Known>, code: i32, message: String) -> i32 {
+    let code = fail(code, &message);
+    if args.json || args.result.is_some() {
+        let object = serde_json::json!({
+            "session_id": known.map(|r| r.session_id.as_str()),
+            "user": known.map(|r| r.user.as_str()),
+            "command": known.map(|r| r.argv.clone()).unwrap_or_else(|| args.command.clone()),
+            "code_sha256": known.map(|r| r.code_sha256.as_str()),
+            "exit_status": code,
+            "error": message,
+        });
+        emit_result(args, &object.to_string());
+    }
+    code
+}
+
 fn run(args: RunArgs) -> i32 {
     let policy = match load_policy(&args) {
         Ok(p) => p,
-        Err(e) => return fail(125, e),
+        Err(e) => return fail_run(&args, None, 125, e),
     };
     let (argv, code, code_sha256) = match command_of(&args) {
         Ok(c) => c,
-        Err(e) => return fail(125, e),
+        Err(e) => return fail_run(&args, None, 125, e),
     };
     let req = RunRequest {
         policy,
@@ -324,17 +363,18 @@ fn run(args: RunArgs) -> i32 {
         upstream_dns: args.upstream_dns.clone(),
         upstream_ca: args.upstream_ca.clone(),
     };
+    let known = Known {
+        session_id: req.session_id.clone(),
+        user: req.user.clone(),
+        argv: req.argv.clone(),
+        code_sha256: req.code_sha256.clone(),
+    };
     match session::run(req) {
         Ok(result) => {
-            let line = serde_json::to_string(&result).unwrap_or_default();
-            if let Some(path) = &args.result {
-                if let Err(e) = std::fs::write(path, format!("{line}\n")) {
-                    eprintln!("cordon: --result {}: {e}", path.display());
-                }
-            } else if args.json {
-                let _ = std::io::stdout().flush();
-                eprintln!("{line}");
+            if let Some(error) = &result.error {
+                eprintln!("cordon: {error}");
             }
+            emit_result(&args, &serde_json::to_string(&result).unwrap_or_default());
             if let Some(limit) = result.limit {
                 if !args.json {
                     eprintln!(
@@ -349,7 +389,7 @@ fn run(args: RunArgs) -> i32 {
             }
             result.exit_status
         }
-        Err(RunError { exit_code, message }) => fail(exit_code, message),
+        Err(RunError { exit_code, message }) => fail_run(&args, Some(&known), exit_code, message),
     }
 }
 

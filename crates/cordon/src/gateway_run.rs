@@ -63,7 +63,7 @@ impl RunningGateway {
         upstream_dns: &[std::net::SocketAddr],
         intercept: Option<Arc<cordon_gateway::InterceptConfig>>,
         writer: Arc<AuditWriter>,
-        canaries: Vec<(String, String)>,
+        canaries: Vec<cordon_gateway::detect::canary::Canary>,
         alerts: Arc<Alerts>,
         owners: Option<Arc<dyn cordon_gateway::SocketOwners>>,
     ) -> Result<RunningGateway, String> {

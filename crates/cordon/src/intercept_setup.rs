@@ -21,15 +21,8 @@ use cordon_gateway::{InterceptConfig, DEFAULT_MAX_SCAN_BYTES};
 use cordon_policy::{NetworkMode, Policy};
 use cordon_sandbox::plan::CA_BUNDLE_PATH;
 
-/// Variables pointed at the sandbox's trust bundle.
-pub const CA_VARS: [&str; 6] = [
-    "SSL_CERT_FILE",
-    "REQUESTS_CA_BUNDLE",
-    "CURL_CA_BUNDLE",
-    "NODE_EXTRA_CA_CERTS",
-    "PIP_CERT",
-    "GIT_SSL_CAINFO",
-];
+/// Variables pointed at the sandbox's trust bundle (canaries may not take these names).
+pub const CA_VARS: [&str; 6] = cordon_policy::CA_BUNDLE_VARS;
 
 /// What the session needs for interception.
 pub struct Prepared {

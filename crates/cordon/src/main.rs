@@ -4,6 +4,7 @@ mod alerts;
 mod attribution;
 mod audit_cmd;
 mod audit_sink;
+mod canary;
 mod cli;
 mod doctor;
 mod gateway_cmd;

@@ -67,7 +67,14 @@ pub struct RunResult {
     pub terminated: Option<String>,
     /// Every detection-rule firing of the session, in order (also `alert` audit events).
     pub alerts: Vec<crate::alerts::Fired>,
+    /// The session's honey tokens by name (variables, planted and skipped files); `null` when
+    /// the policy has none. Never a token.
+    pub canaries: Option<crate::canary::CanaryReport>,
     /// Syscalls the seccomp filter denied, when the supervisor counts them
     /// (`detect.sandbox.seccomp_denied` > 0); `null` otherwise.
     pub seccomp_denied: Option<u64>,
+    /// Why the command could not run (exit status 126: cannot be executed, 127: not found);
+    /// `null` when it ran. cordon's own failures (125) print an object with `exit_status`,
+    /// `error` and the session's identity only.
+    pub error: Option<String>,
 }

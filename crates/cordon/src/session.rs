@@ -99,6 +99,10 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     let intercept =
         crate::intercept_setup::prepare(policy, &req.session_id, req.upstream_ca.as_deref())
             .map_err(RunError::cordon)?;
+    // Canary files: their tokens are fresh for this session; they are planted once the
+    // workspace is filled, before the command starts.
+    let canary_files = crate::canary::make_files(&policy.detect.canary.files)
+        .map_err(|e| RunError::cordon(e.to_string()))?;
     // Landlock and seccomp: decided and compiled before anything is spawned.
     marks.mark("supervisor: policy loaded");
     let abi = landlock::probe_abi();
@@ -191,6 +195,13 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         }
         Err(other) => return Err(RunError::cordon(other.to_string())),
     };
+    if let Some(ws) = early_ws.as_mut() {
+        // A tmpfs volume keeps them until the sandbox hands it over (`Workspace::adopt`).
+        if let Err(e) = ws.plant_canaries(canary_files.clone()) {
+            cleanup(None, early_ws);
+            return Err(RunError::cordon(e.to_string()));
+        }
+    }
     let facts = probe::host_facts(std::path::Path::new("/"));
     let extra: Vec<plan::ExtraBind> = policy
         .sandbox
@@ -352,17 +363,24 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                 }
                 other => Err(RunError::cordon(other.to_string())),
             });
-            built.and_then(|ws| match ws.detached_fd() {
-                Some(fd) => match spawn::send_workspace(&sandbox, fd) {
-                    Ok(()) => Ok(ws),
-                    Err(e) => {
-                        cleanup(None, Some(ws));
-                        Err(RunError::cordon(format!("sandbox set-up: {e}")))
-                    }
-                },
-                None => {
+            built.and_then(|mut ws| {
+                // Planted before the volume is handed over: the command cannot start earlier.
+                if let Err(e) = ws.plant_canaries(canary_files.clone()) {
                     cleanup(None, Some(ws));
-                    Err(RunError::cordon("workspace: no volume to hand over"))
+                    return Err(RunError::cordon(e.to_string()));
+                }
+                match ws.detached_fd() {
+                    Some(fd) => match spawn::send_workspace(&sandbox, fd) {
+                        Ok(()) => Ok(ws),
+                        Err(e) => {
+                            cleanup(None, Some(ws));
+                            Err(RunError::cordon(format!("sandbox set-up: {e}")))
+                        }
+                    },
+                    None => {
+                        cleanup(None, Some(ws));
+                        Err(RunError::cordon("workspace: no volume to hand over"))
+                    }
                 }
             })
         });
@@ -425,6 +443,26 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             return Err(RunError::cordon(e));
         }
     };
+    // Every canary file is planted or skipped by now (the workspace is ready): say which, by
+    // name only.
+    let canary_report = crate::canary::CanaryReport {
+        env: policy.detect.canary.env.clone(),
+        files: workspace
+            .canaries_planted()
+            .iter()
+            .map(|f| crate::canary::PlantedFile {
+                path: f.path.clone(),
+                shape: f.shape,
+            })
+            .collect(),
+        skipped: workspace.canaries_skipped(),
+    };
+    for s in &canary_report.skipped {
+        eprintln!(
+            "cordon: warning: canary file {} not planted: {}",
+            s.path, s.reason
+        );
+    }
     // Threads may start now: the sandbox is spawned.
     alerts.start();
     let mut writer = None;
@@ -447,7 +485,8 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     // the start while the sandbox runs, off the critical path.
     let quiet_audit = (!gateway_mode).then(|| {
         let path = audit_path.clone();
-        let start = attribution.session_start(&req.argv, start_detail(&layers, policy));
+        let start =
+            attribution.session_start(&req.argv, start_detail(&layers, policy, &canary_report));
         if let Some(s) = &syslog {
             s.offer(&start);
         }
@@ -469,7 +508,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                     None => w,
                 };
                 let w = std::sync::Arc::new(w);
-                w.record(attribution.session_start(&req.argv, start_detail(&layers, policy)));
+                w.record(attribution.session_start(&req.argv, start_detail(&layers, policy, &canary_report)));
                 alerts.set_writer(w.clone());
                 let session = cordon_gateway::SessionInfo {
                     id: req.session_id.clone(),
@@ -498,7 +537,7 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                     &req.upstream_dns,
                     intercept.as_ref().map(|i| i.config.clone()),
                     w.clone(),
-                    std::mem::take(&mut canaries),
+                    crate::canary::for_gateway(&canaries, workspace.canaries_planted()),
                     alerts.clone(),
                     owners,
                 )
@@ -699,9 +738,18 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
             // The sandbox's mounts go first: one of them holds the workspace volume.
             drop(mount_ns);
             if let Some(w) = workspace {
+                let spare_key = w.spare_key();
                 let _ = w.release();
+                // Leave a volume ready for the next session of the same cap, so its start
+                // skips the template copy and the loop device's set-up.
+                if let Some((state_dir, cap)) = spare_key {
+                    let _ = cordon_sandbox::workspace::spares::replenish(&state_dir, cap);
+                }
             }
             remove_stale_cgroups();
+            // Keep the store's write-ahead log short: the next session that opens the store
+            // reads all of it (cordon_audit::Store::checkpoint_if_wal_over).
+            let _ = cordon_audit::Store::checkpoint_if_wal_over(&audit_path, WAL_CHECKPOINT_BYTES);
         });
         marks.mark("supervisor: teardown handed off");
     }
@@ -711,12 +759,9 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         return Err(RunError::cordon(err));
     }
     let (exit_status, exit_code, signal) = match (&outcome.exec_failed, outcome.status) {
-        (Some((code, msg)), _) => {
-            return Err(RunError {
-                exit_code: *code,
-                message: msg.clone(),
-            })
-        }
+        // The command could not be executed (126) or was not found (127): the session still
+        // happened and is reported like any other, with the reason in `error`.
+        (Some((code, _)), _) => (*code, None, None),
         (None, Some(ExitStatus::Code(c))) => (c, Some(c), None),
         (None, Some(ExitStatus::Signal(s))) => (128 + s, None, Some(s)),
         // Killed before it could report (timeout, interruption): SIGKILL.
@@ -744,9 +789,14 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
         network,
         terminated,
         alerts: alerts.fired(),
+        canaries: (!canary_report.is_empty()).then_some(canary_report),
         seccomp_denied: (count_denials && filter.is_some()).then_some(outcome.seccomp_denied),
+        error: outcome.exec_failed.map(|(_, message)| message),
     })
 }
+
+/// The write-ahead log size past which a session's teardown folds it into the audit store.
+const WAL_CHECKPOINT_BYTES: u64 = 256 * 1024;
 
 /// How long the end of a session waits for queued syslog messages.
 const SYSLOG_CLOSE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -776,8 +826,15 @@ fn start_syslog(
 
 /// What the session starts with: its policy's network part and the layers decided so far (the
 /// full list, with Landlock's status, is in the session's end record).
-fn start_detail(layers: &Layers, policy: &Policy) -> serde_json::Map<String, serde_json::Value> {
+fn start_detail(
+    layers: &Layers,
+    policy: &Policy,
+    canaries: &crate::canary::CanaryReport,
+) -> serde_json::Map<String, serde_json::Value> {
     let mut m = serde_json::Map::new();
+    if !canaries.is_empty() {
+        m.insert("canaries".into(), serde_json::json!(canaries));
+    }
     m.insert("namespaces".into(), serde_json::json!(layers.namespaces));
     m.insert("network".into(), serde_json::json!(layers.network));
     m.insert("lowered".into(), serde_json::json!(layers.lowered));

@@ -12,8 +12,6 @@
 //! clears itself (autoclear); the next session's stale cleanup removes anything else. Only a
 //! single-threaded cordon forks; otherwise, or if `fork` fails, the work runs in-process.
 
-use std::io;
-
 /// What the child's command line becomes.
 const TITLE: &[u8] = b"cordon: releasing workspace";
 
@@ -26,7 +24,7 @@ pub fn hand_off(work: impl FnOnce()) {
     }
     // The title is set before the fork, so the child never shows the session's command line,
     // not even for the microseconds after its birth; the parent is about to exit.
-    set_process_title(TITLE);
+    cordon_sandbox::proctitle::set(TITLE);
     // SAFETY: the process is single-threaded (checked above), so the child inherits no lock
     // held by another thread; it runs the work and `_exit`s without returning to our caller.
     let pid = unsafe { libc::fork() };
@@ -76,61 +74,5 @@ fn detach() {
                 libc::close(fd);
             }
         }
-    }
-}
-
-/// Overwrites this process's argument block (what `/proc/PID/cmdline` and `ps` show) with
-/// `title`, as `setproctitle` does. Nothing reads our arguments afterwards.
-fn set_process_title(title: &[u8]) {
-    let Ok((start, end)) = arg_block() else {
-        return;
-    };
-    let len = end.saturating_sub(start);
-    if len < 2 {
-        return;
-    }
-    // SAFETY: [arg_start, arg_end) is the argument block the kernel placed on our stack at
-    // exec: mapped, writable and ours. std copies arguments out of it when asked and keeps no
-    // reference into it. The last byte stays NUL, so the kernel reports exactly this block.
-    unsafe {
-        let block = std::slice::from_raw_parts_mut(start as *mut u8, len);
-        block.fill(0);
-        let n = title.len().min(len - 1);
-        block[..n].copy_from_slice(&title[..n]);
-    }
-}
-
-/// `arg_start` and `arg_end` from `/proc/self/stat` (fields 48 and 49).
-fn arg_block() -> io::Result<(usize, usize)> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
-    parse_arg_block(&stat).ok_or_else(|| io::Error::other("unexpected /proc/self/stat"))
-}
-
-fn parse_arg_block(stat: &str) -> Option<(usize, usize)> {
-    // The command name (field 2) may hold spaces and parentheses: count from its last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(48 - 3);
-    let start = fields.next()?.parse().ok()?;
-    let end = fields.next()?.parse().ok()?;
-    (start != 0 && end > start).then_some((start, end))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_argument_block_is_read_after_the_command_name_whatever_it_holds() {
-        let fields: Vec<String> = (3..=52).map(|n| n.to_string()).collect();
-        let stat = format!("1234 (a) b) c) {}", fields.join(" "));
-        assert_eq!(parse_arg_block(&stat), Some((48, 49)));
-        assert_eq!(parse_arg_block("1234 (cordon) S 1"), None);
-    }
-
-    #[test]
-    fn this_process_has_an_argument_block_that_matches_its_cmdline() {
-        let (start, end) = arg_block().unwrap_or((0, 0));
-        let cmdline = std::fs::read("/proc/self/cmdline").unwrap_or_default();
-        assert_eq!(end - start, cmdline.len());
     }
 }

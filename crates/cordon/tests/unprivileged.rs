@@ -148,3 +148,87 @@ fn a_normal_users_workspace_is_capped_and_written_back() {
     );
     assert!(!ws.join("big").exists());
 }
+
+/// As a normal user the workspace is a tmpfs the sandbox makes; canary files are planted in it
+/// after copy-in, belong to the sandbox user, and never reach the host directory: not the
+/// canary a host file already stands for (skipped, the host's file kept), not one the command
+/// rewrote, not the directory made for it — while what the command wrote next to them does.
+#[test]
+fn a_normal_users_canary_files_belong_to_the_sandbox_user_and_never_reach_the_host() {
+    let home = nobody_dir();
+    let ws = home.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    std::fs::write(ws.join(".env"), "REAL=1\n").unwrap();
+    for p in [&ws, &ws.join(".env")] {
+        std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let policy = home.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[detect.canary]\nfiles = [\".env\", \".aws/credentials\", \".ssh/id_ed25519\"]\n",
+    )
+    .unwrap();
+    let result = home.path().join("result.json");
+    let script = "stat -c '%n %u %a' /workspace/.aws/credentials /workspace/.ssh /workspace/.ssh/id_ed25519; \
+                  head -1 /workspace/.aws/credentials; cat /workspace/.env; \
+                  echo cfg > /workspace/.aws/config; echo mine >> /workspace/.ssh/id_ed25519";
+    let Some(out) = as_nobody(
+        &[
+            "run",
+            "--allow-missing",
+            "cgroups",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--workspace",
+            ws.to_str().unwrap(),
+            "--result",
+            result.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        home.path(),
+    ) else {
+        return;
+    };
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "/workspace/.aws/credentials 1000 600\n/workspace/.ssh 1000 700\n\
+         /workspace/.ssh/id_ed25519 1000 600\n[default]\nREAL=1\n"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
+    assert!(
+        r["layers"]["workspace_cap"]
+            .as_str()
+            .is_some_and(|c| c.contains("tmpfs")),
+        "{r}"
+    );
+    let planted: Vec<&str> = r["canaries"]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(planted, [".aws/credentials", ".ssh/id_ed25519"]);
+    assert_eq!(r["canaries"]["skipped"][0]["path"], ".env");
+    assert!(
+        stderr(&out).contains(
+            "cordon: workspace: not copied back: .ssh/id_ed25519: a canary file of this session: not committed"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join(".env")).unwrap(),
+        "REAL=1\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join(".aws/config")).unwrap(),
+        "cfg\n"
+    );
+    assert!(!ws.join(".aws/credentials").exists());
+    assert!(!ws.join(".ssh").exists());
+}

@@ -1,13 +1,17 @@
-//! Honey tokens: values only cordon and the sandbox's environment know, looked for in outbound
-//! traffic.
+//! Honey tokens: values only cordon and the sandbox know (placed in its environment or in files
+//! of its workspace), looked for in outbound traffic.
 //!
 //! Guarantees: [`Canaries::scan`] finds a token written as is or base64-encoded at any
 //! alignment (as in `Authorization: Basic …`), anywhere in the bytes it is given (a request
-//! head, a body prefix, a DNS name, or — once TLS interception lands — decrypted bytes). Tokens
-//! are random, so a match is not a coincidence: one hit is enough.
+//! head, a body prefix, decrypted bytes); [`Canaries::scan_name`] finds a token in a DNS name
+//! whatever its letter case (resolvers and the gateway lower-case names). Tokens are random, so
+//! a match is not a coincidence: one hit is enough. Nothing here prints a token: [`Canary`]'s
+//! `Debug` shows only where it was placed, and [`redacting`] replaces a token that a sandbox
+//! process put in its own command line (or executable path) with `[canary NAME]` before the
+//! process is attached to any event.
 
+use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 use base64::Engine as _;
-use memchr::memmem;
 
 /// A fresh honey token: 40 random letters and digits, shaped like an API secret and saying
 /// nothing about being a canary.
@@ -20,6 +24,106 @@ pub fn new_token() -> Result<String, getrandom::Error> {
         .iter()
         .map(|b| char::from(ALPHABET[usize::from(*b) % ALPHABET.len()]))
         .collect())
+}
+
+/// Where a honey token was placed in the sandbox: what an alert names instead of the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CanarySource {
+    /// An environment variable (`[detect.canary] env`).
+    Env(String),
+    /// A file in `/workspace`, by its path relative to it (`[detect.canary] files`).
+    File(String),
+}
+
+impl CanarySource {
+    /// How a firing's summary names it: `AWS_SECRET_ACCESS_KEY`, `from workspace file .env`.
+    pub fn describe(&self) -> String {
+        match self {
+            CanarySource::Env(name) => name.clone(),
+            CanarySource::File(path) => format!("from workspace file {path}"),
+        }
+    }
+
+    /// The name the outbound scanner (DLP) reports it under, after `canary:`.
+    pub fn pattern_name(&self) -> String {
+        match self {
+            CanarySource::Env(name) => name.clone(),
+            CanarySource::File(path) => format!("file:{path}"),
+        }
+    }
+}
+
+/// One honey token and where it was placed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Canary {
+    pub source: CanarySource,
+    pub token: String,
+}
+
+impl std::fmt::Debug for Canary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token itself.
+        f.debug_struct("Canary")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `owners`, with every canary token in a found process's command line and executable path
+/// replaced by `[canary NAME]` (`owners` itself when there are no canaries).
+pub(crate) fn redacting(
+    owners: std::sync::Arc<dyn crate::owner::SocketOwners>,
+    canaries: &[Canary],
+) -> std::sync::Arc<dyn crate::owner::SocketOwners> {
+    if canaries.is_empty() {
+        return owners;
+    }
+    let names = canaries
+        .iter()
+        .map(|c| {
+            let name = match &c.source {
+                CanarySource::Env(n) | CanarySource::File(n) => n,
+            };
+            (c.token.clone(), format!("[canary {name}]"))
+        })
+        .collect();
+    std::sync::Arc::new(Redacting {
+        inner: owners,
+        names,
+    })
+}
+
+/// See [`redacting`].
+struct Redacting {
+    inner: std::sync::Arc<dyn crate::owner::SocketOwners>,
+    /// (token, what replaces it).
+    names: Vec<(String, String)>,
+}
+
+impl Redacting {
+    fn redact(&self, text: &mut String) {
+        for (token, name) in &self.names {
+            if text.contains(token.as_str()) {
+                *text = text.replace(token.as_str(), name);
+            }
+        }
+    }
+}
+
+impl crate::owner::SocketOwners for Redacting {
+    fn owner(
+        &self,
+        transport: crate::owner::Transport,
+        client: std::net::SocketAddr,
+        server: Option<std::net::SocketAddr>,
+    ) -> Option<crate::owner::ProcessInfo> {
+        let mut found = self.inner.owner(transport, client, server)?;
+        self.redact(&mut found.exe);
+        for arg in &mut found.cmdline {
+            self.redact(arg);
+        }
+        Some(found)
+    }
 }
 
 /// How a token was found.
@@ -46,34 +150,58 @@ pub struct CanaryHit {
     pub encoding: Encoding,
 }
 
-/// The tokens of one session, ready to search for.
+/// The tokens of one session, ready to search for: two automata, so that one pass over the
+/// bytes finds any of them however many tokens a session has.
 #[derive(Default)]
 pub struct Canaries {
-    needles: Vec<(usize, Encoding, memmem::Finder<'static>)>,
+    /// Every token as is and its base64 forms; pattern i is `exact_ids[i]`.
+    exact: Option<AhoCorasick>,
+    exact_ids: Vec<(usize, Encoding)>,
+    /// Every token as is, matched without regard to ASCII case; pattern i is token
+    /// `folded_ids[i]`.
+    folded: Option<AhoCorasick>,
+    folded_ids: Vec<usize>,
 }
 
 impl std::fmt::Debug for Canaries {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the tokens themselves.
         f.debug_struct("Canaries")
-            .field("needles", &self.needles.len())
+            .field("needles", &self.exact_ids.len())
             .finish()
     }
 }
 
+/// An automaton over `patterns`. Building fails only past aho-corasick's pattern and state
+/// limits, which a session's few dozen short tokens are far below.
+fn automaton(patterns: &[Vec<u8>], any_case: bool) -> Option<AhoCorasick> {
+    if patterns.is_empty() {
+        return None;
+    }
+    AhoCorasick::builder()
+        .match_kind(MatchKind::LeftmostLongest)
+        // A few dozen patterns make a small DFA: the fastest search, built once per session.
+        .kind(Some(AhoCorasickKind::DFA))
+        .ascii_case_insensitive(any_case)
+        .build(patterns)
+        .ok()
+}
+
 impl Canaries {
     pub fn new(tokens: &[String]) -> Canaries {
-        let mut needles = Vec::new();
+        let mut exact = Vec::new();
+        let mut exact_ids = Vec::new();
+        let mut folded = Vec::new();
+        let mut folded_ids = Vec::new();
         let b64 = base64::engine::general_purpose::STANDARD_NO_PAD;
         for (i, token) in tokens.iter().enumerate() {
             if token.len() < 8 {
                 continue;
             }
-            needles.push((
-                i,
-                Encoding::Plain,
-                memmem::Finder::new(token.as_bytes()).into_owned(),
-            ));
+            folded.push(token.as_bytes().to_vec());
+            folded_ids.push(i);
+            exact.push(token.as_bytes().to_vec());
+            exact_ids.push((i, Encoding::Plain));
             // The token at offset 0, 1 or 2 of a 3-byte group: the characters that encode only
             // token bytes are the same whatever surrounds it.
             for pad in 0..3usize {
@@ -83,27 +211,52 @@ impl Canaries {
                 let start = if pad == 0 { 0 } else { 4 };
                 let end = enc.len().saturating_sub(4);
                 if end > start + 8 {
-                    let core = enc.as_bytes()[start..end].to_vec();
-                    needles.push((i, Encoding::Base64, memmem::Finder::new(&core).into_owned()));
+                    exact.push(enc.as_bytes()[start..end].to_vec());
+                    exact_ids.push((i, Encoding::Base64));
                 }
             }
         }
-        Canaries { needles }
+        Canaries {
+            exact: automaton(&exact, false),
+            exact_ids,
+            folded: automaton(&folded, true),
+            folded_ids,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.needles.is_empty()
+        self.exact_ids.is_empty()
+    }
+
+    /// The first token found in a DNS name, compared without regard to letter case (a name is
+    /// case-insensitive, and arrives lower-cased).
+    pub fn scan_name(&self, name: &str) -> Option<CanaryHit> {
+        let m = self.folded.as_ref()?.find(name)?;
+        Some(CanaryHit {
+            token: *self.folded_ids.get(m.pattern().as_usize())?,
+            encoding: Encoding::Plain,
+        })
+    }
+
+    /// Every place a token occurs in `text` as is, in any letter case: (start, end, token),
+    /// in order, not overlapping.
+    pub fn occurrences(&self, text: &str) -> Vec<(usize, usize, usize)> {
+        let Some(ac) = &self.folded else {
+            return Vec::new();
+        };
+        ac.find_iter(text)
+            .filter_map(|m| {
+                let token = *self.folded_ids.get(m.pattern().as_usize())?;
+                Some((m.start(), m.end(), token))
+            })
+            .collect()
     }
 
     /// The first token found in `bytes`, if any.
     pub fn scan(&self, bytes: &[u8]) -> Option<CanaryHit> {
-        self.needles
-            .iter()
-            .find(|(_, _, f)| f.find(bytes).is_some())
-            .map(|(token, encoding, _)| CanaryHit {
-                token: *token,
-                encoding: *encoding,
-            })
+        let m = self.exact.as_ref()?.find(bytes)?;
+        let (token, encoding) = *self.exact_ids.get(m.pattern().as_usize())?;
+        Some(CanaryHit { token, encoding })
     }
 }
 
@@ -133,6 +286,65 @@ mod tests {
             );
         }
         assert_eq!(c.scan(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn a_mixed_case_token_is_found_in_a_lower_cased_dns_name() {
+        let token = "AbCdEfGhIjKlMnOpQrStUvWxYz0123456789AbCd".to_owned();
+        let c = Canaries::new(std::slice::from_ref(&token));
+        let name = format!("{}.evil.test", token.to_lowercase());
+        // Case matters in request bytes, so the exact-case scan misses it…
+        assert_eq!(c.scan(name.as_bytes()), None);
+        // …and the name scan finds it, in any case.
+        assert_eq!(c.scan_name(&name).map(|h| h.token), Some(0));
+        assert_eq!(
+            c.scan_name(&format!("x.{token}.evil.test"))
+                .map(|h| h.token),
+            Some(0)
+        );
+        assert_eq!(c.scan_name("www.example.com"), None);
+    }
+
+    #[test]
+    fn a_canary_never_shows_its_token_in_debug_output() {
+        let token = new_token().unwrap();
+        let c = Canary {
+            source: CanarySource::File(".env".into()),
+            token: token.clone(),
+        };
+        let shown = format!("{c:?}");
+        assert!(!shown.contains(&token), "{shown}");
+        assert!(shown.contains(".env"), "{shown}");
+    }
+
+    #[test]
+    fn a_token_in_a_process_command_line_is_replaced_by_its_name() {
+        use crate::owner::{ProcessInfo, SocketOwners, Transport};
+        struct Fixed(String);
+        impl SocketOwners for Fixed {
+            fn owner(
+                &self,
+                _: Transport,
+                _: std::net::SocketAddr,
+                _: Option<std::net::SocketAddr>,
+            ) -> Option<ProcessInfo> {
+                Some(ProcessInfo {
+                    pid: 3,
+                    exe: format!("/tmp/{}", self.0),
+                    cmdline: vec!["curl".into(), format!("-HX-Key: {}", self.0)],
+                })
+            }
+        }
+        let token = new_token().unwrap();
+        let canaries = [Canary {
+            source: CanarySource::File(".aws/credentials".into()),
+            token: token.clone(),
+        }];
+        let owners = redacting(std::sync::Arc::new(Fixed(token.clone())), &canaries);
+        let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let p = owners.owner(Transport::Tcp, addr, None).unwrap();
+        assert_eq!(p.exe, "/tmp/[canary .aws/credentials]");
+        assert_eq!(p.cmdline, ["curl", "-HX-Key: [canary .aws/credentials]"]);
     }
 
     #[test]

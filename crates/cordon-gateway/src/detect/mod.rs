@@ -1,11 +1,12 @@
 //! Detection: per-session anomaly rules over the gateway's own events.
 //!
 //! Guarantees:
-//! - Every rule sees exactly what the audit sees: [`Detector::observe`] is called by
-//!   `Ctx::emit` with each event of the session, after it went to the sink, so a firing is never
-//!   about traffic that was not recorded. Honey tokens are also looked for in each plain-HTTP
-//!   request head and the body bytes already read with it, before anything goes upstream
-//!   ([`Detector::scan_request`]).
+//! - Every rule sees what the audit sees: [`Detector::observe`] is called by `Ctx::emit` with
+//!   each event of the session just before it goes to the sink, so a firing is never about
+//!   traffic that is not recorded; the sink then gets the event with every honey token replaced
+//!   by its name ([`Detector::redact_event`]). Honey tokens are also looked for in each
+//!   plain-HTTP request head and the body bytes already read with it, before anything goes
+//!   upstream ([`Detector::scan`]).
 //! - Each rule fires at most once per session; after that it stops counting (so a flood after
 //!   the firing costs nothing). A firing names the rule, the signal, the numbers and the
 //!   threshold ([`Detection`]).
@@ -28,7 +29,7 @@ use cordon_policy::{DetectPolicy, Response};
 use serde::Serialize;
 
 use crate::event::{EventKind, NetEvent, SessionInfo, Verdict, Via};
-use canary::Canaries;
+use canary::{Canaries, Canary, CanarySource};
 use window::{Distinct, Window};
 
 /// The rules, as named in the policy (`[detect.<rule>]`) and in alerts.
@@ -220,20 +221,20 @@ struct State {
 pub(crate) struct Detector {
     policy: DetectPolicy,
     canaries: Canaries,
-    /// The canary rule's variable names, by token index.
-    canary_names: Vec<String>,
+    /// Where each token was placed, by token index.
+    canary_sources: Vec<CanarySource>,
     fired: AtomicU8,
     state: Mutex<State>,
 }
 
 impl Detector {
-    /// `canaries`: (variable name, token) pairs placed in the sandbox.
-    pub fn new(policy: DetectPolicy, canaries: &[(String, String)]) -> Detector {
-        let tokens: Vec<String> = canaries.iter().map(|(_, t)| t.clone()).collect();
+    /// `canaries`: the honey tokens placed in the sandbox.
+    pub fn new(policy: DetectPolicy, canaries: &[Canary]) -> Detector {
+        let tokens: Vec<String> = canaries.iter().map(|c| c.token.clone()).collect();
         Detector {
             policy,
             canaries: Canaries::new(&tokens),
-            canary_names: canaries.iter().map(|(n, _)| n.clone()).collect(),
+            canary_sources: canaries.iter().map(|c| c.source.clone()).collect(),
             fired: AtomicU8::new(0),
             state: Mutex::new(State::default()),
         }
@@ -255,41 +256,140 @@ impl Detector {
             return None;
         }
         let hit = self.canaries.scan(bytes)?;
-        let name = self
-            .canary_names
-            .get(hit.token)
+        Some(self.canary_fired(session, hit.token, hit.encoding, where_))
+    }
+
+    /// Looks for a honey token in a host name: as is in any letter case, or base64-encoded in
+    /// a name kept as the sandbox wrote it.
+    fn scan_name(&self, session: &SessionInfo, name: &str, where_: &str) -> Option<Detection> {
+        if self.canaries.is_empty() || self.has_fired(Rule::Canary) {
+            return None;
+        }
+        let hit = self
+            .canaries
+            .scan_name(name)
+            .or_else(|| self.canaries.scan(name.as_bytes()))?;
+        Some(self.canary_fired(session, hit.token, hit.encoding, where_))
+    }
+
+    /// A token found by another scanner (the DLP's streaming body scan), reported under its
+    /// pattern name ([`CanarySource::pattern_name`]).
+    pub fn canary_seen(
+        &self,
+        session: &SessionInfo,
+        pattern_name: &str,
+        where_: &str,
+    ) -> Option<Detection> {
+        if self.has_fired(Rule::Canary) {
+            return None;
+        }
+        let token = self
+            .canary_sources
+            .iter()
+            .position(|s| s.pattern_name() == pattern_name)?;
+        Some(self.canary_fired(session, token, canary::Encoding::Plain, where_))
+    }
+
+    fn canary_fired(
+        &self,
+        session: &SessionInfo,
+        token: usize,
+        encoding: canary::Encoding,
+        where_: &str,
+    ) -> Detection {
+        let source = self
+            .canary_sources
+            .get(token)
             .cloned()
-            .unwrap_or_default();
+            .unwrap_or(CanarySource::Env(String::new()));
+        let placed = match &source {
+            CanarySource::Env(name) => ("variable", Evidence::from(name.as_str())),
+            CanarySource::File(path) => ("file", Evidence::from(path.as_str())),
+        };
         let c = &self.policy.canary;
-        Some(Detection::new(
+        Detection::new(
             Rule::Canary,
             "token",
             Severity::Critical,
             c.response,
             c.alert,
             session,
-            format!("canary credential {name} sent out ({where_})"),
+            format!(
+                "canary credential {} sent out ({where_})",
+                source.describe()
+            ),
             [
-                ("variable", Evidence::from(name.as_str())),
+                placed,
                 ("seen_in", where_.into()),
-                ("encoding", hit.encoding.as_str().into()),
+                ("encoding", encoding.as_str().into()),
             ],
-        ))
+        )
     }
 
     /// Feeds one event of the session; returns a firing, if this event made a rule fire.
     pub fn observe(&self, e: &NetEvent) -> Option<Detection> {
-        self.observe_at(e, Instant::now())
+        self.observe_at(e, Instant::now()).map(|mut d| {
+            for v in d.evidence.values_mut() {
+                if let Evidence::Text(t) = v {
+                    if let Some(r) = self.redact(t) {
+                        *t = r;
+                    }
+                }
+            }
+            d
+        })
+    }
+
+    /// `text` with every honey token in it (as is, any letter case) replaced by `[canary
+    /// NAME]`, or `None` when it holds none: what the sandbox sent may be recorded, a token
+    /// may not.
+    pub fn redact(&self, text: &str) -> Option<String> {
+        let found = self.canaries.occurrences(text);
+        if found.is_empty() {
+            return None;
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut at = 0;
+        for (start, end, token) in found {
+            out.push_str(text.get(at..start).unwrap_or_default());
+            let name = match self.canary_sources.get(token) {
+                Some(CanarySource::Env(n) | CanarySource::File(n)) => n.as_str(),
+                None => "",
+            };
+            out.push_str(&format!("[canary {name}]"));
+            at = end;
+        }
+        out.push_str(text.get(at..).unwrap_or_default());
+        Some(out)
+    }
+
+    /// Redacts the fields of an event that carry what the sandbox sent (see [`Self::redact`]).
+    pub fn redact_event(&self, e: &mut NetEvent) {
+        if self.canaries.is_empty() {
+            return;
+        }
+        for field in [&mut e.host, &mut e.path, &mut e.reason] {
+            if let Some(r) = field.as_deref().and_then(|t| self.redact(t)) {
+                *field = Some(r);
+            }
+        }
     }
 
     fn observe_at(&self, e: &NetEvent, now: Instant) -> Option<Detection> {
         let p = &self.policy;
-        if e.via == Via::Dns {
-            if let Some(host) = &e.host {
-                if let Some(d) = self.scan(&e.session, host.as_bytes(), "dns name") {
-                    return Some(d);
-                }
+        if let Some(host) = &e.host {
+            // A name the sandbox asked for or connected to (a DNS query, a CONNECT authority,
+            // a TLS SNI, a Host header), lower-cased by the time it is an event.
+            let where_ = if e.via == Via::Dns {
+                "dns name"
+            } else {
+                "destination name"
+            };
+            if let Some(d) = self.scan_name(&e.session, host, where_) {
+                return Some(d);
             }
+        }
+        if e.via == Via::Dns {
             if !p.dns_tunnel.enabled || self.has_fired(Rule::DnsTunnel) {
                 return None;
             }

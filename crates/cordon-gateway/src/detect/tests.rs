@@ -299,24 +299,21 @@ fn a_rule_is_claimed_once() {
     assert_eq!(first_firing(&d, &events, Instant::now()), None);
 }
 
-#[test]
-fn a_canary_in_a_dns_name_or_request_bytes_is_a_high_severity_firing() {
-    let token = canary::new_token().unwrap();
-    let d = Detector::new(
+/// A detector at the default policy with one honey token placed at `source`.
+fn with_canary(source: CanarySource, token: &str) -> Detector {
+    Detector::new(
         DetectPolicy::default(),
-        &[("AWS_SECRET_ACCESS_KEY".into(), token.clone())],
-    );
-    let x = d
-        .observe(&dns(
-            &format!("{}.evil.test", token.to_lowercase()),
-            "A",
-            Verdict::Block,
-        ))
-        .map(|x| x.signal);
-    // DNS names are case-insensitive and arrive lower-cased: a mixed-case token is not found
-    // there unless it was sent as is; this one has upper-case letters, so only the exact form
-    // counts.
-    let _ = x;
+        &[Canary {
+            source,
+            token: token.to_owned(),
+        }],
+    )
+}
+
+#[test]
+fn a_canary_in_request_bytes_is_a_critical_firing_naming_the_variable() {
+    let token = canary::new_token().unwrap();
+    let d = with_canary(CanarySource::Env("AWS_SECRET_ACCESS_KEY".into()), &token);
     let head = format!("GET / HTTP/1.1\r\nX-Key: {token}\r\n\r\n");
     let x = d.scan(&session(), head.as_bytes(), "request head").unwrap();
     assert_eq!((x.rule, x.severity), (Rule::Canary, Severity::Critical));
@@ -325,6 +322,91 @@ fn a_canary_in_a_dns_name_or_request_bytes_is_a_high_severity_firing() {
         "canary credential AWS_SECRET_ACCESS_KEY sent out (request head)"
     );
     assert_eq!(x.response, Response::Terminate);
+    assert_eq!(
+        x.evidence.get("variable"),
+        Some(&Evidence::from("AWS_SECRET_ACCESS_KEY"))
+    );
+    assert!(!format!("{x:?}").contains(&token));
+}
+
+/// DNS names arrive lower-cased (the gateway normalises them, and resolvers may too): a token
+/// with capital letters must still be found there.
+#[test]
+fn a_mixed_case_canary_in_a_lower_cased_dns_name_fires_naming_its_file() {
+    let token = "Q7xKp2LmN9vB4tR8sW1yZ6cD3fG5hJ0aE2uI7oPq".to_owned();
+    let files = [
+        Canary {
+            source: CanarySource::File(".aws/credentials".into()),
+            token: canary::new_token().unwrap(),
+        },
+        Canary {
+            source: CanarySource::File(".env".into()),
+            token: token.clone(),
+        },
+    ];
+    let d = Detector::new(DetectPolicy::default(), &files);
+    let name = format!("{}.evil.test", token.to_lowercase());
+    let x = d.observe(&dns(&name, "A", Verdict::Block)).unwrap();
+    assert_eq!((x.rule, x.severity), (Rule::Canary, Severity::Critical));
+    assert_eq!(
+        x.summary,
+        "canary credential from workspace file .env sent out (dns name)"
+    );
+    assert_eq!(x.evidence.get("file"), Some(&Evidence::from(".env")));
+    assert!(!x.summary.contains(&token) && !x.summary.contains(&token.to_lowercase()));
+    // What is recorded names the file instead of the token, in the host and the reason.
+    let mut e = dns(&name, "A", Verdict::Block);
+    e.reason = Some(format!("host {name} is not in the allowlist"));
+    d.redact_event(&mut e);
+    assert_eq!(e.host.as_deref(), Some("[canary .env].evil.test"));
+    assert_eq!(
+        e.reason.as_deref(),
+        Some("host [canary .env].evil.test is not in the allowlist")
+    );
+    assert_eq!(
+        d.redact(&format!("/a?k={token}&j={token}x")).as_deref(),
+        Some("/a?k=[canary .env]&j=[canary .env]x")
+    );
+    assert_eq!(d.redact("/nothing/here"), None);
+    // Once fired (claimed by whoever carries out the response), the rule stops looking.
+    assert!(d.claim(Rule::Canary));
+    assert_eq!(d.observe(&dns(&name, "A", Verdict::Block)), None);
+}
+
+/// A token in the name of a destination (a CONNECT authority or TLS SNI, recorded lower-cased
+/// with the refused or finished connection) fires the rule too.
+#[test]
+fn a_canary_in_a_destination_name_fires_the_rule() {
+    let token = canary::new_token().unwrap();
+    let d = with_canary(CanarySource::Env("API_TOKEN".into()), &token);
+    let mut e = NetEvent::new(
+        EventKind::Blocked,
+        &session(),
+        Via::Transparent,
+        Verdict::Block,
+    );
+    e.host = Some(format!("{}.evil.test", token.to_lowercase()));
+    let x = d.observe(&e).unwrap();
+    assert_eq!(
+        x.summary,
+        "canary credential API_TOKEN sent out (destination name)"
+    );
+}
+
+#[test]
+fn a_canary_reported_by_the_streaming_scan_fires_under_its_source() {
+    let d = with_canary(
+        CanarySource::File(".netrc".into()),
+        &canary::new_token().unwrap(),
+    );
+    assert_eq!(d.canary_seen(&session(), "OTHER", "body"), None);
+    let x = d
+        .canary_seen(&session(), "file:.netrc", "intercepted request body")
+        .unwrap();
+    assert_eq!(
+        x.summary,
+        "canary credential from workspace file .netrc sent out (intercepted request body)"
+    );
 }
 
 #[test]

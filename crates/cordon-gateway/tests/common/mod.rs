@@ -281,8 +281,8 @@ pub struct Running {
 pub struct Options {
     pub clients: Clients,
     pub detect: DetectPolicy,
-    /// Honey tokens (variable name, value).
-    pub canaries: Vec<(String, String)>,
+    /// Honey tokens.
+    pub canaries: Vec<cordon_gateway::detect::canary::Canary>,
     pub original_dst: Option<Arc<dyn OriginalDst>>,
     pub timeouts: Timeouts,
     pub intercept: Option<Arc<cordon_gateway::InterceptConfig>>,
@@ -594,4 +594,17 @@ pub fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
+}
+
+/// A response's status, `X-Cordon-Reason` and body text.
+pub async fn response_parts(resp: hyper::Response<hyper::body::Incoming>) -> (u16, String, String) {
+    use http_body_util::BodyExt;
+    let status = resp.status().as_u16();
+    let reason = resp
+        .headers()
+        .get("x-cordon-reason")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, reason, String::from_utf8_lossy(&body).into_owned())
 }

@@ -3,6 +3,7 @@
 //! query and the body — so a test can see both what reached it and what the client got back.
 #![allow(dead_code)]
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -36,8 +37,18 @@ impl TestCa {
         }
     }
 
-    /// A server config for `names`, signed by this CA.
+    /// A server config for `names`, signed by this CA, speaking only HTTP/1.1.
     pub fn server(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
+        self.server_alpn(names, &[b"http/1.1"])
+    }
+
+    /// Like [`TestCa::server`], offering `h2` before `http/1.1` (the origin speaks what the
+    /// client picks).
+    pub fn server_h2(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
+        self.server_alpn(names, &[b"h2", b"http/1.1"])
+    }
+
+    fn server_alpn(&self, names: &[&str], alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
         let key = KeyPair::generate().unwrap();
         let params =
             CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
@@ -54,14 +65,38 @@ impl TestCa {
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         )
         .unwrap();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Arc::new(config)
+    }
+}
+
+fn never(n: Infallible) -> hyper::Error {
+    match n {}
+}
+
+/// A body of one data frame and a trailers frame.
+struct WithTrailers(Option<Bytes>, Option<hyper::HeaderMap>);
+
+impl hyper::body::Body for WithTrailers {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        let frame = match self.0.take() {
+            Some(d) => Some(hyper::body::Frame::data(d)),
+            None => self.1.take().map(hyper::body::Frame::trailers),
+        };
+        std::task::Poll::Ready(frame.map(Ok))
     }
 }
 
 /// One request as the origin saw it.
 #[derive(Debug, Clone)]
 pub struct Seen {
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
     pub method: String,
     pub uri: String,
     pub headers: Vec<(String, String)>,
@@ -108,6 +143,12 @@ impl TlsOrigin {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let log = log.clone();
                         async move {
+                            if req.uri().path().ends_with("/duplex") {
+                                // Full duplex: the request body streams straight back as the
+                                // response body, the head going out at once.
+                                return Ok(hyper::Response::new(req.into_body().boxed()));
+                            }
+                            let version = format!("{:?}", req.version());
                             let method = req.method().to_string();
                             let uri = req.uri().to_string();
                             let headers: Vec<(String, String)> = req
@@ -124,25 +165,56 @@ impl TlsOrigin {
                                 .map(|(_, v)| v.clone())
                                 .unwrap_or_default();
                             let echo = format!(
-                                "method={method} uri={uri} authorization={auth} body={}",
+                                "method={method} uri={uri} version={version} authorization={auth} body={}",
                                 String::from_utf8_lossy(&body)
                             );
+                            let te = headers
+                                .iter()
+                                .find(|(n, _)| n == "te")
+                                .map(|(_, v)| v.clone())
+                                .unwrap_or_default();
+                            let grpc = uri.ends_with("/grpc");
                             log.lock().unwrap().push(Seen {
+                                version,
                                 method,
                                 uri,
                                 headers,
                                 body,
                             });
-                            let resp = hyper::Response::builder()
-                                .header("x-echo-auth", auth)
-                                .body(Full::new(Bytes::from(echo)))
-                                .unwrap();
+                            let builder = hyper::Response::builder().header("x-echo-auth", &auth);
+                            let resp = if grpc {
+                                // gRPC-shaped: the status (and an echo) in trailers.
+                                let mut trailers = hyper::HeaderMap::new();
+                                trailers.insert("grpc-status", "0".parse().unwrap());
+                                trailers.insert("x-echo-auth-trailer", auth.parse().unwrap());
+                                builder
+                                    .header("x-echo-te", te)
+                                    .header("content-type", "application/grpc")
+                                    .body(
+                                        WithTrailers(Some(Bytes::from(echo)), Some(trailers))
+                                            .map_err(never)
+                                            .boxed(),
+                                    )
+                                    .unwrap()
+                            } else {
+                                builder
+                                    .body(Full::new(Bytes::from(echo)).map_err(never).boxed())
+                                    .unwrap()
+                            };
                             Ok::<_, hyper::Error>(resp)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
+                    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        let _ = hyper::server::conn::http2::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
                         .serve_connection(TokioIo::new(tls), svc)
                         .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(tls), svc)
+                            .await;
+                    }
                 });
             }
         });

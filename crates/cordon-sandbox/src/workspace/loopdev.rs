@@ -1,8 +1,9 @@
 //! Loop devices through the kernel API (`/dev/loop-control`, `LOOP_CONFIGURE`), no `losetup`.
 //!
-//! Guarantees: every device this module attaches has `LO_FLAGS_AUTOCLEAR` set in the same ioctl
+//! Guarantees: every device [`attach`] binds has `LO_FLAGS_AUTOCLEAR` set in the same ioctl
 //! that binds it, so the kernel detaches it when its last opener goes away (our fd, then the
-//! filesystem mounted on it) — also when cordon is killed with SIGKILL. A device another process
+//! filesystem mounted on it) — also when cordon is killed with SIGKILL. [`attach_persistent`]
+//! (spare volumes only) binds without it; its devices are detached by [`clear`]. A device another process
 //! grabbed between `LOOP_CTL_GET_FREE` and `LOOP_CONFIGURE` is never reused: the ioctl fails
 //! with `EBUSY` and we ask for another one.
 
@@ -18,6 +19,7 @@ use super::WorkspaceError;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
 
@@ -66,6 +68,33 @@ impl LoopDevice {
     pub fn path(&self) -> PathBuf {
         device_path(self.index)
     }
+
+    /// Opens `loop<index>` (bound or not).
+    pub fn open(index: u32) -> Result<LoopDevice, WorkspaceError> {
+        let path = device_path(index);
+        let fd = open_rw(&path).map_err(loop_err(format!("open {}", path.display())))?;
+        Ok(LoopDevice { index, _fd: fd })
+    }
+
+    /// The inode number of the file the device is bound to (`LOOP_GET_STATUS64`, which only
+    /// reads); `ENXIO` when it is not bound.
+    pub fn backing_inode(&self) -> Result<u64, WorkspaceError> {
+        // SAFETY: LoopInfo64 is plain data; all-zero is a valid value.
+        let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+        // SAFETY: LOOP_GET_STATUS64 fills the `struct loop_info64` we pass and keeps no pointer.
+        let rc = unsafe {
+            libc::ioctl(
+                self._fd.as_raw_fd(),
+                LOOP_GET_STATUS64,
+                &mut info as *mut LoopInfo64,
+            )
+        };
+        Errno::result(rc).map_err(loop_err(format!(
+            "LOOP_GET_STATUS64 {}",
+            self.path().display()
+        )))?;
+        Ok(info.lo_inode)
+    }
 }
 
 pub fn device_path(index: u32) -> PathBuf {
@@ -96,6 +125,17 @@ fn open_rw(path: &Path) -> Result<OwnedFd, Errno> {
 /// the writer's cgroup by the loop driver's per-cgroup workers, and a throwaway session's
 /// data usually never reaches the disk at all.
 pub fn attach(image: &File, image_path: &Path) -> Result<LoopDevice, WorkspaceError> {
+    attach_with(image, image_path, LO_FLAGS_AUTOCLEAR)
+}
+
+/// Binds `image` like [`attach`] but without autoclear: the device stays bound after every
+/// descriptor is closed, until [`clear`]. For spare volumes (`spares.rs`), which nothing holds
+/// open between sessions.
+pub fn attach_persistent(image: &File, image_path: &Path) -> Result<LoopDevice, WorkspaceError> {
+    attach_with(image, image_path, 0)
+}
+
+fn attach_with(image: &File, image_path: &Path, flags: u32) -> Result<LoopDevice, WorkspaceError> {
     let control =
         open_rw(Path::new("/dev/loop-control")).map_err(loop_err("open /dev/loop-control"))?;
     let mut name = [0u8; LO_NAME_SIZE];
@@ -103,7 +143,6 @@ pub fn attach(image: &File, image_path: &Path) -> Result<LoopDevice, WorkspaceEr
     // The kernel keeps only the first 63 bytes; sysfs `backing_file` has the full path.
     let n = bytes.len().min(LO_NAME_SIZE - 1);
     name[..n].copy_from_slice(&bytes[..n]);
-    let flags = LO_FLAGS_AUTOCLEAR;
     let config = LoopConfig {
         fd: image.as_raw_fd() as u32,
         block_size: 4096,

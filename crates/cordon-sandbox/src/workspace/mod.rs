@@ -8,7 +8,9 @@
 //!   `/workspace` in its own namespace, and the kernel unmounts it when the last of the two
 //!   goes away. The loop device is bound with `LO_FLAGS_AUTOCLEAR` and its image is unlinked
 //!   as soon as it is bound, so a supervisor killed with SIGKILL leaves no mount, no loop
-//!   device and no image behind ([`cleanup_stale`] handles the microseconds in between).
+//!   device and no image behind ([`cleanup_stale`] handles the microseconds in between). The
+//!   exception is a volume taken from a [`spares`] (bound without autoclear, detached at
+//!   release): a SIGKILLed session leaves its device bound until the next replenish.
 //! - Copy-in and commit never follow a symlink, never cross a host mount point, never copy a
 //!   setuid/setgid bit or a device node (see [`tree`]).
 //! - A host directory larger than the cap is refused before anything is created.
@@ -30,6 +32,8 @@
 mod image;
 mod loopdev;
 mod mountapi;
+pub mod plant;
+pub mod spares;
 pub mod tree;
 
 use std::fs::OpenOptions;
@@ -45,6 +49,7 @@ use thiserror::Error;
 
 pub use image::{ensure_template, find_mkfs, mkfs_args, template_path};
 pub use mountapi::{attach_detached_mount, clone_mount, create_tmpfs_volume};
+pub use plant::PlantError;
 pub use tree::{CommitStats, CopyInStats, Estimate, Owner, Skipped, Snapshot};
 
 /// Default cap of `/workspace`.
@@ -299,6 +304,8 @@ pub struct Timings {
     pub mount_us: u64,
     pub copy_in_us: u64,
     pub total_us: u64,
+    /// The volume was a spare (`spares.rs`): no template copy, no `LOOP_CONFIGURE`.
+    pub spare: bool,
 }
 
 /// A volume's fill level. `available_bytes == 0` means the sandbox hit the cap (`ENOSPC`).
@@ -334,6 +341,8 @@ pub struct WorkspaceVolume {
     image: Option<Flock<std::fs::File>>,
     /// Bytes in use on the volume right after mount (ext4's own accounting).
     empty_used_bytes: u64,
+    /// The loop device is a spare's (bound without autoclear): release detaches it.
+    detach_on_release: bool,
     snapshot: Snapshot,
     /// What the host dir needs, measured once in `prepare`.
     estimate: Option<tree::Estimate>,
@@ -425,6 +434,7 @@ impl WorkspaceVolume {
             loop_dev: None,
             image: None,
             empty_used_bytes: 0,
+            detach_on_release: false,
             snapshot: Snapshot::default(),
             estimate,
             copy_in: None,
@@ -461,18 +471,31 @@ impl WorkspaceVolume {
         self.timings.template_us = us(t);
 
         let t = Instant::now();
-        let image = image::clone_template(&template, &volumes)?;
-        self.timings.image_us = us(t);
-
-        let t = Instant::now();
-        let attached = loopdev::attach(&image.file, &image.path);
-        // Bound or not, the image needs no name any more: the loop device holds the file, and
-        // the blocks go back to the host the moment the device is released.
-        let _ = std::fs::remove_file(&image.path);
-        let dev = attached?;
-        self.timings.loop_us = us(t);
-        self.loop_dev = Some((dev.index, image.path.display().to_string()));
-        self.image = Some(image.file);
+        let dev = match spares::claim(&volumes, self.plan.cap_bytes) {
+            // A spare left by an earlier session's teardown: already bound, never mounted.
+            Some(spare) => {
+                self.timings.spare = true;
+                self.loop_dev = Some((spare.device.index, spare.path.display().to_string()));
+                self.image = Some(spare.image);
+                self.detach_on_release = true;
+                self.timings.image_us = us(t);
+                spare.device
+            }
+            None => {
+                let image = image::clone_template(&template, &volumes)?;
+                self.timings.image_us = us(t);
+                let t = Instant::now();
+                let attached = loopdev::attach(&image.file, &image.path);
+                // Bound or not, the image needs no name any more: the loop device holds the
+                // file, and the blocks go back to the host the moment the device is released.
+                let _ = std::fs::remove_file(&image.path);
+                let dev = attached?;
+                self.timings.loop_us = us(t);
+                self.loop_dev = Some((dev.index, image.path.display().to_string()));
+                self.image = Some(image.file);
+                dev
+            }
+        };
 
         let t = Instant::now();
         let root = mountapi::mount_ext4(&dev.path()).map_err(|e| match e {
@@ -592,6 +615,13 @@ impl WorkspaceVolume {
     }
 
     /// The loop device number backing an ext4 volume (`/dev/loopN`), for diagnostics.
+    /// `(state dir, cap)` of an ext4 volume: what [`spares::replenish`] needs to leave a
+    /// replacement for the next session once this one is released.
+    pub fn spare_key(&self) -> Option<(PathBuf, u64)> {
+        (self.plan.backend == VolumeBackend::LoopExt4)
+            .then(|| (self.plan.state_dir.clone(), self.plan.cap_bytes))
+    }
+
     pub fn loop_index(&self) -> Option<u32> {
         self.loop_dev.as_ref().map(|(index, _)| *index)
     }
@@ -688,6 +718,15 @@ impl WorkspaceVolume {
         Ok(())
     }
 
+    /// Plants one of cordon's own files (a canary credential) at `rel` in the volume, after
+    /// copy-in and before the sandbox's command starts: owned by the sandbox user, never
+    /// committed back to the host (see [`plant::plant`]).
+    pub fn plant(&mut self, rel: &Path, contents: &[u8]) -> Result<(), PlantError> {
+        let root = self.root.as_ref().ok_or(PlantError::NotReady)?;
+        let owner = self.plan.chown.then_some(self.plan.owner);
+        plant::plant(root.as_fd(), rel, contents, owner, &mut self.snapshot)
+    }
+
     /// Copies the sandbox's changes back to the host dir (after the sandbox is gone), then
     /// releases the volume. A throwaway volume is just released.
     pub fn commit(mut self) -> Result<CommitStats, WorkspaceError> {
@@ -743,6 +782,13 @@ impl WorkspaceVolume {
             drop(root);
         }
         self.image = None;
+        if self.detach_on_release {
+            // A spare is bound without autoclear: detach it now that the filesystem is gone
+            // (if a sandbox process still holds the mount, the kernel only sets autoclear).
+            if let Some((index, _)) = &self.loop_dev {
+                let _ = loopdev::clear(*index);
+            }
+        }
         if let Some((index, backing)) = self.loop_dev.take() {
             let deadline = Instant::now() + LOOP_RELEASE_WAIT;
             // sysfs appends " (deleted)" to the unlinked image's path.
@@ -764,6 +810,8 @@ impl WorkspaceVolume {
 pub struct CleanupReport {
     pub loop_devices_cleared: Vec<u32>,
     pub files_removed: Vec<PathBuf>,
+    /// Spare volumes released ([`spares`]).
+    pub spares_released: usize,
 }
 
 /// Frees what a killed cordon may have left under `state_dir`: loop devices bound to its
@@ -775,6 +823,7 @@ pub fn cleanup_stale(state_dir: &Path) -> Result<CleanupReport, WorkspaceError> 
     let volumes = state_dir.join("volumes");
     // sysfs shows resolved paths; a state dir that does not exist has nothing to clean.
     let resolved = std::fs::canonicalize(&volumes).unwrap_or_else(|_| volumes.clone());
+    report.spares_released = spares::release_all(&resolved);
     let prefix = format!("{}/", resolved.display());
     for (index, backing) in loopdev::bound_devices() {
         if backing.starts_with(&prefix) {
@@ -798,6 +847,9 @@ pub fn cleanup_stale(state_dir: &Path) -> Result<CleanupReport, WorkspaceError> 
                 continue;
             }
             let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue; // spares/: released above
+            }
             let Ok(file) = OpenOptions::new()
                 .read(true)
                 .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)

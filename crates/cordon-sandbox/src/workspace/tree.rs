@@ -16,7 +16,10 @@
 //!   session survive; a path the sandbox deleted is deleted on the host only if it was copied
 //!   in, and a directory on the host that gained new entries during the session is kept;
 //! - nesting deeper than [`MAX_DEPTH`] is refused on copy-in and skipped (reported) on commit,
-//!   so a hostile tree cannot exhaust the supervisor's stack or file descriptors.
+//!   so a hostile tree cannot exhaust the supervisor's stack or file descriptors;
+//! - a path reserved by cordon (a canary file planted after copy-in, see `plant`) is never
+//!   committed, whatever the sandbox left there, and a directory made only to hold one is
+//!   removed from the host again unless something else was committed into it.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -82,11 +85,17 @@ struct SnapEntry {
     mode: u32,
 }
 
-/// What copy-in put into the volume: the baseline commit compares against.
+/// What copy-in put into the volume: the baseline commit compares against. Also what cordon
+/// itself planted afterwards (canary files), which commit leaves out.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     paths: HashMap<PathBuf, SnapEntry>,
     inodes: HashMap<u64, Fingerprint>,
+    /// cordon's own files: never committed. The fingerprint tells whether the sandbox touched
+    /// one (then commit reports it as skipped).
+    reserved: HashMap<PathBuf, (u64, Fingerprint)>,
+    /// Directories made in the volume only to hold reserved files.
+    made_dirs: HashSet<PathBuf>,
 }
 
 impl Snapshot {
@@ -109,6 +118,19 @@ impl Snapshot {
             },
         );
         self.inodes.insert(st.st_ino, Fingerprint::of(st));
+    }
+
+    /// Marks `rel` (a file cordon just created, `st` its status) as never to be committed, and
+    /// `made_dirs` as made only to hold it.
+    pub(super) fn reserve(&mut self, rel: &Path, st: &FileStat, made_dirs: Vec<PathBuf>) {
+        self.reserved
+            .insert(rel.to_path_buf(), (st.st_ino, Fingerprint::of(st)));
+        self.made_dirs.extend(made_dirs);
+    }
+
+    /// Whether `rel` is a path cordon reserved.
+    pub fn is_reserved(&self, rel: &Path) -> bool {
+        self.reserved.contains_key(rel)
     }
 
     fn unchanged(&self, rel: &Path, kind: Kind, st: &FileStat) -> bool {
@@ -158,7 +180,7 @@ pub struct CommitStats {
 // ---------------------------------------------------------------------------------------------
 // Small, never-following primitives.
 
-fn how(flags: OFlag) -> OpenHow {
+pub(super) fn how(flags: OFlag) -> OpenHow {
     OpenHow::new()
         .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
         .resolve(
@@ -169,7 +191,10 @@ fn how(flags: OFlag) -> OpenHow {
 }
 
 /// Opens a directory beneath `parent` (`name` may be "." or a relative path).
-fn open_dir<P: ?Sized + nix::NixPath>(parent: BorrowedFd<'_>, name: &P) -> Result<OwnedFd, Errno> {
+pub(super) fn open_dir<P: ?Sized + nix::NixPath>(
+    parent: BorrowedFd<'_>,
+    name: &P,
+) -> Result<OwnedFd, Errno> {
     openat2(parent, name, how(OFlag::O_RDONLY | OFlag::O_DIRECTORY))
 }
 
@@ -182,7 +207,7 @@ fn open_read(parent: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd, Errno> {
     )
 }
 
-fn lstat_at(parent: BorrowedFd<'_>, name: &OsStr) -> Result<FileStat, Errno> {
+pub(super) fn lstat_at(parent: BorrowedFd<'_>, name: &OsStr) -> Result<FileStat, Errno> {
     fstatat(parent, name, AtFlags::AT_SYMLINK_NOFOLLOW)
 }
 
@@ -768,12 +793,29 @@ impl Commit<'_> {
             let Some(name) = top.names.next() else {
                 if let Some(frame) = stack.pop() {
                     self.finish_dir(&frame)?;
+                    if let Some(parent) = stack.last() {
+                        self.drop_if_only_for_canaries(parent.to.as_fd(), &frame);
+                    }
                 }
                 continue;
             };
             let (vol, host) = (top.from.as_fd(), top.to.as_fd());
             let child = top.rel.join(&name);
             let depth = top.depth + 1;
+            if let Some((ino, print)) = self.snapshot.reserved.get(&child) {
+                // cordon's own file (a canary): never committed. Said only when the sandbox
+                // changed or replaced it, so that a file the code wrote there is not lost
+                // silently.
+                let untouched = lstat_at(vol, &name).is_ok_and(|st| {
+                    kind_of(&st) == Some(Kind::File)
+                        && st.st_ino == *ino
+                        && Fingerprint::of(&st) == *print
+                });
+                if !untouched {
+                    self.skip(&child, "a canary file of this session: not committed");
+                }
+                continue;
+            }
             self.seen.insert(child.clone());
             let fail = |op: &'static str| {
                 let path = child.clone();
@@ -795,6 +837,15 @@ impl Commit<'_> {
                         continue;
                     }
                     let is_dir = host_st.as_ref().and_then(kind_of) == Some(Kind::Dir);
+                    if !is_dir && host_st.is_some() && self.snapshot.made_dirs.contains(&child) {
+                        // Made by cordon for a canary file, and the host has something else
+                        // there now: the host's entry stays.
+                        self.skip(
+                            &child,
+                            "made for a canary file, and the host has a non-directory there: not committed",
+                        );
+                        continue;
+                    }
                     if !is_dir {
                         if host_st.is_some() {
                             remove_tree(host, &name, 0).map_err(fail("remove to make a dir"))?;
@@ -861,6 +912,20 @@ impl Commit<'_> {
             }
         }
         Ok(())
+    }
+
+    /// A host directory this commit created for a directory cordon made only to hold canary
+    /// files is removed again if nothing was committed into it (`rmdir` fails otherwise).
+    fn drop_if_only_for_canaries(&mut self, host_parent: BorrowedFd<'_>, frame: &Frame<DirDone>) {
+        let created = frame.finish.as_ref().is_some_and(|d| d.created);
+        if !created || !self.snapshot.made_dirs.contains(&frame.rel) {
+            return;
+        }
+        if let Some(name) = frame.rel.file_name() {
+            if unlinkat(host_parent, name, UnlinkatFlags::RemoveDir).is_ok() {
+                self.stats.dirs_created = self.stats.dirs_created.saturating_sub(1);
+            }
+        }
     }
 
     /// A directory's mode, once its children are in: set when new or changed in the sandbox.
