@@ -9,13 +9,18 @@
 //! - [`Store::export_jsonl`] streams: one record is in memory at a time, whatever the size of
 //!   the result. Each line is one [`EventRecord`] with stable field names.
 //! - A session filter is a prefix match; `*`, `?` and `[` in it are matched literally.
+//! - A record reads back with its session's id, user id and code hash unless it stores its own
+//!   ([`crate::schema`]): exactly the values the hash chain covers ([`crate::chain`]).
+//! - Filters use the store's indexes: a session or user filter goes through `sessions` and the
+//!   `(sid, session_seq)` index, a time filter becomes an id range through `batches`; no filter
+//!   scans more than the id range its times allow.
 
 use std::io::Write;
 
 use rusqlite::types::Value;
 use serde::{Deserialize, Serialize};
 
-use crate::chain::HASHED_COLUMNS;
+use crate::chain::{hash_text, V2_COLUMNS};
 use crate::event::{Event, EventKind, EventRecord, Verdict};
 use crate::schema::BLOCKED_SQL;
 use crate::store::{Store, StoreError};
@@ -100,62 +105,90 @@ fn limit_value(limit: usize) -> Value {
     Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX))
 }
 
+/// A record as it reads back: `id`, the values of [`V2_COLUMNS`] (the session's attribution
+/// unless the record has its own), `prev_hash`, `hash`; from [`RECORD_FROM`].
+pub(crate) const RECORD_SELECT: &str = "e.id, COALESCE(e.session_id, s.id), e.session_seq, \
+    e.kind, COALESCE(e.user_id, s.user_id), COALESCE(e.code_sha256, s.code_sha256), e.ts_ms, \
+    e.host, e.ip, e.port, e.method, e.path, e.bytes_up, e.bytes_down, e.duration_ms, e.verdict, \
+    e.rule, e.reason, e.detail, e.pid, e.exe, e.cmdline, e.prev_hash, e.hash";
+
+/// The tables [`RECORD_SELECT`] reads: a record without a session row still comes back (and
+/// fails to load, rather than vanishing).
+pub(crate) const RECORD_FROM: &str = "events e LEFT JOIN sessions s ON s.sid = e.sid";
+
 /// The SQL and parameters for `filter`: a pure function, pinned by tests.
 pub(crate) fn events_sql(filter: &EventFilter) -> (String, Vec<Value>) {
     let mut clauses: Vec<String> = Vec::new();
     let mut params: Vec<Value> = Vec::new();
+    // Every `?` of `clause` is the same new parameter.
     let mut param = |clause: &str, value: Value, clauses: &mut Vec<String>| {
         params.push(value);
         clauses.push(clause.replace('?', &format!("?{}", params.len())));
     };
     if let Some(session) = &filter.session {
         param(
-            "session_id GLOB ?",
+            "e.sid IN (SELECT sid FROM sessions WHERE id GLOB ?)",
             Value::Text(glob_prefix(session)),
             &mut clauses,
         );
     }
     if let Some(user) = &filter.user {
-        param("user_id = ?", Value::Text(user.clone()), &mut clauses);
+        // The session's user, unless the record has its own.
+        param(
+            "((e.user_id IS NULL AND e.sid IN (SELECT sid FROM sessions WHERE user_id = ?)) \
+             OR e.user_id = ?)",
+            Value::Text(user.clone()),
+            &mut clauses,
+        );
     }
     if let Some(kind) = filter.kind {
-        param("kind = ?", Value::Text(kind.as_str().into()), &mut clauses);
+        param(
+            "e.kind = ?",
+            Value::Text(kind.as_str().into()),
+            &mut clauses,
+        );
     }
     if let Some(verdict) = filter.verdict {
         param(
-            "verdict = ?",
+            "e.verdict = ?",
             Value::Text(verdict.as_str().into()),
             &mut clauses,
         );
     }
+    // A record with `ts_ms >= since` lies in a batch whose newest time is `>= since`: the first
+    // such batch bounds the ids from below (NULL when there is none: no record matches).
     if let Some(since) = filter.since {
         param(
-            "ts_ms >= ?",
+            "e.ts_ms >= ? AND e.id >= (SELECT MIN(+first_id) FROM batches WHERE max_ms >= ?)",
             Value::Integer(since.as_millis()),
             &mut clauses,
         );
     }
     if let Some(until) = filter.until {
-        param("ts_ms < ?", Value::Integer(until.as_millis()), &mut clauses);
+        param(
+            "e.ts_ms < ? AND e.id <= (SELECT MAX(+last_id) FROM batches WHERE min_ms < ?)",
+            Value::Integer(until.as_millis()),
+            &mut clauses,
+        );
     }
     if let Some(after) = filter.after_id {
-        param("id > ?", Value::Integer(after), &mut clauses);
+        param("e.id > ?", Value::Integer(after), &mut clauses);
     }
     if filter.blocked_only {
         clauses.push(BLOCKED_SQL.to_owned());
     }
-    let columns = format!("id, {}, prev_hash, hash", HASHED_COLUMNS.join(", "));
     let where_sql = if clauses.is_empty() {
         String::new()
     } else {
         format!(" WHERE {}", clauses.join(" AND "))
     };
     let sql = match filter.limit {
-        None => format!("SELECT {columns} FROM events{where_sql} ORDER BY id"),
+        None => format!("SELECT {RECORD_SELECT} FROM {RECORD_FROM}{where_sql} ORDER BY e.id"),
         Some(limit) => {
             params.push(limit_value(limit));
             format!(
-                "SELECT * FROM (SELECT {columns} FROM events{where_sql} ORDER BY id DESC LIMIT ?{}) ORDER BY id",
+                "SELECT * FROM (SELECT {RECORD_SELECT} FROM {RECORD_FROM}{where_sql} \
+                 ORDER BY e.id DESC LIMIT ?{}) ORDER BY 1",
                 params.len()
             )
         }
@@ -319,7 +352,7 @@ impl Store {
         Ok(count)
     }
 
-    /// Builds a record from a row of `id, HASHED_COLUMNS…, prev_hash, hash`.
+    /// Builds a record from a row of [`RECORD_SELECT`].
     fn record_from_row(&self, row: &rusqlite::Row<'_>) -> Result<EventRecord, StoreError> {
         let id: i64 = row.get(0).map_err(self.sql_err("read event id"))?;
         let bad = |reason: String| StoreError::BadRecord {
@@ -328,7 +361,7 @@ impl Store {
             reason,
         };
         let col = |name: &str| -> Result<usize, StoreError> {
-            HASHED_COLUMNS
+            V2_COLUMNS
                 .iter()
                 .position(|c| *c == name)
                 .map(|i| i + 1)
@@ -383,7 +416,7 @@ impl Store {
                 },
             }),
         };
-        let n = HASHED_COLUMNS.len();
+        let n = V2_COLUMNS.len();
         Ok(EventRecord {
             id,
             session_seq: int("session_seq")?.ok_or_else(|| bad("session_seq is NULL".into()))?,
@@ -407,8 +440,14 @@ impl Store {
                 detail,
                 process,
             },
-            prev_hash: row.get(n + 1).map_err(|e| bad(format!("prev_hash: {e}")))?,
-            hash: row.get(n + 2).map_err(|e| bad(format!("hash: {e}")))?,
+            prev_hash: row
+                .get_ref(n + 1)
+                .map(hash_text)
+                .map_err(|e| bad(format!("prev_hash: {e}")))?,
+            hash: row
+                .get_ref(n + 2)
+                .map(hash_text)
+                .map_err(|e| bad(format!("hash: {e}")))?,
         })
     }
 }
@@ -426,7 +465,10 @@ mod tests {
     #[test]
     fn an_empty_filter_selects_everything_in_order() {
         let (sql, params) = events_sql(&EventFilter::default());
-        assert!(sql.ends_with("FROM events ORDER BY id"), "{sql}");
+        assert!(
+            sql.ends_with("FROM events e LEFT JOIN sessions s ON s.sid = e.sid ORDER BY e.id"),
+            "{sql}"
+        );
         assert!(params.is_empty());
     }
 
@@ -458,15 +500,16 @@ mod tests {
             ]
         );
         for fragment in [
-            "session_id GLOB ?1",
-            "user_id = ?2",
-            "kind = ?3",
-            "verdict = ?4",
-            "ts_ms >= ?5",
-            "ts_ms < ?6",
-            "id > ?7",
+            "e.sid IN (SELECT sid FROM sessions WHERE id GLOB ?1)",
+            "((e.user_id IS NULL AND e.sid IN (SELECT sid FROM sessions WHERE user_id = ?2))",
+            "OR e.user_id = ?2)",
+            "e.kind = ?3",
+            "e.verdict = ?4",
+            "e.ts_ms >= ?5 AND e.id >= (SELECT MIN(+first_id) FROM batches WHERE max_ms >= ?5)",
+            "e.ts_ms < ?6 AND e.id <= (SELECT MAX(+last_id) FROM batches WHERE min_ms < ?6)",
+            "e.id > ?7",
             BLOCKED_SQL,
-            "ORDER BY id DESC LIMIT ?8) ORDER BY id",
+            "ORDER BY e.id DESC LIMIT ?8) ORDER BY 1",
         ] {
             assert!(sql.contains(fragment), "{fragment} missing from {sql}");
         }

@@ -4,22 +4,31 @@
 //! - [`Store::verify`] walks every record in id order inside one read transaction and reports the
 //!   first bad one: a gap in the ids (a deleted record), a `prev_hash` that is not the previous
 //!   record's hash (a reordered, inserted or re-hashed record), a hash that does not match the
-//!   record's contents (an edited record), or a chain that ends before or after the recorded
-//!   chain head (records deleted from, or appended past, the end). It keeps walking after the
-//!   first problem, re-synchronising on the stored hash, so `bad_records` counts them all.
+//!   record's contents as it reads back (an edited record, or an edited session id, user id or
+//!   code hash in `sessions`), a record from before schema 3 whose session number points to
+//!   another session, a record that the time index (`batches`) does not cover (time queries
+//!   would miss it), or a chain that ends before or after the recorded chain head (records
+//!   deleted from, or appended past, the end). It keeps walking after the first problem,
+//!   re-synchronising on the stored hash, so `bad_records` counts them all. Both hash formats
+//!   ([`crate::chain`]) are checked, each by its own rule.
 //! - [`Store::prune_before`] deletes a prefix of the chain — every record up to (not including)
 //!   the first one at or after the cutoff — and records an anchor holding the last deleted
 //!   record's id and hash, in the same `BEGIN IMMEDIATE` transaction. Verification starts from
 //!   the newest anchor, so the remaining chain still verifies. Pruning refuses to run on a chain
 //!   that does not verify: it would otherwise destroy the evidence and bless what remains.
 //! - The session summaries of the sessions that lost events are recomputed from what remains;
-//!   sessions with no events left are removed.
+//!   sessions with no events left are removed, and so are the time index rows of deleted
+//!   batches.
 
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
 
-use crate::chain::{record_hash, GENESIS_HASH, HASHED_COLUMNS};
+use crate::chain::{
+    hash_text, hash_value, record_hash_v1, record_hash_v2, unhex, Hash, GENESIS_HASH,
+    HASHED_COLUMNS, V2_COLUMNS,
+};
+use crate::query::{RECORD_FROM, RECORD_SELECT};
 use crate::schema::BLOCKED_SQL;
 use crate::store::{read_head, ChainHead, Store, StoreError};
 use crate::timestamp::Timestamp;
@@ -92,14 +101,29 @@ fn latest_anchor(conn: &Connection) -> rusqlite::Result<Option<Anchor>> {
     .optional()
 }
 
+/// The columns a record from before schema 3 stores itself and hashes (chain v1), after
+/// [`RECORD_SELECT`]: `session_id`, `user_id`, `code_sha256`, `ts`, then the session row's id.
+const RAW_SELECT: &str = "e.session_id, e.user_id, e.code_sha256, e.ts, s.id";
+
+/// One row of `batches`.
+struct Batch {
+    first_id: i64,
+    last_id: i64,
+    min_ms: i64,
+    max_ms: i64,
+}
+
 /// Walks the chain on `conn` (which the caller keeps inside one transaction).
 fn verify_on(conn: &Connection) -> rusqlite::Result<VerifyReport> {
     let head = read_head(conn)?;
     let anchor = latest_anchor(conn)?;
-    let (mut expected_id, mut expected_prev) = match &anchor {
-        Some(a) => (a.seq + 1, a.hash.clone()),
-        None => (1, GENESIS_HASH.to_owned()),
+    let (mut expected_id, start) = match &anchor {
+        Some(a) => (a.seq + 1, a.hash.as_str()),
+        None => (1, GENESIS_HASH),
     };
+    // What the next record must link to; `None` when the stored link is not a hash at all.
+    let mut expected_prev: Option<Hash> = unhex(start.as_bytes());
+    let mut last_stored = start.to_owned();
     let mut report = VerifyReport {
         checked: 0,
         first_bad: None,
@@ -107,29 +131,40 @@ fn verify_on(conn: &Connection) -> rusqlite::Result<VerifyReport> {
         anchor,
         head,
     };
-    let n = HASHED_COLUMNS.len();
-    let sql = format!(
-        "SELECT id, {}, prev_hash, hash FROM events ORDER BY id",
-        HASHED_COLUMNS.join(", ")
-    );
+    let mut batches_stmt =
+        conn.prepare("SELECT first_id, last_id, min_ms, max_ms FROM batches ORDER BY first_id")?;
+    let mut batches = batches_stmt.query_map([], |row| {
+        Ok(Batch {
+            first_id: row.get(0)?,
+            last_id: row.get(1)?,
+            min_ms: row.get(2)?,
+            max_ms: row.get(3)?,
+        })
+    })?;
+    let mut batch: Option<Batch> = None;
+    let n = V2_COLUMNS.len();
+    let sql = format!("SELECT {RECORD_SELECT}, {RAW_SELECT} FROM {RECORD_FROM} ORDER BY e.id");
     let mut stmt = conn.prepare(&sql)?;
     let mut rows = stmt.query([])?;
+    let mut scratch = Vec::with_capacity(512);
     while let Some(row) = rows.next()? {
         report.checked += 1;
         let id: i64 = row.get(0)?;
-        let fields = (1..=n)
-            .map(|i| row.get_ref(i))
-            .collect::<rusqlite::Result<Vec<ValueRef<'_>>>>()?;
+        let ts_ms: Option<i64> = row.get(6)?;
         let prev = row.get_ref(n + 1)?;
         let stored = row.get_ref(n + 2)?;
-        let prev_bytes = match prev {
-            ValueRef::Text(t) => t,
-            _ => &[][..],
-        };
-        let stored_hash = match stored {
-            ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
-            _ => String::new(),
-        };
+        let stored_hash = hash_value(stored);
+        while batch.as_ref().is_none_or(|b| b.last_id < id) {
+            match batches.next().transpose()? {
+                Some(b) => batch = Some(b),
+                None => break,
+            }
+        }
+        let covered = batch.as_ref().is_some_and(|b| {
+            b.first_id <= id
+                && id <= b.last_id
+                && ts_ms.is_some_and(|t| b.min_ms <= t && t <= b.max_ms)
+        });
         if id < expected_id {
             flag(
                 &mut report,
@@ -143,7 +178,7 @@ fn verify_on(conn: &Connection) -> rusqlite::Result<VerifyReport> {
                 format!("records {expected_id}..={} are missing (deleted)", id - 1)
             };
             flag(&mut report, expected_id, missing);
-        } else if prev_bytes != expected_prev.as_bytes() {
+        } else if expected_prev.is_none() || hash_value(prev) != expected_prev {
             flag(
                 &mut report,
                 id,
@@ -152,16 +187,19 @@ fn verify_on(conn: &Connection) -> rusqlite::Result<VerifyReport> {
                     id - 1
                 ),
             );
-        } else if record_hash(prev_bytes, &fields, id) != stored_hash {
+        } else if let Some(problem) = check_record(row, id, prev, stored, &mut scratch)? {
+            flag(&mut report, id, problem);
+        } else if !covered {
             flag(
                 &mut report,
                 id,
-                "hash does not match the record's contents: the record was edited".to_owned(),
+                format!("record {id} is not covered by the time index (batches): time filters would miss it"),
             );
         }
         // Re-synchronise on what is stored, so one problem is reported once.
         expected_id = id + 1;
         expected_prev = stored_hash;
+        last_stored = hash_text(stored);
     }
     let last_id = expected_id - 1;
     let head = report.head.clone();
@@ -184,7 +222,7 @@ fn verify_on(conn: &Connection) -> rusqlite::Result<VerifyReport> {
                 head.seq
             ),
         );
-    } else if expected_prev != head.hash {
+    } else if last_stored != head.hash {
         flag(
             &mut report,
             last_id,
@@ -192,6 +230,68 @@ fn verify_on(conn: &Connection) -> rusqlite::Result<VerifyReport> {
         );
     }
     Ok(report)
+}
+
+/// Checks one record's own hash (its link was checked by the caller); `Some(problem)` if bad.
+/// A hash stored as a BLOB is chain v2 over the values as they read back; as TEXT, chain v1
+/// over the stored columns, whose session must be the one its `sid` points to.
+fn check_record(
+    row: &rusqlite::Row<'_>,
+    id: i64,
+    prev: ValueRef<'_>,
+    stored: ValueRef<'_>,
+    scratch: &mut Vec<u8>,
+) -> rusqlite::Result<Option<String>> {
+    let n = V2_COLUMNS.len();
+    let edited = || {
+        Some("hash does not match the record's contents: the record (or its session's attribution) was edited".to_owned())
+    };
+    match stored {
+        ValueRef::Blob(stored) => {
+            let fields = (1..=n)
+                .map(|i| row.get_ref(i))
+                .collect::<rusqlite::Result<Vec<ValueRef<'_>>>>()?;
+            let Some(prev) = hash_value(prev) else {
+                return Ok(edited());
+            };
+            Ok((record_hash_v2(scratch, &prev, &fields, id)[..] != *stored)
+                .then(edited)
+                .flatten())
+        }
+        ValueRef::Text(stored) => {
+            // `session_id`, `user_id`, `code_sha256`, `ts` as stored, then the session's id.
+            let raw = |i: usize| row.get_ref(n + 3 + i);
+            let (session_id, session_of_sid) = (raw(0)?, raw(4)?);
+            let fields = HASHED_COLUMNS
+                .iter()
+                .map(|column| match *column {
+                    "session_id" => Ok(session_id),
+                    "user_id" => raw(1),
+                    "code_sha256" => raw(2),
+                    "ts" => raw(3),
+                    other => {
+                        let i = V2_COLUMNS.iter().position(|c| *c == other).unwrap_or(0);
+                        row.get_ref(i + 1)
+                    }
+                })
+                .collect::<rusqlite::Result<Vec<ValueRef<'_>>>>()?;
+            let prev_text = match prev {
+                ValueRef::Text(t) => t,
+                _ => &[][..],
+            };
+            if record_hash_v1(prev_text, &fields, id).as_bytes() != stored {
+                return Ok(edited());
+            }
+            if session_id != session_of_sid {
+                return Ok(Some(format!(
+                    "record {id} belongs to session {} but its session number points to another session",
+                    String::from_utf8_lossy(session_id.as_bytes().unwrap_or_default())
+                )));
+            }
+            Ok(None)
+        }
+        _ => Ok(edited()),
+    }
 }
 
 impl Store {
@@ -227,7 +327,8 @@ impl Store {
         let start = report.anchor.as_ref().map_or(0, |a| a.seq);
         let first_kept: Option<i64> = tx
             .query_row(
-                "SELECT MIN(id) FROM events WHERE ts_ms >= ?1",
+                "SELECT MIN(id) FROM events WHERE ts_ms >= ?1
+                 AND id >= (SELECT MIN(+first_id) FROM batches WHERE max_ms >= ?1)",
                 [cutoff.as_millis()],
                 |row| row.get(0),
             )
@@ -246,18 +347,18 @@ impl Store {
             .query_row(
                 "SELECT hash FROM events WHERE id = ?1",
                 [last_pruned],
-                |row| row.get(0),
+                |row| row.get_ref(0).map(hash_text),
             )
             .map_err(sql_err("read the last pruned record"))?;
         tx.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS pruned_sessions (id TEXT PRIMARY KEY)",
+            "CREATE TEMP TABLE IF NOT EXISTS pruned_sessions (sid INTEGER PRIMARY KEY)",
             [],
         )
         .map_err(sql_err("create pruned session list"))?;
         tx.execute("DELETE FROM temp.pruned_sessions", [])
             .map_err(sql_err("clear pruned session list"))?;
         tx.execute(
-            "INSERT OR IGNORE INTO temp.pruned_sessions SELECT session_id FROM events WHERE id <= ?1",
+            "INSERT OR IGNORE INTO temp.pruned_sessions SELECT sid FROM events WHERE id <= ?1",
             [last_pruned],
         )
         .map_err(sql_err("list pruned sessions"))?;
@@ -265,6 +366,8 @@ impl Store {
             .execute("DELETE FROM events WHERE id <= ?1", [last_pruned])
             .map_err(sql_err("delete old records"))?;
         let deleted = u64::try_from(deleted).unwrap_or(u64::MAX);
+        tx.execute("DELETE FROM batches WHERE last_id <= ?1", [last_pruned])
+            .map_err(sql_err("delete old time index rows"))?;
         let anchor = Anchor {
             seq: last_pruned,
             hash,
@@ -285,14 +388,14 @@ impl Store {
         .map_err(sql_err("write anchor"))?;
         tx.execute_batch(&format!(
             "UPDATE sessions SET
-                events      = (SELECT COUNT(*) FROM events e WHERE e.session_id = sessions.id),
-                blocked     = (SELECT COUNT(*) FROM events e WHERE e.session_id = sessions.id AND {BLOCKED_SQL}),
-                would_block = (SELECT COUNT(*) FROM events e WHERE e.session_id = sessions.id AND verdict = 'report-would-block'),
-                bytes_up    = (SELECT COALESCE(SUM(bytes_up), 0) FROM events e WHERE e.session_id = sessions.id),
-                bytes_down  = (SELECT COALESCE(SUM(bytes_down), 0) FROM events e WHERE e.session_id = sessions.id),
-                first_ms    = COALESCE((SELECT MIN(ts_ms) FROM events e WHERE e.session_id = sessions.id), first_ms)
-             WHERE id IN (SELECT id FROM temp.pruned_sessions);
-             DELETE FROM sessions WHERE events = 0 AND id IN (SELECT id FROM temp.pruned_sessions);
+                events      = (SELECT COUNT(*) FROM events e WHERE e.sid = sessions.sid),
+                blocked     = (SELECT COUNT(*) FROM events e WHERE e.sid = sessions.sid AND {BLOCKED_SQL}),
+                would_block = (SELECT COUNT(*) FROM events e WHERE e.sid = sessions.sid AND verdict = 'report-would-block'),
+                bytes_up    = (SELECT COALESCE(SUM(bytes_up), 0) FROM events e WHERE e.sid = sessions.sid),
+                bytes_down  = (SELECT COALESCE(SUM(bytes_down), 0) FROM events e WHERE e.sid = sessions.sid),
+                first_ms    = COALESCE((SELECT MIN(ts_ms) FROM events e WHERE e.sid = sessions.sid), first_ms)
+             WHERE sid IN (SELECT sid FROM temp.pruned_sessions);
+             DELETE FROM sessions WHERE events = 0 AND sid IN (SELECT sid FROM temp.pruned_sessions);
              DELETE FROM temp.pruned_sessions;"
         ))
         .map_err(sql_err("recompute session summaries"))?;

@@ -121,48 +121,246 @@ fn a_store_from_a_newer_cordon_is_refused() {
     ));
 }
 
-#[test]
-fn a_schema_1_store_is_migrated_in_place_and_its_chain_still_verifies() {
+/// A copy of a fixture store written by an older cordon (tests/fixtures), in a temp dir.
+fn old_store(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.db");
-    // A version 1 store: the same records without the attribution columns.
-    let mut old = sample_events("01JOLD", 12);
-    for e in &mut old {
-        e.process = None;
-    }
-    Store::open(&path).unwrap().append(&old).unwrap();
-    let raw = rusqlite::Connection::open(&path).unwrap();
-    raw.execute_batch(
-        "ALTER TABLE events DROP COLUMN pid;
-         ALTER TABLE events DROP COLUMN exe;
-         ALTER TABLE events DROP COLUMN cmdline;
-         PRAGMA user_version = 1;",
+    std::fs::copy(
+        format!("{}/tests/fixtures/{name}.db", env!("CARGO_MANIFEST_DIR")),
+        &path,
     )
     .unwrap();
-    drop(raw);
+    (dir, path)
+}
 
-    let mut store = Store::open(&path).unwrap();
-    let raw = rusqlite::Connection::open(&path).unwrap();
-    let version: i64 = raw
+fn fixture_text(name: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+fn schema_version(path: &std::path::Path) -> i64 {
+    rusqlite::Connection::open(path)
+        .unwrap()
         .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap()
+}
+
+fn export(store: &Store) -> String {
+    let mut out = Vec::new();
+    store
+        .export_jsonl(&EventFilter::default(), &mut out)
         .unwrap();
-    assert_eq!(version, 2);
-    assert!(store.verify().unwrap().is_ok());
-    let new = sample_events("01JNEW", 6);
+    String::from_utf8(out).unwrap()
+}
+
+// tests/fixtures/schema2.db was written by cordon-audit at commit 9128056 (schema 2): the
+// sample events of sessions 01JOLD-A (12) and 01JOLD-B (8) interleaved by time, appended in
+// three batches, then the two oldest records pruned (an anchor); schema2.jsonl is that
+// cordon's `export_jsonl` of it and schema2.sessions.json its `sessions()`. schema1.db was
+// written the same way as the schema 1 migration test of that commit: 12 sample events of
+// 01JOLD without processes, then the process columns dropped and user_version set to 1;
+// schema1.jsonl is the export made before the columns were dropped.
+
+#[test]
+fn a_schema_2_store_is_migrated_in_place_and_reads_back_exactly_as_before() {
+    let (_dir, path) = old_store("schema2");
+    assert_eq!(schema_version(&path), 2);
+    let mut store = Store::open(&path).unwrap();
+    assert_eq!(schema_version(&path), 3);
+    let report = store.verify().unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(report.checked, 18);
+    assert_eq!(report.anchor.as_ref().map(|a| a.seq), Some(2));
+    // Every record, hash and link exports byte for byte as the old cordon exported it, and the
+    // session summaries are the same.
+    assert_eq!(export(&store), fixture_text("schema2.jsonl"));
+    let sessions: serde_json::Value =
+        serde_json::to_value(store.sessions(&SessionFilter::default()).unwrap()).unwrap();
+    let before: serde_json::Value =
+        serde_json::from_str(&fixture_text("schema2.sessions.json")).unwrap();
+    assert_eq!(sessions, before);
+
+    // New records continue the chain (and the old sessions' sequences) in the new format.
+    let mut new = sample_events("01JOLD-A", 15)[12..].to_vec();
+    new.extend(sample_events("01JNEW", 6));
     assert!(new.iter().any(|e| e.process.is_some()));
     store.append(&new).unwrap();
     let report = store.verify().unwrap();
     assert!(report.is_ok(), "{report:?}");
-    assert_eq!(report.checked, 18);
+    assert_eq!(report.checked, 27);
+    let a: Vec<i64> = store
+        .events(&EventFilter {
+            session: Some("01JOLD-A".into()),
+            ..EventFilter::default()
+        })
+        .unwrap()
+        .iter()
+        .map(|r| r.session_seq)
+        .collect();
+    assert_eq!(a, (2..=15).collect::<Vec<_>>());
     let back: Vec<Event> = store
         .events(&EventFilter::default())
         .unwrap()
         .into_iter()
         .map(|r| r.event)
         .collect();
-    let mut expected = old;
+    let mut expected: Vec<Event> = fixture_text("schema2.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str::<EventRecord>(l).unwrap().event)
+        .collect();
     expected.extend(new);
     assert_eq!(back, expected);
+    // Reopening a migrated store changes nothing.
+    drop(store);
+    let store = Store::open(&path).unwrap();
+    assert!(store.verify().unwrap().is_ok());
+}
+
+#[test]
+fn a_schema_1_store_is_migrated_to_3_and_its_chain_still_verifies() {
+    let (_dir, path) = old_store("schema1");
+    assert_eq!(schema_version(&path), 1);
+    let mut store = Store::open(&path).unwrap();
+    assert_eq!(schema_version(&path), 3);
+    assert!(store.verify().unwrap().is_ok());
+    assert_eq!(export(&store), fixture_text("schema1.jsonl"));
+    let new = sample_events("01JNEW", 6);
+    store.append(&new).unwrap();
+    let report = store.verify().unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(report.checked, 18);
+}
+
+#[test]
+fn a_migration_that_fails_leaves_the_old_store_as_it_was() {
+    let (_dir, path) = old_store("schema2");
+    // A table the migration wants to create already exists: it fails half way.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("CREATE TABLE batches (x)")
+        .unwrap();
+    let err = Store::open(&path).unwrap_err();
+    assert!(err.to_string().contains("migrate schema 2 to 3"), "{err}");
+    assert_eq!(schema_version(&path), 2);
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    let tables: Vec<String> = {
+        let mut stmt = raw
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .unwrap();
+        let rows = stmt.query_map([], |r| r.get(0)).unwrap();
+        rows.map(Result::unwrap).collect()
+    };
+    assert_eq!(
+        tables,
+        ["anchors", "batches", "chain_head", "events", "sessions"]
+    );
+    let (rows, session_ids): (i64, i64) = raw
+        .query_row("SELECT COUNT(*), COUNT(session_id) FROM events", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!((rows, session_ids), (18, 18));
+}
+
+#[test]
+fn an_old_record_whose_session_summary_was_deleted_keeps_its_session() {
+    let (_dir, path) = old_store("schema2");
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute("DELETE FROM sessions WHERE id = '01JOLD-B'", [])
+        .unwrap();
+    let store = Store::open(&path).unwrap();
+    assert!(store.verify().unwrap().is_ok());
+    assert_eq!(export(&store), fixture_text("schema2.jsonl"));
+    let b = store
+        .sessions(&SessionFilter {
+            session: Some("01JOLD-B".into()),
+            ..SessionFilter::default()
+        })
+        .unwrap();
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].events, 7);
+}
+
+#[test]
+fn time_filters_match_every_record_in_the_window_even_out_of_order() {
+    // Records are committed out of time order (long requests end after short ones, clocks of
+    // several processes differ): the id range that `batches` gives must still hold them all.
+    let (_dir, path) = old_store("schema2");
+    let mut store = Store::open(&path).unwrap();
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for batch in 0..12 {
+        let n = 1 + (next() % 9) as usize;
+        let events: Vec<Event> = (0..n)
+            .map(|i| {
+                let mut e = sample_event(&format!("01JTIME-{}", batch % 3), batch * 10 + i);
+                // Around the old records' times, up to a minute off either way.
+                e.ts = Timestamp::from_millis(
+                    BASE_MS + 20_000 + batch as i64 * 4_000 - 60_000 + (next() % 120_000) as i64,
+                );
+                e
+            })
+            .collect();
+        store.append(&events).unwrap();
+    }
+    assert!(store.verify().unwrap().is_ok());
+    let all = store.events(&EventFilter::default()).unwrap();
+    let edges: Vec<i64> = (-70..=110)
+        .step_by(9)
+        .map(|s| BASE_MS + s * 1_000 + 7)
+        .collect();
+    let ids = |filter: &EventFilter| -> Vec<i64> {
+        store.events(filter).unwrap().iter().map(|r| r.id).collect()
+    };
+    let mut nonempty = 0;
+    for &since in &edges {
+        let since = Timestamp::from_millis(since);
+        let want: Vec<i64> = all
+            .iter()
+            .filter(|r| r.event.ts >= since)
+            .map(|r| r.id)
+            .collect();
+        nonempty += usize::from(!want.is_empty());
+        let filter = EventFilter {
+            since: Some(since),
+            ..EventFilter::default()
+        };
+        assert_eq!(ids(&filter), want, "since {since:?}");
+        for &until in &edges {
+            let until = Timestamp::from_millis(until);
+            let want: Vec<i64> = all
+                .iter()
+                .filter(|r| r.event.ts >= since && r.event.ts < until)
+                .map(|r| r.id)
+                .collect();
+            let filter = EventFilter {
+                since: Some(since),
+                until: Some(until),
+                ..EventFilter::default()
+            };
+            assert_eq!(ids(&filter), want, "{since:?}..{until:?}");
+        }
+        let want: Vec<i64> = all
+            .iter()
+            .filter(|r| r.event.ts < since)
+            .map(|r| r.id)
+            .collect();
+        let filter = EventFilter {
+            until: Some(since),
+            ..EventFilter::default()
+        };
+        assert_eq!(ids(&filter), want, "until {since:?}");
+    }
+    assert!(nonempty > 5);
 }
 
 #[test]
@@ -295,7 +493,28 @@ fn event_filters_select_exactly_the_matching_events() {
     let mut written = sample_events("01JFILTER-A", 60);
     written.extend(sample_events("01JFILTER-B", 40));
     store.append(&written).unwrap();
+    check_filters(&store, "01JFILTER");
+}
+
+#[test]
+fn event_filters_select_exactly_the_matching_events_of_old_and_new_records() {
+    // A migrated schema 2 store: old records keep their own attribution columns, new ones take
+    // their session's unless they differ.
+    let (_dir, path) = old_store("schema2");
+    let mut store = Store::open(&path).unwrap();
+    let mut written = sample_events("01JOLD-A", 40)[12..].to_vec();
+    written.extend(sample_events("01JOLD-C", 30));
+    for chunk in written.chunks(7) {
+        store.append(chunk).unwrap();
+    }
+    check_filters(&store, "01JOLD");
+}
+
+/// Every filter of [`EventFilter`], alone and combined, selects exactly the records the
+/// predicate over all records selects. `prefix` is what every session id starts with.
+fn check_filters(store: &Store, prefix: &str) {
     let all = store.events(&EventFilter::default()).unwrap();
+    let first = all[0].event.session_id.clone();
     let check = |filter: EventFilter, pred: &dyn Fn(&EventRecord) -> bool| {
         let got: Vec<i64> = store
             .events(&filter)
@@ -312,25 +531,27 @@ fn event_filters_select_exactly_the_matching_events() {
     };
     check(
         EventFilter {
-            session: Some("01JFILTER-B".into()),
+            session: Some(first.clone()),
             ..Default::default()
         },
-        &|r| r.event.session_id == "01JFILTER-B",
+        &|r| r.event.session_id == first,
     );
     check(
         EventFilter {
-            session: Some("01JFIL".into()),
+            session: Some(prefix.into()),
             ..Default::default()
         },
         &|_| true,
     );
-    check(
-        EventFilter {
-            user: Some("user1".into()),
-            ..Default::default()
-        },
-        &|r| r.event.user_id == "user1",
-    );
+    for user in ["user0", "user1", "user2"] {
+        check(
+            EventFilter {
+                user: Some(user.into()),
+                ..Default::default()
+            },
+            &|r| r.event.user_id == user,
+        );
+    }
     for kind in EventKind::ALL {
         check(
             EventFilter {
@@ -367,25 +588,22 @@ fn event_filters_select_exactly_the_matching_events() {
         },
         &|r| r.event.ts >= since && r.event.ts < until,
     );
+    let after = all[all.len() - 10].id;
     check(
         EventFilter {
-            after_id: Some(90),
+            after_id: Some(after),
             ..Default::default()
         },
-        &|r| r.id > 90,
+        &|r| r.id > after,
     );
     check(
         EventFilter {
-            session: Some("01JFILTER-A".into()),
+            session: Some(first.clone()),
             blocked_only: true,
             user: Some("user2".into()),
             ..Default::default()
         },
-        &|r| {
-            r.event.session_id == "01JFILTER-A"
-                && r.event.is_blocked()
-                && r.event.user_id == "user2"
-        },
+        &|r| r.event.session_id == first && r.event.is_blocked() && r.event.user_id == "user2",
     );
 }
 

@@ -37,7 +37,80 @@ fn first_bad(store: &Store) -> (i64, String) {
         .unwrap_or_else(|| panic!("tampering not detected: {report:?}"))
 }
 
-const COLUMNS: [&str; 22] = [
+/// The values a schema 3 record hashes (chain v2), as it reads back: the attribution is the
+/// session's unless the record stores its own.
+const V2_VALUES: [&str; 21] = [
+    "COALESCE(e.session_id, s.id)",
+    "e.session_seq",
+    "e.kind",
+    "COALESCE(e.user_id, s.user_id)",
+    "COALESCE(e.code_sha256, s.code_sha256)",
+    "e.ts_ms",
+    "e.host",
+    "e.ip",
+    "e.port",
+    "e.method",
+    "e.path",
+    "e.bytes_up",
+    "e.bytes_down",
+    "e.duration_ms",
+    "e.verdict",
+    "e.rule",
+    "e.reason",
+    "e.detail",
+    "e.pid",
+    "e.exe",
+    "e.cmdline",
+];
+
+fn canonical(h: &mut Sha256, value: ValueRef<'_>) {
+    match value {
+        ValueRef::Null => h.update([0u8]),
+        ValueRef::Integer(n) => {
+            h.update([1u8]);
+            h.update(n.to_be_bytes());
+        }
+        ValueRef::Text(t) => {
+            h.update([2u8]);
+            h.update((t.len() as u64).to_be_bytes());
+            h.update(t);
+        }
+        ValueRef::Real(r) => {
+            h.update([3u8]);
+            h.update(r.to_bits().to_be_bytes());
+        }
+        ValueRef::Blob(b) => {
+            h.update([4u8]);
+            h.update((b.len() as u64).to_be_bytes());
+            h.update(b);
+        }
+    }
+}
+
+/// The record hash exactly as the `chain` module documents it (v2), written independently here:
+/// an outside verifier (or an attacker) can compute it from the docs alone.
+fn documented_hash(raw: &Connection, id: i64) -> Vec<u8> {
+    let sql = format!(
+        "SELECT {}, e.prev_hash FROM events e LEFT JOIN sessions s ON s.sid = e.sid WHERE e.id = ?1",
+        V2_VALUES.join(", ")
+    );
+    raw.query_row(&sql, [id], |row| {
+        let mut h = Sha256::new();
+        h.update(b"cordon-audit-chain-v2\n");
+        let prev: Vec<u8> = row.get(V2_VALUES.len())?;
+        assert_eq!(prev.len(), 32);
+        h.update(&prev);
+        for i in 0..V2_VALUES.len() {
+            canonical(&mut h, row.get_ref(i)?);
+        }
+        h.update(id.to_be_bytes());
+        Ok(h.finalize().to_vec())
+    })
+    .unwrap()
+}
+
+/// The columns a record written before schema 3 hashes (chain v1), as stored.
+const V1_COLUMNS: [&str; 22] = [
     "session_id",
     "session_seq",
     "kind",
@@ -62,46 +135,24 @@ const COLUMNS: [&str; 22] = [
     "cmdline",
 ];
 
-/// The schema 1 columns, always hashed; the last three only when one of them is not NULL.
-const BASE: usize = 19;
-
-/// The record hash exactly as the `chain` module documents it, written independently here: an
-/// outside verifier (or an attacker) can compute it from the docs alone.
-fn documented_hash(raw: &Connection, id: i64) -> String {
+/// The v1 hash of an old record as documented: the stored columns, the last three only when one
+/// of them is not NULL, `prev_hash` as its hex text.
+fn documented_v1_hash(raw: &Connection, id: i64) -> String {
+    const BASE: usize = 19;
     let sql = format!(
         "SELECT {}, prev_hash FROM events WHERE id = ?1",
-        COLUMNS.join(", ")
+        V1_COLUMNS.join(", ")
     );
     raw.query_row(&sql, [id], |row| {
         let mut h = Sha256::new();
         h.update(b"cordon-audit-chain-v1\n");
-        let prev: String = row.get(COLUMNS.len())?;
+        let prev: String = row.get(V1_COLUMNS.len())?;
         h.update(prev.as_bytes());
         let attributed =
-            (BASE..COLUMNS.len()).any(|i| !matches!(row.get_ref(i), Ok(ValueRef::Null)));
-        let hashed = if attributed { COLUMNS.len() } else { BASE };
+            (BASE..V1_COLUMNS.len()).any(|i| !matches!(row.get_ref(i), Ok(ValueRef::Null)));
+        let hashed = if attributed { V1_COLUMNS.len() } else { BASE };
         for i in 0..hashed {
-            match row.get_ref(i)? {
-                ValueRef::Null => h.update([0u8]),
-                ValueRef::Integer(n) => {
-                    h.update([1u8]);
-                    h.update(n.to_be_bytes());
-                }
-                ValueRef::Text(t) => {
-                    h.update([2u8]);
-                    h.update((t.len() as u64).to_be_bytes());
-                    h.update(t);
-                }
-                ValueRef::Real(r) => {
-                    h.update([3u8]);
-                    h.update(r.to_bits().to_be_bytes());
-                }
-                ValueRef::Blob(b) => {
-                    h.update([4u8]);
-                    h.update((b.len() as u64).to_be_bytes());
-                    h.update(b);
-                }
-            }
+            canonical(&mut h, row.get_ref(i)?);
         }
         h.update(id.to_be_bytes());
         Ok(h.finalize()
@@ -116,11 +167,117 @@ fn documented_hash(raw: &Connection, id: i64) -> String {
 fn stored_hashes_follow_the_documented_format() {
     let (_dir, _store, raw) = store_and_raw();
     for id in 1..=20 {
-        let stored: String = raw
+        let stored: Vec<u8> = raw
             .query_row("SELECT hash FROM events WHERE id = ?1", [id], |r| r.get(0))
             .unwrap();
         assert_eq!(documented_hash(&raw, id), stored, "record {id}");
+        // Each record links to the one before it.
+        if id > 1 {
+            let (prev, before): (Vec<u8>, Vec<u8>) = raw
+                .query_row(
+                    "SELECT (SELECT prev_hash FROM events WHERE id = ?1), (SELECT hash FROM events WHERE id = ?1 - 1)",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap();
+            assert_eq!(prev, before, "record {id}");
+        }
     }
+}
+
+#[test]
+fn records_migrated_from_schema_2_keep_their_documented_v1_hashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.db");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/schema2.db"),
+        &path,
+    )
+    .unwrap();
+    let mut store = Store::open(&path).unwrap();
+    store.append(&sample_events("01JNEW", 3)).unwrap();
+    assert!(store.verify().unwrap().is_ok());
+    let raw = Connection::open(&path).unwrap();
+    let ids: Vec<(i64, bool)> = {
+        let mut stmt = raw
+            .prepare("SELECT id, typeof(hash) = 'text' FROM events ORDER BY id")
+            .unwrap();
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        rows.map(Result::unwrap).collect()
+    };
+    assert_eq!(ids.iter().filter(|(_, v1)| *v1).count(), 18);
+    assert_eq!(ids.iter().filter(|(_, v1)| !v1).count(), 3);
+    for (id, v1) in ids {
+        if v1 {
+            let stored: String = raw
+                .query_row("SELECT hash FROM events WHERE id = ?1", [id], |r| r.get(0))
+                .unwrap();
+            assert_eq!(documented_v1_hash(&raw, id), stored, "record {id}");
+        } else {
+            let stored: Vec<u8> = raw
+                .query_row("SELECT hash FROM events WHERE id = ?1", [id], |r| r.get(0))
+                .unwrap();
+            assert_eq!(documented_hash(&raw, id), stored, "record {id}");
+        }
+    }
+    // The first new record links to the last old one, whose hash is hex text.
+    let (prev, last_old): (Vec<u8>, String) = raw
+        .query_row(
+            "SELECT (SELECT prev_hash FROM events WHERE id = 21), (SELECT hash FROM events WHERE id = 20)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let hex: String = prev.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(hex, last_old);
+}
+
+#[test]
+fn an_edited_old_record_is_named_by_verify_after_the_migration() {
+    for edit in [
+        "UPDATE events SET host = 'evil.example' WHERE id = 9",
+        "UPDATE events SET ts = '2020-01-01T00:00:00.000Z' WHERE id = 9",
+        "UPDATE events SET user_id = 'mallory' WHERE id = 9",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        std::fs::copy(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/schema2.db"),
+            &path,
+        )
+        .unwrap();
+        let store = Store::open(&path).unwrap();
+        let raw = Connection::open(&path).unwrap();
+        raw.execute(edit, []).unwrap();
+        let (id, reason) = first_bad(&store);
+        assert_eq!(id, 9, "{edit}: {reason}");
+    }
+    // An old record stores its session id (hashed); the session number that queries use must
+    // point to that session, or a session filter would show it under another one.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.db");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/schema2.db"),
+        &path,
+    )
+    .unwrap();
+    let store = Store::open(&path).unwrap();
+    let raw = Connection::open(&path).unwrap();
+    let id: i64 = raw
+        .query_row(
+            "SELECT id FROM events WHERE session_id = '01JOLD-A' AND session_seq = 10",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    raw.execute(
+        "UPDATE events SET sid = (SELECT sid FROM sessions WHERE id = '01JOLD-B') WHERE id = ?1",
+        [id],
+    )
+    .unwrap();
+    let (bad, reason) = first_bad(&store);
+    assert_eq!(bad, id);
+    assert!(reason.contains("points to another session"), "{reason}");
 }
 
 #[test]
@@ -151,10 +308,79 @@ fn edits_that_keep_the_meaning_are_still_caught() {
         .unwrap();
     assert_eq!(first_bad(&store).0, expected);
 
+    // The same time, one millisecond later.
     let (_dir, store, raw) = store_and_raw();
-    raw.execute("UPDATE events SET ts = ts || ' ' WHERE id = 3", [])
+    raw.execute("UPDATE events SET ts_ms = ts_ms + 1 WHERE id = 3", [])
         .unwrap();
     assert_eq!(first_bad(&store).0, 3);
+}
+
+#[test]
+fn an_edited_session_attribution_is_caught_at_every_record_that_uses_it() {
+    // The session's user id, code hash and id are stored once, in `sessions`, and hashed into
+    // every record of the session that does not store its own.
+    for (edit, column) in [
+        (
+            "UPDATE sessions SET user_id = 'mallory' WHERE id = '01JTAMPER-B'",
+            "user_id",
+        ),
+        (
+            "UPDATE sessions SET code_sha256 = 'c0ffee' WHERE id = '01JTAMPER-B'",
+            "code_sha256",
+        ),
+        (
+            "UPDATE sessions SET id = '01JTAMPER-C' WHERE id = '01JTAMPER-B'",
+            "session_id",
+        ),
+    ] {
+        let (_dir, store, raw) = store_and_raw();
+        let uses: Vec<i64> = {
+            let mut stmt = raw
+                .prepare(&format!(
+                    "SELECT e.id FROM events e JOIN sessions s ON s.sid = e.sid
+                     WHERE s.id = '01JTAMPER-B' AND e.{column} IS NULL ORDER BY e.id"
+                ))
+                .unwrap();
+            let rows = stmt.query_map([], |r| r.get(0)).unwrap();
+            rows.map(Result::unwrap).collect()
+        };
+        assert!(!uses.is_empty());
+        raw.execute(edit, []).unwrap();
+        let report = store.verify().unwrap();
+        assert_eq!(
+            report.first_bad.as_ref().map(|b| b.0),
+            Some(uses[0]),
+            "{edit}"
+        );
+        assert_eq!(report.bad_records, uses.len() as u64, "{edit}: {report:?}");
+    }
+}
+
+#[test]
+fn a_record_moved_to_another_session_is_named_by_verify() {
+    let (_dir, store, raw) = store_and_raw();
+    raw.execute(
+        "UPDATE events SET sid = (SELECT sid FROM sessions WHERE id = '01JTAMPER-A'), session_seq = 99
+         WHERE id = (SELECT MAX(e.id) FROM events e JOIN sessions s ON s.sid = e.sid WHERE s.id = '01JTAMPER-B')",
+        [],
+    )
+    .unwrap();
+    assert!(first_bad(&store).1.contains("edited"));
+}
+
+#[test]
+fn a_record_the_time_index_does_not_cover_is_named_by_verify() {
+    // Time filters go through `batches`; a doctored one would hide records from them.
+    let (_dir, store, raw) = store_and_raw();
+    raw.execute("DELETE FROM batches WHERE first_id = 8", [])
+        .unwrap();
+    let (id, reason) = first_bad(&store);
+    assert_eq!(id, 8);
+    assert!(reason.contains("time index"), "{reason}");
+    let (_dir, store, raw) = store_and_raw();
+    raw.execute("UPDATE batches SET max_ms = min_ms WHERE first_id = 1", [])
+        .unwrap();
+    assert!(first_bad(&store).1.contains("time index"));
 }
 
 #[test]
@@ -267,7 +493,7 @@ fn swapped_session_sequence_numbers_are_caught() {
     let (_dir, store, raw) = store_and_raw();
     let ids: Vec<i64> = {
         let mut stmt = raw
-            .prepare("SELECT id FROM events WHERE session_id = '01JTAMPER-B' ORDER BY id LIMIT 2 OFFSET 3")
+            .prepare("SELECT id FROM events WHERE sid = (SELECT sid FROM sessions WHERE id = '01JTAMPER-B') ORDER BY id LIMIT 2 OFFSET 3")
             .unwrap();
         let rows = stmt.query_map([], |r| r.get(0)).unwrap();
         rows.map(Result::unwrap).collect()
@@ -299,9 +525,8 @@ fn with_several_tampered_records_the_first_is_named_and_all_are_counted() {
 fn a_record_appended_outside_the_writer_is_caught() {
     let (_dir, store, raw) = store_and_raw();
     raw.execute(
-        "INSERT INTO events SELECT 21, session_id, 99, kind, user_id, code_sha256, ts, ts_ms, host, ip, port,
-                method, path, bytes_up, bytes_down, duration_ms, verdict, rule, reason, detail,
-                pid, exe, cmdline, hash, hash FROM events WHERE id = 20",
+        "INSERT INTO events (id, sid, session_seq, kind, ts_ms, host, prev_hash, hash)
+         SELECT 21, sid, 99, kind, ts_ms, host, hash, hash FROM events WHERE id = 20",
         [],
     )
     .unwrap();

@@ -15,6 +15,12 @@
 //! - The chunked decoder accepts only `1*HEXDIG [ext] CRLF` size lines (no bare LF, no overflow,
 //!   size lines and trailers bounded) and CRLF after every chunk; trailers are read and dropped.
 //! - Heads are bounded: [`MAX_HEAD`] bytes and [`MAX_HEADERS`] header lines.
+//! - The only protocol switch that crosses the gateway is a WebSocket opening handshake
+//!   (RFC 6455): an HTTP/1.1 `GET` without a body whose `Upgrade` is exactly `websocket` and
+//!   whose `Connection` names `upgrade`. Only then does the gateway write `Upgrade: websocket`
+//!   upstream, and only to such a request is a `101` answer accepted, and only a `101` that
+//!   switches to `websocket`; every other `Upgrade` is dropped like any hop-by-hop header and
+//!   every other `101` is refused.
 
 use std::fmt::Write as _;
 use std::ops::Range;
@@ -59,7 +65,7 @@ pub(crate) enum HeadError {
     BadLength,
     #[error("unsupported Transfer-Encoding (only a single `chunked` is accepted)")]
     UnsupportedCoding,
-    #[error("unexpected 101 Switching Protocols (the gateway never asks for an upgrade)")]
+    #[error("unexpected 101 Switching Protocols (the gateway asked for no upgrade, or not for this protocol)")]
     UnexpectedUpgrade,
 }
 
@@ -286,6 +292,7 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 struct ConnectionTokens {
     close: bool,
     keep_alive: bool,
+    upgrade: bool,
     /// Other tokens: names of headers that are hop-by-hop for this message.
     named: Vec<Span>,
 }
@@ -301,6 +308,9 @@ fn connection_tokens(head: &Head) -> ConnectionTokens {
                 out.close = true;
             } else if t.eq_ignore_ascii_case(b"keep-alive") {
                 out.keep_alive = true;
+            } else if t.eq_ignore_ascii_case(b"upgrade") {
+                // `Upgrade` is hop-by-hop anyway; remember that it was named.
+                out.upgrade = true;
             } else {
                 out.named.push(offset(&head.raw, t));
             }
@@ -351,6 +361,9 @@ pub(crate) struct RequestInfo {
     pub keep_alive: bool,
     /// `Expect: 100-continue`: the client waits for a 100 before sending its body.
     pub expect_continue: bool,
+    /// A WebSocket opening handshake (see the module guarantees): `Upgrade: websocket` is
+    /// forwarded and a `101` switching to it accepted.
+    pub websocket: bool,
     conn: ConnectionTokens,
 }
 
@@ -374,12 +387,27 @@ pub(crate) fn request_info(req: &RequestHead) -> Result<RequestInfo, HeadError> 
     let expect_continue = head
         .values("expect")
         .any(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue"));
+    let websocket = req.minor >= 1
+        && req.method() == "GET"
+        && body == BodyLen::Empty
+        && conn.upgrade
+        && upgrades_to_websocket(head);
     Ok(RequestInfo {
         body,
         keep_alive,
         expect_continue,
+        websocket,
         conn,
     })
+}
+
+/// Whether `head` has exactly one `Upgrade` header and its value is exactly `websocket`.
+fn upgrades_to_websocket(head: &Head) -> bool {
+    let mut values = head.values("upgrade");
+    matches!(
+        (values.next(), values.next()),
+        (Some(v), None) if v.trim_ascii().eq_ignore_ascii_case(b"websocket")
+    )
 }
 
 /// What the gateway needs to know about a response head.
@@ -392,18 +420,33 @@ pub(crate) struct ResponseInfo {
     pub reusable: bool,
     /// `Content-Length` of a body-less response to HEAD or 304 (what the body would have been).
     pub declared_length: Option<u64>,
+    /// `101` to a WebSocket handshake: from here on the connection carries WebSocket frames.
+    pub switching: bool,
     conn: ConnectionTokens,
 }
 
-/// Decides a response's framing (RFC 9112 section 6.3). `head_request`: the request was HEAD.
+/// Decides a response's framing (RFC 9112 section 6.3). `head_request`: the request was HEAD;
+/// `websocket`: it was a WebSocket handshake ([`RequestInfo::websocket`]), the only request a
+/// `101` may answer.
 pub(crate) fn response_info(
     resp: &ResponseHead,
     head_request: bool,
+    websocket: bool,
 ) -> Result<ResponseInfo, HeadError> {
     let head = &resp.head;
     let conn = connection_tokens(head);
     if resp.code == 101 {
-        return Err(HeadError::UnexpectedUpgrade);
+        if !(websocket && upgrades_to_websocket(head)) {
+            return Err(HeadError::UnexpectedUpgrade);
+        }
+        return Ok(ResponseInfo {
+            body: BodyLen::Empty,
+            interim: false,
+            reusable: false,
+            declared_length: None,
+            switching: true,
+            conn,
+        });
     }
     let interim = (100..200).contains(&resp.code);
     let no_body = interim || head_request || resp.code == 204 || resp.code == 304;
@@ -434,6 +477,7 @@ pub(crate) fn response_info(
         interim,
         reusable,
         declared_length,
+        switching: false,
         conn,
     })
 }
@@ -506,9 +550,15 @@ pub(crate) fn write_request_head(
         out.extend_from_slice(h.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    if info.websocket {
+        out.extend_from_slice(UPGRADE_WEBSOCKET);
+    }
     write_framing(out, info.body);
     out.extend_from_slice(b"\r\n");
 }
+
+/// The hop-by-hop headers of a WebSocket handshake, written by the gateway on each hop.
+const UPGRADE_WEBSOCKET: &[u8] = b"connection: upgrade\r\nupgrade: websocket\r\n";
 
 /// Like [`write_request_head`], for intercepted requests whose header values the gateway
 /// rewrites (credential injection): `map(index, name, value)` returns the value to send for the
@@ -558,6 +608,8 @@ pub(crate) enum ClientEnd {
     KeepAlive10,
     /// Closed after this response.
     Close,
+    /// Switched to WebSocket by this `101`.
+    Upgrade,
 }
 
 /// Writes the response head the client gets: the status, upstream's end-to-end headers, and
@@ -596,6 +648,7 @@ pub(crate) fn write_response_head(
         ClientEnd::KeepAlive => {}
         ClientEnd::KeepAlive10 => out.extend_from_slice(b"connection: keep-alive\r\n"),
         ClientEnd::Close => out.extend_from_slice(b"connection: close\r\n"),
+        ClientEnd::Upgrade => out.extend_from_slice(UPGRADE_WEBSOCKET),
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -952,7 +1005,78 @@ mod tests {
 
     fn resp(s: &str, head_request: bool) -> Result<ResponseInfo, HeadError> {
         let r = parse_response(&mut BytesMut::from(s), &mut Vec::new())?.expect("complete");
-        response_info(&r, head_request)
+        response_info(&r, head_request, false)
+    }
+
+    #[test]
+    fn only_a_bodyless_http_1_1_get_upgrading_to_websocket_alone_is_a_websocket_handshake() {
+        let ws = |extra: &str| {
+            info(&format!(
+                "GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{extra}\r\n"
+            ))
+            .unwrap()
+            .websocket
+        };
+        assert!(ws(""));
+        assert!(ws("Sec-WebSocket-Version: 13\r\n"));
+        assert!(!ws("Content-Length: 3\r\n"));
+        assert!(!ws("Upgrade: h2c\r\n"));
+        let other = |head: &str| info(head).unwrap().websocket;
+        assert!(!other(
+            "POST / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+        ));
+        assert!(!other(
+            "GET / HTTP/1.0\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+        ));
+        assert!(!other(
+            "GET / HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+        ));
+        assert!(!other(
+            "GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: keep-alive\r\n\r\n"
+        ));
+        // Only a handshake gets the upgrade headers upstream.
+        let head = |s: &str| {
+            let r = req(s).unwrap().unwrap();
+            let i = request_info(&r).unwrap();
+            let mut out = Vec::new();
+            write_request_head(&mut out, &r, &i, b"/", None);
+            String::from_utf8(out).unwrap()
+        };
+        let up = head("GET http://a/ HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade, X-Hop\r\nX-Hop: 1\r\n\r\n");
+        assert!(
+            up.contains("connection: upgrade\r\nupgrade: websocket\r\n"),
+            "{up}"
+        );
+        assert!(!up.contains("X-Hop"), "{up}");
+        let up = head(
+            "GET http://a/ HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+        );
+        assert!(!up.to_ascii_lowercase().contains("upgrade"), "{up}");
+    }
+
+    #[test]
+    fn a_101_is_accepted_only_as_the_answer_to_a_websocket_handshake() {
+        let switch =
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+        let r = |s: &str, websocket: bool| {
+            let r = parse_response(&mut BytesMut::from(s), &mut Vec::new())
+                .unwrap()
+                .unwrap();
+            response_info(&r, false, websocket)
+        };
+        let ok = r(switch, true).unwrap();
+        assert!(ok.switching && !ok.reusable && ok.body == BodyLen::Empty);
+        assert_eq!(r(switch, false).unwrap_err(), HeadError::UnexpectedUpgrade);
+        let h2c = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n";
+        assert_eq!(r(h2c, true).unwrap_err(), HeadError::UnexpectedUpgrade);
+        assert!(
+            !r(
+                "HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n",
+                true
+            )
+            .unwrap()
+            .switching
+        );
     }
 
     #[test]
@@ -1002,7 +1126,7 @@ mod tests {
     fn the_client_gets_upstreams_end_to_end_headers_and_the_gateways_framing() {
         let mut buf = BytesMut::from("HTTP/1.1 200 Fine\r\nConnection: x-hop\r\nX-Hop: 1\r\nServer: s\r\nTransfer-Encoding: chunked\r\nKeep-Alive: timeout=5\r\n\r\n");
         let r = parse_response(&mut buf, &mut Vec::new()).unwrap().unwrap();
-        let i = response_info(&r, false).unwrap();
+        let i = response_info(&r, false, false).unwrap();
         let mut out = Vec::new();
         write_response_head(&mut out, &r, &i, BodyLen::UntilClose, ClientEnd::Close);
         assert_eq!(

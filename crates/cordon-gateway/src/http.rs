@@ -21,6 +21,12 @@
 //! - Each request produces one event, emitted when its response ends (bytes and duration
 //!   included), or one refusal event. A request cut short (upstream failure, byte budget, client
 //!   gone, gateway stopping) still produces its event, with the reason.
+//! - A WebSocket handshake (`h1`: `GET`, `Upgrade: websocket`) to an allowed host is forwarded
+//!   after the same decision as any request; if upstream answers `101`, the request's event is
+//!   recorded at once and the connection becomes a byte stream between client and upstream,
+//!   metered like every upstream byte (byte budgets, a detection rule's block), and recorded as
+//!   one `connection` event when it closes. A WebSocket to a host whose traffic the gateway must
+//!   inspect (interception, credentials, HTTP rules) is refused: its frames could not be.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -60,8 +66,10 @@ const BODY_CHUNK: usize = 256 * 1024;
 pub(crate) enum ConnMode {
     /// Explicit proxy: from each request's absolute URI (or CONNECT authority).
     Proxy,
-    /// Captured plain HTTP: always the connection's original destination.
-    Transparent { dest: Dest, port: u16 },
+    /// Always one destination, decided before the first request: captured plain HTTP (`via`
+    /// [`Via::Transparent`]) and plain HTTP inside a CONNECT tunnel (`via` [`Via::Connect`]).
+    /// Each request's `Host` must still name it.
+    Fixed { dest: Dest, port: u16, via: Via },
 }
 
 struct Binding {
@@ -114,6 +122,9 @@ pub(crate) struct ClientConn {
     out: Vec<u8>,
     spans: h1::Spans,
     memo: Option<Memo>,
+    /// The `Proxy-Authorization` value of the last request and the session it named: the next
+    /// request with the same bytes names the same session unless its token was revoked since.
+    auth: Option<(Vec<u8>, Arc<Session>)>,
     binding: Option<Binding>,
     upstream: Option<UpstreamConn>,
     /// The pipe of a response read until upstream closes (spliced).
@@ -132,6 +143,7 @@ impl ClientConn {
             out: Vec::with_capacity(1024),
             spans: Vec::with_capacity(16),
             memo: None,
+            auth: None,
             binding: None,
             upstream: None,
             to_client: None,
@@ -157,7 +169,7 @@ impl ClientConn {
     fn via(&self) -> Via {
         match self.mode {
             ConnMode::Proxy => Via::Proxy,
-            ConnMode::Transparent { .. } => Via::Transparent,
+            ConnMode::Fixed { via, .. } => via,
         }
     }
 
@@ -254,17 +266,17 @@ async fn discard_head(stream: &mut TcpStream) -> io::Result<()> {
 }
 
 /// Serves a captured or tunnelled connection whose first bytes (`first`) are an HTTP request,
-/// every request's `Host` checked against `dest:port`.
+/// every request's `Host` checked against `dest:port`; its events are labelled `via`.
 pub(crate) async fn serve_bound_http(
     ctx: Arc<Ctx>,
     session: Arc<Session>,
-    (dest, port): (Dest, u16),
+    (dest, port, via): (Dest, u16, Via),
     stream: TcpStream,
     first: &[u8],
     permit: Option<OwnedSemaphorePermit>,
 ) {
     let conn = ClientConn::bound(
-        ConnMode::Transparent { dest, port },
+        ConnMode::Fixed { dest, port, via },
         stream,
         first,
         session,
@@ -403,11 +415,22 @@ fn bind_session(
     conn: &mut ClientConn,
     req: &RequestHead,
 ) -> Result<Arc<Session>, (u16, String)> {
-    let session = match ctx
-        .shared
-        .attribution
-        .session_for(req.head.first("proxy-authorization"))
-    {
+    let header = req.head.first("proxy-authorization");
+    let remembered = match (&conn.auth, header) {
+        (Some((bytes, session)), Some(h)) if bytes.as_slice() == h && !session.revoked() => {
+            Some(session.clone())
+        }
+        _ => None,
+    };
+    let looked_up = match remembered {
+        Some(s) => Ok(s),
+        None => ctx.shared.attribution.session_for(header).inspect(|s| {
+            if let Some(h) = header {
+                conn.auth = Some((h.to_vec(), s.clone()));
+            }
+        }),
+    };
+    let session = match looked_up {
         Ok(s) => s,
         Err(failure) => {
             let reason = match failure {
@@ -501,22 +524,13 @@ async fn handle_request(ctx: &Arc<Ctx>, conn: &mut ClientConn, req: &RequestHead
                     Err((status, reason)) => refuse_with(conn, status, &reason, Some(&info)).await,
                 }
             }
-            ConnMode::Transparent { .. } => {
+            ConnMode::Fixed { .. } => {
                 let v = verdicted(
                     "method",
                     "CONNECT is only accepted by the explicit proxy".into(),
                 );
-                let reason = record_refusal(
-                    ctx,
-                    &session,
-                    Via::Transparent,
-                    None,
-                    None,
-                    None,
-                    req.method(),
-                    None,
-                    &v,
-                );
+                let reason =
+                    record_refusal(ctx, &session, via, None, None, None, req.method(), None, &v);
                 refuse_with(conn, 403, &reason, Some(&info)).await
             }
         };
@@ -554,6 +568,27 @@ async fn handle_request(ctx: &Arc<Ctx>, conn: &mut ClientConn, req: &RequestHead
         {
             return refuse_with(conn, status, &reason, Some(&info)).await;
         }
+        if info.websocket && inspected(ctx, &memo.dest) {
+            let v = verdicted(
+                "websocket",
+                format!(
+                    "WebSocket to {} is refused: the gateway inspects this host's traffic and could not inspect the frames",
+                    memo.host
+                ),
+            );
+            let reason = record_refusal(
+                ctx,
+                &session,
+                via,
+                Some(memo.host.clone()),
+                None,
+                Some(memo.port),
+                req.method(),
+                Some(path),
+                &v,
+            );
+            return refuse_with(conn, 403, &reason, Some(&info)).await;
+        }
     }
     let next = forward(ctx, conn, &memo, session, via, path, req, &info).await;
     // An unmapped synthetic address may be mapped to a name later: decide it afresh each time.
@@ -561,6 +596,19 @@ async fn handle_request(ctx: &Arc<Ctx>, conn: &mut ClientConn, req: &RequestHead
         conn.memo = Some(memo);
     }
     next
+}
+
+/// Whether the gateway inspects `dest`'s traffic beyond the destination: TLS interception
+/// (credentials, `network.intercept`) or method/path rules. Such a host gets no WebSocket.
+fn inspected(ctx: &Ctx, dest: &Dest) -> bool {
+    let Some(name) = dest.name() else {
+        return false;
+    };
+    ctx.shared
+        .intercept
+        .as_deref()
+        .is_some_and(|rt| rt.intercepts(dest).is_some())
+        || ctx.policy().network().rules.iter().any(|r| r.host == *name)
 }
 
 /// A refused target: status, verdict, and the host and port to record.
@@ -576,13 +624,13 @@ fn decide_target(
 ) -> Result<Memo, TargetRefusal> {
     let authority = match conn.mode {
         ConnMode::Proxy => uri.authority().map_or(&b""[..], |a| a.as_str().as_bytes()),
-        ConnMode::Transparent { .. } => &b""[..],
+        ConnMode::Fixed { .. } => &b""[..],
     };
     let proxy_form_ok = match conn.mode {
         ConnMode::Proxy => uri
             .scheme_str()
             .is_some_and(|s| s.eq_ignore_ascii_case("http")),
-        ConnMode::Transparent { .. } => true,
+        ConnMode::Fixed { .. } => true,
     };
     // More than one Host header is refused below, never answered from the memo.
     if let (Some(memo), Ok(host_header)) = (conn.memo.take(), host_header(req)) {
@@ -594,7 +642,7 @@ fn decide_target(
         ConnMode::Proxy => {
             proxy_target(ctx, req, uri).map_err(|(status, v, host)| (status, v, host, None))?
         }
-        ConnMode::Transparent { dest, port } => {
+        ConnMode::Fixed { dest, port, .. } => {
             transparent_host_check(ctx, req, dest, *port)
                 .map_err(|v| (403, v, Some(dest.to_host_string()), Some(*port)))?;
             (dest.clone(), *port)
@@ -887,6 +935,7 @@ async fn forward(
         before,
         start,
         event: Some(e),
+        on_drop: "ended before the response was complete",
     };
     exchange(conn, up, req, info, path, dest, port, &mut inflight).await
 }
@@ -905,7 +954,7 @@ async fn exchange(
 ) -> Next {
     let head_request = req.method() == "HEAD";
     let started = match send_request(conn, &mut up, req, info, path, dest, port).await {
-        Ok(()) => read_response_head(conn, &mut up, req.minor, head_request).await,
+        Ok(()) => read_response_head(conn, &mut up, req.minor, head_request, info.websocket).await,
         Err(f) => Err(f),
     };
     let (resp, rinfo) = match started {
@@ -925,6 +974,19 @@ async fn exchange(
             return refuse_with(conn, 502, &reason, Some(info)).await;
         }
     };
+    if rinfo.switching {
+        conn.out.clear();
+        h1::write_response_head(
+            &mut conn.out,
+            &resp,
+            &rinfo,
+            BodyLen::Empty,
+            ClientEnd::Upgrade,
+        );
+        up.spans = resp.head.recycle();
+        websocket(conn, up, inflight).await;
+        return Next::Close;
+    }
     let client_body = match rinfo.body {
         // An HTTP/1.0 client cannot read chunks: it gets the payload, ended by the close.
         BodyLen::Chunked if req.minor == 0 => BodyLen::UntilClose,
@@ -971,6 +1033,42 @@ async fn exchange(
             Next::Close
         }
     }
+}
+
+/// After a `101` to a WebSocket handshake (its head in `conn.out`): records the request, sends
+/// the `101` and whatever either side already sent, then moves bytes both ways until either
+/// side closes (or the gateway stops), metered by the upstream connection's meter, and records
+/// the stream as one `connection` event (on drop too, if the exchange is cut short).
+async fn websocket(conn: &mut ClientConn, mut up: UpstreamConn, inflight: &mut InFlight) {
+    let Some(mut event) = inflight.event.clone() else {
+        return;
+    };
+    inflight.finish(None);
+    event.kind = EventKind::Connection;
+    event.ts = std::time::SystemTime::now();
+    let counters = up.meter.counters();
+    let mut stream = InFlight {
+        ctx: inflight.ctx.clone(),
+        session: inflight.session.clone(),
+        before: counters.snapshot(),
+        counters,
+        start: Instant::now(),
+        event: Some(event),
+        on_drop: "websocket cut short: the gateway stopped",
+    };
+    let moved = async {
+        // Upstream's first frames arrived with the 101 (already metered when read).
+        conn.out.extend_from_slice(&up.buf);
+        up.buf.clear();
+        conn.stream.write_all(&conn.out).await?;
+        if !conn.buf.is_empty() {
+            write_up(&mut up.stream, &up.meter, &conn.buf).await?;
+            conn.buf.clear();
+        }
+        crate::splice::tunnel(&conn.stream, &up.stream, &up.meter, &stream.ctx.cancel).await
+    }
+    .await;
+    stream.finish(moved.err().map(|e| format!("websocket: {e}")));
 }
 
 /// Which side broke an exchange.
@@ -1087,11 +1185,12 @@ async fn read_response_head(
     up: &mut UpstreamConn,
     client_minor: u8,
     head_request: bool,
+    websocket: bool,
 ) -> Result<(h1::ResponseHead, h1::ResponseInfo), Failure> {
     loop {
         let parsed = h1::parse_response(&mut up.buf, &mut up.spans)
             .and_then(|r| {
-                r.map(|r| h1::response_info(&r, head_request).map(|i| (r, i)))
+                r.map(|r| h1::response_info(&r, head_request, websocket).map(|i| (r, i)))
                     .transpose()
             })
             .map_err(|e| Failure::Upstream(io::Error::new(io::ErrorKind::InvalidData, e)))?;
@@ -1430,6 +1529,8 @@ struct InFlight {
     before: (u64, u64),
     start: Instant,
     event: Option<NetEvent>,
+    /// The reason recorded when the exchange is dropped before it finished.
+    on_drop: &'static str,
 }
 
 impl InFlight {
@@ -1468,6 +1569,6 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.finish(Some("ended before the response was complete".to_owned()));
+        self.finish(Some(self.on_drop.to_owned()));
     }
 }

@@ -1288,7 +1288,8 @@ impl Conn<'_> {
         let (resp, rinfo) = loop {
             let mut spans = Vec::new();
             let parsed = h1::parse_response(&mut up.buf, &mut spans).and_then(|r| {
-                r.map(|r| h1::response_info(&r, head_request).map(|i| (r, i)))
+                // Intercepted hosts never get an upgrade: their streams could not be scanned.
+                r.map(|r| h1::response_info(&r, head_request, false).map(|i| (r, i)))
                     .transpose()
             });
             match parsed {

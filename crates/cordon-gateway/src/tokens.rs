@@ -118,7 +118,13 @@ impl Attribution {
                     Ok(g) => g,
                     Err(poisoned) => poisoned.into_inner(),
                 };
-                map.remove(token).is_some()
+                match map.remove(token) {
+                    Some(session) => {
+                        session.revoke();
+                        true
+                    }
+                    None => false,
+                }
             }
         }
     }

@@ -152,7 +152,7 @@ async fn handle(ctx: &Arc<Ctx>, session: &Arc<Session>, mut stream: TcpStream) {
         serve_bound_http(
             ctx.clone(),
             session.clone(),
-            (dest, port),
+            (dest, port, Via::Transparent),
             stream,
             &first,
             permit,
@@ -207,7 +207,7 @@ async fn handle(ctx: &Arc<Ctx>, session: &Arc<Session>, mut stream: TcpStream) {
             serve_bound_http(
                 ctx.clone(),
                 session.clone(),
-                (dest, port),
+                (dest, port, Via::Transparent),
                 stream,
                 &first,
                 permit,

@@ -185,7 +185,7 @@ pub(crate) async fn run_connect(
             // Plain HTTP inside the tunnel is served like captured plain HTTP: every request on
             // it is parsed and decided, and its Host must name the tunnel's destination (no
             // domain fronting through a CONNECT to an allowed host).
-            let to = (route.dest.clone(), route.port);
+            let to = (route.dest.clone(), route.port, Via::Connect);
             crate::http::serve_bound_http(ctx.clone(), session.clone(), to, client, &first, None)
                 .await;
         }
@@ -220,7 +220,7 @@ pub(crate) async fn run_connect(
             )
             .await;
             if let TunnelEnd::Http(first) = end {
-                let to = (dest, port);
+                let to = (dest, port, Via::Connect);
                 crate::http::serve_bound_http(
                     ctx.clone(),
                     session.clone(),

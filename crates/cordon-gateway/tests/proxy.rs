@@ -399,6 +399,8 @@ async fn connect_to_an_allowlisted_host_tunnels_with_curl() {
     let e = w.gw.wait_event(|e| e.kind == EventKind::HttpRequest).await;
     assert_eq!(e.method.as_deref(), Some("GET"));
     assert_eq!(e.path.as_deref(), Some("/tunnelled"));
+    // It came through CONNECT, not through the transparent capture.
+    assert_eq!(e.via, Via::Connect);
     assert_eq!(e.verdict, Verdict::Allow);
     assert!(e.bytes_up > 0 && e.bytes_down > 0, "{e:?}");
     w.gw.stop().await;
@@ -779,4 +781,397 @@ async fn an_open_tunnel_is_recorded_when_the_gateway_stops() {
         .find(|e| e.kind == EventKind::Connection)
         .unwrap();
     assert_eq!((e.bytes_up, e.bytes_down), (4, 4));
+}
+
+/// Reads one response with a `Content-Length` body from a kept-alive connection.
+fn read_response(s: &mut std::net::TcpStream) -> RawResponse {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "connection closed mid-head");
+        head.push(byte[0]);
+    }
+    let mut resp = parse_response(&head).unwrap();
+    let len: usize = resp.header("content-length").unwrap().parse().unwrap();
+    resp.body = vec![0u8; len];
+    s.read_exact(&mut resp.body).unwrap();
+    resp
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_stops_working_on_a_kept_alive_connection() {
+    // The gateway remembers which session a connection's token named; revoking the token must
+    // still end it for the next request on that same connection.
+    let (origin, _) = origin::spawn("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let dns = FakeDns::start(LOOPBACK, &[("origin.test", &[LOOPBACK])]).await;
+    let opts = Options {
+        clients: Clients::Tokens,
+        ..Options::default()
+    };
+    let mut gw = Running::start(
+        policy(&["origin.test:*"], &["127.0.0.1/32:*"]),
+        dns.addr,
+        opts,
+    )
+    .await;
+    let token = gw
+        .gateway
+        .issue_token(SessionInfo {
+            id: "kept".into(),
+            user: "u".into(),
+            code_sha256: "c".into(),
+        })
+        .unwrap();
+    let (proxy, port) = (gw.proxy, origin.port());
+    let request = format!(
+        "GET http://origin.test:{port}/ HTTP/1.1\r\nHost: origin.test:{port}\r\n\
+         Proxy-Authorization: Bearer {token}\r\n\r\n"
+    );
+    let mut s = std::net::TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let statuses = tokio::task::spawn_blocking({
+        let request = request.clone();
+        let mut s = s.try_clone().unwrap();
+        move || {
+            (0..2)
+                .map(|_| {
+                    s.write_all(request.as_bytes()).unwrap();
+                    read_response(&mut s).status
+                })
+                .collect::<Vec<_>>()
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(statuses, [200, 200]);
+    assert!(gw.gateway.revoke_token(&token));
+    let after = tokio::task::spawn_blocking(move || {
+        s.write_all(request.as_bytes()).unwrap();
+        read_response(&mut s).status
+    })
+    .await
+    .unwrap();
+    assert_eq!(after, 407);
+    gw.stop().await;
+}
+
+/// The RFC 6455 sample handshake key and the accept value a server must answer it with.
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+/// A WebSocket echo server: answers a handshake with `101` (the RFC's sample accept value),
+/// then echoes every frame's payload back in an unmasked frame of the same opcode, until a
+/// close frame. Returns its address.
+async fn ws_echo() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                if !(text.contains("upgrade: websocket") && text.contains("connection: upgrade")) {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 426 Upgrade Required\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let reply = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {WS_ACCEPT}\r\n\r\n"
+                );
+                s.write_all(reply.as_bytes()).await.unwrap();
+                loop {
+                    let mut h = [0u8; 2];
+                    if s.read_exact(&mut h).await.is_err() {
+                        return;
+                    }
+                    let (opcode, masked) = (h[0] & 0x0f, h[1] & 0x80 != 0);
+                    let mut len = u64::from(h[1] & 0x7f);
+                    if len == 126 {
+                        let mut l = [0u8; 2];
+                        s.read_exact(&mut l).await.unwrap();
+                        len = u64::from(u16::from_be_bytes(l));
+                    } else if len == 127 {
+                        let mut l = [0u8; 8];
+                        s.read_exact(&mut l).await.unwrap();
+                        len = u64::from_be_bytes(l);
+                    }
+                    let mut mask = [0u8; 4];
+                    if masked {
+                        s.read_exact(&mut mask).await.unwrap();
+                    }
+                    let mut payload = vec![0u8; len as usize];
+                    if s.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    for (i, b) in payload.iter_mut().enumerate() {
+                        *b ^= mask[i % 4];
+                    }
+                    if s.write_all(&ws_frame(opcode, &payload, None))
+                        .await
+                        .is_err()
+                        || opcode == 8
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One final WebSocket frame; `mask` for client frames.
+fn ws_frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut f = vec![0x80 | opcode];
+    let m = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => f.push(m | n as u8),
+        n if n <= 0xffff => {
+            f.push(m | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(m | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(k) => {
+            f.extend_from_slice(&k);
+            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+        }
+        None => f.extend_from_slice(payload),
+    }
+    f
+}
+
+/// Reads one unmasked frame: (opcode, payload).
+fn ws_read(s: &mut std::net::TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h)?;
+    let mut len = u64::from(h[1] & 0x7f);
+    if len == 126 {
+        let mut l = [0u8; 2];
+        s.read_exact(&mut l)?;
+        len = u64::from(u16::from_be_bytes(l));
+    } else if len == 127 {
+        let mut l = [0u8; 8];
+        s.read_exact(&mut l)?;
+        len = u64::from_be_bytes(l);
+    }
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload)?;
+    Ok((h[0] & 0x0f, payload))
+}
+
+/// A WebSocket client on `s` (already connected to the proxy, or to a CONNECT tunnel):
+/// sends the handshake for `target` (absolute or origin form), checks the `101`, exchanges
+/// `messages` (each echoed back), closes. Returns the 101's head on success, the refusal
+/// otherwise.
+fn ws_session(
+    s: &mut std::net::TcpStream,
+    target: &str,
+    host: &str,
+    messages: &[Vec<u8>],
+) -> Result<RawResponse, RawResponse> {
+    write!(
+        s,
+        "GET {target} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "closed mid-head: {head:?}");
+        head.push(byte[0]);
+    }
+    let mut resp = parse_response(&head).unwrap();
+    if resp.status != 101 {
+        if let Some(len) = resp.header("content-length") {
+            resp.body = vec![0u8; len.parse().unwrap()];
+            s.read_exact(&mut resp.body).unwrap();
+        }
+        return Err(resp);
+    }
+    assert_eq!(resp.header("sec-websocket-accept"), Some(WS_ACCEPT));
+    assert!(resp
+        .header("upgrade")
+        .is_some_and(|u| u.eq_ignore_ascii_case("websocket")));
+    for (i, m) in messages.iter().enumerate() {
+        s.write_all(&ws_frame(2, m, Some([1, 2, 3, i as u8])))
+            .unwrap();
+        let (opcode, back) = ws_read(s).unwrap();
+        assert_eq!((opcode, back.len()), (2, m.len()));
+        assert!(back == *m, "message {i} came back changed");
+    }
+    s.write_all(&ws_frame(8, b"", Some([9, 9, 9, 9]))).unwrap();
+    assert_eq!(ws_read(s).unwrap().0, 8);
+    Ok(resp)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_to_an_allowed_host_passes_through_the_proxy_and_a_connect_tunnel() {
+    let ws = ws_echo().await;
+    let dns = FakeDns::start(LOOPBACK, &[("ws.test", &[LOOPBACK])]).await;
+    let mut gw = Running::start(
+        policy(&["ws.test:*"], &["127.0.0.1/32:*"]),
+        dns.addr,
+        Options::default(),
+    )
+    .await;
+    let (proxy, port) = (gw.proxy, ws.port());
+    let host = format!("ws.test:{port}");
+    let messages = vec![b"hello".to_vec(), vec![7u8; 70_000]];
+    let sent: u64 = messages.iter().map(|m| m.len() as u64).sum();
+    tokio::task::spawn_blocking({
+        let (host, messages) = (host.clone(), messages.clone());
+        move || {
+            // Absolute form through the explicit proxy.
+            let mut s = std::net::TcpStream::connect(proxy).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let target = format!("http://{host}/chat");
+            ws_session(&mut s, &target, &host, &messages).unwrap();
+            // Origin form inside a CONNECT tunnel (what most WebSocket clients do via a proxy).
+            let (mut s, r) = connect(proxy, &host);
+            assert_eq!(r.status, 200);
+            ws_session(&mut s, "/tunnelled", &host, &messages).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    gw.stop().await;
+    let ev = gw.events();
+    for (via, path) in [(Via::Proxy, "/chat"), (Via::Connect, "/tunnelled")] {
+        let request = ev
+            .iter()
+            .find(|e| e.kind == EventKind::HttpRequest && e.via == via)
+            .unwrap_or_else(|| panic!("no request event via {via:?}: {ev:#?}"));
+        assert_eq!(
+            (request.method.as_deref(), request.path.as_deref()),
+            (Some("GET"), Some(path))
+        );
+        let stream = ev
+            .iter()
+            .find(|e| {
+                e.kind == EventKind::Connection && e.via == via && e.path.as_deref() == Some(path)
+            })
+            .unwrap_or_else(|| panic!("no stream event via {via:?}: {ev:#?}"));
+        assert_eq!(stream.verdict, Verdict::Allow);
+        assert_eq!(stream.host.as_deref(), Some("ws.test"));
+        // Every frame byte is counted: payloads plus frame headers and masks, both ways.
+        assert!(
+            stream.bytes_up > sent && stream.bytes_up < sent + 100,
+            "{stream:?}"
+        );
+        assert!(
+            stream.bytes_down > sent && stream.bytes_down < sent + 100,
+            "{stream:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_is_refused_where_the_gateway_inspects_the_host_and_for_other_hosts() {
+    let ws = ws_echo().await;
+    let dns = FakeDns::start(
+        LOOPBACK,
+        &[("ws.test", &[LOOPBACK]), ("ruled.test", &[LOOPBACK])],
+    )
+    .await;
+    let mut p = policy(&["ws.test:*", "ruled.test:*"], &["127.0.0.1/32:*"]);
+    // Method/path rules make the gateway read every request to ruled.test: its WebSocket
+    // frames could not be, so the upgrade is refused there.
+    p.rules = vec![cordon_policy::HttpRule {
+        host: cordon_policy::host::HostName::parse("ruled.test").unwrap(),
+        methods: vec!["GET".into()],
+        paths: vec!["/**".into()],
+    }];
+    let mut gw = Running::start(p, dns.addr, Options::default()).await;
+    let (proxy, port) = (gw.proxy, ws.port());
+    tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(proxy).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let host = format!("ruled.test:{port}");
+        let refused = ws_session(&mut s, &format!("http://{host}/chat"), &host, &[]).unwrap_err();
+        assert_eq!(refused.status, 403);
+        assert!(
+            refused
+                .header("x-cordon-reason")
+                .unwrap()
+                .contains("WebSocket"),
+            "{:?}",
+            refused.header("x-cordon-reason")
+        );
+        // Not in the allowlist at all: the usual refusal, nothing upgraded.
+        let mut s = std::net::TcpStream::connect(proxy).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let host = format!("other.test:{port}");
+        let refused = ws_session(&mut s, &format!("http://{host}/chat"), &host, &[]).unwrap_err();
+        assert_eq!(refused.status, 403);
+    })
+    .await
+    .unwrap();
+    gw.stop().await;
+    let ev = gw.events();
+    assert!(
+        ev.iter()
+            .any(|e| e.kind == EventKind::Blocked && e.rule == "websocket"),
+        "{ev:#?}"
+    );
+    assert!(
+        !ev.iter().any(|e| e.kind == EventKind::Connection),
+        "{ev:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_stops_moving_bytes_when_the_byte_budget_runs_out() {
+    let ws = ws_echo().await;
+    let dns = FakeDns::start(LOOPBACK, &[("ws.test", &[LOOPBACK])]).await;
+    let mut p = policy(&["ws.test:*"], &["127.0.0.1/32:*"]);
+    p.rate.max_bytes_out = cordon_policy::size::ByteSize(20_000);
+    let mut gw = Running::start(p, dns.addr, Options::default()).await;
+    let (proxy, port) = (gw.proxy, ws.port());
+    let stopped = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(proxy).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let host = format!("ws.test:{port}");
+        ws_session(
+            &mut s,
+            &format!("http://{host}/chat"),
+            &host,
+            &[b"small".to_vec()],
+        )
+        .is_ok()
+            && {
+                // Well past the budget: the gateway stops forwarding and closes.
+                let big = ws_frame(2, &vec![1u8; 50_000], Some([1, 1, 1, 1]));
+                let _ = s.write_all(&big);
+                ws_read(&mut s).is_err()
+            }
+    })
+    .await
+    .unwrap();
+    assert!(stopped, "the echo of a frame past the budget came back");
+    gw.stop().await;
+    let ev = gw.events();
+    assert!(
+        ev.iter().any(|e| e.kind == EventKind::BudgetExhausted),
+        "{ev:#?}"
+    );
+    let stream = ev
+        .iter()
+        .find(|e| e.kind == EventKind::Connection)
+        .unwrap_or_else(|| panic!("no stream event: {ev:#?}"));
+    assert!(stream.bytes_up <= 20_000, "{stream:?}");
 }

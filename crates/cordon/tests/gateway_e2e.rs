@@ -1366,10 +1366,11 @@ fn host_sni_and_connect_mismatches_and_disallowed_ports_are_blocked() {
     assert!(seen.is_empty(), "the origin was reached: {seen:#?}");
 }
 
-/// Inside a CONNECT tunnel a plain-HTTP request is served like captured HTTP, so `curl -p`
-/// (CONNECT api.fake.test:80, then `Host: other.fake.test`) cannot reach another virtual host
-/// on the allowed address (the ways around the first-bytes check are in cordon-gateway's
-/// `tests/first_bytes.rs`).
+/// Inside a CONNECT tunnel, plain HTTP is served request by request and each `Host` must name
+/// the tunnel's host: `curl -p` (CONNECT api.fake.test:80, then `Host: other.fake.test`) must
+/// not reach the other virtual host on the allowed address (the absolute-form proxy and
+/// transparent capture answer 403 to the same request; the ways around the first-bytes check
+/// are in cordon-gateway's `tests/first_bytes.rs`).
 #[test]
 fn a_plain_http_request_in_a_connect_tunnel_must_name_the_tunnel_host() {
     let Some(net) = enter("a_plain_http_request_in_a_connect_tunnel_must_name_the_tunnel_host")
