@@ -4,7 +4,8 @@
 #   1. Gateway requests/s with detection on vs off: cordon-gateway's examples/gateway.rs twice
 #      (`--detect on`: every network rule at its default thresholds with response "log" and the
 #      byte thresholds out of reach, so the rules count every event but never change the data
-#      path; `--detect off`), --sink noop, one worker, against examples/origin.rs on loopback;
+#      path; four honey tokens scanned for in every request; `--detect off`), --sink noop, one
+#      worker, against examples/origin.rs on loopback;
 #      wrk -c C for D seconds, the two gateways interleaved, R rounds, medians.
 #   2. Instructions per request, on vs off, under valgrind --tool=callgrind (immune to the
 #      machine's load): each gateway serves N1 and then N2 keep-alive requests from a small
@@ -140,7 +141,9 @@ EOF
       python3 "$client" "$p" "$origin" "$n"
       kill -INT "$g"
       wait "$g" || true
-      ir=$(callgrind_annotate "$work/cg-$m-$n.out" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }')
+      # awk reads to the end: an early exit would end callgrind_annotate with SIGPIPE, which
+      # pipefail turns into the script's failure.
+      ir=$(callgrind_annotate "$work/cg-$m-$n.out" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done { gsub(",", "", $1); print $1; done = 1 }')
       echo "$m $n $ir" >>"$work/cg.txt"
       echo "callgrind detect $m, $n requests: $ir instructions" >&2
     done

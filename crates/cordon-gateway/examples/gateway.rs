@@ -13,8 +13,8 @@
 //! the same conversion the `cordon` binary uses — auditing as in production. `--runtime
 //! current` serves on a single-threaded runtime (`--threads` is then ignored). `--detect on`
 //! (the default) runs every detection rule at its default thresholds with `response = "log"`
-//! and the byte thresholds out of reach, so the rules count every event but never change the
-//! data path; `--detect off` disables them all. Ctrl-C stops it and prints the gateway's totals
+//! and the byte thresholds out of reach, plus four honey tokens to look for, so the rules count
+//! every event and every request head is scanned, but nothing changes the data path; `--detect off` disables them all. Ctrl-C stops it and prints the gateway's totals
 //! (and the audit writer's).
 
 use std::io::Write;
@@ -92,7 +92,24 @@ fn main() -> anyhow::Result<()> {
     rules.exfil.distinct_hosts = u32::MAX;
     rules.exfil.small_requests = u32::MAX;
     rules.sandbox.enabled = false;
-    let config = GatewayConfig::new(policy, rules, session);
+    let mut config = GatewayConfig::new(policy, rules, session);
+    if detect {
+        // A session with honey tokens: one canary variable and the three tokens of a `.env`
+        // canary file, so every request head is also scanned for them.
+        use cordon_gateway::detect::canary::{new_token, Canary, CanarySource};
+        let sources = [
+            CanarySource::Env("AWS_SECRET_ACCESS_KEY".into()),
+            CanarySource::File(".env".into()),
+            CanarySource::File(".env".into()),
+            CanarySource::File(".env".into()),
+        ];
+        for source in sources {
+            config.canaries.push(Canary {
+                source,
+                token: new_token()?,
+            });
+        }
+    }
 
     let mut writer: Option<std::thread::JoinHandle<u64>> = None;
     let mut audit: Option<Arc<cordon_audit::AuditWriter>> = None;

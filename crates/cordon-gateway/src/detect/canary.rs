@@ -161,6 +161,9 @@ pub struct Canaries {
     /// `folded_ids[i]`.
     folded: Option<AhoCorasick>,
     folded_ids: Vec<usize>,
+    /// The shortest pattern of each automaton: a text shorter than that cannot hold a token.
+    exact_min: usize,
+    folded_min: usize,
 }
 
 impl std::fmt::Debug for Canaries {
@@ -216,7 +219,10 @@ impl Canaries {
                 }
             }
         }
+        let shortest = |v: &[Vec<u8>]| v.iter().map(Vec::len).min().unwrap_or(usize::MAX);
         Canaries {
+            exact_min: shortest(&exact),
+            folded_min: shortest(&folded),
             exact: automaton(&exact, false),
             exact_ids,
             folded: automaton(&folded, true),
@@ -231,6 +237,11 @@ impl Canaries {
     /// The first token found in a DNS name, compared without regard to letter case (a name is
     /// case-insensitive, and arrives lower-cased).
     pub fn scan_name(&self, name: &str) -> Option<CanaryHit> {
+        // Most names and paths are shorter than any token: no search needed (a search costs a
+        // few hundred instructions even on a short text, on every event of the session).
+        if name.len() < self.folded_min {
+            return None;
+        }
         let m = self.folded.as_ref()?.find(name)?;
         Some(CanaryHit {
             token: *self.folded_ids.get(m.pattern().as_usize())?,
@@ -241,7 +252,11 @@ impl Canaries {
     /// Every place a token occurs in `text` as is, in any letter case: (start, end, token),
     /// in order, not overlapping.
     pub fn occurrences(&self, text: &str) -> Vec<(usize, usize, usize)> {
-        let Some(ac) = &self.folded else {
+        let Some(ac) = self
+            .folded
+            .as_ref()
+            .filter(|_| text.len() >= self.folded_min)
+        else {
             return Vec::new();
         };
         ac.find_iter(text)
@@ -254,6 +269,9 @@ impl Canaries {
 
     /// The first token found in `bytes`, if any.
     pub fn scan(&self, bytes: &[u8]) -> Option<CanaryHit> {
+        if bytes.len() < self.exact_min {
+            return None;
+        }
         let m = self.exact.as_ref()?.find(bytes)?;
         let (token, encoding) = *self.exact_ids.get(m.pattern().as_usize())?;
         Some(CanaryHit { token, encoding })

@@ -47,12 +47,16 @@ impl Window {
 #[derive(Debug, Default)]
 pub(crate) struct Distinct {
     last: HashMap<String, Instant>,
+    /// No sighting in `last` is older than this (a lower bound: refreshing a key may leave it
+    /// lower than the true oldest). While it is within the span, nothing can have expired and
+    /// counting needs no pass over the map.
+    oldest: Option<Instant>,
 }
 
 impl Distinct {
     /// Distinct keys seen within `span` of `now`.
     pub fn count(&mut self, now: Instant, span: Duration) -> u64 {
-        self.last.retain(|_, t| now.duration_since(*t) <= span);
+        self.prune(now, span);
         self.last.len() as u64
     }
 
@@ -62,16 +66,29 @@ impl Distinct {
             Some(t) => *t = now,
             None => {
                 if self.last.len() >= MAX_ENTRIES {
-                    self.last.retain(|_, t| now.duration_since(*t) <= span);
+                    self.prune(now, span);
                 }
                 if self.last.len() < MAX_ENTRIES {
                     self.last.insert(key.to_owned(), now);
+                    self.oldest = Some(self.oldest.map_or(now, |o| o.min(now)));
                 }
             }
         }
-        // Counting is O(keys); the map is pruned whenever it doubles past the last prune.
-        self.last.retain(|_, t| now.duration_since(*t) <= span);
+        self.prune(now, span);
         self.last.len() as u64
+    }
+
+    /// Drops the keys last seen more than `span` before `now`, when any can be that old.
+    fn prune(&mut self, now: Instant, span: Duration) {
+        if self
+            .oldest
+            .is_none_or(|o| now.saturating_duration_since(o) <= span)
+        {
+            return;
+        }
+        self.last
+            .retain(|_, t| now.saturating_duration_since(*t) <= span);
+        self.oldest = self.last.values().min().copied();
     }
 }
 
@@ -99,5 +116,35 @@ mod tests {
         assert_eq!(d.add("a", t0, span), 1);
         assert_eq!(d.add("b", t0 + Duration::from_secs(3), span), 2);
         assert_eq!(d.add("c", t0 + Duration::from_secs(12), span), 2);
+    }
+
+    proptest::proptest! {
+        /// The pruning shortcut never changes a count: every answer equals a plain count of
+        /// the keys last seen within the span.
+        #[test]
+        fn distinct_counts_match_a_plain_recount(
+            steps in proptest::collection::vec((0u8..6, 0u64..4_000, proptest::bool::ANY), 1..200)
+        ) {
+            let t0 = Instant::now();
+            let span = Duration::from_secs(3);
+            let mut d = Distinct::default();
+            let mut plain: HashMap<String, Instant> = HashMap::new();
+            let mut now = t0;
+            for (key, advance_ms, just_count) in steps {
+                now += Duration::from_millis(advance_ms);
+                let key = format!("k{key}");
+                let got = if just_count {
+                    d.count(now, span)
+                } else {
+                    plain.insert(key.clone(), now);
+                    d.add(&key, now, span)
+                };
+                let want = plain
+                    .values()
+                    .filter(|t| now.duration_since(**t) <= span)
+                    .count() as u64;
+                proptest::prop_assert_eq!(got, want);
+            }
+        }
     }
 }
