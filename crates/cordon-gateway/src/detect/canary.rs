@@ -6,9 +6,9 @@
 //! head, a body prefix, decrypted bytes); [`Canaries::scan_name`] finds a token in a DNS name
 //! whatever its letter case (resolvers and the gateway lower-case names). Tokens are random, so
 //! a match is not a coincidence: one hit is enough. Nothing here prints a token: [`Canary`]'s
-//! `Debug` shows only where it was placed, and [`redacting`] replaces a token that a sandbox
-//! process put in its own command line (or executable path) with `[canary NAME]` before the
-//! process is attached to any event.
+//! `Debug` shows only where it was placed, and [`redacting`] replaces a token (as is in any case,
+//! or base64-encoded: [`Canaries::occurrences`]) that a sandbox process put in its own command
+//! line (or executable path) with `[canary NAME]` before the process is attached to any event.
 
 use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 use base64::Engine as _;
@@ -70,7 +70,8 @@ impl std::fmt::Debug for Canary {
 }
 
 /// `owners`, with every canary token in a found process's command line and executable path
-/// replaced by `[canary NAME]` (`owners` itself when there are no canaries).
+/// (as is in any case, or base64-encoded: [`Canaries::occurrences`]) replaced by
+/// `[canary NAME]` (`owners` itself when there are no canaries).
 pub(crate) fn redacting(
     owners: std::sync::Arc<dyn crate::owner::SocketOwners>,
     canaries: &[Canary],
@@ -78,34 +79,55 @@ pub(crate) fn redacting(
     if canaries.is_empty() {
         return owners;
     }
+    let tokens: Vec<String> = canaries.iter().map(|c| c.token.clone()).collect();
     let names = canaries
         .iter()
         .map(|c| {
             let name = match &c.source {
                 CanarySource::Env(n) | CanarySource::File(n) => n,
             };
-            (c.token.clone(), format!("[canary {name}]"))
+            format!("[canary {name}]")
         })
         .collect();
     std::sync::Arc::new(Redacting {
         inner: owners,
+        canaries: Canaries::new(&tokens),
         names,
     })
+}
+
+/// `text` with each of `spans` (from [`Canaries::occurrences`]) replaced by its token's name.
+pub(crate) fn replace_spans(
+    text: &str,
+    spans: &[(usize, usize, usize)],
+    name: impl Fn(usize) -> String,
+) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for &(start, end, token) in spans {
+        out.push_str(text.get(at..start).unwrap_or_default());
+        out.push_str(&name(token));
+        at = end;
+    }
+    out.push_str(text.get(at..).unwrap_or_default());
+    out
 }
 
 /// See [`redacting`].
 struct Redacting {
     inner: std::sync::Arc<dyn crate::owner::SocketOwners>,
-    /// (token, what replaces it).
-    names: Vec<(String, String)>,
+    canaries: Canaries,
+    /// What replaces token i.
+    names: Vec<String>,
 }
 
 impl Redacting {
     fn redact(&self, text: &mut String) {
-        for (token, name) in &self.names {
-            if text.contains(token.as_str()) {
-                *text = text.replace(token.as_str(), name);
-            }
+        let spans = self.canaries.occurrences(text);
+        if !spans.is_empty() {
+            *text = replace_spans(text, &spans, |i| {
+                self.names.get(i).cloned().unwrap_or_default()
+            });
         }
     }
 }
@@ -249,22 +271,43 @@ impl Canaries {
         })
     }
 
-    /// Every place a token occurs in `text` as is, in any letter case: (start, end, token),
-    /// in order, not overlapping.
+    /// Every place a token occurs in `text` — as is in any letter case, or base64-encoded at
+    /// any alignment (the characters that encode only token bytes) — as (start, end, token),
+    /// in order, not overlapping: what a redaction must cover.
     pub fn occurrences(&self, text: &str) -> Vec<(usize, usize, usize)> {
-        let Some(ac) = self
+        let mut found: Vec<(usize, usize, usize)> = Vec::new();
+        if let Some(ac) = self
             .folded
             .as_ref()
             .filter(|_| text.len() >= self.folded_min)
-        else {
-            return Vec::new();
-        };
-        ac.find_iter(text)
-            .filter_map(|m| {
+        {
+            found.extend(ac.find_iter(text).filter_map(|m| {
                 let token = *self.folded_ids.get(m.pattern().as_usize())?;
                 Some((m.start(), m.end(), token))
-            })
-            .collect()
+            }));
+        }
+        if let Some(ac) = self.exact.as_ref().filter(|_| text.len() >= self.exact_min) {
+            found.extend(ac.find_iter(text).filter_map(|m| {
+                match *self.exact_ids.get(m.pattern().as_usize())? {
+                    (token, Encoding::Base64) => Some((m.start(), m.end(), token)),
+                    // Plain forms are the folded automaton's, in any case.
+                    (_, Encoding::Plain) => None,
+                }
+            }));
+        }
+        if found.len() < 2 {
+            return found;
+        }
+        // Two searches: sort, and fold overlapping spans into one (the first token names it).
+        found.sort_unstable();
+        let mut merged: Vec<(usize, usize, usize)> = Vec::with_capacity(found.len());
+        for (start, end, token) in found {
+            match merged.last_mut() {
+                Some(last) if start < last.1 => last.1 = last.1.max(end),
+                _ => merged.push((start, end, token)),
+            }
+        }
+        merged
     }
 
     /// The first token found in `bytes`, if any.
@@ -363,6 +406,84 @@ mod tests {
         let p = owners.owner(Transport::Tcp, addr, None).unwrap();
         assert_eq!(p.exe, "/tmp/[canary .aws/credentials]");
         assert_eq!(p.cmdline, ["curl", "-HX-Key: [canary .aws/credentials]"]);
+    }
+
+    #[test]
+    fn a_base64_encoded_token_in_a_command_line_is_replaced_too() {
+        use crate::owner::{ProcessInfo, SocketOwners, Transport};
+        let b64 = base64::engine::general_purpose::STANDARD;
+        struct Fixed(Vec<String>);
+        impl SocketOwners for Fixed {
+            fn owner(
+                &self,
+                _: Transport,
+                _: std::net::SocketAddr,
+                _: Option<std::net::SocketAddr>,
+            ) -> Option<ProcessInfo> {
+                Some(ProcessInfo {
+                    pid: 3,
+                    exe: "/usr/bin/curl".into(),
+                    cmdline: self.0.clone(),
+                })
+            }
+        }
+        let token = new_token().unwrap();
+        let canaries = [Canary {
+            source: CanarySource::Env("API_KEY".into()),
+            token: token.clone(),
+        }];
+        let args: Vec<String> = ["", "u:", "us:"]
+            .iter()
+            .map(|p| {
+                format!(
+                    "-HAuthorization: Basic {}",
+                    b64.encode(format!("{p}{token}"))
+                )
+            })
+            .collect();
+        let owners = redacting(std::sync::Arc::new(Fixed(args.clone())), &canaries);
+        let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let p = owners.owner(Transport::Tcp, addr, None).unwrap();
+        let scan = Canaries::new(std::slice::from_ref(&token));
+        for (before, after) in args.iter().zip(&p.cmdline) {
+            assert!(scan.scan(before.as_bytes()).is_some());
+            assert_eq!(scan.scan(after.as_bytes()), None, "{after}");
+            assert!(after.starts_with("-HAuthorization: Basic "), "{after}");
+            assert!(after.contains("[canary API_KEY]"), "{after}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever surrounds them, tokens written as is (any case) or base64-encoded leave
+        /// nothing a scan finds once their occurrences are replaced, and the occurrences come
+        /// sorted and disjoint.
+        #[test]
+        fn replacing_the_occurrences_leaves_no_token(
+            parts in proptest::collection::vec(("[ -~]{0,12}", 0u8..4, 0usize..3), 1..4),
+        ) {
+            use base64::Engine as _;
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let tokens = [new_token().unwrap(), new_token().unwrap()];
+            let c = Canaries::new(&tokens);
+            let mut text = String::new();
+            for (i, (filler, form, pad)) in parts.iter().enumerate() {
+                text.push_str(filler);
+                let t = &tokens[i % 2];
+                match form {
+                    0 => text.push_str(t),
+                    1 => text.push_str(&t.to_lowercase()),
+                    2 => text.push_str(&b64.encode(format!("{}{t}", "x".repeat(*pad)))),
+                    _ => {}
+                }
+            }
+            let spans = c.occurrences(&text);
+            for w in spans.windows(2) {
+                proptest::prop_assert!(w[0].1 <= w[1].0, "{:?}", spans);
+            }
+            let out = replace_spans(&text, &spans, |i| format!("[canary {i}]"));
+            proptest::prop_assert_eq!(c.scan(out.as_bytes()), None, "{}", out);
+            proptest::prop_assert_eq!(c.scan_name(&out), None, "{}", out);
+        }
     }
 
     #[test]

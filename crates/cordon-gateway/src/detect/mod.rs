@@ -340,27 +340,21 @@ impl Detector {
         })
     }
 
-    /// `text` with every honey token in it (as is, any letter case) replaced by `[canary
-    /// NAME]`, or `None` when it holds none: what the sandbox sent may be recorded, a token
-    /// may not.
+    /// `text` with every honey token in it (as is in any letter case, or base64-encoded)
+    /// replaced by `[canary NAME]`, or `None` when it holds none: what the sandbox sent may be
+    /// recorded, a token may not.
     pub fn redact(&self, text: &str) -> Option<String> {
         let found = self.canaries.occurrences(text);
         if found.is_empty() {
             return None;
         }
-        let mut out = String::with_capacity(text.len());
-        let mut at = 0;
-        for (start, end, token) in found {
-            out.push_str(text.get(at..start).unwrap_or_default());
+        Some(canary::replace_spans(text, &found, |token| {
             let name = match self.canary_sources.get(token) {
                 Some(CanarySource::Env(n) | CanarySource::File(n)) => n.as_str(),
                 None => "",
             };
-            out.push_str(&format!("[canary {name}]"));
-            at = end;
-        }
-        out.push_str(text.get(at..).unwrap_or_default());
-        Some(out)
+            format!("[canary {name}]")
+        }))
     }
 
     /// Redacts the fields of an event that carry what the sandbox sent (see [`Self::redact`]).

@@ -329,6 +329,40 @@ fn a_canary_in_request_bytes_is_a_critical_firing_naming_the_variable() {
     assert!(!format!("{x:?}").contains(&token));
 }
 
+/// A token sent base64-encoded (a Basic credential, a query value) is recorded as its name too:
+/// nothing left in the recorded text decodes back to the token.
+#[test]
+fn a_base64_encoded_canary_in_a_recorded_path_is_redacted_at_every_alignment() {
+    use base64::Engine as _;
+    let token = canary::new_token().unwrap();
+    let files = [Canary {
+        source: CanarySource::File(".env".into()),
+        token: token.clone(),
+    }];
+    let d = Detector::new(DetectPolicy::default(), &files);
+    let scan = canary::Canaries::new(std::slice::from_ref(&token));
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for prefix in ["", "u:", "us:", "use:"] {
+        let path = format!("/a?auth={}&x=1", b64.encode(format!("{prefix}{token}")));
+        assert!(
+            scan.scan(path.as_bytes()).is_some(),
+            "the fixture holds the token"
+        );
+        let red = d.redact(&path).expect("a base64 token is redacted");
+        assert!(red.contains("[canary .env]"), "{red}");
+        assert_eq!(scan.scan(red.as_bytes()), None, "prefix {prefix:?}: {red}");
+        assert!(
+            red.starts_with("/a?auth=") && red.ends_with("&x=1"),
+            "{red}"
+        );
+    }
+    let mut e = dns("example.com", "A", Verdict::Block);
+    e.path = Some(format!("/k/{}", b64.encode(&token)));
+    d.redact_event(&mut e);
+    let path = e.path.unwrap();
+    assert!(path.starts_with("/k/[canary .env]"), "{path}");
+}
+
 /// DNS names arrive lower-cased (the gateway normalises them, and resolvers may too): a token
 /// with capital letters must still be found there.
 #[test]
