@@ -30,7 +30,9 @@
 //! - Upstream: the connection offers `h2` and `http/1.1` and uses what the server picks, verified
 //!   and metered exactly as on HTTP/1.1. Over HTTP/2 every stream shares one connection; over
 //!   HTTP/1.1 each stream in flight has a connection of its own, reused afterwards (at most
-//!   [`MAX_CONCURRENT_STREAMS`] kept). Upstream connections end with the client's connection.
+//!   [`MAX_CONCURRENT_STREAMS`] kept); past the first, each holds one of the session's
+//!   `max_connections` slots while it lives (none left: the stream is refused as a budget hit).
+//!   Upstream connections end with the client's connection.
 //! - Bounds towards the sandbox: at most [`MAX_CONCURRENT_STREAMS`] streams at once, request
 //!   header lists of at most [`MAX_HEADER_LIST_SIZE`] bytes, flow-control windows of
 //!   [`STREAM_WINDOW`] per stream and [`CONNECTION_WINDOW`] per connection (what a client can
@@ -61,7 +63,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::core::elapsed_ms;
+use crate::budget::ConnCheck;
+use crate::core::{elapsed_ms, BudgetHit};
 use crate::dlp::{Finding, Stream};
 use crate::event::{EventKind, NetEvent, Verdict};
 use crate::intercept::{
@@ -112,6 +115,22 @@ struct Upstreams {
     first: tokio::sync::Mutex<()>,
     /// The server picked `http/1.1`: connections are made without waiting on `first`.
     h1_only: AtomicBool,
+    /// HTTP/1.1 upstream connections alive now ([`H1Slot`]).
+    h1_live: Arc<AtomicUsize>,
+}
+
+/// One live HTTP/1.1 upstream connection, held by its connection task. The client connection's
+/// own `max_connections` slot covers one upstream connection; every further one holds a slot
+/// of its own (`permit`), so streams in flight cannot multiply the sandbox's connections out.
+struct H1Slot {
+    live: Arc<AtomicUsize>,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Drop for H1Slot {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// An HTTP/1.1 upstream connection and the address it went to.
@@ -374,9 +393,7 @@ impl H2Conn {
         // Upstream.
         let (sender, addr) = match self.sender().await {
             Ok(x) => x,
-            Err((rule, reason)) => {
-                return self.refuse(&method, &target, Refusal::new(502, rule, reason));
-            }
+            Err(r) => return self.refuse(&method, &target, r),
         };
         let authority = if s.route.port == 443 {
             s.host.to_string()
@@ -483,11 +500,12 @@ impl H2Conn {
     }
 
     /// A ready upstream sender, connecting when there is none.
-    async fn sender(&self) -> Result<(Sender, SocketAddr), (String, String)> {
+    async fn sender(&self) -> Result<(Sender, SocketAddr), Refusal> {
         if let Some(x) = self.ready_sender() {
             return Ok(x);
         }
-        let _first = if self.up.h1_only.load(Ordering::Relaxed) {
+        let h1_known = self.up.h1_only.load(Ordering::Relaxed);
+        let _first = if h1_known {
             None
         } else {
             Some(self.up.first.lock().await)
@@ -495,13 +513,25 @@ impl H2Conn {
         if let Some(x) = self.ready_sender() {
             return Ok(x);
         }
-        let v = self.s.connect(self.s.rt.upstream_h2.clone()).await?;
+        // Over HTTP/1.1 the slot is taken before connecting; the first connection's protocol
+        // is not known yet (over HTTP/2 it is the only one).
+        let early_slot = if h1_known {
+            Some(self.h1_slot()?)
+        } else {
+            None
+        };
+        let v = self
+            .s
+            .connect(self.s.rt.upstream_h2.clone())
+            .await
+            .map_err(|(rule, reason)| Refusal::new(502, rule, reason))?;
         let addr = v.addr;
         let picked_h2 = v.tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2);
         let io = TokioIo::new(v.tls);
         let failed = |e: hyper::Error| {
-            (
-                "upstream-error".to_owned(),
+            Refusal::new(
+                502,
+                "upstream-error",
                 format!("HTTP handshake with {} failed: {e}", self.s.host),
             )
         };
@@ -524,18 +554,61 @@ impl H2Conn {
             Ok((Sender::H2(send), addr))
         } else {
             self.up.h1_only.store(true, Ordering::Relaxed);
+            let slot = match early_slot {
+                Some(slot) => slot,
+                None => self.h1_slot()?,
+            };
             let (send, conn) = client1::Builder::new()
                 .max_headers(crate::h1::MAX_HEADERS)
                 .handshake(io)
                 .await
                 .map_err(failed)?;
             self.s.ctx.tasks.spawn(async move {
+                // The slot is free again when the connection is gone.
+                let _slot = slot;
                 tokio::select! {
                     _ = conn => {}
                     _ = done.cancelled() => {}
                 }
             });
             Ok((Sender::H1(send), addr))
+        }
+    }
+
+    /// Counts one more live HTTP/1.1 upstream connection; past the first, it takes one of the
+    /// session's `max_connections` slots or is refused as a budget hit (recorded).
+    fn h1_slot(&self) -> Result<H1Slot, Refusal> {
+        let before = self.up.h1_live.fetch_add(1, Ordering::AcqRel);
+        let mut slot = H1Slot {
+            live: self.up.h1_live.clone(),
+            _permit: None,
+        };
+        if before == 0 {
+            return Ok(slot);
+        }
+        let s = &self.s;
+        let host = s.host.to_string();
+        let hit = BudgetHit {
+            via: s.via,
+            host: Some(host.clone()),
+            ip: None,
+            port: Some(s.route.port),
+        };
+        match s.session.budget.acquire_connection() {
+            ConnCheck::Ok(permit) => {
+                slot._permit = permit;
+                Ok(slot)
+            }
+            ConnCheck::OverInReport(limit) => {
+                s.ctx.budget_refused(&s.session, &limit, &hit, true);
+                Ok(slot)
+            }
+            ConnCheck::Refused(limit) => {
+                s.ctx.budget_refused(&s.session, &limit, &hit, false);
+                Err(Refusal::Budget {
+                    reason: limit.reason(Some(&host)),
+                })
+            }
         }
     }
 

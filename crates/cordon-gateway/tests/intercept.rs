@@ -74,6 +74,16 @@ async fn world_with(require: bool, api_h2: bool) -> World {
 
 /// [`world_with`], with the gateway's timeouts.
 async fn world_timed(require: bool, api_h2: bool, timeouts: cordon_gateway::Timeouts) -> World {
+    world_full(require, api_h2, timeouts, None).await
+}
+
+/// [`world_timed`], with the session's `max_connections` when given.
+async fn world_full(
+    require: bool,
+    api_h2: bool,
+    timeouts: cordon_gateway::Timeouts,
+    max_connections: Option<u32>,
+) -> World {
     let upstream_ca = TestCa::new("fake upstream CA");
     let rogue_ca = TestCa::new("rogue CA");
     let api_config = if api_h2 {
@@ -105,6 +115,9 @@ async fn world_timed(require: bool, api_h2: bool, timeouts: cordon_gateway::Time
         &["api.test:*", "other.test:*", "bad.test:*"],
         &["127.0.0.1/32:*"],
     );
+    if let Some(n) = max_connections {
+        network.rate.max_connections = n;
+    }
     network.rules = vec![HttpRule {
         host: HostName::parse("api.test").unwrap(),
         methods: vec!["GET".into(), "POST".into()],
@@ -921,6 +934,52 @@ async fn streams_on_one_http2_connection_are_each_decided_and_a_refused_one_leav
             .iter()
             .any(|e| e.kind == EventKind::Blocked && e.rule == "host-mismatch"));
     }
+}
+
+/// Over an HTTP/1.1-only upstream each HTTP/2 stream in flight needs an upstream connection of
+/// its own: past the first, each takes one of the session's `max_connections` slots, so one
+/// client connection cannot multiply the sandbox's connections out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_over_an_http1_upstream_take_a_connection_slot_each_past_the_first() {
+    // Two slots: the client connection's own (which covers one upstream connection), and one.
+    let w = world_full(false, false, cordon_gateway::Timeouts::default(), Some(2)).await;
+    let mut send = w.h2_connection("api.test").await;
+    let base = format!("https://api.test:{}", w.api.addr.port());
+    let upload = |send: &mut H2Send| {
+        let (tx, body) = feed();
+        let resp =
+            tokio::spawn(send.send_request(request("POST", &format!("{base}/upload"), body)));
+        (tx, resp)
+    };
+    // Streams 1 and 2: uploads left open mid-body, each holding an upstream connection.
+    let (tx1, up1) = upload(&mut send);
+    tx1.send(Bytes::from("one")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (tx2, up2) = upload(&mut send);
+    tx2.send(Bytes::from("two")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Stream 3 would need a third upstream connection: refused as a budget hit.
+    let (status, reason, _) = response_parts(
+        send.send_request(request("GET", &format!("{base}/zen"), empty()))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 403, "{reason}");
+    assert!(reason.contains("connection limit"), "{reason}");
+    let hit =
+        w.gw.wait_event(|e| e.kind == EventKind::BudgetExhausted)
+            .await;
+    assert_eq!(hit.host.as_deref(), Some("api.test"));
+    // The two uploads end normally; then a stream reuses an idle upstream connection.
+    for (tx, up) in [(tx1, up1), (tx2, up2)] {
+        drop(tx);
+        let (status, _, body) = response_parts(up.await.unwrap().unwrap()).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(get_zen(&mut send, &base).await, 200);
+    // Upstream saw the two uploads and the last GET, never the refused one.
+    assert_eq!(w.api.seen().len(), 3, "{:?}", w.api.seen().len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
