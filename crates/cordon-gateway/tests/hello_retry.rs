@@ -430,3 +430,25 @@ async fn a_captured_connection_checks_the_retried_client_hello_too() {
     assert_eq!(server.received(), ch1);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hello_after_the_server_spoke_first_is_refused() {
+    // The server's answer to it could not be told from what it said before, so a retry request
+    // could not be seen. (A silent client whose server said nothing is checked as usual:
+    // first_bytes.rs.)
+    let (mut gw, _dns) = gateway().await;
+    let banner = b"220 smtp.front.test ESMTP\r\n".to_vec();
+    let server = FakeServer::start(vec![(0, banner.clone())]).await;
+    let mut s = connect(gw.proxy, server.addr.port()).await;
+    // Silent past the first-bytes wait: the upstream connection opens and the banner comes.
+    assert_eq!(read_exactly(&mut s, banner.len()).await, banner);
+    s.write_all(&client_hello(Some(ALLOWED), 16384))
+        .await
+        .unwrap();
+    assert!(read_to_end(&mut s).await.is_empty());
+    let e = blocked_event(&gw).await;
+    assert_eq!(e.rule, "bad-client-hello");
+    assert_eq!((e.bytes_up, e.bytes_down), (0, banner.len() as u64));
+    assert!(server.received().is_empty());
+    gw.stop().await;
+}
