@@ -5,7 +5,10 @@
 //! Guarantees:
 //! - Only hosts in [`InterceptConfig::hosts`] are intercepted, only when the connection's
 //!   destination is that host by name (CONNECT target, or the synthetic address DNS gave out),
-//!   and only after the ClientHello's SNI was checked against it. A connection to an intercepted
+//!   and only after the ClientHello's SNI was checked against it. The gateway's own TLS server
+//!   terminates the handshake, so a second ClientHello after a HelloRetryRequest is read by it,
+//!   never by the real server: the upstream connection goes to the route's host whatever the
+//!   retried hello names (unlike a tunnel, which must inspect it, see `crate::tunnel`). A connection to an intercepted
 //!   host that does not speak TLS (or HTTP, handled by the plain HTTP path) is refused: a raw
 //!   tunnel would bypass the rules and scanning the host was put under.
 //! - The upstream connection goes to the addresses the route decided and checked, and its

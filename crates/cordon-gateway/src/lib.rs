@@ -61,6 +61,7 @@ pub mod dlp;
 mod dns;
 pub mod event;
 mod h1;
+pub mod hrr;
 mod http;
 mod intercept;
 mod intercept_h2;

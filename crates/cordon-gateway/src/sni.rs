@@ -9,6 +9,9 @@
 //!   and callers block on errors (fail closed): duplicate extensions, two host names, a name with
 //!   bytes outside printable ASCII, lengths that disagree.
 //! - A ClientHello split over several TLS records is reassembled (up to [`MAX_HANDSHAKE_LEN`]).
+//! - A ClientHello must end where its last record ends: handshake bytes after it in the same
+//!   record (a second ClientHello a server would read after a HelloRetryRequest) are refused, so
+//!   [`client_hello_len`] always splits a stream between whole records.
 
 use thiserror::Error;
 
@@ -63,12 +66,27 @@ pub enum SniError {
 /// Returns `NeedMore` while `buf` is a valid but incomplete prefix; callers must cap how much they
 /// read (they never need more than `MAX_HANDSHAKE_LEN` plus record headers).
 pub fn peek_client_hello(buf: &[u8]) -> Result<Peek, SniError> {
+    parse(buf).map(|(peek, _)| peek)
+}
+
+/// How many bytes of `buf` the records carrying its first complete ClientHello take (whatever
+/// follows is the client's next record), or `None` if `buf` does not start with a complete,
+/// well-formed ClientHello.
+pub fn client_hello_len(buf: &[u8]) -> Option<usize> {
+    match parse(buf) {
+        Ok((Peek::ClientHello { .. }, len)) => Some(len),
+        _ => None,
+    }
+}
+
+/// [`peek_client_hello`], with how many bytes of `buf` a complete ClientHello's records take.
+fn parse(buf: &[u8]) -> Result<(Peek, usize), SniError> {
     match buf {
-        [] => return Ok(Peek::NeedMore),
-        [first, ..] if *first != CONTENT_HANDSHAKE => return Ok(Peek::NotTls),
-        [_] => return Ok(Peek::NeedMore),
+        [] => return Ok((Peek::NeedMore, 0)),
+        [first, ..] if *first != CONTENT_HANDSHAKE => return Ok((Peek::NotTls, 0)),
+        [_] => return Ok((Peek::NeedMore, 0)),
         // Record layer versions are 3.x (SSL 3.0 to TLS 1.3 all say 3.x on the wire).
-        [_, major, ..] if *major != 0x03 => return Ok(Peek::NotTls),
+        [_, major, ..] if *major != 0x03 => return Ok((Peek::NotTls, 0)),
         _ => {}
     }
 
@@ -77,7 +95,7 @@ pub fn peek_client_hello(buf: &[u8]) -> Result<Peek, SniError> {
     let mut rest = buf;
     loop {
         if rest.len() < 5 {
-            return Ok(Peek::NeedMore);
+            return Ok((Peek::NeedMore, 0));
         }
         if rest[0] != CONTENT_HANDSHAKE {
             return Err(SniError::UnexpectedRecord(rest[0]));
@@ -96,7 +114,7 @@ pub fn peek_client_hello(buf: &[u8]) -> Result<Peek, SniError> {
             // Parse the part we have, so a bad prefix is refused early instead of waiting for
             // bytes that may never come.
             handshake.extend_from_slice(&rest[5..]);
-            return check_partial(&handshake);
+            return check_partial(&handshake).map(|p| (p, 0));
         }
         handshake.extend_from_slice(&rest[5..5 + len]);
         rest = &rest[5 + len..];
@@ -110,8 +128,13 @@ pub fn peek_client_hello(buf: &[u8]) -> Result<Peek, SniError> {
                 return Err(SniError::TooLarge(body_len));
             }
             if handshake.len() >= 4 + body_len {
+                if handshake.len() > 4 + body_len {
+                    // Coalesced with the next handshake message: after a HelloRetryRequest a
+                    // server would read a second ClientHello from these bytes.
+                    return Err(SniError::Malformed("handshake bytes after the ClientHello"));
+                }
                 let sni = parse_client_hello_body(&handshake[4..4 + body_len])?;
-                return Ok(Peek::ClientHello { sni });
+                return Ok((Peek::ClientHello { sni }, buf.len() - rest.len()));
             }
         }
     }

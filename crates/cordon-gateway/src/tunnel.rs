@@ -18,12 +18,26 @@
 //!   an HTTP request is handed back to the caller to be served as HTTP (or refused, `late-http`,
 //!   if the server had already spoken). Waiting out the timer never opens a raw tunnel for bytes
 //!   that would not have passed at once.
+//! - A ClientHello that passed is not followed by a blind splice: until the server's first
+//!   handshake message shows whether it is a TLS 1.3 HelloRetryRequest (`crate::hrr`), what the
+//!   server says is relayed (metered) and every byte the client sends is held back (bounded; a
+//!   client with more to say waits). Not a retry request (a ServerHello, TLS 1.2, an alert, the
+//!   server closing): the held bytes go upstream and the tunnel splices. A retry request: the
+//!   client's next handshake message (after any `change_cipher_spec` or early-data records) must
+//!   be a well-formed ClientHello that passes the same SNI check within the first-bytes wait, or
+//!   the tunnel is closed (`sni-mismatch`, `bad-client-hello`, reason "retried ClientHello") and
+//!   none of it reaches the server, pipelined before the retry request or not. A ClientHello
+//!   sharing its record with more handshake bytes is refused up front (`crate::sni`), and one
+//!   sent after the server spoke first is refused (its answer could not be told apart). RFC 8446
+//!   allows one retry, so the tunnel splices after the second ClientHello; TLS 1.2
+//!   renegotiation is encrypted and not inspected. Intercepted hosts (`crate::intercept`) do
+//!   not take this path: the gateway is their TLS server.
 //! - Every tunnel produces one `Connection` event at close with the bytes that crossed and its
 //!   duration, or one `Blocked` event.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cordon_policy::host::HostName;
 use tokio::io::AsyncWriteExt;
@@ -34,11 +48,12 @@ use crate::authority::parse_authority;
 use crate::budget::{ByteDirection, RateCheck};
 use crate::core::{elapsed_ms, BudgetHit, Ctx};
 use crate::event::{EventKind, NetEvent, Verdict, Via};
+use crate::hrr::{retried_hello, Retried, ServerFirst, ServerHelloScan};
 use crate::io::{read_until, write_up, Meter, MeterTarget};
 use crate::policy::{Dest, Verdicted};
 use crate::route::{self, dest_for, Route, RouteError};
 use crate::session::Session;
-use crate::sni::{peek_client_hello, Peek, SniError, MAX_HANDSHAKE_LEN};
+use crate::sni::{client_hello_len, peek_client_hello, Peek, SniError, MAX_HANDSHAKE_LEN};
 use crate::splice;
 
 /// Most bytes read while looking for a complete ClientHello.
@@ -517,6 +532,155 @@ async fn guard(
     }
 }
 
+/// Most client bytes held back while the server's first answer to a ClientHello is awaited, or
+/// while the client's retried ClientHello is read: room for a ClientHello, the records a client
+/// may send before it (`change_cipher_spec`, early data), and one full read. A client with more to
+/// say waits (TCP backpressure) until the server has answered.
+const MAX_HELD: usize = 2 * MAX_PEEK;
+
+/// How the watch for a HelloRetryRequest ended (see [`watch_hello_retry`]).
+#[derive(Debug)]
+enum Retry {
+    /// The server's first answer was not a HelloRetryRequest: the held bytes may go upstream.
+    NotRetried,
+    /// A HelloRetryRequest, and the client's retried ClientHello passed the same SNI check as
+    /// the first: the held bytes may go upstream.
+    Checked,
+    /// A HelloRetryRequest, and what the client sent after it is refused: nothing of it went
+    /// upstream.
+    Refused(Verdicted),
+    /// The gateway is shutting down.
+    Cancelled,
+}
+
+/// [`check_first_bytes`] for what the client sent after a HelloRetryRequest: the same rules and
+/// rule names, the reason saying it was the retried ClientHello.
+fn check_retried(dest: &Dest, peek: Result<Peek, SniError>) -> Result<(), Verdicted> {
+    check_first_bytes(dest, peek).map_err(|mut v| {
+        v.reason = v
+            .reason
+            .map(|r| format!("retried ClientHello (after a HelloRetryRequest): {r}"));
+        v
+    })
+}
+
+/// A refusal of what the client sent after a HelloRetryRequest.
+fn retry_refused(dest: &Dest, e: SniError) -> Retry {
+    match check_retried(dest, Err(e)) {
+        Err(v) => Retry::Refused(v),
+        Ok(()) => Retry::Refused(blocked(
+            "bad-client-hello",
+            "retried ClientHello (after a HelloRetryRequest) refused".into(),
+        )),
+    }
+}
+
+/// After a ClientHello went upstream: relays (metered) what the server says until its first
+/// handshake message shows whether it is a HelloRetryRequest, holding back in `held` every byte
+/// the client sends meanwhile. On a HelloRetryRequest, the client's next handshake message must
+/// be a ClientHello that passes [`check_first_bytes`] for `dest`, within `wait` of the retry
+/// request being seen; a second retry request is impossible (RFC 8446 §4.1.4), so nothing is
+/// watched after it. Returns with `held` still unsent: the caller sends it unless refused.
+async fn watch_hello_retry(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    meter: &Meter,
+    cancel: &CancellationToken,
+    dest: &Dest,
+    held: &mut Vec<u8>,
+    wait: Duration,
+) -> std::io::Result<Retry> {
+    let mut scan = ServerHelloScan::default();
+    let mut down = vec![0u8; 16 * 1024];
+    let mut up = vec![0u8; 16 * 1024];
+    let (mut client_open, mut upstream_open) = (true, true);
+    // Set once a HelloRetryRequest was seen: when the retried ClientHello must be complete.
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        if deadline.is_some() {
+            match retried_hello(held) {
+                Ok(Retried::ClientHello { sni, .. }) => {
+                    return Ok(match check_retried(dest, Ok(Peek::ClientHello { sni })) {
+                        Ok(()) => Retry::Checked,
+                        Err(v) => Retry::Refused(v),
+                    });
+                }
+                Ok(Retried::NeedMore) if held.len() >= MAX_HELD => {
+                    return Ok(retry_refused(dest, SniError::TooLarge(held.len())));
+                }
+                Ok(Retried::NeedMore) if !client_open => {
+                    if held.is_empty() {
+                        // The client gave up after the retry request: nothing to check.
+                        return Ok(Retry::Checked);
+                    }
+                    return Ok(retry_refused(
+                        dest,
+                        SniError::Malformed("incomplete ClientHello"),
+                    ));
+                }
+                Ok(Retried::NeedMore) => {}
+                Err(e) => return Ok(retry_refused(dest, e)),
+            }
+        }
+        let room = MAX_HELD.saturating_sub(held.len()).min(up.len());
+        let timer = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Ok(Retry::Cancelled),
+            _ = timer => {
+                return Ok(retry_refused(
+                    dest,
+                    SniError::Malformed("no complete ClientHello within the first-bytes wait"),
+                ));
+            }
+            r = client.readable(), if client_open && room > 0 => {
+                r?;
+                match client.try_read(&mut up[..room]) {
+                    Ok(0) => client_open = false,
+                    Ok(n) => held.extend_from_slice(&up[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            r = upstream.readable(), if upstream_open => {
+                r?;
+                let allowed = meter.reserve(ByteDirection::In, down.len())?;
+                let res = upstream.try_read(&mut down[..allowed]);
+                meter.settle(ByteDirection::In, allowed, *res.as_ref().unwrap_or(&0));
+                let n = match res {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                };
+                if n == 0 {
+                    upstream_open = false;
+                    splice::shutdown_write(client);
+                    if deadline.is_none() {
+                        // The server closed without asking for a retry.
+                        return Ok(Retry::NotRetried);
+                    }
+                    continue;
+                }
+                write_all_shared(client, &down[..n], None).await?;
+                if deadline.is_none() {
+                    match scan.feed(&down[..n]) {
+                        ServerFirst::Pending => {}
+                        ServerFirst::NotRetry(_) => return Ok(Retry::NotRetried),
+                        ServerFirst::HelloRetry => {
+                            deadline = Some(tokio::time::Instant::now() + wait);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Writes all of `data` to `upstream`, charging it to the budget as it goes.
 async fn write_up_shared(upstream: &TcpStream, meter: &Meter, data: &[u8]) -> std::io::Result<()> {
     write_all_shared(upstream, data, Some(meter)).await
@@ -567,6 +731,8 @@ pub(crate) async fn run_tunnel(
     let silent = first.is_empty() && matches!(peek, Ok(Peek::NotTls));
     // A first line still open when the wait ended: watched until it ends.
     let mut pending_line = matches!(peek, Ok(Peek::NotTls)) && request_line_undecided(&first);
+    // A ClientHello: the server's answer is watched for a HelloRetryRequest before splicing.
+    let mut hello = matches!(peek, Ok(Peek::ClientHello { .. }));
     if let Err(v) = check_first_bytes(&route.dest, peek) {
         emit_blocked(ctx, session, via, Some(host), None, Some(route.port), &v);
         return TunnelEnd::Refused;
@@ -617,8 +783,18 @@ pub(crate) async fn run_tunnel(
                         }
                         pending_line =
                             matches!(peek, Ok(Peek::NotTls)) && request_line_undecided(&bytes);
+                        hello = matches!(peek, Ok(Peek::ClientHello { .. }));
                         refusal = if http {
                             Some(late_http())
+                        } else if hello && server_spoke {
+                            // The server's answer to this ClientHello could not be told from
+                            // what it said before, so a HelloRetryRequest could not be seen.
+                            Some(blocked(
+                                "bad-client-hello",
+                                "a TLS ClientHello came after the server had spoken: send it at \
+                                 once so the server's answer can be checked"
+                                    .into(),
+                            ))
                         } else {
                             check_first_bytes(&route.dest, peek).err()
                         };
@@ -632,9 +808,36 @@ pub(crate) async fn run_tunnel(
             Err(e) => error = Some(e.to_string()),
         }
     }
+    // Whatever the client sent after its ClientHello waits for the server's answer.
+    let mut held = match hello.then(|| client_hello_len(&first)).flatten() {
+        Some(end) => first.split_off(end),
+        None => Vec::new(),
+    };
     if refusal.is_none() && error.is_none() && !cancelled && !first.is_empty() {
         if let Err(e) = write_up(&mut stream, &meter, &first).await {
             error = Some(e.to_string());
+        }
+    }
+    if hello && refusal.is_none() && error.is_none() && !cancelled {
+        let wait = ctx.shared.timeouts.first_bytes;
+        let watched = watch_hello_retry(
+            client,
+            &stream,
+            &meter,
+            &ctx.cancel,
+            &route.dest,
+            &mut held,
+            wait,
+        );
+        match watched.await {
+            Ok(Retry::NotRetried | Retry::Checked) => {
+                if let Err(e) = write_up(&mut stream, &meter, &held).await {
+                    error = Some(e.to_string());
+                }
+            }
+            Ok(Retry::Refused(v)) => refusal = Some(v),
+            Ok(Retry::Cancelled) => cancelled = true,
+            Err(e) => error = Some(e.to_string()),
         }
     }
     if pending_line && refusal.is_none() && error.is_none() && !cancelled {

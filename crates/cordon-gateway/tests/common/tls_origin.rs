@@ -48,23 +48,44 @@ impl TestCa {
         self.server_alpn(names, &[b"h2", b"http/1.1"])
     }
 
+    /// Like [`TestCa::server`], accepting only the key exchange `groups` (a client whose first
+    /// key share is another group gets a HelloRetryRequest).
+    pub fn server_groups(
+        &self,
+        names: &[&str],
+        groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
+    ) -> Arc<rustls::ServerConfig> {
+        let provider = rustls::crypto::CryptoProvider {
+            kx_groups: groups,
+            ..rustls::crypto::ring::default_provider()
+        };
+        self.server_with(names, &[b"http/1.1"], provider)
+    }
+
     fn server_alpn(&self, names: &[&str], alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+        self.server_with(names, alpn, rustls::crypto::ring::default_provider())
+    }
+
+    fn server_with(
+        &self,
+        names: &[&str],
+        alpn: &[&[u8]],
+        provider: rustls::crypto::CryptoProvider,
+    ) -> Arc<rustls::ServerConfig> {
         let key = KeyPair::generate().unwrap();
         let params =
             CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
                 .unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-        .unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap();
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Arc::new(config)
     }
