@@ -378,10 +378,16 @@ mod tests {
         assert!(shown.contains(".env"), "{shown}");
     }
 
-    #[test]
-    fn a_token_in_a_process_command_line_is_replaced_by_its_name() {
+    /// The process `redacting` reports for one canary placed at `source`, when the sandbox
+    /// process is `exe` with `cmdline`.
+    fn redacted_owner(
+        source: CanarySource,
+        token: &str,
+        exe: String,
+        cmdline: Vec<String>,
+    ) -> crate::owner::ProcessInfo {
         use crate::owner::{ProcessInfo, SocketOwners, Transport};
-        struct Fixed(String);
+        struct Fixed(ProcessInfo);
         impl SocketOwners for Fixed {
             fn owner(
                 &self,
@@ -389,49 +395,40 @@ mod tests {
                 _: std::net::SocketAddr,
                 _: Option<std::net::SocketAddr>,
             ) -> Option<ProcessInfo> {
-                Some(ProcessInfo {
-                    pid: 3,
-                    exe: format!("/tmp/{}", self.0),
-                    cmdline: vec!["curl".into(), format!("-HX-Key: {}", self.0)],
-                })
+                Some(self.0.clone())
             }
         }
-        let token = new_token().unwrap();
         let canaries = [Canary {
-            source: CanarySource::File(".aws/credentials".into()),
-            token: token.clone(),
+            source,
+            token: token.to_owned(),
         }];
-        let owners = redacting(std::sync::Arc::new(Fixed(token.clone())), &canaries);
+        let found = ProcessInfo {
+            pid: 3,
+            exe,
+            cmdline,
+        };
+        let owners = redacting(std::sync::Arc::new(Fixed(found)), &canaries);
         let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let p = owners.owner(Transport::Tcp, addr, None).unwrap();
+        owners.owner(Transport::Tcp, addr, None).unwrap()
+    }
+
+    #[test]
+    fn a_token_in_a_process_command_line_is_replaced_by_its_name() {
+        let token = new_token().unwrap();
+        let p = redacted_owner(
+            CanarySource::File(".aws/credentials".into()),
+            &token,
+            format!("/tmp/{token}"),
+            vec!["curl".into(), format!("-HX-Key: {token}")],
+        );
         assert_eq!(p.exe, "/tmp/[canary .aws/credentials]");
         assert_eq!(p.cmdline, ["curl", "-HX-Key: [canary .aws/credentials]"]);
     }
 
     #[test]
     fn a_base64_encoded_token_in_a_command_line_is_replaced_too() {
-        use crate::owner::{ProcessInfo, SocketOwners, Transport};
         let b64 = base64::engine::general_purpose::STANDARD;
-        struct Fixed(Vec<String>);
-        impl SocketOwners for Fixed {
-            fn owner(
-                &self,
-                _: Transport,
-                _: std::net::SocketAddr,
-                _: Option<std::net::SocketAddr>,
-            ) -> Option<ProcessInfo> {
-                Some(ProcessInfo {
-                    pid: 3,
-                    exe: "/usr/bin/curl".into(),
-                    cmdline: self.0.clone(),
-                })
-            }
-        }
         let token = new_token().unwrap();
-        let canaries = [Canary {
-            source: CanarySource::Env("API_KEY".into()),
-            token: token.clone(),
-        }];
         let args: Vec<String> = ["", "u:", "us:"]
             .iter()
             .map(|p| {
@@ -441,9 +438,12 @@ mod tests {
                 )
             })
             .collect();
-        let owners = redacting(std::sync::Arc::new(Fixed(args.clone())), &canaries);
-        let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let p = owners.owner(Transport::Tcp, addr, None).unwrap();
+        let p = redacted_owner(
+            CanarySource::Env("API_KEY".into()),
+            &token,
+            "/usr/bin/curl".into(),
+            args.clone(),
+        );
         let scan = Canaries::new(std::slice::from_ref(&token));
         for (before, after) in args.iter().zip(&p.cmdline) {
             assert!(scan.scan(before.as_bytes()).is_some());
