@@ -98,7 +98,16 @@ pub struct GatewayConfig {
     /// Finds the sandbox process behind each connection and DNS query ([`crate::owner`]);
     /// `None` (the default) attributes events to the session only.
     pub owners: Option<Arc<dyn SocketOwners>>,
+    /// Standalone mode: most client connections at once that have not yet named a session
+    /// with a valid token (each may buffer up to 256 KiB of head for the head timeout). Past
+    /// it a new connection is answered `503` and closed (a `Blocked` event, rule
+    /// `unauthenticated-limit`). Sandbox mode charges every connection to its session's
+    /// `max_connections` instead.
+    pub max_unauthenticated: usize,
 }
+
+/// Default of [`GatewayConfig::max_unauthenticated`].
+pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 256;
 
 /// What the gateway needs to intercept TLS: built by the supervisor for one session.
 pub struct InterceptConfig {
@@ -178,6 +187,7 @@ impl GatewayConfig {
             max_synthetic_names: 1 << 16,
             intercept: None,
             owners: None,
+            max_unauthenticated: DEFAULT_MAX_UNAUTHENTICATED,
         }
     }
 
@@ -202,6 +212,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("max_synthetic_names", &self.max_synthetic_names)
             .field("intercept", &self.intercept)
             .field("owners", &self.owners.is_some())
+            .field("max_unauthenticated", &self.max_unauthenticated)
             .finish_non_exhaustive()
     }
 }

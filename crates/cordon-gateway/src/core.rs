@@ -49,6 +49,9 @@ pub(crate) struct Shared {
     pub terminate_tx: mpsc::UnboundedSender<TerminateRequest>,
     pub detections_tx: mpsc::UnboundedSender<Detection>,
     pub owners: Option<Arc<dyn crate::owner::SocketOwners>>,
+    /// Standalone mode: one permit per client connection that has not named its session yet
+    /// ([`crate::GatewayConfig::max_unauthenticated`]).
+    pub unauthenticated: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// State for one `serve` call: the shared state plus the sink and the cancellation token.

@@ -126,6 +126,9 @@ pub(crate) struct ClientConn {
     /// request with the same bytes names the same session unless its token was revoked since.
     auth: Option<(Vec<u8>, Arc<Session>)>,
     binding: Option<Binding>,
+    /// Standalone mode: the connection's unauthenticated slot, held until a head names its
+    /// session ([`crate::GatewayConfig::max_unauthenticated`]).
+    unauthenticated: Option<OwnedSemaphorePermit>,
     upstream: Option<UpstreamConn>,
     /// The pipe of a response read until upstream closes (spliced).
     to_client: Option<Pipe>,
@@ -145,6 +148,7 @@ impl ClientConn {
             memo: None,
             auth: None,
             binding: None,
+            unauthenticated: None,
             upstream: None,
             to_client: None,
         }
@@ -196,7 +200,21 @@ enum Next {
 /// gateway learns the session from the first head's token.)
 pub(crate) async fn serve_proxy_client(ctx: Arc<Ctx>, stream: TcpStream) {
     let Some(session) = ctx.shared.attribution.fixed().cloned() else {
-        serve_client(ctx, ClientConn::new(ConnMode::Proxy, stream, &[])).await;
+        // Standalone: a connection is nobody's until a head names its session, so the
+        // connections that have not done so yet are bounded on their own.
+        let slot = match ctx.shared.unauthenticated.as_ref() {
+            Some(sem) => match sem.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    refuse_unauthenticated(&ctx, stream).await;
+                    return;
+                }
+            },
+            None => None,
+        };
+        let mut conn = ClientConn::new(ConnMode::Proxy, stream, &[]);
+        conn.unauthenticated = slot;
+        serve_client(ctx, conn).await;
         return;
     };
     let permit = match take_slot(&ctx, &session, Via::Proxy) {
@@ -244,6 +262,29 @@ fn take_slot(
             Err(limit.reason(None))
         }
     }
+}
+
+/// Standalone mode, too many connections without a session: recorded, answered `503` at once
+/// (nothing of the connection is read) and closed.
+async fn refuse_unauthenticated(ctx: &Ctx, stream: TcpStream) {
+    let mut e = NetEvent::new(
+        EventKind::Blocked,
+        &SessionInfo::unauthenticated(),
+        Via::Proxy,
+        Verdict::Block,
+    );
+    e.rule = "unauthenticated-limit".into();
+    e.reason =
+        Some("too many client connections have not sent a request with a cordon token yet".into());
+    ctx.emit_unattributed(e);
+    let mut conn = ClientConn::new(ConnMode::Proxy, stream, &[]);
+    let _ = conn
+        .reply(
+            503,
+            "too many connections without a proxy token; try again",
+            /*close*/ true,
+        )
+        .await;
 }
 
 /// Reads and drops bytes until the end of a request head (or EOF), keeping only the last three.
@@ -465,6 +506,8 @@ fn bind_session(
         session: session.clone(),
         _permit: permit,
     });
+    // From here the session's own max_connections counts the connection.
+    conn.unauthenticated = None;
     Ok(session)
 }
 

@@ -92,6 +92,7 @@ use tokio_util::task::TaskTracker;
 
 pub use crate::config::{
     Clients, GatewayConfig, InterceptConfig, Timeouts, Upstream, DEFAULT_MAX_SCAN_BYTES,
+    DEFAULT_MAX_UNAUTHENTICATED,
 };
 pub use crate::core::TerminateRequest;
 pub use crate::detect::{Detection, Evidence, Rule, Severity};
@@ -166,6 +167,13 @@ impl Gateway {
             }
             Upstream::Custom(r) => r,
         };
+        let unauthenticated = matches!(config.clients, Clients::Tokens).then(|| {
+            Arc::new(tokio::sync::Semaphore::new(
+                config
+                    .max_unauthenticated
+                    .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+            ))
+        });
         let attribution = match config.clients {
             Clients::Session(info) => {
                 let detector = Detector::new(detect, &config.canaries);
@@ -198,6 +206,7 @@ impl Gateway {
                 owners: config
                     .owners
                     .map(|o| crate::detect::canary::redacting(o, &config.canaries)),
+                unauthenticated,
             }),
             terminate_rx: Arc::new(Mutex::new(Some(terminate_rx))),
             detections_rx: Arc::new(Mutex::new(Some(detections_rx))),

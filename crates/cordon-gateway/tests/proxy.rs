@@ -724,6 +724,67 @@ async fn standalone_clients_need_a_token_and_each_token_is_its_own_session() {
         .all(|e| e.session.user == "user-a"));
 }
 
+/// Standalone: connections that have not named a session yet are bounded on their own (they
+/// are nobody's max_connections); one that authenticates frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_gateway_bounds_connections_that_have_not_sent_a_token() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (origin, _) = origin::spawn("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let dns = FakeDns::start(LOOPBACK, &[("origin.test", &[LOOPBACK])]).await;
+    let opts = Options {
+        clients: Clients::Tokens,
+        max_unauthenticated: Some(2),
+        ..Options::default()
+    };
+    let mut gw = Running::start(
+        policy(&["origin.test:*"], &["127.0.0.1/32:*"]),
+        dns.addr,
+        opts,
+    )
+    .await;
+    let token = gw
+        .gateway
+        .issue_token(SessionInfo {
+            id: "s1".into(),
+            user: "alice".into(),
+            code_sha256: "abc".into(),
+        })
+        .unwrap();
+    let proxy = gw.proxy;
+    let get = format!(
+        "GET http://origin.test:{}/ HTTP/1.1\r\nHost: origin.test:{}\r\n\
+         Proxy-Authorization: Bearer {token}\r\n\r\n",
+        origin.port(),
+        origin.port()
+    );
+    // Two silent connections take both places.
+    let mut a = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let _b = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A third is answered 503 at once and closed, and the refusal is recorded.
+    let mut c = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut answer))
+        .await
+        .expect("the refused connection is closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    let e = gw.wait_event(|e| e.rule == "unauthenticated-limit").await;
+    assert_eq!((e.kind, e.verdict), (EventKind::Blocked, Verdict::Block));
+    // One of the silent ones authenticates: served, and its place is free again.
+    a.write_all(get.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    a.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let mut d = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    d.write_all(get.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    d.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standalone_gateway_refuses_dns_and_transparent_listeners() {
     let dns = FakeDns::start(LOOPBACK, &[]).await;

@@ -83,6 +83,10 @@ pub struct GatewayArgs {
     /// Worker threads of the proxy (default: one per CPU).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Most client connections at once that have not yet sent a request with a valid token;
+    /// past it a new connection gets 503 (default 256).
+    #[arg(long, value_name = "N")]
+    pub max_unauthenticated: Option<usize>,
 }
 
 /// Why `cordon gateway` stopped or never started.
@@ -107,6 +111,8 @@ pub enum GatewayCmdError {
     NeedsSandbox(&'static str),
     #[error("--threads {0}: expected a number from 1 to 256")]
     Threads(usize),
+    #[error("--max-unauthenticated {0}: expected a number from 1 to 65536")]
+    MaxUnauthenticated(usize),
     #[error("--token-file {}: {reason}", path.display())]
     TokenFilePath { path: PathBuf, reason: &'static str },
     #[error("cannot listen on {addr}: address already in use (another proxy is listening there; choose another --listen)")]
@@ -156,6 +162,7 @@ impl GatewayCmdError {
             | GatewayCmdError::TooManySessions
             | GatewayCmdError::UpstreamDns(_)
             | GatewayCmdError::Threads(_)
+            | GatewayCmdError::MaxUnauthenticated(_)
             | GatewayCmdError::TokenFilePath { .. } => 2,
             _ => 1,
         }
@@ -177,6 +184,8 @@ pub struct GatewayPlan {
     pub upstream_dns: Vec<SocketAddr>,
     /// `None`: one worker per CPU.
     pub threads: Option<usize>,
+    /// Connections without a session at once.
+    pub max_unauthenticated: usize,
 }
 
 /// Builds the plan. `policy_text` is the policy file's path and contents, if one was given.
@@ -227,6 +236,12 @@ pub fn plan(
             return Err(GatewayCmdError::Threads(n));
         }
     }
+    let max_unauthenticated = args
+        .max_unauthenticated
+        .unwrap_or(cordon_gateway::DEFAULT_MAX_UNAUTHENTICATED);
+    if !(1..=65536).contains(&max_unauthenticated) {
+        return Err(GatewayCmdError::MaxUnauthenticated(max_unauthenticated));
+    }
     if let Some(path) = &args.token_file {
         if path.file_name().is_none() {
             return Err(GatewayCmdError::TokenFilePath {
@@ -243,6 +258,7 @@ pub fn plan(
         token_file: args.token_file.clone(),
         upstream_dns,
         threads: args.threads,
+        max_unauthenticated,
     })
 }
 
@@ -424,6 +440,7 @@ fn serve(plan: GatewayPlan) -> Result<(), GatewayCmdError> {
     if !plan.upstream_dns.is_empty() {
         config.upstream = Upstream::Nameservers(plan.upstream_dns.clone());
     }
+    config.max_unauthenticated = plan.max_unauthenticated;
     let gateway = {
         let _guard = rt.enter();
         Gateway::new(config)?
@@ -743,6 +760,13 @@ mod tests {
                     ..args("127.0.0.1:1")
                 },
                 "--threads 0",
+            ),
+            (
+                GatewayArgs {
+                    max_unauthenticated: Some(0),
+                    ..args("127.0.0.1:1")
+                },
+                "--max-unauthenticated 0",
             ),
             (
                 GatewayArgs {

@@ -288,6 +288,8 @@ pub struct Options {
     pub intercept: Option<Arc<cordon_gateway::InterceptConfig>>,
     /// Process attribution (what `cordon run` plugs in).
     pub owners: Option<Arc<dyn cordon_gateway::SocketOwners>>,
+    /// Standalone mode's bound on connections without a session (the default when `None`).
+    pub max_unauthenticated: Option<usize>,
 }
 
 /// Every detection rule off: tests of other behaviour must not be cut short by one.
@@ -314,6 +316,7 @@ impl Default for Options {
             },
             intercept: None,
             owners: None,
+            max_unauthenticated: None,
         }
     }
 }
@@ -328,6 +331,9 @@ impl Running {
         config.timeouts = opts.timeouts;
         config.intercept = opts.intercept;
         config.owners = opts.owners;
+        if let Some(n) = opts.max_unauthenticated {
+            config.max_unauthenticated = n;
+        }
         if let Some(o) = opts.original_dst {
             config.original_dst = o;
         }
