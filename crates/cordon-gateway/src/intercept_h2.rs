@@ -21,6 +21,9 @@
 //!   them, with an `Alert` per credential. A host that holds a credential is asked for
 //!   `accept-encoding: identity`, and a response from it with a `content-encoding` is refused
 //!   (`502`, rule `response-encoded`), as on HTTP/1.1.
+//! - A stream hyper's HTTP/2 layer refuses on its own (before it becomes a request) and a
+//!   `GOAWAY` with an error are recorded from the frames that layer writes (`crate::h2frames`):
+//!   a `Blocked` event, rule `h2-protocol`, with the stream id and error code.
 //! - Each stream that reaches the decision produces exactly one `HttpRequest` event (when its
 //!   response ends, fails, or the stream is abandoned) or one `Blocked` event (with an `Alert`
 //!   for a finding); a budget refusal is recorded as `BudgetExhausted`, as on HTTP/1.1. A body
@@ -67,6 +70,7 @@ use crate::budget::ConnCheck;
 use crate::core::{elapsed_ms, BudgetHit};
 use crate::dlp::{Finding, Stream};
 use crate::event::{EventKind, NetEvent, Verdict};
+use crate::h2frames::{code_name, FrameWatch, Refused};
 use crate::intercept::{
     add_note, alert, merge_names, Admitted, HeadView, Refusal, Scope, PREREAD_MAX,
 };
@@ -196,6 +200,10 @@ where
         .initial_connection_window_size(CONNECTION_WINDOW)
         .adaptive_window(false)
         .max_send_buf_size(MAX_SEND_BUF);
+    // Streams hyper refuses on its own (malformed, over the limits) never reach `stream`: the
+    // frames it writes tell, and each refusal is recorded.
+    let reporter = s.clone();
+    let io = FrameWatch::new(io, Box::new(move |r| record_layer_refusal(&reporter, r)));
     let served = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(served);
     let idle = s.ctx.shared.timeouts.header_read;
@@ -216,6 +224,29 @@ where
         }
     }
     done.cancel();
+}
+
+/// Records what the HTTP/2 layer refused without a handler: a `Blocked` event (rule
+/// `h2-protocol`) naming the stream and the error code. Method and path are unknown: the layer
+/// did not accept the request head.
+fn record_layer_refusal(s: &Scope, r: Refused) {
+    let mut e = NetEvent::new(EventKind::Blocked, &s.session.info, s.via, Verdict::Block);
+    e.host = Some(s.host.to_string());
+    e.port = Some(s.route.port);
+    e.rule = "h2-protocol".into();
+    e.reason = Some(match r {
+        Refused::Stream { id, code } => format!(
+            "the HTTP/2 layer refused stream {id} ({}) before it became a request: a malformed \
+             head (connection-specific header, bad pseudo-header or :path, header list over the \
+             bound) or too many streams at once",
+            code_name(code)
+        ),
+        Refused::Connection { code } => format!(
+            "the HTTP/2 layer closed the connection ({}): the client broke the protocol",
+            code_name(code)
+        ),
+    });
+    s.ctx.emit(&s.session, e);
 }
 
 /// The gateway's own answer on one stream: `status`, the reason in `X-Cordon-Reason` and in a

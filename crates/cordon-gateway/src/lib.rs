@@ -61,6 +61,7 @@ pub mod dlp;
 mod dns;
 pub mod event;
 mod h1;
+mod h2frames;
 pub mod hrr;
 mod http;
 mod intercept;

@@ -633,6 +633,19 @@ impl World {
     /// An HTTP/2 connection to `host` through the proxy (CONNECT, then TLS with the session CA
     /// offering only `h2`), made with hyper's client. Fails the test unless `h2` was picked.
     async fn h2_connection(&self, host: &str) -> H2Send {
+        let tls = self.h2_tls(host).await;
+        let (send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        send
+    }
+
+    /// The TLS stream under [`World::h2_connection`]: `h2` negotiated, nothing sent on it yet.
+    async fn h2_tls(&self, host: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let port = self.port_of(host);
         let mut tcp = tokio::net::TcpStream::connect(self.gw.proxy).await.unwrap();
@@ -674,14 +687,7 @@ impl World {
             Some(&b"h2"[..]),
             "the gateway did not speak HTTP/2"
         );
-        let (send, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tls),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
-        send
+        tls
     }
 }
 
@@ -934,6 +940,80 @@ async fn streams_on_one_http2_connection_are_each_decided_and_a_refused_one_leav
             .iter()
             .any(|e| e.kind == EventKind::Blocked && e.rule == "host-mismatch"));
     }
+}
+
+/// HTTP/2 frame `kind` on `stream` (raw, for requests hyper's client would never send).
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let n = payload.len();
+    let mut f = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A stream the HTTP/2 layer refuses before any handler sees it (here: a connection-specific
+/// header, which HTTP/2 forbids) is recorded, and the connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_http2_layer_refuses_on_its_own_is_recorded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = world_with(false, true).await;
+    let mut tls = w.h2_tls("api.test").await;
+    // HPACK without Huffman: :method GET, :scheme https, :path /zen (indexed names), then
+    // :authority and `connection: close` as literals.
+    let authority = format!("api.test:{}", w.api.addr.port());
+    let mut block = vec![0x82, 0x87, 0x44, 4];
+    block.extend_from_slice(b"/zen");
+    block.push(0x41);
+    block.push(authority.len() as u8);
+    block.extend_from_slice(authority.as_bytes());
+    block.extend_from_slice(&[0x00, 10]);
+    block.extend_from_slice(b"connection");
+    block.push(5);
+    block.extend_from_slice(b"close");
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&h2_frame(0x4, 0, 0, &[]));
+    // END_STREAM | END_HEADERS on stream 1.
+    out.extend_from_slice(&h2_frame(0x1, 0x5, 1, &block));
+    tls.write_all(&out).await.unwrap();
+    // Read the server's frames until RST_STREAM on stream 1.
+    let mut code = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while code.is_none() {
+        let mut head = [0u8; 9];
+        tokio::time::timeout_at(deadline, tls.read_exact(&mut head))
+            .await
+            .expect("no RST_STREAM from the gateway")
+            .unwrap();
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let mut payload = vec![0u8; len];
+        tls.read_exact(&mut payload).await.unwrap();
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
+        if head[3] == 0x1 {
+            panic!("the gateway answered the malformed stream with HEADERS");
+        }
+        if head[3] == 0x3 && stream == 1 {
+            code = Some(u32::from_be_bytes([
+                payload[0], payload[1], payload[2], payload[3],
+            ]));
+        }
+    }
+    assert_eq!(code, Some(0x1), "PROTOCOL_ERROR");
+    let e = w.gw.wait_event(|e| e.rule == "h2-protocol").await;
+    assert_eq!((e.kind, e.verdict), (EventKind::Blocked, Verdict::Block));
+    assert_eq!(e.host.as_deref(), Some("api.test"));
+    let reason = e.reason.unwrap();
+    assert!(
+        reason.contains("stream 1") && reason.contains("PROTOCOL_ERROR"),
+        "{reason}"
+    );
+    assert!(w.api.seen().is_empty());
+    // One event for the one refusal.
+    let refusals =
+        w.gw.events()
+            .into_iter()
+            .filter(|e| e.rule == "h2-protocol")
+            .count();
+    assert_eq!(refusals, 1);
 }
 
 /// Over an HTTP/1.1-only upstream each HTTP/2 stream in flight needs an upstream connection of
