@@ -21,8 +21,9 @@ step "cordon run --workspace $work/ws -- sh -c 'echo hi > out.txt'"
 "$cordon" run --workspace "$work/ws" -- sh -c 'echo hi > out.txt'
 echo "on the host: $(cat "$work/ws/out.txt")"
 
-step "cordon run -- sh -c 'cat /etc/shadow; ls /home /root; curl -sS https://example.com'"
-"$cordon" run -- sh -c 'cat /etc/shadow; ls /home /root; python3 -c "import socket; socket.create_connection((\"93.184.215.14\", 443), timeout=3)"' || true
+escape='cat /etc/shadow; ls /home /root; python3 -c "import socket; socket.create_connection((\"93.184.215.14\", 443), timeout=3)"'
+step "cordon run -- sh -c '$escape'"
+"$cordon" run -- sh -c "$escape" || true
 
 step "cordon run --memory 64M --json -- python3 -c 'bytearray(1 << 30)'"
 "$cordon" run --memory 64M --json -- python3 -c 'bytearray(1 << 30)' || true
