@@ -724,19 +724,17 @@ async fn standalone_clients_need_a_token_and_each_token_is_its_own_session() {
         .all(|e| e.session.user == "user-a"));
 }
 
-/// Standalone: connections that have not named a session yet are bounded on their own (they
-/// are nobody's max_connections); one that authenticates frees its place.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standalone_gateway_bounds_connections_that_have_not_sent_a_token() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// A standalone gateway allowing `origin.test` (an origin on loopback), with one token issued:
+/// (origin, its DNS, the gateway, the token).
+async fn standalone(max_unauthenticated: Option<usize>) -> (SocketAddr, FakeDns, Running, String) {
     let (origin, _) = origin::spawn("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let dns = FakeDns::start(LOOPBACK, &[("origin.test", &[LOOPBACK])]).await;
     let opts = Options {
         clients: Clients::Tokens,
-        max_unauthenticated: Some(2),
+        max_unauthenticated,
         ..Options::default()
     };
-    let mut gw = Running::start(
+    let gw = Running::start(
         policy(&["origin.test:*"], &["127.0.0.1/32:*"]),
         dns.addr,
         opts,
@@ -750,6 +748,15 @@ async fn a_standalone_gateway_bounds_connections_that_have_not_sent_a_token() {
             code_sha256: "abc".into(),
         })
         .unwrap();
+    (origin, dns, gw, token)
+}
+
+/// Standalone: connections that have not named a session yet are bounded on their own (they
+/// are nobody's max_connections); one that authenticates frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_gateway_bounds_connections_that_have_not_sent_a_token() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (origin, _dns, mut gw, token) = standalone(Some(2)).await;
     let proxy = gw.proxy;
     let get = format!(
         "GET http://origin.test:{}/ HTTP/1.1\r\nHost: origin.test:{}\r\n\
@@ -863,26 +870,7 @@ fn read_response(s: &mut std::net::TcpStream) -> RawResponse {
 async fn a_revoked_token_stops_working_on_a_kept_alive_connection() {
     // The gateway remembers which session a connection's token named; revoking the token must
     // still end it for the next request on that same connection.
-    let (origin, _) = origin::spawn("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let dns = FakeDns::start(LOOPBACK, &[("origin.test", &[LOOPBACK])]).await;
-    let opts = Options {
-        clients: Clients::Tokens,
-        ..Options::default()
-    };
-    let mut gw = Running::start(
-        policy(&["origin.test:*"], &["127.0.0.1/32:*"]),
-        dns.addr,
-        opts,
-    )
-    .await;
-    let token = gw
-        .gateway
-        .issue_token(SessionInfo {
-            id: "kept".into(),
-            user: "u".into(),
-            code_sha256: "c".into(),
-        })
-        .unwrap();
+    let (origin, _dns, mut gw, token) = standalone(None).await;
     let (proxy, port) = (gw.proxy, origin.port());
     let request = format!(
         "GET http://origin.test:{port}/ HTTP/1.1\r\nHost: origin.test:{port}\r\n\
