@@ -37,21 +37,8 @@ source bench/lib.sh
 trap 'stop_all; rm -rf "$work"' EXIT
 
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
-oport=$(free_port)
-"$origin_bin" "127.0.0.1:$oport" 1 >"$work/origin.log" 2>&1 &
-pids+=($!)
-wait_port "$oport" $!
-origin="127.0.0.1:$oport"
-cat >"$work/policy.toml" <<EOF
-[network]
-allow_private = ["127.0.0.1/32:$oport"]
-[network.rate]
-requests_per_minute = 4294967295
-requests_per_minute_per_host = 4294967295
-max_connections = 10000
-max_bytes_out = "1T"
-max_bytes_in = "1T"
-EOF
+start_origin "$origin_bin" "$work/origin.log"
+bench_policy "$work/policy.toml" "$oport"
 declare -A port pid auth
 names=()
 for b in "${builds[@]}"; do
@@ -63,10 +50,8 @@ for b in "${builds[@]}"; do
     --audit "$work/$name.db" --session bench >"$work/$name.tokens" 2>"$work/$name.log" &
   pid[$name]=$!
   pids+=($!)
-  wait_port "${port[$name]}" "${pid[$name]}"
-  for _ in $(seq 1 100); do [[ -s "$work/$name.tokens" ]] && break; sleep 0.05; done
-  token=$(sed -n 's/.* token=\([^ ]*\) .*/\1/p' "$work/$name.tokens" | head -1)
-  auth[$name]="Basic $(printf 'cordon:%s' "$token" | base64 -w0)"
+  wait_port "${port[$name]}" "${pid[$name]}" "$work/$name.log"
+  auth[$name]=$(basic_auth "$(gateway_token "$work/$name.tokens")")
 done
 : >"$work/samples"
 for r in $(seq 1 "$rounds"); do

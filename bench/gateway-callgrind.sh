@@ -45,21 +45,8 @@ source bench/lib.sh
 trap 'stop_all; rm -rf "$work"' EXIT
 
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
-oport=$(free_port)
-"$origin_bin" "127.0.0.1:$oport" 1 >"$work/origin.log" 2>&1 &
-pids+=($!)
-wait_port "$oport" $!
-origin="127.0.0.1:$oport"
-cat >"$work/cordon.toml" <<EOF
-[network]
-allow_private = ["127.0.0.1/32:$oport"]
-[network.rate]
-requests_per_minute = 4294967295
-requests_per_minute_per_host = 4294967295
-max_connections = 10000
-max_bytes_out = "1T"
-max_bytes_in = "1T"
-EOF
+start_origin "$origin_bin" "$work/origin.log"
+bench_policy "$work/cordon.toml" "$oport"
 cat >"$work/client.py" <<'EOF'
 import base64, http.client, sys
 port, origin, n, token = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
@@ -97,8 +84,7 @@ for t in $targets; do
     pids+=("$g")
     wait_port "$p" "$g"
     if [[ $t == cordon ]]; then
-      for _ in $(seq 1 600); do [[ -s "$work/tokens" ]] && break; sleep 0.1; done
-      token=$(sed -n 's/.* token=\([^ ]*\) .*/\1/p' "$work/tokens" | head -1)
+      token=$(gateway_token "$work/tokens")
     fi
     python3 "$work/client.py" "$p" "$origin" "$n" "$token"
     # cordon stops on SIGTERM, the example on SIGINT (Ctrl-C).

@@ -57,50 +57,16 @@ lua="$PWD/bench/proxy.lua"
 
 work=$(mktemp -d /tmp/cordon-bench-gateway.XXXXXX)
 chmod 755 "$work"
-pids=()
-stop_all() {
-  local p
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  pids=()
-}
+source bench/lib.sh
 trap 'stop_all; rm -rf "$work"' EXIT
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-wait_port() { # PORT NAME PID
-  local i
-  for i in $(seq 1 200); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    kill -0 "$3" 2>/dev/null || { echo "$2 exited at start-up; its log:" >&2; cat "$work/$2.log" >&2 || true; exit 1; }
-    sleep 0.05
-  done
-  echo "$2 did not listen on 127.0.0.1:$1" >&2
-  exit 1
-}
-
-oport=$(free_port)
-"$origin_bin" "127.0.0.1:$oport" 1 >"$work/origin.log" 2>&1 &
-pids+=($!)
-origin_pid=$!
-wait_port "$oport" origin $!
-origin="127.0.0.1:$oport"
+start_origin "$origin_bin" "$work/origin.log"
 blocked="127.0.0.1:$((oport + 1))" # same host, a port no allowlist names
 
 # --- cordon gateway: the origin is loopback, so it needs an allow_private entry; budgets are
 # raised so that they never interfere (a real policy would keep its own).
 cport=$(free_port)
-cat >"$work/cordon.toml" <<EOF
-[network]
-allow_private = ["127.0.0.1/32:$oport"]
-[network.rate]
-requests_per_minute = 4294967295
-requests_per_minute_per_host = 4294967295
-max_connections = 10000
-max_bytes_out = "1T"
-max_bytes_in = "1T"
-EOF
+bench_policy "$work/cordon.toml" "$oport"
 threads_flag=()
 [[ -n "$cordon_threads" ]] && threads_flag=(--threads "$cordon_threads")
 "$cordon" gateway --listen "127.0.0.1:$cport" --policy "$work/cordon.toml" \
@@ -108,11 +74,9 @@ threads_flag=()
   >"$work/cordon.tokens" 2>"$work/cordon.log" &
 cordon_pid=$!
 pids+=($cordon_pid)
-wait_port "$cport" cordon $cordon_pid
-for _ in $(seq 1 100); do [[ -s "$work/cordon.tokens" ]] && break; sleep 0.05; done
-token=$(sed -n 's/.* token=\([^ ]*\) .*/\1/p' "$work/cordon.tokens" | head -1)
-[[ -n "$token" ]] || { echo "cordon gateway printed no token" >&2; cat "$work/cordon.log" >&2; exit 1; }
-cordon_auth="Basic $(printf 'cordon:%s' "$token" | base64 -w0)"
+wait_port "$cport" $cordon_pid "$work/cordon.log"
+token=$(gateway_token "$work/cordon.tokens")
+cordon_auth=$(basic_auth "$token")
 
 if [[ $noaudit == 1 ]]; then
   nport=$(free_port)
@@ -121,7 +85,7 @@ if [[ $noaudit == 1 ]]; then
     >"$work/gw-noaudit.log" 2>&1 &
   pids+=($!)
   noaudit_pid=$!
-  wait_port "$nport" gw-noaudit $!
+  wait_port "$nport" $! "$work/gw-noaudit.log"
 fi
 
 # --- tinyproxy: default deny, URL filter (so the port is part of the allowlist too).
@@ -148,7 +112,7 @@ touch "$work/tinyproxy.log"
 "$tinyproxy_bin" -d -c "$work/tinyproxy.conf" >>"$work/tinyproxy.out" 2>&1 &
 pids+=($!)
 tinyproxy_pid=$!
-wait_port "$tport" tinyproxy $!
+wait_port "$tport" $! "$work/tinyproxy.log"
 
 # --- squid: no cache, one worker, only the origin's address and port.
 sport=$(free_port)
@@ -175,7 +139,7 @@ EOF
 "$squid_bin" -N -f "$work/squid.conf" >"$work/squid.log" 2>&1 &
 pids+=($!)
 squid_pid=$!
-wait_port "$sport" squid $!
+wait_port "$sport" $! "$work/squid.log"
 
 # --- each target: proxy URL for curl, proxy address and auth header for wrk.
 names=(direct cordon tinyproxy squid)
@@ -200,11 +164,6 @@ if [[ $noaudit == 1 ]]; then
   wrk_auth[gw-noaudit]=""
   proxy_pid[gw-noaudit]=$noaudit_pid
 fi
-
-cpu_ticks() { # PID -> user+system clock ticks of the process (all its threads), 0 without a pid
-  [[ -z "$1" ]] && { echo 0; return; }
-  awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"
-}
 
 status_via() { # NAME URL
   local p=()
