@@ -234,7 +234,8 @@ fn verify_on(conn: &Connection) -> rusqlite::Result<VerifyReport> {
 
 /// Checks one record's own hash (its link was checked by the caller); `Some(problem)` if bad.
 /// A hash stored as a BLOB is chain v2 over the values as they read back; as TEXT, chain v1
-/// over the stored columns, whose session must be the one its `sid` points to.
+/// over the stored columns. Either way a session id stored in the record itself must be the
+/// one its `sid` points to: the hash covers the stored id, but session filters go by `sid`.
 fn check_record(
     row: &rusqlite::Row<'_>,
     id: i64,
@@ -246,6 +247,15 @@ fn check_record(
     let edited = || {
         Some("hash does not match the record's contents: the record (or its session's attribution) was edited".to_owned())
     };
+    // `session_id`, `user_id`, `code_sha256`, `ts` as stored, then the session's id.
+    let raw = |i: usize| row.get_ref(n + 3 + i);
+    let (session_id, session_of_sid) = (raw(0)?, raw(4)?);
+    let moved = || {
+        Some(format!(
+            "record {id} belongs to session {} but its session number points to another session",
+            String::from_utf8_lossy(session_id.as_bytes().unwrap_or_default())
+        ))
+    };
     match stored {
         ValueRef::Blob(stored) => {
             let fields = (1..=n)
@@ -254,14 +264,17 @@ fn check_record(
             let Some(prev) = hash_value(prev) else {
                 return Ok(edited());
             };
-            Ok((record_hash_v2(scratch, &prev, &fields, id)[..] != *stored)
-                .then(edited)
-                .flatten())
+            if record_hash_v2(scratch, &prev, &fields, id)[..] != *stored {
+                return Ok(edited());
+            }
+            // The writer leaves `session_id` NULL (the session row names it); one stored here
+            // is hashed as the record's session, so it must be the session `sid` points to.
+            if session_id != ValueRef::Null && session_id != session_of_sid {
+                return Ok(moved());
+            }
+            Ok(None)
         }
         ValueRef::Text(stored) => {
-            // `session_id`, `user_id`, `code_sha256`, `ts` as stored, then the session's id.
-            let raw = |i: usize| row.get_ref(n + 3 + i);
-            let (session_id, session_of_sid) = (raw(0)?, raw(4)?);
             let fields = HASHED_COLUMNS
                 .iter()
                 .map(|column| match *column {
@@ -283,10 +296,7 @@ fn check_record(
                 return Ok(edited());
             }
             if session_id != session_of_sid {
-                return Ok(Some(format!(
-                    "record {id} belongs to session {} but its session number points to another session",
-                    String::from_utf8_lossy(session_id.as_bytes().unwrap_or_default())
-                )));
+                return Ok(moved());
             }
             Ok(None)
         }

@@ -369,6 +369,33 @@ fn a_record_moved_to_another_session_is_named_by_verify() {
 }
 
 #[test]
+fn a_record_moved_to_another_session_with_its_attribution_copied_in_is_named_by_verify() {
+    // A new record's hash covers its session's id, user and code hash whether they come from
+    // the session row or from the record's own columns. Copying them into the record and then
+    // pointing `sid` elsewhere (here: at no session, so no sequence number can clash) keeps the
+    // hash right, but session filters go by `sid`: the record would vanish from its session's
+    // view.
+    let (_dir, store, raw) = store_and_raw();
+    let id: i64 = raw
+        .query_row(
+            "SELECT MAX(e.id) FROM events e JOIN sessions s ON s.sid = e.sid WHERE s.id = '01JTAMPER-B'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    raw.execute(
+        "UPDATE events SET session_id = s.id, user_id = s.user_id, code_sha256 = s.code_sha256,
+                sid = 999
+         FROM sessions s WHERE s.sid = events.sid AND events.id = ?1",
+        [id],
+    )
+    .unwrap();
+    let (bad, reason) = first_bad(&store);
+    assert_eq!(bad, id);
+    assert!(reason.contains("points to another session"), "{reason}");
+}
+
+#[test]
 fn a_record_the_time_index_does_not_cover_is_named_by_verify() {
     // Time filters go through `batches`; a doctored one would hide records from them.
     let (_dir, store, raw) = store_and_raw();
