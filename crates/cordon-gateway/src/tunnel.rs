@@ -393,7 +393,8 @@ pub(crate) enum TunnelEnd {
     Closed,
     /// The client stayed silent past the first-bytes wait and then sent an HTTP request line
     /// (these bytes), before the server said anything: the caller serves the connection as
-    /// HTTP. The upstream connection was closed unused; nothing was recorded yet.
+    /// HTTP (each request recorded). The upstream connection opened meanwhile was closed
+    /// unused, and recorded as such.
     Http(Vec<u8>),
 }
 
@@ -778,7 +779,29 @@ pub(crate) async fn run_tunnel(
                         let http = matches!(peek, Ok(Peek::NotTls)) && looks_like_http(&bytes);
                         if http && !server_spoke {
                             // A slow HTTP client: served as HTTP, on its own upstream
-                            // connections, each request's Host checked.
+                            // connections, each request's Host checked. The connection opened
+                            // for the silent client is recorded, unused, before it goes.
+                            let mut ev = NetEvent::new(
+                                EventKind::Connection,
+                                &session.info,
+                                via,
+                                route.verdict,
+                            );
+                            ev.host = Some(host);
+                            ev.ip = Some(addr.ip());
+                            ev.port = Some(route.port);
+                            if via == Via::Connect {
+                                ev.method = Some("CONNECT".to_owned());
+                            }
+                            (ev.bytes_up, ev.bytes_down) = counters.snapshot();
+                            ev.duration_ms = elapsed_ms(start);
+                            ev.rule = route.rule;
+                            ev.reason = Some(
+                                "opened while the client was silent; closed unused when it sent \
+                                 HTTP, which is served (and recorded) request by request"
+                                    .to_owned(),
+                            );
+                            ctx.emit(session, ev);
                             return TunnelEnd::Http(bytes);
                         }
                         pending_line =

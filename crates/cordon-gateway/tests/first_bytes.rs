@@ -182,6 +182,33 @@ async fn http_sent_after_the_first_bytes_timeout_must_name_the_destination() {
     .await;
 }
 
+/// The upstream connection opened for a client that then turns out to speak HTTP late is
+/// recorded too (closed unused), besides the request it sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_opened_for_a_silent_client_that_then_sends_http_is_recorded() {
+    for path in [Path::Connect, Path::Transparent] {
+        let mut s = setup().await;
+        play(
+            &s,
+            path,
+            &[Step::Pause(WAIT_OUT), send(http_to("origin.test"))],
+        )
+        .await;
+        let unused =
+            s.gw.wait_event(|e| {
+                e.kind == EventKind::Connection
+                    && e.reason
+                        .as_deref()
+                        .is_some_and(|r| r.contains("closed unused"))
+            })
+            .await;
+        assert_eq!(unused.host.as_deref(), Some("origin.test"), "{path:?}");
+        assert_eq!((unused.bytes_up, unused.bytes_down), (0, 0), "{path:?}");
+        s.gw.wait_event(|e| e.kind == EventKind::HttpRequest).await;
+        s.gw.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_hello_sent_after_the_first_bytes_timeout_must_name_the_destination() {
     attack_fails_and_control_passes(
