@@ -62,7 +62,7 @@ pub use export::{cef_line, severity, Severity};
 pub use paths::{default_path, default_path_for, PathError};
 pub use query::{EventFilter, SessionFilter, SessionSummary};
 pub use report::{Report, ReportOptions};
-pub use store::{ChainHead, Store, StoreError, StoreOptions};
+pub use store::{ChainHead, Store, StoreError, StoreOptions, WAL_TIDY_BYTES};
 pub use timestamp::{parse_age, parse_since, parse_since_at, TimeError, Timestamp};
 pub use verify::{Anchor, PruneReport, VerifyReport};
 pub use writer::{AuditWriter, EventTap, WriterConfig, WriterError, WriterStats};

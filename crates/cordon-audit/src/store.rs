@@ -134,6 +134,10 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// The write-ahead log size past which a writer that is done (a session's teardown, a stopping
+/// standalone gateway) folds the log into the database ([`Store::checkpoint_if_wal_over`]).
+pub const WAL_TIDY_BYTES: u64 = 256 * 1024;
+
 impl Store {
     /// Opens (creating if needed) the store at `path` with default options.
     pub fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
@@ -313,7 +317,8 @@ impl Store {
         Ok(())
     }
 
-    /// Folds the write-ahead log back into the database when it has grown past `max_wal` bytes,
+    /// Folds the write-ahead log back into the database when it has grown past `max_wal` bytes
+    /// (writers call it with [`WAL_TIDY_BYTES`] once their events are committed),
     /// and truncates it; returns whether it did. Every process that opens the store after the
     /// last one closed rebuilds SQLite's WAL index by reading the whole log, so a log left to
     /// grow to its automatic checkpoint (about 4 MiB) costs every later `cordon run` a read of

@@ -574,6 +574,8 @@ fn serve(plan: GatewayPlan) -> Result<(), GatewayCmdError> {
         Ok(w) => w.close().map(drop),
         Err(w) => w.flush(),
     };
+    // A long-lived gateway leaves a long write-ahead log: fold it in for the next opener.
+    let _ = cordon_audit::Store::checkpoint_if_wal_over(&audit_path, cordon_audit::WAL_TIDY_BYTES);
     result?;
     closed?;
     Ok(())

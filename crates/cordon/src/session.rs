@@ -747,11 +747,12 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
                 }
             }
             remove_stale_cgroups();
-            // Keep the store's write-ahead log short: the next session that opens the store
-            // reads all of it (cordon_audit::Store::checkpoint_if_wal_over).
-            let _ = cordon_audit::Store::checkpoint_if_wal_over(&audit_path, WAL_CHECKPOINT_BYTES);
+            tidy_wal(&audit_path);
         });
         marks.mark("supervisor: teardown handed off");
+    } else {
+        // No teardown child: the same housekeeping here (a stat unless the log is long).
+        tidy_wal(&audit_path);
     }
     marks.extend(&outcome.marks);
     marks.report(started);
@@ -795,8 +796,11 @@ pub fn run(req: RunRequest) -> Result<RunResult, RunError> {
     })
 }
 
-/// The write-ahead log size past which a session's teardown folds it into the audit store.
-const WAL_CHECKPOINT_BYTES: u64 = 256 * 1024;
+/// Keeps the store's write-ahead log short: the next session that opens the store reads all of
+/// it (cordon_audit::Store::checkpoint_if_wal_over). Housekeeping: a busy store is left alone.
+fn tidy_wal(audit_path: &std::path::Path) {
+    let _ = cordon_audit::Store::checkpoint_if_wal_over(audit_path, cordon_audit::WAL_TIDY_BYTES);
+}
 
 /// How long the end of a session waits for queued syslog messages.
 const SYSLOG_CLOSE: std::time::Duration = std::time::Duration::from_secs(2);

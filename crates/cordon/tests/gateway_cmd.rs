@@ -670,3 +670,57 @@ fn b64(input: &[u8]) -> String {
     }
     out
 }
+
+#[test]
+fn a_stopping_gateway_folds_a_long_write_ahead_log_into_the_store() {
+    // Every later opener of the store reads the whole log first: a gateway that wrote many
+    // events leaves it folded in and truncated.
+    let origin = Origin::start();
+    let rate =
+        "[network.rate]\nrequests_per_minute = 1000000\nrequests_per_minute_per_host = 1000000\n";
+    let mut gw = Gw::start(&policy_for(&origin, rate), &[], 1, false);
+    let s = gw.sessions[0].clone();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("urls");
+    let url = format!("http://127.0.0.1:{}/many", origin.addr.port());
+    std::fs::write(
+        &config,
+        (0..1500)
+            .map(|_| format!("url = \"{url}\"\noutput = \"/dev/null\"\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let proxy = format!("http://cordon:{}@{}", s.token, gw.listen);
+    let status = Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "60",
+            "--noproxy",
+            "",
+            "-x",
+            &proxy,
+            "-K",
+        ])
+        .arg(&config)
+        .env_remove("http_proxy")
+        .env_remove("HTTP_PROXY")
+        .status()
+        .expect("curl is installed (scripts/deps.sh)");
+    assert!(status.success());
+    let wal = {
+        let mut p = gw.audit.clone().into_os_string();
+        p.push("-wal");
+        PathBuf::from(p)
+    };
+    // The writer commits within a few milliseconds; wait for the log to show it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) <= cordon_audit::WAL_TIDY_BYTES {
+        assert!(Instant::now() < deadline, "the write-ahead log never grew");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(gw.signal(nix::sys::signal::Signal::SIGTERM).code(), Some(0));
+    let after = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(after, 0, "the log was left at {after} bytes");
+    assert!(gw.events(&s.session).len() >= 1500);
+}
