@@ -7,7 +7,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 
-use common::{sample_event, sample_events, BASE_MS};
+use common::{old_store, sample_event, sample_events, BASE_MS};
 use cordon_audit::{
     Attribution, Event, EventFilter, EventKind, EventRecord, SessionFilter, Store, StoreError,
     Timestamp, Verdict,
@@ -122,17 +122,6 @@ fn a_store_from_a_newer_cordon_is_refused() {
 }
 
 /// A copy of a fixture store written by an older cordon (tests/fixtures), in a temp dir.
-fn old_store(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.db");
-    std::fs::copy(
-        format!("{}/tests/fixtures/{name}.db", env!("CARGO_MANIFEST_DIR")),
-        &path,
-    )
-    .unwrap();
-    (dir, path)
-}
-
 fn fixture_text(name: &str) -> String {
     std::fs::read_to_string(format!(
         "{}/tests/fixtures/{name}",

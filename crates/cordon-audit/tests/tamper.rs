@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::sample_events;
+use common::{old_store, sample_events};
 use cordon_audit::Store;
 use rusqlite::types::ValueRef;
 use rusqlite::Connection;
@@ -187,13 +187,7 @@ fn stored_hashes_follow_the_documented_format() {
 
 #[test]
 fn records_migrated_from_schema_2_keep_their_documented_v1_hashes() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.db");
-    std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/schema2.db"),
-        &path,
-    )
-    .unwrap();
+    let (_dir, path) = old_store("schema2");
     let mut store = Store::open(&path).unwrap();
     store.append(&sample_events("01JNEW", 3)).unwrap();
     assert!(store.verify().unwrap().is_ok());
@@ -239,13 +233,7 @@ fn an_edited_old_record_is_named_by_verify_after_the_migration() {
         "UPDATE events SET ts = '2020-01-01T00:00:00.000Z' WHERE id = 9",
         "UPDATE events SET user_id = 'mallory' WHERE id = 9",
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.db");
-        std::fs::copy(
-            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/schema2.db"),
-            &path,
-        )
-        .unwrap();
+        let (_dir, path) = old_store("schema2");
         let store = Store::open(&path).unwrap();
         let raw = Connection::open(&path).unwrap();
         raw.execute(edit, []).unwrap();
@@ -254,13 +242,7 @@ fn an_edited_old_record_is_named_by_verify_after_the_migration() {
     }
     // An old record stores its session id (hashed); the session number that queries use must
     // point to that session, or a session filter would show it under another one.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.db");
-    std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/schema2.db"),
-        &path,
-    )
-    .unwrap();
+    let (_dir, path) = old_store("schema2");
     let store = Store::open(&path).unwrap();
     let raw = Connection::open(&path).unwrap();
     let id: i64 = raw

@@ -86,3 +86,17 @@ pub fn check_sessions(path: &std::path::Path, prefix: &str, sessions: usize, per
     assert!(report.is_ok(), "{report:?}");
     assert_eq!(report.checked, all.len() as u64);
 }
+
+/// A copy of `tests/fixtures/NAME.db` (a store written by an older cordon) in a fresh temp dir:
+/// (the dir, to keep alive, and the copy's path).
+#[allow(dead_code)]
+pub fn old_store(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.db");
+    std::fs::copy(
+        format!("{}/tests/fixtures/{name}.db", env!("CARGO_MANIFEST_DIR")),
+        &path,
+    )
+    .unwrap();
+    (dir, path)
+}
