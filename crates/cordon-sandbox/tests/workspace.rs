@@ -1787,6 +1787,101 @@ fn old_spares_are_released_by_the_next_replenish_and_all_by_cleanup() {
     .is_empty()));
 }
 
+/// Binds `image` to a free loop device without autoclear (`LOOP_SET_FD`), the way a spare is
+/// bound, and closes every descriptor: the device stays bound until someone detaches it.
+fn bind_without_autoclear(image: &Path) -> u32 {
+    const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+    const LOOP_SET_FD: libc::c_ulong = 0x4C00;
+    let control = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")
+        .unwrap();
+    let img = File::options().read(true).write(true).open(image).unwrap();
+    for _ in 0..16 {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns an index or -1.
+        let index = unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE as _) };
+        assert!(index >= 0, "{}", std::io::Error::last_os_error());
+        let dev = File::options()
+            .read(true)
+            .write(true)
+            .open(format!("/dev/loop{index}"))
+            .unwrap();
+        // SAFETY: LOOP_SET_FD takes the backing file's descriptor, which is open.
+        let rc = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_FD as _, img.as_raw_fd()) };
+        if rc == 0 {
+            return index as u32;
+        }
+        // EBUSY: another process bound it first.
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EBUSY)
+        );
+    }
+    panic!("no free loop device");
+}
+
+fn backing_of(index: u32) -> String {
+    fs::read_to_string(format!("/sys/block/loop{index}/loop/backing_file"))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_spare_whose_maker_died_before_naming_it_is_released_and_one_being_made_is_left_alone() {
+    if !have_loop_volumes("a_spare_whose_maker_died_before_naming_it") {
+        return;
+    }
+    let state = state_dir();
+    let cap = 32 * MIB;
+    // What a teardown of another cap left when it was SIGKILLed between binding a new spare
+    // and naming it: the staged copy, no lock on it, its device bound without autoclear.
+    let dir = fs::canonicalize(state.path())
+        .unwrap()
+        .join("volumes/spares")
+        .join((48 * MIB).to_string());
+    fs::create_dir_all(&dir).unwrap();
+    let staged = |name: &str| {
+        let path = dir.join(name);
+        let f = File::create_new(&path).unwrap();
+        f.set_len(4 * MIB).unwrap();
+        (f, path)
+    };
+    let (orphan_file, orphan) = staged("staging-00aa11bb22cc33dd.img");
+    drop(orphan_file);
+    let orphan_dev = bind_without_autoclear(&orphan);
+    // A teardown of that cap making a spare right now: it holds the staged file's lock.
+    let (making_file, making) = staged("staging-44ee55ff66007788.img");
+    let making_lock = nix::fcntl::Flock::lock(making_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .unwrap();
+    let making_dev = bind_without_autoclear(&making);
+    assert_eq!(backing_of(orphan_dev), orphan.display().to_string());
+
+    // The next teardown (of any cap) releases the orphan: device detached, file deleted ...
+    let report = spares::replenish(state.path(), cap).unwrap();
+    assert!(report.released >= 1, "{report:?}");
+    assert!(!orphan.exists(), "the staged file survived");
+    assert!(
+        !backing_of(orphan_dev).starts_with(&orphan.display().to_string()),
+        "loop{orphan_dev} is still bound to the dead maker's file"
+    );
+    // ... and leaves the one being made as it is.
+    assert!(making.exists());
+    assert_eq!(backing_of(making_dev), making.display().to_string());
+
+    // Once its maker is gone too, `cordon doctor`'s cleanup releases it and every spare.
+    drop(making_lock);
+    let report = cleanup_stale(state.path()).unwrap();
+    assert!(report.spares_released > spares::PER_CAP, "{report:?}");
+    assert!(!making.exists());
+    assert!(fs::read_dir(&dir).unwrap().next().is_none());
+    assert!(wait_until(Duration::from_secs(2), || loops_under(
+        state.path()
+    )
+    .is_empty()));
+}
+
 /// 520 linked pairs under `a/` fill the commit's relink table (512), then `z/big` (1 MiB) gets
 /// 15 more names, each of which the commit must copy.
 fn many_names_for_one_file(vol: &Path) {

@@ -246,7 +246,15 @@ pub struct SessionImage {
 /// filesystem shares blocks (btrfs, xfs), otherwise only the template's data extents are copied
 /// (`SEEK_DATA`/`SEEK_HOLE` + `copy_file_range`), keeping the image sparse.
 pub fn clone_template(template: &Path, volumes_dir: &Path) -> Result<SessionImage, WorkspaceError> {
-    let path = volumes_dir.join(format!("{}.img", unique_suffix()));
+    clone_template_to(
+        template,
+        volumes_dir.join(format!("{}.img", unique_suffix())),
+    )
+}
+
+/// [`clone_template`] to a name the caller chose (spares stage under a name their cleanup
+/// recognises). `path` must not exist; it is locked from the moment it is created.
+pub fn clone_template_to(template: &Path, path: PathBuf) -> Result<SessionImage, WorkspaceError> {
     let image_err = |op: &'static str| {
         let path = path.clone();
         move |source: std::io::Error| WorkspaceError::Image { path, op, source }

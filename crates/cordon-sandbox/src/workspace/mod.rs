@@ -614,7 +614,6 @@ impl WorkspaceVolume {
         })
     }
 
-    /// The loop device number backing an ext4 volume (`/dev/loopN`), for diagnostics.
     /// `(state dir, cap)` of an ext4 volume: what [`spares::replenish`] needs to leave a
     /// replacement for the next session once this one is released.
     pub fn spare_key(&self) -> Option<(PathBuf, u64)> {
@@ -622,6 +621,7 @@ impl WorkspaceVolume {
             .then(|| (self.plan.state_dir.clone(), self.plan.cap_bytes))
     }
 
+    /// The loop device number backing an ext4 volume (`/dev/loopN`), for diagnostics.
     pub fn loop_index(&self) -> Option<u32> {
         self.loop_dev.as_ref().map(|(index, _)| *index)
     }

@@ -13,11 +13,16 @@
 //!   never mounted as a workspace.
 //! - Spares are bound without autoclear (nothing holds them open between sessions, and setting
 //!   autoclear later waits for another grace period), so the claimer detaches its device itself
-//!   when the session's volume is released. What a killed claimer leaves (a `claimed-*.img`
-//!   that no live process holds a lock on, or a device still bound to a claimed image after
-//!   its session died) and spares older than [`MAX_AGE`] are released by the next
-//!   [`replenish`]; `cleanup_stale` (`cordon doctor`) releases every spare. A spare
-//!   whose device is gone (a reboot) is deleted when it is found.
+//!   when the session's volume is released. Every file a spare operation creates has a name
+//!   the cleanup recognises, so nothing a killed process leaves is lost: a spare is made as
+//!   `spares/<cap>/staging-<random>.img`, locked by its maker from creation until it is bound
+//!   and renamed to `<loop index>-<random>.img`; a claimed one is `claimed-<random>.img`,
+//!   locked by its claimer. What a killed maker or claimer leaves (a staged or claimed file no
+//!   live process holds a lock on, the device bound to it, or a device still bound to a
+//!   claimed or staged image that is already unlinked) and spares older than [`MAX_AGE`] are
+//!   released by the next [`replenish`] of any cap; `cleanup_stale` (`cordon doctor`)
+//!   releases every spare. A file still locked is in use and left alone. A spare whose device
+//!   is gone (a reboot) is deleted when it is found.
 //! - At most [`PER_CAP`] spares exist per cap. Each costs one idle loop device and the
 //!   template's allocated blocks on the host disk (about a megabyte).
 
@@ -38,6 +43,9 @@ pub const PER_CAP: usize = 2;
 pub const MAX_AGE: Duration = Duration::from_secs(600);
 /// Name prefix of a claimed spare's image while its claimer sets it up.
 const CLAIMED_PREFIX: &str = "claimed-";
+/// Name prefix of a spare being made (`staging-<random>.img` in its cap's directory), from its
+/// creation until it is bound and renamed to its final name.
+const STAGING_PREFIX: &str = "staging-";
 
 /// `<volumes>/spares/<cap>`.
 fn cap_dir(volumes: &Path, cap_bytes: u64) -> PathBuf {
@@ -52,6 +60,13 @@ fn parse_name(name: &str) -> Option<(u32, &str)> {
         return None;
     }
     Some((index.parse().ok()?, nonce))
+}
+
+/// Whether `name` is a spare being made: `staging-<random>.img`.
+fn is_staging_name(name: &str) -> bool {
+    name.strip_prefix(STAGING_PREFIX)
+        .and_then(|rest| rest.strip_suffix(".img"))
+        .is_some_and(|nonce| !nonce.is_empty() && nonce.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 fn random_nonce() -> Option<String> {
@@ -200,9 +215,18 @@ pub fn replenish(state_dir: &Path, cap_bytes: u64) -> Result<ReplenishReport, Wo
 }
 
 /// Copies the template and binds it to a free loop device (no autoclear); the result is only
-/// visible under its final name once it is bound.
+/// visible under its final name once it is bound. Until then it is `staging-<nonce>.img`,
+/// locked by this process: if the process dies (or errors) midway, [`release_orphans`] finds
+/// the unlocked file and detaches the device bound to it.
 fn make_one(template: &Path, dir: &Path) -> Result<(), WorkspaceError> {
-    let staged = image::clone_template(template, dir)?;
+    let Some(nonce) = random_nonce() else {
+        return Err(WorkspaceError::Loop {
+            op: "getrandom for a spare's name".into(),
+            errno: nix::errno::Errno::EIO,
+        });
+    };
+    let staged =
+        image::clone_template_to(template, dir.join(format!("{STAGING_PREFIX}{nonce}.img")))?;
     let bound = loopdev::attach_persistent(&staged.file, &staged.path);
     let device = match bound {
         Ok(d) => d,
@@ -211,18 +235,12 @@ fn make_one(template: &Path, dir: &Path) -> Result<(), WorkspaceError> {
             return Err(e);
         }
     };
-    let Some(nonce) = random_nonce() else {
-        let _ = std::fs::remove_file(&staged.path);
-        let _ = loopdev::clear(device.index);
-        return Err(WorkspaceError::Loop {
-            op: "getrandom for a spare's name".into(),
-            errno: nix::errno::Errno::EIO,
-        });
-    };
     let final_path = dir.join(format!("{}-{nonce}.img", device.index));
     if let Err(source) = std::fs::rename(&staged.path, &final_path) {
-        let _ = std::fs::remove_file(&staged.path);
+        // Detach before unlinking: dying in between leaves a staged file with no device,
+        // never a device bound to a file nobody can find by name.
         let _ = loopdev::clear(device.index);
+        let _ = std::fs::remove_file(&staged.path);
         return Err(WorkspaceError::Image {
             path: final_path,
             op: "name the spare",
@@ -254,11 +272,83 @@ fn release_one(volumes: &Path, path: &Path, index: u32) -> bool {
     true
 }
 
-/// What dead claimers left: claimed spares not yet unlinked (no lock held; their devices are
-/// detached if still theirs, the files deleted), and devices of claimed spares no session
-/// holds any more. Returns how many.
+/// Deletes the staged spare at `path` if no live process holds its lock (its maker died or
+/// gave up), after detaching any loop device still bound to it. A maker still at work holds
+/// the lock from the file's creation to its rename, so it is never disturbed; a file renamed
+/// to its final name after we opened it is recognised by its inode and left alone.
+fn release_staged(path: &Path) -> bool {
+    let Ok(file) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+    else {
+        return false;
+    };
+    let Ok(locked) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+        return false; // its maker is alive
+    };
+    let Ok(meta) = locked.metadata() else {
+        return false;
+    };
+    // The maker may have renamed it to a live spare between our open and our lock.
+    let still_here = std::fs::symlink_metadata(path)
+        .is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino());
+    if !still_here {
+        return false;
+    }
+    let resolved = path.display().to_string();
+    for (index, backing) in loopdev::bound_devices() {
+        let same_inode = loopdev::LoopDevice::open(index)
+            .and_then(|d| d.backing_inode())
+            .is_ok_and(|i| i == meta.ino());
+        if backing == resolved && same_inode {
+            let _ = loopdev::clear(index);
+        }
+    }
+    std::fs::remove_file(path).is_ok()
+}
+
+/// What dead claimers and dead makers left: claimed spares not yet unlinked (no lock held;
+/// their devices are detached if still theirs, the files deleted), devices of claimed spares
+/// no session holds any more, and staged spares of every cap whose maker is gone (see
+/// [`release_staged`]). Returns how many.
 fn release_orphans(volumes: &Path) -> usize {
     let mut released = 0;
+    let spares = volumes.join("spares");
+    for cap in std::fs::read_dir(&spares).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(cap.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let staged = entry.file_name().to_str().is_some_and(is_staging_name);
+            if staged && release_staged(&entry.path()) {
+                released += 1;
+            }
+        }
+    }
+    // A device bound to a staged file that is already unlinked: its maker died between
+    // unlinking and detaching, or a cleanup deleted the file while the maker was still
+    // creating it. A staged image is never mounted and, once unlinked, never becomes a
+    // spare, so the device serves nobody.
+    let staging_root = format!("{}/", spares.display());
+    for (index, backing) in loopdev::bound_devices() {
+        let Some(rest) = backing.strip_prefix(&staging_root) else {
+            continue;
+        };
+        let Some(file) = rest.strip_suffix(" (deleted)") else {
+            continue;
+        };
+        let staged = file
+            .split_once('/')
+            .is_some_and(|(cap, name)| !cap.contains('/') && is_staging_name(name));
+        if staged {
+            let _ = loopdev::clear(index);
+            if loopdev::backing_file(index).is_none() {
+                released += 1;
+            }
+        }
+    }
     for entry in std::fs::read_dir(volumes).into_iter().flatten().flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
@@ -349,11 +439,30 @@ mod tests {
             "claimed-00ff.img",
             "7-00ff.img.tmp",
             "-1-00.img",
+            "staging-00ff.img",
         ] {
             assert_eq!(parse_name(bad), None, "{bad}");
         }
         let a = random_nonce().unwrap_or_default();
         assert_eq!(a.len(), 16);
         assert_ne!(Some(a), random_nonce());
+    }
+
+    #[test]
+    fn staged_names_are_recognised_and_never_taken_for_spares() {
+        assert!(is_staging_name("staging-00ff.img"));
+        assert!(is_staging_name("staging-abcdef0123456789.img"));
+        for bad in [
+            "staging-.img",
+            "staging-00ff",
+            "staging-0g.img",
+            "staging-../x.img",
+            "7-00ff.img",
+            "claimed-00ff.img",
+            ".lock",
+            "123-1795426427577238120-0.img",
+        ] {
+            assert!(!is_staging_name(bad), "{bad}");
+        }
     }
 }
