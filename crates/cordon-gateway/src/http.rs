@@ -651,7 +651,9 @@ fn inspected(ctx: &Ctx, dest: &Dest) -> bool {
         .intercept
         .as_deref()
         .is_some_and(|rt| rt.intercepts(dest).is_some())
-        || ctx.policy().network().rules.iter().any(|r| r.host == *name)
+        || cordon_policy::decide::rules_for(ctx.policy().network(), name)
+            .next()
+            .is_some()
 }
 
 /// A refused target: status, verdict, and the host and port to record.

@@ -158,6 +158,15 @@ fn allowlist_verdict(policy: &NetworkPolicy, target: Target<'_>, port: u16) -> D
 /// The rule id of a request refused because rules exist for its host and none allows it.
 pub const NO_HTTP_RULE: &str = "http-rules:default-deny";
 
+/// The `[[network.rules]]` that apply to `host`: what [`decide_request`] matches against. A host
+/// with any is one whose requests the gateway must be able to read.
+pub fn rules_for<'a>(
+    policy: &'a NetworkPolicy,
+    host: &'a HostName,
+) -> impl Iterator<Item = &'a crate::HttpRule> + 'a {
+    policy.rules.iter().filter(move |r| r.host == *host)
+}
+
 /// Decides one HTTP request the gateway can read (plain HTTP, or TLS it intercepted) against
 /// `[[network.rules]]`, after the connection's destination was allowed by [`decide`]. `target`
 /// is the request target as sent (origin form); it is normalised
@@ -170,7 +179,7 @@ pub fn decide_request(
     method: &str,
     target: &str,
 ) -> Option<Decision> {
-    let mut rules = policy.rules.iter().filter(|r| r.host == *host).peekable();
+    let mut rules = rules_for(policy, host).peekable();
     rules.peek()?;
     let refuse = |reason: String| Decision {
         allowed: policy.mode == Enforcement::Report,
