@@ -52,6 +52,10 @@ pub(crate) struct Shared {
     /// Standalone mode: one permit per client connection that has not named its session yet
     /// ([`crate::GatewayConfig::max_unauthenticated`]).
     pub unauthenticated: Option<Arc<tokio::sync::Semaphore>>,
+    /// Connections refused past that bound: when the last refusal was recorded, and how many
+    /// were refused since (recorded at most once a second, with the count, so a flood of
+    /// connections cannot turn into a flood of audit rows).
+    pub unauthenticated_refused: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
 }
 
 /// State for one `serve` call: the shared state plus the sink and the cancellation token.

@@ -264,19 +264,59 @@ fn take_slot(
     }
 }
 
-/// Standalone mode, too many connections without a session: recorded, answered `503` at once
-/// (nothing of the connection is read) and closed.
-async fn refuse_unauthenticated(ctx: &Ctx, stream: TcpStream) {
-    let mut e = NetEvent::new(
-        EventKind::Blocked,
-        &SessionInfo::unauthenticated(),
-        Via::Proxy,
-        Verdict::Block,
-    );
-    e.rule = "unauthenticated-limit".into();
-    e.reason =
-        Some("too many client connections have not sent a request with a cordon token yet".into());
-    ctx.emit_unattributed(e);
+/// Standalone mode, too many connections without a session: answered `503` at once (nothing of
+/// the connection is read) and closed. Every refusal is counted in a `Blocked` event, but at
+/// most one event a second is recorded (a flood of connections must not become a flood of
+/// audit rows): refusals within a second of the last event wait for the next one, which a
+/// timer writes if no later refusal does.
+async fn refuse_unauthenticated(ctx: &Arc<Ctx>, stream: TcpStream) {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+    let due = {
+        let mut tally = ctx
+            .shared
+            .unauthenticated_refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        tally.1 += 1;
+        match tally.0 {
+            Some(last) if last.elapsed() < EVERY => {
+                // The first refusal held back sets the timer that records the batch.
+                (tally.1 == 1).then(|| last + EVERY).map(Err)
+            }
+            _ => {
+                let n = tally.1;
+                *tally = (Some(Instant::now()), 0);
+                Some(Ok(n))
+            }
+        }
+    };
+    match due {
+        Some(Ok(n)) => record_unauthenticated_refusals(ctx, n),
+        Some(Err(at)) => {
+            let ctx2 = ctx.clone();
+            ctx.tasks.spawn(async move {
+                // On shutdown the held-back count is recorded at once.
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                    _ = ctx2.cancel.cancelled() => {}
+                }
+                let n = {
+                    let mut tally = ctx2
+                        .shared
+                        .unauthenticated_refused
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    let n = tally.1;
+                    *tally = (Some(Instant::now()), 0);
+                    n
+                };
+                if n > 0 {
+                    record_unauthenticated_refusals(&ctx2, n);
+                }
+            });
+        }
+        None => {}
+    }
     let mut conn = ClientConn::new(ConnMode::Proxy, stream, &[]);
     let _ = conn
         .reply(
@@ -285,6 +325,20 @@ async fn refuse_unauthenticated(ctx: &Ctx, stream: TcpStream) {
             /*close*/ true,
         )
         .await;
+}
+
+fn record_unauthenticated_refusals(ctx: &Ctx, n: u64) {
+    let mut e = NetEvent::new(
+        EventKind::Blocked,
+        &SessionInfo::unauthenticated(),
+        Via::Proxy,
+        Verdict::Block,
+    );
+    e.rule = "unauthenticated-limit".into();
+    e.reason = Some(format!(
+        "{n} client connection(s) refused: too many had not sent a request with a cordon token yet"
+    ));
+    ctx.emit_unattributed(e);
 }
 
 /// Reads and drops bytes until the end of a request head (or EOF), keeping only the last three.

@@ -208,6 +208,7 @@ impl Gateway {
                     .owners
                     .map(|o| crate::detect::canary::redacting(o, &config.canaries)),
                 unauthenticated,
+                unauthenticated_refused: std::sync::Mutex::new((None, 0)),
             }),
             terminate_rx: Arc::new(Mutex::new(Some(terminate_rx))),
             detections_rx: Arc::new(Mutex::new(Some(detections_rx))),

@@ -779,6 +779,30 @@ async fn a_standalone_gateway_bounds_connections_that_have_not_sent_a_token() {
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     let e = gw.wait_event(|e| e.rule == "unauthenticated-limit").await;
     assert_eq!((e.kind, e.verdict), (EventKind::Blocked, Verdict::Block));
+    assert!(e
+        .reason
+        .unwrap()
+        .starts_with("1 client connection(s) refused"));
+    // A burst right after is answered the same way but recorded once, with its count.
+    for _ in 0..3 {
+        let mut c = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        let mut answer = Vec::new();
+        c.read_to_end(&mut answer).await.unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 503"));
+    }
+    let burst = gw
+        .wait_event(|e| {
+            e.rule == "unauthenticated-limit"
+                && e.reason.as_deref().is_some_and(|r| r.starts_with("3 "))
+        })
+        .await;
+    assert_eq!(burst.kind, EventKind::Blocked);
+    let limit_events = gw
+        .events()
+        .into_iter()
+        .filter(|e| e.rule == "unauthenticated-limit")
+        .count();
+    assert_eq!(limit_events, 2);
     // One of the silent ones authenticates: served, and its place is free again.
     a.write_all(get.as_bytes()).await.unwrap();
     let mut head = [0u8; 12];
