@@ -378,7 +378,6 @@ impl Store {
         let first_id = head.seq + 1;
         let mut id = head.seq;
         let mut sessions: Vec<SessionSlot<'_>> = Vec::new();
-        let mut appended: Vec<(&Event, i64)> = Vec::with_capacity(events.len());
         let mut scratch = Vec::with_capacity(512);
         {
             let mut lookup = tx
@@ -387,11 +386,13 @@ impl Store {
             let mut create = tx
                 .prepare_cached(SESSION_CREATE_SQL)
                 .map_err(sql_err("prepare session creation"))?;
-            // First every record's place and hash, then the rows, several per statement.
+            // First every record's place and hash, then the rows, several per statement. The
+            // values are derived once and serve both the hash and the insert.
+            let derived: Vec<DerivedText> = events.iter().map(DerivedText::of).collect();
             let mut rows: Vec<Row<'_>> = Vec::with_capacity(events.len());
             // Consecutive events nearly always belong to the same session.
             let mut current = usize::MAX;
-            for event in events {
+            for (event, derived) in events.iter().zip(&derived) {
                 if sessions
                     .get(current)
                     .is_none_or(|slot| slot.id != event.session_id)
@@ -409,26 +410,22 @@ impl Store {
                 let slot = &mut sessions[current];
                 slot.seq += 1;
                 id += 1;
-                let derived = DerivedText::of(event);
-                let hash = record_hash_v2(
-                    &mut scratch,
-                    &prev,
-                    &event_fields(event, &derived, slot.seq),
-                    id,
-                );
+                let fields = event_fields(event, derived, slot.seq);
+                let hash = record_hash_v2(&mut scratch, &prev, &fields, id);
                 rows.push(Row {
                     event,
-                    derived,
+                    fields,
                     id,
                     sid: slot.sid,
-                    seq: slot.seq,
                     own_user: event.user_id != slot.user_id,
                     own_code: event.code_sha256 != slot.code_sha256,
                     prev,
                     hash,
                 });
                 prev = hash;
-                appended.push((event, slot.seq));
+                slot.delta
+                    .get_or_insert_with(|| SessionDelta::starting(event))
+                    .add(event, slot.seq);
             }
             let mut full = tx
                 .prepare_cached(&INSERT_SQL[ROWS_PER_INSERT - 1])
@@ -448,10 +445,11 @@ impl Store {
             let mut update = tx
                 .prepare_cached(SESSION_UPDATE_SQL)
                 .map_err(sql_err("prepare session update"))?;
-            for (session_id, d) in session_deltas(&appended) {
-                let Some(slot) = sessions.iter().find(|s| s.id == session_id) else {
-                    continue;
-                };
+            // Every slot was made for an event of this batch, so each has its delta.
+            for (slot, d) in sessions
+                .iter()
+                .filter_map(|s| s.delta.as_ref().map(|d| (s, d)))
+            {
                 update
                     .execute(rusqlite::params![
                         slot.sid,
@@ -496,10 +494,10 @@ impl Store {
 /// One record about to be inserted.
 struct Row<'e> {
     event: &'e Event,
-    derived: DerivedText,
+    /// The hashed values ([`event_fields`]), as hashed.
+    fields: [ValueRef<'e>; 21],
     id: i64,
     sid: i64,
-    seq: i64,
     /// The event's user id / code hash differ from its session's, so the row keeps its own.
     own_user: bool,
     own_code: bool,
@@ -510,8 +508,7 @@ struct Row<'e> {
 impl Row<'_> {
     /// The values of the row, in [`insert_columns`] order.
     fn params(&self) -> impl Iterator<Item = ToSqlOutput<'_>> {
-        let fields = event_fields(self.event, &self.derived, self.seq);
-        let [_, seq, kind, _, _, ts_ms, rest @ ..] = fields;
+        let [_, seq, kind, _, _, ts_ms, rest @ ..] = self.fields;
         fn own(own: bool, value: &str) -> ValueRef<'_> {
             if own {
                 ValueRef::Text(value.as_bytes())
@@ -546,6 +543,8 @@ struct SessionSlot<'e> {
     code_sha256: String,
     /// The last `session_seq` given out.
     seq: i64,
+    /// What this batch adds to the session's summary.
+    delta: Option<SessionDelta>,
 }
 
 /// The session of `event`, created (with the event's user id and code hash) if it is new.
@@ -578,6 +577,7 @@ fn session_slot<'e>(
         user_id,
         code_sha256,
         seq,
+        delta: None,
     })
 }
 
@@ -713,37 +713,25 @@ pub(crate) struct SessionDelta {
     pub bytes_down: i64,
 }
 
-/// Folds a batch of (event, session_seq) into one delta per session, in order of first
-/// appearance. Pure, so the summary logic is tested without a database.
-pub(crate) fn session_deltas<'a>(batch: &[(&'a Event, i64)]) -> Vec<(&'a str, SessionDelta)> {
-    let mut deltas: Vec<(&'a str, SessionDelta)> = Vec::new();
-    // Consecutive events nearly always belong to the same session.
-    let mut current = usize::MAX;
-    for (event, session_seq) in batch {
+impl SessionDelta {
+    /// An empty delta for a session whose first event in the batch is `event`.
+    fn starting(event: &Event) -> SessionDelta {
         let ts = event.ts.as_millis();
-        if deltas
-            .get(current)
-            .is_none_or(|(id, _)| *id != event.session_id)
-        {
-            current = match deltas.iter().position(|(id, _)| *id == event.session_id) {
-                Some(i) => i,
-                None => {
-                    deltas.push((
-                        &event.session_id,
-                        SessionDelta {
-                            first_ms: ts,
-                            last_ms: ts,
-                            ..SessionDelta::default()
-                        },
-                    ));
-                    deltas.len() - 1
-                }
-            };
+        SessionDelta {
+            first_ms: ts,
+            last_ms: ts,
+            ..SessionDelta::default()
         }
-        let d = &mut deltas[current].1;
+    }
+
+    /// Adds one of the session's events (with its `session_seq`). Pure, so the summary logic
+    /// is tested without a database.
+    fn add(&mut self, event: &Event, session_seq: i64) {
+        let ts = event.ts.as_millis();
+        let d = self;
         d.first_ms = d.first_ms.min(ts);
         d.last_ms = d.last_ms.max(ts);
-        d.last_seq = d.last_seq.max(*session_seq);
+        d.last_seq = d.last_seq.max(session_seq);
         d.events += 1;
         d.blocked += i64::from(event.is_blocked());
         d.would_block += i64::from(event.verdict == Some(Verdict::ReportWouldBlock));
@@ -772,7 +760,6 @@ pub(crate) fn session_deltas<'a>(batch: &[(&'a Event, i64)]) -> Vec<(&'a str, Se
             _ => {}
         }
     }
-    deltas
 }
 
 fn saturate(n: Option<u64>) -> i64 {
@@ -836,6 +823,21 @@ mod tests {
 
     #[test]
     fn session_deltas_fold_counts_bytes_and_lifecycle_per_session() {
+        // Per session, in order of first appearance, as `append` groups them.
+        fn session_deltas<'a>(batch: &[(&'a Event, i64)]) -> Vec<(&'a str, SessionDelta)> {
+            let mut deltas: Vec<(&'a str, SessionDelta)> = Vec::new();
+            for (event, seq) in batch {
+                let i = match deltas.iter().position(|(id, _)| *id == event.session_id) {
+                    Some(i) => i,
+                    None => {
+                        deltas.push((&event.session_id, SessionDelta::starting(event)));
+                        deltas.len() - 1
+                    }
+                };
+                deltas[i].1.add(event, *seq);
+            }
+            deltas
+        }
         let mut start = ev(EventKind::SessionStart, "s1", 100);
         start.detail = serde_json::json!({"command": ["python3", "-c", "print('hi')"]});
         let mut conn = ev(EventKind::Connection, "s1", 150);
