@@ -310,9 +310,7 @@ impl Store {
             // now, or every process opening the store would first read it all (a WAL as large
             // as the old table). Best effort: a reader holding a snapshot makes it a no-op, and
             // the automatic checkpoints catch up later.
-            let _ = self
-                .conn
-                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            let _ = self.checkpoint_truncate();
         }
         Ok(())
     }
@@ -340,11 +338,18 @@ impl Store {
                 ..StoreOptions::default()
             },
         )?;
+        store
+            .checkpoint_truncate()
+            .map_err(store.sql_err("checkpoint the WAL"))
+    }
+
+    /// Folds the whole write-ahead log into the database and truncates it; `false` when another
+    /// connection held it up (then nothing was truncated).
+    fn checkpoint_truncate(&self) -> rusqlite::Result<bool> {
         // (busy, log frames, checkpointed frames); busy = 1 when another connection held it up.
-        let busy: i64 = store
+        let busy: i64 = self
             .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get(0))
-            .map_err(store.sql_err("checkpoint the WAL"))?;
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get(0))?;
         Ok(busy == 0)
     }
 
