@@ -21,14 +21,13 @@
 //!   §4.2.10); the first handshake record must then start a well-formed ClientHello that ends on
 //!   a record boundary (the `sni` parser's rules). Any other record type is refused.
 
-use crate::sni::{client_hello_len, peek_client_hello, Peek, SniError};
+use crate::sni::{
+    client_hello_len, peek_client_hello, Peek, SniError, CONTENT_HANDSHAKE, MAX_RECORD_LEN,
+};
 
 const CONTENT_CHANGE_CIPHER_SPEC: u8 = 20;
-const CONTENT_HANDSHAKE: u8 = 22;
 const CONTENT_APPLICATION_DATA: u8 = 23;
 const HANDSHAKE_SERVER_HELLO: u8 = 2;
-/// TLSPlaintext.length may not exceed 2^14 (RFC 8446 §5.1).
-const MAX_RECORD_LEN: usize = 1 << 14;
 
 /// `ServerHello.random` of a HelloRetryRequest: SHA-256("HelloRetryRequest").
 pub const HELLO_RETRY_RANDOM: [u8; 32] = [

@@ -1161,7 +1161,7 @@ async fn websocket(conn: &mut ClientConn, mut up: UpstreamConn, inflight: &mut I
         up.buf.clear();
         conn.stream.write_all(&conn.out).await?;
         if !conn.buf.is_empty() {
-            write_up(&mut up.stream, &up.meter, &conn.buf).await?;
+            write_up(&up.stream, &up.meter, &conn.buf).await?;
             conn.buf.clear();
         }
         crate::splice::tunnel(&conn.stream, &up.stream, &up.meter, &stream.ctx.cancel).await
@@ -1240,7 +1240,7 @@ async fn send_request(
     }
     match info.body {
         BodyLen::Empty | BodyLen::UntilClose | BodyLen::Length(0) => {
-            write_up(&mut up.stream, &up.meter, &conn.out)
+            write_up(&up.stream, &up.meter, &conn.out)
                 .await
                 .map_err(Failure::Upstream)
         }
@@ -1248,7 +1248,7 @@ async fn send_request(
             let k = usize::try_from(n).unwrap_or(usize::MAX).min(conn.buf.len());
             conn.out.extend_from_slice(&conn.buf[..k]);
             conn.buf.advance(k);
-            write_up(&mut up.stream, &up.meter, &conn.out)
+            write_up(&up.stream, &up.meter, &conn.out)
                 .await
                 .map_err(Failure::Upstream)?;
             let mut ends = Ends {
@@ -1262,7 +1262,7 @@ async fn send_request(
             ends.exact(n - k as u64).await
         }
         BodyLen::Chunked => {
-            write_up(&mut up.stream, &up.meter, &conn.out)
+            write_up(&up.stream, &up.meter, &conn.out)
                 .await
                 .map_err(Failure::Upstream)?;
             let mut ends = Ends {

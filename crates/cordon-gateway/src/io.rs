@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use crate::budget::{ByteDirection, Grant};
@@ -113,19 +113,70 @@ impl Meter {
 }
 
 /// Writes all of `data` to the upstream `stream`, charging it to the budget as it goes.
-pub(crate) async fn write_up(stream: &mut TcpStream, meter: &Meter, data: &[u8]) -> io::Result<()> {
-    let mut rest = data;
-    while !rest.is_empty() {
-        let allowed = meter.reserve(ByteDirection::Out, rest.len())?;
-        let res = stream.write(&rest[..allowed]).await;
-        let sent = *res.as_ref().unwrap_or(&0);
-        meter.settle(ByteDirection::Out, allowed, sent);
-        match res? {
-            0 => return Err(io::ErrorKind::WriteZero.into()),
-            n => rest = &rest[n..],
+pub(crate) async fn write_up(stream: &TcpStream, meter: &Meter, data: &[u8]) -> io::Result<()> {
+    write_all(stream, data, Some(meter)).await
+}
+
+/// `write_all` through a shared reference (a tunnel relays both ways on borrowed sockets);
+/// bytes are metered as sent upstream when `meter` is given.
+pub(crate) async fn write_all(
+    stream: &TcpStream,
+    mut data: &[u8],
+    meter: Option<&Meter>,
+) -> io::Result<()> {
+    while !data.is_empty() {
+        stream.writable().await?;
+        let allowed = match meter {
+            Some(m) => m.reserve(ByteDirection::Out, data.len())?,
+            None => data.len(),
+        };
+        let res = stream.try_write(&data[..allowed]);
+        if let Some(m) = meter {
+            m.settle(ByteDirection::Out, allowed, *res.as_ref().unwrap_or(&0));
+        }
+        match res {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// What [`relay_down`] did.
+pub(crate) enum Relayed {
+    /// Nothing was ready after all.
+    Nothing,
+    /// The server closed: the client's side was shut down for writing.
+    Eof,
+    /// These bytes (metered in) went to the client.
+    Data(usize),
+}
+
+/// Once `upstream` is readable: reads what it has (charged to the inbound budget) into `buf`
+/// and relays it to `client`. The server-first phases of a tunnel share it.
+pub(crate) async fn relay_down(
+    upstream: &TcpStream,
+    client: &TcpStream,
+    meter: &Meter,
+    buf: &mut [u8],
+) -> io::Result<Relayed> {
+    let allowed = meter.reserve(ByteDirection::In, buf.len())?;
+    let res = upstream.try_read(&mut buf[..allowed]);
+    meter.settle(ByteDirection::In, allowed, *res.as_ref().unwrap_or(&0));
+    match res {
+        Ok(0) => {
+            crate::splice::shutdown_write(client);
+            Ok(Relayed::Eof)
+        }
+        Ok(n) => {
+            write_all(client, &buf[..n], None).await?;
+            Ok(Relayed::Data(n))
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Relayed::Nothing),
+        Err(e) => Err(e),
+    }
 }
 
 /// Reads from the upstream `stream` into `buf` (at most `max` bytes), charging them to the

@@ -19,12 +19,12 @@ use thiserror::Error;
 /// key shares included); anything bigger is refused rather than buffered.
 pub const MAX_HANDSHAKE_LEN: usize = 64 * 1024;
 
-const CONTENT_HANDSHAKE: u8 = 0x16;
+pub(crate) const CONTENT_HANDSHAKE: u8 = 0x16;
 const HANDSHAKE_CLIENT_HELLO: u8 = 0x01;
 const EXT_SERVER_NAME: u16 = 0x0000;
 const NAME_TYPE_HOST: u8 = 0x00;
 /// TLSPlaintext.length may not exceed 2^14 (RFC 8446 §5.1).
-const MAX_RECORD_LEN: usize = 1 << 14;
+pub(crate) const MAX_RECORD_LEN: usize = 1 << 14;
 
 /// What the first bytes of a stream say about TLS.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -45,11 +45,11 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::authority::parse_authority;
-use crate::budget::{ByteDirection, RateCheck};
+use crate::budget::RateCheck;
 use crate::core::{elapsed_ms, BudgetHit, Ctx};
 use crate::event::{EventKind, NetEvent, Verdict, Via};
 use crate::hrr::{retried_hello, Retried, ServerFirst, ServerHelloScan};
-use crate::io::{read_until, write_up, Meter, MeterTarget};
+use crate::io::{read_until, relay_down, write_up, Meter, MeterTarget, Relayed};
 use crate::policy::{Dest, Verdicted};
 use crate::route::{self, dest_for, Route, RouteError};
 use crate::session::Session;
@@ -506,27 +506,17 @@ async fn guard(
                 if ended.is_some() && line.as_deref().is_some_and(FirstLine::is_request_line) {
                     return Ok(Guarded::LineIsHttp);
                 }
-                write_up_shared(upstream, meter, &up[..n]).await?;
+                write_up(upstream, meter, &up[..n]).await?;
                 if ended.is_some() {
                     return Ok(Guarded::LineDone);
                 }
             }
             r = upstream.readable(), if upstream_open => {
                 r?;
-                let allowed = meter.reserve(ByteDirection::In, down.len())?;
-                let res = upstream.try_read(&mut down[..allowed]);
-                meter.settle(ByteDirection::In, allowed, *res.as_ref().unwrap_or(&0));
-                match res {
-                    Ok(0) => {
-                        upstream_open = false;
-                        splice::shutdown_write(client);
-                    }
-                    Ok(n) => {
-                        server_spoke = true;
-                        write_all_shared(client, &down[..n], None).await?;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
+                match relay_down(upstream, client, meter, &mut down).await? {
+                    Relayed::Eof => upstream_open = false,
+                    Relayed::Data(_) => server_spoke = true,
+                    Relayed::Nothing => {}
                 }
             }
         }
@@ -597,8 +587,13 @@ async fn watch_hello_retry(
     let (mut client_open, mut upstream_open) = (true, true);
     // Set once a HelloRetryRequest was seen: when the retried ClientHello must be complete.
     let mut deadline: Option<tokio::time::Instant> = None;
+    // What `held` and the client were like when the retried hello was last judged.
+    let mut judged: Option<(usize, bool)> = None;
     loop {
-        if deadline.is_some() {
+        // Judged again only when something changed: more client bytes, or the client closed.
+        let state = (held.len(), client_open);
+        if deadline.is_some() && judged != Some(state) {
+            judged = Some(state);
             match retried_hello(held) {
                 Ok(Retried::ClientHello { sni, .. }) => {
                     return Ok(match check_retried(dest, Ok(Peek::ClientHello { sni })) {
@@ -650,24 +645,18 @@ async fn watch_hello_retry(
             }
             r = upstream.readable(), if upstream_open => {
                 r?;
-                let allowed = meter.reserve(ByteDirection::In, down.len())?;
-                let res = upstream.try_read(&mut down[..allowed]);
-                meter.settle(ByteDirection::In, allowed, *res.as_ref().unwrap_or(&0));
-                let n = match res {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
-                };
-                if n == 0 {
-                    upstream_open = false;
-                    splice::shutdown_write(client);
-                    if deadline.is_none() {
-                        // The server closed without asking for a retry.
-                        return Ok(Retry::NotRetried);
+                let n = match relay_down(upstream, client, meter, &mut down).await? {
+                    Relayed::Nothing => continue,
+                    Relayed::Eof => {
+                        upstream_open = false;
+                        if deadline.is_none() {
+                            // The server closed without asking for a retry.
+                            return Ok(Retry::NotRetried);
+                        }
+                        continue;
                     }
-                    continue;
-                }
-                write_all_shared(client, &down[..n], None).await?;
+                    Relayed::Data(n) => n,
+                };
                 if deadline.is_none() {
                     match scan.feed(&down[..n]) {
                         ServerFirst::Pending => {}
@@ -680,38 +669,6 @@ async fn watch_hello_retry(
             }
         }
     }
-}
-
-/// Writes all of `data` to `upstream`, charging it to the budget as it goes.
-async fn write_up_shared(upstream: &TcpStream, meter: &Meter, data: &[u8]) -> std::io::Result<()> {
-    write_all_shared(upstream, data, Some(meter)).await
-}
-
-/// `write_all` through a shared reference (the tunnel borrows its sockets); bytes are metered
-/// as sent upstream when `meter` is given.
-async fn write_all_shared(
-    stream: &TcpStream,
-    mut data: &[u8],
-    meter: Option<&Meter>,
-) -> std::io::Result<()> {
-    while !data.is_empty() {
-        stream.writable().await?;
-        let allowed = match meter {
-            Some(m) => m.reserve(ByteDirection::Out, data.len())?,
-            None => data.len(),
-        };
-        let res = stream.try_write(&data[..allowed]);
-        if let Some(m) = meter {
-            m.settle(ByteDirection::Out, allowed, *res.as_ref().unwrap_or(&0));
-        }
-        match res {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Checks the first bytes (SNI), connects, sends `first` and splices; records the outcome.
@@ -743,7 +700,7 @@ pub(crate) async fn run_tunnel(
         // Shutting down before the tunnel opened: nothing moved, nothing to record.
         _ = ctx.cancel.cancelled() => return TunnelEnd::Closed,
     };
-    let (mut stream, addr): (TcpStream, SocketAddr) = match connected {
+    let (stream, addr): (TcpStream, SocketAddr) = match connected {
         Ok(x) => x,
         Err(e) => {
             let mut ev = NetEvent::new(EventKind::Connection, &session.info, via, route.verdict);
@@ -837,7 +794,7 @@ pub(crate) async fn run_tunnel(
         None => Vec::new(),
     };
     if refusal.is_none() && error.is_none() && !cancelled && !first.is_empty() {
-        if let Err(e) = write_up(&mut stream, &meter, &first).await {
+        if let Err(e) = write_up(&stream, &meter, &first).await {
             error = Some(e.to_string());
         }
     }
@@ -854,7 +811,7 @@ pub(crate) async fn run_tunnel(
         );
         match watched.await {
             Ok(Retry::NotRetried | Retry::Checked) => {
-                if let Err(e) = write_up(&mut stream, &meter, &held).await {
+                if let Err(e) = write_up(&stream, &meter, &held).await {
                     error = Some(e.to_string());
                 }
             }
