@@ -34,8 +34,11 @@ fn set_args(title: &[u8]) {
         return;
     }
     // SAFETY: [arg_start, arg_end) is the argument block the kernel placed on our stack at
-    // exec: mapped, writable and ours. std copies arguments out of it when asked and keeps no
-    // reference into it. The last byte stays NUL, so the kernel reports exactly this block.
+    // exec: mapped, writable and ours, and no Rust reference into it is alive (std reads
+    // `argv` from it afresh on each `std::env::args()`, so a later call in this process would
+    // see the title: only processes that never read their arguments again are retitled — the
+    // sandbox's init and the teardown child). The last byte stays NUL, so the kernel reports
+    // exactly this block.
     unsafe {
         let block = std::slice::from_raw_parts_mut(start as *mut u8, len);
         block.fill(0);
