@@ -18,7 +18,7 @@
 //!   begun.
 //! - Responses: header values, the body (streaming, with hold-back) and trailers are redacted of
 //!   the session's secret values (every decodable form, as on HTTP/1.1) before the sandbox sees
-//!   them, with an `Alert` per credential. A host that holds a credential is asked for
+//!   them, with an `Alert` per credential; a header or trailer whose name holds one is dropped. A host that holds a credential is asked for
 //!   `accept-encoding: identity`, and a response from it with a `content-encoding` is refused
 //!   (`502`, rule `response-encoded`), as on HTTP/1.1.
 //! - A stream hyper's HTTP/2 layer refuses on its own (before it becomes a request) and a
@@ -516,9 +516,7 @@ impl H2Conn {
         }
         strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_2;
-        for v in parts.headers.values_mut() {
-            redact_value(s, v, &mut fin.redacted);
-        }
+        redact_fields(s, &mut parts.headers, &mut fin.redacted);
         let down = DownBody {
             inner: body,
             scan: s.response_scan(),
@@ -681,6 +679,29 @@ fn redact_value(s: &Scope, v: &mut HeaderValue, names: &mut Vec<String>) {
     // `*` for visible bytes keeps the value valid.
     *v = HeaderValue::from_bytes(&bytes).unwrap_or_else(|_| HeaderValue::from_static(""));
     merge_names(names, &hit);
+}
+
+/// Redacts the session's secret values in response header or trailer fields; records which.
+/// A field whose name holds a secret form is dropped: a masked name would be another name
+/// (HTTP/1.1 masks the whole head, names included, so there the field arrives under a name of
+/// `*`s; here it does not arrive at all).
+fn redact_fields(s: &Scope, h: &mut HeaderMap, names: &mut Vec<String>) {
+    let hidden: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| {
+            let mut bytes = n.as_str().as_bytes().to_vec();
+            let hit = s.redact(&mut bytes);
+            merge_names(names, &hit);
+            !hit.is_empty()
+        })
+        .cloned()
+        .collect();
+    for n in &hidden {
+        h.remove(n);
+    }
+    for v in h.values_mut() {
+        redact_value(s, v, names);
+    }
 }
 
 fn fields_of(h: &HeaderMap) -> impl Iterator<Item = (&[u8], &[u8])> {
@@ -1020,9 +1041,7 @@ impl Body for DownBody {
                         this.flush_scan();
                         if let Some(fin) = this.fin.as_mut() {
                             let s = fin.state.s.clone();
-                            for v in t.values_mut() {
-                                redact_value(&s, v, &mut fin.redacted);
-                            }
+                            redact_fields(&s, &mut t, &mut fin.redacted);
                         }
                         this.queue.push_back(Frame::trailers(t));
                         this.ended = true;
