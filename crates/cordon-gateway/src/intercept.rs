@@ -717,8 +717,9 @@ impl Scope {
             .any(|c| c.spec.bound_to(&self.host))
     }
 
-    /// Why a response whose `Content-Encoding` values are `content_encoding` must not be
-    /// relayed: the host holds a credential and the coding is not `identity`, and compressed
+    /// Why a response whose `Content-Encoding` values (and transfer codings other than
+    /// `chunked`, which HTTP/2 relays decoded of the chunking only) are `content_encoding` must
+    /// not be relayed: the host holds a credential and the coding is not `identity`, and compressed
     /// bytes would carry an echoed secret past the redaction. Such a response is answered `502`
     /// and its event gets rule [`RESPONSE_ENCODED`].
     pub fn unscannable_coding<'v>(
@@ -735,8 +736,8 @@ impl Scope {
             .collect();
         (!codings.is_empty()).then(|| {
             format!(
-                "the response from {} has Content-Encoding {:?}, which cannot be scanned for \
-                 the credential it holds; it was not relayed",
+                "the response from {} has the content or transfer coding {:?}, which cannot \
+                 be scanned for the credential it holds; it was not relayed",
                 self.host,
                 codings.join(", ")
             )

@@ -19,8 +19,9 @@
 //! - Responses: header values, the body (streaming, with hold-back) and trailers are redacted of
 //!   the session's secret values (every decodable form, as on HTTP/1.1) before the sandbox sees
 //!   them, with an `Alert` per credential; a header or trailer whose name holds one is dropped. A host that holds a credential is asked for
-//!   `accept-encoding: identity`, and a response from it with a `content-encoding` is refused
-//!   (`502`, rule `response-encoded`), as on HTTP/1.1.
+//!   `accept-encoding: identity`, and a response from it with a `content-encoding`, or a
+//!   `transfer-encoding` other than `chunked` (from an HTTP/1.1 upstream), is refused (`502`,
+//!   rule `response-encoded`), as on HTTP/1.1.
 //! - A stream hyper's HTTP/2 layer refuses on its own (before it becomes a request) and a
 //!   `GOAWAY` with an error are recorded from the frames that layer writes (`crate::h2frames`):
 //!   a `Blocked` event, rule `h2-protocol`, with the stream id and error code.
@@ -500,11 +501,23 @@ impl H2Conn {
             }
         };
         let (mut parts, body) = resp.into_parts();
+        // hyper's HTTP/1.1 client takes `Transfer-Encoding: gzip, chunked` and undoes only the
+        // chunking; the transfer-encoding header is dropped below, so a coding named there
+        // would reach the client as unscanned bytes: it counts like a content-encoding.
+        let transfer: Vec<&[u8]> = parts
+            .headers
+            .get_all(http::header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|c| !c.eq_ignore_ascii_case(b"chunked"))
+            .collect();
         let codings = parts
             .headers
             .get_all(http::header::CONTENT_ENCODING)
             .iter()
-            .map(HeaderValue::as_bytes);
+            .map(HeaderValue::as_bytes)
+            .chain(transfer.iter().copied());
         if let Some(reason) = s.unscannable_coding(codings) {
             // gzip (or any coding) would carry an echoed secret past the redaction: refused.
             if let Some(e) = fin.event.as_mut() {

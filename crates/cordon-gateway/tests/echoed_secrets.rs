@@ -460,3 +460,31 @@ async fn a_secret_echoed_in_a_response_header_name_does_not_reach_the_sandbox() 
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gzip_transfer_coding_from_a_credential_host_is_never_relayed() {
+    let w = world().await;
+    let cred = format!("u:{PH_BASIC}");
+    let url = w.url("api.test", "/tegzip");
+    for proto in PROTOS {
+        let (_, out) = w.curl(proto, &["--raw", "-u", &cred, &url]).await;
+        // Control: the origin got the real value (and gzipped its echo of it).
+        let seen = w.api.seen.lock().unwrap().last().cloned().unwrap();
+        let want = base64::engine::general_purpose::STANDARD.encode(format!("u:{SECRET}"));
+        assert!(seen.contains(&want), "{seen}");
+        let status = match proto {
+            "--http2" => "HTTP/2 502",
+            _ => "HTTP/1.1 502",
+        };
+        assert!(out.contains(status), "{proto}: {out}");
+        // Not a byte of the gzip stream (its magic number) reached the client.
+        assert!(!out.contains("\u{1f}\u{fffd}\u{8}"), "{proto}: {out}");
+    }
+    // Over HTTP/2 the refusal is the encoded-response one (HTTP/1.1 refuses the framing).
+    wait_count(&w, 1, |e| {
+        e.kind == EventKind::HttpRequest
+            && e.host.as_deref() == Some("api.test")
+            && e.rule == "response-encoded"
+    })
+    .await;
+}
