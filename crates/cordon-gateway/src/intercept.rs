@@ -29,7 +29,7 @@
 //!   pattern, never the value. A request body larger than the scan limit is refused.
 //! - Responses are scanned for the session's secret values in every form a client could decode
 //!   (as is, base64 at any alignment, percent-encoded, JSON-escaped: `LiveCredential::echo_forms`),
-//!   which are redacted (same length) in the head and the body before the sandbox sees them, with
+//!   which are redacted (same length) in the head (interim `1xx` heads too) and the body before the sandbox sees them, with
 //!   an `Alert`. A host that holds a credential is asked for `Accept-Encoding: identity`, and a
 //!   response from it with any `Content-Encoding` is refused (`502`, rule `response-encoded`):
 //!   compressed bytes would carry the secret past the scan.
@@ -1289,6 +1289,8 @@ impl Conn<'_> {
 
         // Response.
         let head_request = method == "HEAD";
+        // Interim heads (`103 Early Hints` with its `Link`s) are redacted like the final one.
+        let mut interim_redacted = Vec::new();
         let (resp, rinfo) = loop {
             let mut spans = Vec::new();
             let parsed = h1::parse_response(&mut up.buf, &mut spans).and_then(|r| {
@@ -1306,6 +1308,7 @@ impl Conn<'_> {
                         BodyLen::Empty,
                         ClientEnd::KeepAlive,
                     );
+                    merge_names(&mut interim_redacted, &s.redact(&mut self.out));
                     if self.client.write_all(&self.out).await.is_err() {
                         return false;
                     }
@@ -1348,7 +1351,8 @@ impl Conn<'_> {
         };
         self.out.clear();
         h1::write_response_head(&mut self.out, &resp, &rinfo, client_body, end);
-        let mut redacted = s.redact(&mut self.out);
+        let mut redacted = interim_redacted;
+        merge_names(&mut redacted, &s.redact(&mut self.out));
         if self.client.write_all(&self.out).await.is_err() {
             finish(event, &up, Some("client gone".into()));
             return false;

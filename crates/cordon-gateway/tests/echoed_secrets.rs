@@ -488,3 +488,26 @@ async fn a_gzip_transfer_coding_from_a_credential_host_is_never_relayed() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_echoed_in_an_interim_103_response_does_not_reach_the_sandbox() {
+    let w = world().await;
+    let hdr = format!("X-Key: {PH_KEY}");
+    let url = w.url("api.test", "/early");
+    // Interim responses are relayed to HTTP/1.1 clients only (HTTP/2 drops them).
+    let (ok, out) = w.curl("--http1.1", &["-H", &hdr, &url]).await;
+    assert!(ok, "{out}");
+    let seen = w.api.seen.lock().unwrap().last().cloned().unwrap();
+    assert!(seen.contains(KEY_SECRET), "{seen}");
+    // Control: curl shows the interim head it got, with its `Link`.
+    assert!(out.contains("HTTP/1.1 103"), "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("link: </style.css?k="),
+        "{out}"
+    );
+    assert!(!out.contains(KEY_SECRET), "{out}");
+    wait_count(&w, 1, |e| {
+        e.kind == EventKind::Alert && e.rule == "response-redacted:secret:hkey"
+    })
+    .await;
+}
