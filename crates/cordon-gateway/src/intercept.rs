@@ -29,8 +29,8 @@
 //!   pattern, never the value. A request body larger than the scan limit is refused.
 //! - Responses are scanned for the session's secret values in every form a client could decode
 //!   (as is, base64 at any alignment, percent-encoded, JSON-escaped: `LiveCredential::echo_forms`),
-//!   which are redacted (same length) in the head (interim `1xx` heads too) and the body before the sandbox sees them, with
-//!   an `Alert`. A host that holds a credential is asked for `Accept-Encoding: identity`, and a
+//!   which are redacted (same length) in the head (interim `1xx` heads too) and the body before
+//!   the sandbox sees them, with an `Alert`. A host that holds a credential is asked for `Accept-Encoding: identity`, and a
 //!   response from it with any `Content-Encoding` is refused (`502`, rule `response-encoded`):
 //!   compressed bytes would carry the secret past the scan.
 //! - Each request produces one `HttpRequest` event (method, path, bytes, the credentials used by

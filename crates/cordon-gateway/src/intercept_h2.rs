@@ -18,10 +18,10 @@
 //!   begun.
 //! - Responses: header values, the body (streaming, with hold-back) and trailers are redacted of
 //!   the session's secret values (every decodable form, as on HTTP/1.1) before the sandbox sees
-//!   them, with an `Alert` per credential; a header or trailer whose name holds one is dropped. A host that holds a credential is asked for
-//!   `accept-encoding: identity`, and a response from it with a `content-encoding`, or a
-//!   `transfer-encoding` other than `chunked` (from an HTTP/1.1 upstream), is refused (`502`,
-//!   rule `response-encoded`), as on HTTP/1.1.
+//!   them, with an `Alert` per credential; a header or trailer whose name holds one is dropped.
+//!   A host that holds a credential is asked for `accept-encoding: identity`, and a response
+//!   from it with a `content-encoding`, or a `transfer-encoding` other than `chunked` (from an
+//!   HTTP/1.1 upstream), is refused (`502`, rule `response-encoded`), as on HTTP/1.1.
 //! - A stream hyper's HTTP/2 layer refuses on its own (before it becomes a request) and a
 //!   `GOAWAY` with an error are recorded from the frames that layer writes (`crate::h2frames`):
 //!   a `Blocked` event, rule `h2-protocol`, with the stream id and error code.
