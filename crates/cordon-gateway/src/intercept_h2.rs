@@ -546,14 +546,22 @@ impl H2Conn {
         if let Some(x) = self.ready_sender() {
             return Ok(x);
         }
-        let h1_known = self.up.h1_only.load(Ordering::Relaxed);
-        let _first = if h1_known {
+        let h1_known = self.up.h1_only.load(Ordering::Acquire);
+        let mut first = if h1_known {
             None
         } else {
             Some(self.up.first.lock().await)
         };
         if let Some(x) = self.ready_sender() {
             return Ok(x);
+        }
+        // Loaded again: a stream that waited above while the first connection found an
+        // HTTP/1.1-only server must take its slot before it connects, like any later one (else
+        // it would open TCP and TLS past `max_connections` before being refused). Connections
+        // are then made in parallel.
+        let h1_known = h1_known || self.up.h1_only.load(Ordering::Acquire);
+        if h1_known {
+            drop(first.take());
         }
         // Over HTTP/1.1 the slot is taken before connecting; the first connection's protocol
         // is not known yet (over HTTP/2 it is the only one).
@@ -595,7 +603,7 @@ impl H2Conn {
             *lock(&self.up.h2) = Some((send.clone(), addr));
             Ok((Sender::H2(send), addr))
         } else {
-            self.up.h1_only.store(true, Ordering::Relaxed);
+            self.up.h1_only.store(true, Ordering::Release);
             let slot = match early_slot {
                 Some(slot) => slot,
                 None => self.h1_slot()?,

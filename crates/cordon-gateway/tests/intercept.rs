@@ -1062,6 +1062,37 @@ async fn http2_streams_over_an_http1_upstream_take_a_connection_slot_each_past_t
     assert_eq!(w.api.seen().len(), 3, "{:?}", w.api.seen().len());
 }
 
+/// Two streams at once on a fresh connection: the second waits while the first connects and
+/// finds an HTTP/1.1-only server. It must take its slot before connecting, so with no slot left
+/// the upstream never sees a second connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_waited_for_the_first_http1_upstream_connection_is_refused_before_connecting()
+{
+    use std::sync::atomic::Ordering;
+    // One slot: the client connection's own, which covers the first upstream connection.
+    let w = world_full(false, false, cordon_gateway::Timeouts::default(), Some(1)).await;
+    let mut send = w.h2_connection("api.test").await;
+    let base = format!("https://api.test:{}", w.api.addr.port());
+    // Uploads left open mid-body: the first keeps its upstream connection busy.
+    let (tx1, body1) = feed();
+    let (tx2, body2) = feed();
+    let up1 = send.send_request(request("POST", &format!("{base}/upload"), body1));
+    let up2 = send.send_request(request("POST", &format!("{base}/upload"), body2));
+    let (up1, up2) = (tokio::spawn(up1), tokio::spawn(up2));
+    tx1.send(Bytes::from("one")).await.unwrap();
+    tx2.send(Bytes::from("two")).await.unwrap();
+    w.gw.wait_event(|e| e.kind == EventKind::BudgetExhausted)
+        .await;
+    drop((tx1, tx2));
+    let mut statuses = Vec::new();
+    for up in [up1, up2] {
+        statuses.push(response_parts(up.await.unwrap().unwrap()).await.0);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 403]);
+    assert_eq!(w.api.accepted.load(Ordering::Relaxed), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finding_mid_body_on_an_http2_stream_cancels_the_upstream_request_and_the_connection_goes_on(
 ) {
