@@ -384,6 +384,9 @@ pub(crate) struct Admitted {
 
 /// The rule of a response refused for its content coding (see [`Scope::unscannable_coding`]).
 pub(crate) const RESPONSE_ENCODED: &str = "response-encoded";
+/// The rule of a request's `Blocked` event when the client left after the decision but before
+/// the request went upstream.
+pub(crate) const ABANDONED: &str = "abandoned";
 
 /// Why a request is refused.
 pub(crate) enum Refusal {

@@ -27,7 +27,7 @@
 //!   a `Blocked` event, rule `h2-protocol`, with the stream id and error code.
 //! - Each stream that reaches the decision produces exactly one `HttpRequest` event (when its
 //!   response ends, fails, or the stream is abandoned) or one `Blocked` event (with an `Alert`
-//!   for a finding); a budget refusal is recorded as `BudgetExhausted`, as on HTTP/1.1. A body
+//!   for a finding; rule `abandoned` for a stream dropped before its request went upstream); a budget refusal is recorded as `BudgetExhausted`, as on HTTP/1.1. A body
 //!   finding after the event was recorded (the upstream answered before the body ended) adds an
 //!   `Alert`. The event's byte counts are the stream's body bytes (the connection's TLS bytes
 //!   are charged to the budgets as on HTTP/1.1, but belong to no one stream).
@@ -343,6 +343,14 @@ impl H2Conn {
             Ok(a) => a,
             Err(r) => return self.refuse(&method, &target, r),
         };
+        // From here the stream has passed the decision (its budget is charged): until its
+        // `Finish` exists, ending in any way records one event.
+        let mut pending = Pending {
+            s: s.clone(),
+            method: method.clone(),
+            path: target.clone(),
+            armed: true,
+        };
         // The head that goes upstream: the client's fields with the credentials swapped in,
         // without connection-specific ones; the authority is the gateway's own (checked equal).
         let send_target = injected
@@ -369,7 +377,7 @@ impl H2Conn {
                             "bad-request",
                             "a header with a credential swapped in is not a valid header value",
                         );
-                        return self.refuse(&method, &target, r);
+                        return pending.refuse(r);
                     }
                 },
                 None => v.clone(),
@@ -380,11 +388,11 @@ impl H2Conn {
             .iter()
             .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
         if let Err(r) = s.check_swapped(&send_target, swapped) {
-            return self.refuse(&method, &target, r);
+            return pending.refuse(r);
         }
         let Ok(pq) = PathAndQuery::try_from(send_target.as_slice()) else {
             let r = Refusal::new(400, "bad-request", "the request target is not a valid path");
-            return self.refuse(&method, &target, r);
+            return pending.refuse(r);
         };
         // The body: read and scanned whole when small and of known length, else streamed
         // through the scanner.
@@ -392,7 +400,7 @@ impl H2Conn {
         let declared = body.size_hint().exact();
         if let Some(n) = declared {
             if let Err(r) = s.check_length(n) {
-                return self.refuse(&method, &target, r);
+                return pending.refuse(r);
             }
         }
         let state = Arc::new(StreamState {
@@ -405,16 +413,21 @@ impl H2Conn {
         let up_body = if body.is_end_stream() {
             UpBody::whole(Bytes::new(), None, state.clone())
         } else if let Some(n) = declared.filter(|n| *n > 0 && *n <= PREREAD_MAX) {
-            let Ok((data, trailers)) = read_whole(&mut body, n).await else {
-                // The client reset its stream or broke the framing: nothing was sent upstream.
-                return refusal_response(400, "the request body did not arrive");
+            let (data, trailers) = match read_whole(&mut body, n).await {
+                Ok(x) => x,
+                Err(e) => {
+                    // The client reset its stream or broke the framing: nothing was sent
+                    // upstream.
+                    let reason = format!("the request body did not arrive: {e}");
+                    return pending.refuse(Refusal::new(400, "bad-request", reason));
+                }
             };
             if let Err(r) = s.check_body(&data) {
-                return self.refuse(&method, &target, r);
+                return pending.refuse(r);
             }
             if let Some(t) = &trailers {
                 if let Err(f) = s.check_fields(fields_of(t)) {
-                    return self.refuse(&method, &target, Refusal::finding(f));
+                    return pending.refuse(Refusal::finding(f));
                 }
             }
             UpBody::whole(data, trailers, state.clone())
@@ -425,7 +438,7 @@ impl H2Conn {
         // Upstream.
         let (sender, addr) = match self.sender().await {
             Ok(x) => x,
-            Err(r) => return self.refuse(&method, &target, r),
+            Err(r) => return pending.refuse(r),
         };
         let authority = if s.route.port == 443 {
             s.host.to_string()
@@ -457,7 +470,7 @@ impl H2Conn {
             Ok(u) => *up.uri_mut() = u,
             Err(e) => {
                 let r = Refusal::new(400, "bad-request", format!("bad request target: {e}"));
-                return self.refuse(&method, &target, r);
+                return pending.refuse(r);
             }
         }
         let mut event = s.event(EventKind::HttpRequest, s.route.verdict, &method, &target);
@@ -466,6 +479,7 @@ impl H2Conn {
         if !injected.used.is_empty() {
             event.reason = Some(format!("credential {} injected", injected.used.join(",")));
         }
+        pending.armed = false;
         let mut fin = Finish {
             event: Some(event),
             start,
@@ -811,6 +825,38 @@ impl StreamState {
             self.s.streamed_body_finding(f);
         }
         sh.abort = Some(a);
+    }
+}
+
+/// A stream that passed the decision but has no [`Finish`] yet: refused through it, or dropped
+/// (the client reset the stream during the body pre-read or the upstream connect, or the
+/// connection went away), it records one `Blocked` event.
+struct Pending {
+    s: Arc<Scope>,
+    method: String,
+    path: String,
+    /// Cleared once the stream's `Finish` takes over.
+    armed: bool,
+}
+
+impl Pending {
+    fn refuse(mut self, r: Refusal) -> Response<OutBody> {
+        self.armed = false;
+        self.s.record(&self.method, &self.path, &r);
+        refusal_response(r.status(), r.reason())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.armed {
+            let r = Refusal::new(
+                400,
+                crate::intercept::ABANDONED,
+                "the stream was abandoned before it was sent upstream",
+            );
+            self.s.record(&self.method, &self.path, &r);
+        }
     }
 }
 

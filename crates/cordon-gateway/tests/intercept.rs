@@ -1016,6 +1016,50 @@ async fn a_stream_the_http2_layer_refuses_on_its_own_is_recorded() {
     assert_eq!(refusals, 1);
 }
 
+/// A stream that passed the decision and is reset by the client while its small body is being
+/// read (nothing went upstream) still produces exactly one event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_reset_during_its_body_pre_read_is_recorded_once() {
+    use tokio::io::AsyncWriteExt;
+    let w = world_with(false, true).await;
+    let mut tls = w.h2_tls("api.test").await;
+    // HPACK without Huffman: :method POST, :scheme https (indexed), :path /upload, :authority,
+    // content-length: 10 (literals with indexed names).
+    let authority = format!("api.test:{}", w.api.addr.port());
+    let mut block = vec![0x83, 0x87, 0x44, 7];
+    block.extend_from_slice(b"/upload");
+    block.push(0x41);
+    block.push(authority.len() as u8);
+    block.extend_from_slice(authority.as_bytes());
+    block.extend_from_slice(&[0x5c, 2]);
+    block.extend_from_slice(b"10");
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&h2_frame(0x4, 0, 0, &[]));
+    // END_HEADERS on stream 1, then 3 of the 10 body bytes.
+    out.extend_from_slice(&h2_frame(0x1, 0x4, 1, &block));
+    out.extend_from_slice(&h2_frame(0x0, 0, 1, b"abc"));
+    tls.write_all(&out).await.unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // RST_STREAM, CANCEL.
+    tls.write_all(&h2_frame(0x3, 0, 1, &[0, 0, 0, 0x8]))
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    let e =
+        w.gw.wait_event(|e| e.path.as_deref() == Some("/upload"))
+            .await;
+    assert_eq!((e.kind, e.verdict), (EventKind::Blocked, Verdict::Block));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events: Vec<NetEvent> =
+        w.gw.events()
+            .into_iter()
+            .filter(|e| e.path.as_deref() == Some("/upload"))
+            .collect();
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert!(w.api.seen().is_empty());
+}
+
 /// Over an HTTP/1.1-only upstream each HTTP/2 stream in flight needs an upstream connection of
 /// its own: past the first, each takes one of the session's `max_connections` slots, so one
 /// client connection cannot multiply the sandbox's connections out.
