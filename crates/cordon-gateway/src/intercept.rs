@@ -34,7 +34,8 @@
 //!   response from it with any `Content-Encoding` is refused (`502`, rule `response-encoded`):
 //!   compressed bytes would carry the secret past the scan.
 //! - Each request produces one `HttpRequest` event (method, path, bytes, the credentials used by
-//!   name) or one `Blocked` event.
+//!   name) or one `Blocked` event (rule `abandoned` when the client leaves after the decision,
+//!   before anything of the request went upstream).
 //! - HTTP/1.1 and HTTP/2: the leaf offers `h2` and `http/1.1` by ALPN. A client that picks `h2`
 //!   is served by `intercept_h2`, where every stream is one request held to each guarantee
 //!   above through the same [`Scope`] (decision, scans, swap, events); the HTTP/1.1 loop here
@@ -1159,6 +1160,7 @@ impl Conn<'_> {
                         .await
                         .is_err()
                     {
+                        s.record(&method, &path, &abandoned());
                         return false;
                     }
                     let _ = self.client.flush().await;
@@ -1166,7 +1168,11 @@ impl Conn<'_> {
                 }
                 while self.buf.len() < n {
                     match fill(&mut self.client, &mut self.buf).await {
-                        Ok(0) | Err(_) => return false,
+                        Ok(0) | Err(_) => {
+                            // Decided (and charged), never sent: still one event.
+                            s.record(&method, &path, &abandoned());
+                            return false;
+                        }
                         Ok(_) => {}
                     }
                 }
@@ -1239,6 +1245,7 @@ impl Conn<'_> {
                 .await
                 .is_err()
             {
+                finish(event, &up, Some("client gone".into()));
                 return false;
             }
             let _ = self.client.flush().await;
@@ -1313,6 +1320,8 @@ impl Conn<'_> {
                     );
                     merge_names(&mut interim_redacted, &s.redact(&mut self.out));
                     if self.client.write_all(&self.out).await.is_err() {
+                        s.record_redactions(&method, &path, &interim_redacted);
+                        finish(event, &up, Some("client gone".into()));
                         return false;
                     }
                 }
@@ -1401,6 +1410,16 @@ impl Conn<'_> {
             }
         }
     }
+}
+
+/// The refusal recorded for a request the client left after the decision, before anything of
+/// it went upstream.
+fn abandoned() -> Refusal {
+    Refusal::new(
+        400,
+        ABANDONED,
+        "the client left before the request was sent upstream",
+    )
 }
 
 /// Appends `note` to the event's reason.

@@ -646,6 +646,15 @@ impl World {
 
     /// The TLS stream under [`World::h2_connection`]: `h2` negotiated, nothing sent on it yet.
     async fn h2_tls(&self, host: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        self.tls_alpn(host, b"h2").await
+    }
+
+    /// A TLS stream to `host` through the proxy, offering only `alpn`, which must be picked.
+    async fn tls_alpn(
+        &self,
+        host: &str,
+        alpn: &[u8],
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let port = self.port_of(host);
         let mut tcp = tokio::net::TcpStream::connect(self.gw.proxy).await.unwrap();
@@ -676,7 +685,7 @@ impl World {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = vec![alpn.to_vec()];
         let name = rustls::pki_types::ServerName::try_from(host.to_owned()).unwrap();
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
@@ -684,8 +693,8 @@ impl World {
             .unwrap();
         assert_eq!(
             tls.get_ref().1.alpn_protocol(),
-            Some(&b"h2"[..]),
-            "the gateway did not speak HTTP/2"
+            Some(alpn),
+            "the gateway did not pick the protocol offered"
         );
         tls
     }
@@ -1050,6 +1059,38 @@ async fn an_http2_stream_reset_during_its_body_pre_read_is_recorded_once() {
         w.gw.wait_event(|e| e.path.as_deref() == Some("/upload"))
             .await;
     assert_eq!((e.kind, e.verdict), (EventKind::Blocked, Verdict::Block));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events: Vec<NetEvent> =
+        w.gw.events()
+            .into_iter()
+            .filter(|e| e.path.as_deref() == Some("/upload"))
+            .collect();
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert!(w.api.seen().is_empty());
+}
+
+/// The same over HTTP/1.1: a request that passed the decision whose client leaves while its
+/// small body is being read is recorded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_request_whose_client_leaves_during_its_body_pre_read_is_recorded_once() {
+    use tokio::io::AsyncWriteExt;
+    let w = world(false).await;
+    let mut tls = w.tls_alpn("api.test", b"http/1.1").await;
+    let port = w.api.addr.port();
+    tls.write_all(
+        format!("POST /upload HTTP/1.1\r\nHost: api.test:{port}\r\nContent-Length: 10\r\n\r\nabc")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(tls);
+    let e =
+        w.gw.wait_event(|e| e.path.as_deref() == Some("/upload"))
+            .await;
+    assert_eq!((e.kind, e.verdict), (EventKind::Blocked, Verdict::Block));
+    assert_eq!(e.rule, "abandoned");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let events: Vec<NetEvent> =
         w.gw.events()
