@@ -29,12 +29,13 @@
 //!   pattern, never the value. A request body larger than the scan limit is refused.
 //! - Responses are scanned for the session's secret values in every form a client could decode
 //!   (as is, base64 at any alignment, percent-encoded, JSON-escaped: `LiveCredential::echo_forms`),
-//!   which are redacted (same length) in the head and the body before the sandbox sees them, with
-//!   an `Alert`. A host that holds a credential is asked for `Accept-Encoding: identity`, and a
+//!   which are redacted (same length) in the head (interim `1xx` heads too) and the body before
+//!   the sandbox sees them, with an `Alert`. A host that holds a credential is asked for `Accept-Encoding: identity`, and a
 //!   response from it with any `Content-Encoding` is refused (`502`, rule `response-encoded`):
 //!   compressed bytes would carry the secret past the scan.
 //! - Each request produces one `HttpRequest` event (method, path, bytes, the credentials used by
-//!   name) or one `Blocked` event.
+//!   name) or one `Blocked` event (rule `abandoned` when the client leaves after the decision,
+//!   before anything of the request went upstream).
 //! - HTTP/1.1 and HTTP/2: the leaf offers `h2` and `http/1.1` by ALPN. A client that picks `h2`
 //!   is served by `intercept_h2`, where every stream is one request held to each guarantee
 //!   above through the same [`Scope`] (decision, scans, swap, events); the HTTP/1.1 loop here
@@ -384,6 +385,9 @@ pub(crate) struct Admitted {
 
 /// The rule of a response refused for its content coding (see [`Scope::unscannable_coding`]).
 pub(crate) const RESPONSE_ENCODED: &str = "response-encoded";
+/// The rule of a request's `Blocked` event when the client left after the decision but before
+/// the request went upstream.
+pub(crate) const ABANDONED: &str = "abandoned";
 
 /// Why a request is refused.
 pub(crate) enum Refusal {
@@ -717,8 +721,9 @@ impl Scope {
             .any(|c| c.spec.bound_to(&self.host))
     }
 
-    /// Why a response whose `Content-Encoding` values are `content_encoding` must not be
-    /// relayed: the host holds a credential and the coding is not `identity`, and compressed
+    /// Why a response whose `Content-Encoding` values (and transfer codings other than
+    /// `chunked`, which HTTP/2 relays decoded of the chunking only) are `content_encoding` must
+    /// not be relayed: the host holds a credential and the coding is not `identity`, and compressed
     /// bytes would carry an echoed secret past the redaction. Such a response is answered `502`
     /// and its event gets rule [`RESPONSE_ENCODED`].
     pub fn unscannable_coding<'v>(
@@ -735,8 +740,8 @@ impl Scope {
             .collect();
         (!codings.is_empty()).then(|| {
             format!(
-                "the response from {} has Content-Encoding {:?}, which cannot be scanned for \
-                 the credential it holds; it was not relayed",
+                "the response from {} has the content or transfer coding {:?}, which cannot \
+                 be scanned for the credential it holds; it was not relayed",
                 self.host,
                 codings.join(", ")
             )
@@ -1155,6 +1160,7 @@ impl Conn<'_> {
                         .await
                         .is_err()
                     {
+                        s.record(&method, &path, &abandoned());
                         return false;
                     }
                     let _ = self.client.flush().await;
@@ -1162,7 +1168,11 @@ impl Conn<'_> {
                 }
                 while self.buf.len() < n {
                     match fill(&mut self.client, &mut self.buf).await {
-                        Ok(0) | Err(_) => return false,
+                        Ok(0) | Err(_) => {
+                            // Decided (and charged), never sent: still one event.
+                            s.record(&method, &path, &abandoned());
+                            return false;
+                        }
                         Ok(_) => {}
                     }
                 }
@@ -1235,6 +1245,7 @@ impl Conn<'_> {
                 .await
                 .is_err()
             {
+                finish(event, &up, Some("client gone".into()));
                 return false;
             }
             let _ = self.client.flush().await;
@@ -1288,6 +1299,8 @@ impl Conn<'_> {
 
         // Response.
         let head_request = method == "HEAD";
+        // Interim heads (`103 Early Hints` with its `Link`s) are redacted like the final one.
+        let mut interim_redacted = Vec::new();
         let (resp, rinfo) = loop {
             let mut spans = Vec::new();
             let parsed = h1::parse_response(&mut up.buf, &mut spans).and_then(|r| {
@@ -1305,7 +1318,10 @@ impl Conn<'_> {
                         BodyLen::Empty,
                         ClientEnd::KeepAlive,
                     );
+                    merge_names(&mut interim_redacted, &s.redact(&mut self.out));
                     if self.client.write_all(&self.out).await.is_err() {
+                        s.record_redactions(&method, &path, &interim_redacted);
+                        finish(event, &up, Some("client gone".into()));
                         return false;
                     }
                 }
@@ -1347,7 +1363,8 @@ impl Conn<'_> {
         };
         self.out.clear();
         h1::write_response_head(&mut self.out, &resp, &rinfo, client_body, end);
-        let mut redacted = s.redact(&mut self.out);
+        let mut redacted = interim_redacted;
+        merge_names(&mut redacted, &s.redact(&mut self.out));
         if self.client.write_all(&self.out).await.is_err() {
             finish(event, &up, Some("client gone".into()));
             return false;
@@ -1393,6 +1410,16 @@ impl Conn<'_> {
             }
         }
     }
+}
+
+/// The refusal recorded for a request the client left after the decision, before anything of
+/// it went upstream.
+fn abandoned() -> Refusal {
+    Refusal::new(
+        400,
+        ABANDONED,
+        "the client left before the request was sent upstream",
+    )
 }
 
 /// Appends `note` to the event's reason.

@@ -18,15 +18,16 @@
 //!   begun.
 //! - Responses: header values, the body (streaming, with hold-back) and trailers are redacted of
 //!   the session's secret values (every decodable form, as on HTTP/1.1) before the sandbox sees
-//!   them, with an `Alert` per credential. A host that holds a credential is asked for
-//!   `accept-encoding: identity`, and a response from it with a `content-encoding` is refused
-//!   (`502`, rule `response-encoded`), as on HTTP/1.1.
+//!   them, with an `Alert` per credential; a header or trailer whose name holds one is dropped.
+//!   A host that holds a credential is asked for `accept-encoding: identity`, and a response
+//!   from it with a `content-encoding`, or a `transfer-encoding` other than `chunked` (from an
+//!   HTTP/1.1 upstream), is refused (`502`, rule `response-encoded`), as on HTTP/1.1.
 //! - A stream hyper's HTTP/2 layer refuses on its own (before it becomes a request) and a
 //!   `GOAWAY` with an error are recorded from the frames that layer writes (`crate::h2frames`):
 //!   a `Blocked` event, rule `h2-protocol`, with the stream id and error code.
 //! - Each stream that reaches the decision produces exactly one `HttpRequest` event (when its
 //!   response ends, fails, or the stream is abandoned) or one `Blocked` event (with an `Alert`
-//!   for a finding); a budget refusal is recorded as `BudgetExhausted`, as on HTTP/1.1. A body
+//!   for a finding; rule `abandoned` for a stream dropped before its request went upstream); a budget refusal is recorded as `BudgetExhausted`, as on HTTP/1.1. A body
 //!   finding after the event was recorded (the upstream answered before the body ended) adds an
 //!   `Alert`. The event's byte counts are the stream's body bytes (the connection's TLS bytes
 //!   are charged to the budgets as on HTTP/1.1, but belong to no one stream).
@@ -342,6 +343,14 @@ impl H2Conn {
             Ok(a) => a,
             Err(r) => return self.refuse(&method, &target, r),
         };
+        // From here the stream has passed the decision (its budget is charged): until its
+        // `Finish` exists, ending in any way records one event.
+        let mut pending = Pending {
+            s: s.clone(),
+            method: method.clone(),
+            path: target.clone(),
+            armed: true,
+        };
         // The head that goes upstream: the client's fields with the credentials swapped in,
         // without connection-specific ones; the authority is the gateway's own (checked equal).
         let send_target = injected
@@ -368,7 +377,7 @@ impl H2Conn {
                             "bad-request",
                             "a header with a credential swapped in is not a valid header value",
                         );
-                        return self.refuse(&method, &target, r);
+                        return pending.refuse(r);
                     }
                 },
                 None => v.clone(),
@@ -379,11 +388,11 @@ impl H2Conn {
             .iter()
             .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
         if let Err(r) = s.check_swapped(&send_target, swapped) {
-            return self.refuse(&method, &target, r);
+            return pending.refuse(r);
         }
         let Ok(pq) = PathAndQuery::try_from(send_target.as_slice()) else {
             let r = Refusal::new(400, "bad-request", "the request target is not a valid path");
-            return self.refuse(&method, &target, r);
+            return pending.refuse(r);
         };
         // The body: read and scanned whole when small and of known length, else streamed
         // through the scanner.
@@ -391,7 +400,7 @@ impl H2Conn {
         let declared = body.size_hint().exact();
         if let Some(n) = declared {
             if let Err(r) = s.check_length(n) {
-                return self.refuse(&method, &target, r);
+                return pending.refuse(r);
             }
         }
         let state = Arc::new(StreamState {
@@ -404,16 +413,21 @@ impl H2Conn {
         let up_body = if body.is_end_stream() {
             UpBody::whole(Bytes::new(), None, state.clone())
         } else if let Some(n) = declared.filter(|n| *n > 0 && *n <= PREREAD_MAX) {
-            let Ok((data, trailers)) = read_whole(&mut body, n).await else {
-                // The client reset its stream or broke the framing: nothing was sent upstream.
-                return refusal_response(400, "the request body did not arrive");
+            let (data, trailers) = match read_whole(&mut body, n).await {
+                Ok(x) => x,
+                Err(e) => {
+                    // The client reset its stream or broke the framing: nothing was sent
+                    // upstream.
+                    let reason = format!("the request body did not arrive: {e}");
+                    return pending.refuse(Refusal::new(400, "bad-request", reason));
+                }
             };
             if let Err(r) = s.check_body(&data) {
-                return self.refuse(&method, &target, r);
+                return pending.refuse(r);
             }
             if let Some(t) = &trailers {
                 if let Err(f) = s.check_fields(fields_of(t)) {
-                    return self.refuse(&method, &target, Refusal::finding(f));
+                    return pending.refuse(Refusal::finding(f));
                 }
             }
             UpBody::whole(data, trailers, state.clone())
@@ -424,7 +438,7 @@ impl H2Conn {
         // Upstream.
         let (sender, addr) = match self.sender().await {
             Ok(x) => x,
-            Err(r) => return self.refuse(&method, &target, r),
+            Err(r) => return pending.refuse(r),
         };
         let authority = if s.route.port == 443 {
             s.host.to_string()
@@ -456,7 +470,7 @@ impl H2Conn {
             Ok(u) => *up.uri_mut() = u,
             Err(e) => {
                 let r = Refusal::new(400, "bad-request", format!("bad request target: {e}"));
-                return self.refuse(&method, &target, r);
+                return pending.refuse(r);
             }
         }
         let mut event = s.event(EventKind::HttpRequest, s.route.verdict, &method, &target);
@@ -465,6 +479,7 @@ impl H2Conn {
         if !injected.used.is_empty() {
             event.reason = Some(format!("credential {} injected", injected.used.join(",")));
         }
+        pending.armed = false;
         let mut fin = Finish {
             event: Some(event),
             start,
@@ -500,11 +515,23 @@ impl H2Conn {
             }
         };
         let (mut parts, body) = resp.into_parts();
+        // hyper's HTTP/1.1 client takes `Transfer-Encoding: gzip, chunked` and undoes only the
+        // chunking; the transfer-encoding header is dropped below, so a coding named there
+        // would reach the client as unscanned bytes: it counts like a content-encoding.
+        let transfer: Vec<&[u8]> = parts
+            .headers
+            .get_all(http::header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|c| !c.eq_ignore_ascii_case(b"chunked"))
+            .collect();
         let codings = parts
             .headers
             .get_all(http::header::CONTENT_ENCODING)
             .iter()
-            .map(HeaderValue::as_bytes);
+            .map(HeaderValue::as_bytes)
+            .chain(transfer.iter().copied());
         if let Some(reason) = s.unscannable_coding(codings) {
             // gzip (or any coding) would carry an echoed secret past the redaction: refused.
             if let Some(e) = fin.event.as_mut() {
@@ -516,9 +543,7 @@ impl H2Conn {
         }
         strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_2;
-        for v in parts.headers.values_mut() {
-            redact_value(s, v, &mut fin.redacted);
-        }
+        redact_fields(s, &mut parts.headers, &mut fin.redacted);
         let down = DownBody {
             inner: body,
             scan: s.response_scan(),
@@ -535,14 +560,22 @@ impl H2Conn {
         if let Some(x) = self.ready_sender() {
             return Ok(x);
         }
-        let h1_known = self.up.h1_only.load(Ordering::Relaxed);
-        let _first = if h1_known {
+        let h1_known = self.up.h1_only.load(Ordering::Acquire);
+        let mut first = if h1_known {
             None
         } else {
             Some(self.up.first.lock().await)
         };
         if let Some(x) = self.ready_sender() {
             return Ok(x);
+        }
+        // Loaded again: a stream that waited above while the first connection found an
+        // HTTP/1.1-only server must take its slot before it connects, like any later one (else
+        // it would open TCP and TLS past `max_connections` before being refused). Connections
+        // are then made in parallel.
+        let h1_known = h1_known || self.up.h1_only.load(Ordering::Acquire);
+        if h1_known {
+            drop(first.take());
         }
         // Over HTTP/1.1 the slot is taken before connecting; the first connection's protocol
         // is not known yet (over HTTP/2 it is the only one).
@@ -584,7 +617,7 @@ impl H2Conn {
             *lock(&self.up.h2) = Some((send.clone(), addr));
             Ok((Sender::H2(send), addr))
         } else {
-            self.up.h1_only.store(true, Ordering::Relaxed);
+            self.up.h1_only.store(true, Ordering::Release);
             let slot = match early_slot {
                 Some(slot) => slot,
                 None => self.h1_slot()?,
@@ -683,6 +716,29 @@ fn redact_value(s: &Scope, v: &mut HeaderValue, names: &mut Vec<String>) {
     merge_names(names, &hit);
 }
 
+/// Redacts the session's secret values in response header or trailer fields; records which.
+/// A field whose name holds a secret form is dropped: a masked name would be another name
+/// (HTTP/1.1 masks the whole head, names included, so there the field arrives under a name of
+/// `*`s; here it does not arrive at all).
+fn redact_fields(s: &Scope, h: &mut HeaderMap, names: &mut Vec<String>) {
+    let hidden: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| {
+            let mut bytes = n.as_str().as_bytes().to_vec();
+            let hit = s.redact(&mut bytes);
+            merge_names(names, &hit);
+            !hit.is_empty()
+        })
+        .cloned()
+        .collect();
+    for n in &hidden {
+        h.remove(n);
+    }
+    for v in h.values_mut() {
+        redact_value(s, v, names);
+    }
+}
+
 fn fields_of(h: &HeaderMap) -> impl Iterator<Item = (&[u8], &[u8])> {
     h.iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
 }
@@ -769,6 +825,38 @@ impl StreamState {
             self.s.streamed_body_finding(f);
         }
         sh.abort = Some(a);
+    }
+}
+
+/// A stream that passed the decision but has no [`Finish`] yet: refused through it, or dropped
+/// (the client reset the stream during the body pre-read or the upstream connect, or the
+/// connection went away), it records one `Blocked` event.
+struct Pending {
+    s: Arc<Scope>,
+    method: String,
+    path: String,
+    /// Cleared once the stream's `Finish` takes over.
+    armed: bool,
+}
+
+impl Pending {
+    fn refuse(mut self, r: Refusal) -> Response<OutBody> {
+        self.armed = false;
+        self.s.record(&self.method, &self.path, &r);
+        refusal_response(r.status(), r.reason())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.armed {
+            let r = Refusal::new(
+                400,
+                crate::intercept::ABANDONED,
+                "the stream was abandoned before it was sent upstream",
+            );
+            self.s.record(&self.method, &self.path, &r);
+        }
     }
 }
 
@@ -1020,9 +1108,7 @@ impl Body for DownBody {
                         this.flush_scan();
                         if let Some(fin) = this.fin.as_mut() {
                             let s = fin.state.s.clone();
-                            for v in t.values_mut() {
-                                redact_value(&s, v, &mut fin.redacted);
-                            }
+                            redact_fields(&s, &mut t, &mut fin.redacted);
                         }
                         this.queue.push_back(Frame::trailers(t));
                         this.ended = true;

@@ -31,6 +31,10 @@ const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const SECRET: &str = "s3cr3t+Value/With=Chars_0123";
 const PH_BASIC: &str = "cordon-placeholder-11111111111111111111111111111111";
 const PH_QUERY: &str = "cordon-placeholder-22222222222222222222222222222222";
+/// A header credential whose secret can be a header name (lowercase token characters only:
+/// HTTP/2 names are lowercase).
+const KEY_SECRET: &str = "k3y-lower-0123456789abcdef";
+const PH_KEY: &str = "cordon-placeholder-33333333333333333333333333333333";
 /// Both ways a client can speak to an intercepted host.
 const PROTOS: [&str; 2] = ["--http1.1", "--http2"];
 
@@ -85,6 +89,12 @@ impl EchoOrigin {
                     }
                     let text = String::from_utf8_lossy(&head).into_owned();
                     log.lock().unwrap().push(text.clone());
+                    let path = text.split(' ').nth(1).unwrap_or("").to_owned();
+                    if let Some(resp) = special_response(&path, &text).await {
+                        let _ = tls.write_all(&resp).await;
+                        let _ = tls.shutdown().await;
+                        return;
+                    }
                     let compressed = text.split(' ').nth(1).unwrap_or("").starts_with("/gzip");
                     let (body, coding) = if compressed {
                         let body = tokio::task::spawn_blocking(move || gzip(text.as_bytes()))
@@ -105,6 +115,52 @@ impl EchoOrigin {
             }
         });
         EchoOrigin { addr, seen }
+    }
+}
+
+/// The value of request header `name` (any letter case) in a request head.
+fn header_in(head: &str, name: &str) -> String {
+    head.split("\r\n")
+        .filter_map(|l| l.split_once(':'))
+        .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The echo origin's answers that are not a plain echo of the head:
+/// - `/hname`: the `x-key` request header's value comes back as a response header's name;
+/// - `/tegzip`: the echo, gzipped as a transfer coding (`Transfer-Encoding: gzip, chunked`);
+/// - `/early`: a `103 Early Hints` whose `Link` holds the `x-key` value, then the final answer.
+async fn special_response(path: &str, head: &str) -> Option<Vec<u8>> {
+    let key = header_in(head, "x-key");
+    match path {
+        "/hname" => Some(
+            format!(
+                "HTTP/1.1 200 OK\r\nx-{key}: 1\r\nx-after: 1\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+            )
+            .into_bytes(),
+        ),
+        "/tegzip" => {
+            let text = head.to_owned();
+            let body = tokio::task::spawn_blocking(move || gzip(text.as_bytes()))
+                .await
+                .unwrap();
+            let mut out = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: gzip, chunked\r\nconnection: close\r\n\r\n{:x}\r\n",
+                body.len()
+            )
+            .into_bytes();
+            out.extend_from_slice(&body);
+            out.extend_from_slice(b"\r\n0\r\n\r\n");
+            Some(out)
+        }
+        "/early" => Some(
+            format!(
+                "HTTP/1.1 103 Early Hints\r\nlink: </style.css?k={key}>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+            )
+            .into_bytes(),
+        ),
+        _ => None,
     }
 }
 
@@ -153,6 +209,15 @@ async fn world() -> World {
             "{secret}",
             PH_QUERY,
         ),
+        LiveCredential {
+            secret: Secret::new(KEY_SECRET),
+            ..credential(
+                "hkey",
+                Injection::Header("X-Key".into()),
+                "{secret}",
+                PH_KEY,
+            )
+        },
     ];
     let specs: Vec<Credential> = creds.iter().map(|c| c.spec.clone()).collect();
     let hosts = InterceptConfig::hosts_for(&network, &specs);
@@ -357,4 +422,92 @@ async fn a_compressed_echo_from_a_credential_host_is_never_relayed() {
         refused.iter().all(|e| e.rule == "response-encoded"),
         "{refused:#?}"
     );
+}
+
+/// Waits until `n` events satisfy `f`; fails the test after 5 s.
+async fn wait_count(w: &World, n: usize, f: impl Fn(&cordon_gateway::NetEvent) -> bool) {
+    for _ in 0..500 {
+        let got = w.gw.events().iter().filter(|e| f(e)).count();
+        if got >= n {
+            assert_eq!(got, n, "{:#?}", w.gw.events());
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("fewer than {n} matching events: {:#?}", w.gw.events());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_echoed_in_a_response_header_name_does_not_reach_the_sandbox() {
+    let w = world().await;
+    let hdr = format!("X-Key: {PH_KEY}");
+    for (i, proto) in PROTOS.iter().enumerate() {
+        let (ok, out) = w
+            .curl(proto, &["-H", &hdr, &w.url("api.test", "/hname")])
+            .await;
+        assert!(ok, "{proto}: {out}");
+        // Control: the origin got the real value, and its answer came through.
+        let seen = w.api.seen.lock().unwrap().last().cloned().unwrap();
+        assert!(seen.contains(KEY_SECRET), "{seen}");
+        assert!(
+            out.to_ascii_lowercase().contains("x-after: 1"),
+            "{proto}: {out}"
+        );
+        assert!(!out.contains(KEY_SECRET), "{proto}: {out}");
+        wait_count(&w, i + 1, |e| {
+            e.kind == EventKind::Alert && e.rule == "response-redacted:secret:hkey"
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gzip_transfer_coding_from_a_credential_host_is_never_relayed() {
+    let w = world().await;
+    let cred = format!("u:{PH_BASIC}");
+    let url = w.url("api.test", "/tegzip");
+    for proto in PROTOS {
+        let (_, out) = w.curl(proto, &["--raw", "-u", &cred, &url]).await;
+        // Control: the origin got the real value (and gzipped its echo of it).
+        let seen = w.api.seen.lock().unwrap().last().cloned().unwrap();
+        let want = base64::engine::general_purpose::STANDARD.encode(format!("u:{SECRET}"));
+        assert!(seen.contains(&want), "{seen}");
+        let status = match proto {
+            "--http2" => "HTTP/2 502",
+            _ => "HTTP/1.1 502",
+        };
+        assert!(out.contains(status), "{proto}: {out}");
+        // Not a byte of the gzip stream (its magic number) reached the client.
+        assert!(!out.contains("\u{1f}\u{fffd}\u{8}"), "{proto}: {out}");
+    }
+    // Over HTTP/2 the refusal is the encoded-response one (HTTP/1.1 refuses the framing).
+    wait_count(&w, 1, |e| {
+        e.kind == EventKind::HttpRequest
+            && e.host.as_deref() == Some("api.test")
+            && e.rule == "response-encoded"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_echoed_in_an_interim_103_response_does_not_reach_the_sandbox() {
+    let w = world().await;
+    let hdr = format!("X-Key: {PH_KEY}");
+    let url = w.url("api.test", "/early");
+    // Interim responses are relayed to HTTP/1.1 clients only (HTTP/2 drops them).
+    let (ok, out) = w.curl("--http1.1", &["-H", &hdr, &url]).await;
+    assert!(ok, "{out}");
+    let seen = w.api.seen.lock().unwrap().last().cloned().unwrap();
+    assert!(seen.contains(KEY_SECRET), "{seen}");
+    // Control: curl shows the interim head it got, with its `Link`.
+    assert!(out.contains("HTTP/1.1 103"), "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("link: </style.css?k="),
+        "{out}"
+    );
+    assert!(!out.contains(KEY_SECRET), "{out}");
+    wait_count(&w, 1, |e| {
+        e.kind == EventKind::Alert && e.rule == "response-redacted:secret:hkey"
+    })
+    .await;
 }

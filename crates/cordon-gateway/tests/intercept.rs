@@ -646,6 +646,15 @@ impl World {
 
     /// The TLS stream under [`World::h2_connection`]: `h2` negotiated, nothing sent on it yet.
     async fn h2_tls(&self, host: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        self.tls_alpn(host, b"h2").await
+    }
+
+    /// A TLS stream to `host` through the proxy, offering only `alpn`, which must be picked.
+    async fn tls_alpn(
+        &self,
+        host: &str,
+        alpn: &[u8],
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let port = self.port_of(host);
         let mut tcp = tokio::net::TcpStream::connect(self.gw.proxy).await.unwrap();
@@ -676,7 +685,7 @@ impl World {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = vec![alpn.to_vec()];
         let name = rustls::pki_types::ServerName::try_from(host.to_owned()).unwrap();
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
@@ -684,8 +693,8 @@ impl World {
             .unwrap();
         assert_eq!(
             tls.get_ref().1.alpn_protocol(),
-            Some(&b"h2"[..]),
-            "the gateway did not speak HTTP/2"
+            Some(alpn),
+            "the gateway did not pick the protocol offered"
         );
         tls
     }
@@ -1016,6 +1025,82 @@ async fn a_stream_the_http2_layer_refuses_on_its_own_is_recorded() {
     assert_eq!(refusals, 1);
 }
 
+/// A stream that passed the decision and is reset by the client while its small body is being
+/// read (nothing went upstream) still produces exactly one event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_reset_during_its_body_pre_read_is_recorded_once() {
+    use tokio::io::AsyncWriteExt;
+    let w = world_with(false, true).await;
+    let mut tls = w.h2_tls("api.test").await;
+    // HPACK without Huffman: :method POST, :scheme https (indexed), :path /upload, :authority,
+    // content-length: 10 (literals with indexed names).
+    let authority = format!("api.test:{}", w.api.addr.port());
+    let mut block = vec![0x83, 0x87, 0x44, 7];
+    block.extend_from_slice(b"/upload");
+    block.push(0x41);
+    block.push(authority.len() as u8);
+    block.extend_from_slice(authority.as_bytes());
+    block.extend_from_slice(&[0x5c, 2]);
+    block.extend_from_slice(b"10");
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&h2_frame(0x4, 0, 0, &[]));
+    // END_HEADERS on stream 1, then 3 of the 10 body bytes.
+    out.extend_from_slice(&h2_frame(0x1, 0x4, 1, &block));
+    out.extend_from_slice(&h2_frame(0x0, 0, 1, b"abc"));
+    tls.write_all(&out).await.unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // RST_STREAM, CANCEL.
+    tls.write_all(&h2_frame(0x3, 0, 1, &[0, 0, 0, 0x8]))
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    let e =
+        w.gw.wait_event(|e| e.path.as_deref() == Some("/upload"))
+            .await;
+    assert_eq!((e.kind, e.verdict), (EventKind::Blocked, Verdict::Block));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events: Vec<NetEvent> =
+        w.gw.events()
+            .into_iter()
+            .filter(|e| e.path.as_deref() == Some("/upload"))
+            .collect();
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert!(w.api.seen().is_empty());
+}
+
+/// The same over HTTP/1.1: a request that passed the decision whose client leaves while its
+/// small body is being read is recorded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_request_whose_client_leaves_during_its_body_pre_read_is_recorded_once() {
+    use tokio::io::AsyncWriteExt;
+    let w = world(false).await;
+    let mut tls = w.tls_alpn("api.test", b"http/1.1").await;
+    let port = w.api.addr.port();
+    tls.write_all(
+        format!("POST /upload HTTP/1.1\r\nHost: api.test:{port}\r\nContent-Length: 10\r\n\r\nabc")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(tls);
+    let e =
+        w.gw.wait_event(|e| e.path.as_deref() == Some("/upload"))
+            .await;
+    assert_eq!((e.kind, e.verdict), (EventKind::Blocked, Verdict::Block));
+    assert_eq!(e.rule, "abandoned");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events: Vec<NetEvent> =
+        w.gw.events()
+            .into_iter()
+            .filter(|e| e.path.as_deref() == Some("/upload"))
+            .collect();
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert!(w.api.seen().is_empty());
+}
+
 /// Over an HTTP/1.1-only upstream each HTTP/2 stream in flight needs an upstream connection of
 /// its own: past the first, each takes one of the session's `max_connections` slots, so one
 /// client connection cannot multiply the sandbox's connections out.
@@ -1060,6 +1145,37 @@ async fn http2_streams_over_an_http1_upstream_take_a_connection_slot_each_past_t
     assert_eq!(get_zen(&mut send, &base).await, 200);
     // Upstream saw the two uploads and the last GET, never the refused one.
     assert_eq!(w.api.seen().len(), 3, "{:?}", w.api.seen().len());
+}
+
+/// Two streams at once on a fresh connection: the second waits while the first connects and
+/// finds an HTTP/1.1-only server. It must take its slot before connecting, so with no slot left
+/// the upstream never sees a second connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_waited_for_the_first_http1_upstream_connection_is_refused_before_connecting()
+{
+    use std::sync::atomic::Ordering;
+    // One slot: the client connection's own, which covers the first upstream connection.
+    let w = world_full(false, false, cordon_gateway::Timeouts::default(), Some(1)).await;
+    let mut send = w.h2_connection("api.test").await;
+    let base = format!("https://api.test:{}", w.api.addr.port());
+    // Uploads left open mid-body: the first keeps its upstream connection busy.
+    let (tx1, body1) = feed();
+    let (tx2, body2) = feed();
+    let up1 = send.send_request(request("POST", &format!("{base}/upload"), body1));
+    let up2 = send.send_request(request("POST", &format!("{base}/upload"), body2));
+    let (up1, up2) = (tokio::spawn(up1), tokio::spawn(up2));
+    tx1.send(Bytes::from("one")).await.unwrap();
+    tx2.send(Bytes::from("two")).await.unwrap();
+    w.gw.wait_event(|e| e.kind == EventKind::BudgetExhausted)
+        .await;
+    drop((tx1, tx2));
+    let mut statuses = Vec::new();
+    for up in [up1, up2] {
+        statuses.push(response_parts(up.await.unwrap().unwrap()).await.0);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 403]);
+    assert_eq!(w.api.accepted.load(Ordering::Relaxed), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -136,6 +136,8 @@ impl Seen {
 pub struct TlsOrigin {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// TCP connections accepted.
+    pub accepted: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl TlsOrigin {
@@ -150,11 +152,14 @@ impl TlsOrigin {
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let acceptor = TlsAcceptor::from(config);
         let log = seen.clone();
+        let accepted: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let count = accepted.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let acceptor = acceptor.clone();
                 let log = log.clone();
                 tokio::spawn(async move {
@@ -239,6 +244,10 @@ impl TlsOrigin {
                 });
             }
         });
-        TlsOrigin { addr, seen }
+        TlsOrigin {
+            addr,
+            seen,
+            accepted,
+        }
     }
 }
