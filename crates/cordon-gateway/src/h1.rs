@@ -529,32 +529,7 @@ pub(crate) fn write_request_head(
     path: &[u8],
     host: Option<&str>,
 ) {
-    out.extend_from_slice(req.method().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(path);
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    let raw = &req.head.raw;
-    for (n, v) in req.head.headers() {
-        if is_hop_by_hop(n, raw, &info.conn)
-            || (info.expect_continue && n.eq_ignore_ascii_case(b"expect"))
-        {
-            continue;
-        }
-        out.extend_from_slice(n);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v);
-        out.extend_from_slice(b"\r\n");
-    }
-    if let Some(h) = host {
-        out.extend_from_slice(b"host: ");
-        out.extend_from_slice(h.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if info.websocket {
-        out.extend_from_slice(UPGRADE_WEBSOCKET);
-    }
-    write_framing(out, info.body);
-    out.extend_from_slice(b"\r\n");
+    write_request_head_mapped(out, req, info, path, host, |_, _, _| None);
 }
 
 /// The hop-by-hop headers of a WebSocket handshake, written by the gateway on each hop.
@@ -594,6 +569,9 @@ pub(crate) fn write_request_head_mapped(
         out.extend_from_slice(b"host: ");
         out.extend_from_slice(h.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if info.websocket {
+        out.extend_from_slice(UPGRADE_WEBSOCKET);
     }
     write_framing(out, info.body);
     out.extend_from_slice(b"\r\n");

@@ -364,6 +364,9 @@ pub(crate) struct Scope {
     /// The host the connection was intercepted for (its SNI and destination).
     pub host: HostName,
     pub route: Route,
+    /// A credential of this session is bound to `host` (so its secret may come back in a
+    /// response): such a host is asked for unencoded responses. Fixed for the connection.
+    pub holds_secret: bool,
 }
 
 /// A request head as either protocol delivers it, before anything is swapped in.
@@ -710,17 +713,6 @@ impl Scope {
         Stream::new(self.rt.body.clone(), self.rt.cfg.max_scan_bytes, false)
     }
 
-    /// A streaming redaction of one response body, when the session has secrets.
-    /// Whether a credential of this session is bound to the connection's host (so its secret
-    /// may come back in a response). Such a host is asked for unencoded responses.
-    pub fn holds_secret(&self) -> bool {
-        self.rt
-            .cfg
-            .credentials
-            .iter()
-            .any(|c| c.spec.bound_to(&self.host))
-    }
-
     /// Why a response whose `Content-Encoding` values (and transfer codings other than
     /// `chunked`, which HTTP/2 relays decoded of the chunking only) are `content_encoding` must
     /// not be relayed: the host holds a credential and the coding is not `identity`, and compressed
@@ -730,7 +722,7 @@ impl Scope {
         &self,
         content_encoding: impl Iterator<Item = &'v [u8]>,
     ) -> Option<String> {
-        if self.rt.inbound.is_none() || !self.holds_secret() {
+        if self.rt.inbound.is_none() || !self.holds_secret {
             return None;
         }
         let codings: Vec<String> = content_encoding
@@ -748,6 +740,7 @@ impl Scope {
         })
     }
 
+    /// A streaming redaction of one response body, when the session has secrets.
     pub fn response_scan(&self) -> Option<Stream> {
         self.rt
             .inbound
@@ -899,6 +892,7 @@ pub(crate) async fn serve(
         }
         Err(_) => return,
     };
+    let holds_secret = rt.cfg.credentials.iter().any(|c| c.spec.bound_to(&host));
     let scope = Scope {
         ctx: ctx.clone(),
         rt,
@@ -906,6 +900,7 @@ pub(crate) async fn serve(
         via,
         host,
         route,
+        holds_secret,
     };
     if client.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
         crate::intercept_h2::serve(Arc::new(scope), client).await;
@@ -1124,7 +1119,7 @@ impl Conn<'_> {
         self.out.clear();
         // A host that holds a credential is asked for unencoded responses: an encoded one
         // cannot be scanned for the secret (see the response below).
-        let holds_secret = s.holds_secret();
+        let holds_secret = s.holds_secret;
         h1::write_request_head_mapped(&mut self.out, &req, &info, send_target, None, |i, n, _| {
             injected
                 .headers

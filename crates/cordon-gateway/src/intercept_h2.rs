@@ -359,7 +359,7 @@ impl H2Conn {
             .unwrap_or_else(|| target.as_bytes().to_vec());
         let mut headers = HeaderMap::with_capacity(fields.len());
         // A host that holds a credential is asked for unencoded responses (see below).
-        let holds_secret = s.holds_secret();
+        let holds_secret = s.holds_secret;
         for (i, (n, v)) in fields.iter().enumerate() {
             if *n == HOST || *n == EXPECT || (HOP_BY_HOP.contains(&n.as_str()) && *n != TE) {
                 continue;
