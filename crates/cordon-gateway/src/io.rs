@@ -118,14 +118,15 @@ pub(crate) async fn write_up(stream: &TcpStream, meter: &Meter, data: &[u8]) -> 
 }
 
 /// `write_all` through a shared reference (a tunnel relays both ways on borrowed sockets);
-/// bytes are metered as sent upstream when `meter` is given.
+/// bytes are metered as sent upstream when `meter` is given. It writes at once and waits for
+/// room only when the socket has none: a connected socket nearly always has room, and asking
+/// the reactor first cost a few per cent of the proxy's CPU per request.
 pub(crate) async fn write_all(
     stream: &TcpStream,
     mut data: &[u8],
     meter: Option<&Meter>,
 ) -> io::Result<()> {
     while !data.is_empty() {
-        stream.writable().await?;
         let allowed = match meter {
             Some(m) => m.reserve(ByteDirection::Out, data.len())?,
             None => data.len(),
@@ -137,7 +138,7 @@ pub(crate) async fn write_all(
         match res {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
             Err(e) => return Err(e),
         }
     }
