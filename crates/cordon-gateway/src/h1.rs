@@ -529,22 +529,32 @@ pub(crate) fn write_request_head(
     path: &[u8],
     host: Option<&str>,
 ) {
-    write_request_head_mapped(out, req, info, path, host, |_, _, _| None);
+    write_request_head_mapped(out, req, info, path, host, |_, _, _| HeaderOut::Same);
 }
 
 /// The hop-by-hop headers of a WebSocket handshake, written by the gateway on each hop.
 const UPGRADE_WEBSOCKET: &[u8] = b"connection: upgrade\r\nupgrade: websocket\r\n";
 
-/// Like [`write_request_head`], for intercepted requests whose header values the gateway
-/// rewrites (credential injection): `map(index, name, value)` returns the value to send for the
-/// `index`-th header of `req` (counting every header), or `None` to send it unchanged.
+/// What [`write_request_head_mapped`] sends for one of the client's headers.
+pub(crate) enum HeaderOut {
+    /// The header as the client wrote it.
+    Same,
+    /// Nothing.
+    Skip,
+    /// The header with this value.
+    Value(Vec<u8>),
+}
+
+/// Like [`write_request_head`], for intercepted requests whose headers the gateway rewrites
+/// (credential injection, [`crate::intercept::Scope::upstream_rewrite`]): `map(index, name,
+/// value)` says what to send for the `index`-th header of `req` (counting every header).
 pub(crate) fn write_request_head_mapped(
     out: &mut Vec<u8>,
     req: &RequestHead,
     info: &RequestInfo,
     path: &[u8],
     host: Option<&str>,
-    mut map: impl FnMut(usize, &[u8], &[u8]) -> Option<Vec<u8>>,
+    mut map: impl FnMut(usize, &[u8], &[u8]) -> HeaderOut,
 ) {
     out.extend_from_slice(req.method().as_bytes());
     out.push(b' ');
@@ -557,12 +567,14 @@ pub(crate) fn write_request_head_mapped(
         {
             continue;
         }
+        let value = match map(i, n, v) {
+            HeaderOut::Skip => continue,
+            HeaderOut::Same => None,
+            HeaderOut::Value(value) => Some(value),
+        };
         out.extend_from_slice(n);
         out.extend_from_slice(b": ");
-        match map(i, n, v) {
-            Some(value) => out.extend_from_slice(&value),
-            None => out.extend_from_slice(v),
-        }
+        out.extend_from_slice(value.as_deref().unwrap_or(v));
         out.extend_from_slice(b"\r\n");
     }
     if let Some(h) = host {

@@ -740,6 +740,24 @@ impl Scope {
         })
     }
 
+    /// What goes upstream instead of the client's header `name` (any case) on this
+    /// connection: `None` keeps it, `Some(None)` drops it, `Some(Some(v))` sends `v`. A host
+    /// that holds a credential is asked for unencoded responses (an encoded one cannot be
+    /// scanned for the secret) and for whole ones: a `Range` answer could hand back slices of
+    /// an echoed secret that no redaction form matches, a few bytes per request.
+    pub fn upstream_rewrite(&self, name: &[u8]) -> Option<Option<&'static str>> {
+        if !self.holds_secret {
+            return None;
+        }
+        if name.eq_ignore_ascii_case(b"accept-encoding") {
+            Some(Some("identity"))
+        } else if name.eq_ignore_ascii_case(b"range") || name.eq_ignore_ascii_case(b"if-range") {
+            Some(None)
+        } else {
+            None
+        }
+    }
+
     /// A streaming redaction of one response body, when the session has secrets.
     pub fn response_scan(&self) -> Option<Stream> {
         self.rt
@@ -1117,19 +1135,15 @@ impl Conn<'_> {
         };
         let send_target = injected.target.as_deref().unwrap_or(&target);
         self.out.clear();
-        // A host that holds a credential is asked for unencoded responses: an encoded one
-        // cannot be scanned for the secret (see the response below).
-        let holds_secret = s.holds_secret;
         h1::write_request_head_mapped(&mut self.out, &req, &info, send_target, None, |i, n, _| {
-            injected
-                .headers
-                .iter()
-                .find(|(j, _)| *j == i)
-                .map(|(_, v)| v.clone())
-                .or_else(|| {
-                    (holds_secret && n.eq_ignore_ascii_case(b"accept-encoding"))
-                        .then(|| b"identity".to_vec())
-                })
+            if let Some((_, v)) = injected.headers.iter().find(|(j, _)| *j == i) {
+                return h1::HeaderOut::Value(v.clone());
+            }
+            match s.upstream_rewrite(n) {
+                None => h1::HeaderOut::Same,
+                Some(None) => h1::HeaderOut::Skip,
+                Some(Some(v)) => h1::HeaderOut::Value(v.as_bytes().to_vec()),
+            }
         });
         if let Err(r) = s.check_swapped_raw(&self.out) {
             self.out.clear();

@@ -358,15 +358,17 @@ impl H2Conn {
             .clone()
             .unwrap_or_else(|| target.as_bytes().to_vec());
         let mut headers = HeaderMap::with_capacity(fields.len());
-        // A host that holds a credential is asked for unencoded responses (see below).
-        let holds_secret = s.holds_secret;
         for (i, (n, v)) in fields.iter().enumerate() {
             if *n == HOST || *n == EXPECT || (HOP_BY_HOP.contains(&n.as_str()) && *n != TE) {
                 continue;
             }
-            if holds_secret && *n == http::header::ACCEPT_ENCODING {
-                headers.append(n.clone(), HeaderValue::from_static("identity"));
-                continue;
+            match s.upstream_rewrite(n.as_str().as_bytes()) {
+                None => {}
+                Some(None) => continue,
+                Some(Some(value)) => {
+                    headers.append(n.clone(), HeaderValue::from_static(value));
+                    continue;
+                }
             }
             let value = match injected.headers.iter().find(|(j, _)| *j == i) {
                 Some((_, swapped)) => match HeaderValue::from_bytes(swapped) {

@@ -424,6 +424,36 @@ async fn a_compressed_echo_from_a_credential_host_is_never_relayed() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_host_is_never_asked_for_part_of_a_response() {
+    // A `Range` answer could hand back a few bytes of an echoed secret per request, slices no
+    // redaction form matches: the credential's host gets whole requests only.
+    let w = world().await;
+    for proto in PROTOS {
+        let cred = format!("u:{PH_BASIC}");
+        let url = w.url("api.test", "/echo");
+        let (ok, out) = w.curl(proto, &["-r", "40-47", "-u", &cred, &url]).await;
+        assert!(ok, "{proto}: {out}");
+        let seen = w.api.seen.lock().unwrap().last().cloned().unwrap();
+        assert!(
+            !seen.to_ascii_lowercase().contains("\r\nrange:"),
+            "{proto}: {seen}"
+        );
+        assert!(!recovers_secret(&out), "{proto}: {out}");
+        // Control: a host without credentials gets the client's Range as sent.
+        let (ok, out) = w
+            .curl(proto, &["-r", "0-3", &w.url("other.test", "/echo")])
+            .await;
+        assert!(ok, "{proto}: {out}");
+        let seen = w.other.seen.lock().unwrap().last().cloned().unwrap();
+        assert!(
+            seen.to_ascii_lowercase()
+                .contains("\r\nrange: bytes=0-3\r\n"),
+            "{proto}: {seen}"
+        );
+    }
+}
+
 /// Waits until `n` events satisfy `f`; fails the test after 5 s.
 async fn wait_count(w: &World, n: usize, f: impl Fn(&cordon_gateway::NetEvent) -> bool) {
     for _ in 0..500 {
